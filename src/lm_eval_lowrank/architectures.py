@@ -1,0 +1,252 @@
+"""Architecture adapters: where each architecture keeps its decoder layers and projections.
+
+An adapter answers two kinds of question:
+
+- from a config alone (no weights): the number of layers, each tensor's (out, in) shape
+  and the total parameter count. This is what validation before load and the
+  design-space calculator use.
+- from a loaded model: the layer list and the module behind each tensor short name.
+
+Short names are ``q, k, v, o, gate, up, down`` for the Llama family. GPT-2 fuses q, k and v
+into one ``c_attn`` Conv1D, exposed as the single tensor ``qkv`` (out = 3 x hidden).
+Unknown architectures with plain ``nn.Linear`` projections use :class:`GenericAdapter`,
+whose short names are the linear's leaf names inside a layer (e.g. ``q_proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .spec import SpecError
+
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def text_config(config: Any) -> Any:
+    """Multimodal configs (e.g. Gemma-3) keep the language model's fields in ``text_config``."""
+    sub = _cfg(config, "text_config")
+    return sub if sub is not None else config
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str  # dotted path from the CausalLM to the ModuleList of decoder layers
+    tensor_paths: dict[str, str]  # short name -> dotted path inside one layer
+    has_bias: dict[str, bool] | None = None
+
+    # -- config side -------------------------------------------------------------
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(self.tensor_paths)
+
+    def num_layers(self, config: Any) -> int:
+        return int(_cfg(text_config(config), "num_hidden_layers", "n_layer", "num_layers"))
+
+    def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each tensor, from the config."""
+        raise NotImplementedError
+
+    def param_count(self, config: Any) -> int:
+        """Total parameters of the model, from the config."""
+        raise NotImplementedError
+
+    def layer_linear_params(self, config: Any) -> int:
+        return sum(o * i + (o if (self.has_bias or {}).get(t, False) else 0) for t, (o, i) in self.tensor_shapes(config).items())
+
+    # -- model side --------------------------------------------------------------
+    def layers(self, model: Any) -> Any:
+        obj = model
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def module_path(self, layer_index0: int, tensor: str) -> str:
+        return f"{self.layers_path}.{layer_index0}.{self.tensor_paths[tensor]}"
+
+
+class LlamaAdapter(ArchitectureAdapter):
+    def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        c = text_config(config)
+        h = int(_cfg(c, "hidden_size"))
+        n = int(_cfg(c, "num_attention_heads"))
+        kv = int(_cfg(c, "num_key_value_heads", default=n))
+        d = int(_cfg(c, "head_dim", default=h // n))
+        inter = int(_cfg(c, "intermediate_size"))
+        return {
+            "q": (n * d, h),
+            "k": (kv * d, h),
+            "v": (kv * d, h),
+            "o": (h, n * d),
+            "gate": (inter, h),
+            "up": (inter, h),
+            "down": (h, inter),
+        }
+
+    def param_count(self, config: Any) -> int:
+        c = text_config(config)
+        h = int(_cfg(c, "hidden_size"))
+        vocab = int(_cfg(c, "vocab_size"))
+        layers = self.num_layers(c)
+        tied = bool(_cfg(c, "tie_word_embeddings", default=False))
+        bias = bool(_cfg(c, "attention_bias", default=False))
+        per_layer = self.layer_linear_params(c) + 2 * h  # two RMSNorms
+        if bias:  # q, k, v (and o for some) carry biases when attention_bias is set
+            shapes = self.tensor_shapes(c)
+            per_layer += sum(shapes[t][0] for t in ("q", "k", "v", "o"))
+        if self.name == "qwen2":  # Qwen2 has q/k/v biases whatever the flag says
+            shapes = self.tensor_shapes(c)
+            per_layer += sum(shapes[t][0] for t in ("q", "k", "v"))
+        return vocab * h * (1 if tied else 2) + layers * per_layer + h
+
+
+class GPT2Adapter(ArchitectureAdapter):
+    def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        h = int(_cfg(config, "n_embd", "hidden_size"))
+        inner = int(_cfg(config, "n_inner", default=None) or 4 * h)
+        return {"qkv": (3 * h, h), "o": (h, h), "up": (inner, h), "down": (h, inner)}
+
+    def param_count(self, config: Any) -> int:
+        h = int(_cfg(config, "n_embd", "hidden_size"))
+        vocab = int(_cfg(config, "vocab_size"))
+        pos = int(_cfg(config, "n_positions", "max_position_embeddings"))
+        per_layer = self.layer_linear_params(config) + 4 * h  # two LayerNorms (weight + bias)
+        return vocab * h + pos * h + self.num_layers(config) * per_layer + 2 * h
+
+
+class BertAdapter(ArchitectureAdapter):
+    """BERT encoders: config side only (the design-space tables cover them); not an lm-eval causal LM."""
+
+    def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        h = int(_cfg(config, "hidden_size"))
+        inter = int(_cfg(config, "intermediate_size"))
+        return {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "up": (inter, h), "down": (h, inter)}
+
+    def param_count(self, config: Any) -> int:
+        h = int(_cfg(config, "hidden_size"))
+        vocab = int(_cfg(config, "vocab_size"))
+        pos = int(_cfg(config, "max_position_embeddings"))
+        types = int(_cfg(config, "type_vocab_size", default=2))
+        per_layer = self.layer_linear_params(config) + 2 * 2 * h  # two LayerNorms
+        embeddings = (vocab + pos + types) * h + 2 * h
+        pooler = h * h + h
+        return embeddings + self.num_layers(config) * per_layer + pooler
+
+
+_LLAMA_PATHS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+_ALL_BIAS = {"q": True, "k": True, "v": True, "o": True, "up": True, "down": True}
+
+ADAPTERS: tuple[ArchitectureAdapter, ...] = (
+    LlamaAdapter("llama", ("llama", "mistral", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_PATHS),
+    LlamaAdapter("qwen2", ("qwen2",), "model.layers", _LLAMA_PATHS, has_bias={"q": True, "k": True, "v": True}),
+    LlamaAdapter("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers", _LLAMA_PATHS),
+    GPT2Adapter(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+        has_bias={"qkv": True, "o": True, "up": True, "down": True},
+    ),
+    BertAdapter(
+        "bert",
+        ("bert",),
+        "bert.encoder.layer",
+        {
+            "q": "attention.self.query",
+            "k": "attention.self.key",
+            "v": "attention.self.value",
+            "o": "attention.output.dense",
+            "up": "intermediate.dense",
+            "down": "output.dense",
+        },
+        has_bias=_ALL_BIAS,
+    ),
+)
+
+
+class GenericAdapter(ArchitectureAdapter):
+    """Fallback for unknown architectures: found from the loaded model, not from its config.
+
+    The decoder layers are the longest ``nn.ModuleList`` of identical blocks; the tensors
+    are the ``nn.Linear`` modules inside the first block, named by their leaf names.
+    """
+
+    def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def param_count(self, config: Any) -> int:  # pragma: no cover - needs weights
+        raise SpecError("the parameter calculator needs a known architecture; this one is only handled once loaded")
+
+    @classmethod
+    def from_model(cls, model: Any) -> GenericAdapter:
+        import torch.nn as nn
+
+        best_path, best_list = None, None
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+                if best_list is None or len(mod) > len(best_list):
+                    best_path, best_list = name, mod
+        if best_list is None:
+            raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
+        paths: dict[str, str] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        for sub, mod in best_list[0].named_modules():
+            if isinstance(mod, nn.Linear):
+                short = sub.split(".")[-1]
+                if short in paths:  # ambiguous leaf name: use the full path
+                    short = sub
+                paths[short] = sub
+                shapes[short] = (mod.out_features, mod.in_features)
+        if not paths:
+            raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections found in its layers")
+        adapter = cls("generic", (), best_path, paths)
+        object.__setattr__(adapter, "_shapes", shapes)
+        object.__setattr__(adapter, "_num_layers", len(best_list))
+        return adapter
+
+    def num_layers(self, config: Any) -> int:
+        return self._num_layers
+
+
+def model_type_of(config: Any) -> str:
+    return str(_cfg(config, "model_type", default="")).lower()
+
+
+def adapter_for_config(config: Any) -> ArchitectureAdapter | None:
+    """The adapter for a config, or ``None`` when the architecture is unknown (generic fallback)."""
+    mt = model_type_of(config)
+    for a in ADAPTERS:
+        if mt in a.model_types:
+            return a
+    return None
+
+
+def adapter_for_model(model: Any) -> ArchitectureAdapter:
+    adapter = adapter_for_config(model.config)
+    if adapter is not None:
+        try:
+            adapter.layers(model)
+            return adapter
+        except AttributeError:
+            pass
+    return GenericAdapter.from_model(model)
+
+
+def known_architectures() -> list[str]:
+    return sorted({mt for a in ADAPTERS for mt in a.model_types})

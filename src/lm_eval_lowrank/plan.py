@@ -1,0 +1,136 @@
+"""The decomposition plan: which modules, at which rank, worked out from a config alone.
+
+This is the single owner of target matching. Decompose-on-load, validation before the
+weights load, the design-space calculator and checkpoints all go through :func:`make_plan`,
+so the parameter counts they report agree by construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .architectures import ArchitectureAdapter, adapter_for_config
+from .spec import DecompositionSpec, SpecError, breakeven_rank, format_layers
+
+
+@dataclass(frozen=True)
+class Target:
+    layer: int  # 1-based
+    tensor: str
+    path: str  # module path inside the CausalLM
+    out_features: int
+    in_features: int
+    rank: int
+    has_bias: bool = False
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    def lowrank_params(self, layout: str) -> int:
+        r = self.rank
+        base = r * (self.out_features + self.in_features)
+        return base + (r * r if layout == "tucker" else 0)
+
+
+@dataclass
+class Plan:
+    adapter: str
+    num_layers: int
+    layout: str
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # targets kept dense, with the reason
+
+    @property
+    def params_removed(self) -> int:
+        return sum(t.dense_params - t.lowrank_params(self.layout) for t in self.targets)
+
+    @property
+    def targeted_dense_params(self) -> int:
+        return sum(t.dense_params for t in self.targets)
+
+    def module_names(self) -> list[str]:
+        return [t.path for t in self.targets]
+
+    def ranks(self) -> dict[str, int]:
+        return {t.path: t.rank for t in self.targets}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "layout": self.layout,
+            "targets": [asdict(t) for t in self.targets],
+            "skipped": self.skipped,
+        }
+
+
+DEFAULT_LAYOUT = "folded"  # measured faster than three factors (see benchmarks/forward.py)
+
+
+def resolve_layout(spec: DecompositionSpec) -> str:
+    return DEFAULT_LAYOUT if spec.layout == "auto" else spec.layout
+
+
+def make_plan(
+    spec: DecompositionSpec,
+    config: Any,
+    adapter: ArchitectureAdapter | None = None,
+    ranks: dict[str, int] | None = None,
+) -> Plan:
+    """Resolve ``spec`` against a model config into concrete targets.
+
+    ``ranks`` (module path -> rank) overrides the spec's ranks; budget allocators pass it.
+    Raises :class:`SpecError` (one line, naming the argument) on any out-of-range value.
+    """
+    adapter = adapter or adapter_for_config(config)
+    if adapter is None:
+        raise SpecError(f"architecture {getattr(config, 'model_type', '?')!r} has no config-level adapter")
+    layout = resolve_layout(spec)
+    n_layers = adapter.num_layers(config)
+    plan = Plan(adapter=adapter.name, num_layers=n_layers, layout=layout)
+    if spec.is_noop:
+        return plan
+    tensors = spec.selected_tensors(adapter.tensor_names())
+    layers = spec.selected_layers(n_layers)
+    shapes = adapter.tensor_shapes(config)
+    bias = adapter.has_bias or {}
+    for t in tensors:
+        out_f, in_f = shapes[t]
+        if ranks is None and spec.budget is None:
+            r = spec.rank_for(t)
+            if r > min(out_f, in_f):
+                raise SpecError(
+                    f"rank={r} is invalid for tensor {t!r} ({out_f}x{in_f}): valid 1..{min(out_f, in_f)}, "
+                    f"and only ranks below {breakeven_rank(out_f, in_f, layout)} save parameters"
+                )
+    for layer in layers:
+        for t in tensors:
+            out_f, in_f = shapes[t]
+            path = adapter.module_path(layer - 1, t)
+            if ranks is not None:
+                if path not in ranks:
+                    continue
+                r = ranks[path]
+            elif spec.budget is not None:
+                continue  # the allocator fills ranks
+            else:
+                r = spec.rank_for(t)
+            if r >= breakeven_rank(out_f, in_f, layout):
+                plan.skipped.append(
+                    {"path": path, "rank": r, "reason": f"rank {r} saves no parameters for {out_f}x{in_f} (break-even {breakeven_rank(out_f, in_f, layout)})"}
+                )
+                continue
+            plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False))))
+    if plan.skipped:
+        warnings.warn(
+            f"{len(plan.skipped)} module(s) kept dense: their rank saves no parameters "
+            f"(e.g. {plan.skipped[0]['reason']})",
+            stacklevel=2,
+        )
+    return plan
+
+
+def describe(spec: DecompositionSpec) -> str:
+    return f"method={spec.method},rank={spec.rank},layers={format_layers(spec.layers)}"

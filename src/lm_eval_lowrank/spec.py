@@ -1,0 +1,371 @@
+"""The decomposition spec: parsing and validation of what to decompose and how.
+
+One value syntax serves the lm-eval ``model_args`` string, the CLI options and the Python API:
+
+- ``rank``: ``8``; per-tensor overrides with ``tensor:rank`` joined by ``|``,
+  e.g. ``rank=8|q:4|gate:32`` (default 8, q at 4, gate at 32) or ``rank=q:8|gate:32``
+  (no default: only q and gate are decomposed unless ``tensors`` says otherwise).
+- ``layers``: 1-based. ``3|18|32``, ranges ``3-10``, stepped ranges ``3-30:3``, mixes
+  ``1-4|10``, ``all``; an int (``layers=18`` arrives from lm-eval's CLI as an int).
+- ``tensors``: short names joined by ``|`` (``q|k|v|o|gate|up|down``) or ``all``.
+
+Everything here is pure Python (no torch), so bad input fails before any weight loads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+METHODS = ("tucker", "rom", "whiten")
+ALLOCATORS = ("uniform", "tail", "sensitivity")
+LAYOUTS = ("auto", "folded", "tucker")
+SOLVERS = ("auto", "exact", "randomized")
+
+# The arguments this package owns; everything else in model_args goes to HFLM unchanged.
+SPEC_KEYS = (
+    "method",
+    "rank",
+    "layers",
+    "tensors",
+    "budget",
+    "allocator",
+    "rank_multiple",
+    "layout",
+    "solver",
+    "seed",
+    "calib",
+    "calib_n",
+    "calib_len",
+    "calib_batch",
+    "cache",
+    "hooi_iters",
+)
+
+
+class SpecError(ValueError):
+    """A malformed decomposition argument. The message is one line naming the argument."""
+
+
+def _fail(arg: str, value: Any, valid: str) -> SpecError:
+    return SpecError(f"{arg}={value!r} is invalid: {valid}")
+
+
+def _as_int(arg: str, text: Any, valid: str) -> int:
+    if isinstance(text, bool):
+        raise _fail(arg, text, valid)
+    if isinstance(text, int):
+        return text
+    if isinstance(text, float) and text.is_integer():
+        return int(text)
+    s = str(text).strip()
+    if not re.fullmatch(r"[+-]?\d+", s):
+        raise _fail(arg, text, valid)
+    return int(s)
+
+
+def _as_bool(arg: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise _fail(arg, value, "expected true or false")
+
+
+def _split(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        parts = [str(v) for v in value]
+    else:
+        parts = str(value).replace(",", "|").split("|")
+    return [p.strip() for p in parts]
+
+
+LAYERS_SYNTAX = "1-based layer numbers joined by '|' (e.g. 3|18|32), ranges a-b or a-b:step, or 'all'"
+
+
+def parse_layers(value: Any) -> tuple[int, ...] | None:
+    """Parse a layer selection into sorted 1-based layer numbers; ``None`` means all layers."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _fail("layers", value, LAYERS_SYNTAX)
+    if isinstance(value, int):
+        parts = [str(value)]
+    else:
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return None
+        parts = _split(value)
+    if not parts or any(p == "" for p in parts):
+        raise _fail("layers", value, "empty entry; " + LAYERS_SYNTAX)
+    out: list[int] = []
+    for part in parts:
+        m = re.fullmatch(r"([+-]?\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not m:
+            raise _fail("layers", value, f"cannot parse {part!r}; " + LAYERS_SYNTAX)
+        start = int(m.group(1))
+        if m.group(2) is None:
+            out.append(start)
+            continue
+        stop, step = int(m.group(2)), int(m.group(3) or 1)
+        if step < 1 or stop < start:
+            raise _fail("layers", value, f"range {part!r} must have start <= end and step >= 1")
+        out.extend(range(start, stop + 1, step))
+    for layer in out:
+        if layer < 1:
+            raise _fail("layers", value, f"layer {layer} is out of range; layers are 1-based (the first decoder layer is 1)")
+    dupes = sorted({x for x in out if out.count(x) > 1})
+    if dupes:
+        raise _fail("layers", value, f"duplicate layer(s) {dupes}")
+    return tuple(sorted(out))
+
+
+def format_layers(layers: Iterable[int] | None) -> str:
+    return "all" if layers is None else "|".join(str(x) for x in layers)
+
+
+def parse_tensors(value: Any) -> tuple[str, ...] | None:
+    """Parse tensor short names; ``None`` means every projection of the architecture."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    parts = _split(value)
+    if not parts or any(p == "" for p in parts):
+        raise _fail("tensors", value, "expected short names joined by '|' (e.g. q|k|v|o|gate|up|down) or 'all'")
+    dupes = sorted({x for x in parts if parts.count(x) > 1})
+    if dupes:
+        raise _fail("tensors", value, f"duplicate tensor name(s) {dupes}")
+    return tuple(parts)
+
+
+RANK_SYNTAX = "an int >= 1, optionally with per-tensor overrides like 8|q:4|gate:32"
+
+
+def parse_rank(value: Any) -> tuple[int | None, dict[str, int]]:
+    """Parse ``rank`` into (default rank, per-tensor overrides)."""
+    if value is None:
+        return None, {}
+    if isinstance(value, bool):
+        raise _fail("rank", value, RANK_SYNTAX)
+    if isinstance(value, (int, float)):
+        r = _as_int("rank", value, RANK_SYNTAX)
+        if r < 1:
+            raise _fail("rank", value, "must be >= 1 (" + RANK_SYNTAX + ")")
+        return r, {}
+    default: int | None = None
+    overrides: dict[str, int] = {}
+    for part in _split(value):
+        if part == "":
+            raise _fail("rank", value, "empty entry; " + RANK_SYNTAX)
+        if ":" in part:
+            name, _, num = part.partition(":")
+            name = name.strip()
+            r = _as_int("rank", num, RANK_SYNTAX)
+            if not name:
+                raise _fail("rank", value, "missing tensor name before ':'; " + RANK_SYNTAX)
+            if name in overrides:
+                raise _fail("rank", value, f"tensor {name!r} given twice")
+            overrides[name] = r
+        else:
+            if default is not None:
+                raise _fail("rank", value, "more than one default rank; " + RANK_SYNTAX)
+            r = _as_int("rank", part, RANK_SYNTAX)
+            default = r
+        if r < 1:
+            raise _fail("rank", value, "every rank must be >= 1 (" + RANK_SYNTAX + ")")
+    return default, overrides
+
+
+def format_rank(default: int | None, overrides: Mapping[str, int]) -> str:
+    parts = [] if default is None else [str(default)]
+    parts += [f"{k}:{v}" for k, v in overrides.items()]
+    return "|".join(parts)
+
+
+def breakeven_rank(out_features: int, in_features: int, layout: str = "folded") -> int:
+    """The smallest rank that saves no parameters for an out x in matrix.
+
+    Folded (two factors) stores r(m+n); Tucker-2 (three factors) stores r(m+n)+r².
+    """
+    m, n = out_features, in_features
+    if layout == "tucker":
+        # r² + r(m+n) - mn >= 0
+        r = (-(m + n) + math.sqrt((m + n) ** 2 + 4 * m * n)) / 2
+        return max(1, math.ceil(r - 1e-9))
+    return max(1, math.ceil(m * n / (m + n) - 1e-9))
+
+
+@dataclass(frozen=True)
+class DecompositionSpec:
+    """What to decompose (layers x tensors), to which rank or budget, and by which method."""
+
+    method: str = "tucker"
+    rank: int | None = None
+    rank_overrides: dict[str, int] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None  # 1-based; None = all
+    tensors: tuple[str, ...] | None = None  # None = all of the architecture
+    budget: float | None = None  # fraction of the targeted parameters to keep
+    allocator: str = "uniform"
+    rank_multiple: int = 1
+    layout: str = "auto"
+    solver: str = "auto"
+    seed: int = 0
+    calib: str | None = None
+    calib_n: int = 128
+    calib_len: int = 128
+    calib_batch: int = 8
+    cache: bool = True
+    hooi_iters: int = 10
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> DecompositionSpec:
+        """Build from a mapping of raw values (model_args, CLI options, Python)."""
+        unknown = set(args) - set(SPEC_KEYS)
+        if unknown:
+            raise SpecError(f"unknown decomposition argument(s) {sorted(unknown)}; valid: {', '.join(SPEC_KEYS)}")
+        kw: dict[str, Any] = {}
+        if "method" in args and args["method"] is not None:
+            method = str(args["method"]).strip().lower()
+            if method not in METHODS:
+                raise _fail("method", args["method"], "valid methods: " + ", ".join(METHODS))
+            kw["method"] = method
+        if "rank" in args:
+            kw["rank"], kw["rank_overrides"] = parse_rank(args["rank"])
+        if "layers" in args:
+            kw["layers"] = parse_layers(args["layers"])
+        if "tensors" in args:
+            kw["tensors"] = parse_tensors(args["tensors"])
+        if args.get("budget") is not None:
+            try:
+                b = float(args["budget"])
+            except (TypeError, ValueError):
+                raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1") from None
+            if not 0.0 < b < 1.0:
+                raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1")
+            kw["budget"] = b
+        for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS)):
+            if args.get(key) is not None:
+                v = str(args[key]).strip().lower()
+                if v not in choices:
+                    raise _fail(key, args[key], "valid: " + ", ".join(choices))
+                kw[key] = v
+        for key, lo in (("rank_multiple", 1), ("calib_n", 1), ("calib_len", 2), ("calib_batch", 1), ("hooi_iters", 1), ("seed", 0)):
+            if args.get(key) is not None:
+                v = _as_int(key, args[key], f"expected an int >= {lo}")
+                if v < lo:
+                    raise _fail(key, args[key], f"expected an int >= {lo}")
+                kw[key] = v
+        if args.get("calib") is not None:
+            kw["calib"] = str(args["calib"]).strip()
+        if args.get("cache") is not None:
+            kw["cache"] = _as_bool("cache", args["cache"])
+        spec = cls(**kw)
+        spec._check_consistency()
+        return spec
+
+    def _check_consistency(self) -> None:
+        if self.budget is None and self.rank is None and not self.rank_overrides:
+            if self.layers is not None or self.tensors is not None:
+                raise SpecError("rank is missing: give rank=N (or rank=q:N|...) or budget=F with layers/tensors")
+        if self.budget is not None and (self.rank is not None or self.rank_overrides):
+            raise SpecError(f"rank={format_rank(self.rank, self.rank_overrides)!r} and budget={self.budget} exclude each other; give one")
+        if self.method in ("rom", "whiten") and self.calib is None:
+            object.__setattr__(self, "calib", "wikitext_local")
+
+    @property
+    def is_noop(self) -> bool:
+        """True when nothing is to be decomposed (hf-tucker then behaves as plain hf)."""
+        return self.budget is None and self.rank is None and not self.rank_overrides
+
+    def selected_tensors(self, available: Iterable[str]) -> tuple[str, ...]:
+        """The tensor short names to decompose, checked against what the architecture has."""
+        available = tuple(available)
+        if self.tensors is not None:
+            chosen = self.tensors
+        elif self.rank is None and self.rank_overrides:
+            chosen = tuple(self.rank_overrides)
+        else:
+            chosen = available
+        for name in list(chosen) + list(self.rank_overrides):
+            if name not in available:
+                arg = "tensors" if name in chosen else "rank"
+                raise SpecError(f"{arg}: unknown tensor {name!r} for this architecture; valid: {'|'.join(available)}")
+        if self.budget is None:
+            missing = [t for t in chosen if t not in self.rank_overrides and self.rank is None]
+            if missing:
+                raise SpecError(f"rank: no rank for tensor(s) {'|'.join(missing)}; give a default rank (e.g. rank=8|q:4)")
+        return tuple(chosen)
+
+    def rank_for(self, tensor: str) -> int:
+        if tensor in self.rank_overrides:
+            return self.rank_overrides[tensor]
+        if self.rank is None:
+            raise SpecError(f"rank: no rank for tensor {tensor!r}")
+        return self.rank
+
+    def selected_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers is None:
+            return tuple(range(1, num_layers + 1))
+        bad = [x for x in self.layers if x > num_layers]
+        if bad:
+            raise SpecError(
+                f"layers={format_layers(self.layers)!r} is invalid: layer {bad[0]} is past the end; "
+                f"this model has {num_layers} decoder layers, valid 1..{num_layers}"
+            )
+        return self.layers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = format_layers(self.layers)
+        d["tensors"] = "all" if self.tensors is None else "|".join(self.tensors)
+        d["rank"] = format_rank(self.rank, self.rank_overrides) or None
+        d.pop("rank_overrides")
+        return d
+
+    def with_(self, **changes: Any) -> DecompositionSpec:
+        return replace(self, **changes)
+
+
+def split_model_args(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split model_args into (ours, the rest for HFLM). ``rank`` collides with HFLM.rank."""
+    ours = {k: v for k, v in kwargs.items() if k in SPEC_KEYS}
+    rest = {k: v for k, v in kwargs.items() if k not in SPEC_KEYS}
+    return ours, rest
+
+
+def parse_model_args(text: str) -> dict[str, Any]:
+    """Parse a ``k=v,k=v`` model_args string the way lm-eval does (ints and floats typed)."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise SpecError(f"model_args: {item!r} is not key=value")
+        k, _, v = item.partition("=")
+        out[k.strip()] = _coerce(v.strip())
+    return out
+
+
+def _coerce(v: str) -> Any:
+    if v.lower() == "true":
+        return True
+    if v.lower() == "false":
+        return False
+    if v.lower() == "none":
+        return None
+    if re.fullmatch(r"[+-]?\d+", v):
+        return int(v)
+    try:
+        return float(v)
+    except ValueError:
+        return v
