@@ -1,0 +1,652 @@
+"""Accuracy gate: compare a compressed run's lm-eval results against a dense baseline.
+
+Pure Python on purpose (no torch, no lm_eval import): CI runs the gate on a small
+runner after the evaluations, and it must start in well under a second.
+
+Input format (lm-evaluation-harness 0.4.x, checked against 0.4.13):
+
+* ``lm_eval --output_path DIR`` writes ``DIR/<model_name_sanitized>/results_<date_id>.json``
+  where ``date_id = datetime.now().isoformat().replace(":", "-")``;
+  ``--output_path FILE.json`` writes ``FILE_<date_id>.json`` next to it.
+* The JSON holds ``results`` (every task *and* group, each a mapping with ``alias``,
+  ``name``, ``sample_len`` and ``"<metric>,<filter>"`` keys such as ``acc,none``,
+  ``acc_stderr,none`` or ``exact_match,strict-match``), ``groups`` (only the groups
+  that aggregate metrics), ``group_subtasks`` (group -> direct children),
+  ``higher_is_better`` (task -> metric name -> bool or None), ``n-shot`` and ``n-samples``.
+
+Primary metric per task (first rule that applies):
+
+1. ``--metric TASK=METRIC`` for that task (``METRIC`` may carry a filter: ``exact_match,flexible-extract``);
+2. ``--metric METRIC`` for every task that reports it;
+3. the first of :data:`PREFERRED_METRICS` the task reports in the baseline;
+4. the first metric the task reports (lm-eval keeps the task's ``metric_list`` order).
+
+Within a metric the filter is ``none`` if present, else ``strict-match``, else the first one.
+Direction comes from the baseline's ``higher_is_better`` (then the compressed file's), and
+for metrics it does not cover from :data:`LOWER_IS_BETTER`; "drop" is the decrease of a
+higher-is-better metric and the increase of a lower-is-better one (perplexity, bits_per_byte).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "EXIT_FAIL",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "LOWER_IS_BETTER",
+    "PREFERRED_METRICS",
+    "GateError",
+    "GateResult",
+    "ResultsFile",
+    "Row",
+    "choose_metric",
+    "format_table",
+    "load_results",
+    "parse_max_drop",
+    "parse_metric_options",
+    "parse_tasks",
+    "resolve_results_path",
+    "run_gate",
+    "select_tasks",
+    "to_json",
+]
+
+EXIT_OK = 0  # every gated task within tolerance
+EXIT_FAIL = 1  # at least one task dropped too far, or is missing from a file
+EXIT_USAGE = 2  # bad option, unreadable/foreign input: the gate could not be evaluated
+
+# Headline metrics in the order we pick them. acc_norm before acc: where a task reports
+# both (ARC, HellaSwag, PIQA, OpenBookQA) the length-normalised score is the one papers
+# and the Open LLM Leaderboard quote, and it is less sensitive to answer-length bias.
+PREFERRED_METRICS: tuple[str, ...] = (
+    "acc_norm",
+    "acc",
+    "exact_match",
+    "em",
+    "f1",
+    "mcc",
+    "pass@1",
+    "bleu",
+    "rougeL",
+    "word_perplexity",
+    "perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
+
+# Used only when the results file gives no direction for a metric.
+LOWER_IS_BETTER: frozenset[str] = frozenset(
+    {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter", "wer", "cer", "brier_score"}
+)
+
+PREFERRED_FILTERS: tuple[str, ...] = ("none", "strict-match")
+
+# Entry keys that are bookkeeping, not metrics.
+_NON_METRIC_KEYS = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
+
+# Slack for float rounding: 0.80 - 0.77 is 0.030000000000000027, which must still pass
+# a 0.03 gate, while any real excess (>= 1e-9) fails.
+_EPS = 1e-9
+
+_STAMP_RE = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)\.json$")
+
+
+class GateError(Exception):
+    """Input or usage problem: the gate cannot be evaluated (exit code 2)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _stamp(path: Path) -> datetime | None:
+    """The timestamp lm-eval put in the file name, or None if it has none."""
+    m = _STAMP_RE.search(path.name)
+    if not m:
+        return None
+    text = m.group(1)
+    fmt = "%Y-%m-%dT%H-%M-%S.%f" if "." in text else "%Y-%m-%dT%H-%M-%S"
+    try:
+        return datetime.strptime(text, fmt)
+    except ValueError:
+        return None
+
+
+def _newest(paths: Sequence[Path]) -> Path:
+    # Files without a parseable stamp rank oldest; the name breaks ties deterministically.
+    return max(paths, key=lambda p: (_stamp(p) or datetime.min, p.name))
+
+
+def resolve_results_path(path: str | Path) -> tuple[Path, str | None]:
+    """Map what the user passed to the results file to read, plus a note on how.
+
+    Accepts a results file, the folder lm-eval wrote into (``--output_path``), the
+    model folder inside it, or the ``--output_path x.json`` the user gave lm-eval
+    (which actually wrote ``x_<timestamp>.json``).
+    """
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if path.is_dir():
+        found = sorted(path.glob("results_*.json"))
+        if not found:
+            found = sorted(p for sub in path.iterdir() if sub.is_dir() for p in sub.glob("results_*.json"))
+            folders = sorted({p.parent.name for p in found})
+            if len(folders) > 1:
+                raise GateError(
+                    f"{path}: holds results for several models ({', '.join(folders)}); pass the model's folder"
+                )
+        if not found:
+            raise GateError(f"{path}: no lm-eval results_<timestamp>.json in this folder or its model subfolders")
+        chosen = _newest(found)
+        if len(found) == 1:
+            return chosen, f"the only results file under {path}"
+        return chosen, f"newest of {len(found)} results files in {chosen.parent}"
+    if path.suffix == ".json" and path.parent.is_dir():
+        found = sorted(p for p in path.parent.glob(f"{path.stem}_*.json") if _stamp(p) is not None)
+        if found:
+            chosen = _newest(found)
+            return chosen, f"lm-eval wrote --output_path {path.name} as {path.stem}_<timestamp>.json; newest of {len(found)}"
+    raise GateError(f"{path}: no such file or folder")
+
+
+@dataclass(frozen=True)
+class ResultsFile:
+    """One lm-eval results JSON, as read."""
+
+    path: Path
+    requested: Path
+    data: Mapping[str, Any]
+    note: str | None = None
+
+    @property
+    def results(self) -> Mapping[str, Any]:
+        return self.data["results"]
+
+    @property
+    def group_subtasks(self) -> Mapping[str, list[str]]:
+        value = self.data.get("group_subtasks")
+        return value if isinstance(value, Mapping) else {}
+
+    @property
+    def higher_is_better(self) -> Mapping[str, Mapping[str, Any]]:
+        value = self.data.get("higher_is_better")
+        return value if isinstance(value, Mapping) else {}
+
+    @property
+    def model_name(self) -> str | None:
+        name = self.data.get("model_name")
+        if isinstance(name, str):
+            return name
+        config = self.data.get("config")
+        return str(config.get("model_args")) if isinstance(config, Mapping) and config.get("model_args") else None
+
+    def entry(self, task: str) -> Mapping[str, Any] | None:
+        value = self.results.get(task)
+        return value if isinstance(value, Mapping) else None
+
+
+def load_results(path: str | Path) -> ResultsFile:
+    """Resolve and read a results file; raise :class:`GateError` naming the path on any problem."""
+    requested = Path(path)
+    resolved, note = resolve_results_path(requested)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GateError(f"{resolved}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GateError(f"{resolved}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise GateError(f"{resolved}: not an lm-eval results file (no 'results' mapping)")
+    return ResultsFile(path=resolved, requested=requested, data=data, note=note)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metrics(entry: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, metric, filter) for every metric value in a task entry, in file order."""
+    out = []
+    for key in entry:
+        if key in _NON_METRIC_KEYS or "," not in key:
+            continue
+        metric, flt = key.split(",", 1)
+        if metric.endswith("_stderr"):
+            continue
+        out.append((key, metric, flt))
+    return out
+
+
+def _pick_filter(keys: list[tuple[str, str, str]]) -> str:
+    for flt in PREFERRED_FILTERS:
+        for key, _, f in keys:
+            if f == flt:
+                return key
+    return keys[0][0]
+
+
+def choose_metric(entry: Mapping[str, Any], requested: str | None = None) -> str | None:
+    """The ``metric,filter`` key to gate on for a task entry, or None if it has none.
+
+    ``requested`` is ``metric`` or ``metric,filter``; when given, only it is considered.
+    """
+    keys = _metrics(entry)
+    if requested is not None:
+        if "," in requested:
+            return requested if any(k == requested for k, _, _ in keys) else None
+        matching = [k for k in keys if k[1] == requested]
+        return _pick_filter(matching) if matching else None
+    for name in PREFERRED_METRICS:
+        matching = [k for k in keys if k[1] == name]
+        if matching:
+            return _pick_filter(matching)
+    return _pick_filter([k for k in keys if k[1] == keys[0][1]]) if keys else None
+
+
+def _higher_is_better(task: str, metric: str, files: Iterable[ResultsFile]) -> bool:
+    for f in files:
+        value = f.higher_is_better.get(task, {})
+        value = value.get(metric) if isinstance(value, Mapping) else None
+        if isinstance(value, bool):
+            return value
+    return metric not in LOWER_IS_BETTER
+
+
+def _number(value: Any) -> float | None:
+    # bool is an int subclass but never a metric value; "N/A" and friends are not numbers.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_tasks(values: Iterable[str]) -> list[str]:
+    """``--tasks a,b --tasks c`` -> ``[a, b, c]`` (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if name and name not in out:
+                out.append(name)
+    return out
+
+
+def parse_metric_options(values: Iterable[str]) -> tuple[str | None, dict[str, str]]:
+    """``--metric acc_norm --metric gsm8k=exact_match,flexible-extract`` -> (default, per task)."""
+    default: str | None = None
+    per_task: dict[str, str] = {}
+    for value in values:
+        value = value.strip()
+        task, sep, metric = value.partition("=")
+        if sep:
+            if not task.strip() or not metric.strip():
+                raise GateError(f"--metric {value!r}: expected METRIC or TASK=METRIC")
+            per_task[task.strip()] = metric.strip()
+        elif not value:
+            raise GateError("--metric: empty value")
+        elif default is not None and default != value:
+            raise GateError(f"--metric given twice without a task ({default!r}, {value!r}); use TASK=METRIC")
+        else:
+            default = value
+    return default, per_task
+
+
+def _tolerance(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise GateError(f"--max-drop {where!r}: {text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise GateError(f"--max-drop {where!r}: must be a finite number >= 0")
+    return value
+
+
+def parse_max_drop(values: Iterable[str]) -> tuple[float | None, dict[str, float]]:
+    """``--max-drop 0.03 --max-drop wikitext=0.5`` -> (default, per task)."""
+    default: float | None = None
+    per_task: dict[str, float] = {}
+    for value in values:
+        task, sep, number = value.strip().partition("=")
+        if sep:
+            if not task.strip():
+                raise GateError(f"--max-drop {value!r}: expected NUMBER or TASK=NUMBER")
+            per_task[task.strip()] = _tolerance(number.strip(), value)
+        else:
+            if default is not None:
+                raise GateError("--max-drop given twice without a task; use TASK=NUMBER for per-task tolerances")
+            default = _tolerance(value.strip(), value)
+    return default, per_task
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _children(results: ResultsFile, name: str) -> list[str]:
+    value = results.group_subtasks.get(name)
+    return [str(c) for c in value] if isinstance(value, list) else []
+
+
+def _has_metrics(results: ResultsFile, name: str) -> bool:
+    entry = results.entry(name)
+    return entry is not None and bool(_metrics(entry))
+
+
+def _expand(results: ResultsFile, name: str, subtasks: bool, seen: set[str]) -> list[str]:
+    """A name, or, for a group that aggregates nothing, its descendants that do."""
+    if name in seen:  # guard against a malformed file with a cycle
+        return []
+    seen.add(name)
+    children = _children(results, name)
+    out: list[str] = []
+    if _has_metrics(results, name) or not children:
+        out.append(name)
+        if not subtasks:
+            return out
+    for child in children:
+        out.extend(_expand(results, child, subtasks, seen))
+    return out
+
+
+def select_tasks(baseline: ResultsFile, names: Sequence[str] = (), subtasks: bool = False) -> list[str]:
+    """The task names to gate, in baseline order.
+
+    Named tasks are kept as given (a missing one is reported MISSING later). Without
+    names: every top-level entry of the baseline (groups that are nobody's child, plus
+    stand-alone tasks), so a group and its subtasks are not gated twice. A group with
+    no aggregated metric (lm-eval lists it with only an alias) stands for its subtasks.
+    ``subtasks=True`` adds every subtask under each selected group.
+    """
+    if names:
+        roots = list(names)
+    else:
+        child_names = {c for g in baseline.group_subtasks for c in _children(baseline, g)}
+        roots = [name for name in baseline.results if name not in child_names]
+    out: list[str] = []
+    for root in roots:
+        if root not in baseline.results:
+            expanded = [root]
+        else:
+            expanded = _expand(baseline, root, subtasks, set())
+        out.extend(n for n in expanded if n not in out)
+    return out
+
+
+# --------------------------------------------------------------------------- gate
+
+
+@dataclass
+class Row:
+    """One gated task."""
+
+    task: str
+    metric: str | None
+    baseline: float | None
+    compressed: float | None
+    drop: float | None
+    max_drop: float
+    higher_is_better: bool
+    verdict: str  # PASS, FAIL or MISSING
+    alias: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class GateResult:
+    """Outcome of one gate run."""
+
+    rows: list[Row]
+    baseline: ResultsFile
+    compressed: ResultsFile
+    max_drop: float | None
+    relative: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.verdict == "PASS" for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.passed else EXIT_FAIL
+
+
+def _drop(base: float, comp: float, higher_is_better: bool, relative: bool) -> float:
+    diff = base - comp if higher_is_better else comp - base
+    if not relative:
+        return diff
+    if base == 0:
+        return 0.0 if diff <= 0 else math.inf
+    return diff / abs(base)
+
+
+def _gate_one(
+    task: str,
+    baseline: ResultsFile,
+    compressed: ResultsFile,
+    requested_metric: str | None,
+    explicit: bool,
+    tolerance: float,
+    relative: bool,
+) -> Row:
+    b_entry, c_entry = baseline.entry(task), compressed.entry(task)
+    alias = (b_entry or c_entry or {}).get("alias")
+
+    def missing(note: str, metric: str | None = None) -> Row:
+        return Row(task, metric, None, None, None, tolerance, True, "MISSING", alias, note)
+
+    if b_entry is None:
+        where = "either file" if c_entry is None else "the baseline"
+        return missing(f"not in {where}")
+    if explicit:
+        metric_key = choose_metric(b_entry, requested_metric)
+    else:
+        # A global --metric applies where the task reports it; other tasks keep the default rule.
+        metric_key = (requested_metric and choose_metric(b_entry, requested_metric)) or choose_metric(b_entry)
+    if metric_key is None:
+        what = f"no metric {requested_metric!r}" if explicit else "no metric values"
+        return missing(f"{what} in the baseline", requested_metric if explicit else None)
+    metric_name = metric_key.split(",", 1)[0]
+    hib = _higher_is_better(task, metric_name, (baseline, compressed))
+    base = _number(b_entry.get(metric_key))
+    if c_entry is None:
+        row = missing("not in the compressed results", metric_key)
+        row.baseline, row.higher_is_better = base, hib
+        return row
+    if metric_key not in c_entry:
+        row = missing(f"{metric_key} not in the compressed results", metric_key)
+        row.baseline, row.higher_is_better = base, hib
+        return row
+    comp = _number(c_entry.get(metric_key))
+    if base is None or comp is None:
+        bad = "baseline" if base is None else "compressed"
+        return Row(task, metric_key, base, comp, None, tolerance, hib, "MISSING", alias, f"{bad} value is not a number")
+    drop = _drop(base, comp, hib, relative)
+    if not math.isfinite(drop):
+        # NaN compares False with everything, so without this a NaN score would pass.
+        return Row(task, metric_key, base, comp, drop, tolerance, hib, "FAIL", alias, "non-finite score")
+    verdict = "FAIL" if drop > tolerance + _EPS else "PASS"
+    return Row(task, metric_key, base, comp, drop, tolerance, hib, verdict, alias)
+
+
+def _matches(key: str, requested: str) -> bool:
+    return key == requested if "," in requested else key.split(",", 1)[0] == requested
+
+
+def _comparability_warnings(tasks: Sequence[str], baseline: ResultsFile, compressed: ResultsFile) -> list[str]:
+    """Settings that make the two runs incomparable; reported, not failed on."""
+    out = []
+    for key, label in (("n-shot", "num_fewshot"), ("n-samples", "evaluated samples")):
+        b_map, c_map = baseline.data.get(key), compressed.data.get(key)
+        if not isinstance(b_map, Mapping) or not isinstance(c_map, Mapping):
+            continue
+        for task in tasks:
+            b, c = b_map.get(task), c_map.get(task)
+            if key == "n-samples":
+                b = b.get("effective") if isinstance(b, Mapping) else None
+                c = c.get("effective") if isinstance(c, Mapping) else None
+            if b is not None and c is not None and b != c:
+                out.append(f"{task}: {label} differs (baseline {b}, compressed {c}); the runs are not comparable")
+    return out
+
+
+def run_gate(
+    baseline: ResultsFile,
+    compressed: ResultsFile,
+    *,
+    max_drop: float | None,
+    task_max_drop: Mapping[str, float] | None = None,
+    tasks: Sequence[str] = (),
+    metric: str | None = None,
+    task_metric: Mapping[str, str] | None = None,
+    relative: bool = False,
+    subtasks: bool = False,
+) -> GateResult:
+    """Gate every selected task; raise :class:`GateError` for options that cannot apply."""
+    task_max_drop = dict(task_max_drop or {})
+    task_metric = dict(task_metric or {})
+    if baseline.path.resolve() == compressed.path.resolve():
+        raise GateError(
+            f"{baseline.path}: baseline and compressed resolve to the same file; "
+            "write the dense and compressed runs to separate --output_path folders"
+        )
+    selected = select_tasks(baseline, tasks, subtasks)
+    if not selected:
+        raise GateError(f"{baseline.path}: no tasks to gate")
+    for option, per_task in (("--metric", task_metric), ("--max-drop", task_max_drop)):
+        stray = sorted(set(per_task) - set(selected))
+        if stray:
+            raise GateError(f"{option} names tasks that are not gated: {', '.join(stray)}")
+    rows = []
+    for task in selected:
+        tolerance = task_max_drop.get(task, max_drop)
+        if tolerance is None:
+            raise GateError(f"no --max-drop for {task}; give a default --max-drop NUMBER or {task}=NUMBER")
+        explicit = task in task_metric
+        rows.append(
+            _gate_one(task, baseline, compressed, task_metric.get(task, metric), explicit, tolerance, relative)
+        )
+    if metric is not None and not any(r.metric and _matches(r.metric, metric) for r in rows):
+        # Almost always a typo (acc-norm); silently falling back would gate the wrong thing.
+        raise GateError(f"--metric {metric}: no gated task reports this metric")
+    gated = [r.task for r in rows if r.verdict != "MISSING"]
+    warnings = _comparability_warnings(gated, baseline, compressed)
+    return GateResult(rows, baseline, compressed, max_drop, relative, warnings)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_drop(value: float | None, relative: bool) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value * 100:+.2f}%" if relative else f"{value:+.4f}"
+
+
+def _fmt_tol(value: float, relative: bool) -> str:
+    return f"{value * 100:g}%" if relative else f"{value:g}"
+
+
+def _describe(label: str, f: ResultsFile) -> str:
+    line = f"{label} {f.path}"
+    if f.note:
+        line += f"  ({f.note})"
+    return line
+
+
+def format_table(result: GateResult) -> str:
+    """Human-readable report: files used, the table, notes and the overall verdict."""
+    rel = result.relative
+    tolerances = {r.max_drop for r in result.rows}
+    per_task_tol = len(tolerances) > 1 or (result.max_drop is not None and tolerances != {result.max_drop})
+    header = ["task", "metric", "baseline", "compressed", "drop"] + (["max"] if per_task_tol else []) + ["verdict"]
+    body = []
+    for r in result.rows:
+        metric = "-" if r.metric is None else r.metric + ("" if r.higher_is_better else " (lower better)")
+        cells = [r.task, metric, _fmt_value(r.baseline), _fmt_value(r.compressed), _fmt_drop(r.drop, rel)]
+        if per_task_tol:
+            cells.append(_fmt_tol(r.max_drop, rel))
+        cells.append(r.verdict)
+        body.append(cells)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    numeric = {"baseline", "compressed", "drop", "max"}
+
+    def line(cells: list[str]) -> str:
+        parts = [c.rjust(w) if h in numeric else c.ljust(w) for c, w, h in zip(cells, widths, header)]
+        return "  ".join(parts).rstrip()
+
+    kind = "relative" if rel else "absolute"
+    tol = "per task" if result.max_drop is None else _fmt_tol(result.max_drop, rel)
+    out = [
+        _describe("baseline:  ", result.baseline),
+        _describe("compressed:", result.compressed),
+        f"max drop:   {tol} ({kind}; for lower-is-better metrics the drop is the increase)",
+        "",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(cells) for cells in body),
+        "",
+    ]
+    out += [f"note: {r.task}: {r.note}" for r in result.rows if r.note]
+    out += [f"warning: {w}" for w in result.warnings]
+    failed = sum(r.verdict == "FAIL" for r in result.rows)
+    missing = sum(r.verdict == "MISSING" for r in result.rows)
+    if result.passed:
+        out.append(f"gate: PASS ({len(result.rows)} task{'s' if len(result.rows) != 1 else ''} within tolerance)")
+    else:
+        out.append(f"gate: FAIL ({failed} failed, {missing} missing, of {len(result.rows)} gated)")
+    return "\n".join(out)
+
+
+def _json_number(value: float | None) -> float | None:
+    # Strict JSON has no NaN/Infinity; the verdict and note already say what happened.
+    return value if value is None or math.isfinite(value) else None
+
+
+def to_json(result: GateResult) -> dict[str, Any]:
+    """Machine-readable verdict (``--json``)."""
+
+    def describe(f: ResultsFile) -> dict[str, Any]:
+        return {"path": str(f.path), "requested": str(f.requested), "note": f.note, "model": f.model_name}
+
+    return {
+        "passed": result.passed,
+        "exit_code": result.exit_code,
+        "max_drop": result.max_drop,
+        "relative": result.relative,
+        "baseline": describe(result.baseline),
+        "compressed": describe(result.compressed),
+        "tasks": [
+            {
+                "task": r.task,
+                "alias": r.alias,
+                "metric": r.metric,
+                "higher_is_better": r.higher_is_better,
+                "baseline": _json_number(r.baseline),
+                "compressed": _json_number(r.compressed),
+                "drop": _json_number(r.drop),
+                "max_drop": r.max_drop,
+                "verdict": r.verdict,
+                "note": r.note,
+            }
+            for r in result.rows
+        ],
+        "warnings": list(result.warnings),
+    }
