@@ -165,7 +165,8 @@ def load_config(model: str) -> dict[str, Any]:
     )
 
 
-def _adapter(config: Mapping[str, Any]) -> ArchitectureAdapter:
+def config_adapter(config: Mapping[str, Any]) -> ArchitectureAdapter:
+    """The adapter for a config; a one-line SpecError listing the known model types otherwise."""
     adapter = adapter_for_config(config)
     if adapter is None:
         mt = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
@@ -279,7 +280,7 @@ def calculate(
         spec = DecompositionSpec.from_args(spec)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise SpecError(f"seq_len={seq_len!r} is invalid: expected an int >= 0")
-    adapter = _adapter(config)
+    adapter = config_adapter(config)
     with warnings.catch_warnings():
         # make_plan warns about ranks that save nothing; the report counts them instead.
         warnings.simplefilter("ignore")
