@@ -313,7 +313,7 @@ def calculate(
             for t in plan.targets
         ]
     return SpaceReport(
-        model=model_name or str(config.get("_name", config.get("model_type", "?"))),
+        model=model_name or str(_get(config, "_name", "model_type", default="?")),
         adapter=adapter.name,
         layout=plan.layout,
         num_layers=n_layers,
