@@ -260,7 +260,7 @@ def _hidden(config: Any) -> int:
 
 
 def calculate(
-    config: Mapping[str, Any],
+    config: Any,
     spec: DecompositionSpec | Mapping[str, Any] | None = None,
     *,
     seq_len: int = 1024,
