@@ -1,0 +1,552 @@
+"""The accuracy gate, on results JSON built in the exact lm-eval 0.4.13 layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from lm_eval_lowrank import gate as g
+from lm_eval_lowrank.cli import main
+from lm_eval_lowrank.cli.gate import gate
+
+MODEL = "HuggingFaceTB/SmolLM2-135M"
+MODEL_DIR = "HuggingFaceTB__SmolLM2-135M"  # lm_eval.utils.sanitize_model_name(MODEL)
+
+# Direction per metric as lm-eval's Task.higher_is_better() reports it.
+HIB = {
+    "acc": True,
+    "acc_norm": True,
+    "exact_match": True,
+    "word_perplexity": False,
+    "byte_perplexity": False,
+    "bits_per_byte": False,
+}
+
+MMLU_SUBTASKS = ("mmlu_local_stem", "mmlu_local_humanities")
+
+
+def _task_entry(name: str, metrics: dict[str, float], n: int = 100) -> dict[str, Any]:
+    """A ``results`` entry as evaluator_utils._collect_results writes it."""
+    entry: dict[str, Any] = {"name": name, "alias": name, "sample_len": n}
+    for key, value in metrics.items():
+        metric, flt = key.split(",")
+        entry[key] = value
+        # wikitext-style metrics have no bootstrap stderr: lm-eval writes "N/A".
+        entry[f"{metric}_stderr,{flt}"] = "N/A" if "perplexity" in metric or metric == "bits_per_byte" else 0.01
+    return entry
+
+
+def lm_eval_results(
+    *,
+    arc: dict[str, float] | None = None,
+    mmlu: tuple[float, float] | None = (0.30, 0.26),
+    gsm8k: tuple[float, float] | None = None,
+    wikitext: float | None = None,
+    mmlu_aggregates: bool = True,
+    n_shot: int = 0,
+    model_args: str = f"pretrained={MODEL}",
+) -> dict[str, Any]:
+    """A full results JSON as lm-eval 0.4.13 saves it (EvaluationTracker.save_results_aggregated)."""
+    results: dict[str, Any] = {}
+    hib: dict[str, Any] = {}
+    n_samples: dict[str, Any] = {}
+    if arc is not None:
+        results["arc_easy_local"] = _task_entry("arc_easy_local", arc, 200)
+        hib["arc_easy_local"] = {"acc": True, "acc_norm": True}
+    if gsm8k is not None:
+        strict, flexible = gsm8k
+        results["gsm8k_local"] = _task_entry(
+            "gsm8k_local", {"exact_match,strict-match": strict, "exact_match,flexible-extract": flexible}, 50
+        )
+        hib["gsm8k_local"] = {"exact_match": True}
+    if wikitext is not None:
+        results["wikitext_local"] = _task_entry(
+            "wikitext_local",
+            {"word_perplexity,none": wikitext, "byte_perplexity,none": 1.7, "bits_per_byte,none": 0.77},
+            20,
+        )
+        hib["wikitext_local"] = {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
+    group_subtasks: dict[str, list[str]] = {}
+    groups: dict[str, Any] = {}
+    if mmlu is not None:
+        for name, value in zip(MMLU_SUBTASKS, mmlu):
+            results[name] = _task_entry(name, {"acc,none": value}, 100)
+            hib[name] = {"acc": True}
+        # Groups come after their subtasks in "results" (aggregate_groups runs last).
+        group = {"alias": "mmlu_local", "name": "mmlu_local"}
+        if mmlu_aggregates:
+            group.update(
+                {
+                    "sample_len": 200,
+                    "acc,none": sum(mmlu) / len(mmlu),
+                    "acc_stderr,none": 0.007,
+                    "sample_count": {"acc,none": 200},
+                }
+            )
+            groups["mmlu_local"] = dict(group)
+        results["mmlu_local"] = group
+        group_subtasks["mmlu_local"] = list(MMLU_SUBTASKS)
+        hib["mmlu_local"] = {"acc": True}
+    for name, entry in results.items():
+        if name in group_subtasks:
+            continue
+        n_samples[name] = {"original": entry["sample_len"], "effective": entry["sample_len"]}
+    out: dict[str, Any] = {"results": results}
+    if groups:
+        out["groups"] = groups
+    out.update(
+        {
+            "group_subtasks": group_subtasks,
+            "configs": {name: {"task": name, "num_fewshot": n_shot} for name in sorted(n_samples)},
+            "versions": {name: 1.0 for name in sorted(results)},
+            "n-shot": {name: n_shot for name in sorted(results)},
+            "higher_is_better": dict(sorted(hib.items())),
+            "n-samples": n_samples,
+            "config": {
+                "model": "hf-tucker",
+                "model_args": model_args,
+                "model_num_parameters": 134515008,
+                "model_dtype": "torch.float32",
+                "batch_size": "1",
+                "batch_sizes": [],
+                "device": "cpu",
+                "use_cache": None,
+                "limit": None,
+                "bootstrap_iters": 100000,
+                "gen_kwargs": {},
+                "random_seed": 0,
+                "numpy_seed": 1234,
+                "torch_seed": 1234,
+                "fewshot_seed": 1234,
+            },
+            "git_hash": None,
+            "date": 1767225600.0,
+            "pretty_env_info": "PyTorch version: 2.5.1+cpu",
+            "transformers_version": "4.57.1",
+            "lm_eval_version": "0.4.13",
+            "upper_git_hash": None,
+            "tokenizer_pad_token": ["<|endoftext|>", "0"],
+            "tokenizer_eos_token": ["<|endoftext|>", "0"],
+            "tokenizer_bos_token": ["<|endoftext|>", "0"],
+            "eot_token_id": 0,
+            "max_length": 2048,
+            "task_hashes": {},
+            "model_source": "hf-tucker",
+            "model_name": MODEL,
+            "model_name_sanitized": MODEL_DIR,
+            "system_instruction": None,
+            "system_instruction_sha": None,
+            "fewshot_as_multiturn": False,
+            "chat_template": None,
+            "chat_template_sha": None,
+            "start_time": 12.5,
+            "end_time": 99.0,
+            "total_evaluation_time_seconds": "86.5",
+        }
+    )
+    return out
+
+
+def write(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same call as EvaluationTracker: indent=2, ensure_ascii=False.
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_run(output_path: Path, data: dict[str, Any], date_id: str) -> Path:
+    """Where ``lm_eval --output_path OUTPUT_PATH`` puts a run: OUTPUT_PATH/<model>/results_<date_id>.json."""
+    return write(output_path / MODEL_DIR / f"results_{date_id}.json", data)
+
+
+ARC_BASE = {"acc,none": 0.62, "acc_norm,none": 0.55}
+
+
+def run_cli(*args: str) -> Any:
+    return CliRunner().invoke(gate, list(args))
+
+
+def pair(tmp_path: Path, base: dict[str, Any], comp: dict[str, Any]) -> tuple[str, str]:
+    return str(write(tmp_path / "base.json", base)), str(write(tmp_path / "comp.json", comp))
+
+
+# --------------------------------------------------------------------------- pass / fail
+
+
+def test_pass_within_tolerance_prints_table(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.61, "acc_norm,none": 0.54}))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "metric", "baseline", "compressed", "drop", "verdict"]
+    row = next(line for line in r.output.splitlines() if line.startswith("arc_easy_local"))
+    assert row.split() == ["arc_easy_local", "acc_norm,none", "0.5500", "0.5400", "+0.0100", "PASS"]
+    assert "gate: PASS" in r.output
+
+
+def test_fail_beyond_tolerance(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.50}))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 1
+    assert "FAIL" in next(line for line in r.output.splitlines() if line.startswith("arc_easy_local"))
+    assert "gate: FAIL" in r.output
+
+
+def test_drop_exactly_at_tolerance_passes_despite_float_rounding(tmp_path: Path) -> None:
+    assert 0.80 - 0.77 > 0.03  # the trap this guards against
+    b, c = pair(tmp_path, lm_eval_results(arc={"acc,none": 0.80}, mmlu=None), lm_eval_results(arc={"acc,none": 0.77}, mmlu=None))
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03").exit_code == 0
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.0299").exit_code == 1
+
+
+def test_improvement_passes_and_shows_negative_drop(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.7, "acc_norm,none": 0.6}))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0")
+    assert r.exit_code == 0
+    assert "-0.0500" in r.output
+
+
+# --------------------------------------------------------------------------- primary metric
+
+
+def test_default_metric_preference() -> None:
+    assert g.choose_metric(_task_entry("t", {"acc,none": 0.5, "acc_norm,none": 0.4})) == "acc_norm,none"
+    assert g.choose_metric(_task_entry("t", {"acc,none": 0.5})) == "acc,none"
+    gsm = _task_entry("t", {"exact_match,flexible-extract": 0.2, "exact_match,strict-match": 0.1})
+    assert g.choose_metric(gsm) == "exact_match,strict-match"
+    wiki = _task_entry("t", {"bits_per_byte,none": 0.7, "word_perplexity,none": 30.0})
+    assert g.choose_metric(wiki) == "word_perplexity,none"
+    # Unknown metrics: the task's first one (metric_list order), never a stderr.
+    assert g.choose_metric(_task_entry("t", {"brier_score,none": 0.3, "zzz,none": 1.0})) == "brier_score,none"
+    assert g.choose_metric({"alias": "x", "name": "x"}) is None
+    # Explicit requests: bare metric picks a filter; metric,filter must match exactly.
+    assert g.choose_metric(gsm, "exact_match,flexible-extract") == "exact_match,flexible-extract"
+    assert g.choose_metric(gsm, "acc") is None
+
+
+def test_metric_option_global_and_per_task(tmp_path: Path) -> None:
+    base = lm_eval_results(arc=ARC_BASE, gsm8k=(0.10, 0.20))
+    comp = lm_eval_results(arc={"acc,none": 0.50, "acc_norm,none": 0.55}, gsm8k=(0.10, 0.05))
+    b, c = pair(tmp_path, base, comp)
+    # Default: acc_norm (unchanged) and strict-match (unchanged) -> pass.
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03").exit_code == 0
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--metric", "acc")
+    assert r.exit_code == 1
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines() if line.startswith(("arc", "gsm", "mmlu"))}
+    assert rows["arc_easy_local"][1:2] == ["acc,none"] and rows["arc_easy_local"][-1] == "FAIL"
+    assert rows["gsm8k_local"][1] == "exact_match,strict-match"  # global --metric applies only where reported
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--metric", "gsm8k_local=exact_match,flexible-extract")
+    assert r.exit_code == 1
+    assert "exact_match,flexible-extract" in r.output
+
+
+def test_metric_typo_is_usage_error(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--metric", "acc-norm")
+    assert r.exit_code == 2
+    assert "acc-norm" in r.output
+
+
+def test_explicit_metric_missing_for_task_is_missing(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--metric", "arc_easy_local=exact_match")
+    assert r.exit_code == 1
+    assert "MISSING" in r.output
+
+
+# --------------------------------------------------------------------------- missing tasks
+
+
+def test_named_task_missing_from_compressed(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=None))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", "arc_easy_local")
+    assert r.exit_code == 1
+    row = next(line for line in r.output.splitlines() if line.startswith("arc_easy_local"))
+    assert row.split()[-1] == "MISSING" and "0.5500" in row
+    assert "not in the compressed results" in r.output
+
+
+def test_named_task_missing_from_baseline_or_both(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=None), lm_eval_results(arc=ARC_BASE))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", "arc_easy_local,hellaswag")
+    assert r.exit_code == 1
+    assert "arc_easy_local: not in the baseline" in r.output
+    assert "hellaswag: not in either file" in r.output
+
+
+def test_unnamed_baseline_task_missing_from_compressed_fails(tmp_path: Path) -> None:
+    # A compressed run over fewer tasks must not pass by omission.
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE, mmlu=None))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 1
+    assert "mmlu_local: not in the compressed results" in r.output
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def _rows(output: str) -> dict[str, list[str]]:
+    names = ("arc_easy_local", "mmlu_local", "gsm8k_local", "wikitext_local")
+    return {line.split()[0]: line.split() for line in output.splitlines() if line.startswith(names)}
+
+
+def test_default_selection_gates_group_not_its_subtasks(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE, mmlu=(0.29, 0.25)))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 0, r.output
+    rows = _rows(r.output)
+    assert set(rows) == {"arc_easy_local", "mmlu_local"}
+    assert rows["mmlu_local"][1:4] == ["acc,none", "0.2800", "0.2700"]
+
+
+def test_subtasks_flag_and_named_subtask(tmp_path: Path) -> None:
+    # Group mean barely moves, one subtask collapses: only visible when subtasks are gated.
+    b, c = pair(tmp_path, lm_eval_results(arc=None), lm_eval_results(arc=None, mmlu=(0.40, 0.16)))
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03").exit_code == 0
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--subtasks")
+    assert r.exit_code == 1
+    rows = _rows(r.output)
+    assert list(rows) == ["mmlu_local", "mmlu_local_stem", "mmlu_local_humanities"]
+    assert rows["mmlu_local_humanities"][-1] == "FAIL" and rows["mmlu_local_stem"][-1] == "PASS"
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", "mmlu_local_humanities")
+    assert r.exit_code == 1 and list(_rows(r.output)) == ["mmlu_local_humanities"]
+
+
+def test_group_without_aggregation_stands_for_its_subtasks(tmp_path: Path) -> None:
+    base = lm_eval_results(arc=None, mmlu_aggregates=False)
+    assert "groups" not in base and base["results"]["mmlu_local"] == {"alias": "mmlu_local", "name": "mmlu_local"}
+    b, c = pair(tmp_path, base, lm_eval_results(arc=None, mmlu_aggregates=False))
+    for extra in ([], ["--tasks", "mmlu_local"]):
+        r = run_cli(c, "--baseline", b, "--max-drop", "0.03", *extra)
+        assert r.exit_code == 0, r.output
+        assert list(_rows(r.output)) == list(MMLU_SUBTASKS)
+
+
+# --------------------------------------------------------------------------- direction, relative
+
+
+def test_lower_is_better_drop_is_the_increase(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(wikitext=30.0, mmlu=None), lm_eval_results(wikitext=31.0, mmlu=None))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.5")
+    assert r.exit_code == 1
+    row = _rows(r.output)["wikitext_local"]
+    assert row[1:3] == ["word_perplexity,none", "(lower"] and "+1.0000" in row and row[-1] == "FAIL"
+    assert run_cli(c, "--baseline", b, "--max-drop", "1.0").exit_code == 0
+    # Perplexity going down is an improvement, whatever the tolerance.
+    assert run_cli(b, "--baseline", c, "--max-drop", "0").exit_code == 0
+
+
+def test_direction_falls_back_to_builtin_table(tmp_path: Path) -> None:
+    base, comp = lm_eval_results(wikitext=30.0, mmlu=None), lm_eval_results(wikitext=31.0, mmlu=None)
+    for data in (base, comp):
+        data["higher_is_better"] = {}
+    b, c = pair(tmp_path, base, comp)
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.5").exit_code == 1
+
+
+def test_relative_drop(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(wikitext=30.0, mmlu=None), lm_eval_results(wikitext=31.0, mmlu=None))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.05", "--relative")  # +3.33% < 5%
+    assert r.exit_code == 0, r.output
+    assert "+3.33%" in r.output
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03", "--relative").exit_code == 1
+
+
+def test_per_task_tolerance(tmp_path: Path) -> None:
+    base = lm_eval_results(arc=ARC_BASE, wikitext=30.0, mmlu=None)
+    comp = lm_eval_results(arc={"acc,none": 0.61, "acc_norm,none": 0.54}, wikitext=31.0, mmlu=None)
+    b, c = pair(tmp_path, base, comp)
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03").exit_code == 1
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--max-drop", "wikitext_local=2")
+    assert r.exit_code == 0, r.output
+    assert "max" in next(line for line in r.output.splitlines() if line.startswith("task")).split()
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--max-drop", "hellaswag=2")
+    assert r.exit_code == 2 and "hellaswag" in r.output
+
+
+def test_nan_score_fails(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(wikitext=30.0, mmlu=None), lm_eval_results(wikitext=math.nan, mmlu=None))
+    assert "NaN" in Path(c).read_text()  # json.dumps writes NaN, as lm-eval would
+    r = run_cli(c, "--baseline", b, "--max-drop", "1000")
+    assert r.exit_code == 1
+    assert "non-finite" in r.output
+
+
+# --------------------------------------------------------------------------- lm-eval output folders
+
+
+def test_output_folder_uses_newest_results_file(tmp_path: Path) -> None:
+    dense, comp = tmp_path / "dense", tmp_path / "compressed"
+    write_run(dense, lm_eval_results(arc=ARC_BASE), "2026-01-02T10-00-00.123456")
+    write_run(comp, lm_eval_results(arc={"acc,none": 0.1, "acc_norm,none": 0.1}), "2026-01-02T09-59-59.999999")
+    # Later run; isoformat() omits microseconds when they are 0, so this name is shorter.
+    newest = write_run(comp, lm_eval_results(arc=ARC_BASE), "2026-01-02T11-00-00")
+    (comp / MODEL_DIR / "samples_arc_easy_local_2026-01-02T12-00-00.jsonl").write_text("{}\n")
+    for given in (comp, comp / MODEL_DIR):
+        r = run_cli(str(given), "--baseline", str(dense), "--max-drop", "0.03")
+        assert r.exit_code == 0, r.output
+        assert f"compressed: {newest}" in r.output
+        assert "newest of 2 results files" in r.output
+
+
+def test_resolve_newest_by_timestamp_not_name_length(tmp_path: Path) -> None:
+    folder = tmp_path / MODEL_DIR
+    for stamp in ("2026-01-02T11-00-00", "2026-01-02T11-00-00.000001", "2025-12-31T23-59-59.999999"):
+        write(folder / f"results_{stamp}.json", {"results": {}})
+    path, note = g.resolve_results_path(tmp_path)
+    assert path.name == "results_2026-01-02T11-00-00.000001.json"
+    assert note and "newest of 3" in note
+
+
+def test_output_path_given_as_json_file(tmp_path: Path) -> None:
+    # lm_eval --output_path out/dense.json writes out/dense_<date_id>.json.
+    write(tmp_path / "dense_2026-01-02T10-00-00.5.json", lm_eval_results(arc=ARC_BASE))
+    comp = write(tmp_path / "comp.json", lm_eval_results(arc=ARC_BASE))
+    r = run_cli(str(comp), "--baseline", str(tmp_path / "dense.json"), "--max-drop", "0.03")
+    assert r.exit_code == 0, r.output
+    assert "dense_2026-01-02T10-00-00.5.json" in r.output
+
+
+def test_folder_with_several_models_is_ambiguous(tmp_path: Path) -> None:
+    write_run(tmp_path, lm_eval_results(arc=ARC_BASE), "2026-01-02T10-00-00")
+    write(tmp_path / "other__model" / "results_2026-01-02T10-00-00.json", lm_eval_results(arc=ARC_BASE))
+    comp = write(tmp_path / "c.json", lm_eval_results(arc=ARC_BASE))
+    r = run_cli(str(comp), "--baseline", str(tmp_path), "--max-drop", "0.03")
+    assert r.exit_code == 2
+    assert "several models" in r.output
+
+
+def test_same_file_for_both_is_an_error(tmp_path: Path) -> None:
+    # The classic CI slip: both runs into one --output_path, newest picked for both.
+    write_run(tmp_path, lm_eval_results(arc=ARC_BASE), "2026-01-02T10-00-00")
+    r = run_cli(str(tmp_path), "--baseline", str(tmp_path), "--max-drop", "0.03")
+    assert r.exit_code == 2
+    assert "same file" in r.output
+
+
+def test_comparability_warning(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE, n_shot=5))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 0
+    assert "warning: arc_easy_local: num_fewshot differs (baseline 0, compressed 5)" in r.output
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"results": {"arc_easy_local": ', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[1, 2, 3]", "not an lm-eval results file"),
+        ('{"config": {}, "versions": {}}', "not an lm-eval results file"),
+        ('{"results": [1]}', "not an lm-eval results file"),
+    ],
+)
+def test_bad_input_files(tmp_path: Path, content: str, message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    good = write(tmp_path / "good.json", lm_eval_results(arc=ARC_BASE))
+    for args in ([str(bad), "--baseline", str(good)], [str(good), "--baseline", str(bad)]):
+        r = run_cli(*args, "--max-drop", "0.03")
+        assert r.exit_code == 2
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: ")
+        assert message in r.output
+
+
+def test_missing_file_and_empty_folder(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.json", lm_eval_results(arc=ARC_BASE))
+    r = run_cli(str(good), "--baseline", str(tmp_path / "nope.json"), "--max-drop", "0.03")
+    assert r.exit_code == 2
+    assert r.output.strip() == f"Error: {tmp_path / 'nope.json'}: no such file or folder"
+    (tmp_path / "empty").mkdir()
+    r = run_cli(str(tmp_path / "empty"), "--baseline", str(good), "--max-drop", "0.03")
+    assert r.exit_code == 2 and "no lm-eval results_<timestamp>.json" in r.output
+
+
+@pytest.mark.parametrize("bad", ["abc", "-0.1", "nan", "x="])
+def test_bad_max_drop(tmp_path: Path, bad: str) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    r = run_cli(c, "--baseline", b, "--max-drop", bad)
+    assert r.exit_code == 2 and "--max-drop" in r.output
+
+
+def test_missing_required_option_is_usage_error(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    assert run_cli(c, "--baseline", b).exit_code == 2
+    assert run_cli(c, "--max-drop", "0.03").exit_code == 2
+
+
+# --------------------------------------------------------------------------- --json
+
+
+def test_json_output(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.50}, mmlu=None))
+    r = CliRunner().invoke(gate, [c, "--baseline", b, "--max-drop", "0.03", "--json"])
+    assert r.exit_code == 1
+    verdict = json.loads(r.stdout)  # stdout holds only the JSON; the table went to stderr
+    assert "gate: FAIL" in r.stderr
+    assert verdict["passed"] is False and verdict["exit_code"] == 1
+    assert verdict["baseline"]["model"] == MODEL
+    by_task = {t["task"]: t for t in verdict["tasks"]}
+    assert by_task["arc_easy_local"]["verdict"] == "FAIL"
+    assert by_task["arc_easy_local"]["metric"] == "acc_norm,none"
+    assert by_task["arc_easy_local"]["drop"] == pytest.approx(0.05)
+    assert by_task["mmlu_local"]["verdict"] == "MISSING" and by_task["mmlu_local"]["compressed"] is None
+
+
+# --------------------------------------------------------------------------- main() and console script
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["lm-eval-lowrank", "gate", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    code = exc.value.code
+    return 0 if code is None else int(code)
+
+
+def test_exit_codes_via_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    base = write(tmp_path / "b.json", lm_eval_results(arc=ARC_BASE))
+    ok = write(tmp_path / "ok.json", lm_eval_results(arc=ARC_BASE))
+    bad = write(tmp_path / "bad.json", lm_eval_results(arc={"acc,none": 0.1, "acc_norm,none": 0.1}))
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"name": "not results"}')
+    assert _main(monkeypatch, str(ok), "--baseline", str(base), "--max-drop", "0.03") == 0
+    assert _main(monkeypatch, str(bad), "--baseline", str(base), "--max-drop", "0.03") == 1
+    capsys.readouterr()
+    assert _main(monkeypatch, str(foreign), "--baseline", str(base), "--max-drop", "0.03") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"Error: {foreign}: not an lm-eval results file (no 'results' mapping)"
+    assert _main(monkeypatch, str(ok), "--max-drop", "0.03") == 2
+
+
+def test_console_script_subprocess(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("lm-eval-lowrank")
+    if not script.exists():
+        pytest.skip("lm-eval-lowrank console script not installed next to this interpreter")
+    base = write_run(tmp_path / "dense", lm_eval_results(arc=ARC_BASE), "2026-01-02T10-00-00.000001")
+    comp = write_run(tmp_path / "compressed", lm_eval_results(arc={"acc,none": 0.5, "acc_norm,none": 0.45}), "2026-01-02T11-00-00")
+    proc = subprocess.run(
+        [str(script), "gate", str(tmp_path / "compressed"), "--baseline", str(tmp_path / "dense"), "--max-drop", "0.03", "--tasks", "arc_easy_local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"baseline:   {base}" in proc.stdout and f"compressed: {comp}" in proc.stdout
+    assert "arc_easy_local" in proc.stdout and "FAIL" in proc.stdout
+
+
+def test_gate_does_not_import_torch() -> None:
+    code = "import sys, lm_eval_lowrank.cli.gate; sys.exit('torch' in sys.modules or 'lm_eval' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
