@@ -325,7 +325,7 @@ class DecompositionSpec:
         d = asdict(self)
         d["layers"] = format_layers(self.layers)
         d["tensors"] = "all" if self.tensors is None else "|".join(self.tensors)
-        d["rank"] = format_rank(self.rank, self.rank_overrides) or None
+        d["rank"] = self.rank if not self.rank_overrides else format_rank(self.rank, self.rank_overrides)
         d.pop("rank_overrides")
         return d
 

@@ -1,0 +1,88 @@
+"""The Python API: one function that compresses a loaded model by a spec.
+
+The harness (``hf-tucker``), the CLI (``decompose``, ``sweep``, ``search``) and user code
+all go through :func:`compress_model`, which strings together, in order:
+validation against the config, rank allocation (``budget=``), calibration statistics
+(activation-aware methods), the decomposition cache, and the in-place replacement.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn as nn
+
+from .architectures import adapter_for_config, adapter_for_model
+from .decompose import DecompositionReport, decompose_model
+from .plan import make_plan
+from .spec import DecompositionSpec, SpecError
+
+
+def as_spec(spec: DecompositionSpec | Mapping[str, Any] | None = None, **kwargs: Any) -> DecompositionSpec:
+    if isinstance(spec, DecompositionSpec):
+        return spec.with_(**kwargs) if kwargs else spec
+    return DecompositionSpec.from_args({**(spec or {}), **kwargs})
+
+
+def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
+    """Range checks that need only the config (layers past the end, ranks too large, tensors)."""
+    adapter = adapter_for_config(config)
+    if adapter is None or spec.is_noop:
+        return  # the generic adapter needs the loaded model; checked right after load
+    make_plan(spec, config, adapter=adapter)
+
+
+def compress_model(
+    model: nn.Module,
+    spec: DecompositionSpec | Mapping[str, Any],
+    tokenizer: Any = None,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> DecompositionReport:
+    """Decompose ``model`` in place according to ``spec`` and report what was done."""
+    spec = as_spec(spec)
+    adapter = adapter_for_model(model)
+    ranks = None
+    stats_provider = None
+    from .methods import needs_calibration
+
+    if needs_calibration(spec.method) or spec.allocator == "sensitivity" and spec.budget is not None:
+        if tokenizer is None:
+            raise SpecError(f"method={spec.method!r} needs a tokenizer for its calibration data")
+        from .calibration import build_stats_provider
+
+        stats_provider = build_stats_provider(spec, model, tokenizer, adapter=adapter, model_id=model_id)
+    if spec.budget is not None:
+        from .allocation import allocate_ranks
+
+        ranks = allocate_ranks(spec, model, adapter=adapter, stats_provider=stats_provider, tokenizer=tokenizer)
+    cache = None
+    if spec.cache and model_id is not None:
+        try:
+            from .checkpoint import DecompositionCache
+
+            cache = DecompositionCache.for_model(model, model_id)
+        except ImportError:
+            cache = None
+    if cache is not None:
+        hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks)
+        if hit is not None:
+            return hit
+    report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress)
+    if cache is not None:
+        cache.store(model, report)
+    return report
+
+
+def versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("lm-eval-lowrank", "torch", "transformers", "lm_eval", "peft", "accelerate"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out

@@ -1,0 +1,184 @@
+"""Decompose a loaded model in place: the one owner of module replacement.
+
+Work goes layer by layer in order, so activation-aware methods can calibrate each layer
+on the outputs of the already-compressed layers before it (a ``StatsProvider`` is asked
+for one layer's statistics right before that layer is decomposed). Each dense weight is
+freed as soon as its replacement is in place, so memory never holds two models.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from .architectures import ArchitectureAdapter, adapter_for_model
+from .methods import LayerStats, get_method, needs_calibration
+from .modules import LowRankLinear, dense_weight_of
+from .plan import Plan, Target, make_plan
+from .spec import DecompositionSpec, SpecError
+
+
+class StatsProvider(Protocol):
+    """Gives calibration statistics for the targets of one decoder layer (1-based)."""
+
+    def layer_stats(self, model: nn.Module, layer: int, targets: list[Target]) -> dict[str, LayerStats]: ...
+
+
+@dataclass
+class DecompositionReport:
+    spec: DecompositionSpec
+    plan: Plan
+    params_before: int
+    params_after: int
+    seconds: float
+    solvers: dict[str, int] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
+
+    @property
+    def param_reduction(self) -> float:
+        return 0.0 if self.params_before == 0 else 1.0 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.spec.to_dict()
+        return {
+            "method": self.spec.method,
+            "rank": spec["rank"],
+            "ranks": self.plan.ranks(),
+            "budget": self.spec.budget,
+            "allocator": self.spec.allocator if self.spec.budget is not None else None,
+            "layers": sorted({t.layer for t in self.plan.targets}),
+            "layers_arg": spec["layers"],
+            "tensors": list(dict.fromkeys(t.tensor for t in self.plan.targets)),
+            "tensors_arg": spec["tensors"],
+            "layout": self.plan.layout,
+            "adapter": self.plan.adapter,
+            "modules": self.plan.module_names(),
+            "skipped": self.plan.skipped,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_removed": self.params_before - self.params_after,
+            "param_reduction": self.param_reduction,
+            "targeted_params_before": self.plan.targeted_dense_params,
+            "decomposition_seconds": self.seconds,
+            "solvers": self.solvers,
+            "calibration": self.calibration,
+            "cache": self.cache,
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, leaf)
+    setattr(parent, leaf, new)
+    return old
+
+
+def _module_seed(seed: int, path: str) -> int:
+    # A stable per-module seed (Python's hash() is salted per process).
+    h = 2166136261
+    for ch in path.encode():
+        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
+    return (seed * 1_000_003 + h) & 0x7FFFFFFF
+
+
+def decompose_model(
+    model: nn.Module,
+    spec: DecompositionSpec,
+    adapter: ArchitectureAdapter | None = None,
+    ranks: dict[str, int] | None = None,
+    stats_provider: StatsProvider | None = None,
+    progress: bool = True,
+    on_module: Callable[[Target, LowRankLinear], None] | None = None,
+) -> DecompositionReport:
+    """Replace the planned linears of ``model`` by :class:`LowRankLinear` modules, in place."""
+    adapter = adapter or adapter_for_model(model)
+    plan = make_plan(spec, model.config, adapter=adapter, ranks=ranks)
+    params_before = count_parameters(model)
+    method = get_method(spec.method)
+    if needs_calibration(spec.method) and stats_provider is None:
+        raise SpecError(f"method={spec.method!r} needs calibration data (calib=...), but no calibration source was given")
+    start = time.perf_counter()
+    solvers: dict[str, int] = {}
+    by_layer: dict[int, list[Target]] = {}
+    for t in plan.targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    bar = _progress(len(plan.targets), f"decomposing ({spec.method})", enabled=progress)
+    for layer in sorted(by_layer):
+        targets = by_layer[layer]
+        stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
+        for t in targets:
+            path = t.path
+            old = model.get_submodule(path)
+            if hasattr(old, "base_layer"):  # a peft adapter wraps it: decompose the base layer beneath
+                path = f"{path}.base_layer"
+                old = old.base_layer
+            W, b = dense_weight_of(old)
+            dtype, device = W.dtype, W.device
+            with torch.no_grad():
+                factors = method(
+                    W.detach().float(),
+                    t.rank,
+                    stats.get(t.path),
+                    solver=spec.solver,
+                    seed=_module_seed(spec.seed, t.path),
+                )
+                new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
+            new.requires_grad_(old.weight.requires_grad)
+            _set_submodule(model, path, new)
+            solver = factors.info.get("solver", spec.method)
+            solvers[solver] = solvers.get(solver, 0) + 1
+            del old, W, b, factors
+            if on_module is not None:
+                on_module(t, new)
+            bar.update()
+        gc.collect()  # return each layer's dense weights to the allocator before the next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    bar.close()
+    seconds = time.perf_counter() - start
+    report = DecompositionReport(spec, plan, params_before, count_parameters(model), seconds, solvers)
+    if stats_provider is not None and hasattr(stats_provider, "describe"):
+        report.calibration = stats_provider.describe()
+    return report
+
+
+class _progress:
+    """A minimal progress line on stderr (tqdm when available)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self._bar = None
+        if enabled and total:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, unit="module", file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

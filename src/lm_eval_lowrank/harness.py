@@ -1,0 +1,154 @@
+"""``hf-tucker``: lm-eval's HFLM with decomposition on load and efficiency measurement.
+
+Following lm-eval's ``hf_steered``: a small HFLM subclass that changes the model after
+``super().__init__`` and wraps the forward calls. With no ``rank``/``budget`` it is plain
+``hf`` plus measurement (the dense baseline of every comparison).
+
+All figures land in the results JSON under ``config["lowrank"]`` via ``get_model_info``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .api import compress_model, validate_against_config, versions
+from .measure import Meter, aggregate
+from .spec import DecompositionSpec, split_model_args
+
+RESULTS_KEY = "lowrank"
+SCHEMA_VERSION = 1
+
+
+def _load_config(pretrained: Any, kwargs: dict[str, Any]) -> Any:
+    if not isinstance(pretrained, str):
+        return getattr(pretrained, "config", None)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            pretrained,
+            revision=kwargs.get("revision") or "main",
+            subfolder=kwargs.get("subfolder") or "",
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+            gguf_file=kwargs.get("gguf_file"),
+        )
+    except Exception:
+        return None  # HFLM raises its own, clearer error while loading
+
+
+@register_model("hf-tucker")
+class HFTuckerLM(HFLM):
+    """HFLM whose chosen linears are decomposed to low rank as the model loads."""
+
+    def __init__(self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, **kwargs: Any) -> None:
+        # rank collides with HFLM.rank (the data-parallel index): ours come out first.
+        ours, rest = split_model_args(kwargs)
+        spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
+        if pretrained is None:
+            raise ValueError("pretrained is required, e.g. --model_args 'pretrained=PATH_OR_ID,rank=1,layers=3|18|32'")
+        checkpoint = None
+        if isinstance(pretrained, str):
+            try:
+                from .checkpoint import CompressedCheckpoint
+
+                checkpoint = CompressedCheckpoint.detect(pretrained)
+            except ImportError:
+                checkpoint = None
+        if checkpoint is not None:
+            if not spec.is_noop:
+                raise ValueError(f"pretrained={pretrained!r} is a compressed checkpoint; give no rank/layers/budget for it")
+        else:
+            config = _load_config(pretrained, rest)
+            if config is not None:
+                validate_against_config(spec, config)  # range errors before the weights load
+        self.decomposition_spec = spec
+        self._lowrank_report: dict[str, Any] | None = None
+        self._measurements: dict[str, Any] | None = None
+        load_start = time.perf_counter()
+        if checkpoint is not None:
+            model = checkpoint.load_model(dtype=rest.get("dtype"))
+            super().__init__(pretrained=model, tokenizer=rest.pop("tokenizer", None) or str(checkpoint.path), **rest)
+            self._lowrank_report = checkpoint.report()
+        else:
+            super().__init__(pretrained=pretrained, **rest)
+        load_seconds = time.perf_counter() - load_start
+        if not spec.is_noop:
+            target = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
+            model_id = pretrained if isinstance(pretrained, str) else None
+            report = compress_model(target, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0)
+            self._lowrank_report = report.to_dict()
+        elif self._lowrank_report is None:
+            from .decompose import count_parameters
+
+            n = count_parameters(self._model)
+            self._lowrank_report = {"method": None, "modules": [], "params_before": n, "params_after": n, "params_removed": 0, "param_reduction": 0.0, "decomposition_seconds": 0.0}
+        self._lowrank_report["load_seconds"] = load_seconds
+        self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds)
+        if self._meter.energy is not None and self._meter.energy.available:
+            self._meter.energy.measure_idle()
+
+    # -- measured calls ---------------------------------------------------------------
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        with self._meter.measure("model_call", tokens=int(inps.numel())):
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        rec: dict[str, int] = {}
+        with self._meter.measure("generate", tokens=0):
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            rec["new"] = int((out.shape[1] - context.shape[1]) * out.shape[0])
+        if self._meter.records and self._meter.records[-1].kind == "generate":
+            self._meter.records[-1].tokens = rec["new"]
+        return out
+
+    def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+        with self._meter.excluded():  # probing forwards are not part of the evaluation
+            return super()._detect_batch_size(requests, pos)
+
+    # -- sync points: every process reaches these together ---------------------------
+    def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._sync_measurements()
+        return out
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        out = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._sync_measurements()
+        return out
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        out = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._sync_measurements()
+        return out
+
+    def _sync_measurements(self) -> None:
+        summary = self._meter.summary()
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, summary)
+            self._measurements = aggregate(gathered)
+            reports = [None] * self.world_size
+            torch.distributed.all_gather_object(reports, self._lowrank_report.get("modules"))
+            self._lowrank_report["identical_across_processes"] = all(r == reports[0] for r in reports)
+        else:
+            self._measurements = aggregate([summary])
+
+    # -- results JSON ------------------------------------------------------------------
+    def lowrank_info(self) -> dict[str, Any]:
+        measurements = self._measurements or aggregate([self._meter.summary()])
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "decomposition": self._lowrank_report,
+            **measurements,
+            "versions": versions(),
+        }
+
+    def get_model_info(self) -> dict[str, Any]:
+        info = super().get_model_info()
+        info[RESULTS_KEY] = self.lowrank_info()
+        return info

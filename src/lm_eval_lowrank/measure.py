@@ -1,0 +1,357 @@
+"""Measurement: latency of batched forwards, GPU energy, peak memory. Optional, never fatal.
+
+- Latency: CUDA events around every measured call on a GPU (read back lazily, so the
+  hot path never synchronises); ``perf_counter`` around a synchronised call on a CPU.
+- Energy: NVML's total-energy counter per visible GPU, read at the start of the
+  evaluation and at each sync point (not per batch); where the counter is unsupported a
+  background thread samples power and integrates it. An idle baseline (mean power over a
+  short window before the evaluation) gives the energy above idle.
+- Memory: the CUDA allocator's peak per device, or the process's peak RSS on a CPU.
+
+Every reading that cannot be taken is ``None`` with a reason string.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _peak_rss_bytes() -> int:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024  # Linux reports KiB
+
+
+# -- energy --------------------------------------------------------------------------
+
+
+class _NvmlGPU:
+    def __init__(self, nvml: Any, index: int) -> None:
+        self.nvml = nvml
+        self.handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        self.index = index
+        uuid = nvml.nvmlDeviceGetUUID(self.handle)
+        self.uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+        name = nvml.nvmlDeviceGetName(self.handle)
+        self.name = name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.has_counter = True
+        except Exception:
+            self.has_counter = False
+
+    def energy_mj(self) -> int:
+        return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+
+    def power_w(self) -> float:
+        return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+
+
+def _visible_gpu_indices(nvml: Any) -> list[int]:
+    # NVML numbers all GPUs; CUDA_VISIBLE_DEVICES (indices or UUIDs) restricts which we own.
+    count = nvml.nvmlDeviceGetCount()
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None or env.strip() == "":
+        return list(range(count))
+    out = []
+    for tok in env.split(","):
+        tok = tok.strip()
+        if tok.isdigit() and int(tok) < count:
+            out.append(int(tok))
+        elif tok.startswith("GPU-"):
+            for i in range(count):
+                u = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))
+                u = u.decode() if isinstance(u, bytes) else str(u)
+                if u == tok:
+                    out.append(i)
+    return out
+
+
+class EnergyMeter:
+    """GPU energy over an interval, per GPU and in total; ``available`` is False with a reason otherwise."""
+
+    def __init__(self, idle_seconds: float = 1.0, sample_interval: float = 0.05) -> None:
+        self.available = False
+        self.reason: str | None = None
+        self.gpus: list[_NvmlGPU] = []
+        self.idle_seconds = idle_seconds
+        self.sample_interval = sample_interval
+        self.idle_power_w: dict[str, float] = {}
+        self._start_mj: dict[str, int] = {}
+        self._sampled_j: dict[str, float] = {}
+        self._last_mj: dict[str, int] = {}
+        self._t_start: float | None = None
+        self._t_last: float | None = None
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+        if not torch.cuda.is_available():
+            self.reason = "no CUDA GPU visible"
+            return
+        try:
+            import pynvml as nvml  # from the nvidia-ml-py package
+        except ImportError:
+            self.reason = "pynvml not installed (pip install nvidia-ml-py)"
+            return
+        try:
+            nvml.nvmlInit()
+            self.gpus = [_NvmlGPU(nvml, i) for i in _visible_gpu_indices(nvml)]
+        except Exception as exc:  # driver without NVML, containers, ...
+            self.reason = f"NVML unavailable: {exc}"
+            return
+        if not self.gpus:
+            self.reason = "NVML sees no visible GPU"
+            return
+        self.available = True
+
+    @property
+    def method(self) -> str | None:
+        if not self.available:
+            return None
+        return "nvml_energy_counter" if all(g.has_counter for g in self.gpus) else "nvml_power_sampling"
+
+    def measure_idle(self) -> None:
+        """Mean power over a short idle window, per GPU (subtracted to give energy above idle)."""
+        if not self.available or self.idle_seconds <= 0:
+            return
+        samples: dict[str, list[float]] = {g.uuid: [] for g in self.gpus}
+        end = time.perf_counter() + self.idle_seconds
+        while time.perf_counter() < end:
+            for g in self.gpus:
+                try:
+                    samples[g.uuid].append(g.power_w())
+                except Exception:
+                    pass
+            time.sleep(self.sample_interval)
+        self.idle_power_w = {u: sum(v) / len(v) for u, v in samples.items() if v}
+
+    def start(self) -> None:
+        if not self.available or self._t_start is not None:
+            return
+        self._t_start = self._t_last = time.perf_counter()
+        for g in self.gpus:
+            if g.has_counter:
+                self._start_mj[g.uuid] = self._last_mj[g.uuid] = g.energy_mj()
+            else:
+                self._sampled_j[g.uuid] = 0.0
+        if any(not g.has_counter for g in self.gpus):
+            self._sampler = threading.Thread(target=self._sample_loop, daemon=True)
+            self._sampler.start()
+
+    def _sample_loop(self) -> None:
+        prev = time.perf_counter()
+        while not self._stop.wait(self.sample_interval):
+            now = time.perf_counter()
+            for g in self.gpus:
+                if not g.has_counter:
+                    try:
+                        self._sampled_j[g.uuid] += g.power_w() * (now - prev)
+                    except Exception:
+                        pass
+            prev = now
+
+    def read(self) -> dict[str, Any]:
+        """Energy since ``start`` (joules), per GPU UUID and in total."""
+        if not self.available:
+            return {"available": False, "reason": self.reason}
+        if self._t_start is None:
+            return {"available": False, "reason": "no measured forward ran"}
+        now = time.perf_counter()
+        elapsed = now - self._t_start
+        per_gpu: dict[str, dict[str, Any]] = {}
+        for g in self.gpus:
+            if g.has_counter:
+                joules = (g.energy_mj() - self._start_mj[g.uuid]) / 1000.0
+            else:
+                joules = self._sampled_j.get(g.uuid, 0.0)
+            idle_w = self.idle_power_w.get(g.uuid)
+            per_gpu[g.uuid] = {
+                "index": g.index,
+                "name": g.name,
+                "joules": joules,
+                "idle_watts": idle_w,
+                "joules_above_idle": None if idle_w is None else max(joules - idle_w * elapsed, 0.0),
+            }
+        return {"available": True, "method": self.method, "seconds": elapsed, "per_gpu": per_gpu}
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# -- latency and memory --------------------------------------------------------------
+
+
+@dataclass
+class CallRecord:
+    kind: str  # "model_call" | "generate"
+    tokens: int
+    seconds: float | None = None
+    _events: tuple[Any, Any] | None = None
+
+
+@dataclass
+class Meter:
+    """Latency of every measured call, tokens, energy and peak memory of one evaluation."""
+
+    device: torch.device
+    energy: EnergyMeter | None = None
+    records: list[CallRecord] = field(default_factory=list)
+    excluded_calls: int = 0
+    _excluding: int = 0
+    _pending: list[CallRecord] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, device: torch.device | str, measure_energy: bool = True, idle_seconds: float = 1.0) -> Meter:
+        device = torch.device(device)
+        energy = EnergyMeter(idle_seconds=idle_seconds) if measure_energy else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return cls(device=device, energy=energy)
+
+    @property
+    def uses_cuda_events(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    @contextmanager
+    def excluded(self):
+        """Calls inside (e.g. batch-size probing) are not measured."""
+        self._excluding += 1
+        try:
+            yield
+        finally:
+            self._excluding -= 1
+
+    @contextmanager
+    def measure(self, kind: str, tokens: int):
+        if self._excluding:
+            self.excluded_calls += 1
+            yield
+            return
+        if self.energy is not None:
+            self.energy.start()
+        rec = CallRecord(kind, tokens)
+        if self.uses_cuda_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            rec._events = (start, end)
+            self._pending.append(rec)
+            if len(self._pending) >= 256:  # bound the number of live events
+                self._resolve()
+        else:
+            t0 = time.perf_counter()
+            yield
+            rec.seconds = time.perf_counter() - t0  # CPU ops are synchronous
+        self.records.append(rec)
+
+    def _resolve(self) -> None:
+        if not self._pending:
+            return
+        torch.cuda.synchronize()
+        for rec in self._pending:
+            start, end = rec._events
+            rec.seconds = start.elapsed_time(end) / 1000.0
+            rec._events = None
+        self._pending.clear()
+
+    def peak_memory(self) -> dict[str, Any]:
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            per = {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+            return {"kind": "cuda_max_memory_allocated", "bytes": max(per.values()), "per_device": per, "process_peak_rss_bytes": _peak_rss_bytes()}
+        return {"kind": "process_peak_rss", "bytes": _peak_rss_bytes()}
+
+    def summary(self) -> dict[str, Any]:
+        """Per-process figures; :func:`aggregate` combines several processes."""
+        if self.uses_cuda_events:
+            self._resolve()
+        by_kind: dict[str, dict[str, Any]] = {}
+        for rec in self.records:
+            k = by_kind.setdefault(rec.kind, {"calls": 0, "seconds": 0.0, "tokens": 0})
+            k["calls"] += 1
+            k["seconds"] += rec.seconds or 0.0
+            k["tokens"] += rec.tokens
+        total_s = sum(k["seconds"] for k in by_kind.values())
+        total_tok = sum(k["tokens"] for k in by_kind.values())
+        calls = sum(k["calls"] for k in by_kind.values())
+        energy = self.energy.read() if self.energy is not None else {"available": False, "reason": "energy measurement disabled"}
+        return {
+            "latency": {
+                "timer": "cuda_events" if self.uses_cuda_events else "perf_counter",
+                "total_seconds": total_s,
+                "calls": calls,
+                "mean_seconds_per_batch": total_s / calls if calls else None,
+                "tokens": total_tok,
+                "tokens_per_second": total_tok / total_s if total_s > 0 else None,
+                "excluded_calls": self.excluded_calls,
+                "by_kind": by_kind,
+            },
+            "energy": energy,
+            "memory": self.peak_memory(),
+        }
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine per-process summaries: latency summed, energy summed over unique GPUs.
+
+    Processes that share a GPU report the same UUID; that GPU's energy is counted once
+    (the largest reading: each counter covers the whole device over overlapping windows).
+    """
+    if len(summaries) == 1:
+        out = dict(summaries[0])
+        out["processes"] = 1
+        return _finish(out)
+    lat = {"timer": summaries[0]["latency"]["timer"], "total_seconds": 0.0, "calls": 0, "tokens": 0, "excluded_calls": 0, "by_kind": {}}
+    for s in summaries:
+        L = s["latency"]
+        for key in ("total_seconds", "calls", "tokens", "excluded_calls"):
+            lat[key] += L[key]
+        for kind, v in L["by_kind"].items():
+            d = lat["by_kind"].setdefault(kind, {"calls": 0, "seconds": 0.0, "tokens": 0})
+            for key in d:
+                d[key] += v[key]
+    lat["mean_seconds_per_batch"] = lat["total_seconds"] / lat["calls"] if lat["calls"] else None
+    # Processes run in parallel: throughput is tokens over the slowest process's busy time.
+    slowest = max(s["latency"]["total_seconds"] for s in summaries)
+    lat["tokens_per_second"] = lat["tokens"] / slowest if slowest > 0 else None
+    lat["per_process_seconds"] = [s["latency"]["total_seconds"] for s in summaries]
+    gpus: dict[str, dict[str, Any]] = {}
+    reasons = []
+    method = None
+    for s in summaries:
+        e = s["energy"]
+        if not e.get("available"):
+            reasons.append(e.get("reason"))
+            continue
+        method = e.get("method")
+        for uuid, g in e["per_gpu"].items():
+            if uuid not in gpus or g["joules"] > gpus[uuid]["joules"]:
+                gpus[uuid] = g
+    energy = {"available": True, "method": method, "per_gpu": gpus} if gpus else {"available": False, "reason": reasons[0] if reasons else "unknown"}
+    mem_bytes = [s["memory"]["bytes"] for s in summaries]
+    memory = {"kind": summaries[0]["memory"]["kind"], "bytes": max(mem_bytes), "per_process_bytes": mem_bytes}
+    return _finish({"latency": lat, "energy": energy, "memory": memory, "processes": len(summaries)})
+
+
+def _finish(s: dict[str, Any]) -> dict[str, Any]:
+    """Totals and per-token figures, with null and a reason when energy is unavailable."""
+    e = s["energy"]
+    tokens = s["latency"]["tokens"]
+    if e.get("available"):
+        total = sum(g["joules"] for g in e["per_gpu"].values())
+        above = [g["joules_above_idle"] for g in e["per_gpu"].values()]
+        e["total_joules"] = total
+        e["total_joules_above_idle"] = None if any(a is None for a in above) else sum(above)
+        e["joules_per_token"] = total / tokens if tokens else None
+    else:
+        e.setdefault("reason", "unavailable")
+        e["total_joules"] = None
+        e["joules_per_token"] = None
+    return s

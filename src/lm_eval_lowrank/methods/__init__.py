@@ -1,0 +1,78 @@
+"""Decomposition methods as pure tensor functions (no nn.Module, no I/O).
+
+Every method maps a weight W (out x in) plus optional calibration statistics to
+:class:`Factors` with W ~= left @ core @ right.T. The module layer
+(:mod:`lm_eval_lowrank.modules`) turns factors into a replacement for ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Factors:
+    left: torch.Tensor  # U1: out x r
+    core: torch.Tensor  # r x r
+    right: torch.Tensor  # U2: in x r
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.core.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.core @ self.right.mT
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear's input: X^T X / N over N tokens (in x in)."""
+
+    input_cov: torch.Tensor
+    tokens: int
+
+
+# name -> fn(weight, rank, stats, **options) -> Factors
+MethodFn = Callable[..., Factors]
+_REGISTRY: dict[str, MethodFn] = {}
+NEEDS_CALIBRATION: set[str] = set()
+
+
+def register_method(name: str, needs_calibration: bool = False) -> Callable[[MethodFn], MethodFn]:
+    def deco(fn: MethodFn) -> MethodFn:
+        _REGISTRY[name] = fn
+        if needs_calibration:
+            NEEDS_CALIBRATION.add(name)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodFn:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"method={name!r} is invalid: valid methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def needs_calibration(name: str) -> bool:
+    _load_builtin()
+    return name in NEEDS_CALIBRATION
+
+
+BUILTIN_MODULES = ("tucker", "rom", "whiten")
+
+
+def _load_builtin() -> None:
+    # Each method module registers itself on import; modules not present are skipped.
+    import importlib
+    import importlib.util
+
+    for name in BUILTIN_MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            importlib.import_module(f"{__name__}.{name}")

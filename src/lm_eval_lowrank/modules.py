@@ -1,0 +1,111 @@
+"""The module that replaces a decomposed ``nn.Linear`` (or GPT-2 ``Conv1D``).
+
+Two layouts of the same factors W ~= U1 @ core @ U2^T:
+
+- ``tucker`` (three factors, r(in+out)+r^2 parameters): x -> U2^T -> core -> U1 (+ bias);
+- ``folded`` (two factors, r(in+out)): the core is multiplied into the factors at load
+  (split as sqrt when diagonal, which keeps fp16/bf16 ranges balanced): two GEMMs.
+
+Weights are stored like ``nn.Linear`` weights (out x in per stage), so ``F.linear`` runs
+on them without transposes. The state-dict keys are ``first``, ``core`` (tucker only),
+``last`` and ``bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .methods import Factors
+
+LAYOUTS = ("folded", "tucker")
+
+
+class LowRankLinear(nn.Module):
+    """y = U1 (core (U2^T x)) + b, or the folded two-GEMM form of it."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        layout: str = "folded",
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
+        self.in_features, self.out_features, self.rank, self.layout = in_features, out_features, rank, layout
+        kw = {"dtype": dtype, "device": device}
+        self.first = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.core = nn.Parameter(torch.empty(rank, rank, **kw)) if layout == "tucker" else None
+        self.last = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_factors(
+        cls,
+        factors: Factors,
+        bias: torch.Tensor | None,
+        layout: str = "folded",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LowRankLinear:
+        U1, core, U2 = factors.left, factors.core, factors.right
+        out_f, r = U1.shape
+        in_f = U2.shape[0]
+        dtype = dtype or U1.dtype
+        device = device if device is not None else U1.device
+        mod = cls(in_f, out_f, r, layout=layout, bias=bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            if layout == "tucker":
+                first, last = U2.mT, U1
+                mod.core.copy_(core)
+            else:
+                d = torch.diagonal(core)
+                if torch.count_nonzero(core - torch.diag(d)) == 0 and bool((d >= 0).all()):
+                    s = d.sqrt()
+                    first, last = s[:, None] * U2.mT, U1 * s[None, :]
+                else:
+                    first, last = core @ U2.mT, U1
+            mod.first.copy_(first)
+            mod.last.copy_(last)
+            if bias is not None:
+                mod.bias.copy_(bias)
+        return mod
+
+    # -- views --------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (out x in) these factors represent, for code that reads ``.weight``."""
+        return self.dense_weight()
+
+    def dense_weight(self) -> torch.Tensor:
+        mid = self.first if self.core is None else self.core @ self.first
+        return self.last @ mid
+
+    def num_parameters(self, include_bias: bool = False) -> int:
+        n = self.first.numel() + self.last.numel() + (self.core.numel() if self.core is not None else 0)
+        return n + (self.bias.numel() if include_bias and self.bias is not None else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.first)
+        if self.core is not None:
+            h = F.linear(h, self.core)
+        return F.linear(h, self.last, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, layout={self.layout}, bias={self.bias is not None}"
+
+
+def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W as out x in, bias) of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.mT, module.bias
+    raise TypeError(f"cannot decompose a {type(module).__name__}: expected nn.Linear or Conv1D")
