@@ -1,0 +1,729 @@
+"""Compressed checkpoints (save once, reload without decomposing) and the decomposition cache.
+
+A compressed checkpoint is a folder with:
+
+- ``lowrank_model.safetensors``: every parameter of the model, with each decomposed linear
+  stored as its factors (``<path>.first``, ``<path>.core`` for the tucker layout, ``<path>.last``,
+  ``<path>.bias``) instead of its dense weight; tied weights are stored once. The file is
+  deliberately *not* named ``model.safetensors``: plain ``from_pretrained`` then fails loudly
+  instead of loading a model with randomly initialised projections.
+- ``config.json`` (+ ``generation_config.json``): the source model's HF config;
+- the tokenizer files;
+- ``lowrank_manifest.json``: method, ranks per module, layout, layers, tensors, source model and
+  revision, package version, sha256 of each weight file, parameter counts, healing history.
+  It is written last, so a folder with a manifest is complete.
+
+Reload with :func:`load_compressed` (or ``lm_eval --model hf-tucker --model_args pretrained=DIR``):
+the model skeleton is built from the config with parameters on the meta device, the planned
+linears are swapped for :class:`LowRankLinear`, and the state dict is assigned in place.
+
+The decomposition cache (:class:`DecompositionCache`) keeps the factors of decompose-on-load
+runs under ``cache_root()/decomp/``, keyed by a checksum of the source weight files, a sample
+of the loaded weights, and every setting that changes the factors. One entry is one
+safetensors file written to a temp file and renamed, so concurrent writers of the same entry
+never leave a torn file (the last complete writer wins); a bad entry is recomputed with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .modules import LowRankLinear
+
+FORMAT = "lm-eval-lowrank/compressed"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "lowrank_manifest.json"
+WEIGHTS_NAME = "lowrank_model.safetensors"
+CACHE_FORMAT_VERSION = 1
+_FACTOR_KEYS = ("first", "core", "last", "bias")
+# Spec fields that change the factors (the ranks and targets are keyed through the plan).
+_FACTOR_FIELDS = ("method", "solver", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "budget", "allocator", "rank_multiple")
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint that cannot be used. The message is one line naming the path."""
+
+
+# -- files: hashing and atomic writes ------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_path(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def _atomic_target(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success fsync it and ``os.replace`` it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(target)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with _atomic_target(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with _atomic_target(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+
+
+def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (order-independent of dict order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl); a no-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class FileHashIndex:
+    """sha256 of files, memoised by (real path, size, mtime_ns, inode) in a small JSON index.
+
+    A changed file changes its size or mtime, so it is hashed again; an unchanged multi-GB
+    safetensors file is hashed once per machine instead of once per run.
+    """
+
+    def __init__(self, index_path: str | os.PathLike) -> None:
+        self.path = Path(index_path)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}  # a missing or damaged index only costs a re-hash
+
+    def digest(self, file: str | os.PathLike) -> str:
+        real = os.path.realpath(file)
+        st = os.stat(real)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self._read().get(real)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = sha256_file(real)
+        with _file_lock(self.path.with_name(self.path.name + ".lock")):
+            index = self._read()
+            index[real] = {"stamp": stamp, "sha256": digest}
+            atomic_write_text(self.path, json.dumps(index, indent=0, sort_keys=True))
+        return digest
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def source_digest(folder: str | os.PathLike, index: FileHashIndex | None = None) -> str | None:
+    """One checksum of a model folder's weight files and config (None: no weight files found)."""
+    folder = Path(folder)
+    index = index or FileHashIndex(_cache_dir() / "file_hashes.json")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and not p.name.startswith("."))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files + [folder / "config.json"]:
+        if p.is_file():
+            h.update(f"{p.name}:{index.digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_dir() -> Path:
+    from .assets import cache_root
+
+    return cache_root() / "decomp"
+
+
+# -- model surgery helpers ------------------------------------------------------------------------
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, new)
+
+
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _module_entry(mod: LowRankLinear) -> dict[str, Any]:
+    return {"rank": mod.rank, "in_features": mod.in_features, "out_features": mod.out_features, "layout": mod.layout, "bias": mod.bias is not None}
+
+
+def _expected_factor_shapes(path: str, info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    r, i, o = int(info["rank"]), int(info["in_features"]), int(info["out_features"])
+    shapes = {f"{path}.first": (r, i), f"{path}.last": (o, r)}
+    if info.get("layout") == "tucker":
+        shapes[f"{path}.core"] = (r, r)
+    if info.get("bias"):
+        shapes[f"{path}.bias"] = (o,)
+    return shapes
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device but buffers for real.
+
+    Non-persistent buffers (RoPE ``inv_freq``) are not in any state dict, so they must be
+    computed at construction exactly as ``from_pretrained`` computes them.
+    """
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            p = self._parameters[name]
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    s = str(dtype).strip().lower()
+    if s in ("", "auto", "none"):
+        return None
+    value = getattr(torch, s.replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"dtype={dtype!r} is invalid: expected auto, float32, bfloat16 or float16")
+    return value
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+
+def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with tied tensors stored once: (tensors, alias -> stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"cannot save {name}: the tensor is on the meta device (not loaded)")
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_compressed(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    decomposition: Any,
+    tokenizer: Any = None,
+    source: Mapping[str, Any] | None = None,
+    healing: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with its LowRankLinear modules in place) as a compressed checkpoint.
+
+    ``decomposition`` is the :class:`DecompositionReport` of the run (or its ``to_dict()``, or the
+    ``decomposition`` block of a loaded checkpoint's manifest). ``source``: model id, revision and
+    weight checksum of the dense model. The folder is built beside ``out_dir`` and renamed into
+    place, so a killed run leaves no half-written checkpoint under ``out_dir``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+        if not (out / MANIFEST_NAME).is_file():
+            raise CheckpointError(f"--out {out} is not a compressed checkpoint; refusing to overwrite it")
+    dec = decomposition.to_dict() if hasattr(decomposition, "to_dict") else dict(decomposition)
+    dec.pop("cache", None)
+    dec.pop("loaded_from_checkpoint", None)
+    dec.pop("load_seconds", None)
+    mods = lowrank_modules(model)
+    planned = set(dec.get("modules") or [])
+    if planned != set(mods):
+        missing = sorted(planned - set(mods)) or sorted(set(mods) - planned)
+        raise CheckpointError(f"model and decomposition report disagree on the decomposed modules (e.g. {missing[:1]}); save the model the report describes")
+
+    tensors, aliases = _dedup_state(model)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _save_tensors(tensors, work / WEIGHTS_NAME, metadata={"format": FORMAT})
+        config = getattr(model, "config", None)
+        if config is None:
+            raise CheckpointError("model has no .config; only Hugging Face PreTrainedModel instances can be saved")
+        config.save_pretrained(work)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            with contextlib.suppress(Exception):  # an invalid generation config must not block saving
+                gen.save_pretrained(work)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(work))
+        from .decompose import count_parameters
+
+        params_after = count_parameters(model)
+        layers = dec.get("layers") or []
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": dict(source or {}),
+            "method": dec.get("method"),
+            "layout": dec.get("layout"),
+            "adapter": dec.get("adapter"),
+            "layers": layers,
+            "tensors": dec.get("tensors") or [],
+            "ranks": {p: m.rank for p, m in mods.items()},
+            "modules": {p: _module_entry(m) for p, m in mods.items()},
+            "tied": aliases,
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "params": {
+                "before": dec.get("params_before"),
+                "after": params_after,
+                "removed": None if dec.get("params_before") is None else dec["params_before"] - params_after,
+                "reduction": None if not dec.get("params_before") else 1.0 - params_after / dec["params_before"],
+            },
+            "weights": {WEIGHTS_NAME: {"sha256": sha256_file(work / WEIGHTS_NAME), "bytes": (work / WEIGHTS_NAME).stat().st_size, "tensors": sorted(tensors)}},
+            "decomposition": dec,
+            "healing": list(healing or []),
+        }
+        # Written last: a folder holding a manifest is complete.
+        atomic_write_text(work / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=False))
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+class CompressedCheckpoint:
+    """A compressed checkpoint folder: its manifest, integrity checks and model loading."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+
+    @classmethod
+    def detect(cls, path: str | os.PathLike) -> CompressedCheckpoint | None:
+        """The checkpoint at ``path``, or None when ``path`` is not a folder with our manifest."""
+        p = Path(path).expanduser()
+        if not (p / MANIFEST_NAME).is_file():
+            return None
+        return cls.open(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> CompressedCheckpoint:
+        p = Path(path).expanduser().resolve()
+        mpath = p / MANIFEST_NAME
+        if not mpath.is_file():
+            raise CheckpointError(f"{p} is not a compressed checkpoint: {MANIFEST_NAME} is missing (create one with lm-eval-lowrank decompose)")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{mpath} is unreadable or not valid JSON ({type(exc).__name__}); the checkpoint is damaged") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{mpath} is not a {FORMAT} manifest")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(f"{mpath} has format_version {manifest.get('format_version')}; this lm-eval-lowrank reads <= {FORMAT_VERSION}: upgrade the package")
+        for key in ("weights", "modules", "decomposition"):
+            if not isinstance(manifest.get(key), dict):
+                raise CheckpointError(f"{mpath} lacks the {key!r} block; the checkpoint is damaged")
+        return cls(p, manifest)
+
+    # -- integrity -------------------------------------------------------------------------
+    def verify(self, checksums: bool = True) -> None:
+        """Raise :class:`CheckpointError` unless every weight file is whole and matches the manifest."""
+        from safetensors import safe_open
+
+        expected: dict[str, tuple[int, ...]] = {}
+        for mod_path, info in self.manifest["modules"].items():
+            expected.update(_expected_factor_shapes(mod_path, info))
+        found: dict[str, tuple[int, ...]] = {}
+        for name, info in self.manifest["weights"].items():
+            f = self.path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
+            size = f.stat().st_size
+            if size != info.get("bytes"):
+                raise CheckpointError(f"{f} has {size} bytes, the manifest says {info.get('bytes')}: the file is truncated or was replaced")
+            if checksums and sha256_file(f) != info.get("sha256"):
+                raise CheckpointError(f"{f} fails its sha256 check against {MANIFEST_NAME}: the file is corrupted")
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key in sf.keys():
+                        found[key] = tuple(sf.get_slice(key).get_shape())
+            except Exception as exc:
+                raise CheckpointError(f"{f} is not a readable safetensors file ({type(exc).__name__})") from None
+            listed = info.get("tensors")
+            if listed is not None and sorted(listed) != sorted(found):
+                raise CheckpointError(f"{f} holds other tensors than {MANIFEST_NAME} lists: the manifest does not match the weights")
+        for key, shape in expected.items():
+            if found.get(key) != shape:
+                raise CheckpointError(
+                    f"{MANIFEST_NAME} in {self.path} does not match the weights: {key} is {found.get(key)} in the file, the manifest implies {shape}"
+                )
+        dense = [p for p in self.manifest["modules"] if f"{p}.weight" in found]
+        if dense:
+            raise CheckpointError(f"{MANIFEST_NAME} in {self.path} does not match the weights: {dense[0]} is stored dense")
+
+    # -- model ---------------------------------------------------------------------------
+    def load_model(self, dtype: Any = None, device: str | torch.device | None = None, verify: bool = True) -> Any:
+        """Build the model with LowRankLinear modules in place (eval mode).
+
+        ``dtype``: None/"auto" keeps the stored dtype; ``device``: default cuda when available.
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        if verify:
+            self.verify()
+        target_dtype = _resolve_dtype(dtype)
+        device = torch.device(device if device is not None else _default_device())
+        config = AutoConfig.from_pretrained(str(self.path))
+        stored = self.manifest.get("dtype")
+        skeleton_dtype = target_dtype or (getattr(torch, stored) if isinstance(stored, str) else None) or torch.float32
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=skeleton_dtype)
+        for mod_path, info in self.manifest["modules"].items():
+            try:
+                model.get_submodule(mod_path)
+            except AttributeError:
+                raise CheckpointError(f"{MANIFEST_NAME} in {self.path} names module {mod_path}, which the config's architecture lacks") from None
+            new = LowRankLinear(
+                int(info["in_features"]), int(info["out_features"]), int(info["rank"]), layout=info.get("layout", "folded"), bias=bool(info.get("bias")), device="meta"
+            )
+            _set_submodule(model, mod_path, new)
+        state: dict[str, torch.Tensor] = {}
+        for name in self.manifest["weights"]:
+            state.update(load_file(str(self.path / name), device=str(device)))
+        if target_dtype is not None:
+            state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        result = model.load_state_dict(state, strict=False, assign=True)
+        tied = self.manifest.get("tied") or {}
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+            raise CheckpointError(f"{self.path}: the weights do not fit the config's architecture ({what})")
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for alias, name in tied.items():
+            # Re-tie after assign: the alias must be the very same Parameter as its source.
+            if name not in params or alias not in params:
+                raise CheckpointError(f"{MANIFEST_NAME} in {self.path}: tied tensor {alias} -> {name} names no parameter of this architecture")
+            _set_submodule_param(model, alias, params[name])
+        leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+        if leftover:
+            raise CheckpointError(f"{self.path}: {leftover[0]} was not loaded (no tensor in the checkpoint)")
+        model.to(device)  # buffers were built on CPU
+        gen_path = self.path / "generation_config.json"
+        if gen_path.is_file():
+            with contextlib.suppress(Exception):
+                model.generation_config = GenerationConfig.from_pretrained(str(self.path))
+        model.config.name_or_path = str(self.path)
+        model.eval()
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """The decomposition block for the results JSON."""
+        m = self.manifest
+        out = dict(m["decomposition"])
+        out["original_decomposition_seconds"] = out.get("decomposition_seconds")
+        out["decomposition_seconds"] = 0.0
+        out["cache"] = None
+        out["loaded_from_checkpoint"] = str(self.path)
+        out["checkpoint"] = {
+            "format_version": m.get("format_version"),
+            "package_version": m.get("package_version"),
+            "created": m.get("created"),
+            "source": m.get("source"),
+            "weights": {k: {"sha256": v.get("sha256"), "bytes": v.get("bytes")} for k, v in m["weights"].items()},
+            "healing": m.get("healing") or [],
+        }
+        return out
+
+    def weight_bytes(self) -> int:
+        return sum(int(v.get("bytes", 0)) for v in self.manifest["weights"].values())
+
+
+def _set_submodule_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    parent_path, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, param)
+
+
+def load_compressed(path: str | os.PathLike, dtype: Any = None, device: str | torch.device = "cpu", verify: bool = True) -> Any:
+    """Load a compressed checkpoint as a transformers model (no trust_remote_code needed).
+
+    ``model = lm_eval_lowrank.checkpoint.load_compressed(DIR)``; the tokenizer is
+    ``AutoTokenizer.from_pretrained(DIR)``. Raises :class:`CheckpointError` on a damaged folder.
+    """
+    return CompressedCheckpoint.open(path).load_model(dtype=dtype, device=device, verify=verify)
+
+
+# -- the decomposition cache ---------------------------------------------------------------------
+
+
+def _resolve_local_folder(model_id: str, commit: str | None) -> Path | None:
+    p = Path(model_id).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=commit or None, local_files_only=True))
+    except Exception:
+        return None  # not a local folder and not in the hub cache: no cache key can be made
+
+
+def _weight_sample(weight: torch.Tensor) -> bytes:
+    """A cheap fingerprint of a loaded weight: ~4k strided values plus the head and tail.
+
+    Catches weights that differ from the files (a merged delta or adapter) without hashing
+    every byte of the model on each run.
+    """
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    parts = [flat[::step], flat[:256], flat[-256:]]
+    return b"".join(p.contiguous().cpu().view(torch.uint8).numpy().tobytes() for p in parts)
+
+
+class DecompositionCache:
+    """Factors of decompose-on-load runs, keyed by source weights + exact configuration."""
+
+    def __init__(self, root: str | os.PathLike, source: str, model_id: str) -> None:
+        self.root = Path(root)
+        self.source = source
+        self.model_id = model_id
+        self._pending: dict[int, tuple[str, dict[str, int]]] = {}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, model_id: str, root: str | os.PathLike | None = None) -> DecompositionCache | None:
+        """A cache for ``model`` loaded from ``model_id``; None when its files cannot be found locally."""
+        folder = _resolve_local_folder(model_id, getattr(getattr(model, "config", None), "_commit_hash", None))
+        if folder is None:
+            return None
+        root = Path(root) if root is not None else _cache_dir()
+        try:
+            digest = source_digest(folder, FileHashIndex(root / "file_hashes.json"))
+        except OSError:
+            return None
+        if digest is None:
+            return None
+        return cls(root, digest, model_id)
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def key(self, model: nn.Module, spec: Any, plan: Any) -> str:
+        from .modules import dense_weight_of
+
+        h = hashlib.sha256()
+        dtypes, devices = set(), set()
+        for t in plan.targets:
+            mod = model.get_submodule(t.path)
+            mod = getattr(mod, "base_layer", mod)
+            w, b = dense_weight_of(mod)
+            dtypes.add(str(w.dtype))
+            devices.add(w.device.type)
+            h.update(t.path.encode() + b"\0" + _weight_sample(w))
+            if b is not None:
+                h.update(_weight_sample(b))
+        spec_d = spec.to_dict()
+        payload = {
+            "cache_format": CACHE_FORMAT_VERSION,
+            "package_version": __version__,
+            "torch": torch.__version__.split("+")[0],
+            "source": self.source,
+            "loaded_sample": h.hexdigest(),
+            "spec": {k: spec_d.get(k) for k in _FACTOR_FIELDS},
+            "layout": plan.layout,
+            "ranks": sorted(plan.ranks().items()),
+            "dtypes": sorted(dtypes),
+            "devices": sorted(devices),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _plan(self, model: nn.Module, spec: Any, adapter: Any, ranks: dict[str, int] | None) -> Any:
+        from .plan import make_plan
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decompose_model repeats make_plan's warnings on a miss
+            return make_plan(spec, model.config, adapter=adapter, ranks=ranks)
+
+    def info(self, key: str | None, hit: bool, **extra: Any) -> dict[str, Any]:
+        return {"enabled": True, "hit": hit, "key": key, "path": None if key is None else str(self.entry_path(key)), **extra}
+
+    def try_load(self, model: nn.Module, spec: Any, adapter: Any = None, ranks: dict[str, int] | None = None) -> Any:
+        """Put cached factors into ``model`` and return the report; None on a miss (nothing changed)."""
+        from .architectures import adapter_for_model
+        from .decompose import DecompositionReport, count_parameters
+
+        start = time.perf_counter()
+        adapter = adapter or adapter_for_model(model)
+        plan = self._plan(model, spec, adapter, ranks)
+        if not plan.targets:
+            return None
+        key = self.key(model, spec, plan)
+        self._pending[id(model)] = (key, plan.ranks())
+        path = self.entry_path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors, meta = self._read_entry(path, key, plan)
+        except CheckpointError as exc:
+            warnings.warn(f"decomposition cache entry {path} is unusable ({exc}); recomputing it", stacklevel=2)
+            return None
+        params_before = count_parameters(model)
+        for t in plan.targets:
+            mod_path = t.path
+            old = model.get_submodule(mod_path)
+            if hasattr(old, "base_layer"):
+                mod_path, old = f"{mod_path}.base_layer", old.base_layer
+            w = old.weight
+            first = tensors[f"{t.path}.first"]
+            new = LowRankLinear(t.in_features, t.out_features, t.rank, layout=plan.layout, bias=f"{t.path}.bias" in tensors, dtype=first.dtype, device=w.device)
+            with torch.no_grad():
+                for k in _FACTOR_KEYS:
+                    src = tensors.get(f"{t.path}.{k}")
+                    if src is not None:
+                        getattr(new, k).copy_(src)
+            new.requires_grad_(w.requires_grad)
+            _set_submodule(model, mod_path, new)
+            del old, w
+        stored = json.loads(meta.get("report", "{}"))
+        report = DecompositionReport(spec, plan, params_before, count_parameters(model), time.perf_counter() - start, stored.get("solvers") or {})
+        report.calibration = stored.get("calibration")
+        report.cache = self.info(key, True, original_decomposition_seconds=stored.get("decomposition_seconds"))
+        self._pending.pop(id(model), None)
+        return report
+
+    def _read_entry(self, path: Path, key: str, plan: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as sf:
+                meta = dict(sf.metadata() or {})
+                tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        except Exception as exc:
+            raise CheckpointError(f"unreadable or truncated: {type(exc).__name__}") from None
+        if meta.get("key") != key:
+            raise CheckpointError("its key does not match its file name")
+        if _tensor_digest(tensors) != meta.get("sha256"):
+            raise CheckpointError("sha256 mismatch: the file is corrupted")
+        for t in plan.targets:
+            info = {"rank": t.rank, "in_features": t.in_features, "out_features": t.out_features, "layout": plan.layout, "bias": f"{t.path}.bias" in tensors}
+            for name, shape in _expected_factor_shapes(t.path, info).items():
+                if name not in tensors or tuple(tensors[name].shape) != shape:
+                    raise CheckpointError(f"{name} is missing or has the wrong shape")
+        return tensors, meta
+
+    def store(self, model: nn.Module, report: Any) -> Path | None:
+        """Save the factors ``report`` describes; sets ``report.cache``. Failures only warn."""
+        if report.cache and report.cache.get("hit"):
+            return None
+        pending = self._pending.pop(id(model), None)
+        if pending is None or pending[1] != report.plan.ranks():
+            report.cache = {"enabled": True, "hit": False, "key": None, "path": None, "stored": False}
+            return None  # try_load was not asked first, so the dense weights were never fingerprinted
+        key, _ = pending
+        path = self.entry_path(key)
+        report.cache = self.info(key, False, stored=False)
+        tensors: dict[str, torch.Tensor] = {}
+        for t in report.plan.targets:
+            mod = model.get_submodule(t.path)
+            mod = getattr(mod, "base_layer", mod)
+            if not isinstance(mod, LowRankLinear):
+                return None
+            for k in _FACTOR_KEYS:
+                p = getattr(mod, k)
+                if p is not None:
+                    tensors[f"{t.path}.{k}"] = p.detach().to("cpu").contiguous()
+        rep = report.to_dict()
+        rep.pop("cache", None)
+        meta = {"key": key, "sha256": _tensor_digest(tensors), "model_id": str(self.model_id), "report": json.dumps(rep, default=str)}
+        try:
+            _save_tensors(tensors, path, metadata=meta)  # temp file + os.replace: last complete writer wins
+        except OSError as exc:
+            warnings.warn(f"could not write decomposition cache entry {path}: {exc}", stacklevel=2)
+            return None
+        report.cache["stored"] = True
+        return path
+
+
+def cache_info_disabled(reason: str) -> dict[str, Any]:
+    """The ``report.cache`` block when the cache is off (``cache=false``) or unavailable."""
+    return {"enabled": False, "hit": False, "key": None, "path": None, "reason": reason}
