@@ -146,8 +146,6 @@ def lm_eval_results(
             "fewshot_as_multiturn": False,
             "chat_template": None,
             "chat_template_sha": None,
-            "start_time": 12.5,
-            "end_time": 99.0,
             "total_evaluation_time_seconds": "86.5",
         }
     )
