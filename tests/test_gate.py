@@ -199,7 +199,8 @@ def test_fail_beyond_tolerance(tmp_path: Path) -> None:
 
 def test_drop_exactly_at_tolerance_passes_despite_float_rounding(tmp_path: Path) -> None:
     assert 0.80 - 0.77 > 0.03  # the trap this guards against
-    b, c = pair(tmp_path, lm_eval_results(arc={"acc,none": 0.80}, mmlu=None), lm_eval_results(arc={"acc,none": 0.77}, mmlu=None))
+    base, comp = lm_eval_results(arc={"acc,none": 0.80}, mmlu=None), lm_eval_results(arc={"acc,none": 0.77}, mmlu=None)
+    b, c = pair(tmp_path, base, comp)
     assert run_cli(c, "--baseline", b, "--max-drop", "0.03").exit_code == 0
     assert run_cli(c, "--baseline", b, "--max-drop", "0.0299").exit_code == 1
 
@@ -488,7 +489,8 @@ def test_missing_required_option_is_usage_error(tmp_path: Path) -> None:
 
 
 def test_json_output(tmp_path: Path) -> None:
-    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.50}, mmlu=None))
+    comp = lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.50}, mmlu=None)
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), comp)
     r = CliRunner().invoke(gate, [c, "--baseline", b, "--max-drop", "0.03", "--json"])
     assert r.exit_code == 1
     verdict = json.loads(r.stdout)  # stdout holds only the JSON; the table went to stderr
@@ -533,9 +535,11 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
     if not script.exists():
         pytest.skip("lm-eval-lowrank console script not installed next to this interpreter")
     base = write_run(tmp_path / "dense", lm_eval_results(arc=ARC_BASE), "2026-01-02T10-00-00.000001")
-    comp = write_run(tmp_path / "compressed", lm_eval_results(arc={"acc,none": 0.5, "acc_norm,none": 0.45}), "2026-01-02T11-00-00")
+    worse = lm_eval_results(arc={"acc,none": 0.5, "acc_norm,none": 0.45})
+    comp = write_run(tmp_path / "compressed", worse, "2026-01-02T11-00-00")
     proc = subprocess.run(
-        [str(script), "gate", str(tmp_path / "compressed"), "--baseline", str(tmp_path / "dense"), "--max-drop", "0.03", "--tasks", "arc_easy_local"],
+        [str(script), "gate", str(tmp_path / "compressed"), "--baseline", str(tmp_path / "dense")]
+        + ["--max-drop", "0.03", "--tasks", "arc_easy_local"],
         capture_output=True,
         text=True,
         timeout=60,
