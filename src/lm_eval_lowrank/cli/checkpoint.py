@@ -1,0 +1,126 @@
+"""``lm-eval-lowrank decompose`` and ``lm-eval-lowrank heal``: compressed checkpoints.
+
+Typical use::
+
+    lm-eval-lowrank decompose --model_args pretrained=PATH,rank=1,layers=3|15|28 --out ckpt/
+    lm-eval-lowrank heal ckpt/ --steps 40 --out ckpt-healed/
+    lm_eval --model hf-tucker --model_args pretrained=ckpt-healed/ --tasks ...
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+# model_args besides the decomposition spec that decompose understands (passed to from_pretrained).
+LOAD_KEYS = ("pretrained", "dtype", "revision", "device", "tokenizer", "subfolder")
+
+
+@click.command("decompose")
+@click.option("--model_args", "model_args", required=True, help="As for hf-tucker: pretrained=PATH_OR_ID,rank=N,layers=...[,method=...,dtype=...,revision=...].")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write the compressed checkpoint to.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a compressed checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
+    """Decompose a model and save a compressed checkpoint (factors, config, tokenizer, manifest)."""
+    from ..spec import DecompositionSpec, SpecError, parse_model_args, split_model_args
+
+    args = parse_model_args(model_args)
+    ours, rest = split_model_args(args)
+    spec = DecompositionSpec.from_args(ours)
+    unknown = sorted(set(rest) - set(LOAD_KEYS))
+    if unknown:
+        raise SpecError(f"model_args: unknown key(s) {unknown} for decompose; valid: {', '.join(LOAD_KEYS)} and the decomposition arguments")
+    pretrained = rest.get("pretrained")
+    if not pretrained:
+        raise SpecError("model_args: pretrained is required, e.g. pretrained=PATH_OR_ID,rank=1,layers=3|15|28")
+    if spec.is_noop:
+        raise SpecError("model_args: give rank=N (or budget=F) to decompose; nothing would be compressed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..api import compress_model, validate_against_config
+    from ..checkpoint import CheckpointError, CompressedCheckpoint, save_compressed
+
+    try:
+        already = CompressedCheckpoint.detect(str(pretrained)) is not None
+    except CheckpointError:
+        already = True
+    if already:
+        raise SpecError(f"pretrained={pretrained!r} is already a compressed checkpoint; decompose a dense model")
+    revision = rest.get("revision")
+    kw: dict[str, Any] = {"dtype": rest.get("dtype") or "auto"}
+    if revision:
+        kw["revision"] = str(revision)
+    if rest.get("subfolder"):
+        kw["subfolder"] = str(rest["subfolder"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(pretrained), **{k: v for k, v in kw.items() if k != "dtype"})
+    validate_against_config(spec, config)  # range errors before the weights load
+    model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
+    device = rest.get("device")
+    if device:
+        model.to(str(device))
+    tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **({"revision": str(revision)} if revision else {}))
+    report = compress_model(model, spec, tokenizer=tokenizer, model_id=str(pretrained), progress=not quiet)
+    source = {
+        "model_id": str(pretrained),
+        "revision": str(revision) if revision else getattr(config, "_commit_hash", None),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "weights_sha256": _source_digest(str(pretrained), model),
+    }
+    try:
+        path = save_compressed(model, out, report, tokenizer=tokenizer, source=source, overwrite=overwrite)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    ckpt = CompressedCheckpoint.open(path)
+    m = ckpt.manifest
+    cache = report.cache or {}
+    click.echo(
+        f"saved {path}: {len(m['modules'])} modules, params {m['params']['before']} -> {m['params']['after']} "
+        f"({100 * (m['params']['reduction'] or 0):.2f}% fewer), weights {ckpt.weight_bytes() / 2**20:.1f} MiB, "
+        f"cache {'hit' if cache.get('hit') else 'miss' if cache.get('enabled') else 'off'}"
+    )
+
+
+def _source_digest(model_id: str, model: Any) -> str | None:
+    from ..checkpoint import _resolve_local_folder, source_digest
+
+    folder = _resolve_local_folder(model_id, getattr(model.config, "_commit_hash", None))
+    try:
+        return source_digest(folder) if folder is not None else None
+    except OSError:
+        return None
+
+
+@click.command("heal")
+@click.argument("ckpt", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the healed checkpoint.")
+@click.option("--data", "data", default=None, type=click.Path(), help="Training text: .jsonl/.txt/.raw file or folder (default: shared data gsm8k/train.jsonl, the only train split).")
+@click.option("--steps", "steps", default=50, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--lr", "lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")
+@click.option("--seq_len", "seq_len", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per training block.")
+@click.option("--batch_size", "batch_size", default=4, show_default=True, type=click.IntRange(min=1), help="Blocks per step.")
+@click.option("--seed", "seed", default=0, show_default=True, type=int)
+@click.option("--device", "device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--eval_data", "eval_data", default=None, type=click.Path(), help="Held-out text for perplexity before/after (e.g. wikitext/wiki.test.raw).")
+@click.option("--eval_blocks", "eval_blocks", default=16, show_default=True, type=click.IntRange(min=1), help="Blocks of --seq_len tokens of --eval_data to score.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a compressed checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def heal(ckpt: str, out: str, data: str | None, steps: int, lr: float, seq_len: int, batch_size: int, seed: int, device: str | None, eval_data: str | None, eval_blocks: int, overwrite: bool, quiet: bool) -> None:
+    """Train the low-rank factors of CKPT for a few steps and save the healed checkpoint to --out."""
+    from ..checkpoint import CheckpointError
+    from ..heal import HealError, heal_checkpoint
+    from ..tasks import DataDirError
+
+    try:
+        record = heal_checkpoint(
+            ckpt, out, data=data, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size, seed=seed,
+            device=device, eval_data=eval_data, eval_blocks=eval_blocks, overwrite=overwrite, progress=not quiet,
+        )
+    except (CheckpointError, HealError, DataDirError) as exc:
+        raise click.ClickException(str(exc)) from None
+    keys = ("loss_before", "loss_after", "eval_ppl_before", "eval_ppl_after", "seconds")
+    click.echo(f"saved {out}: " + json.dumps({k: round(record[k], 4) for k in keys if k in record}))
