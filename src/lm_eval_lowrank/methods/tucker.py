@@ -103,9 +103,9 @@ def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int):
     return U, S, V
 
 
-def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0) -> Factors:
+def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Factors:
     """Tucker-2 of a weight (out x in): U1 (out x r), core (r x r) = diag(s), U2 (in x r)."""
-    res = truncated_svd(W, rank, solver=solver, seed=seed)
+    res = truncated_svd(W, rank, solver=solver, seed=seed, dtype=dtype)
     return Factors(left=res.U, core=torch.diag(res.S), right=res.V, info={"solver": res.solver})
 
 
@@ -184,5 +184,6 @@ def hooi(
             converged = True
             break
         prev = fit
-    rel_err = max(norm_x2 - fit, 0.0) ** 0.5 / max(norm_x2, 1e-30) ** 0.5
+    # From the reconstruction: ||T||^2 - ||core||^2 cancels catastrophically near exact fits.
+    rel_err = float(torch.linalg.norm(X - tucker_reconstruct(core, factors))) / max(norm_x2, 1e-30) ** 0.5
     return HOOIResult(core=core, factors=factors, iterations=it, converged=converged, rel_error=rel_err)

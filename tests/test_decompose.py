@@ -1,0 +1,196 @@
+"""The replacement module and in-place decomposition on tiny random-weight models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import tiny_llama_config
+from lm_eval_lowrank.architectures import GenericAdapter, adapter_for_model
+from lm_eval_lowrank.decompose import count_parameters, decompose_model
+from lm_eval_lowrank.methods.tucker import tucker2
+from lm_eval_lowrank.modules import LowRankLinear
+from lm_eval_lowrank.plan import make_plan
+from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+
+@pytest.mark.parametrize("layout", ["folded", "tucker"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_module_reproduces_the_dense_layer(layout, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 32, bias=bias)
+    f = tucker2(lin.weight.detach(), 32, solver="exact")
+    mod = LowRankLinear.from_factors(f, lin.bias.detach() if bias else None, layout=layout)
+    x = torch.randn(5, 7, 48)
+    assert torch.allclose(mod(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(mod.dense_weight(), lin.weight, atol=1e-5)
+
+
+def test_module_layouts_hold_u1_core_u2_and_count_parameters():
+    W = torch.randn(30, 20)
+    f = tucker2(W, 4, solver="exact")
+    three = LowRankLinear.from_factors(f, None, layout="tucker")
+    two = LowRankLinear.from_factors(f, None, layout="folded")
+    assert three.first.shape == (4, 20) and three.core.shape == (4, 4) and three.last.shape == (30, 4)
+    assert two.core is None
+    assert three.num_parameters() == 4 * (30 + 20) + 16
+    assert two.num_parameters() == 4 * (30 + 20)
+    x = torch.randn(3, 20)
+    assert torch.allclose(three(x), two(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["folded", "tucker"])
+def test_parameter_count_after_equals_the_count_from_layer_shapes(tiny_llama, layout):
+    cfg = tiny_llama.config
+    before = count_parameters(tiny_llama)
+    spec = DecompositionSpec.from_args({"rank": 3, "layers": "2|4", "tensors": "q|o|gate|down", "layout": layout})
+    report = decompose_model(tiny_llama, spec, progress=False)
+    h, i, r = cfg.hidden_size, cfg.intermediate_size, 3
+    extra = r * r if layout == "tucker" else 0
+    shapes = [(h, h), (h, h), (i, h), (h, i)]  # q, o, gate, down (out, in)
+    removed_per_layer = sum(o * n - (r * (o + n) + extra) for o, n in shapes)
+    assert report.params_before == before
+    assert report.params_after == before - 2 * removed_per_layer
+    assert report.params_after == count_parameters(tiny_llama)
+    assert report.plan.params_removed == 2 * removed_per_layer
+    assert report.to_dict()["modules"] == [
+        f"model.layers.{L}.{p}" for L in (1, 3) for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    ]
+
+
+def test_layers_are_one_based(tiny_llama):
+    decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 2, "layers": 1, "tensors": "q"}), progress=False)
+    assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, LowRankLinear)
+    assert isinstance(tiny_llama.model.layers[1].self_attn.q_proj, nn.Linear)
+
+
+def test_replacement_is_in_place_and_drops_the_dense_weight(tiny_llama):
+    old = tiny_llama.model.layers[2].mlp.up_proj
+    import weakref
+
+    wr = weakref.ref(old.weight)
+    del old
+    decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 2, "layers": 3, "tensors": "up"}), progress=False)
+    assert wr() is None, "the dense weight is still referenced after decomposition"
+
+
+def test_decomposition_is_deterministic():
+    cfg = tiny_llama_config()
+    from transformers import LlamaForCausalLM
+
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(cfg).eval()
+        decompose_model(m, DecompositionSpec.from_args({"rank": 4, "layers": "all"}), progress=False)
+        states.append(m.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_dtype_and_device_follow_the_model():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).eval()
+    decompose_model(m, DecompositionSpec.from_args({"rank": 4, "layers": 2}), progress=False)
+    mod = m.model.layers[1].mlp.down_proj
+    assert isinstance(mod, LowRankLinear) and mod.first.dtype == torch.bfloat16 and mod.last.dtype == torch.bfloat16
+
+
+def test_full_rank_model_matches_dense_logits():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = m(x).logits
+    # rank = min(out, in) saves nothing, so decompose modules directly at full rank
+    adapter = adapter_for_model(m)
+    for L in range(4):
+        for t in adapter.tensor_names():
+            path = adapter.module_path(L, t)
+            lin = m.get_submodule(path)
+            f = tucker2(lin.weight.detach(), min(lin.weight.shape), solver="exact")
+            parent, _, leaf = path.rpartition(".")
+            setattr(m.get_submodule(parent), leaf, LowRankLinear.from_factors(f, None, layout="tucker"))
+    with torch.no_grad():
+        out = m(x).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rank_that_saves_nothing_keeps_the_dense_layer(tiny_llama):
+    with pytest.warns(UserWarning, match="kept dense"):
+        report = decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 40, "layers": 1, "tensors": "q|gate"}), progress=False)
+    # q is 64x64 (break-even 32) -> kept dense; gate 160x64 (break-even 46) -> decomposed
+    assert [t.tensor for t in report.plan.targets] == ["gate"]
+    assert report.plan.skipped[0]["path"] == "model.layers.0.self_attn.q_proj"
+    assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_gpt2_fused_conv1d():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=100, n_positions=64)).eval()
+    x = torch.randint(0, 100, (1, 10))
+    spec = DecompositionSpec.from_args({"rank": 8, "layers": "1|3"})
+    report = decompose_model(m, spec, progress=False)
+    assert {t.tensor for t in report.plan.targets} == {"qkv", "o", "up", "down"}
+    attn = m.transformer.h[0].attn.c_attn
+    assert isinstance(attn, LowRankLinear) and (attn.out_features, attn.in_features) == (192, 64)
+    assert report.params_after == count_parameters(m)
+    assert torch.isfinite(m(x).logits).all()
+    with pytest.raises(SpecError, match=r"unknown tensor 'q'.*valid: qkv\|o\|up\|down"):
+        make_plan(DecompositionSpec.from_args({"rank": 2, "tensors": "q"}), m.config)
+
+
+def test_gpt2_conv1d_at_full_rank_matches():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    conv = m.transformer.h[0].mlp.c_fc
+    x = torch.randn(2, 5, 32)
+    f = tucker2(conv.weight.detach().T, 32, solver="exact")
+    mod = LowRankLinear.from_factors(f, conv.bias.detach(), layout="tucker")
+    assert torch.allclose(mod(x), conv(x), atol=1e-5)
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.wq = nn.Linear(d, d)
+        self.ffn_in = nn.Linear(d, 2 * d)
+        self.ffn_out = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.ffn_out(torch.relu(self.ffn_in(self.wq(x))))
+
+
+class _Toy(nn.Module):
+    def __init__(self, d=16, n=3):
+        super().__init__()
+        self.config = type("Cfg", (), {"model_type": "toy-unknown"})()
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_generic_adapter_for_an_unknown_architecture():
+    torch.manual_seed(0)
+    m = _Toy()
+    adapter = adapter_for_model(m)
+    assert isinstance(adapter, GenericAdapter)
+    assert adapter.tensor_names() == ("wq", "ffn_in", "ffn_out")
+    report = decompose_model(m, DecompositionSpec.from_args({"rank": 2, "layers": "2|3", "tensors": "ffn_in"}), progress=False)
+    assert report.plan.module_names() == ["blocks.1.ffn_in", "blocks.2.ffn_in"]
+    assert isinstance(m.blocks[1].ffn_in, LowRankLinear)
+    assert torch.isfinite(m(torch.randn(2, 16))).all()
+    with pytest.raises(SpecError, match=r"unknown tensor 'q'.*valid: wq\|ffn_in\|ffn_out"):
+        decompose_model(_Toy(), DecompositionSpec.from_args({"rank": 2, "tensors": "q"}), progress=False)

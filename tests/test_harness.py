@@ -1,0 +1,207 @@
+"""hf-tucker inside lm-eval: registration, model_args, errors before load, the results JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama_config
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(args, cwd, timeout=600):
+    return subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_both_hf_and_hf_tucker_resolve_in_a_fresh_process(tmp_path):
+    code = (
+        "import sys\n"
+        "assert 'torch' not in sys.modules, 'startup hook imported torch'\n"
+        "from lm_eval.api.registry import get_model\n"
+        "from lm_eval.models.huggingface import HFLM\n"
+        "assert get_model('hf') is HFLM\n"
+        "cls = get_model('hf-tucker')\n"
+        "assert issubclass(cls, HFLM) and cls.__name__ == 'HFTuckerLM'\n"
+        "print('ok')\n"
+    )
+    r = _run([sys.executable, "-c", code], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_hf_tucker_first_then_hf_in_a_fresh_process(tmp_path):
+    code = "from lm_eval.api.registry import get_model\nget_model('hf-tucker')\nprint(get_model('hf').__name__)"
+    r = _run([sys.executable, "-c", code], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "HFLM"
+
+
+def test_startup_hook_costs_no_torch_import(tmp_path):
+    r = _run([sys.executable, "-c", "import sys; print('lm_eval_lowrank._autoload' in sys.modules, 'torch' in sys.modules, 'lm_eval' in sys.modules)"], cwd=tmp_path)
+    assert r.stdout.split() == ["True", "False", "False"]
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="lm_eval.models")}
+    assert eps.get("hf-tucker") == "lm_eval_lowrank.harness:HFTuckerLM"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight tiny Llama with SmolLM2's real tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab_size=49152, num_hidden_layers=6, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def arc_task_dir(tmp_path_factory):
+    """A throwaway ARC-Easy YAML over the shared data (the local task suite is tested elsewhere)."""
+    from lm_eval_lowrank.tasks import data_dir
+
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "arc_tiny.yaml").write_text(
+        "task: arc_tiny\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data_dir() / 'arc_easy' / 'test.jsonl'}\n"
+        "output_type: multiple_choice\ntraining_split: null\ntest_split: test\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
+        'doc_to_choice: "{{choices.text}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return d
+
+
+def _results(out_dir: Path) -> dict:
+    files = sorted(out_dir.rglob("results_*.json"))
+    assert files, f"no results JSON under {out_dir}"
+    return json.loads(files[-1].read_text())
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [str(BIN / "lm_eval")],
+        [sys.executable, "-m", "lm_eval"],
+        [str(BIN / "lm-eval"), "run"],
+    ],
+    ids=["lm_eval", "python-m", "lm-eval-run"],
+)
+def test_cli_launchers_run_hf_tucker(launcher, tiny_model_dir, arc_task_dir, tmp_path):
+    if not Path(launcher[0]).exists() and launcher[0] != sys.executable:
+        pytest.skip(f"{launcher[0]} not installed")
+    out = tmp_path / "out"
+    args = launcher + [
+        "--model", "hf-tucker",
+        "--model_args", f"pretrained={tiny_model_dir},dtype=float32,rank=2,layers=2|5,tensors=q|gate",
+        "--tasks", "arc_tiny", "--include_path", str(arc_task_dir),
+        "--limit", "4", "--device", "cpu", "--batch_size", "4", "--output_path", str(out),
+    ]  # fmt: skip
+    r = _run(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = _results(out)
+    dec = res["config"]["lowrank"]["decomposition"]
+    assert dec["layers"] == [2, 5] and dec["tensors"] == ["q", "gate"]
+    assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.4.self_attn.q_proj", "model.layers.4.mlp.gate_proj"]
+
+
+def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
+    import transformers
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    def _no_load(*a, **k):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_load)
+    cases = {
+        "layer past the end": ({"rank": 1, "layers": 7}, r"layer 7 is past the end; this model has 6 decoder layers, valid 1..6"),
+        "layer zero": ({"rank": 1, "layers": 0}, "1-based"),
+        "duplicate": ({"rank": 1, "layers": "2|2"}, "duplicate"),
+        "rank zero": ({"rank": 0}, "must be >= 1"),
+        "rank text": ({"rank": "big"}, "rank='big'"),
+        "rank too big": ({"rank": 100}, r"valid 1..64, and only ranks below 32 save parameters"),
+        "tensor": ({"rank": 1, "tensors": "qkv"}, r"valid: q\|k\|v\|o\|gate\|up\|down"),
+        "method": ({"rank": 1, "method": "pca"}, "valid methods"),
+    }
+    for name, (args, match) in cases.items():
+        with pytest.raises(SpecError, match=match):
+            HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", **args)
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
+    r = _run([str(BIN / "lm_eval"), "--model", "hf-tucker", "--model_args", f"pretrained={tiny_model_dir},rank=1,layers=0", "--tasks", "arc_easy", "--device", "cpu"], cwd=tmp_path)
+    assert r.returncode != 0
+    # lm-eval's CLI types layers=0 as an int; our message is the last line of its traceback
+    assert r.stderr.strip().splitlines()[-1].endswith("layers=0 is invalid: layer 0 is out of range; layers are 1-based (the first decoder layer is 1)")
+
+
+def test_rank_collision_with_hflm_rank_and_passthrough(tiny_model_dir):
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", dtype="bfloat16", batch_size=3, rank=2, layers="1")
+    assert lm.rank == 0  # HFLM's process index, not our rank
+    assert lm.decomposition_spec.rank == 2
+    assert lm.batch_size == 3 and str(lm.model.dtype) == "torch.bfloat16"
+    info = lm.get_model_info()["lowrank"]
+    assert info["decomposition"]["ranks"]["model.layers.0.self_attn.q_proj"] == 2
+
+
+def test_no_rank_is_dense_hf_with_measurements(tiny_model_dir):
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu")
+    dec = lm.get_model_info()["lowrank"]["decomposition"]
+    assert dec["modules"] == [] and dec["param_reduction"] == 0.0
+
+
+@pytest.mark.slow
+def test_smollm2_through_lm_eval_writes_the_lowrank_block(smollm2_dir, arc_task_dir, tmp_path):
+    """The real model, the real harness, rank 1 on all 7 tensors of layers 3, 15 and 28."""
+    out = tmp_path / "out"
+    args = [
+        str(BIN / "lm_eval"), "--model", "hf-tucker",
+        "--model_args", f"pretrained={smollm2_dir},dtype=float32,rank=1,layers=3|15|28",
+        "--tasks", "arc_tiny", "--include_path", str(arc_task_dir),
+        "--limit", "8", "--device", "cpu", "--batch_size", "8", "--output_path", str(out),
+    ]  # fmt: skip
+    r = _run(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = _results(out)
+    assert 0.0 <= res["results"]["arc_tiny"]["acc,none"] <= 1.0
+    low = res["config"]["lowrank"]
+    dec = low["decomposition"]
+    assert dec["method"] == "tucker" and dec["rank"] == 1 and dec["layers"] == [3, 15, 28]
+    assert dec["tensors"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert len(dec["modules"]) == 21 and dec["modules"][0] == "model.layers.2.self_attn.q_proj"
+    # SmolLM2: q,o 576x576; k,v 192x576; gate,up 1536x576; down 576x1536 -> rank-1 factors r(m+n)
+    dense = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576
+    low_r = 2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576)
+    assert dec["params_before"] == 134_515_008
+    assert dec["params_before"] - dec["params_after"] == 3 * (dense - low_r)
+    assert abs(dec["param_reduction"] - 3 * (dense - low_r) / 134_515_008) < 1e-12
+    assert dec["decomposition_seconds"] > 0
+    assert res["config"]["model_num_parameters"] == dec["params_after"]
+    lat = low["latency"]
+    assert lat["timer"] == "perf_counter" and lat["calls"] >= 1 and lat["tokens"] > 0
+    assert lat["tokens_per_second"] > 0 and lat["mean_seconds_per_batch"] > 0
+    assert low["energy"]["available"] is False and low["energy"]["total_joules"] is None and low["energy"]["reason"]
+    assert low["memory"]["bytes"] > 100_000_000
+    assert low["versions"]["lm-eval-lowrank"] and low["versions"]["torch"] and low["versions"]["lm_eval"]

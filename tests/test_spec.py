@@ -1,0 +1,153 @@
+"""Parsing and validation of the decomposition arguments: syntax, ranges, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lm_eval_lowrank.api import validate_against_config
+from lm_eval_lowrank.spec import (
+    DecompositionSpec,
+    SpecError,
+    breakeven_rank,
+    parse_layers,
+    parse_model_args,
+    parse_rank,
+    parse_tensors,
+    split_model_args,
+)
+
+LLAMA2_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    vocab_size=32000,
+)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("3|18|32", (3, 18, 32)),
+        (18, (18,)),  # lm-eval's CLI turns layers=18 into an int
+        ("18", (18,)),
+        ("3-6", (3, 4, 5, 6)),
+        ("3-30:3|32", tuple(range(3, 31, 3)) + (32,)),
+        ("1-2|10", (1, 2, 10)),
+        ("all", None),
+        ("ALL", None),
+        (None, None),
+        ([5, 1], (1, 5)),
+    ],
+)
+def test_parse_layers(value, expected):
+    assert parse_layers(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", 0, "-1", "3|3", "", "3||4", "a", "5-3", "3-5:0", True])
+def test_parse_layers_rejects(value):
+    with pytest.raises(SpecError) as e:
+        parse_layers(value)
+    msg = str(e.value)
+    assert msg.startswith("layers=") and "\n" not in msg
+
+
+def test_layers_are_one_based_in_the_message():
+    with pytest.raises(SpecError, match="1-based"):
+        parse_layers("0")
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (8, (8, {})),
+        ("8", (8, {})),
+        ("q:8|gate:32", (None, {"q": 8, "gate": 32})),
+        ("8|q:4", (8, {"q": 4})),
+    ],
+)
+def test_parse_rank(value, expected):
+    assert parse_rank(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "0", "x", "q:0", "8|9", "q:1|q:2", ":4", 1.5, True])
+def test_parse_rank_rejects(value):
+    with pytest.raises(SpecError) as e:
+        parse_rank(value)
+    assert str(e.value).startswith("rank=") and "\n" not in str(e.value)
+
+
+def test_parse_tensors():
+    assert parse_tensors("q|k|v") == ("q", "k", "v")
+    assert parse_tensors("all") is None
+    with pytest.raises(SpecError, match="tensors="):
+        parse_tensors("q|q")
+    with pytest.raises(SpecError, match="tensors="):
+        parse_tensors("")
+
+
+def test_unknown_method_and_argument():
+    with pytest.raises(SpecError, match=r"method='svdx'.*tucker, rom, whiten"):
+        DecompositionSpec.from_args({"method": "svdx", "rank": 1})
+    with pytest.raises(SpecError, match="unknown decomposition argument"):
+        DecompositionSpec.from_args({"rnak": 1})
+
+
+def test_rank_and_budget_exclude_each_other():
+    with pytest.raises(SpecError, match="exclude each other"):
+        DecompositionSpec.from_args({"rank": 1, "budget": 0.8})
+    with pytest.raises(SpecError, match="budget="):
+        DecompositionSpec.from_args({"budget": 1.5})
+
+
+def test_layers_without_rank_is_an_error():
+    with pytest.raises(SpecError, match="rank is missing"):
+        DecompositionSpec.from_args({"layers": "3|4"})
+
+
+def test_noop_spec_is_dense():
+    assert DecompositionSpec.from_args({}).is_noop
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ({"rank": 1, "layers": 33}, r"layer 33 is past the end; this model has 32 decoder layers, valid 1\.\.32"),
+        ({"rank": 5000}, r"rank=5000 is invalid for tensor 'q' \(4096x4096\): valid 1\.\.4096, and only ranks below 2048 save"),
+        ({"rank": 1, "tensors": "q|qkv"}, r"unknown tensor 'qkv'.*valid: q\|k\|v\|o\|gate\|up\|down"),
+        ({"rank": "q:4|c_attn:2"}, r"unknown tensor 'c_attn'"),
+    ],
+)
+def test_range_errors_from_the_config_alone(args, match):
+    spec = DecompositionSpec.from_args(args)
+    with pytest.raises(SpecError, match=match) as e:
+        validate_against_config(spec, LLAMA2_7B)
+    assert "\n" not in str(e.value)
+
+
+def test_split_model_args_takes_rank_out_of_hflm_kwargs():
+    ours, rest = split_model_args({"pretrained": "x", "rank": 1, "layers": "3|18", "dtype": "float32", "batch_size": 4})
+    assert ours == {"rank": 1, "layers": "3|18"}
+    assert rest == {"pretrained": "x", "dtype": "float32", "batch_size": 4}
+
+
+def test_parse_model_args_types_like_lm_eval():
+    d = parse_model_args("pretrained=m,rank=1,layers=3|18|32,budget=0.8,cache=false")
+    assert d == {"pretrained": "m", "rank": 1, "layers": "3|18|32", "budget": 0.8, "cache": False}
+
+
+def test_breakeven_rank():
+    # folded: r(m+n) < mn  <=>  r < mn/(m+n); square 4096: 2048
+    assert breakeven_rank(4096, 4096, "folded") == 2048
+    # tucker adds r^2: r^2 + 2nr - n^2 >= 0 -> r = n(sqrt2 - 1)
+    assert breakeven_rank(4096, 4096, "tucker") == 1697
+
+
+def test_spec_to_dict_round_trips_the_syntax():
+    spec = DecompositionSpec.from_args({"rank": "8|q:4", "layers": "3-5", "tensors": "q|k"})
+    d = spec.to_dict()
+    assert d["rank"] == "8|q:4" and d["layers"] == "3|4|5" and d["tensors"] == "q|k"
+    again = DecompositionSpec.from_args({k: d[k] for k in ("rank", "layers", "tensors")})
+    assert again == spec

@@ -1,0 +1,105 @@
+"""Tucker decomposition: Eckart-Young exactness, HOOI on 3-D tensors, solver agreement, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm_eval_lowrank.methods import get_method
+from lm_eval_lowrank.methods.tucker import hooi, truncated_svd, tucker2, tucker_reconstruct
+
+
+def _rand(m, n, seed=0, decay=None):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    if decay is not None:  # a spectrum with a known decay, as trained weights tend to have
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        S = torch.tensor([decay**i for i in range(len(S))])
+        W = U @ torch.diag(S) @ Vh
+    return W
+
+
+@pytest.mark.parametrize("shape,rank", [((40, 30), 1), ((40, 30), 7), ((30, 40), 12), ((64, 64), 64)])
+def test_frobenius_error_equals_discarded_singular_values(shape, rank):
+    W = _rand(*shape, seed=1).double()
+    f = tucker2(W, rank, solver="exact", dtype=torch.float64)
+    err = torch.linalg.norm(W - f.dense().double())
+    S = torch.linalg.svdvals(W)
+    expected = S[rank:].pow(2).sum().sqrt()
+    assert torch.allclose(err, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_core_is_diagonal_of_top_singular_values():
+    W = _rand(50, 20, seed=2)
+    f = tucker2(W, 5, solver="exact")
+    S = torch.linalg.svdvals(W)[:5]
+    assert torch.allclose(torch.diagonal(f.core), S, rtol=1e-5)
+    assert torch.count_nonzero(f.core - torch.diag(torch.diagonal(f.core))) == 0
+    # orthonormal factors: U1 is out x r, U2 is in x r
+    assert f.left.shape == (50, 5) and f.right.shape == (20, 5)
+    assert torch.allclose(f.left.T @ f.left, torch.eye(5), atol=1e-5)
+    assert torch.allclose(f.right.T @ f.right, torch.eye(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(256, 96), (96, 256)])
+def test_randomized_matches_exact_top_singular_values(shape):
+    W = _rand(*shape, seed=3, decay=0.9)
+    exact = truncated_svd(W, 8, solver="exact")
+    approx = truncated_svd(W, 8, solver="randomized", seed=0)
+    assert approx.solver == "randomized"
+    assert torch.allclose(approx.S, exact.S, rtol=1e-3)
+    # same subspace: the projections agree
+    assert torch.allclose(approx.U @ approx.U.T, exact.U @ exact.U.T, atol=1e-3)
+
+
+def test_randomized_is_deterministic_for_a_seed():
+    W = _rand(200, 120, seed=4)
+    a = truncated_svd(W, 6, solver="randomized", seed=7)
+    b = truncated_svd(W, 6, solver="randomized", seed=7)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
+
+
+def test_auto_solver_picks_by_rank():
+    W = _rand(400, 300, seed=5)
+    assert truncated_svd(W, 2).solver == "randomized"
+    assert truncated_svd(W, 200).solver == "exact"
+
+
+def test_rank_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        truncated_svd(torch.randn(4, 3), 4)
+
+
+def test_hooi_on_a_3d_tensor_with_known_tucker_structure():
+    g = torch.Generator().manual_seed(0)
+    core = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    factors = [torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0] for n, r in ((10, 3), (12, 4), (8, 2))]
+    T = tucker_reconstruct(core, factors)
+    res = hooi(T, (3, 4, 2))
+    assert res.converged
+    assert res.rel_error < 1e-10
+    assert torch.allclose(tucker_reconstruct(res.core, res.factors), T, atol=1e-10)
+
+
+def test_hooi_improves_on_truncation_of_a_noisy_tensor():
+    g = torch.Generator().manual_seed(1)
+    T = torch.randn(9, 8, 7, generator=g, dtype=torch.float64)
+    res = hooi(T, (3, 3, 3), max_iters=100, tol=1e-12)
+    approx = tucker_reconstruct(res.core, res.factors)
+    err = float(torch.linalg.norm(T - approx) / torch.linalg.norm(T))
+    assert abs(err - res.rel_error) < 1e-9
+    res1 = hooi(T, (3, 3, 3), max_iters=1)
+    assert res.rel_error <= res1.rel_error + 1e-12
+
+
+def test_hooi_on_a_matrix_is_the_truncated_svd():
+    W = _rand(20, 15, seed=6).double()
+    res = hooi(W, (4, 4))
+    svd = tucker2(W, 4, solver="exact", dtype=torch.float64)
+    assert torch.allclose(tucker_reconstruct(res.core, res.factors), svd.dense(), atol=1e-8)
+
+
+def test_method_registry():
+    assert get_method("tucker") is not None
+    with pytest.raises(ValueError, match="valid methods"):
+        get_method("nope")
