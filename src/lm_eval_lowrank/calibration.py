@@ -1,0 +1,541 @@
+"""Calibration data and sequential, layer-at-a-time activation statistics.
+
+Data (``calib=``): local text only, read directly from the benchmark data folder.
+One source or several joined by ``+`` (mixed evenly), e.g. ``calib=arc_easy_local+gsm8k_local``.
+
+The no-leak rule: calibration reads a split that the evaluated tasks do not score.
+
+- ``wikitext_local``: the data has only the test documents, all 62 of which the task
+  ``wikitext_local`` scores. Calibration uses a fixed held-out portion, documents 50..61
+  (``WIKITEXT_CALIB_DOCS``); benchmarks in this repository score documents 0..49 only.
+  Because the lm-eval task scores all 62, ``calib=wikitext_local`` is refused when
+  ``wikitext_local`` (or built-in ``wikitext``) is evaluated.
+- task sources read their non-evaluated split where one exists (ARC: validation, the
+  tasks score test; GSM8K: train; MMLU: dev). BoolQ, TruthfulQA, LAMBADA and HellaSwag
+  have only their scored split, so they are refused as calibration when that task is
+  evaluated.
+
+The check compares files: a leak is any calibration file that an evaluated task scores.
+The evaluated tasks are given explicitly (``eval_tasks=``), or taken from
+``$LM_EVAL_LOWRANK_EVAL_TASKS`` or lm_eval's ``--tasks`` on the command line; when none
+can be found the check is recorded as ``unchecked`` in the JSON.
+
+Statistics: :class:`SequentialStatsProvider` keeps the hidden states of the calibration
+batches at the input of one decoder layer. Asked for layer L, it first runs the layers
+between (as they are now: already compressed) and then layer L once with hooks that
+accumulate X^T X of each target's input. Peak memory is the model plus those hidden
+states; nothing runs the whole model except the first embedding pass.
+Statistics are cached on disk per (model, data, layer, everything decomposed before it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .methods import LayerStats
+from .spec import DecompositionSpec, SpecError
+
+STATS_VERSION = "1"  # bump when the statistics computed here change meaning
+EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
+WIKITEXT_CALIB_DOCS = range(50, 62)  # held-out wikitext documents used for calibration
+WIKITEXT_EVAL_DOCS = range(0, 50)  # the ones benchmarks here may score
+
+
+# -- data folder ------------------------------------------------------------------------
+
+
+def data_root() -> Path:
+    """The benchmark data folder (``tasks.data_dir``: ``$LM_EVAL_LOWRANK_DATA`` or ../shared/data)."""
+    from .tasks import DataDirError, data_dir
+
+    try:
+        return data_dir()
+    except DataDirError as exc:
+        raise SpecError(f"calib: {exc}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# -- sources -----------------------------------------------------------------------------
+
+
+def _arc(d: dict[str, Any]) -> str:
+    ch = d["choices"]
+    ans = ch["text"][ch["label"].index(d["answerKey"])] if d.get("answerKey") in ch["label"] else ""
+    return f"Question: {d['question']}\nAnswer: {ans}"
+
+
+def _mmlu(d: dict[str, Any]) -> str:
+    letters = "ABCD"
+    opts = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(d["choices"]))
+    return f"{d['question'].strip()}\n{opts}\nAnswer: {letters[int(d['answer'])]}"
+
+
+def _truthfulqa(d: dict[str, Any]) -> str:
+    t = d["mc1_targets"]
+    return f"Q: {d['question']}\nA: {t['choices'][t['labels'].index(1)]}"
+
+
+@dataclass(frozen=True)
+class CalibSource:
+    name: str
+    split: str  # human-readable split description recorded in the JSON
+    files: tuple[str, ...]  # relative to the data folder (globs allowed)
+    fmt: Any  # doc -> text
+    docs: range | None = None  # a fixed subset of the documents (wikitext's held-out part)
+
+    def resolve(self, root: Path) -> list[Path]:
+        out: list[Path] = []
+        for rel in self.files:
+            hits = sorted(root.glob(rel)) if any(c in rel for c in "*?[") else [root / rel]
+            out += hits
+        missing = [p for p in out if not p.is_file()]
+        if not out or missing:
+            raise SpecError(f"calib={self.name!r} is invalid: data file {missing[0] if missing else self.files[0]} is missing; set LM_EVAL_LOWRANK_DATA")
+        return out
+
+    def texts(self, root: Path) -> list[str]:
+        docs: list[dict[str, Any]] = []
+        for path in self.resolve(root):
+            docs += _read_jsonl(path)
+        if self.docs is not None:
+            docs = [docs[i] for i in self.docs if i < len(docs)]
+        return [self.fmt(d) for d in docs]
+
+
+SOURCES: dict[str, CalibSource] = {
+    s.name: s
+    for s in (
+        CalibSource("wikitext_local", f"test documents {WIKITEXT_CALIB_DOCS.start}..{WIKITEXT_CALIB_DOCS.stop - 1} (held out)", ("wikitext/test.jsonl",), lambda d: d["page"], WIKITEXT_CALIB_DOCS),
+        CalibSource("arc_easy_local", "validation", ("arc_easy/validation.jsonl",), _arc),
+        CalibSource("arc_challenge_local", "validation", ("arc_challenge/validation.jsonl",), _arc),
+        CalibSource("gsm8k_local", "train", ("gsm8k/train.jsonl",), lambda d: f"Question: {d['question']}\nAnswer: {d['answer']}"),
+        CalibSource("mmlu_local", "dev", ("mmlu/dev/*.jsonl",), _mmlu),
+        CalibSource("boolq_local", "validation (its scored split)", ("boolq/validation.jsonl",), lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer: {'yes' if d['label'] else 'no'}"),
+        CalibSource("truthfulqa_local", "validation (its scored split)", ("truthfulqa/validation.jsonl",), _truthfulqa),
+        CalibSource("lambada_openai_local", "test (its scored split)", ("lambada_openai/test.jsonl",), lambda d: d["text"]),
+        CalibSource("hellaswag_approx_local", "validation (its scored split)", ("hellaswag_llamacpp/validation-*.jsonl",), lambda d: f"{d['query']} {d['choices'][int(d['label'])]}"),
+    )
+}
+
+
+def parse_calib(value: str) -> list[CalibSource]:
+    """``a+b+c`` -> sources, each once; one-line SpecError naming the valid ones."""
+    names = [p.strip() for p in str(value).split("+")]
+    if not names or any(not n for n in names):
+        raise SpecError(f"calib={value!r} is invalid: expected source names joined by '+'; valid: {', '.join(SOURCES)}")
+    bad = [n for n in names if n not in SOURCES]
+    if bad:
+        raise SpecError(f"calib={value!r} is invalid: unknown source {bad[0]!r}; valid: {', '.join(SOURCES)}")
+    if len(set(names)) != len(names):
+        raise SpecError(f"calib={value!r} is invalid: a source is given twice")
+    return [SOURCES[n] for n in names]
+
+
+# -- the no-leak rule --------------------------------------------------------------------
+
+
+def evaluated_tasks_from_env(argv: Sequence[str] | None = None) -> list[str] | None:
+    """Evaluated task names from $LM_EVAL_LOWRANK_EVAL_TASKS or lm_eval's ``--tasks`` argument."""
+    env = os.environ.get(EVAL_TASKS_ENV)
+    if env:
+        return [t.strip() for t in env.split(",") if t.strip()]
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or "lm_eval" not in Path(argv[0]).name and "lm-eval" not in Path(argv[0]).name and "lm_eval" not in " ".join(argv[:2]):
+        return None
+    for i, arg in enumerate(argv):
+        if arg in ("--tasks", "-t") and i + 1 < len(argv):
+            return [t.strip() for t in argv[i + 1].split(",") if t.strip()]
+        if arg.startswith("--tasks="):
+            return [t.strip() for t in arg.split("=", 1)[1].split(",") if t.strip()]
+    return None
+
+
+def _scored_files(task: str) -> set[str] | None:
+    """Files (relative to the data folder) that an evaluated task scores; None if unknown."""
+    from .tasks import local_tasks
+
+    files: set[str] = set()
+    matched = False
+    for t in local_tasks():
+        builtin = t.builtin.split()[0]
+        if task in (t.name, t.group, builtin) or (task == "mmlu" and t.group == "mmlu_local") or (
+            task.startswith("mmlu_local_") and t.name.startswith("mmlu_local_") and task.removeprefix("mmlu_local_") in ("stem", "other", "social_sciences", "humanities")
+        ):
+            files.update(t.files)
+            matched = True
+    return files if matched else None
+
+
+def check_no_leak(calib: str | Iterable[CalibSource], eval_tasks: Iterable[str] | None, root: Path | None = None) -> dict[str, Any]:
+    """Refuse calibration data that an evaluated task scores; return the record for the JSON.
+
+    Raises :class:`SpecError` naming the source, the file and the task on overlap.
+    ``eval_tasks=None`` (unknown) records ``status: unchecked``.
+    """
+    sources = parse_calib(calib) if isinstance(calib, str) else list(calib)
+    root = root or data_root()
+    calib_files: dict[str, str] = {}
+    for s in sources:
+        for p in s.resolve(root):
+            calib_files[p.relative_to(root).as_posix()] = s.name
+    if eval_tasks is None:
+        return {"status": "unchecked", "reason": "evaluated tasks unknown", "calib_files": sorted(calib_files)}
+    tasks = list(eval_tasks)
+    unknown: list[str] = []
+    for task in tasks:
+        scored = _scored_files(task)
+        if scored is None:
+            unknown.append(task)
+            continue
+        overlap = sorted(set(calib_files) & scored)
+        if overlap:
+            src = calib_files[overlap[0]]
+            other = [n for n, s in SOURCES.items() if "scored" not in s.split and n != "wikitext_local"]
+            raise SpecError(
+                f"calib={src!r} is invalid while evaluating {task!r}: it reads {overlap[0]}, which {task} scores "
+                f"(calibration must not see evaluated data); use e.g. calib={'+'.join(other[:2])}"
+            )
+    return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "calib_files": sorted(calib_files)}
+
+
+# -- token sampling ----------------------------------------------------------------------
+
+
+def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, name: str) -> torch.Tensor:
+    """``n`` non-overlapping windows of ``length`` tokens from the shuffled, joined texts."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    if name != "wikitext_local":  # keep wikitext articles whole and in order
+        rng.shuffle(order)
+    need = n * length
+    ids: list[int] = []
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    budget_chars = 0
+    chunk: list[str] = []
+    for i in order:  # tokenise only as much text as is needed (gsm8k train is large)
+        chunk.append(texts[i])
+        budget_chars += len(texts[i])
+        if budget_chars > 3 * need + 4096 or i == order[-1]:
+            for t in chunk:
+                ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+            chunk, budget_chars = [], 0
+            if len(ids) >= 2 * need:
+                break
+    for t in chunk:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+    total = len(ids) // length
+    if total < n:
+        raise SpecError(
+            f"calib_n={n} is invalid for calib={name!r} at calib_len={length}: the source holds only {total} windows "
+            f"({len(ids)} tokens); lower calib_n or calib_len, or add sources with '+'"
+        )
+    picks = sorted(rng.sample(range(total), n))
+    return torch.tensor([ids[p * length : (p + 1) * length] for p in picks], dtype=torch.long)
+
+
+def calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(input_ids n x len, record) for ``spec.calib``; sources mixed evenly and interleaved."""
+    sources = parse_calib(spec.calib or "wikitext_local")
+    root = root or data_root()
+    n, length = spec.calib_n, spec.calib_len
+    per = [n // len(sources) + (1 if i < n % len(sources) else 0) for i in range(len(sources))]
+    parts: list[torch.Tensor] = []
+    for s, k in zip(sources, per):
+        if k:
+            parts.append(_windows(tokenizer, s.texts(root), k, length, spec.seed, s.name))
+    # Interleave so that every batch mixes the sources.
+    rows: list[torch.Tensor] = []
+    for i in range(max(p.shape[0] for p in parts)):
+        rows += [p[i] for p in parts if i < p.shape[0]]
+    ids = torch.stack(rows)
+    record = {
+        "source": "+".join(s.name for s in sources),
+        "split": {s.name: s.split for s in sources},
+        "n": n,
+        "len": length,
+        "tokens": int(ids.numel()),
+        "per_source": {s.name: k for s, k in zip(sources, per)},
+        "seed": spec.seed,
+    }
+    return ids, record
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
+    """A cheap identity of the weights: id, config and a strided sample of some parameters."""
+    cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else str(model.config)
+    h = hashlib.sha256((str(model_id or getattr(model.config, "_name_or_path", "")) + cfg).encode())
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if i % 7 == 0:  # every 7th tensor, every 997th value: catches different weights cheaply
+            h.update(name.encode())
+            h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class SequentialStatsProvider:
+    """Input covariances for one decoder layer at a time, on the model as it is now."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Any,
+        input_ids: torch.Tensor,
+        batch_size: int = 8,
+        record: dict[str, Any] | None = None,
+        cache_dir: Path | None = None,
+        model_key: str | None = None,
+        spec: DecompositionSpec | None = None,
+        track_sparsity: float | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.input_ids = input_ids
+        self.batch_size = batch_size
+        self.record = dict(record or {})
+        self.cache_dir = cache_dir
+        self.model_key = model_key
+        self.spec = spec
+        self.track_sparsity = track_sparsity  # eps: also count |x| < eps * max|x| per input
+        self.sparsity: dict[str, float] = {}
+        self.allocation: dict[str, Any] | None = None
+        self._hidden: list[torch.Tensor] | None = None
+        self._kwargs: list[dict[str, Any]] = []
+        self._at = 0  # 0-based index of the layer whose input self._hidden holds
+        self.hits = 0
+        self.misses = 0
+        self.seconds = 0.0
+        self.layers_computed: list[int] = []
+
+    # -- hidden-state bookkeeping --------------------------------------------------------
+    def _capture(self, model: nn.Module) -> None:
+        layers = self.adapter.layers(model)
+        device = next(model.parameters()).device
+        self._hidden, self._kwargs = [], []
+        store: dict[str, Any] = {}
+
+        def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            store["h"] = args[0] if args else kwargs.pop("hidden_states")
+            store["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(0, self.input_ids.shape[0], self.batch_size):
+                batch = self.input_ids[i : i + self.batch_size].to(device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _Stop:
+                    pass
+                self._hidden.append(store["h"].detach())
+                self._kwargs.append(store["kw"])
+        finally:
+            handle.remove()
+        self._at = 0
+
+    def _run_layer(self, layer: nn.Module, update: bool) -> None:
+        assert self._hidden is not None
+        for b, (h, kw) in enumerate(zip(self._hidden, self._kwargs)):
+            out = _first_tensor(layer(h, **kw))
+            if update:
+                self._hidden[b] = out.detach()
+
+    def _advance(self, model: nn.Module, index0: int) -> None:
+        if self._hidden is None or index0 < self._at:
+            self._capture(model)  # a new pass (e.g. after the allocator's dense pass)
+        layers = self.adapter.layers(model)
+        while self._at < index0:
+            self._run_layer(layers[self._at], update=True)
+            self._at += 1
+
+    # -- cache -------------------------------------------------------------------------
+    def _prefix(self, model: nn.Module, index0: int) -> list[Any]:
+        """What was decomposed before this layer: the stats depend on it."""
+        from .modules import LowRankLinear
+
+        layers = self.adapter.layers(model)
+        out: list[Any] = []
+        for i in range(index0):
+            for name, mod in layers[i].named_modules():
+                if isinstance(mod, LowRankLinear):
+                    out.append([i, name, mod.rank, mod.layout])
+        return out
+
+    def _cache_path(self, model: nn.Module, index0: int) -> Path | None:
+        if self.cache_dir is None or self.model_key is None:
+            return None
+        prefix = self._prefix(model, index0)
+        key: dict[str, Any] = {"v": STATS_VERSION, "prefix": prefix, "dtype": str(next(model.parameters()).dtype)}
+        if prefix and self.spec is not None:  # how the earlier layers were decomposed
+            key.update(method=self.spec.method, solver=self.spec.solver, seed=self.spec.seed)
+        data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
+        data["batch"] = self.batch_size
+        return self.cache_dir / self.model_key / _sha(data) / f"L{index0 + 1:03d}-{_sha(key)}.pt"
+
+    # -- the protocol ------------------------------------------------------------------
+    @torch.no_grad()
+    def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
+        """Input covariances (X^T X / N) of ``targets`` of decoder layer ``layer`` (1-based)."""
+        start = time.perf_counter()
+        index0 = layer - 1
+        paths = [t.path for t in targets]
+        cache = self._cache_path(model, index0)
+        if cache is not None and cache.is_file() and self.track_sparsity is None:
+            try:
+                blob = torch.load(cache, map_location="cpu", weights_only=True)
+                if all(p in blob["index"] for p in paths):
+                    self.hits += 1
+                    self.seconds += time.perf_counter() - start
+                    return {p: LayerStats(blob["covs"][blob["index"][p]].to(torch.float64), int(blob["tokens"])) for p in paths}
+            except Exception:  # a truncated or foreign file: recompute
+                pass
+        self.misses += 1
+        self._advance(model, index0)
+        layers = self.adapter.layers(model)
+        accum: dict[str, torch.Tensor] = {}
+        groups: dict[str, int] = {}  # path -> index of a distinct input (q, k, v share one)
+        seen_inputs: list[tuple[torch.Tensor, str]] = []
+        small: dict[str, list[float]] = {}
+        tokens = 0
+
+        def make_hook(path: str):
+            def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+                x = args[0]
+                # Same tensor object as a sibling's input (q, k, v; gate, up): reuse its product.
+                # The reference is held for the batch so that no later input can reuse its memory.
+                sibling = next((q for t, q in seen_inputs if t is x), None)
+                if sibling is not None and sibling != path:
+                    groups[path] = groups[sibling]
+                    return
+                if sibling is None:
+                    seen_inputs.append((x, path))
+                groups.setdefault(path, len(groups))
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                xtx = (x2.mT @ x2).to(torch.float64).cpu()
+                accum[path] = accum[path] + xtx if path in accum else xtx
+                if self.track_sparsity is not None:
+                    thr = self.track_sparsity * float(x2.abs().max())
+                    s = small.setdefault(path, [0.0, 0.0])
+                    s[0] += float((x2.abs() < thr).sum())
+                    s[1] += x2.numel()
+
+            return hook
+
+        handles = []
+        for p in paths:
+            mod = model.get_submodule(p)
+            handles.append(mod.register_forward_hook(make_hook(p)))
+        try:
+            for h, kw in zip(self._hidden or [], self._kwargs):
+                seen_inputs.clear()
+                layers[index0](h, **kw)
+                tokens += h.shape[0] * h.shape[1]
+        finally:
+            for hd in handles:
+                hd.remove()
+        # Distinct inputs, in a stable order; every path points at one of them.
+        owners = {}
+        for p in paths:
+            owner = next((q for q in paths if q in accum and groups.get(q) == groups.get(p)), p)
+            owners[p] = owner
+        covs_by_owner = {q: accum[q] / tokens for q in dict.fromkeys(owners.values())}
+        out = {p: LayerStats(covs_by_owner[owners[p]], tokens) for p in paths}
+        for p, (a, b) in small.items():
+            self.sparsity[p] = a / max(b, 1)
+        for p in paths:
+            if p not in self.sparsity and owners[p] in self.sparsity:
+                self.sparsity[p] = self.sparsity[owners[p]]
+        if cache is not None:
+            self._store(cache, out, tokens)
+        self.layers_computed.append(layer)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def _store(self, cache: Path, stats: dict[str, LayerStats], tokens: int) -> None:
+        covs: list[torch.Tensor] = []
+        index: dict[str, int] = {}
+        seen: dict[int, int] = {}
+        for p, s in stats.items():
+            if id(s.input_cov) not in seen:
+                seen[id(s.input_cov)] = len(covs)
+                covs.append(s.input_cov.float())
+            index[p] = seen[id(s.input_cov)]
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"covs": covs, "index": index, "tokens": tokens}, tmp)
+            os.replace(tmp, cache)
+        except OSError:  # a read-only or full cache never breaks a run
+            pass
+
+    def describe(self) -> dict[str, Any]:
+        out = dict(self.record)
+        out.update(
+            batch=self.batch_size,
+            sequential=True,
+            layers_computed=self.layers_computed,
+            cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
+            seconds=round(self.seconds, 3),
+        )
+        if self.allocation is not None:
+            out["allocation"] = self.allocation
+        return out
+
+    def release(self) -> None:
+        """Drop the held hidden states (call after decomposition to return their memory)."""
+        self._hidden, self._kwargs = None, []
+
+
+def build_stats_provider(
+    spec: DecompositionSpec,
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Any = None,
+    model_id: str | None = None,
+    eval_tasks: Iterable[str] | None = None,
+) -> SequentialStatsProvider:
+    """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them."""
+    from .architectures import adapter_for_model
+    from .assets import cache_root
+
+    if tokenizer is None:
+        raise SpecError("calib: calibration needs the model's tokenizer")
+    adapter = adapter or adapter_for_model(model)
+    root = data_root()
+    sources = parse_calib(spec.calib or "wikitext_local")
+    tasks = list(eval_tasks) if eval_tasks is not None else evaluated_tasks_from_env()
+    leak = check_no_leak(sources, tasks, root)
+    ids, record = calibration_tokens(spec, tokenizer, root)
+    record["leak_check"] = leak
+    record["data_dir"] = str(root)
+    cache_dir = cache_root() / "calib" if spec.cache else None
+    key = model_fingerprint(model, model_id) if cache_dir is not None else None
+    return SequentialStatsProvider(model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec)

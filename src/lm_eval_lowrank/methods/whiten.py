@@ -1,0 +1,83 @@
+"""Truncation-aware data whitening (SVD-LLM-like).
+
+With C_x = S S^T (S the lower Cholesky factor of the input covariance), the output error
+of any W_hat is ||(W - W_hat) X||_F^2 = N ||(W - W_hat) S||_F^2, so truncating the SVD of
+W S and folding S^-1 back in (W_hat = U_r diag(s_r) V_r^T S^-1) is the optimal rank-r
+weight for these inputs; the discarded singular values of W S are exactly the error.
+
+Activation covariances of real models are often near-singular (dead or duplicated
+features, fewer tokens than features). The factorisation is tried in fp32, then with
+lambda * mean(diag) * I added (lambda growing), then in fp64 the same way; if even that
+fails the error names the module's statistics in one line.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import SpecError
+from . import Factors, LayerStats, register_method
+from .rom import _check_stats
+from .tucker import truncated_svd
+
+# Regularisation strengths tried, relative to the mean of diag(C); 0 first (no change).
+FP32_LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4)
+FP64_LAMBDAS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class WhiteningError(SpecError):
+    """The input covariance could not be factorised even regularised in fp64."""
+
+
+def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAMBDAS, fp64_lambdas: tuple[float, ...] = FP64_LAMBDAS) -> tuple[torch.Tensor, float, torch.dtype]:
+    """Lower-triangular S with S S^T = C + lambda*mean(diag C)*I, trying the lambdas in order.
+
+    Returns (S, lambda used, dtype used). A factor counts as failed when the Cholesky
+    reports a non-positive pivot or S has a non-finite or zero diagonal entry (S^-1 then
+    does not exist or overflows).
+    """
+    if not torch.isfinite(C).all():
+        raise WhiteningError("calib: input covariance has NaN/inf entries; calibrate in float32 (dtype=float32)")
+    scale = float(torch.diagonal(C).to(torch.float64).mean())
+    if not scale > 0:
+        raise WhiteningError("calib: input covariance is all zero (the module saw only zero inputs); use more or other calibration data")
+    tried = []
+    for dtype, lambdas in ((torch.float32, fp32_lambdas), (torch.float64, fp64_lambdas)):
+        A = C.to(dtype)
+        A = 0.5 * (A + A.mT)
+        eye = torch.eye(A.shape[0], dtype=dtype)
+        for lam in lambdas:
+            S, info = torch.linalg.cholesky_ex(A + (lam * scale) * eye if lam else A)
+            d = torch.diagonal(S)
+            # A tiny pivot in fp32 makes S^-1 blow up even when Cholesky "succeeds".
+            tiny = 1e-6 if dtype == torch.float32 else 1e-12
+            if int(info) == 0 and torch.isfinite(S).all() and float(d.min()) > tiny * scale**0.5:
+                return S, lam, dtype
+            tried.append(f"{str(dtype).removeprefix('torch.')}@{lam:g}")
+    raise WhiteningError(
+        f"calib: input covariance is not positive definite even regularised (tried {', '.join(tried)}); "
+        "use more calibration tokens (calib_n/calib_len) or method=rom"
+    )
+
+
+@register_method("whiten", needs_calibration=True)
+def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, **_: object) -> Factors:
+    """Truncated SVD of W S, with S^-1 folded back into the right factor."""
+    C = _check_stats("whiten", weight, stats)
+    out_f, in_f = weight.shape
+    if not 1 <= rank <= min(out_f, in_f):
+        raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
+    S, lam, dtype = whitening_factor(C)
+    W = weight.to(dtype)
+    svd = truncated_svd(W @ S, rank, solver=solver, seed=seed, dtype=dtype)
+    # right^T = V_r^T S^-1  <=>  S^T right = V_r, with S^T upper triangular.
+    right = torch.linalg.solve_triangular(S.mT, svd.V, upper=True)
+    if not torch.isfinite(right).all():  # pragma: no cover - excluded by the pivot check
+        raise WhiteningError("calib: whitening produced non-finite factors; use method=rom")
+    out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return Factors(
+        left=svd.U.to(out_dtype).contiguous(),
+        core=torch.diag(svd.S).to(out_dtype),
+        right=right.to(out_dtype).contiguous(),
+        info={"solver": f"whiten-{svd.solver}", "whiten_lambda": lam, "whiten_dtype": str(dtype).removeprefix("torch.")},
+    )
