@@ -1,0 +1,426 @@
+"""Compressed checkpoints and the decomposition cache, on a tiny random Llama (tied embeddings)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama_config
+
+BIN = Path(sys.executable).parent
+SPEC = {"rank": 4, "layers": "1|3"}
+WORDS = "the a of and to in is was for on that with as by at from it an be this are or his her which".split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS + [f"w{i}" for i in range(90)]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def make_tiny_dir(path: Path) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_dir(tmp_path_factory.mktemp("tiny_src"))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_EVAL_LOWRANK_CACHE", str(tmp_path / "cache"))
+
+
+INPUT = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def load_dense(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def compress(path: Path, **extra):
+    from lm_eval_lowrank.api import compress_model
+
+    model = load_dense(path)
+    report = compress_model(model, {**SPEC, **extra}, model_id=str(path), progress=False)
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_dir, tmp_path_factory):
+    """(checkpoint dir, logits of the decompose-on-load model, report)."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import save_compressed
+
+    model = load_dense(tiny_dir)
+    report = compress_model(model, {**SPEC, "cache": False}, progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / "c"
+    save_compressed(model, out, report, tokenizer=AutoTokenizer.from_pretrained(str(tiny_dir)), source={"model_id": str(tiny_dir)})
+    return out, logits(model), report
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- round trip --------------------------------------------------------------------------------
+
+
+def test_round_trip_gives_identical_logits_and_tied_embeddings(saved):
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.modules import LowRankLinear
+
+    out, expected, report = saved
+    model = load_compressed(out)
+    assert torch.equal(logits(model), expected)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lowrank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert lowrank == set(report.plan.module_names())
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(b.device.type == "meta" for b in model.buffers())
+
+
+def test_hf_tucker_loads_checkpoint_like_decompose_on_load(saved, tiny_dir):
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    out, _, _ = saved
+    on_load = HFTuckerLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", cache=False, **SPEC)
+    from_ckpt = HFTuckerLM(pretrained=str(out), device="cpu", dtype="float32")
+    assert torch.equal(logits(from_ckpt.model), logits(on_load.model))
+    rep = from_ckpt.lowrank_info()["decomposition"]
+    assert rep["loaded_from_checkpoint"] == str(out)
+    assert rep["modules"] == on_load.lowrank_info()["decomposition"]["modules"]
+    assert rep["decomposition_seconds"] == 0.0
+
+
+def test_manifest_records_the_decomposition(saved, tiny_dir):
+    from lm_eval_lowrank import __version__
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, sha256_file
+
+    out, _, report = saved
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["method"] == "tucker" and m["layout"] == "folded"
+    assert m["layers"] == [1, 3] and m["tensors"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert m["ranks"] == report.plan.ranks()
+    assert m["source"]["model_id"] == str(tiny_dir)
+    assert m["package_version"] == __version__
+    assert m["weights"][WEIGHTS_NAME]["sha256"] == sha256_file(out / WEIGHTS_NAME)
+    assert m["params"]["before"] == report.params_before and m["params"]["after"] == report.params_after
+    assert m["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    # factors only: no dense weight of a decomposed module, and the tokenizer travels along
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS_NAME), "pt") as f:
+        keys = set(f.keys())
+    for path in report.plan.module_names():
+        assert f"{path}.first" in keys and f"{path}.last" in keys and f"{path}.weight" not in keys
+    assert "lm_head.weight" not in keys
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_checkpoint_is_smaller_by_the_parameter_reduction(saved, tiny_dir):
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint
+
+    out, _, report = saved
+    dense = sum(p.stat().st_size for p in tiny_dir.glob("*.safetensors"))
+    ratio = CompressedCheckpoint.open(out).weight_bytes() / dense
+    expected = report.params_after / report.params_before
+    assert expected < 0.75
+    assert ratio == pytest.approx(expected, abs=0.02)
+
+
+def test_plain_from_pretrained_does_not_load_it_silently(saved):
+    from transformers import AutoModelForCausalLM
+
+    out, _, _ = saved
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_detect_is_none_for_dense_folders(tiny_dir, tmp_path):
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint
+
+    assert CompressedCheckpoint.detect(str(tiny_dir)) is None
+    assert CompressedCheckpoint.detect(str(tmp_path / "nope")) is None
+    assert CompressedCheckpoint.detect("HuggingFaceTB/SmolLM2-135M") is None
+
+
+def test_save_refuses_to_clobber_a_foreign_folder(saved, tiny_dir, tmp_path):
+    from lm_eval_lowrank.checkpoint import CheckpointError, load_compressed, save_compressed
+
+    out, _, _ = saved
+    model = load_compressed(out)
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint
+
+    dec = CompressedCheckpoint.open(out).manifest["decomposition"]
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_compressed(model, tiny_dir, dec)
+    with pytest.raises(CheckpointError, match="not a compressed checkpoint"):
+        save_compressed(model, tiny_dir, dec, overwrite=True)
+    again = save_compressed(model, tmp_path / "again", dec)
+    assert torch.equal(logits(load_compressed(again)), logits(model))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+# -- integrity -----------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc)
+    assert "\n" not in msg
+    return msg
+
+
+def test_corrupted_weights_are_refused(saved, tmp_path):
+    from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, load_compressed
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    f = ck / WEIGHTS_NAME
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte in tensor data, size unchanged
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as ei:
+        load_compressed(ck)
+    assert "sha256" in _one_line(ei.value) and str(f) in str(ei.value)
+
+
+def test_truncated_weights_are_refused(saved, tmp_path):
+    from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, load_compressed
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    f = ck / WEIGHTS_NAME
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError) as ei:
+        load_compressed(ck)
+    assert "truncated" in _one_line(ei.value)
+
+
+def test_manifest_that_does_not_match_the_weights_is_refused(saved, tmp_path):
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME, CheckpointError, load_compressed
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    mpath = ck / MANIFEST_NAME
+    m = json.loads(mpath.read_text())
+    first = next(iter(m["modules"]))
+    m["modules"][first]["rank"] = 5
+    m["ranks"][first] = 5
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError) as ei:
+        load_compressed(ck)
+    assert "does not match the weights" in _one_line(ei.value) and first in str(ei.value)
+
+
+def test_damaged_manifest_is_refused_not_ignored(saved, tmp_path):
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME, CheckpointError, CompressedCheckpoint
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    (ck / MANIFEST_NAME).write_text('{"format": "lm-eval-lowrank/compressed", "weights": ')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        CompressedCheckpoint.detect(str(ck))
+
+
+# -- the decomposition cache ---------------------------------------------------------------------
+
+
+def test_cache_miss_then_hit_with_identical_logits(tiny_dir):
+    m1, r1 = compress(tiny_dir)
+    assert r1.cache["enabled"] and not r1.cache["hit"] and r1.cache["stored"]
+    assert Path(r1.cache["path"]).is_file()
+    m2, r2 = compress(tiny_dir)
+    assert r2.cache["hit"] and r2.cache["key"] == r1.cache["key"]
+    assert torch.equal(logits(m1), logits(m2))
+    assert r2.to_dict()["modules"] == r1.to_dict()["modules"] and r2.params_after == r1.params_after
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+
+
+def test_cache_key_follows_the_configuration_and_weights(tiny_dir):
+    _, base = compress(tiny_dir)
+    _, other_rank = compress(tiny_dir, rank=3)
+    _, other_seed = compress(tiny_dir, seed=1)
+    assert len({base.cache["key"], other_rank.cache["key"], other_seed.cache["key"]}) == 3
+    assert not other_rank.cache["hit"] and not other_seed.cache["hit"]
+    # weights changed in memory after loading (e.g. a merged delta) must not reuse factors
+    from lm_eval_lowrank.api import compress_model
+
+    model = load_dense(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    r = compress_model(model, SPEC, model_id=str(tiny_dir), progress=False)
+    assert not r.cache["hit"] and r.cache["key"] != base.cache["key"]
+
+
+def test_cache_off_with_cache_false(tiny_dir):
+    _, r = compress(tiny_dir, cache=False)
+    assert not (r.cache or {}).get("hit")
+    cache_dir = Path(os.environ["LM_EVAL_LOWRANK_CACHE"]) / "decomp"
+    assert not list(cache_dir.rglob("*.safetensors")) if cache_dir.exists() else True
+
+
+def test_source_hashes_are_memoised_by_size_and_mtime(tiny_dir, tmp_path, monkeypatch):
+    from lm_eval_lowrank import checkpoint as ck
+
+    calls = []
+    real = ck.sha256_file
+    monkeypatch.setattr(ck, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    idx = ck.FileHashIndex(tmp_path / "idx.json")
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"abc")
+    d1 = idx.digest(f)
+    assert idx.digest(f) == d1 and len(calls) == 1
+    f.write_bytes(b"abcd")
+    assert idx.digest(f) != d1 and len(calls) == 2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_entry_is_recomputed_with_a_warning(tiny_dir, damage):
+    m1, r1 = compress(tiny_dir)
+    entry = Path(r1.cache["path"])
+    data = bytearray(entry.read_bytes())
+    if damage == "flip":
+        data[-50] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="recomputing"):
+        m2, r2 = compress(tiny_dir)
+    assert not r2.cache["hit"] and r2.cache["stored"]
+    assert torch.equal(logits(m1), logits(m2))
+    _, r3 = compress(tiny_dir)  # the rewritten entry is whole again
+    assert r3.cache["hit"]
+
+
+def _concurrent_writer(src: str, cache: str, rounds: int, barrier) -> None:
+    os.environ["LM_EVAL_LOWRANK_CACHE"] = cache
+    from transformers import AutoModelForCausalLM
+
+    from lm_eval_lowrank.api import as_spec
+    from lm_eval_lowrank.checkpoint import DecompositionCache
+    from lm_eval_lowrank.decompose import decompose_model
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cache_obj = DecompositionCache.for_model(model, src)
+    spec = as_spec(SPEC)
+    assert cache_obj.try_load(model, spec) is None  # a miss fingerprints the dense weights
+    pending = cache_obj._pending[id(model)]
+    report = decompose_model(model, spec, progress=False)
+    barrier.wait()  # both processes write the same entry at the same moment, repeatedly
+    for _ in range(rounds):
+        cache_obj._pending[id(model)] = pending
+        report.cache = None
+        assert cache_obj.store(model, report) is not None
+
+
+def test_concurrent_cache_writes_leave_a_whole_entry(tiny_dir, tmp_path):
+    cache = str(tmp_path / "cache")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_concurrent_writer, args=(str(tiny_dir), cache, 15, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entries = list(Path(cache, "decomp").rglob("*.safetensors"))
+    assert len(entries) == 1
+    assert not [p for p in Path(cache, "decomp").rglob("*") if p.name.endswith(".tmp")]
+    m, r = compress(tiny_dir)  # same entry: read back whole, verified, and used
+    assert r.cache["hit"] and r.cache["path"] == str(entries[0])
+    m_ref, _ = compress(tiny_dir, cache=False)
+    assert torch.equal(logits(m), logits(m_ref))
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_decompose_writes_a_loadable_checkpoint(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import decompose
+    from lm_eval_lowrank.checkpoint import load_compressed
+
+    out = tmp_path / "ck"
+    r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4,layers=1|3,dtype=float32", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "saved" in r.output and "cache miss" in r.output
+    m_ref, _ = compress(tiny_dir, cache=False)
+    assert torch.equal(logits(load_compressed(out)), logits(m_ref))
+    r2 = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4,layers=1|3", "--out", str(out)])
+    assert r2.exit_code != 0 and "not empty" in r2.output
+    r3 = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4,layers=1|3", "--out", str(out), "--overwrite", "--quiet"])
+    assert r3.exit_code == 0 and "cache hit" in r3.output
+
+
+def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
+    r = subprocess.run(
+        [str(BIN / "lm-eval-lowrank"), "decompose", "--model_args", f"pretrained={tiny_dir},rank=4,batch_size=2", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "batch_size" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- end to end through lm_eval ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_hf_tucker_on_a_saved_checkpoint(saved, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    with docs.open("w") as f:
+        for i in range(4):
+            f.write(json.dumps({"q": f"the w{i} of", "choices": [f"w{i + 1}", "the", "and"], "label": i % 3}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "output_type: multiple_choice\ntraining_split: null\ntest_split: test\n"
+        'doc_to_text: "{{q}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(
+        [str(BIN / "lm_eval"), "--model", "hf-tucker", "--model_args", f"pretrained={saved[0]},dtype=float32",
+         "--tasks", "tiny_mc", "--include_path", str(tasks), "--limit", "4", "--device", "cpu",
+         "--batch_size", "2", "--output_path", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())
+    dec = res["config"]["lowrank"]["decomposition"]
+    assert dec["loaded_from_checkpoint"] == str(saved[0])
+    assert dec["modules"] == saved[2].plan.module_names()
+    assert 0.0 <= res["results"]["tiny_mc"]["acc,none"] <= 1.0
