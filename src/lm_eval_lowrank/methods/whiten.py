@@ -38,7 +38,7 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
     """
     if not torch.isfinite(C).all():
         raise WhiteningError("calib: input covariance has NaN/inf entries; calibrate in float32 (dtype=float32)")
-    scale = float(torch.diagonal(C).to(torch.float64).mean())
+    scale = float(torch.diagonal(C).to(torch.float64).abs().mean())
     if not scale > 0:
         raise WhiteningError("calib: input covariance is all zero (the module saw only zero inputs); use more or other calibration data")
     tried = []
