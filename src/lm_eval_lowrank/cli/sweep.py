@@ -1,0 +1,201 @@
+"""``lm-eval-lowrank sweep | report | search``: characterisation grids, their report, Definition-1 search.
+
+Examples::
+
+    lm-eval-lowrank sweep --model PATH --tasks arc_easy_local,lambada_openai_local \\
+        --ranks 1,8 --layer-sets 'single:3|16|30;table4' --tensor-groups all --limit 20 \\
+        --store sweep.jsonl
+    lm-eval-lowrank report sweep.jsonl --out report/
+    lm-eval-lowrank search --model PATH --tasks arc_easy_local --tolerance 0.03 \\
+        --objective 'latency*energy' --limits 10,50 --store sweep.jsonl
+
+A killed sweep or search resumes where it stopped when run again with the same store.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+import click
+
+from ..spec import SpecError
+
+
+class OneLineBadParameter(click.BadParameter):
+    """A usage error naming the option, printed as one line (no usage banner)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+def _int_list(value: str, option: str, minimum: int = 1) -> list[int]:
+    out = []
+    for part in str(value).split(","):
+        part = part.strip()
+        try:
+            n = int(part)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise OneLineBadParameter(f"{value!r}: {part!r} is not an int >= {minimum}; give a comma-separated list like 1,8", param_hint=f"'{option}'")
+        out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def _tasks(value: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in str(value).split(",") if t.strip())
+    if not tasks:
+        raise OneLineBadParameter(f"{value!r}: give task names separated by ',' (e.g. arc_easy_local,lambada_openai_local)", param_hint="'--tasks'")
+    return tasks
+
+
+def _include_path(include_path: str | None, tasks: tuple[str, ...]) -> str | None:
+    """The local tasks folder when any task is one of ours and no --include-path was given."""
+    if include_path or not any(t.endswith("_local") for t in tasks):
+        return include_path
+    try:
+        from ..tasks import task_dir
+    except ImportError:
+        return None
+    return str(task_dir())
+
+
+def _runner(model: str, tasks: str, store: str, include_path: str | None, device: str, batch_size: str, model_args: str) -> Any:
+    from ..store import Store
+    from ..sweep import Runner
+
+    task_names = _tasks(tasks)
+    return Runner(
+        model=model,
+        tasks=task_names,
+        store=Store.open(store),
+        include_path=_include_path(include_path, task_names),
+        device=device,
+        batch_size=batch_size,
+        model_args=model_args,
+    )
+
+
+def _limit(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise OneLineBadParameter(f"{value!r} is not an int >= 1 (documents per task)", param_hint="'--limit'")
+    return value
+
+
+_common = [
+    click.option("--model", required=True, help="HF model folder or hub id (e.g. $(lm-eval-lowrank fetch-model))."),
+    click.option("--tasks", required=True, help="Comma-separated lm-eval task names, e.g. arc_easy_local,lambada_openai_local."),
+    click.option("--include-path", default=None, help="lm-eval --include_path; default: the local tasks folder when a *_local task is named."),
+    click.option("--device", default="cpu", show_default=True, help="Device for HFLM (cpu, cuda, cuda:0)."),
+    click.option("--batch-size", default="8", show_default=True, help="HFLM batch size (an int or 'auto')."),
+    click.option("--model-args", "model_args", default="", help="Extra HFLM model_args, e.g. dtype=float32 (not pretrained/rank/layers/tensors)."),
+]
+
+
+def common(f: Any) -> Any:
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+@click.command("sweep")
+@common
+@click.option("--ranks", default="1", show_default=True, help="Comma-separated ranks, e.g. 1,8.")
+@click.option("--layer-sets", "layer_sets", default="single", show_default=True, help="';'-separated: table4 | single | single:3|15|28 | spread:1-4 | all | 3|15|28.")
+@click.option("--tensor-groups", "tensor_groups", default="all", show_default=True, help="','-separated: all | attn | mlp | single | q|k (explicit).")
+@click.option("--limit", type=int, default=None, help="Documents per task (lm-eval --limit); default: all.")
+@click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines results store (created, or resumed).")
+@click.option("--dry-run", is_flag=True, help="Print the grid (and which rows are already stored) and exit.")
+def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, ranks: str, layer_sets: str, tensor_groups: str, limit: int | None, store: str, dry_run: bool) -> None:
+    """Run ranks x layer sets x tensor groups (plus the dense baseline) through hf-tucker."""
+    from ..sweep import build_grid, expand_layer_sets, expand_tensor_groups, model_info, run_sweep
+
+    rank_list = _int_list(ranks, "--ranks")
+    limit = _limit(limit)
+    num_layers, _, adapter = model_info(model)
+    grid = build_grid(rank_list, expand_layer_sets(layer_sets, num_layers), expand_tensor_groups(tensor_groups, adapter))
+    runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    if dry_run:
+        for cfg in grid:
+            state = "stored" if runner.store.done(runner.key(cfg.spec_args(), limit)) else "to run"
+            click.echo(f"{state:7s} {cfg.label}  model_args='{runner.model_args_string(cfg.spec_args())}'")
+        return
+    if runner.store.repaired_bytes:
+        click.echo(f"store: cut a torn last line ({runner.store.repaired_bytes} bytes) left by an interrupted run", err=True)
+    rows = run_sweep(runner, grid, limit)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    click.echo(f"{len(rows) - len(failed)}/{len(grid)} configurations in {store} ({runner.evaluated} run now)")
+    if failed:
+        for r in failed:
+            click.echo(f"failed: {r.get('label')}: {r.get('error')}", err=True)
+        sys.exit(1)
+
+
+@click.command("report")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.md and the PNG plots.")
+def report(store: str, out_dir: str) -> None:
+    """Markdown table and PNG plots (accuracy, latency, energy, memory, sensitivity) from a store."""
+    from ..report import ReportError, write_report
+    from ..store import StoreError
+
+    try:
+        files = write_report(store, out_dir)
+    except (ReportError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for f in files:
+        click.echo(str(f))
+
+
+@click.command("search")
+@common
+@click.option("--tolerance", type=float, default=0.03, show_default=True, help="Largest accuracy drop allowed (fraction: 0.03 = 3 points).")
+@click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
+@click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks.")
+@click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
+@click.option("--no-table4", is_flag=True, help="Leave the Table 4 layer sets out of the candidates.")
+@click.option("--limits", default="10,50", show_default=True, help="Documents per task at each successive-halving rung, screening first, e.g. 10,50 or 8,24,100.")
+@click.option("--eta", type=float, default=3.0, show_default=True, help="Keep the best 1/eta of the candidates at each screening rung.")
+@click.option("--prune-margin", type=float, default=0.10, show_default=True, help="Prune at screening when the drop exceeds tolerance + this margin.")
+@click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True, help="Drop over tasks: mean, or the worst task.")
+@click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, max_k: int, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, store: str) -> None:
+    """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
+    from ..search import default_candidates, parse_objective, pareto_front
+    from ..search import search as run_search
+    from ..sweep import model_info
+
+    if tolerance < 0:
+        raise OneLineBadParameter(f"{tolerance!r} is not a drop >= 0 (fraction, e.g. 0.03)", param_hint="'--tolerance'")
+    if eta <= 1:
+        raise OneLineBadParameter(f"{eta!r} is not > 1", param_hint="'--eta'")
+    if max_k < 1:
+        raise OneLineBadParameter(f"{max_k!r} is not an int >= 1", param_hint="'--max-k'")
+    try:
+        objective = parse_objective(objective)
+    except SpecError as exc:
+        raise OneLineBadParameter(str(exc), param_hint="'--objective'") from None
+    limit_list = _int_list(limits, "--limits")
+    num_layers, _, _ = model_info(model)
+    candidates = default_candidates(num_layers, _int_list(ranks, "--ranks"), max_k=max_k, table4=not no_table4)
+    runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
+    res = run_search(candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True))
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    best = res.best
+    click.echo(f"objective: {objective} (used: {res.objective_used}); tolerance {tolerance:g} ({aggregate} drop over {', '.join(runner.tasks)}), decided at limit {best.limit}")
+    if best.candidate.is_dense:
+        click.echo("chosen: dense (no decomposition)")
+    else:
+        click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
+    args = runner.model_args_string(best.candidate.spec)
+    # always quoted: '|' in layers would otherwise be a shell pipe
+    click.echo("--model_args " + (shlex.quote(args) if "'" in args else f"'{args}'"))
+    click.echo(f"evaluations: {len(res.history)} ({runner.evaluated} run now, the rest from the store)")
+    click.echo("Pareto front (parameter reduction vs accuracy drop, last rung):")
+    click.echo(f"  {'reduction':>9}  {'drop (pts)':>10}  {'objective':>10}  config")
+    for e in pareto_front(res.final):
+        click.echo(f"  {100 * e.row.get('param_reduction', 0):8.2f}%  {100 * e.drop:+10.1f}  {e.objective:10.4g}  {e.candidate.name}{'  (feasible)' if e.row.get('feasible') else ''}")

@@ -1,0 +1,230 @@
+"""From a sweep store to a Markdown table and PNG plots (matplotlib, Agg backend).
+
+Plots follow the research's figures: accuracy against parameter reduction per task;
+latency, energy and memory against reduction (relative to the dense baseline); and
+sensitivity bars, the accuracy drop when a single layer (all its tensors) or a single
+tensor (in every layer) is decomposed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .store import Store
+
+
+class ReportError(ValueError):
+    """The store cannot be reported on (one line)."""
+
+
+def _groups(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[tuple[str, ...], Any], list[Mapping[str, Any]]]:
+    """Rows grouped by (tasks, limit): only rows evaluated on the same documents compare."""
+    out: dict[tuple[tuple[str, ...], Any], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[(tuple(sorted(r.get("tasks") or [])), r.get("limit"))].append(r)
+    return out
+
+
+def _dense(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((r for r in rows if not r.get("spec")), None)
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _num(x: Any, fmt: str = "{:.3f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _rel(row: Mapping[str, Any], dense: Mapping[str, Any], key: str) -> float | None:
+    a, b = row.get(key), dense.get(key)
+    if a is None or b in (None, 0):
+        return None
+    return a / b - 1.0
+
+
+def _spec_cols(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    s = row.get("spec") or {}
+    if not s:
+        return "-", "-", "-"
+    return str(s.get("rank")), str(s.get("layers", "all")), str(s.get("tensors", "all"))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One table per (tasks, limit) group, dense first, then by parameter reduction."""
+    parts: list[str] = []
+    for (tasks, limit), group in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        dense = _dense(group)
+        parts.append(f"### tasks: {', '.join(tasks)}; limit: {limit if limit is not None else 'all'} documents per task\n")
+        head = ["config", "rank", "layers", "tensors", "param cut"]
+        head += [f"{t} ({(dense or group[0]).get('primary_metric', {}).get(t) or '-'})" for t in tasks]
+        head += ["mean drop (pts)", "latency (s)", "Δlatency", "tok/s", "energy (J)", "peak mem (MiB)", "decomp (s)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        ordered = sorted(group, key=lambda r: (bool(r.get("spec")), r.get("param_reduction") or 0.0, r.get("label", "")))
+        for r in ordered:
+            rank, layers, tensors = _spec_cols(r)
+            accs = [_num((r.get("accuracy") or {}).get(t)) for t in tasks]
+            drop = None
+            if dense is not None:
+                ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if (dense.get("accuracy") or {}).get(t) is not None and (r.get("accuracy") or {}).get(t) is not None]
+                drop = sum(ds) / len(ds) if ds else None
+            energy = _num(r.get("energy_joules"), "{:.1f}") if r.get("energy_available") else "n/a"
+            mem = r.get("memory_bytes")
+            cells = [
+                str(r.get("label", "")),
+                rank,
+                layers,
+                tensors,
+                _pct(r.get("param_reduction")),
+                *accs,
+                _num(None if drop is None else 100 * drop, "{:+.1f}"),
+                _num(r.get("latency_seconds"), "{:.1f}"),
+                _pct(_rel(r, dense, "seconds_per_token"), 1) if dense else "n/a",
+                _num(r.get("tokens_per_second"), "{:.1f}"),
+                energy,
+                _num(None if mem is None else mem / 2**20, "{:.0f}"),
+                _num(r.get("decomposition_seconds"), "{:.1f}"),
+            ]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _accuracy_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Sequence[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"single-layer": "o", "single-tensor": "s", "layer-set": "^", "tensor-group": "D", "mixed": "x"}
+    for i, task in enumerate(tasks):
+        color = f"C{i}"
+        for axis, marker in markers.items():
+            pts = [(100 * r["param_reduction"], 100 * r["accuracy"][task]) for r in group if r.get("spec") and r.get("axis", "mixed") == axis and r["accuracy"].get(task) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, color=color, marker=marker, alpha=0.75, label=f"{task}: {axis}")
+        dense = _dense(group)
+        if dense and dense["accuracy"].get(task) is not None:
+            ax.axhline(100 * dense["accuracy"][task], color=color, ls="--", lw=1, label=f"{task}: dense")
+    ax.set_xlabel("parameter reduction (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _efficiency_plot(plt: Any, group: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    dense = _dense(group)
+    comp = [r for r in group if r.get("spec")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("seconds_per_token", "latency change vs dense (%)", "latency (s/token)"), ("joules_per_token", "energy change vs dense (%)", "energy (J/token)"), ("memory_bytes", "peak memory change vs dense (%)", "memory")]
+    for ax, (key, ylabel, name) in zip(axes, panels):
+        pts = []
+        for r in comp:
+            if key == "joules_per_token" and not r.get("energy_available"):
+                continue
+            rel = _rel(r, dense, key) if dense else None
+            if rel is not None:
+                pts.append((100 * r["param_reduction"], 100 * rel))
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, alpha=0.75)
+            hi = max(xs)
+            ax.plot([0, hi], [0, -0.5 * hi], ls=":", color="grey", label="paper: -0.5% per 1% params")
+            ax.plot([0, hi], [0, -hi], ls="--", color="lightgrey", label="proportional: -1% per 1%")
+            ax.legend(fontsize=7)
+        else:
+            reason = (dense or {}).get("energy_reason") if key == "joules_per_token" else "no data"
+            ax.text(0.5, 0.5, f"{name} unavailable\n({reason})", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel("parameter reduction (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sensitivity_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Sequence[str], axis: str, path: Path, title: str) -> bool:
+    dense = _dense(group)
+    rows = [r for r in group if r.get("axis") == axis]
+    if not rows or dense is None:
+        return False
+    # one series per (rank, the other axis), bars per layer / tensor
+    series: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        s = r["spec"]
+        other = s.get("tensors", "all") if axis == "single-layer" else s.get("layers", "all")
+        ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if dense["accuracy"].get(t) is not None and r["accuracy"].get(t) is not None]
+        if ds:
+            series[f"rank {s.get('rank')}" + (f", {other}" if other != "all" else "")][str(s["layers"] if axis == "single-layer" else s["tensors"])] = 100 * sum(ds) / len(ds)
+    if not series:
+        return False
+    cats = sorted({c for v in series.values() for c in v}, key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cats) * len(series) + 2), 4))
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(sorted(series.items())):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(cats))]
+        ax.bar(xs, [vals.get(c, 0.0) for c in cats], width=width, label=name)
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("decomposed layer (1-based, all tensors)" if axis == "single-layer" else "decomposed tensor (in every layer)")
+    ax.set_ylabel("mean accuracy drop vs dense (points)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(store_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write ``report.md`` and the PNG plots into ``out_dir``; returns the files written."""
+    store = Store.open(store_path, create=False)
+    rows = [r for r in store.rows() if r.get("accuracy") is not None]
+    if not rows:
+        raise ReportError(f"store {str(store_path)!r} holds no finished rows")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    written: list[Path] = []
+    groups = _groups(rows)
+    md = ["# Low-rank sweep report", "", f"Store: `{Path(store_path).name}`, {len(rows)} finished rows.", ""]
+    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; Δlatency is the change in seconds per token against the dense row of the same table. Energy is n/a where no counter is available (CPU).\n")
+    md.append(markdown_table(rows))
+    for gi, ((tasks, limit), group) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))):
+        suffix = "" if len(groups) == 1 else f"_{gi + 1}"
+        where = f"{', '.join(tasks)}; limit {limit}"
+        files = []
+        p = out / f"accuracy_vs_reduction{suffix}.png"
+        _accuracy_plot(plt, group, tasks, p, f"Accuracy vs parameter reduction ({where})")
+        files.append(p)
+        p = out / f"efficiency_vs_reduction{suffix}.png"
+        _efficiency_plot(plt, group, p, f"Latency, energy, memory vs parameter reduction ({where})")
+        files.append(p)
+        for axis, stem, what in (("single-layer", "layer_sensitivity", "single layer"), ("single-tensor", "tensor_sensitivity", "single tensor")):
+            p = out / f"{stem}{suffix}.png"
+            if _sensitivity_plot(plt, group, tasks, axis, p, f"Accuracy drop when one {what} is decomposed ({where})"):
+                files.append(p)
+        md.append(f"## Plots ({where})\n")
+        md += [f"![{f.stem}]({f.name})\n" for f in files]
+        written += files
+    report = out / "report.md"
+    report.write_text("\n".join(md), encoding="utf-8")
+    return [report, *written]

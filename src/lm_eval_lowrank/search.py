@@ -1,0 +1,222 @@
+"""Definition-1 search: the cheapest configuration whose accuracy drop stays within a tolerance.
+
+    minimise objective(c)  subject to  accuracy(dense) - accuracy(c) <= tau
+
+The candidate space follows the research's pruning rules (whole layers with all their
+tensors, never the first two or the last layer, layers spread apart; plus the Table 4
+sets). Evaluation is multi-fidelity successive halving: every candidate is screened on a
+few documents (``limits[0]``), candidates that screen far beyond tau are pruned, the best
+``1/eta`` go on to the next, larger ``limit``; only the last rung decides feasibility.
+
+The core (:func:`search`) takes an injected ``evaluate(spec, limit, phase=..., label=...)``
+that returns a store row, so it is tested without any model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import SpecError, format_layers
+
+OBJECTIVES = ("latency", "energy", "latency*energy", "memory", "params")
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    name: str
+    spec: Mapping[str, Any]  # the decomposition part of model_args ({} = dense)
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.spec
+
+
+DENSE = Candidate("dense", {})
+
+
+def default_candidates(num_layers: int, ranks: Sequence[int] = (1, 8), max_k: int = 4, table4: bool = True) -> list[Candidate]:
+    """Whole layers, spread apart, avoiding the first two and the last (k = 1..max_k), plus Table 4."""
+    from .design_space import spread_layer_sets, table4_layer_sets
+
+    band = max(num_layers - 3, 0)
+    sets: dict[tuple[int, ...], str] = {}
+    for k in range(1, min(max_k, band) + 1):
+        sets.setdefault(spread_layer_sets(num_layers, k), f"spread{k}")
+    if table4:
+        for name, layers in table4_layer_sets(num_layers).items():
+            sets.setdefault(tuple(layers), f"t4:{name}")
+    if not sets:
+        raise SpecError(f"num_layers={num_layers} leaves no layers to decompose once the first two and the last are avoided")
+    out = []
+    for r in ranks:
+        for layers, name in sets.items():
+            out.append(Candidate(f"r{r} {name} [{format_layers(layers)}]", {"rank": str(r), "layers": format_layers(layers), "tensors": "all"}))
+    return out
+
+
+# -- scoring ------------------------------------------------------------------------------
+def accuracy_drop(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: str = "mean") -> float:
+    """accuracy(dense) - accuracy(row), averaged over tasks (``mean``) or the worst task (``max``)."""
+    drops = []
+    for task, a0 in (dense.get("accuracy") or {}).items():
+        a = (row.get("accuracy") or {}).get(task)
+        if a0 is not None and a is not None:
+            drops.append(a0 - a)
+    if not drops:
+        raise SpecError("tasks: none of the tasks reports an accuracy-like metric (acc, exact_match, ...); the tolerance needs one")
+    return max(drops) if aggregate == "max" else sum(drops) / len(drops)
+
+
+def parse_objective(text: str) -> str:
+    obj = str(text).replace(" ", "").lower()
+    if obj in ("energy*latency", "latency×energy"):
+        obj = "latency*energy"
+    if obj not in OBJECTIVES:
+        raise SpecError(f"objective={text!r} is invalid: valid: {', '.join(OBJECTIVES)}")
+    return obj
+
+
+def objective_value(row: Mapping[str, Any], objective: str) -> tuple[float, str]:
+    """(value, objective actually used). Energy falls back to latency where it is unavailable."""
+    lat = row.get("seconds_per_token")
+    if objective == "params":
+        return float(row.get("params_after") or 0), "params"
+    if objective == "memory":
+        return float(row.get("memory_bytes") or 0), "memory"
+    energy = row.get("joules_per_token") if row.get("energy_available") else None
+    if objective in ("energy", "latency*energy") and energy is None:
+        objective = "latency"
+    if objective == "latency":
+        return (float(lat) if lat is not None else math.inf), "latency"
+    if objective == "energy":
+        return float(energy), "energy"  # type: ignore[arg-type]
+    return float(lat) * float(energy) if lat is not None else math.inf, "latency*energy"  # type: ignore[arg-type]
+
+
+@dataclass
+class Evaluation:
+    candidate: Candidate
+    limit: int | None
+    row: dict[str, Any]
+    drop: float
+    objective: float
+    rung: int
+
+
+@dataclass
+class SearchResult:
+    best: Evaluation  # the dense baseline when no candidate is feasible
+    dense: Evaluation
+    final: list[Evaluation]  # every evaluation of the last rung (dense first)
+    history: list[Evaluation] = field(default_factory=list)
+    objective_used: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> list[Evaluation]:
+        return [e for e in self.final if not e.candidate.is_dense and e.row.get("feasible")]
+
+
+def pareto_front(evals: Iterable[Evaluation]) -> list[Evaluation]:
+    """Points not dominated in (higher parameter reduction, lower accuracy drop), by reduction."""
+    pts = list(evals)
+    front = []
+    for e in pts:
+        red = e.row.get("param_reduction", 0.0)
+        dominated = any(
+            o.row.get("param_reduction", 0.0) >= red and o.drop <= e.drop and (o.row.get("param_reduction", 0.0) > red or o.drop < e.drop)
+            for o in pts
+        )
+        if not dominated:
+            front.append(e)
+    front.sort(key=lambda e: (e.row.get("param_reduction", 0.0), e.drop))
+    return front
+
+
+Evaluate = Callable[..., Mapping[str, Any]]
+
+
+def search(
+    candidates: Sequence[Candidate],
+    evaluate: Evaluate,
+    tolerance: float,
+    limits: Sequence[int | None] = (10, 50),
+    objective: str = "latency*energy",
+    eta: float = 3.0,
+    prune_margin: float = 0.1,
+    aggregate: str = "mean",
+    log: Callable[[str], None] = lambda s: None,
+) -> SearchResult:
+    """Successive halving over ``limits``; the last rung decides feasibility (drop <= tolerance).
+
+    At a screening rung, a candidate whose drop exceeds ``tolerance + prune_margin`` is
+    pruned (small limits are noisy, hence the margin); of the rest, those within tolerance
+    come first (cheapest first), then the near misses (smallest drop first), and the best
+    ``ceil(n / eta)`` go on.
+    """
+    objective = parse_objective(objective)
+    if tolerance < 0:
+        raise SpecError(f"tolerance={tolerance} is invalid: expected a drop >= 0 (e.g. 0.03 for 3 points)")
+    if not limits:
+        raise SpecError("limits: give at least one evaluation limit")
+    if eta <= 1:
+        raise SpecError(f"eta={eta} is invalid: expected > 1")
+    if aggregate not in ("mean", "max"):
+        raise SpecError(f"aggregate={aggregate!r} is invalid: valid: mean, max")
+    history: list[Evaluation] = []
+    notes: list[str] = []
+    used: set[str] = set()
+    alive = list({c.name: c for c in candidates}.values())  # names identify candidates
+    last = len(limits) - 1
+    final: list[Evaluation] = []
+    dense_eval: Evaluation | None = None
+    for rung, limit in enumerate(limits):
+        phase = "full" if rung == last else f"screen{rung}"
+        dense_row = dict(evaluate(dict(DENSE.spec), limit, phase=phase, label="dense"))
+        if dense_row.get("status", "ok") != "ok":
+            raise RuntimeError(f"the dense baseline failed at limit={limit}: {dense_row.get('error')}")
+        dv, du = objective_value(dense_row, objective)
+        used.add(du)
+        dense_eval = Evaluation(DENSE, limit, dense_row, 0.0, dv, rung)
+        history.append(dense_eval)
+        scored: list[Evaluation] = []
+        for cand in alive:
+            row = dict(evaluate(dict(cand.spec), limit, phase=phase, label=cand.name))
+            if row.get("status", "ok") != "ok":
+                log(f"  {cand.name}: failed ({row.get('error')}), dropped")
+                continue
+            d = accuracy_drop(dense_row, row, aggregate)
+            v, u = objective_value(row, objective)
+            used.add(u)
+            row["feasible"] = d <= tolerance + 1e-12
+            ev = Evaluation(cand, limit, row, d, v, rung)
+            scored.append(ev)
+            history.append(ev)
+            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
+        if rung == last:
+            final = [dense_eval, *scored]
+            break
+        kept = [e for e in scored if e.drop <= tolerance + prune_margin]
+        kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
+        n_next = max(1, math.ceil(len(scored) / eta))
+        pruned = len(scored) - len(kept)
+        alive = [e.candidate for e in kept[:n_next]]
+        log(f"rung {rung} (limit={limit}): {len(scored)} screened, {pruned} pruned beyond tau+{prune_margin:g}, {len(alive)} go on")
+        if not alive:
+            notes.append(f"every candidate screened beyond tolerance + {prune_margin:g} at limit={limit}")
+            final = [dense_eval]
+            break
+    assert dense_eval is not None
+    if objective in ("energy", "latency*energy") and "latency" in used:
+        reason = dense_eval.row.get("energy_reason") or "no energy counter"
+        notes.append(f"energy unavailable ({reason}): the objective falls back to latency (seconds per token)")
+    feasible = [e for e in final if not e.candidate.is_dense and e.row.get("feasible")]
+    if feasible:
+        best = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
+    else:
+        best = dense_eval
+        notes.append(f"no candidate stays within tolerance {tolerance:g}: keep the dense model")
+    return SearchResult(best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes)

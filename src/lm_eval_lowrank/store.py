@@ -1,0 +1,158 @@
+"""The results store of sweeps and searches: one JSON object per line (JSON Lines).
+
+Why JSON Lines rather than SQLite: a row is appended with a single ``write`` of one line
+followed by ``fsync``, so a kill can at worst leave one torn last line, which
+:meth:`Store.open` cuts off (the row is then simply run again). The file diffs and commits
+well, and ``jq``/pandas read it directly.
+
+Every row carries ``key`` = hash of (model, spec, tasks, limit): the identity of one
+evaluation. A resumed sweep skips keys whose last row has ``status == "ok"``; a key whose
+last row is an error is run again (the new row supersedes the old one).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+STORE_VERSION = 1
+
+
+def row_key(model: str, spec: Mapping[str, Any], tasks: Iterable[str], limit: int | float | None, extra: Mapping[str, Any] | None = None) -> str:
+    """A stable 16-hex-digit identity of one evaluation.
+
+    ``spec`` is normalised (keys sorted, values stringified) so ``layers=18`` and
+    ``layers="18"`` are the same evaluation; task order does not matter.
+    """
+    norm_spec = {str(k): str(v) for k, v in sorted(spec.items()) if v is not None}
+    payload = {
+        "model": str(model),
+        "spec": norm_spec,
+        "tasks": sorted(str(t) for t in tasks),
+        "limit": limit,
+        **({"extra": {str(k): extra[k] for k in sorted(extra)}} if extra else {}),
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+class StoreError(ValueError):
+    """A store file that cannot be read as JSON Lines (one line, names the file and line)."""
+
+
+class Store:
+    """An append-only JSON Lines file of evaluation rows, keyed by :func:`row_key`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._rows: list[dict[str, Any]] = []
+        self._latest: dict[str, dict[str, Any]] = {}
+        self.repaired_bytes = 0  # size of a torn tail cut off on open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], create: bool = True) -> Store:
+        store = cls(path)
+        if not store.path.exists():
+            if not create:
+                raise StoreError(f"store {str(store.path)!r} does not exist")
+            store.path.parent.mkdir(parents=True, exist_ok=True)
+            store.path.touch()
+        store._load(repair=create)
+        return store
+
+    # -- reading ----------------------------------------------------------------------
+    def _load(self, repair: bool) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+        tail = data[end:]
+        if tail:
+            try:  # a complete row whose newline never landed is still a row
+                json.loads(tail)
+                self._complete_tail(repair)
+                end = len(data)
+                data = data + b"\n"
+            except ValueError:
+                if repair:
+                    self._truncate(end)
+                self.repaired_bytes = len(tail)
+        for lineno, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise StoreError(f"store {str(self.path)!r} line {lineno} is not JSON; fix or remove that line") from None
+            if isinstance(row, dict) and "key" in row:
+                self._remember(row)
+
+    def _complete_tail(self, repair: bool) -> None:
+        if repair:
+            with open(self.path, "ab") as fh:
+                fh.write(b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _truncate(self, size: int) -> None:
+        with open(self.path, "r+b") as fh:
+            fh.truncate(size)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _remember(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self._latest[row["key"]] = row
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._latest
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._latest.get(key)
+
+    def done(self, key: str) -> bool:
+        row = self._latest.get(key)
+        return row is not None and row.get("status") == "ok"
+
+    def rows(self, ok_only: bool = True) -> list[dict[str, Any]]:
+        """The latest row of every key, in first-written order."""
+        seen: dict[str, None] = {}
+        for r in self._rows:
+            seen.setdefault(r["key"], None)
+        out = [self._latest[k] for k in seen]
+        return [r for r in out if r.get("status") == "ok"] if ok_only else out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows())
+
+    # -- writing ----------------------------------------------------------------------
+    def append(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one row durably: one write of one line, flush, fsync, under an exclusive lock."""
+        if "key" not in row:
+            raise StoreError("a store row needs a 'key'")
+        row = {"store_version": STORE_VERSION, **row}
+        line = (json.dumps(row, sort_keys=True, default=_json_default, allow_nan=True) + "\n").encode("utf-8")
+        with open(self.path, "ab") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # two sweeps on one store never interleave bytes
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        self._remember(row)
+        return row
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)

@@ -1,0 +1,399 @@
+"""Characterisation sweeps: a grid over ranks x layer sets x tensor groups through hf-tucker.
+
+Each configuration is one ``lm_eval.simple_evaluate(model="hf-tucker", ...)`` call and one
+row in a :class:`~lm_eval_lowrank.store.Store`. A dense baseline row (no decomposition) is
+always evaluated first, so every row has something to be compared with.
+
+Configurations run **in-process**, one after another, each with a fresh model load
+(hf-tucker decomposes in place, so weights cannot be shared between configurations).
+Why not one subprocess per configuration: on a small CPU box a fresh interpreter costs
+~7 s of imports plus ~20 s for lm-eval's TaskManager to index its tasks, which is as much
+as evaluating SmolLM2 on a few dozen documents. The cost of in-process runs is the peak
+memory figure: ``ru_maxrss`` is per process, so before each configuration the kernel's
+peak-RSS counter is reset (``/proc/self/clear_refs``, Linux); the row records whether
+that reset worked (``memory_reset``). Allocator memory kept from an earlier configuration
+can still count, so treat in-process CPU memory as an upper bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import SpecError, format_layers, parse_layers, parse_model_args, parse_tensors
+from .store import Store, row_key
+
+# Metrics that read as "accuracy" (higher is better), in order of preference per task.
+PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "mc2", "f1", "em")
+
+
+# -- the grid ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepConfig:
+    """One point of the grid. ``rank is None`` is the dense baseline."""
+
+    rank: int | None = None
+    layers: tuple[int, ...] | None = None  # 1-based, None = all
+    tensors: tuple[str, ...] | None = None  # None = all
+    layer_set: str = "all"  # how the layers were chosen (for labels and plots)
+    tensor_group: str = "all"
+
+    @property
+    def is_dense(self) -> bool:
+        return self.rank is None
+
+    def spec_args(self) -> dict[str, Any]:
+        """The decomposition part of ``model_args`` (empty for the dense baseline)."""
+        if self.is_dense:
+            return {}
+        return {
+            "rank": str(self.rank),
+            "layers": format_layers(self.layers),
+            "tensors": "all" if self.tensors is None else "|".join(self.tensors),
+        }
+
+    @property
+    def label(self) -> str:
+        if self.is_dense:
+            return "dense"
+        return f"r{self.rank} layers[{self.layer_set}] tensors[{self.tensor_group}]"
+
+    @property
+    def axis(self) -> str:
+        """Which single axis this point varies, for the sensitivity plots."""
+        if self.is_dense:
+            return "dense"
+        one_layer = self.layers is not None and len(self.layers) == 1
+        one_tensor = self.tensors is not None and len(self.tensors) == 1
+        if one_layer and self.tensors is None:
+            return "single-layer"
+        if one_tensor and self.layers is None:
+            return "single-tensor"
+        if self.tensors is None:
+            return "layer-set"
+        if self.layers is None:
+            return "tensor-group"
+        return "mixed"
+
+
+def model_info(model: str) -> tuple[int, tuple[str, ...], Any]:
+    """(number of decoder layers, tensor short names, adapter) from the model's config alone."""
+    from .design_space import config_adapter, load_config
+
+    cfg = load_config(model)
+    adapter = config_adapter(cfg)
+    return adapter.num_layers(cfg), tuple(adapter.tensor_names()), adapter
+
+
+LAYER_SETS_SYNTAX = (
+    "';'-separated entries: table4 (the paper's Table 4 sets scaled to the depth), single "
+    "(every layer alone), single:3|15|28 (each listed layer alone), spread:1-4 (k layers spread "
+    "apart, avoiding the first two and the last), all, or an explicit set like 3|15|28"
+)
+
+
+def expand_layer_sets(text: str, num_layers: int) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Parse ``--layer-sets`` into (name, layers) pairs; ``None`` layers = every layer."""
+    from .design_space import single_layers, spread_layer_sets, table4_layer_sets
+
+    out: list[tuple[str, tuple[int, ...] | None]] = []
+    entries = [e.strip() for e in str(text).split(";")]
+    if not entries or any(not e for e in entries):
+        raise SpecError(f"layer-sets={text!r} is invalid: empty entry; {LAYER_SETS_SYNTAX}")
+    for entry in entries:
+        low = entry.lower()
+        if low == "table4":
+            out += [(f"t4:{name}", layers) for name, layers in table4_layer_sets(num_layers).items()]
+        elif low == "single":
+            out += [(str(layer[0]), layer) for layer in single_layers(num_layers)]
+        elif low.startswith("single:"):
+            parsed = parse_layers(entry.split(":", 1)[1])
+            out += [(str(x), (x,)) for x in (parsed or range(1, num_layers + 1))]
+        elif low.startswith("spread:"):
+            ks = parse_layers(entry.split(":", 1)[1])
+            if ks is None:
+                raise SpecError(f"layer-sets={text!r} is invalid: spread needs counts like spread:1-4; {LAYER_SETS_SYNTAX}")
+            for k in ks:
+                out.append((f"spread{k}", spread_layer_sets(num_layers, k)))
+        elif low == "all":
+            out.append(("all", None))
+        else:
+            try:
+                layers = parse_layers(entry)
+            except SpecError as exc:
+                raise SpecError(f"layer-sets={text!r} is invalid: entry {entry!r}: {exc}; {LAYER_SETS_SYNTAX}") from None
+            out.append((format_layers(layers), layers))
+    for name, layers in out:
+        if layers is not None and max(layers) > num_layers:
+            raise SpecError(f"layer-sets={text!r} is invalid: layer {max(layers)} is past the end; this model has {num_layers} layers (1..{num_layers})")
+    return _dedupe(out)
+
+
+TENSOR_GROUPS_SYNTAX = "','-separated entries: all, attn, mlp, single (each tensor alone), or tensor names joined by '|' like q|k"
+
+
+def expand_tensor_groups(text: str, adapter: Any) -> list[tuple[str, tuple[str, ...] | None]]:
+    """Parse ``--tensor-groups`` into (name, tensors) pairs; ``None`` tensors = all."""
+    from .design_space import tensor_groups
+
+    groups = tensor_groups(adapter)
+    names = tuple(adapter.tensor_names())
+    out: list[tuple[str, tuple[str, ...] | None]] = []
+    entries = [e.strip() for e in str(text).split(",")]
+    if any(not e for e in entries):
+        raise SpecError(f"tensor-groups={text!r} is invalid: empty entry; {TENSOR_GROUPS_SYNTAX}")
+    for entry in entries:
+        low = entry.lower()
+        if low == "all":
+            out.append(("all", None))
+        elif low == "single":
+            out += [(t, (t,)) for t in names]
+        elif low in groups:
+            out.append((low, groups[low]))
+        else:
+            tensors = parse_tensors(entry)
+            bad = [t for t in tensors or () if t not in names]
+            if bad:
+                raise SpecError(f"tensor-groups={text!r} is invalid: unknown tensor {bad[0]!r}; valid: {'|'.join(names)} or {TENSOR_GROUPS_SYNTAX}")
+            out.append(("|".join(tensors) if tensors else "all", tensors))
+    return _dedupe(out)
+
+
+def _dedupe(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    seen: set[Any] = set()
+    out = []
+    for name, value in pairs:
+        if value not in seen:
+            seen.add(value)
+            out.append((name, value))
+    return out
+
+
+def build_grid(ranks: Sequence[int], layer_sets: Sequence[tuple[str, Any]], tensor_groups: Sequence[tuple[str, Any]], dense: bool = True) -> list[SweepConfig]:
+    """The dense baseline, then ranks x layer sets x tensor groups (duplicates dropped)."""
+    grid: list[SweepConfig] = [SweepConfig()] if dense else []
+    seen = {(c.rank, c.layers, c.tensors) for c in grid}
+    for r in ranks:
+        for lname, layers in layer_sets:
+            for tname, tensors in tensor_groups:
+                ident = (r, layers, tensors)
+                if ident not in seen:
+                    seen.add(ident)
+                    grid.append(SweepConfig(rank=r, layers=layers, tensors=tensors, layer_set=lname, tensor_group=tname))
+    return grid
+
+
+# -- evaluating one configuration -------------------------------------------------------
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux) so ru_maxrss covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def extract_metrics(results: Mapping[str, Any], tasks: Iterable[str]) -> tuple[dict[str, dict[str, float]], dict[str, float | None], dict[str, str | None], dict[str, float | None]]:
+    """(all metrics, primary accuracy, primary metric name, its stderr) per task.
+
+    lm-eval keys look like ``acc,none``; the filter is kept only when it is not ``none``.
+    Tasks with no accuracy-like metric (wikitext) get ``None`` as accuracy.
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    acc: dict[str, float | None] = {}
+    names: dict[str, str | None] = {}
+    errs: dict[str, float | None] = {}
+    for task in tasks:
+        res = results.get(task, {})
+        m: dict[str, float] = {}
+        se: dict[str, float] = {}
+        for k, v in res.items():
+            if "," not in k or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            base, _, filt = k.partition(",")
+            name = base if filt == "none" else f"{base},{filt}"
+            if base.endswith("_stderr"):
+                se[name.replace("_stderr", "", 1)] = float(v)
+            else:
+                m[name] = float(v)
+        metrics[task] = m
+        primary = next((n for p in PRIMARY_METRICS for n in sorted(m) if n == p or n.startswith(p + ",")), None)
+        names[task] = primary
+        acc[task] = m[primary] if primary else None
+        errs[task] = se.get(primary) if primary else None
+    return metrics, acc, names, errs
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+@dataclass
+class Runner:
+    """Evaluates configurations through hf-tucker in this process, caching rows in a store.
+
+    ``evaluate(spec_args, limit)`` is what :mod:`lm_eval_lowrank.search` injects; a key
+    already finished in the store is returned from the store without running anything.
+    """
+
+    model: str
+    tasks: tuple[str, ...]
+    store: Store
+    include_path: str | None = None
+    device: str = "cpu"
+    batch_size: str | int = 1
+    model_args: str = ""  # extra HFLM arguments, e.g. dtype=float32
+    log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
+    task_manager_instance: Any = None  # a ready lm_eval TaskManager to share (built lazily otherwise)
+    evaluated: int = 0  # configurations actually run (not served from the store)
+
+    def __post_init__(self) -> None:
+        self.model_id = os.path.realpath(self.model) if os.path.isdir(self.model) else self.model
+        self._extra = parse_model_args(self.model_args)
+        clash = {"pretrained", "rank", "layers", "tensors"} & set(self._extra)
+        if clash:
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set by the sweep itself")
+
+    def key(self, spec_args: Mapping[str, Any], limit: int | None) -> str:
+        return row_key(self.model_id, {**self._extra, **spec_args}, self.tasks, limit)
+
+    def model_args_string(self, spec_args: Mapping[str, Any]) -> str:
+        parts = [f"pretrained={self.model}"]
+        parts += [f"{k}={v}" for k, v in self._extra.items()]
+        parts += [f"{k}={v}" for k, v in spec_args.items()]
+        return ",".join(parts)
+
+    def task_manager(self) -> Any:
+        if self.task_manager_instance is None:
+            from lm_eval.tasks import TaskManager
+
+            self.task_manager_instance = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
+        return self.task_manager_instance
+
+    def evaluate(self, spec_args: Mapping[str, Any], limit: int | None, label: str = "", phase: str = "sweep", meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        key = self.key(spec_args, limit)
+        if self.store.done(key):
+            return self.store.get(key)  # type: ignore[return-value]
+        row = self._run(key, dict(spec_args), limit, label, phase, dict(meta or {}))
+        self.evaluated += 1
+        return self.store.append(row)
+
+    def _run(self, key: str, spec_args: dict[str, Any], limit: int | None, label: str, phase: str, meta: dict[str, Any]) -> dict[str, Any]:
+        import lm_eval
+
+        import lm_eval_lowrank.harness  # noqa: F401  (registers hf-tucker)
+
+        base = {
+            "key": key,
+            "model": self.model_id,
+            "label": label or (spec_label(spec_args)),
+            "phase": phase,
+            "spec": spec_args,
+            "model_args": self.model_args_string(spec_args),
+            "tasks": list(self.tasks),
+            "limit": limit,
+            "device": self.device,
+            "batch_size": str(self.batch_size),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **meta,
+        }
+        gc.collect()
+        reset = _reset_peak_rss()
+        start = time.perf_counter()
+        try:
+            out = lm_eval.simple_evaluate(
+                model="hf-tucker",
+                model_args=base["model_args"],
+                tasks=list(self.tasks),
+                limit=limit,
+                task_manager=self.task_manager(),
+                device=self.device,
+                batch_size=self.batch_size,
+                verbosity="ERROR",
+                log_samples=False,
+            )
+        except SpecError:
+            raise
+        except Exception as exc:  # one bad configuration must not end a long sweep
+            self.log(f"  failed: {exc.__class__.__name__}: {exc}")
+            return {**base, "status": "error", "error": f"{exc.__class__.__name__}: {exc}", "wall_seconds": time.perf_counter() - start}
+        wall = time.perf_counter() - start
+        row = {**base, **row_from_results(out, self.tasks), "wall_seconds": wall, "memory_reset": reset, "status": "ok"}
+        del out
+        gc.collect()
+        return row
+
+
+def spec_label(spec_args: Mapping[str, Any]) -> str:
+    if not spec_args:
+        return "dense"
+    return f"r{spec_args.get('rank')} layers[{spec_args.get('layers', 'all')}] tensors[{spec_args.get('tensors', 'all')}]"
+
+
+def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """The flat store fields from one simple_evaluate result (accuracy + config['lowrank'])."""
+    metrics, acc, names, errs = extract_metrics(out.get("results", {}), tasks)
+    info = out.get("config", {}).get("lowrank", {}) or {}
+    dec = info.get("decomposition", {}) or {}
+    lat = info.get("latency", {}) or {}
+    en = info.get("energy", {}) or {}
+    mem = info.get("memory", {}) or {}
+    accs = [a for a in acc.values() if a is not None]
+    tokens = lat.get("tokens") or 0
+    total = _finite(lat.get("total_seconds"))
+    return {
+        "metrics": metrics,
+        "accuracy": acc,
+        "primary_metric": names,
+        "accuracy_stderr": errs,
+        "mean_accuracy": sum(accs) / len(accs) if accs else None,
+        "method": dec.get("method"),
+        "layout": dec.get("layout"),
+        "params_before": dec.get("params_before"),
+        "params_after": dec.get("params_after"),
+        "param_reduction": float(dec.get("param_reduction") or 0.0),
+        "modules": len(dec.get("modules") or []),
+        "decomposition_seconds": float(dec.get("decomposition_seconds") or 0.0),
+        "decomposition_cache_hit": bool((dec.get("cache") or {}).get("hit", False)),
+        "load_seconds": _finite(dec.get("load_seconds")),
+        "latency_seconds": total,
+        "tokens": tokens,
+        "tokens_per_second": _finite(lat.get("tokens_per_second")),
+        "seconds_per_token": (total / tokens) if (total is not None and tokens) else None,
+        "energy_available": bool(en.get("available")),
+        "energy_joules": _finite(en.get("total_joules")),
+        "joules_per_token": _finite(en.get("joules_per_token")),
+        "energy_reason": en.get("reason"),
+        "memory_bytes": mem.get("bytes"),
+        "memory_kind": mem.get("kind"),
+        "versions": info.get("versions"),
+    }
+
+
+def run_sweep(runner: Runner, grid: Sequence[SweepConfig], limit: int | None) -> list[dict[str, Any]]:
+    """Evaluate every configuration not yet finished in the store; returns all rows of the grid."""
+    rows = []
+    for i, cfg in enumerate(grid, 1):
+        key = runner.key(cfg.spec_args(), limit)
+        if runner.store.done(key):
+            runner.log(f"[{i}/{len(grid)}] {cfg.label}: in store, skipped")
+            rows.append(runner.store.get(key))
+            continue
+        runner.log(f"[{i}/{len(grid)}] {cfg.label} ...")
+        row = runner.evaluate(cfg.spec_args(), limit, label=cfg.label, phase="sweep", meta={"axis": cfg.axis, "layer_set": cfg.layer_set, "tensor_group": cfg.tensor_group})
+        rows.append(row)
+        if row.get("status") == "ok":
+            accs = " ".join(f"{t}={a:.3f}" for t, a in row["accuracy"].items() if a is not None)
+            runner.log(f"    {accs} reduction={100 * row['param_reduction']:.2f}% wall={row['wall_seconds']:.1f}s")
+    return rows

@@ -1,0 +1,107 @@
+"""Definition-1 search with an injected evaluate function (no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lm_eval_lowrank.search import (
+    DENSE,
+    Candidate,
+    accuracy_drop,
+    default_candidates,
+    objective_value,
+    pareto_front,
+    search,
+)
+from lm_eval_lowrank.spec import SpecError, parse_layers
+
+
+def test_default_candidates_follow_pruning_rules() -> None:
+    cands = default_candidates(30, ranks=(1, 8), max_k=4, table4=False)
+    assert len(cands) == 8
+    for c in cands:
+        layers = parse_layers(c.spec["layers"])
+        assert c.spec["tensors"] == "all"  # whole layers
+        assert min(layers) >= 3 and max(layers) <= 29  # not the first two, not the last
+        if len(layers) > 1:
+            assert min(b - a for a, b in zip(layers, layers[1:])) >= 8  # spread apart
+    with_t4 = default_candidates(30, ranks=(1,), max_k=2)
+    assert any("t4:" in c.name for c in with_t4)
+    with pytest.raises(SpecError):
+        default_candidates(3, ranks=(1,), table4=False)
+
+
+def _row(acc: float, red: float, spt: float, energy: float | None = None) -> dict:
+    return {
+        "status": "ok", "accuracy": {"t": acc}, "param_reduction": red, "seconds_per_token": spt,
+        "energy_available": energy is not None, "joules_per_token": energy, "energy_reason": None if energy else "no CUDA GPU visible",
+        "params_after": int(100 * (1 - red)), "memory_bytes": 1,
+    }
+
+
+def test_objective_falls_back_to_latency_without_energy() -> None:
+    assert objective_value(_row(0.5, 0.1, 2.0), "latency*energy") == (2.0, "latency")
+    assert objective_value(_row(0.5, 0.1, 2.0, 3.0), "latency*energy") == (6.0, "latency*energy")
+    assert objective_value(_row(0.5, 0.1, 2.0), "params") == (90.0, "params")
+    assert accuracy_drop({"accuracy": {"a": 0.5, "b": 0.4}}, {"accuracy": {"a": 0.4, "b": 0.4}}) == pytest.approx(0.05)
+    assert accuracy_drop({"accuracy": {"a": 0.5, "b": 0.4}}, {"accuracy": {"a": 0.4, "b": 0.4}}, "max") == pytest.approx(0.1)
+
+
+# name -> (true accuracy, reduction, seconds per token); screening adds noise of +-0.02
+TRUTH = {
+    "dense": (0.60, 0.0, 1.00),
+    "a": (0.59, 0.02, 0.99),  # feasible, barely faster
+    "b": (0.58, 0.05, 0.97),  # feasible and the fastest feasible: the answer
+    "c": (0.50, 0.08, 0.95),  # 10 points: infeasible
+    "d": (0.20, 0.20, 0.85),  # collapses: pruned at screening
+    "e": (0.25, 0.30, 0.80),  # collapses: pruned at screening
+}
+
+
+def _evaluator(calls: list):
+    def evaluate(spec, limit, phase="", label=""):
+        name = spec.get("name", "dense")
+        calls.append((name, limit, phase))
+        acc, red, spt = TRUTH[name]
+        noise = 0.02 if limit < 50 and name in ("a", "c") else 0.0
+        return _row(acc - noise, red, spt)
+
+    return evaluate
+
+
+def _cands() -> list[Candidate]:
+    return [Candidate(n, {"name": n}) for n in TRUTH if n != "dense"]
+
+
+def test_search_prunes_at_screening_and_decides_at_full_fidelity() -> None:
+    calls: list = []
+    res = search(_cands(), _evaluator(calls), tolerance=0.03, limits=(10, 50), objective="latency*energy", eta=2, prune_margin=0.1)
+    assert res.best.candidate.name == "b"
+    assert res.best.limit == 50 and res.best.drop == pytest.approx(0.02)
+    screened = {n for n, lim, _ in calls if lim == 10}
+    full = {n for n, lim, _ in calls if lim == 50}
+    assert screened == set(TRUTH)  # dense + every candidate screened
+    assert "d" not in full and "e" not in full  # far beyond tau: pruned
+    assert len(full - {"dense"}) <= math.ceil(5 / 2)  # the best 1/eta go on
+    assert any("falls back to latency" in n for n in res.notes)
+    front = pareto_front(res.final)
+    assert [e.candidate.name for e in front][0] == "dense"
+    assert all(front[i].row["param_reduction"] < front[i + 1].row["param_reduction"] for i in range(len(front) - 1))
+
+
+def test_search_keeps_dense_when_nothing_is_feasible() -> None:
+    res = search(_cands(), _evaluator([]), tolerance=0.0, limits=(10, 50), objective="latency", prune_margin=0.0)
+    assert res.best.candidate is DENSE
+    assert any("keep the dense model" in n for n in res.notes)
+
+
+def test_search_bad_arguments() -> None:
+    ev = _evaluator([])
+    with pytest.raises(SpecError, match="objective"):
+        search(_cands(), ev, 0.03, objective="speed")
+    with pytest.raises(SpecError, match="tolerance"):
+        search(_cands(), ev, -1)
+    with pytest.raises(SpecError, match="eta"):
+        search(_cands(), ev, 0.03, eta=1)

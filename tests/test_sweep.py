@@ -1,0 +1,245 @@
+"""Sweeps: the resumable store, the grid, the report, and a tiny end-to-end search through hf-tucker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lm_eval_lowrank.spec import SpecError
+from lm_eval_lowrank.store import Store, row_key
+
+ARC = Path("/work/shared/data/arc_easy/test.jsonl")
+
+TASK_YAML = """task: tiny_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+training_split: null
+validation_split: null
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+# -- store ------------------------------------------------------------------------------
+def test_row_key_normalises_spec_and_task_order() -> None:
+    a = row_key("m", {"rank": 1, "layers": 18}, ["b", "a"], 4)
+    assert a == row_key("m", {"layers": "18", "rank": "1"}, ["a", "b"], 4)
+    assert a != row_key("m", {"rank": 1, "layers": 18}, ["a", "b"], 5)
+    assert a != row_key("m", {"rank": 8, "layers": 18}, ["a", "b"], 4)
+
+
+def test_store_cuts_torn_line_and_keeps_complete_rows(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    s = Store.open(path)
+    s.append({"key": "k1", "status": "ok", "v": 1})
+    s.append({"key": "k2", "status": "ok", "v": 2})
+    with open(path, "ab") as fh:  # a kill in the middle of the third write
+        fh.write(b'{"key": "k3", "status": "o')
+    s2 = Store.open(path)
+    assert s2.repaired_bytes > 0
+    assert [r["key"] for r in s2.rows()] == ["k1", "k2"]
+    assert path.read_bytes().endswith(b"\n")
+    s2.append({"key": "k3", "status": "ok", "v": 3})
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["key"] for x in lines] == ["k1", "k2", "k3"]
+
+
+def test_store_keeps_row_without_final_newline(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"key": "a", "status": "ok"}')
+    s = Store.open(path)
+    assert s.done("a") and s.repaired_bytes == 0
+    s.append({"key": "b", "status": "ok"})
+    assert [json.loads(x)["key"] for x in path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_store_error_row_is_superseded(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "s.jsonl")
+    s.append({"key": "a", "status": "error", "error": "boom"})
+    assert not s.done("a")
+    s.append({"key": "a", "status": "ok"})
+    assert s.done("a") and len(s.rows()) == 1
+    assert Store.open(tmp_path / "s.jsonl").done("a")
+
+
+# -- grid -------------------------------------------------------------------------------
+def test_grid_expansion(smollm2_dir: Path) -> None:
+    from lm_eval_lowrank.sweep import build_grid, expand_layer_sets, expand_tensor_groups, model_info
+
+    L, names, adapter = model_info(str(smollm2_dir))
+    assert L == 30 and "gate" in names
+    sets = expand_layer_sets("single:3|16|30;table4;spread:1-2;all;3|18", L)
+    assert ("3", (3,)) in sets and ("all", None) in sets and ("3|18", (3, 18)) in sets
+    assert any(n.startswith("t4:") for n, _ in sets) and any(n == "spread2" for n, _ in sets)
+    groups = expand_tensor_groups("all,attn,single,q|k", adapter)
+    assert ("attn", ("q", "k", "v", "o")) in groups and ("gate", ("gate",)) in groups
+    grid = build_grid([1, 8], [("3", (3,))], [("all", None), ("q", ("q",))])
+    assert grid[0].is_dense and len(grid) == 5
+    assert grid[1].axis == "single-layer" and grid[1].spec_args() == {"rank": "1", "layers": "3", "tensors": "all"}
+    with pytest.raises(SpecError, match="layer-sets"):
+        expand_layer_sets("3|40", L)
+    with pytest.raises(SpecError, match="tensor-groups"):
+        expand_tensor_groups("qq", adapter)
+
+
+# -- the real harness on a tiny random Llama ---------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lm_eval_lowrank.assets import smollm2_path
+
+    src = Path(smollm2_path())
+    out = tmp_path_factory.mktemp("tiny_llama")
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory: pytest.TempPathFactory):
+    if not ARC.exists():
+        pytest.skip(f"{ARC} is missing")
+    from lm_eval.tasks import TaskManager
+
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "tiny_arc.yaml").write_text(TASK_YAML.format(data=ARC))
+    # no built-in index: ~20 s saved, the throwaway task needs none
+    return TaskManager(include_path=str(d), include_defaults=False)
+
+
+def _runner(model: Path, store: Path, tm):
+    from lm_eval_lowrank.sweep import Runner
+
+    return Runner(model=str(model), tasks=("tiny_arc",), store=Store.open(store), batch_size=4, task_manager_instance=tm, log=lambda s: None)
+
+
+def test_sweep_resumes_after_interruption(tiny_model: Path, task_manager, tmp_path: Path) -> None:
+    from lm_eval_lowrank.sweep import build_grid, run_sweep
+
+    grid = build_grid([1], [("2", (2,)), ("4", (4,))], [("all", None), ("q", ("q",))])
+    store_path = tmp_path / "sweep.jsonl"
+    runner = _runner(tiny_model, store_path, task_manager)
+    real = runner._run
+    calls = {"n": 0}
+
+    def dies_on_third(*a, **k):  # a kill while the third configuration runs
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    runner._run = dies_on_third  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(runner, grid, limit=4)
+    with open(store_path, "ab") as fh:  # and the kill tore the write of a row
+        fh.write(b'{"key": "torn", "stat')
+    assert len(Store.open(store_path, create=False).rows()) == 2
+
+    runner2 = _runner(tiny_model, store_path, task_manager)
+    rows = run_sweep(runner2, grid, limit=4)
+    assert runner2.evaluated == len(grid) - 2  # the two finished rows are not repeated
+    keys = [json.loads(x)["key"] for x in store_path.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == len(grid)  # none repeated, none lost
+    assert all(r["status"] == "ok" for r in rows)
+    dense = rows[0]
+    assert dense["spec"] == {} and dense["param_reduction"] == 0.0
+    assert 0.0 <= dense["accuracy"]["tiny_arc"] <= 1.0 and dense["primary_metric"]["tiny_arc"] == "acc"
+    r = rows[1]
+    assert r["param_reduction"] > 0 and r["latency_seconds"] > 0 and r["memory_bytes"] > 0
+    assert r["energy_available"] is False and r["energy_reason"]
+    assert "rank=1,layers=2,tensors=all" in r["model_args"]
+
+
+def _fixture_rows() -> list[dict]:
+    rows = []
+
+    def row(label, spec, red, a1, a2, lat, axis):
+        return {
+            "key": label, "status": "ok", "label": label, "spec": spec, "axis": axis, "tasks": ["arc", "lam"], "limit": 16,
+            "accuracy": {"arc": a1, "lam": a2}, "primary_metric": {"arc": "acc", "lam": "acc"}, "param_reduction": red,
+            "latency_seconds": lat, "seconds_per_token": lat / 1000, "tokens_per_second": 1000 / lat, "energy_available": False,
+            "energy_reason": "no CUDA GPU visible", "memory_bytes": int(2e9 * (1 - red)), "decomposition_seconds": 3 * red,
+        }
+
+    rows.append(row("dense", {}, 0.0, 0.5, 0.4, 10.0, "dense"))
+    for layer, d in ((3, 0.1), (16, 0.02), (30, 0.2)):
+        rows.append(row(f"r1 layers[{layer}]", {"rank": "1", "layers": str(layer), "tensors": "all"}, 0.026, 0.5 - d, 0.4 - d, 9.8, "single-layer"))
+    for t, d in (("q", 0.01), ("gate", 0.15)):
+        rows.append(row(f"r1 tensors[{t}]", {"rank": "1", "layers": "all", "tensors": t}, 0.05, 0.5 - d, 0.4 - d, 9.5, "single-tensor"))
+    rows.append(row("r1 t4:odd", {"rank": "1", "layers": "1|3|5", "tensors": "all"}, 0.4, 0.25, 0.0, 7.0, "layer-set"))
+    return rows
+
+
+def test_report_from_fixture_store(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.sweep import report
+
+    store = Store.open(tmp_path / "s.jsonl")
+    for r in _fixture_rows():
+        store.append(r)
+    res = CliRunner().invoke(report, [str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "out" / "report.md").read_text()
+    for label in ("dense", "r1 layers[16]", "r1 tensors[gate]", "r1 t4:odd"):
+        assert label.replace("|", "\\|") in md
+    assert "1\\|3\\|5" in md and "40.00%" in md
+    for name in ("accuracy_vs_reduction", "efficiency_vs_reduction", "layer_sensitivity", "tensor_sensitivity"):
+        png = tmp_path / "out" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"({name}.png)" in md
+    bad = CliRunner().invoke(report, [str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "does not exist" in bad.output
+
+
+def test_search_end_to_end_on_tiny_llama(tiny_model: Path, task_manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.sweep import search
+    from lm_eval_lowrank.sweep import Runner
+
+    monkeypatch.setattr(Runner, "task_manager", lambda self: task_manager)
+    store = tmp_path / "search.jsonl"
+    args = ["--model", str(tiny_model), "--tasks", "tiny_arc", "--tolerance", "0.03", "--objective", "latency*energy",
+            "--ranks", "1", "--max-k", "2", "--no-table4", "--limits", "2,4", "--eta", "2", "--prune-margin", "1.0",
+            "--batch-size", "4", "--store", str(store)]
+    res = CliRunner().invoke(search, args)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "energy unavailable" in out and "falls back to latency" in out
+    assert "--model_args 'pretrained=" in out
+    assert "Pareto front" in out
+    rows = Store.open(store).rows()
+    phases = {r["phase"] for r in rows}
+    assert phases == {"screen0", "full"}
+    assert sum(1 for r in rows if r["phase"] == "screen0") == 3  # dense + k=1 + k=2
+    assert sum(1 for r in rows if r["phase"] == "full") == 2  # dense + the best half
+    # resumable: a second run evaluates nothing new and chooses the same
+    res2 = CliRunner().invoke(search, args)
+    assert res2.exit_code == 0 and "(0 run now" in res2.output
+    chosen = [x for x in out.splitlines() if x.startswith("--model_args")]
+    assert chosen == [x for x in res2.output.splitlines() if x.startswith("--model_args")]
+    bad = CliRunner().invoke(search, [*args[:-2], "--store", str(store), "--objective", "speed"])
+    assert bad.exit_code != 0 and "--objective" in bad.output
