@@ -1,0 +1,158 @@
+"""``lm-eval-lowrank analyze MODEL``: per-layer, per-tensor spectra, energy, effective rank, sparsity."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _parse_ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.replace("|", ",").split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected ints joined by ',' (e.g. 1,8,32,128)") from None
+    if not out or any(x < 1 for x in out):
+        raise click.BadParameter(f"{value!r}: expected ints >= 1")
+    return out
+
+
+def analyze_model(
+    model: Any,
+    layers: str | None = None,
+    tensors: str | None = None,
+    ranks: tuple[int, ...] = (1, 8, 32, 128),
+    eps: float = 1e-3,
+    provider: Any = None,
+    spectrum: bool = True,
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """{layer: {tensor: {"weights": summary, "activations": summary?}}} for the selected modules."""
+    import torch
+
+    from ..analysis import analyze_activation, analyze_weight
+    from ..architectures import adapter_for_model
+    from ..modules import dense_weight_of
+    from ..plan import Target
+    from ..spec import parse_layers, parse_tensors
+
+    adapter = adapter_for_model(model)
+    n_layers = adapter.num_layers(model.config)
+    chosen_layers = parse_layers(layers) or tuple(range(1, n_layers + 1))
+    bad = [x for x in chosen_layers if x > n_layers]
+    if bad:
+        from ..spec import SpecError
+
+        raise SpecError(f"layers={layers!r} is invalid: layer {bad[0]} is past the end; valid 1..{n_layers}")
+    names = parse_tensors(tensors) or adapter.tensor_names()
+    unknown = [t for t in names if t not in adapter.tensor_names()]
+    if unknown:
+        from ..spec import SpecError
+
+        raise SpecError(f"tensors: unknown tensor {unknown[0]!r}; valid: {'|'.join(adapter.tensor_names())}")
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for layer in chosen_layers:
+        paths = {t: adapter.module_path(layer - 1, t) for t in names}
+        stats = {}
+        if provider is not None:
+            mods = {t: model.get_submodule(p) for t, p in paths.items()}
+            targets = [Target(layer, t, p, *dense_weight_of(mods[t])[0].shape, rank=1) for t, p in paths.items()]
+            stats = provider.layer_stats(model, layer, targets)
+        out[layer] = {}
+        for t, p in paths.items():
+            mod = model.get_submodule(p)
+            W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
+            with torch.no_grad():
+                entry = {"weights": analyze_weight(W, ranks, eps).to_dict(spectrum)}
+                if p in stats:
+                    sp = getattr(provider, "sparsity", {}).get(p)
+                    entry["activations"] = analyze_activation(W, stats[p].input_cov, ranks, sp).to_dict(spectrum)
+            out[layer][t] = entry
+    return out
+
+
+def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metric: str, kind: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..analysis import heatmap_matrix
+
+    layers, tensors, grid = heatmap_matrix(results, metric, kind)
+    data = np.array(grid, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tensors), 1.5 + 0.25 * len(layers)))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(tensors)), tensors)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("tensor")
+    ax.set_ylabel("decoder layer (1-based)")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=metric.replace("_frac", " / full rank").replace("_", " "))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("analyze")
+@click.argument("model")
+@click.option("--layers", default=None, help="1-based layers: 3|18|32, 3-10, 3-30:3 or all (default all).")
+@click.option("--tensors", default=None, help="Tensor short names joined by '|' (default all).")
+@click.option("--ranks", default="1,8,32,128", callback=_parse_ints, help="Ranks at which to report the energy kept.")
+@click.option("--eps", default=1e-3, type=float, show_default=True, help="Sparsity: fraction of |w| < eps * max|w|.")
+@click.option("--activations", is_flag=True, help="Also analyse the outputs Y = W X on calibration data (sequential pass).")
+@click.option("--calib", default="wikitext_local", show_default=True, help="Calibration source(s) for --activations, joined by '+'.")
+@click.option("--calib-n", default=16, type=int, show_default=True)
+@click.option("--calib-len", default=128, type=int, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "text"]), default="markdown", show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the full results (spectra included) as JSON here; '-' for stdout.")
+@click.option("--heatmap", default=None, help="Write a heat-map PNG here.")
+@click.option("--metric", default="r95_frac", show_default=True, help="Heat-map value: r95_frac, r90_frac, r99_frac, effective_rank_frac, stable_rank, sparsity.")
+@click.option("--dtype", default="float32", show_default=True, help="Load dtype (analysis runs in fp64 regardless).")
+def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[int, ...], eps: float, activations: bool, calib: str, calib_n: int, calib_len: int, fmt: str, json_path: str | None, heatmap: str | None, metric: str, dtype: str) -> None:
+    """Singular spectra, energy at ranks, effective/stable rank, rank for 90/95/99% energy, sparsity."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..analysis import HEATMAP_METRICS, format_table, table_rows
+
+    if metric not in HEATMAP_METRICS:
+        raise click.BadParameter(f"{metric!r}: valid {', '.join(HEATMAP_METRICS)}", param_hint="--metric")
+    if model in ("smollm2", "default"):
+        from ..assets import smollm2_path
+
+        model = str(smollm2_path())
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise click.BadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="--dtype")
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
+    provider = None
+    if activations:
+        from ..calibration import build_stats_provider
+        from ..spec import DecompositionSpec
+
+        spec = DecompositionSpec.from_args({"method": "rom", "rank": 1, "calib": calib, "calib_n": calib_n, "calib_len": calib_len})
+        provider = build_stats_provider(spec, lm, AutoTokenizer.from_pretrained(model), model_id=model)
+        provider.track_sparsity = eps
+    results = analyze_model(lm, layers, tensors, ranks, eps, provider)
+    click.echo(f"## weights of {model}")
+    click.echo(format_table(table_rows(results, "weights"), markdown=fmt == "markdown"))
+    if activations:
+        click.echo(f"\n## activations (outputs Y = W X; sparsity of the inputs X) on {calib} {calib_n}x{calib_len}")
+        click.echo(format_table(table_rows(results, "activations"), markdown=fmt == "markdown"))
+    if json_path:
+        doc = {"model": model, "ranks": list(ranks), "eps": eps, "layers": {str(k): v for k, v in results.items()}}
+        if provider is not None:
+            doc["calibration"] = provider.describe()
+        text = json.dumps(doc, indent=1)
+        if json_path == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            Path(json_path).write_text(text + "\n")
+    if heatmap:
+        kind = "activations" if activations else "weights"
+        write_heatmap(results, heatmap, metric, kind, f"{Path(model).name}: {metric} ({kind})")
+        click.echo(f"heat map: {heatmap}", err=True)
