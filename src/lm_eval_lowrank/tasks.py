@@ -108,7 +108,10 @@ def data_dir() -> Path:
     if env:
         path = Path(env).expanduser().resolve()
         if not path.is_dir():
-            raise DataDirError(f"benchmark data folder {path} (from {DATA_ENV}) does not exist")
+            raise DataDirError(
+                f"benchmark data folder {path} (from {DATA_ENV}) does not exist; point {DATA_ENV} at the folder"
+                " that holds arc_easy/, mmlu/, ..."
+            )
         return path
     candidates = data_candidates()
     for cand in candidates:
