@@ -238,6 +238,18 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
+    # Random init of parameters that the state dict overwrites anyway is most of the skeleton's cost.
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -457,7 +469,7 @@ class CompressedCheckpoint:
         config = AutoConfig.from_pretrained(str(self.path))
         stored = self.manifest.get("dtype")
         skeleton_dtype = target_dtype or (getattr(torch, stored) if isinstance(stored, str) else None) or torch.float32
-        with _parameters_on_meta():
+        with _parameters_on_meta(), _no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=skeleton_dtype)
         for mod_path, info in self.manifest["modules"].items():
             try:
