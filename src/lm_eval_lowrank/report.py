@@ -116,6 +116,8 @@ def _accuracy_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Sequence
         dense = _dense(group)
         if dense and dense["accuracy"].get(task) is not None:
             ax.axhline(100 * dense["accuracy"][task], color=color, ls="--", lw=1, label=f"{task}: dense")
+            ax.scatter([0.0], [100 * dense["accuracy"][task]], color=color, marker="*", s=120)
+    ax.set_xlim(left=-0.5)
     ax.set_xlabel("parameter reduction (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -149,6 +151,7 @@ def _efficiency_plot(plt: Any, group: Sequence[Mapping[str, Any]], path: Path, t
         else:
             reason = (dense or {}).get("energy_reason") if key == "joules_per_token" else "no data"
             ax.text(0.5, 0.5, f"{name} unavailable\n({reason})", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.set_yticks([])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("parameter reduction (%)")
         ax.set_ylabel(ylabel)
@@ -213,14 +216,14 @@ def write_report(store_path: str | Path, out_dir: str | Path) -> list[Path]:
         where = f"{', '.join(tasks)}; limit {limit}"
         files = []
         p = out / f"accuracy_vs_reduction{suffix}.png"
-        _accuracy_plot(plt, group, tasks, p, f"Accuracy vs parameter reduction ({where})")
+        _accuracy_plot(plt, group, tasks, p, f"Accuracy vs parameter reduction\n({where})")
         files.append(p)
         p = out / f"efficiency_vs_reduction{suffix}.png"
         _efficiency_plot(plt, group, p, f"Latency, energy, memory vs parameter reduction ({where})")
         files.append(p)
         for axis, stem, what in (("single-layer", "layer_sensitivity", "single layer"), ("single-tensor", "tensor_sensitivity", "single tensor")):
             p = out / f"{stem}{suffix}.png"
-            if _sensitivity_plot(plt, group, tasks, axis, p, f"Accuracy drop when one {what} is decomposed ({where})"):
+            if _sensitivity_plot(plt, group, tasks, axis, p, f"Accuracy drop when one {what} is decomposed\n({where})"):
                 files.append(p)
         md.append(f"## Plots ({where})\n")
         md += [f"![{f.stem}]({f.name})\n" for f in files]
