@@ -88,6 +88,9 @@ class HFTuckerLM(HFLM):
             n = count_parameters(self._model)
             self._lowrank_report = {"method": None, "modules": [], "params_before": n, "params_after": n, "params_removed": 0, "param_reduction": 0.0, "decomposition_seconds": 0.0}
         self._lowrank_report["load_seconds"] = load_seconds
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            # Load + decomposition peak; the meter then measures the evaluation's own peak.
+            self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds)
         if self._meter.energy is not None and self._meter.energy.available:
             self._meter.energy.measure_idle()

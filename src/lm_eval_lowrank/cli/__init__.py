@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "decompose": ("lm_eval_lowrank.cli.checkpoint", "decompose", "Decompose a model and save a compressed checkpoint."),
     "heal": ("lm_eval_lowrank.cli.checkpoint", "heal", "Short healing fine-tune of a compressed checkpoint."),
     "analyze": ("lm_eval_lowrank.cli.analyze", "analyze", "Singular spectra, energy, effective rank, sparsity."),
+    "compare": ("lm_eval_lowrank.cli.compare", "compare", "Side-by-side accuracy and efficiency of hf-tucker runs."),
     "tasks": ("lm_eval_lowrank.cli.tasks", "tasks", "Print the --include_path of the offline local tasks (--list: names, docs)."),
     "fetch-model": ("lm_eval_lowrank.cli.fetch", "fetch_model", "Fetch and convert the embedded default model (SmolLM2)."),
 }

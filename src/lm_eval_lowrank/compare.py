@@ -1,0 +1,80 @@
+"""Side-by-side comparison of lm-eval results: accuracy and the efficiency block.
+
+Reads the results JSON (or output folders) that ``lm_eval --model hf-tucker`` wrote and
+lines up, for two or more runs: each task's primary metric (same rule as the gate),
+parameter reduction, latency, tokens/s, energy (or "n/a: <reason>") and peak memory.
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .gate import choose_metric, load_results
+
+
+def _lowrank(res: Any) -> dict[str, Any]:
+    return (res.data.get("config") or {}).get("lowrank") or {}
+
+
+def _fmt_num(v: Any, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _energy(low: dict[str, Any]) -> tuple[str, str]:
+    e = low.get("energy") or {}
+    if not e:
+        return "n/a: not an hf-tucker run", "n/a"
+    if not e.get("available"):
+        return f"n/a: {e.get('reason', 'unavailable')}", "n/a"
+    return f"{e['total_joules']:.1f} J", _fmt_num(e.get("joules_per_token"), ".4f") + " J"
+
+
+def _label(res: Any) -> str:
+    dec = _lowrank(res).get("decomposition") or {}
+    if not dec.get("modules"):
+        return "dense"
+    return f"{dec.get('method')} r={dec.get('rank') or 'budget'} L={'|'.join(map(str, dec.get('layers', [])))}"
+
+
+def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a side-by-side table for the given runs (the first is the reference)."""
+    runs = [load_results(p) for p in paths]
+    header = ["", *[_label(r) for r in runs]]
+    names = list(tasks) if tasks else [t for t in runs[0].data.get("results", {})]
+    rows: list[list[str]] = []
+    for task in names:
+        entry = runs[0].data["results"].get(task)
+        metric = choose_metric(entry) if entry else None
+        if metric is None:
+            continue
+        row = [f"{task} {metric.split(',')[0]}"]
+        for r in runs:
+            v = r.data.get("results", {}).get(task, {}).get(metric)
+            row.append(_fmt_num(v if isinstance(v, (int, float)) else None, ".4f"))
+        rows.append(row)
+    lows = [_lowrank(r) for r in runs]
+
+    def add(name: str, fn) -> None:
+        rows.append([name, *[fn(low) for low in lows]])
+
+    add("params", lambda low: _fmt_num((low.get("decomposition") or {}).get("params_after"), ","))
+    add("param reduction", lambda low: _fmt_num(100 * (low.get("decomposition") or {}).get("param_reduction", 0.0), ".2f") + " %")
+    add("decomposition time", lambda low: _fmt_num((low.get("decomposition") or {}).get("decomposition_seconds"), ".2f") + " s")
+    add("forward latency (total)", lambda low: _fmt_num((low.get("latency") or {}).get("total_seconds"), ".2f") + " s")
+    add("latency per batch", lambda low: _fmt_num(1000 * ((low.get("latency") or {}).get("mean_seconds_per_batch") or 0), ".1f") + " ms")
+    add("tokens/s", lambda low: _fmt_num((low.get("latency") or {}).get("tokens_per_second"), ".1f"))
+    add("energy", lambda low: _energy(low)[0])
+    add("energy per token", lambda low: _energy(low)[1])
+    add("peak memory", lambda low: _fmt_num(((low.get("memory") or {}).get("bytes") or 0) / 2**20, ".0f") + f" MiB ({(low.get('memory') or {}).get('kind', 'n/a')})")
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join(lines)
