@@ -1,0 +1,252 @@
+"""Decomposition speed: our Tucker-2 (solver auto) against a full SVD, and the solver switch point.
+
+Every figure is a ratio of two timings taken in this one run, repetitions interleaved and
+the median kept, so a shared, noisy machine slows both sides alike.
+
+  python benchmarks/decompose.py                       # SmolLM2: 7 tensors x 30 layers, ranks 1 8 64 128
+  python benchmarks/decompose.py --switch              # + exact-vs-randomized sweep over ranks
+  python benchmarks/decompose.py --switch --large      # + 4096x4096 and 4096x11008 random matrices
+  python benchmarks/decompose.py --device cuda --synthetic llama-2-7b --workdir /tmp/l2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lm_eval_lowrank.methods import tucker as tk
+from lm_eval_lowrank.methods.tucker import truncated_svd, tucker_method
+
+TENSORS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
+LLAMA2_7B = {"layers": 32, "shapes": {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f" (target >= {target:g}x) {'PASS' if value >= target else 'FAIL'}"
+
+
+def load_smollm2(folder: Path, device: torch.device, layers: int | None) -> list[tuple[str, torch.Tensor]]:
+    """The decoder's linear weights straight from the safetensors file, as fp32 (what decompose_model factors)."""
+    from safetensors import safe_open
+
+    out = []
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        n = 1 + max(int(k.split(".")[2]) for k in f.keys() if k.startswith("model.layers."))
+        for i in range(n if layers is None else min(layers, n)):
+            for t, sub in TENSORS.items():
+                out.append((f"{i}.{t}", f.get_tensor(f"model.layers.{i}.{sub}.weight").float().to(device)))
+    return out
+
+
+def our_pass(mats: list[tuple[str, torch.Tensor]], rank: int) -> dict[str, int]:
+    solvers: dict[str, int] = {}
+    for _, W in mats:
+        f = tucker_method(W, min(rank, min(W.shape)))
+        solvers[f.info["solver"]] = solvers.get(f.info["solver"], 0) + 1
+    return solvers
+
+
+def full_svd_pass(mats: list[tuple[str, torch.Tensor]]) -> None:
+    for _, W in mats:
+        torch.linalg.svd(W, full_matrices=False)
+
+
+def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
+    from lm_eval_lowrank.assets import smollm2_path
+
+    mats = load_smollm2(Path(args.model or smollm2_path()), device, args.layers)
+    print(f"# {len(mats)} matrices ({len(mats) // 7} layers x 7 tensors), device {device}, torch threads {torch.get_num_threads()}", flush=True)
+    our_pass(mats[:7], 8)  # warm-up: lazy LAPACK/cuSOLVER initialisation is not part of either side
+    full_svd_pass(mats[:7])
+    full: list[float] = []
+    ours: dict[int, list[float]] = {r: [] for r in args.ranks}
+    solvers: dict[int, dict[str, int]] = {}
+    for _ in range(args.reps):  # interleaved: full SVD, then ours at each rank, each repetition
+        full.append(timed(lambda: full_svd_pass(mats), device))
+        for r in args.ranks:
+            box: dict[str, dict[str, int]] = {}
+            ours[r].append(timed(lambda r=r: box.setdefault("s", our_pass(mats, r)), device))
+            solvers[r] = box["s"]
+    full_med = statistics.median(full)
+    for r in args.ranks:
+        med = statistics.median(ours[r])
+        target = 20.0 if r <= 8 else 6.0 if r == 64 else None
+        used = ",".join(f"{k}:{v}" for k, v in sorted(solvers[r].items()))
+        print(f"decompose smollm2 rank={r}: ours {med:.2f} s, full SVD {full_med:.2f} s, speedup {full_med / med:.1f}x{verdict(full_med / med, target)} [solvers {used}]", flush=True)
+
+
+def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.device, label: str) -> float | None:
+    """Time exact and randomized at each rank; return the first k/min(m,n) where randomized stops winning."""
+    n_min = min(W.shape)
+    truncated_svd(W, 1, solver="exact")  # warm-up
+    exact = statistics.median(timed(lambda: truncated_svd(W, 1, solver="exact"), device) for _ in range(reps))  # rank-independent
+    switch = None
+    for r in ranks:
+        if r > n_min:
+            continue
+        t_rand = statistics.median(timed(lambda: truncated_svd(W, r, solver="randomized"), device) for _ in range(reps))
+        k = min(r + tk._oversample(r), n_min)
+        frac = k / n_min
+        print(f"switch {label} rank={r} k/min={frac:.3f}: exact {exact * 1e3:.1f} ms, randomized {t_rand * 1e3:.1f} ms, randomized/exact {t_rand / exact:.2f}", flush=True)
+        if switch is None and t_rand >= exact:
+            switch = frac
+    print(f"switch point {label}: randomized slower than exact from k/min(m,n) = {switch if switch is not None else '>' + f'{frac:.3f}'}", flush=True)
+    return switch
+
+
+def bench_switch(args: argparse.Namespace, device: torch.device) -> None:
+    from lm_eval_lowrank.assets import smollm2_path
+
+    try:
+        mats = dict(load_smollm2(Path(args.model or smollm2_path()), device, 1))
+        kind = "smollm2"
+    except Exception as exc:  # e.g. a GPU machine without the model: same shapes, random values
+        print(f"# SmolLM2 weights unavailable ({type(exc).__name__}); random matrices of its shapes", flush=True)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mats = {f"0.{t}": torch.randn(*s, generator=g).to(device) for t, s in SMOLLM2_SHAPES.items()}
+        kind = "random-smollm2-shape"
+    found = []
+    for t in ("q", "k", "gate", "down"):  # 576x576, 192x576, 1536x576, 576x1536
+        W = mats[f"0.{t}"]
+        ranks = [r for r in (1, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384) if r <= min(W.shape)]
+        found.append(_sweep_shape(W, ranks, args.reps, device, f"{kind}.{t} {tuple(W.shape)}"))
+    if args.large:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for shape in ((4096, 4096), (4096, 11008)):
+            W = torch.randn(*shape, generator=g).to(device)
+            found.append(_sweep_shape(W, [1, 64, 256, 512, 768, 1024, 1536], max(1, args.reps // 2), device, f"random {shape}"))
+    known = [f for f in found if f is not None]
+    if known:
+        print(f"switch point (min over shapes): k/min(m,n) = {min(known):.3f}; RANDOMIZED_MAX_FRACTION now {tk.RANDOMIZED_MAX_FRACTION}", flush=True)
+
+
+def bench_synthetic(args: argparse.Namespace, device: torch.device) -> None:
+    """Llama-2-7B-shaped random bf16 weights: decompose time against the time to load the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    if args.synthetic != "llama-2-7b":
+        raise SystemExit(f"--synthetic {args.synthetic!r}: only llama-2-7b is known")
+    n_layers = args.layers or LLAMA2_7B["layers"]
+    shapes = LLAMA2_7B["shapes"]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lowrank-synth-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n_layers):  # write once: one safetensors file per layer, as a sharded checkpoint would
+        path = workdir / f"layer{i:02d}.safetensors"
+        if not path.exists():
+            g = torch.Generator(device=device).manual_seed(1000 + i)
+            tensors = {t: (torch.randn(*s, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu() for t, s in shapes.items()}
+            save_file(tensors, str(path))
+            del tensors
+        files.append(path)
+    total_params = n_layers * sum(a * b for a, b in shapes.values())
+    print(f"# synthetic llama-2-7b: {n_layers} layers, {total_params / 1e9:.2f} B params bf16 in {workdir}, device {device}", flush=True)
+
+    def plain_load() -> None:
+        for p in files:
+            w = load_file(str(p), device=str(device))
+            _sync(device)
+            del w
+
+    def decompose(rank: int) -> float:
+        # Weights are loaded untimed; the timed part is what decompose-on-load adds per tensor:
+        # the fp32 cast (decompose_model factors in fp32) and the factorisation.
+        spent = 0.0
+        for p in files:
+            w = load_file(str(p), device=str(device))
+            for W in w.values():
+                spent += timed(lambda W=W: tucker_method(W.float(), rank), device)
+            del w
+        return spent
+
+    plain_load()  # warm-up (page cache, CUDA context): the load figure is a warm load, the smallest denominator
+    tucker_method(torch.randn(512, 512, device=device), 8)  # warm-up of the solvers
+    loads: list[float] = []
+    decs: dict[int, list[float]] = {r: [] for r in args.ranks}
+    for _ in range(args.reps):
+        loads.append(timed(plain_load, device))
+        for r in args.ranks:
+            decs[r].append(decompose(r))
+    load_med = statistics.median(loads)
+    for r in args.ranks:
+        d = statistics.median(decs[r])
+        print(f"synthetic llama-2-7b rank={r}: decompose {d:.2f} s, plain load {load_med:.2f} s, decompose/load {d / load_med:.2f}x", flush=True)
+    if args.full_svd_layers:
+        # Full SVD of every matrix is minutes here: time a few layers and scale to all of them.
+        spent = 0.0
+        for p in files[: args.full_svd_layers]:
+            w = load_file(str(p), device=str(device))
+            for W in w.values():
+                A = W.float()
+                spent += timed(lambda A=A: torch.linalg.svd(A, full_matrices=False), device)
+            del w
+        full = spent * n_layers / args.full_svd_layers
+        for r in args.ranks:
+            d = statistics.median(decs[r])
+            print(f"synthetic llama-2-7b rank={r}: ours {d:.2f} s, full SVD {full:.2f} s (from {args.full_svd_layers} layers, scaled), speedup {full / d:.1f}x", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="SmolLM2 folder (default: lm-eval-lowrank fetch-model)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None)
+    p.add_argument("--layers", type=int, default=None, help="only the first N layers")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--switch", action="store_true", help="also sweep exact vs randomized over ranks")
+    p.add_argument("--switch-only", action="store_true")
+    p.add_argument("--large", action="store_true", help="the switch sweep also on 4096x4096 and 4096x11008")
+    p.add_argument("--synthetic", default=None, help="llama-2-7b: random bf16 weights of that shape on --device")
+    p.add_argument("--workdir", default=None, help="where --synthetic writes its safetensors files")
+    p.add_argument("--full-svd-layers", type=int, default=1, help="--synthetic: layers whose full SVD is timed (0: none)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.synthetic:
+        args.ranks = args.ranks or [1, 64]
+        bench_synthetic(args, device)
+        return
+    args.ranks = args.ranks or [1, 8, 64, 128]
+    if not args.switch_only:
+        bench_smollm2(args, device)
+    if args.switch or args.switch_only:
+        bench_switch(args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""hf-tucker under ``accelerate launch --num_processes 2 --cpu`` (gloo): data parallel on CPU.
+
+A tiny random Llama (hidden 64, 6 layers, SmolLM2's 49152-token vocabulary and tokenizer)
+keeps the run short. Checks: the scores equal the 1-process run's, every process
+decomposed identically, and the latency in the JSON is aggregated over both processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+# One thread per process: two processes share the machine's cores.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    # accelerate 1.15: `launch --cpu --num_processes 2` starts ONE process (multi-CPU needs an
+    # mpirun hostfile); `--multi_gpu` + ACCELERATE_USE_CPU starts two via torchrun, on gloo.
+    "ACCELERATE_USE_CPU": "true",
+}
+TASK = "arc_easy_local"
+# cache=false: each process must really decompose, not read the other's cache file.
+MODEL_ARGS = "rank=1,layers=3|5|6,cache=false"
+
+
+def _free_port() -> int:
+    # A private rendezvous port, so parallel test runs on one machine do not collide.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _results(out: Path) -> dict:
+    files = sorted(out.rglob("results_*.json"))
+    assert files, f"no results JSON under {out}"
+    return json.loads(files[-1].read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama_smol_tok")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+# HFLM enables data parallelism only when it counts > 1 GPU, so on CPU every process evaluates
+# everything (processes == 1). Needs the fix in HFTuckerLM.__init__ (benchmarks/README.md);
+# drop this marker once it is in.
+@pytest.mark.xfail(reason="HFLM runs data parallel only on > 1 GPU; harness fix pending", strict=False)
+def test_two_cpu_processes_match_one(tiny_with_tokenizer, tmp_path):
+    from lm_eval_lowrank.tasks import task_dir
+
+    common = [
+        "--model", "hf-tucker",
+        "--model_args", f"pretrained={tiny_with_tokenizer},{MODEL_ARGS}",
+        "--include_path", str(task_dir()),
+        "--tasks", TASK,
+        "--limit", "8",
+        "--batch_size", "4",
+        "--device", "cpu",
+    ]  # fmt: skip
+    one = subprocess.run(
+        [str(BIN / "lm_eval"), *common, "--output_path", str(tmp_path / "one")],
+        env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            "-m", "lm_eval", *common, "--output_path", str(tmp_path / "two"),
+        ],
+        env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    r1, r2 = _results(tmp_path / "one"), _results(tmp_path / "two")
+    for metric in ("acc,none", "acc_norm,none"):
+        assert r2["results"][TASK][metric] == pytest.approx(r1["results"][TASK][metric], abs=1e-9), metric
+    assert r2["n-samples"][TASK] == r1["n-samples"][TASK]
+
+    lr1, lr2 = r1["config"]["lowrank"], r2["config"]["lowrank"]
+    assert lr1["processes"] == 1
+    assert lr2["processes"] == 2, "latency was not aggregated over both processes (did HFLM run data parallel?)"
+    dec = lr2["decomposition"]
+    assert dec["identical_across_processes"] is True
+    assert dec["modules"] == lr1["decomposition"]["modules"]
+    assert dec["params_after"] == lr1["decomposition"]["params_after"]
+    # Both processes' forwards are in the aggregate: at least as many calls as one process made.
+    assert lr2["latency"]["calls"] >= lr1["latency"]["calls"]
+    assert lr2["latency"]["total_seconds"] > 0
