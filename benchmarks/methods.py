@@ -8,7 +8,9 @@ time (calibration included) and the peak RSS growth during compression.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/methods.py --wiki-windows 8 --lambada 30 --calib-n 16
 
 CPU-only and small by default so it finishes in minutes on a laptop; the numbers are a
-quick comparison, not lm-eval's word perplexity.
+quick comparison, not lm-eval's word perplexity. On a machine whose cores are shared with
+other jobs run it with OMP_NUM_THREADS=1: oversubscribed OpenMP threads made LAPACK SVD and
+eigh calls 20-50x slower here (a 1536x576 SVD took 20 s on 2 busy threads, 1 s on one).
 """
 
 from __future__ import annotations
