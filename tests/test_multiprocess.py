@@ -70,10 +70,8 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-# HFLM enables data parallelism only when it counts > 1 GPU, so on CPU every process evaluates
-# everything (processes == 1). Needs the fix in HFTuckerLM.__init__ (benchmarks/README.md);
-# drop this marker once it is in.
-@pytest.mark.xfail(reason="HFLM runs data parallel only on > 1 GPU; harness fix pending", strict=False)
+# HFLM enables data parallelism only when it counts > 1 GPU; HFTuckerLM turns it on for CPU
+# processes too (_enable_cpu_data_parallel), which is what this checks.
 def test_two_cpu_processes_match_one(tiny_with_tokenizer, tmp_path):
     from lm_eval_lowrank.tasks import task_dir
 

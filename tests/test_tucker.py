@@ -103,3 +103,21 @@ def test_method_registry():
     assert get_method("tucker") is not None
     with pytest.raises(ValueError, match="valid methods"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("orth", ["householder", "cholqr2"])
+def test_randomized_orthonormalisers_agree_with_exact(orth):
+    # CholeskyQR2 is the GPU default; check its accuracy here on the CPU.
+    W = _rand(300, 120, seed=8, decay=0.97)
+    exact = truncated_svd(W, 8, solver="exact")
+    approx = truncated_svd(W, 8, solver="randomized", orth=orth)
+    assert torch.allclose(approx.S, exact.S, rtol=1e-3)
+    assert torch.allclose(approx.U.T @ approx.U, torch.eye(8), atol=1e-4)
+
+
+def test_cholesky_qr2_falls_back_on_a_rank_deficient_panel():
+    from lm_eval_lowrank.methods.tucker import orthonormalize
+
+    Y = torch.ones(50, 4)  # rank 1: the Gram matrix is singular
+    Q = orthonormalize(Y, "cholqr2")
+    assert torch.isfinite(Q).all() and torch.allclose(Q.T @ Q, torch.eye(4), atol=1e-4)

@@ -8,7 +8,6 @@ freed as soon as its replacement is in place, so memory never holds two models.
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 from collections.abc import Callable
@@ -151,9 +150,9 @@ def decompose_model(
             if on_module is not None:
                 on_module(t, new)
             bar.update()
-        gc.collect()  # return each layer's dense weights to the allocator before the next
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # No gc.collect()/empty_cache() here: the dense weight's last reference is dropped above,
+        # so its memory returns to the (caching) allocator at once; a full GC per layer costs
+        # ~0.1 s on a 7B model for nothing.
     bar.close()
     seconds = time.perf_counter() - start
     report = DecompositionReport(spec, plan, params_before, count_parameters(model), seconds, solvers)

@@ -76,6 +76,7 @@ class HFTuckerLM(HFLM):
             self._lowrank_report = checkpoint.report()
         else:
             super().__init__(pretrained=pretrained, **rest)
+        self._enable_cpu_data_parallel(bool(rest.get("parallelize", False)))
         load_seconds = time.perf_counter() - load_start
         if not spec.is_noop:
             target = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
@@ -94,6 +95,13 @@ class HFTuckerLM(HFLM):
         self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds)
         if self._meter.energy is not None and self._meter.energy.available:
             self._meter.energy.measure_idle()
+
+    def _enable_cpu_data_parallel(self, parallelize: bool) -> None:
+        # HFLM turns data parallelism on only when it counts more than one GPU, so
+        # `accelerate launch` on CPUs (gloo) would have every process evaluate every document.
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.num_processes > 1 and self._world_size == 1 and not parallelize:
+            self._rank, self._world_size = acc.process_index, acc.num_processes
 
     # -- measured calls ---------------------------------------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:

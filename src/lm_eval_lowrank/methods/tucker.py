@@ -67,6 +67,7 @@ def truncated_svd(
     seed: int = 0,
     power_iters: int = DEFAULT_POWER_ITERS,
     dtype: torch.dtype = torch.float32,
+    orth: str = "auto",
 ) -> SVDResult:
     """Top-``rank`` singular triplets of a 2-D tensor, deterministic for a given seed."""
     if W.dim() != 2:
@@ -80,14 +81,43 @@ def truncated_svd(
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         U, S, V = U[:, :rank], S[:rank], Vh[:rank].mT
     elif solver == "randomized":
-        U, S, V = _randomized_svd(A, rank, seed, power_iters)
+        U, S, V = _randomized_svd(A, rank, seed, power_iters, orth)
     else:
         raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, randomized")
     U, V = _fix_signs(U.contiguous(), V.contiguous())
     return SVDResult(U, S, V, solver)
 
 
-def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int):
+def _householder(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y)[0]
+
+
+def _cholesky_qr2(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of a tall-skinny Y by CholeskyQR run twice (GEMM + tiny k x k work).
+
+    On a GPU, Householder QR of an n x k panel is latency-bound (tens of ms per call);
+    this costs two GEMMs and two k x k factorisations. It is accurate while cond(Y) is
+    below ~1/sqrt(eps), which holds for the half-steps of subspace iteration (Y = A Q
+    with Q orthonormal); otherwise it falls back to Householder QR.
+    """
+    Q = Y
+    for _ in range(2):
+        G = Q.mT @ Q
+        R, info = torch.linalg.cholesky_ex(G, upper=True)
+        if bool(info.any()):  # Gram matrix not numerically positive definite
+            return _householder(Y)
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    return Q
+
+
+def orthonormalize(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Orthonormal basis of a tall-skinny matrix: Householder on CPU, CholeskyQR2 on a GPU."""
+    if method == "auto":
+        method = "cholqr2" if Y.is_cuda else "householder"
+    return _cholesky_qr2(Y) if method == "cholqr2" else _householder(Y)
+
+
+def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, orth: str = "auto"):
     m, n = A.shape
     transpose = m < n  # work on the tall orientation: the range finder then sketches the short side
     if transpose:
@@ -96,10 +126,11 @@ def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int):
     k = min(rank + _oversample(rank), n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=A.dtype).to(A.device)
-    Q, _ = torch.linalg.qr(A @ omega)
+    Q = orthonormalize(A @ omega, orth)
     for _ in range(power_iters):  # subspace iteration, re-orthonormalised each half step
-        Z, _ = torch.linalg.qr(A.mT @ Q)
-        Q, _ = torch.linalg.qr(A @ Z)
+        Z = orthonormalize(A.mT @ Q, orth)
+        Q = orthonormalize(A @ Z, orth)
+    Q = _householder(Q)  # one exact QR at the end: the basis the answer is projected on
     B = Q.mT @ A  # k x n
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     U = Q @ Ub[:, :rank]
