@@ -115,9 +115,10 @@ def test_randomized_orthonormalisers_agree_with_exact(orth):
     assert torch.allclose(approx.U.T @ approx.U, torch.eye(8), atol=1e-4)
 
 
-def test_cholesky_qr2_falls_back_on_a_rank_deficient_panel():
-    from lm_eval_lowrank.methods.tucker import orthonormalize
-
-    Y = torch.ones(50, 4)  # rank 1: the Gram matrix is singular
-    Q = orthonormalize(Y, "cholqr2")
-    assert torch.isfinite(Q).all() and torch.allclose(Q.T @ Q, torch.eye(4), atol=1e-4)
+def test_cholesky_qr2_breakdown_falls_back_to_householder():
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(300, 1, generator=g) @ torch.randn(1, 120, generator=g)  # rank 1: singular Gram matrices
+    res = truncated_svd(W, 8, solver="randomized", orth="cholqr2")
+    assert torch.isfinite(res.U).all() and torch.isfinite(res.S).all()
+    assert torch.allclose(res.S[0], torch.linalg.svdvals(W)[0], rtol=1e-4)
+    assert torch.allclose(res.U.T @ res.U, torch.eye(8), atol=1e-4)

@@ -98,23 +98,34 @@ def _cholesky_qr2(Y: torch.Tensor) -> torch.Tensor:
     On a GPU, Householder QR of an n x k panel is latency-bound (tens of ms per call);
     this costs two GEMMs and two k x k factorisations. It is accurate while cond(Y) is
     below ~1/sqrt(eps), which holds for the half-steps of subspace iteration (Y = A Q
-    with Q orthonormal); otherwise it falls back to Householder QR.
+    with Q orthonormal); a breakdown shows as non-finite values, and the caller then redoes
+    the matrix with Householder QR.
     """
     Q = Y
     for _ in range(2):
-        G = Q.mT @ Q
-        R, info = torch.linalg.cholesky_ex(G, upper=True)
-        if bool(info.any()):  # Gram matrix not numerically positive definite
-            return _householder(Y)
+        # cholesky_ex does not synchronise; a failed factorisation leaves NaN/inf, which the
+        # caller checks once per matrix (a host sync per call would cost more than the maths).
+        R, _ = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
         Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
     return Q
 
 
 def orthonormalize(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Orthonormal basis of a tall-skinny matrix: Householder on CPU, CholeskyQR2 on a GPU."""
+    """Orthonormal basis of a tall-skinny matrix: Householder on CPU, CholeskyQR2 on a GPU.
+
+    CholeskyQR2 returns non-finite values when it breaks down; callers check once.
+    """
     if method == "auto":
         method = "cholqr2" if Y.is_cuda else "householder"
     return _cholesky_qr2(Y) if method == "cholqr2" else _householder(Y)
+
+
+def _subspace_iteration(A: torch.Tensor, omega: torch.Tensor, power_iters: int, orth: str) -> torch.Tensor:
+    Q = orthonormalize(A @ omega, orth)
+    for _ in range(power_iters):  # re-orthonormalised each half step
+        Z = orthonormalize(A.mT @ Q, orth)
+        Q = orthonormalize(A @ Z, orth)
+    return Q
 
 
 def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, orth: str = "auto"):
@@ -126,10 +137,9 @@ def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, ort
     k = min(rank + _oversample(rank), n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=A.dtype).to(A.device)
-    Q = orthonormalize(A @ omega, orth)
-    for _ in range(power_iters):  # subspace iteration, re-orthonormalised each half step
-        Z = orthonormalize(A.mT @ Q, orth)
-        Q = orthonormalize(A @ Z, orth)
+    Q = _subspace_iteration(A, omega, power_iters, orth)
+    if orth != "householder" and not bool(torch.isfinite(Q).all()):
+        Q = _subspace_iteration(A, omega, power_iters, "householder")  # CholeskyQR2 broke down
     Q = _householder(Q)  # one exact QR at the end: the basis the answer is projected on
     B = Q.mT @ A  # k x n
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
