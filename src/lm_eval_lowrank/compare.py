@@ -36,7 +36,7 @@ def _label(res: Any) -> str:
     dec = _lowrank(res).get("decomposition") or {}
     if not dec.get("modules"):
         return "dense"
-    return f"{dec.get('method')} r={dec.get('rank') or 'budget'} L={'|'.join(map(str, dec.get('layers', [])))}"
+    return f"{dec.get('method')} r={dec.get('rank') or 'budget'} L={','.join(map(str, dec.get('layers', [])))}"  # no '|': it splits Markdown cells
 
 
 def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:

@@ -1,0 +1,61 @@
+"""Peak memory of decompose-on-load against a dense load of the same model (goal <= 1.05).
+
+Each configuration constructs ``HFTuckerLM`` in its own subprocess and reports the
+process's peak RSS (``ru_maxrss``), so the figures do not contaminate each other.
+
+    python benchmarks/memory.py
+    python benchmarks/memory.py --configs 'rank=1,layers=3|15|28' 'method=whiten,budget=0.8,calib_n=16'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+from lm_eval_lowrank.harness import HFTuckerLM
+from lm_eval_lowrank.spec import parse_model_args
+args = parse_model_args(sys.argv[1])
+t = time.perf_counter()
+lm = HFTuckerLM(device=sys.argv[2], **args)
+info = lm.get_model_info()["lowrank"]["decomposition"]
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "seconds": time.perf_counter() - t, "param_reduction": info.get("param_reduction", 0.0)}))
+"""
+
+
+def measure(model_args: str, device: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD, model_args, device], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"failed for {model_args!r}:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder (default: the cached SmolLM2)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--configs", nargs="*", default=["rank=1,layers=3|15|28", "rank=8,layers=all", "rank=32,layers=all"])
+    args = ap.parse_args()
+    from lm_eval_lowrank.assets import smollm2_path
+
+    model = args.model or str(smollm2_path())
+    base = f"pretrained={model},dtype=float32,cache=false"
+    dense = measure(base, args.device)
+    print(f"memory dense load: peak RSS {dense['peak_rss'] / 2**20:.0f} MiB")
+    for extra in args.configs:
+        m = measure(f"{base},{extra}", args.device)
+        ratio = m["peak_rss"] / dense["peak_rss"]
+        print(
+            f"memory [{extra}]: peak RSS {m['peak_rss'] / 2**20:.0f} MiB, param cut {100 * m['param_reduction']:.1f}%, "
+            f"ratio to dense load {ratio:.3f} (goal <= 1.05) {'PASS' if ratio <= 1.05 else 'FAIL'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
