@@ -219,6 +219,19 @@ def _write_configs(out: Path, data: Path, lm_tasks: Path) -> None:
         (mmlu_out / f"mmlu_local_{subject}.yaml").write_text(text)
 
 
+def _check_includes(out: Path) -> None:
+    # lm-eval skips a YAML whose include is missing with only a debug log, so a moved built-in
+    # (another lm-eval version) would surface as "task not found"; say what is wrong instead.
+    import yaml
+
+    for path in sorted(out.rglob("*.yaml")):
+        include = yaml.safe_load(path.read_text()).get("include")
+        if include and not Path(include).is_file():
+            raise FileNotFoundError(
+                f"{path.name} includes {include}, which this lm-eval does not have (tested with lm-eval 0.4.13)"
+            )
+
+
 def task_dir(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of ready-to-use task YAMLs for ``lm_eval --include_path`` (generated once, then reused).
 
@@ -240,6 +253,7 @@ def task_dir(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         _write_configs(tmp, data_path, lm_tasks)
+        _check_includes(tmp)
         manifest = {"data_dir": str(data_path), "lm_eval_tasks": str(lm_tasks), "tasks": [t.name for t in tasks]}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
