@@ -1,7 +1,11 @@
 """Peak memory of decompose-on-load against a dense load of the same model (goal <= 1.05).
 
-Each configuration constructs ``HFTuckerLM`` in its own subprocess and reports the
-process's peak RSS (``ru_maxrss``), so the figures do not contaminate each other.
+Each configuration constructs ``HFTuckerLM`` in its own subprocess, runs one short forward
+and reports the process's peak RSS (``ru_maxrss``), so the figures do not contaminate each
+other. The forward matters: transformers maps safetensors files into memory, so a dense
+load alone leaves most weight pages unread (and out of RSS) until the first forward, while
+decomposition reads every targeted weight at load. Load + first forward is what every
+evaluation pays, and compares like with like.
 
     python benchmarks/memory.py
     python benchmarks/memory.py --configs 'rank=1,layers=3|15|28' 'method=whiten,budget=0.8,calib_n=16'
@@ -22,6 +26,8 @@ from lm_eval_lowrank.spec import parse_model_args
 args = parse_model_args(sys.argv[1])
 t = time.perf_counter()
 lm = HFTuckerLM(device=sys.argv[2], **args)
+import torch
+lm._model_call(torch.ones(1, 16, dtype=torch.long, device=lm.device))  # touch every weight, as any evaluation does
 info = lm.get_model_info()["lowrank"]["decomposition"]
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "seconds": time.perf_counter() - t, "param_reduction": info.get("param_reduction", 0.0)}))

@@ -194,3 +194,19 @@ def test_generic_adapter_for_an_unknown_architecture():
     assert torch.isfinite(m(torch.randn(2, 16))).all()
     with pytest.raises(SpecError, match=r"unknown tensor 'q'.*valid: wq\|ffn_in\|ffn_out"):
         decompose_model(_Toy(), DecompositionSpec.from_args({"rank": 2, "tensors": "q"}), progress=False)
+
+
+def test_file_mapped_weights_release_pages_without_corrupting_the_model(tmp_path):
+    """Decomposing a model loaded from safetensors (mmap) gives the same model as in memory."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    mem = LlamaForCausalLM(tiny_llama_config(hidden_size=256, intermediate_size=1024)).eval()
+    mem.save_pretrained(tmp_path)
+    mapped = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    spec = DecompositionSpec.from_args({"rank": 8, "layers": "1|3", "tensors": "q|gate|down", "cache": False})
+    decompose_model(mem, spec, progress=False)
+    decompose_model(mapped, spec, progress=False)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(mem(x).logits, mapped(x).logits)

@@ -58,21 +58,25 @@ def compress_model(
         from .allocation import allocate_ranks
 
         ranks = allocate_ranks(spec, model, adapter=adapter, stats_provider=stats_provider, tokenizer=tokenizer)
-    cache = None
-    if spec.cache and model_id is not None:
-        try:
-            from .checkpoint import DecompositionCache
+    from .checkpoint import DecompositionCache, cache_info_disabled
 
-            cache = DecompositionCache.for_model(model, model_id)
-        except ImportError:
-            cache = None
+    cache = None
+    if not spec.cache:
+        disabled = cache_info_disabled("cache=false")
+    elif model_id is None:
+        disabled = cache_info_disabled("no model id (a model object was passed)")
+    else:
+        cache = DecompositionCache.for_model(model, model_id)
+        disabled = None if cache is not None else cache_info_disabled("source files not found locally")
     if cache is not None:
-        hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks)
+        hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks)  # must precede store: it fingerprints the dense weights
         if hit is not None:
             return hit
     report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress)
     if cache is not None:
         cache.store(model, report)
+    else:
+        report.cache = disabled
     return report
 
 

@@ -8,6 +8,8 @@ freed as soon as its replacement is in place, so memory never holds two models.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import sys
 import time
 from collections.abc import Callable
@@ -92,6 +94,51 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
+class _PageReleaser:
+    """Returns the pages of freed CPU weights that are mapped from safetensors files to the OS.
+
+    transformers maps safetensors files into memory: a dense weight's pages stay resident
+    after the tensor is dropped, because the mapping outlives it. ``madvise(MADV_DONTNEED)``
+    on the page-aligned interior of a dead weight's range frees them; it is only applied to
+    file-backed mappings, where a page touched again is re-read from the file, and only to
+    whole pages inside the weight's own bytes.
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.libc = None
+        self.released = 0
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    parts = line.split()
+                    if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                        self.ranges.append((lo, hi))
+            if self.ranges:
+                self.libc = ctypes.CDLL(None, use_errno=True)
+                self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except OSError:
+            self.libc = None
+
+    def release(self, weight: torch.Tensor, live_ptrs: set[int]) -> None:
+        if self.libc is None or weight.device.type != "cpu":
+            return
+        storage = weight.untyped_storage()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
+        if start in live_ptrs or not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return  # shared with a live parameter, or not file-backed: leave it alone
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and self.libc.madvise(lo, hi - lo, self.MADV_DONTNEED) == 0:
+            self.released += hi - lo
+
+
 def _module_seed(seed: int, path: str) -> int:
     # A stable per-module seed (Python's hash() is salted per process).
     h = 2166136261
@@ -122,6 +169,7 @@ def decompose_model(
     for t in plan.targets:
         by_layer.setdefault(t.layer, []).append(t)
     bar = _progress(len(plan.targets), f"decomposing ({spec.method})", enabled=progress)
+    pages = _PageReleaser()
     for layer in sorted(by_layer):
         targets = by_layer[layer]
         stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
@@ -144,6 +192,8 @@ def decompose_model(
                 new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
             new.requires_grad_(old.weight.requires_grad)
             _set_submodule(model, path, new)
+            if pages.libc is not None:
+                pages.release(old.weight, {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"})
             solver = factors.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1
             del old, W, b, factors

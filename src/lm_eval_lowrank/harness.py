@@ -71,7 +71,7 @@ class HFTuckerLM(HFLM):
         self._measurements: dict[str, Any] | None = None
         load_start = time.perf_counter()
         if checkpoint is not None:
-            model = checkpoint.load_model(dtype=rest.get("dtype"))
+            model = checkpoint.load_model(dtype=rest.get("dtype"), device=rest.get("device"))
             super().__init__(pretrained=model, tokenizer=rest.pop("tokenizer", None) or str(checkpoint.path), **rest)
             self._lowrank_report = checkpoint.report()
         else:
