@@ -71,8 +71,14 @@ def compress_model(
     if cache is not None:
         hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks)  # must precede store: it fingerprints the dense weights
         if hit is not None:
+            hit.allocation = getattr(ranks, "info", None)
             return hit
-    report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress)
+    try:
+        report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress)
+    finally:
+        if stats_provider is not None and hasattr(stats_provider, "release"):
+            stats_provider.release()  # drop the held calibration hidden states
+    report.allocation = getattr(ranks, "info", None)
     if cache is not None:
         cache.store(model, report)
     else:

@@ -42,6 +42,7 @@ class DecompositionReport:
     solvers: dict[str, int] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None  # budget allocators: realised budget, rounding
 
     @property
     def param_reduction(self) -> float:
@@ -70,6 +71,7 @@ class DecompositionReport:
             "targeted_params_before": self.plan.targeted_dense_params,
             "decomposition_seconds": self.seconds,
             "solvers": self.solvers,
+            "allocation": self.allocation,
             "calibration": self.calibration,
             "cache": self.cache,
         }
