@@ -22,18 +22,11 @@ from pathlib import Path
 
 import torch
 
+from lm_eval_lowrank.architectures import adapter_for_config
 from lm_eval_lowrank.methods import tucker as tk
 from lm_eval_lowrank.methods.tucker import truncated_svd, tucker_method
 
-TENSORS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+TENSORS = dict(adapter_for_config({"model_type": "llama"}).tensor_paths)  # SmolLM2 is a Llama
 SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
 LLAMA2_7B = {"layers": 32, "shapes": {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}}
 

@@ -22,7 +22,8 @@ from typing import Any
 from .spec import SpecError
 
 
-def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` set in a config (a mapping or an object), else ``default``."""
     for n in names:
         v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
         if v is not None:
@@ -32,7 +33,7 @@ def _cfg(config: Any, *names: str, default: Any = None) -> Any:
 
 def text_config(config: Any) -> Any:
     """Multimodal configs (e.g. Gemma-3) keep the language model's fields in ``text_config``."""
-    sub = _cfg(config, "text_config")
+    sub = config_value(config, "text_config")
     return sub if sub is not None else config
 
 
@@ -49,7 +50,7 @@ class ArchitectureAdapter:
         return tuple(self.tensor_paths)
 
     def num_layers(self, config: Any) -> int:
-        return int(_cfg(text_config(config), "num_hidden_layers", "n_layer", "num_layers"))
+        return int(config_value(text_config(config), "num_hidden_layers", "n_layer", "num_layers"))
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each tensor, from the config."""
@@ -76,11 +77,11 @@ class ArchitectureAdapter:
 class LlamaAdapter(ArchitectureAdapter):
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         c = text_config(config)
-        h = int(_cfg(c, "hidden_size"))
-        n = int(_cfg(c, "num_attention_heads"))
-        kv = int(_cfg(c, "num_key_value_heads", default=n))
-        d = int(_cfg(c, "head_dim", default=h // n))
-        inter = int(_cfg(c, "intermediate_size"))
+        h = int(config_value(c, "hidden_size"))
+        n = int(config_value(c, "num_attention_heads"))
+        kv = int(config_value(c, "num_key_value_heads", default=n))
+        d = int(config_value(c, "head_dim", default=h // n))
+        inter = int(config_value(c, "intermediate_size"))
         return {
             "q": (n * d, h),
             "k": (kv * d, h),
@@ -93,11 +94,11 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def param_count(self, config: Any) -> int:
         c = text_config(config)
-        h = int(_cfg(c, "hidden_size"))
-        vocab = int(_cfg(c, "vocab_size"))
+        h = int(config_value(c, "hidden_size"))
+        vocab = int(config_value(c, "vocab_size"))
         layers = self.num_layers(c)
-        tied = bool(_cfg(c, "tie_word_embeddings", default=False))
-        bias = bool(_cfg(c, "attention_bias", default=False))
+        tied = bool(config_value(c, "tie_word_embeddings", default=False))
+        bias = bool(config_value(c, "attention_bias", default=False))
         per_layer = self.layer_linear_params(c) + 2 * h  # two RMSNorms
         if bias:  # q, k, v (and o for some) carry biases when attention_bias is set
             shapes = self.tensor_shapes(c)
@@ -110,14 +111,14 @@ class LlamaAdapter(ArchitectureAdapter):
 
 class GPT2Adapter(ArchitectureAdapter):
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
-        h = int(_cfg(config, "n_embd", "hidden_size"))
-        inner = int(_cfg(config, "n_inner", default=None) or 4 * h)
+        h = int(config_value(config, "n_embd", "hidden_size"))
+        inner = int(config_value(config, "n_inner", default=None) or 4 * h)
         return {"qkv": (3 * h, h), "o": (h, h), "up": (inner, h), "down": (h, inner)}
 
     def param_count(self, config: Any) -> int:
-        h = int(_cfg(config, "n_embd", "hidden_size"))
-        vocab = int(_cfg(config, "vocab_size"))
-        pos = int(_cfg(config, "n_positions", "max_position_embeddings"))
+        h = int(config_value(config, "n_embd", "hidden_size"))
+        vocab = int(config_value(config, "vocab_size"))
+        pos = int(config_value(config, "n_positions", "max_position_embeddings"))
         per_layer = self.layer_linear_params(config) + 4 * h  # two LayerNorms (weight + bias)
         return vocab * h + pos * h + self.num_layers(config) * per_layer + 2 * h
 
@@ -126,15 +127,15 @@ class BertAdapter(ArchitectureAdapter):
     """BERT encoders: config side only (the design-space tables cover them); not an lm-eval causal LM."""
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
-        h = int(_cfg(config, "hidden_size"))
-        inter = int(_cfg(config, "intermediate_size"))
+        h = int(config_value(config, "hidden_size"))
+        inter = int(config_value(config, "intermediate_size"))
         return {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "up": (inter, h), "down": (h, inter)}
 
     def param_count(self, config: Any) -> int:
-        h = int(_cfg(config, "hidden_size"))
-        vocab = int(_cfg(config, "vocab_size"))
-        pos = int(_cfg(config, "max_position_embeddings"))
-        types = int(_cfg(config, "type_vocab_size", default=2))
+        h = int(config_value(config, "hidden_size"))
+        vocab = int(config_value(config, "vocab_size"))
+        pos = int(config_value(config, "max_position_embeddings"))
+        types = int(config_value(config, "type_vocab_size", default=2))
         per_layer = self.layer_linear_params(config) + 2 * 2 * h  # two LayerNorms
         embeddings = (vocab + pos + types) * h + 2 * h
         pooler = h * h + h
@@ -225,7 +226,7 @@ class GenericAdapter(ArchitectureAdapter):
 
 
 def model_type_of(config: Any) -> str:
-    return str(_cfg(config, "model_type", default="")).lower()
+    return str(config_value(config, "model_type", default="")).lower()
 
 
 def adapter_for_config(config: Any) -> ArchitectureAdapter | None:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ArchitectureAdapter, adapter_for_config, known_architectures, text_config
+from .architectures import ArchitectureAdapter, adapter_for_config, config_value, known_architectures, text_config
 from .plan import Plan, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -176,13 +176,6 @@ def config_adapter(config: Mapping[str, Any]) -> ArchitectureAdapter:
     return adapter
 
 
-def _get(config: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
-        if v is not None:
-            return v
-    return default
-
 
 # -- design-space size ----------------------------------------------------------------
 def design_space_size(n_tensors: int, n_layers: int, rank: int) -> int:
@@ -241,10 +234,10 @@ def _attention_width(config: Any, adapter: ArchitectureAdapter) -> int:
     """n_heads * head_dim: the width of the query/context in attention."""
     c = text_config(config)
     if adapter.name == "gpt2":
-        return int(_get(c, "n_embd", "hidden_size"))
-    h = int(_get(c, "hidden_size"))
-    n = int(_get(c, "num_attention_heads", default=1))
-    return n * int(_get(c, "head_dim", default=h // n))
+        return int(config_value(c, "n_embd", "hidden_size"))
+    h = int(config_value(c, "hidden_size"))
+    n = int(config_value(c, "num_attention_heads", default=1))
+    return n * int(config_value(c, "head_dim", default=h // n))
 
 
 def _head_params(config: Any, adapter: ArchitectureAdapter) -> int:
@@ -252,11 +245,11 @@ def _head_params(config: Any, adapter: ArchitectureAdapter) -> int:
     if adapter.name == "bert":
         return 0
     c = text_config(config)
-    return int(_get(c, "vocab_size")) * int(_get(c, "hidden_size", "n_embd"))
+    return int(config_value(c, "vocab_size")) * int(config_value(c, "hidden_size", "n_embd"))
 
 
 def _hidden(config: Any) -> int:
-    return int(_get(text_config(config), "hidden_size", "n_embd"))
+    return int(config_value(text_config(config), "hidden_size", "n_embd"))
 
 
 def calculate(
@@ -313,7 +306,7 @@ def calculate(
             for t in plan.targets
         ]
     return SpaceReport(
-        model=model_name or str(_get(config, "_name", "model_type", default="?")),
+        model=model_name or str(config_value(config, "_name", "model_type", default="?")),
         adapter=adapter.name,
         layout=plan.layout,
         num_layers=n_layers,
