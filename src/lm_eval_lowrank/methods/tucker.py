@@ -120,10 +120,25 @@ def orthonormalize(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
     return _cholesky_qr2(Y) if method == "cholqr2" else _householder(Y)
 
 
-def _subspace_iteration(A: torch.Tensor, omega: torch.Tensor, power_iters: int, orth: str) -> torch.Tensor:
+# Early stop of the power iterations (CPU path): when the top-r singular values estimated from
+# the R factor move by less than this (relative) between iterations.
+CONVERGENCE_RTOL = 1e-4
+
+
+def _subspace_iteration(A: torch.Tensor, omega: torch.Tensor, power_iters: int, orth: str, rank: int | None = None) -> torch.Tensor:
     Q = orthonormalize(A @ omega, orth)
+    prev = None
     for _ in range(power_iters):  # re-orthonormalised each half step
-        Z = orthonormalize(A.mT @ Q, orth)
+        if rank is not None and orth == "householder" and not A.is_cuda:
+            # A^T Q = Z R: the singular values of R estimate the top ones of A. Stop once they
+            # settle (on a GPU the check would cost a host sync per iteration, so it runs all).
+            Z, R = torch.linalg.qr(A.mT @ Q)
+            est = torch.linalg.svdvals(R)[:rank]
+            if prev is not None and float(((est - prev).abs() / est.clamp_min(1e-30)).max()) < CONVERGENCE_RTOL:
+                return orthonormalize(A @ Z, orth)
+            prev = est
+        else:
+            Z = orthonormalize(A.mT @ Q, orth)
         Q = orthonormalize(A @ Z, orth)
     return Q
 
@@ -137,7 +152,8 @@ def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, ort
     k = min(rank + _oversample(rank), n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=A.dtype).to(A.device)
-    Q = _subspace_iteration(A, omega, power_iters, orth)
+    resolved = orth if orth != "auto" else ("cholqr2" if A.is_cuda else "householder")
+    Q = _subspace_iteration(A, omega, power_iters, resolved, rank)
     if orth != "householder" and not bool(torch.isfinite(Q).all()):
         Q = _subspace_iteration(A, omega, power_iters, "householder")  # CholeskyQR2 broke down
     Q = _householder(Q)  # one exact QR at the end: the basis the answer is projected on
