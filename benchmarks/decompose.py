@@ -16,8 +16,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,23 +23,13 @@ import torch
 from lm_eval_lowrank.architectures import adapter_for_config
 from lm_eval_lowrank.methods import tucker as tk
 from lm_eval_lowrank.methods.tucker import truncated_svd, tucker_method
+from _timing import sync, timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TENSORS = dict(adapter_for_config({"model_type": "llama"}).tensor_paths)  # SmolLM2 is a Llama
 SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "gate": (1536, 576), "down": (576, 1536)}
 LLAMA2_7B = {"layers": 32, "shapes": {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def verdict(value: float, target: float | None) -> str:
@@ -170,7 +158,7 @@ def bench_synthetic(args: argparse.Namespace, device: torch.device) -> None:
     def plain_load() -> None:
         for p in files:
             w = load_file(str(p), device=str(device))
-            _sync(device)
+            sync(device)
             del w
 
     def decompose(rank: int) -> float:

@@ -14,8 +14,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -24,21 +22,11 @@ from lm_eval_lowrank.decompose import _set_submodule, count_parameters
 from lm_eval_lowrank.modules import LowRankLinear
 from lm_eval_lowrank.plan import make_plan
 from lm_eval_lowrank.spec import DecompositionSpec
+from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SHAPES = ((576, 576), (1536, 576), (576, 1536))  # (out, in): q/o, gate/up, down
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def lowrank_copy(dense: nn.Module, rank: int, layers: list[int], layout: str) -> nn.Module:
