@@ -204,3 +204,16 @@ def test_smollm2_through_lm_eval_writes_the_lowrank_block(smollm2_dir, arc_task_
     assert low["energy"]["available"] is False and low["energy"]["total_joules"] is None and low["energy"]["reason"]
     assert low["memory"]["bytes"] > 100_000_000
     assert low["versions"]["lm-eval-lowrank"] and low["versions"]["torch"] and low["versions"]["lm_eval"]
+
+
+def test_generate_is_measured_with_new_tokens_only(tiny_model_dir):
+    import torch
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", rank=2, layers="1")
+    ctx = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    out = lm._model_generate(ctx, max_length=10, stop=["never-appears"], do_sample=False)
+    lm._sync_measurements()
+    gen = lm.get_model_info()["lowrank"]["latency"]["by_kind"]["generate"]
+    assert gen["calls"] == 1 and gen["tokens"] == (out.shape[1] - 4) * 2 and gen["seconds"] > 0

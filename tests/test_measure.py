@@ -66,3 +66,10 @@ def test_aggregate_unavailable_energy_keeps_the_reason():
     out = aggregate([s, dict(s)])
     assert out["energy"]["available"] is False and out["energy"]["reason"] == "no CUDA GPU visible"
     assert out["energy"]["total_joules"] is None
+
+
+def test_tokens_can_be_set_after_the_call():
+    m = Meter.create("cpu", measure_energy=False)
+    with m.measure("generate", tokens=0) as rec:
+        rec.tokens = 7  # e.g. generated tokens, known only after generation
+    assert aggregate([m.summary()])["latency"]["by_kind"]["generate"]["tokens"] == 7

@@ -109,12 +109,9 @@ class HFTuckerLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
-        rec: dict[str, int] = {}
-        with self._meter.measure("generate", tokens=0):
+        with self._meter.measure("generate", tokens=0) as rec:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
-            rec["new"] = int((out.shape[1] - context.shape[1]) * out.shape[0])
-        if self._meter.records and self._meter.records[-1].kind == "generate":
-            self._meter.records[-1].tokens = rec["new"]
+            rec.tokens = int((out.shape[1] - context.shape[1]) * out.shape[0])  # new tokens only
         return out
 
     def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:

@@ -230,17 +230,17 @@ class Meter:
 
     @contextmanager
     def measure(self, kind: str, tokens: int):
+        rec = CallRecord(kind, tokens)  # yielded, so a caller can set tokens known only afterwards
         if self._excluding:
             self.excluded_calls += 1
-            yield
+            yield rec
             return
         if self.energy is not None:
             self.energy.start()
-        rec = CallRecord(kind, tokens)
         if self.uses_cuda_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            yield
+            yield rec
             end.record()
             rec._events = (start, end)
             self._pending.append(rec)
@@ -248,7 +248,7 @@ class Meter:
                 self._resolve()
         else:
             t0 = time.perf_counter()
-            yield
+            yield rec
             rec.seconds = time.perf_counter() - t0  # CPU ops are synchronous
         self.records.append(rec)
 
