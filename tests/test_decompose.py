@@ -210,3 +210,28 @@ def test_file_mapped_weights_release_pages_without_corrupting_the_model(tmp_path
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert torch.equal(mem(x).logits, mapped(x).logits)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "qwen2", "mistral", "qwen3"])
+def test_llama_family_architectures(arch):
+    import transformers
+
+    cfg_cls, model_cls = {
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = model_cls(cfg).eval()
+    from lm_eval_lowrank.architectures import adapter_for_config
+
+    adapter = adapter_for_config(cfg)
+    assert adapter is not None and adapter.param_count(cfg) == count_parameters(m)  # config-side count is exact
+    report = decompose_model(m, DecompositionSpec.from_args({"rank": 4, "layers": "2|3"}), progress=False)
+    assert len(report.plan.targets) == 14 and report.params_after == count_parameters(m)
+    if arch == "qwen2":  # q/k/v carry biases, kept dense next to the factors
+        assert m.model.layers[1].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.randint(0, 100, (1, 6))).logits).all()

@@ -98,14 +98,12 @@ class LlamaAdapter(ArchitectureAdapter):
         vocab = int(config_value(c, "vocab_size"))
         layers = self.num_layers(c)
         tied = bool(config_value(c, "tie_word_embeddings", default=False))
-        bias = bool(config_value(c, "attention_bias", default=False))
-        per_layer = self.layer_linear_params(c) + 2 * h  # two RMSNorms
-        if bias:  # q, k, v (and o for some) carry biases when attention_bias is set
-            shapes = self.tensor_shapes(c)
-            per_layer += sum(shapes[t][0] for t in ("q", "k", "v", "o"))
-        if self.name == "qwen2":  # Qwen2 has q/k/v biases whatever the flag says
-            shapes = self.tensor_shapes(c)
-            per_layer += sum(shapes[t][0] for t in ("q", "k", "v"))
+        shapes = self.tensor_shapes(c)
+        per_layer = self.layer_linear_params(c) + 2 * h  # projections (+ adapter biases) and two RMSNorms
+        if not self.has_bias and config_value(c, "attention_bias", default=False):
+            per_layer += sum(shapes[t][0] for t in ("q", "k", "v", "o"))  # Llama/Mistral attention_bias
+        if model_type_of(c) == "qwen3":
+            per_layer += 2 * (shapes["q"][0] // int(config_value(c, "num_attention_heads")))  # per-head q/k RMSNorm
         return vocab * h * (1 if tied else 2) + layers * per_layer + h
 
 
