@@ -46,6 +46,9 @@ CONFIGS: dict[str, dict] = {
     "b0.8 uniform whiten": {"method": "whiten", "budget": 0.8},
     "b0.8 tail whiten": {"method": "whiten", "budget": 0.8, "allocator": "tail"},
     "b0.8 sensitivity whiten": {"method": "whiten", "budget": 0.8, "allocator": "sensitivity"},
+    # Where the rank goes: keep 70 % of every matrix in every third layer (about an 8 % cut).
+    "b0.7 every-3rd-layer whiten": {"method": "whiten", "budget": 0.7, "layers": "3-30:3"},
+    "b0.7 every-3rd-layer tucker": {"method": "tucker", "budget": 0.7, "layers": "3-30:3"},
 }
 
 
