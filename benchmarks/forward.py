@@ -81,7 +81,9 @@ def bench_models(args: argparse.Namespace, dense: nn.Module, ids: torch.Tensor, 
     med = {k: statistics.median(v) for k, v in times.items()}
     t_dense = med["dense"]
     print(f"forward dense: {t_dense * 1e3:.0f} ms per batch of {ids.shape[0]}x{ids.shape[1]} tokens, {total / 1e6:.1f} M params", flush=True)
-    print(f"forward breakdown: lm_head (49152x576) {100 * (1 - med['no-lm_head'] / t_dense):.0f}% of dense time, {100 * dense.lm_head.weight.numel() / total:.0f}% of unique params (tied with the embedding)", flush=True)
+    head = dense.lm_head.weight
+    tied = head.data_ptr() == dense.get_input_embeddings().weight.data_ptr()
+    print(f"forward breakdown: lm_head ({head.shape[0]}x{head.shape[1]}) {100 * (1 - med['no-lm_head'] / t_dense):.0f}% of dense time, {100 * head.numel() / total:.0f}% of unique params{' (tied with the embedding)' if tied else ''}", flush=True)
     for name, _, pcut in configs[1:]:
         lcut = 1 - med[name] / t_dense
         ratio = lcut / pcut if pcut > 0 else float("nan")
