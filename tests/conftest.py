@@ -42,3 +42,42 @@ def smollm2_dir():
     from lm_eval_lowrank.assets import smollm2_path
 
     return smollm2_path()
+
+
+def save_tiny_llama(out, tokenizer_dir, **overrides):
+    """A random-weight tiny Llama with SmolLM2's real tokenizer (49152 tokens), saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(**{"vocab_size": 49152, **overrides})).eval().save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+ARC_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+training_split: null
+validation_split: null
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_arc_task(directory, name):
+    """A one-file ARC-Easy task over the shared data (the local task suite is tested on its own)."""
+    from lm_eval_lowrank.tasks import data_dir
+
+    (directory / f"{name}.yaml").write_text(ARC_TASK_YAML.format(name=name, data=data_dir() / "arc_easy" / "test.jsonl"))
+    return directory

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama_config
+from conftest import save_tiny_llama, write_arc_task
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -57,34 +57,12 @@ def test_entry_point_is_declared():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, smollm2_dir):
-    """A random-weight tiny Llama with SmolLM2's real tokenizer, saved as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=49152, num_hidden_layers=6, max_position_embeddings=512)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=6, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")
 def arc_task_dir(tmp_path_factory):
-    """A throwaway ARC-Easy YAML over the shared data (the local task suite is tested elsewhere)."""
-    from lm_eval_lowrank.tasks import data_dir
-
-    d = tmp_path_factory.mktemp("tasks")
-    (d / "arc_tiny.yaml").write_text(
-        "task: arc_tiny\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data_dir() / 'arc_easy' / 'test.jsonl'}\n"
-        "output_type: multiple_choice\ntraining_split: null\ntest_split: test\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
-        'doc_to_choice: "{{choices.text}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return d
+    return write_arc_task(tmp_path_factory.mktemp("tasks"), "arc_tiny")
 
 
 def _results(out_dir: Path) -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_llama
+
 BIN = Path(sys.executable).parent
 # One thread per process: two processes share the machine's cores.
 ENV = {
@@ -48,24 +50,10 @@ def _results(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_llama_smol_tok")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama_smol_tok"), smollm2_dir,
+        num_hidden_layers=6, max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_llama, write_arc_task
 from lm_eval_lowrank.spec import SpecError
 from lm_eval_lowrank.store import Store, row_key
 
-ARC = Path("/work/shared/data/arc_easy/test.jsonl")
 
-TASK_YAML = """task: tiny_arc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-training_split: null
-validation_split: null
-test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 # -- store ------------------------------------------------------------------------------
@@ -96,35 +78,19 @@ def test_grid_expansion(smollm2_dir: Path) -> None:
 
 # -- the real harness on a tiny random Llama ---------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lm_eval_lowrank.assets import smollm2_path
-
-    src = Path(smollm2_path())
-    out = tmp_path_factory.mktemp("tiny_llama")
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=True,
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"), smollm2_dir,
+        intermediate_size=128, num_hidden_layers=6, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return out
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def task_manager(tmp_path_factory: pytest.TempPathFactory):
-    if not ARC.exists():
-        pytest.skip(f"{ARC} is missing")
     from lm_eval.tasks import TaskManager
 
-    d = tmp_path_factory.mktemp("tasks")
-    (d / "tiny_arc.yaml").write_text(TASK_YAML.format(data=ARC))
+    d = write_arc_task(tmp_path_factory.mktemp("tasks"), "tiny_arc")
     # no built-in index: ~20 s saved, the throwaway task needs none
     return TaskManager(include_path=str(d), include_defaults=False)
 

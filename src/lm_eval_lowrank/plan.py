@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .architectures import ArchitectureAdapter, adapter_for_config
-from .spec import DecompositionSpec, SpecError, breakeven_rank, format_layers
+from .spec import DecompositionSpec, SpecError, breakeven_rank
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,3 @@ def make_plan(
         )
     return plan
 
-
-def describe(spec: DecompositionSpec) -> str:
-    return f"method={spec.method},rank={spec.rank},layers={format_layers(spec.layers)}"
