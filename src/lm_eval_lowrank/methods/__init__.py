@@ -31,23 +31,32 @@ class Factors:
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one linear's input: X^T X / N over N tokens (in x in)."""
+    """Calibration statistics of one linear's input: X^T X / N over N tokens (in x in).
+
+    ``cross_cov`` (optional) is X^T X_ref / N, where X_ref are the same linear's inputs in
+    the dense model on the same tokens: methods that use it fit the dense model's outputs
+    X_ref W^T instead of X W^T. None means X_ref = X.
+    """
 
     input_cov: torch.Tensor
     tokens: int
+    cross_cov: torch.Tensor | None = None
 
 
 # name -> fn(weight, rank, stats, **options) -> Factors
 MethodFn = Callable[..., Factors]
 _REGISTRY: dict[str, MethodFn] = {}
 NEEDS_CALIBRATION: set[str] = set()
+USES_REFERENCE: set[str] = set()  # methods that use LayerStats.cross_cov
 
 
-def register_method(name: str, needs_calibration: bool = False) -> Callable[[MethodFn], MethodFn]:
+def register_method(name: str, needs_calibration: bool = False, uses_reference: bool = False) -> Callable[[MethodFn], MethodFn]:
     def deco(fn: MethodFn) -> MethodFn:
         _REGISTRY[name] = fn
         if needs_calibration:
             NEEDS_CALIBRATION.add(name)
+        if uses_reference:
+            USES_REFERENCE.add(name)
         return fn
 
     return deco
@@ -63,6 +72,12 @@ def get_method(name: str) -> MethodFn:
 def needs_calibration(name: str) -> bool:
     _load_builtin()
     return name in NEEDS_CALIBRATION
+
+
+def uses_reference(name: str) -> bool:
+    """Whether the method fits the dense model's outputs when given ``LayerStats.cross_cov``."""
+    _load_builtin()
+    return name in USES_REFERENCE
 
 
 BUILTIN_MODULES = ("tucker", "rom", "whiten")

@@ -5,6 +5,12 @@ of any W_hat is ||(W - W_hat) X||_F^2 = N ||(W - W_hat) S||_F^2, so truncating t
 W S and folding S^-1 back in (W_hat = U_r diag(s_r) V_r^T S^-1) is the optimal rank-r
 weight for these inputs; the discarded singular values of W S are exactly the error.
 
+Error correction (``LayerStats.cross_cov`` = P = X^T X_ref / N, X_ref the same linear's
+inputs in the dense model): the target becomes the dense model's outputs,
+min ||X_ref W^T - X W_hat^T||_F. Expanding with C = S S^T and Z = W_hat S gives
+||Z - W P^T S^-T||_F^2 + const, so Z is the truncated SVD of W P^T S^-T and again
+W_hat = Z S^-1. With X_ref = X, P = C and W C S^-T = W S: plain whitening.
+
 Activation covariances of real models are often near-singular (dead or duplicated
 features, fewer tokens than features). The factorisation is tried in fp32, then with
 lambda * mean(diag) * I added (lambda growing), then in fp64 the same way; if even that
@@ -60,16 +66,27 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
     )
 
 
-@register_method("whiten", needs_calibration=True)
+def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = None) -> torch.Tensor:
+    """The matrix whose truncated SVD gives Z = W_hat S: W S, or W P^T S^-T with a cross-covariance P."""
+    if P is None:
+        return W @ S
+    # W P^T S^-T = (S^-1 P W^T)^T, with S lower triangular.
+    return torch.linalg.solve_triangular(S, P.to(S.dtype) @ W.mT, upper=False).mT
+
+
+@register_method("whiten", needs_calibration=True, uses_reference=True)
 def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, **_: object) -> Factors:
-    """Truncated SVD of W S, with S^-1 folded back into the right factor."""
+    """Truncated SVD of W S (or W P^T S^-T against the dense model), S^-1 folded into the right factor."""
     C = _check_stats("whiten", weight, stats)
     out_f, in_f = weight.shape
     if not 1 <= rank <= min(out_f, in_f):
         raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
+    P = stats.cross_cov if stats is not None else None
+    if P is not None and (P.shape != C.shape or not torch.isfinite(P).all()):
+        raise SpecError(f"method='whiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite ({in_f}, {in_f})")
     S, lam, dtype = whitening_factor(C)
     W = weight.to(dtype)
-    svd = truncated_svd(W @ S, rank, solver=solver, seed=seed, dtype=dtype)
+    svd = truncated_svd(whitened_target(W, S, P), rank, solver=solver, seed=seed, dtype=dtype)
     # right^T = V_r^T S^-1  <=>  S^T right = V_r, with S^T upper triangular.
     right = torch.linalg.solve_triangular(S.mT, svd.V, upper=True)
     if not torch.isfinite(right).all():  # pragma: no cover - excluded by the pivot check
@@ -79,5 +96,10 @@ def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = No
         left=svd.U.to(out_dtype).contiguous(),
         core=torch.diag(svd.S).to(out_dtype),
         right=right.to(out_dtype).contiguous(),
-        info={"solver": f"whiten-{svd.solver}", "whiten_lambda": lam, "whiten_dtype": str(dtype).removeprefix("torch.")},
+        info={
+            "solver": f"whiten-{svd.solver}",
+            "whiten_lambda": lam,
+            "whiten_dtype": str(dtype).removeprefix("torch."),
+            "whiten_target": "compressed" if P is None else "dense",
+        },
     )
