@@ -24,6 +24,7 @@ METHODS = ("tucker", "rom", "whiten")
 ALLOCATORS = ("uniform", "tail", "sensitivity")
 LAYOUTS = ("auto", "folded", "tucker")
 SOLVERS = ("auto", "exact", "randomized")
+CALIB_TARGETS = ("dense", "compressed")
 
 # The arguments this package owns; everything else in model_args goes to HFLM unchanged.
 SPEC_KEYS = (
@@ -41,6 +42,8 @@ SPEC_KEYS = (
     "calib_n",
     "calib_len",
     "calib_batch",
+    "calib_target",
+    "calib_staged",
     "cache",
     "hooi_iters",
 )
@@ -220,6 +223,9 @@ class DecompositionSpec:
     calib_n: int = 128
     calib_len: int = 128
     calib_batch: int = 8
+    # Whose outputs each layer is fitted to: the dense model's (error correction) or the compressed model's own.
+    calib_target: str = "compressed"
+    calib_staged: bool = False  # calibrate within a layer in forward order: q,k,v -> o -> gate,up -> down
     cache: bool = True
     hooi_iters: int = 10
 
@@ -250,7 +256,7 @@ class DecompositionSpec:
             if not 0.0 < b < 1.0:
                 raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1")
             kw["budget"] = b
-        for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS)):
+        for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS), ("calib_target", CALIB_TARGETS)):
             if args.get(key) is not None:
                 v = str(args[key]).strip().lower()
                 if v not in choices:
@@ -264,8 +270,9 @@ class DecompositionSpec:
                 kw[key] = v
         if args.get("calib") is not None:
             kw["calib"] = str(args["calib"]).strip()
-        if args.get("cache") is not None:
-            kw["cache"] = _as_bool("cache", args["cache"])
+        for key in ("cache", "calib_staged"):
+            if args.get(key) is not None:
+                kw[key] = _as_bool(key, args[key])
         spec = cls(**kw)
         spec._check_consistency()
         return spec
