@@ -44,6 +44,8 @@ class ArchitectureAdapter:
     layers_path: str  # dotted path from the CausalLM to the ModuleList of decoder layers
     tensor_paths: dict[str, str]  # short name -> dotted path inside one layer
     has_bias: dict[str, bool] | None = None
+    # Tensors grouped by the input they share, in forward order (staged calibration); None = one stage.
+    stages: tuple[tuple[str, ...], ...] | None = None
 
     # -- config side -------------------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
@@ -62,6 +64,13 @@ class ArchitectureAdapter:
 
     def layer_linear_params(self, config: Any) -> int:
         return sum(o * i + (o if (self.has_bias or {}).get(t, False) else 0) for t, (o, i) in self.tensor_shapes(config).items())
+
+    def stage_of(self, tensor: str) -> int:
+        """Index of the calibration stage of a tensor (unlisted tensors come last)."""
+        for i, group in enumerate(self.stages or ()):
+            if tensor in group:
+                return i
+        return len(self.stages or ())
 
     # -- model side --------------------------------------------------------------
     def layers(self, model: Any) -> Any:
@@ -150,17 +159,19 @@ _LLAMA_PATHS = {
     "down": "mlp.down_proj",
 }
 _ALL_BIAS = {"q": True, "k": True, "v": True, "o": True, "up": True, "down": True}
+_LLAMA_STAGES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
-    LlamaAdapter("llama", ("llama", "mistral", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_PATHS),
-    LlamaAdapter("qwen2", ("qwen2",), "model.layers", _LLAMA_PATHS, has_bias={"q": True, "k": True, "v": True}),
-    LlamaAdapter("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers", _LLAMA_PATHS),
+    LlamaAdapter("llama", ("llama", "mistral", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
+    LlamaAdapter("qwen2", ("qwen2",), "model.layers", _LLAMA_PATHS, has_bias={"q": True, "k": True, "v": True}, stages=_LLAMA_STAGES),
+    LlamaAdapter("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
     GPT2Adapter(
         "gpt2",
         ("gpt2",),
         "transformer.h",
         {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
         has_bias={"qkv": True, "o": True, "up": True, "down": True},
+        stages=(("qkv",), ("o",), ("up",), ("down",)),
     ),
     BertAdapter(
         "bert",

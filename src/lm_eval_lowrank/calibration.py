@@ -25,6 +25,10 @@ batches at the input of one decoder layer. Asked for layer L, it first runs the 
 between (as they are now: already compressed) and then layer L once with hooks that
 accumulate X^T X of each target's input. Peak memory is the model plus those hidden
 states; nothing runs the whole model except the first embedding pass.
+With ``calib_target=dense`` it also keeps the dense model's hidden states (a second
+stream, forked at the first compressed layer) and accumulates X^T X_ref against the
+dense model's inputs of the same linear (error correction). With ``calib_staged=true``
+decompose_model asks for one layer in stages, each after the earlier ones were replaced.
 Statistics are cached on disk per (model, data, layer, everything decomposed before it).
 """
 
@@ -36,7 +40,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +50,9 @@ import torch
 import torch.nn as nn
 
 from .methods import LayerStats
-from .spec import DecompositionSpec, SpecError
+from .spec import CALIB_TARGETS, DecompositionSpec, SpecError
 
-STATS_VERSION = "1"  # bump when the statistics computed here change meaning
+STATS_VERSION = "2"  # bump when the statistics computed here change meaning
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
 WIKITEXT_CALIB_DOCS = range(50, 62)  # held-out wikitext documents used for calibration
 WIKITEXT_EVAL_DOCS = range(0, 50)  # the ones benchmarks here may score
@@ -303,7 +308,16 @@ def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
 
 
 class SequentialStatsProvider:
-    """Input covariances for one decoder layer at a time, on the model as it is now."""
+    """Input statistics of one decoder layer (or one stage of it) at a time, on the model as it is now.
+
+    ``target="dense"`` (error correction) also keeps the dense model's hidden states: each
+    request then returns, besides X^T X of the inputs X of the model as it is, the cross
+    product X^T X_ref with X_ref the same linear's inputs in the dense model. The dense
+    stream forks from the compressed one at the first compressed layer; the provider holds
+    the dense modules of the layer being decomposed (references, no copies) and runs them
+    on that stream. Requests for one layer may come several times (staged calibration:
+    q,k,v -> o -> gate,up -> down), each after the previous stages were replaced.
+    """
 
     def __init__(
         self,
@@ -316,7 +330,10 @@ class SequentialStatsProvider:
         model_key: str | None = None,
         spec: DecompositionSpec | None = None,
         track_sparsity: float | None = None,
+        target: str = "compressed",
     ) -> None:
+        if target not in CALIB_TARGETS:
+            raise SpecError(f"calib_target={target!r} is invalid: valid: {', '.join(CALIB_TARGETS)}")
         self.adapter = adapter
         self.input_ids = input_ids
         self.batch_size = batch_size
@@ -325,11 +342,16 @@ class SequentialStatsProvider:
         self.model_key = model_key
         self.spec = spec
         self.track_sparsity = track_sparsity  # eps: also count |x| < eps * max|x| per input
+        self.target = target
         self.sparsity: dict[str, float] = {}
         self.allocation: dict[str, Any] | None = None
         self._hidden: list[torch.Tensor] | None = None
         self._kwargs: list[dict[str, Any]] = []
         self._at = 0  # 0-based index of the layer whose input self._hidden holds
+        self._ref: list[torch.Tensor] | None = None  # dense hidden states, once they differ from _hidden
+        self._ref_at = 0
+        self._dense: dict[int, dict[str, nn.Module]] = {}  # layer index0 -> {module path: its dense module}
+        self._last = -1  # index0 of the previous request
         self.hits = 0
         self.misses = 0
         self.seconds = 0.0
@@ -361,41 +383,85 @@ class SequentialStatsProvider:
             handle.remove()
         self._at = 0
 
-    def _run_layer(self, layer: nn.Module, update: bool) -> None:
-        assert self._hidden is not None
-        for b, (h, kw) in enumerate(zip(self._hidden, self._kwargs)):
-            out = _first_tensor(layer(h, **kw))
-            if update:
-                self._hidden[b] = out.detach()
+    def _reset(self) -> None:
+        self._hidden, self._kwargs, self._ref, self._dense = None, [], None, {}
+        self._at = self._ref_at = 0
+
+    def _run_layer(self, layer: nn.Module, hidden: list[torch.Tensor]) -> None:
+        for b, (h, kw) in enumerate(zip(hidden, self._kwargs)):
+            hidden[b] = _first_tensor(layer(h, **kw)).detach()
 
     def _advance(self, model: nn.Module, index0: int) -> None:
         if self._hidden is None or index0 < self._at:
-            self._capture(model)  # a new pass (e.g. after the allocator's dense pass)
+            self._capture(model)
         layers = self.adapter.layers(model)
         while self._at < index0:
-            self._run_layer(layers[self._at], update=True)
+            self._run_layer(layers[self._at], self._hidden)
             self._at += 1
+
+    # -- the dense reference stream ------------------------------------------------------
+    def _remember_dense(self, model: nn.Module, index0: int, targets: list[Any]) -> None:
+        """Hold this layer's target modules while they are still dense (replaced ones are kept alive)."""
+        from .modules import LowRankLinear
+
+        held = self._dense.setdefault(index0, {})
+        for t in targets:
+            path, mod = t.path, model.get_submodule(t.path)
+            if hasattr(mod, "base_layer"):  # decompose_model replaces a peft adapter's base layer
+                path, mod = f"{path}.base_layer", mod.base_layer
+            if not isinstance(mod, LowRankLinear):
+                held.setdefault(path, mod)
+
+    @contextmanager
+    def _as_dense(self, model: nn.Module, index0: int) -> Iterator[None]:
+        """Put the held dense modules of a layer back for the duration of the block."""
+        from .decompose import _set_submodule
+
+        swapped: list[tuple[str, nn.Module]] = []
+        try:
+            for path, dense in self._dense.get(index0, {}).items():
+                if model.get_submodule(path) is not dense:
+                    swapped.append((path, _set_submodule(model, path, dense)))
+            yield
+        finally:
+            for path, now in reversed(swapped):
+                _set_submodule(model, path, now)
+
+    def _advance_ref(self, model: nn.Module, index0: int) -> None:
+        """Bring the dense stream to layer ``index0``'s input, running held layers dense."""
+        if self._ref is None:
+            # Nothing before the compressed stream's position was compressed yet: fork there.
+            if self._hidden is None:
+                self._capture(model)
+            self._ref, self._ref_at = list(self._hidden or []), self._at
+        layers = self.adapter.layers(model)
+        while self._ref_at < index0:
+            with self._as_dense(model, self._ref_at):
+                self._run_layer(layers[self._ref_at], self._ref)
+            self._dense.pop(self._ref_at, None)
+            self._ref_at += 1
 
     # -- cache -------------------------------------------------------------------------
     def _prefix(self, model: nn.Module, index0: int) -> list[Any]:
-        """What was decomposed before this layer: the stats depend on it."""
+        """What was decomposed before these inputs (earlier layers, earlier stages): the stats depend on it."""
         from .modules import LowRankLinear
 
         layers = self.adapter.layers(model)
         out: list[Any] = []
-        for i in range(index0):
+        for i in range(index0 + 1):
             for name, mod in layers[i].named_modules():
                 if isinstance(mod, LowRankLinear):
                     out.append([i, name, mod.rank, mod.layout])
         return out
 
-    def _cache_path(self, model: nn.Module, index0: int) -> Path | None:
+    def _cache_path(self, model: nn.Module, index0: int, prefix: list[Any], reference: bool) -> Path | None:
         if self.cache_dir is None or self.model_key is None:
             return None
-        prefix = self._prefix(model, index0)
         key: dict[str, Any] = {"v": STATS_VERSION, "prefix": prefix, "dtype": str(next(model.parameters()).dtype)}
         if prefix and self.spec is not None:  # how the earlier layers were decomposed
-            key.update(method=self.spec.method, solver=self.spec.solver, seed=self.spec.seed)
+            key.update(method=self.spec.method, solver=self.spec.solver, seed=self.spec.seed, target=self.target, staged=self.spec.calib_staged)
+        if reference:
+            key["reference"] = "dense"
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
         data["batch"] = self.batch_size
         return self.cache_dir / self.model_key / _sha(data) / f"L{index0 + 1:03d}-{_sha(key)}.pt"
@@ -403,28 +469,64 @@ class SequentialStatsProvider:
     # -- the protocol ------------------------------------------------------------------
     @torch.no_grad()
     def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
-        """Input covariances (X^T X / N) of ``targets`` of decoder layer ``layer`` (1-based)."""
+        """Input covariances (X^T X / N) of ``targets`` of decoder layer ``layer`` (1-based).
+
+        With ``target="dense"`` and anything compressed upstream of these inputs, each also
+        carries ``cross_cov`` = X^T X_ref / N against the dense model's inputs.
+        """
         start = time.perf_counter()
         index0 = layer - 1
+        if index0 < self._last:
+            self._reset()  # a new pass over the layers (e.g. after the allocator's dense pass)
+        self._last = index0
         paths = [t.path for t in targets]
-        cache = self._cache_path(model, index0)
+        prefix = self._prefix(model, index0)
+        reference = self.target == "dense" and bool(prefix)  # with nothing compressed X_ref = X
+        if self.target == "dense":
+            self._remember_dense(model, index0, targets)
+            if reference:
+                self._advance_ref(model, index0)
+        cache = self._cache_path(model, index0, prefix, reference)
         if cache is not None and cache.is_file() and self.track_sparsity is None:
             try:
                 blob = torch.load(cache, map_location="cpu", weights_only=True)
-                if all(p in blob["index"] for p in paths):
+                if all(p in blob["index"] for p in paths) and (not reference or blob.get("cross")):
                     self.hits += 1
                     self.seconds += time.perf_counter() - start
-                    return {p: LayerStats(blob["covs"][blob["index"][p]].to(torch.float64), int(blob["tokens"])) for p in paths}
+                    return {p: self._from_blob(blob, p, reference) for p in paths}
             except Exception:  # a truncated or foreign file: recompute
                 pass
         self.misses += 1
         self._advance(model, index0)
+        out, tokens = self._compute(model, index0, paths, reference)
+        if cache is not None:
+            self._store(cache, out, tokens)
+        self.layers_computed.append(layer)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def _compute(self, model: nn.Module, index0: int, paths: list[str], reference: bool) -> tuple[dict[str, LayerStats], int]:
         layers = self.adapter.layers(model)
         accum: dict[str, torch.Tensor] = {}
+        cross: dict[str, torch.Tensor] = {}
         groups: dict[str, int] = {}  # path -> index of a distinct input (q, k, v share one)
         seen_inputs: list[tuple[torch.Tensor, str]] = []
+        fired: set[str] = set()
+        ref_x: dict[str, torch.Tensor] = {}
         small: dict[str, list[float]] = {}
         tokens = 0
+
+        def stop_when_done(path: str) -> None:
+            fired.add(path)
+            if len(fired) == len(paths):
+                raise _Stop  # the rest of the layer is not needed for these inputs
+
+        def make_ref_hook(path: str):
+            def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+                ref_x[path] = args[0]
+                stop_when_done(path)
+
+            return hook
 
         def make_hook(path: str):
             def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
@@ -434,6 +536,7 @@ class SequentialStatsProvider:
                 sibling = next((q for t, q in seen_inputs if t is x), None)
                 if sibling is not None and sibling != path:
                     groups[path] = groups[sibling]
+                    stop_when_done(path)
                     return
                 if sibling is None:
                     seen_inputs.append((x, path))
@@ -441,57 +544,76 @@ class SequentialStatsProvider:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
                 xtx = (x2.mT @ x2).to(torch.float64).cpu()
                 accum[path] = accum[path] + xtx if path in accum else xtx
+                if reference:
+                    r2 = ref_x[path].detach().reshape(-1, x.shape[-1]).float()
+                    xtr = (x2.mT @ r2).to(torch.float64).cpu()
+                    cross[path] = cross[path] + xtr if path in cross else xtr
                 if self.track_sparsity is not None:
                     thr = self.track_sparsity * float(x2.abs().max())
                     s = small.setdefault(path, [0.0, 0.0])
                     s[0] += float((x2.abs() < thr).sum())
                     s[1] += x2.numel()
+                stop_when_done(path)
 
             return hook
 
-        handles = []
-        for p in paths:
-            mod = model.get_submodule(p)
-            handles.append(mod.register_forward_hook(make_hook(p)))
-        try:
-            for h, kw in zip(self._hidden or [], self._kwargs):
-                seen_inputs.clear()
+        def run(h: torch.Tensor, kw: dict[str, Any], make: Any) -> None:
+            handles = [model.get_submodule(p).register_forward_hook(make(p)) for p in paths]
+            fired.clear()
+            try:
                 layers[index0](h, **kw)
-                tokens += h.shape[0] * h.shape[1]
-        finally:
-            for hd in handles:
-                hd.remove()
+            except _Stop:
+                pass
+            finally:
+                for hd in handles:
+                    hd.remove()
+
+        for b, (h, kw) in enumerate(zip(self._hidden or [], self._kwargs)):
+            if reference:
+                assert self._ref is not None
+                ref_x.clear()
+                with self._as_dense(model, index0):
+                    run(self._ref[b], kw, make_ref_hook)
+            seen_inputs.clear()
+            run(h, kw, make_hook)
+            tokens += h.shape[0] * h.shape[1]
+        ref_x.clear()
         # Distinct inputs, in a stable order; every path points at one of them.
         owners = {}
         for p in paths:
             owner = next((q for q in paths if q in accum and groups.get(q) == groups.get(p)), p)
             owners[p] = owner
-        covs_by_owner = {q: accum[q] / tokens for q in dict.fromkeys(owners.values())}
-        out = {p: LayerStats(covs_by_owner[owners[p]], tokens) for p in paths}
+        stats_by_owner = {q: LayerStats(accum[q] / tokens, tokens, cross[q] / tokens if reference else None) for q in dict.fromkeys(owners.values())}
+        out = {p: stats_by_owner[owners[p]] for p in paths}
         for p, (a, b) in small.items():
             self.sparsity[p] = a / max(b, 1)
         for p in paths:
             if p not in self.sparsity and owners[p] in self.sparsity:
                 self.sparsity[p] = self.sparsity[owners[p]]
-        if cache is not None:
-            self._store(cache, out, tokens)
-        self.layers_computed.append(layer)
-        self.seconds += time.perf_counter() - start
-        return out
+        return out, tokens
+
+    @staticmethod
+    def _from_blob(blob: dict[str, Any], path: str, reference: bool) -> LayerStats:
+        i = blob["index"][path]
+        cross = blob["cross"][i].to(torch.float64) if reference else None
+        return LayerStats(blob["covs"][i].to(torch.float64), int(blob["tokens"]), cross)
 
     def _store(self, cache: Path, stats: dict[str, LayerStats], tokens: int) -> None:
         covs: list[torch.Tensor] = []
+        cross: list[torch.Tensor] = []
         index: dict[str, int] = {}
         seen: dict[int, int] = {}
         for p, s in stats.items():
             if id(s.input_cov) not in seen:
                 seen[id(s.input_cov)] = len(covs)
                 covs.append(s.input_cov.float())
+                if s.cross_cov is not None:
+                    cross.append(s.cross_cov.float())
             index[p] = seen[id(s.input_cov)]
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"covs": covs, "index": index, "tokens": tokens}, tmp)
+            torch.save({"covs": covs, "cross": cross, "index": index, "tokens": tokens}, tmp)
             os.replace(tmp, cache)
         except OSError:  # a read-only or full cache never breaks a run
             pass
@@ -501,6 +623,8 @@ class SequentialStatsProvider:
         out.update(
             batch=self.batch_size,
             sequential=True,
+            target=self.target,
+            staged=bool(self.spec.calib_staged) if self.spec is not None else None,
             layers_computed=self.layers_computed,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),
@@ -510,8 +634,9 @@ class SequentialStatsProvider:
         return out
 
     def release(self) -> None:
-        """Drop the held hidden states (call after decomposition to return their memory)."""
-        self._hidden, self._kwargs = None, []
+        """Drop the held hidden states and dense modules (call after decomposition to return their memory)."""
+        self._reset()
+        self._last = -1
 
 
 def build_stats_provider(
@@ -525,6 +650,7 @@ def build_stats_provider(
     """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them."""
     from .architectures import adapter_for_model
     from .assets import cache_root
+    from .methods import uses_reference
 
     if tokenizer is None:
         raise SpecError("calib: calibration needs the model's tokenizer")
@@ -538,4 +664,5 @@ def build_stats_provider(
     record["data_dir"] = str(root)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
-    return SequentialStatsProvider(model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec)
+    target = spec.calib_target if uses_reference(spec.method) else "compressed"  # rom fits the compressed inputs
+    return SequentialStatsProvider(model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target)

@@ -2,8 +2,10 @@
 
 Work goes layer by layer in order, so activation-aware methods can calibrate each layer
 on the outputs of the already-compressed layers before it (a ``StatsProvider`` is asked
-for one layer's statistics right before that layer is decomposed). Each dense weight is
-freed as soon as its replacement is in place, so memory never holds two models.
+for one layer's statistics right before that layer is decomposed; with ``calib_staged``
+for one stage of the layer at a time, in forward order: q,k,v -> o -> gate,up -> down).
+Each dense weight is freed as soon as its replacement is in place, so memory never holds
+two models.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from .spec import DecompositionSpec, SpecError
 
 
 class StatsProvider(Protocol):
-    """Gives calibration statistics for the targets of one decoder layer (1-based)."""
+    """Gives calibration statistics for the targets of one decoder layer (1-based).
+
+    Layers come in increasing order; with staged calibration the same layer comes once
+    per stage, each time with that stage's targets and the earlier stages replaced.
+    """
 
     def layer_stats(self, model: nn.Module, layer: int, targets: list[Target]) -> dict[str, LayerStats]: ...
 
@@ -172,36 +178,10 @@ def decompose_model(
         by_layer.setdefault(t.layer, []).append(t)
     bar = _progress(len(plan.targets), f"decomposing ({spec.method})", enabled=progress)
     pages = _PageReleaser()
+    staged = stats_provider is not None and spec.calib_staged and needs_calibration(spec.method)
     for layer in sorted(by_layer):
-        targets = by_layer[layer]
-        stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
-        for t in targets:
-            path = t.path
-            old = model.get_submodule(path)
-            if hasattr(old, "base_layer"):  # a peft adapter wraps it: decompose the base layer beneath
-                path = f"{path}.base_layer"
-                old = old.base_layer
-            W, b = dense_weight_of(old)
-            dtype, device = W.dtype, W.device
-            with torch.no_grad():
-                factors = method(
-                    W.detach().float(),
-                    t.rank,
-                    stats.get(t.path),
-                    solver=spec.solver,
-                    seed=_module_seed(spec.seed, t.path),
-                )
-                new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
-            new.requires_grad_(old.weight.requires_grad)
-            _set_submodule(model, path, new)
-            if pages.libc is not None:
-                pages.release(old.weight, {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"})
-            solver = factors.info.get("solver", spec.method)
-            solvers[solver] = solvers.get(solver, 0) + 1
-            del old, W, b, factors
-            if on_module is not None:
-                on_module(t, new)
-            bar.update()
+        for targets in calibration_stages(by_layer[layer], adapter) if staged else [by_layer[layer]]:
+            _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, pages, on_module, bar)
         # No gc.collect()/empty_cache() here: the dense weight's last reference is dropped above,
         # so its memory returns to the (caching) allocator at once; a full GC per layer costs
         # ~0.1 s on a 7B model for nothing.
@@ -211,6 +191,58 @@ def decompose_model(
     if stats_provider is not None and hasattr(stats_provider, "describe"):
         report.calibration = stats_provider.describe()
     return report
+
+
+def calibration_stages(targets: list[Target], adapter: ArchitectureAdapter) -> list[list[Target]]:
+    """One layer's targets grouped by the adapter's stages, in forward order (q,k,v; o; gate,up; down)."""
+    groups: dict[int, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(adapter.stage_of(t.tensor), []).append(t)
+    return [groups[i] for i in sorted(groups)]
+
+
+def _decompose_stage(
+    model: nn.Module,
+    spec: DecompositionSpec,
+    plan: Plan,
+    method: Callable[..., Any],
+    targets: list[Target],
+    layer: int,
+    stats_provider: StatsProvider | None,
+    solvers: dict[str, int],
+    pages: _PageReleaser,
+    on_module: Callable[[Target, LowRankLinear], None] | None,
+    bar: _progress,
+) -> None:
+    """Calibrate ``targets`` (one layer's, or one stage of them) on the model as it is now, then replace them."""
+    stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
+    for t in targets:
+        path = t.path
+        old = model.get_submodule(path)
+        if hasattr(old, "base_layer"):  # a peft adapter wraps it: decompose the base layer beneath
+            path = f"{path}.base_layer"
+            old = old.base_layer
+        W, b = dense_weight_of(old)
+        dtype, device = W.dtype, W.device
+        with torch.no_grad():
+            factors = method(
+                W.detach().float(),
+                t.rank,
+                stats.get(t.path),
+                solver=spec.solver,
+                seed=_module_seed(spec.seed, t.path),
+            )
+            new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
+        new.requires_grad_(old.weight.requires_grad)
+        _set_submodule(model, path, new)
+        if pages.libc is not None:
+            pages.release(old.weight, {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"})
+        solver = factors.info.get("solver", spec.method)
+        solvers[solver] = solvers.get(solver, 0) + 1
+        del old, W, b, factors
+        if on_module is not None:
+            on_module(t, new)
+        bar.update()
 
 
 class _progress:
