@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm_eval_lowrank.methods import get_method
-from lm_eval_lowrank.methods.tucker import hooi, truncated_svd, tucker2, tucker_reconstruct
+from lm_eval_lowrank.methods.tucker import choose_solver, hooi, truncated_svd, tucker2, tucker_reconstruct
 
 
 def _rand(m, n, seed=0, decay=None):
@@ -59,10 +59,53 @@ def test_randomized_is_deterministic_for_a_seed():
     assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
 
 
-def test_auto_solver_picks_by_rank():
+def test_auto_solver_picks_by_rank_and_device():
     W = _rand(400, 300, seed=5)
-    assert truncated_svd(W, 2).solver == "randomized"
+    assert truncated_svd(W, 2).solver == "krylov"  # CPU
     assert truncated_svd(W, 200).solver == "exact"
+    assert choose_solver((400, 300), 2, device="cuda") == "randomized"
+    assert choose_solver((400, 300), 200, device="cuda") == "exact"
+
+
+@pytest.mark.parametrize("shape,rank", [((256, 96), 8), ((96, 256), 8), ((300, 200), 1), ((300, 200), 24)])
+def test_krylov_matches_exact(shape, rank):
+    W = _rand(*shape, seed=3, decay=0.95)
+    exact = truncated_svd(W, rank, solver="exact")
+    approx = truncated_svd(W, rank, solver="krylov", seed=0)
+    assert approx.solver == "krylov"
+    assert torch.allclose(approx.S, exact.S, rtol=1e-3)
+    assert torch.allclose(approx.U @ approx.U.T, exact.U @ exact.U.T, atol=1e-3)
+    assert torch.allclose(approx.V.T @ approx.V, torch.eye(rank), atol=1e-4)
+    # Rayleigh-Ritz: U diag(S) V^T is A projected on span(V), never worse than that projection.
+    proj = W @ approx.V @ approx.V.T
+    assert torch.allclose(approx.U @ torch.diag(approx.S) @ approx.V.T, proj, atol=1e-4)
+
+
+def test_krylov_is_deterministic_for_a_seed():
+    W = _rand(200, 120, seed=4)
+    a = truncated_svd(W, 6, solver="krylov", seed=7)
+    b = truncated_svd(W, 6, solver="krylov", seed=7)
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
+
+
+def test_krylov_on_an_exactly_low_rank_matrix_stops_on_the_invariant_subspace():
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(300, 5, generator=g) @ torch.randn(5, 120, generator=g)
+    res = truncated_svd(W, 5, solver="krylov")
+    assert res.solver == "krylov"
+    assert torch.allclose(res.S, torch.linalg.svdvals(W)[:5], rtol=1e-4)
+    assert torch.allclose(res.U @ torch.diag(res.S) @ res.V.T, W, atol=1e-3 * float(W.abs().max()))
+    # more than the rank: the exhausted Krylov space is refilled with fresh directions
+    more = truncated_svd(W, 8, solver="krylov")
+    assert torch.allclose(more.S[:5], res.S, rtol=1e-4) and float(more.S[5:].max()) < 1e-3 * float(res.S[0])
+    assert torch.allclose(more.V.T @ more.V, torch.eye(8), atol=1e-4)
+
+
+def test_krylov_without_convergence_falls_back_to_exact():
+    from lm_eval_lowrank.methods import tucker as tk
+
+    W = _rand(200, 120, seed=11)  # flat spectrum: an absurd tolerance cannot be met within the cap
+    assert tk._block_krylov_svd(W, 4, 0, rtol=0.0) is None
 
 
 def test_rank_out_of_range():

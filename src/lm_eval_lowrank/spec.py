@@ -23,7 +23,7 @@ from typing import Any
 METHODS = ("tucker", "rom", "whiten")
 ALLOCATORS = ("uniform", "tail", "sensitivity")
 LAYOUTS = ("auto", "folded", "tucker")
-SOLVERS = ("auto", "exact", "randomized")
+SOLVERS = ("auto", "exact", "krylov", "randomized")
 CALIB_TARGETS = ("dense", "compressed")
 
 # The arguments this package owns; everything else in model_args goes to HFLM unchanged.

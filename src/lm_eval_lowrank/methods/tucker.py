@@ -4,16 +4,20 @@ For a matrix, Tucker-2 with ranks (r, r) is exactly the truncated SVD: U1 = U_r,
 core = diag(s_r), U2 = V_r, the best rank-r approximation (Eckart-Young). HOOI run on a
 matrix converges to it, so the 2-D path uses the closed form directly.
 
-Two solvers compute the truncated SVD:
+Three solvers compute the truncated SVD:
 - ``exact``: LAPACK SVD of the whole matrix (cost independent of r);
-- ``randomized``: a seeded Gaussian range finder with power iterations (cost ~ r).
-``auto`` picks by the size of r relative to the matrix (switch point measured in
-benchmarks/decompose.py). Everything is computed in fp32 (fp64 on request) and the
-sign of each singular pair is fixed, so results are deterministic.
+- ``krylov``: seeded block Lanczos on A^T A with full reorthogonalisation, stopped once the
+  top-r Ritz values settle (cost ~ the Krylov dimension, a few times r);
+- ``randomized``: a seeded Gaussian range finder with subspace (power) iteration.
+``auto`` picks by device and by the size of r relative to the matrix (switch points measured
+in benchmarks/decompose.py): krylov on a CPU, randomized on a GPU, exact when r is large.
+Everything is computed in fp32 (fp64 on request) and the sign of each singular pair is
+fixed, so results are deterministic.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +57,18 @@ def _oversample(rank: int) -> int:
     return max(32, rank // 2)
 
 
-def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto") -> str:
+# CPU: block Krylov is used while rank <= KRYLOV_MAX_FRACTION * min(m, n). Measured by
+# `benchmarks/decompose.py --switch` on SmolLM2 (1 thread, shared machine): Krylov stops
+# winning at r/min(m,n) = 0.17 (1536x576), 0.28 (576x576), 0.33 (192x576, 576x1536); it needs a
+# Krylov dimension of ~3.5 r for 1 % on these flat spectra. 0.15 stays below every crossing.
+KRYLOV_MAX_FRACTION = 0.15
+
+
+def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", device: torch.device | str = "cpu") -> str:
     if solver != "auto":
         return solver
+    if torch.device(device).type == "cpu":
+        return "krylov" if rank <= KRYLOV_MAX_FRACTION * min(shape) else "exact"
     k = rank + _oversample(rank)
     return "randomized" if k <= RANDOMIZED_MAX_FRACTION * min(shape) else "exact"
 
@@ -76,14 +89,21 @@ def truncated_svd(
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank {rank} out of range 1..{min(m, n)} for a {m}x{n} matrix")
     A = W.detach().to(dtype)
-    solver = choose_solver((m, n), rank, solver)
+    solver = choose_solver((m, n), rank, solver, A.device)
+    result = None
+    if solver == "krylov":
+        result = _block_krylov_svd(A, rank, seed)
+        if result is None:  # not converged within the dimension cap: the exact answer instead
+            solver = "exact"
     if solver == "exact":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         U, S, V = U[:, :rank], S[:rank], Vh[:rank].mT
     elif solver == "randomized":
         U, S, V = _randomized_svd(A, rank, seed, power_iters, orth)
+    elif solver == "krylov":
+        U, S, V = result
     else:
-        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, randomized")
+        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, krylov, randomized")
     U, V = _fix_signs(U.contiguous(), V.contiguous())
     return SVDResult(U, S, V, solver)
 
@@ -165,6 +185,94 @@ def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, ort
     if transpose:
         U, V = V, U
     return U, S, V
+
+
+# Block Krylov (CPU default). Stop when no top-r singular value estimate moved by more than
+# KRYLOV_RTOL (relative) in the last step: convergence is geometric and fast, so the error
+# left is below the last change (on SmolLM2 the worst top-r error was ~1e-4 at 1e-3).
+KRYLOV_RTOL = 1e-3
+
+
+def krylov_block_size(rank: int) -> int:
+    """Block width: >= 4 (single-vector Lanczos misconverged on near-equal top values here);
+    wider blocks for larger r, whose GEMMs run at a higher rate than narrow ones."""
+    return max(4, min(32, 8 * math.ceil(rank / 16)))
+
+
+def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, rtol: float = KRYLOV_RTOL, block: int | None = None):
+    """Top-r singular triplets by block Lanczos on A^T A (short side), or None if not converged.
+
+    The blocks are kept as rows (b x n): MKL runs (b x n) @ (n x m) at full rate, while the
+    column form A @ (n x b) falls to a slow kernel for 2 <= b < 16 (10x here). Each step costs
+    two passes over A (A V_j, then A^T A V_j), is reorthogonalised against every earlier block
+    twice (CGS2), and its projection coefficients are exactly the new block column of the
+    Lanczos matrix T = V^T A^T A V, so the Ritz values come from T with no extra pass. The
+    answer is the Rayleigh-Ritz one: V_r from T's top eigenvectors and U = A V_r / s, so
+    U diag(s) V_r^T = A V_r V_r^T, the best approximation within span(V_r).
+    """
+    m, n = A.shape
+    transpose = m < n
+    if transpose:  # Krylov on the short side: n x n Gram, smaller basis vectors
+        A = A.mT
+        m, n = n, m
+    b = min(block or krylov_block_size(rank), n)
+    cap = min(n, max(8 * rank + 8 * b, 64))  # beyond this the exact SVD is cheaper anyway
+    cap -= cap % b
+    if cap < rank + b:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Vb = A.new_empty(cap, n)  # basis rows
+    Wb = A.new_empty(cap, m)  # (A V)^T, kept for U
+    T = A.new_zeros(cap, cap)
+    Vb[:b] = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=A.dtype).to(A.device))[0].mT
+    check_from = max(rank + b, 3 * rank)  # fewer than ~3r dimensions never reached 1% on flat spectra
+    prev = None
+    d = 0
+    while True:
+        lo, d = d, d + b
+        torch.mm(Vb[lo:d], A.mT, out=Wb[lo:d])  # (A V_j)^T
+        Y = Wb[lo:d] @ A  # (A^T A V_j)^T
+        basis = Vb[:d]
+        H = Y @ basis.mT  # V^T A^T A V_j: the new block column of T
+        Y -= H @ basis
+        H2 = Y @ basis.mT  # second Gram-Schmidt pass (CGS2) for orthogonality in fp32
+        Y -= H2 @ basis
+        H += H2
+        T[lo:d, :d] = H
+        T[:d, lo:d] = H.mT
+        if d >= check_from:
+            est = torch.linalg.eigvalsh(T[:d, :d])[-rank:].clamp_min(0).sqrt()
+            if prev is not None and float(((est - prev).abs() / est.clamp_min(torch.finfo(A.dtype).tiny)).max()) < rtol:
+                break
+            prev = est
+        if d + b > cap:
+            return None
+        Vb[d : d + b] = _next_block(Y, basis, gen, 1e-5 * float(T[:d, :d].abs().max()))
+    evals, E = torch.linalg.eigh(T[:d, :d])
+    E = E[:, -rank:].flip(1)
+    S = evals[-rank:].flip(0).clamp_min(0).sqrt()
+    V = (E.mT @ Vb[:d]).mT
+    U = (E.mT @ Wb[:d]).mT / S.clamp_min(torch.finfo(A.dtype).tiny)  # row form: the fast GEMM kernel
+    if transpose:
+        U, V = V, U
+    return U, S, V
+
+
+def _next_block(Y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny: float) -> torch.Tensor:
+    """Orthonormal rows spanning Y (b x n, already orthogonal to ``basis``).
+
+    A direction of Y at round-off level (the Krylov space is exhausted there, e.g. an exactly
+    low-rank matrix) would come out of the QR neither small nor orthogonal to the basis; it is
+    replaced by a fresh random direction orthogonalised against the basis.
+    """
+    Q, R = torch.linalg.qr(Y.mT)
+    dead = R.diagonal().abs() <= tiny
+    if bool(dead.any()):
+        Q[:, dead] = torch.randn(Q.shape[0], int(dead.sum()), generator=gen, dtype=Q.dtype).to(Q.device)
+        for _ in range(2):
+            Q -= basis.mT @ (basis @ Q)
+        Q = torch.linalg.qr(Q)[0]
+    return Q.mT
 
 
 def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Factors:
