@@ -322,6 +322,40 @@ def test_damaged_cache_entry_is_recomputed_with_a_warning(tiny_dir, damage):
     assert r3.cache["hit"]
 
 
+def test_cache_entry_is_hashed_once_per_file_version(tiny_dir, monkeypatch):
+    from lm_eval_lowrank import checkpoint as ck
+
+    m1, r1 = compress(tiny_dir)  # the writer records the digest of what it wrote
+    calls = []
+    real = ck._tensor_digest
+    monkeypatch.setattr(ck, "_tensor_digest", lambda t: calls.append(1) or real(t))
+    m2, r2 = compress(tiny_dir)
+    assert r2.cache["hit"] and calls == []
+    assert torch.equal(logits(m1), logits(m2))
+    # a rewritten entry (same bytes, new mtime/inode) is hashed again, and remembered
+    entry = Path(r1.cache["path"])
+    data = entry.read_bytes()
+    entry.unlink()
+    entry.write_bytes(data)
+    _, r3 = compress(tiny_dir)
+    _, r4 = compress(tiny_dir)
+    assert r3.cache["hit"] and r4.cache["hit"] and len(calls) == 1
+
+
+def test_cache_hit_parameters_are_the_read_tensors_with_checked_shapes():
+    from lm_eval_lowrank.modules import LowRankLinear
+
+    t = {"first": torch.randn(3, 10), "last": torch.randn(7, 3), "bias": torch.randn(7)}
+    m = LowRankLinear.from_parameters(t, 10, 7)
+    assert m.first.data_ptr() == t["first"].data_ptr() and m.bias.data_ptr() == t["bias"].data_ptr()
+    x = torch.randn(2, 10)
+    assert torch.allclose(m(x), x @ t["first"].T @ t["last"].T + t["bias"], atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        LowRankLinear.from_parameters({"first": torch.randn(3, 9), "last": torch.randn(7, 3)}, 10, 7)
+    with pytest.raises(ValueError, match="no tensor for core"):
+        LowRankLinear.from_parameters({"first": torch.randn(3, 10), "last": torch.randn(7, 3)}, 10, 7, layout="tucker")
+
+
 def _concurrent_writer(src: str, cache: str, rounds: int, barrier) -> None:
     os.environ["LM_EVAL_LOWRANK_CACHE"] = cache
     from transformers import AutoModelForCausalLM

@@ -47,6 +47,26 @@ class LowRankLinear(nn.Module):
 
     # -- construction -------------------------------------------------------------
     @classmethod
+    def from_parameters(cls, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, layout: str = "folded") -> LowRankLinear:
+        """A module whose parameters *are* ``tensors`` (keys first/core/last/bias), without copying.
+
+        Shapes are checked; the module is built on the meta device first so that nothing
+        is allocated only to be replaced.
+        """
+        first = tensors["first"]
+        rank = first.shape[0]
+        new = cls(in_features, out_features, rank, layout=layout, bias="bias" in tensors, dtype=first.dtype, device="meta")
+        for k, t in tensors.items():
+            cur = getattr(new, k)
+            if cur is None or tuple(cur.shape) != tuple(t.shape):
+                raise ValueError(f"LowRankLinear.{k}: shape {tuple(t.shape)} does not fit a {layout} rank-{rank} {out_features}x{in_features} module")
+            setattr(new, k, nn.Parameter(t, requires_grad=cur.requires_grad))
+        missing = [k for k in ("first", "core", "last", "bias") if getattr(new, k) is not None and getattr(new, k).is_meta]
+        if missing:
+            raise ValueError(f"LowRankLinear: no tensor for {', '.join(missing)}")
+        return new
+
+    @classmethod
     def from_factors(
         cls,
         factors: Factors,
