@@ -73,3 +73,43 @@ def test_tokens_can_be_set_after_the_call():
     with m.measure("generate", tokens=0) as rec:
         rec.tokens = 7  # e.g. generated tokens, known only after generation
     assert aggregate([m.summary()])["latency"]["by_kind"]["generate"]["tokens"] == 7
+
+
+def test_meter_for_a_cuda_device_does_not_touch_cuda_when_none_is_usable():
+    # HFLM sets device "cuda" for parallelize=True even where torch has no CUDA.
+    m = Meter.create("cuda", measure_energy=False, model_devices=[torch.device("cpu")])
+    assert not m.uses_cuda_events and m.timer == "perf_counter"
+    with m.measure("model_call", tokens=4):
+        pass
+    assert m.summary()["latency"]["calls"] == 1
+
+
+def test_a_model_sharded_over_gpus_is_timed_with_every_gpu_synchronised(monkeypatch):
+    # parallelize=True: one stream's CUDA events cannot time work on several GPUs.
+    synced: list[int] = []
+    peaks = {0: 100, 1: 250, 2: 999}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: synced.append(i))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: peaks[i])
+    m = Meter.create("cuda:0", measure_energy=False, model_devices=[torch.device("cuda:0"), torch.device("cuda:1")])
+    assert m.sharded and not m.uses_cuda_events and m.timer == "perf_counter_cuda_synchronized"
+    with m.measure("model_call", tokens=8):
+        time.sleep(0.01)
+    assert synced == [0, 1, 0, 1]  # before and after the call, on both GPUs the model uses
+    s = m.summary()
+    assert s["latency"]["timer"] == "perf_counter_cuda_synchronized" and s["latency"]["total_seconds"] >= 0.01
+    # the peak of a sharded model is the sum over the GPUs it occupies (GPU 2 is not one of them)
+    assert s["memory"]["bytes"] == 350 and s["memory"]["per_device"] == {"0": 100, "1": 250}
+
+
+def test_offloaded_weights_give_a_clear_error(tiny_llama):
+    import pytest
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.spec import SpecError
+
+    q = tiny_llama.model.layers[1].self_attn.q_proj
+    q.weight = torch.nn.Parameter(torch.empty(q.weight.shape, device="meta"))  # as accelerate's offload leaves it
+    with pytest.raises(SpecError, match=r"layers\.1\.self_attn\.q_proj\.weight is offloaded"):
+        compress_model(tiny_llama, {"rank": 2, "layers": "2", "cache": False}, progress=False)

@@ -34,6 +34,25 @@ def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
     make_plan(spec, config, adapter=adapter)
 
 
+def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter: Any) -> None:
+    """Offloaded weights (accelerate's disk/CPU offload leaves them on the meta device) cannot be factorised."""
+    if spec.is_noop:
+        return
+    try:
+        targets = make_plan(spec, model.config, adapter=adapter).targets
+    except Exception:  # e.g. a budget before allocation: decompose_model reports plan errors itself
+        return
+    for t in targets:
+        mod = model.get_submodule(t.path)
+        w = getattr(getattr(mod, "base_layer", mod), "weight", None)
+        if w is not None and w.is_meta:
+            raise SpecError(
+                f"{t.path}.weight is offloaded (meta device, e.g. parallelize=True/device_map without enough GPU "
+                "memory): decomposition needs every targeted weight in memory; give the GPUs more room "
+                "(max_memory_per_gpu), use fewer layers, or load without offloading"
+            )
+
+
 def compress_model(
     model: nn.Module,
     spec: DecompositionSpec | Mapping[str, Any],
@@ -44,11 +63,12 @@ def compress_model(
     """Decompose ``model`` in place according to ``spec`` and report what was done."""
     spec = as_spec(spec)
     adapter = adapter_for_model(model)
+    _check_weights_in_memory(model, spec, adapter)
     ranks = None
     stats_provider = None
     from .methods import needs_calibration
 
-    if needs_calibration(spec.method) or spec.allocator == "sensitivity" and spec.budget is not None:
+    if needs_calibration(spec.method) or spec.allocator in ("sensitivity", "output_error") and spec.budget is not None:
         if tokenizer is None:
             raise SpecError(f"method={spec.method!r} needs a tokenizer for its calibration data")
         from .calibration import build_stats_provider

@@ -92,7 +92,9 @@ class HFTuckerLM(HFLM):
         if self.device.type == "cuda" and torch.cuda.is_available():
             # Load + decomposition peak; the meter then measures the evaluation's own peak.
             self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds)
+        model_devices = {p.device for p in self._model.parameters()}
+        self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
+        self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds, model_devices=model_devices)
         if self._meter.energy is not None and self._meter.energy.available:
             self._meter.energy.measure_idle()
 

@@ -18,6 +18,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,22 +203,48 @@ class Meter:
 
     device: torch.device
     energy: EnergyMeter | None = None
+    cuda_devices: list[int] = field(default_factory=list)  # the CUDA devices the model occupies
     records: list[CallRecord] = field(default_factory=list)
     excluded_calls: int = 0
     _excluding: int = 0
     _pending: list[CallRecord] = field(default_factory=list)
 
     @classmethod
-    def create(cls, device: torch.device | str, measure_energy: bool = True, idle_seconds: float = 1.0) -> Meter:
+    def create(
+        cls,
+        device: torch.device | str,
+        measure_energy: bool = True,
+        idle_seconds: float = 1.0,
+        model_devices: Iterable[torch.device] | None = None,
+    ) -> Meter:
+        """``model_devices``: where the model's parameters live (several GPUs with ``parallelize=True``)."""
         device = torch.device(device)
         energy = EnergyMeter(idle_seconds=idle_seconds) if measure_energy else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        return cls(device=device, energy=energy)
+        cuda_ok = torch.cuda.is_available()
+        used = sorted({d.index or 0 for d in (model_devices or []) if d.type == "cuda"}) if cuda_ok else []
+        if cuda_ok and device.type == "cuda":
+            for i in used or [device.index or 0]:
+                torch.cuda.reset_peak_memory_stats(i)
+        return cls(device=device, energy=energy, cuda_devices=used)
+
+    @property
+    def sharded(self) -> bool:
+        """The model spans several GPUs (model parallel): one stream's events cannot time it."""
+        return len(self.cuda_devices) > 1
 
     @property
     def uses_cuda_events(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_available()
+        return self.device.type == "cuda" and torch.cuda.is_available() and not self.sharded
+
+    @property
+    def timer(self) -> str:
+        if self.uses_cuda_events:
+            return "cuda_events"
+        return "perf_counter_cuda_synchronized" if self.sharded else "perf_counter"
+
+    def _sync_all(self) -> None:
+        for i in self.cuda_devices:
+            torch.cuda.synchronize(i)
 
     @contextmanager
     def excluded(self):
@@ -247,9 +274,13 @@ class Meter:
             if len(self._pending) >= 256:  # bound the number of live events
                 self._resolve()
         else:
+            # A sharded model: each GPU runs its own stream, so wait for all of them around the
+            # call (CPU ops are synchronous and need no wait).
+            self._sync_all()
             t0 = time.perf_counter()
             yield rec
-            rec.seconds = time.perf_counter() - t0  # CPU ops are synchronous
+            self._sync_all()
+            rec.seconds = time.perf_counter() - t0
         self.records.append(rec)
 
     def _resolve(self) -> None:
@@ -264,8 +295,13 @@ class Meter:
 
     def peak_memory(self) -> dict[str, Any]:
         if self.device.type == "cuda" and torch.cuda.is_available():
-            per = {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
-            return {"kind": "cuda_max_memory_allocated", "bytes": max(per.values()), "per_device": per, "process_peak_rss_bytes": _peak_rss_bytes()}
+            if self.cuda_devices:  # the devices the model occupies: a sharded model's peak is their sum
+                per = {str(i): torch.cuda.max_memory_allocated(i) for i in self.cuda_devices}
+                total = sum(per.values())
+            else:
+                per = {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+                total = max(per.values())
+            return {"kind": "cuda_max_memory_allocated", "bytes": total, "per_device": per, "process_peak_rss_bytes": _peak_rss_bytes()}
         return {"kind": "process_peak_rss", "bytes": _peak_rss_bytes()}
 
     def summary(self) -> dict[str, Any]:
@@ -284,7 +320,7 @@ class Meter:
         energy = self.energy.read() if self.energy is not None else {"available": False, "reason": "energy measurement disabled"}
         return {
             "latency": {
-                "timer": "cuda_events" if self.uses_cuda_events else "perf_counter",
+                "timer": self.timer,
                 "total_seconds": total_s,
                 "calls": calls,
                 "mean_seconds_per_batch": total_s / calls if calls else None,
