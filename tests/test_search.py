@@ -33,6 +33,38 @@ def test_default_candidates_follow_pruning_rules() -> None:
         default_candidates(3, ranks=(1,), table4=False)
 
 
+def test_candidates_with_strides_keep_fractions_and_a_method() -> None:
+    from lm_eval_lowrank.search import stride_layer_sets
+
+    assert stride_layer_sets(30, 3) == (3, 6, 9, 12, 15, 18, 21, 24, 27)  # never layer 1, 2 or 30
+    cands = default_candidates(30, ranks=(), max_k=1, table4=False, keeps=(0.7,), strides=(3,), method="whiten")
+    by_name = {c.name: c.spec for c in cands}
+    assert by_name == {
+        "whiten keep0.7 spread1 [16]": {"budget": "0.7", "layers": "16", "tensors": "all", "method": "whiten"},
+        "whiten keep0.7 every3 [3|6|9|12|15|18|21|24|27]": {"budget": "0.7", "layers": "3|6|9|12|15|18|21|24|27", "tensors": "all", "method": "whiten"},
+    }
+    # every candidate spec is valid model_args
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    for spec in by_name.values():
+        DecompositionSpec.from_args(spec)
+    with pytest.raises(SpecError, match="keep"):
+        default_candidates(30, ranks=(), keeps=(1.2,))
+    with pytest.raises(SpecError, match="at least one"):
+        default_candidates(30, ranks=(), keeps=())
+
+
+def test_search_cli_rejects_bad_candidate_options(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli import cli
+
+    store = str(tmp_path / "s.jsonl")
+    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks")):
+        res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, *args])
+        assert res.exit_code == 2 and hint in res.output, res.output
+
+
 def _row(acc: float, red: float, spt: float, energy: float | None = None) -> dict:
     return {
         "status": "ok", "accuracy": {"t": acc}, "param_reduction": red, "seconds_per_token": spt,

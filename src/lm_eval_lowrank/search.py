@@ -37,23 +37,57 @@ class Candidate:
 DENSE = Candidate("dense", {})
 
 
-def default_candidates(num_layers: int, ranks: Sequence[int] = (1, 8), max_k: int = 4, table4: bool = True) -> list[Candidate]:
-    """Whole layers, spread apart, avoiding the first two and the last (k = 1..max_k), plus Table 4."""
+def stride_layer_sets(num_layers: int, stride: int, avoid_first: int = 2, avoid_last: int = 1) -> tuple[int, ...]:
+    """Every ``stride``-th layer of the allowed band, from its first layer (e.g. 3, 6, ..., 27 of 30)."""
+    lo, hi = avoid_first + 1, num_layers - avoid_last
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise SpecError(f"stride={stride!r} is invalid: an int >= 1")
+    return tuple(range(lo, hi + 1, stride))
+
+
+def default_candidates(
+    num_layers: int,
+    ranks: Sequence[int] = (1, 8),
+    max_k: int = 4,
+    table4: bool = True,
+    keeps: Sequence[float] = (),
+    strides: Sequence[int] = (),
+    method: str | None = None,
+) -> list[Candidate]:
+    """Whole layers, spread apart, avoiding the first two and the last, crossed with compressions.
+
+    Layer sets: k = 1..max_k spread layers, every ``stride``-th layer, and Table 4.
+    Compressions: a pruned ``rank`` (the research's axis) or a kept fraction ``keep`` of
+    each chosen layer's parameters (``budget=keep``, the activation-aware methods' axis).
+    """
     from .design_space import spread_layer_sets, table4_layer_sets
 
     band = max(num_layers - 3, 0)
     sets: dict[tuple[int, ...], str] = {}
     for k in range(1, min(max_k, band) + 1):
         sets.setdefault(spread_layer_sets(num_layers, k), f"spread{k}")
+    for st in strides:
+        layers = stride_layer_sets(num_layers, st)
+        if layers:
+            sets.setdefault(layers, f"every{st}")
     if table4:
         for name, layers in table4_layer_sets(num_layers).items():
             sets.setdefault(tuple(layers), f"t4:{name}")
     if not sets:
         raise SpecError(f"num_layers={num_layers} leaves no layers to decompose once the first two and the last are avoided")
+    for keep in keeps:
+        if not 0 < keep < 1:
+            raise SpecError(f"keep={keep!r} is invalid: a fraction of parameters kept, 0 < keep < 1")
+    extra = {"method": method} if method and method != "tucker" else {}
+    compressions = [(f"r{r}", {"rank": str(r)}) for r in ranks] + [(f"keep{k:g}", {"budget": f"{k:g}"}) for k in keeps]
+    if not compressions:
+        raise SpecError("give at least one rank or keep fraction")
     out = []
-    for r in ranks:
+    for tag, comp in compressions:
         for layers, name in sets.items():
-            out.append(Candidate(f"r{r} {name} [{format_layers(layers)}]", {"rank": str(r), "layers": format_layers(layers), "tensors": "all"}))
+            spec = {**comp, "layers": format_layers(layers), "tensors": "all", **extra}
+            prefix = f"{method} " if extra else ""
+            out.append(Candidate(f"{prefix}{tag} {name} [{format_layers(layers)}]", spec))
     return out
 
 

@@ -30,6 +30,22 @@ class OneLineBadParameter(click.BadParameter):
         click.echo(f"Error: {self.format_message()}", err=True)
 
 
+def _fraction_list(value: str, option: str) -> list[float]:
+    out = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            f = float(part)
+        except ValueError:
+            f = -1.0
+        if not 0 < f < 1:
+            raise OneLineBadParameter(f"{value!r}: {part!r} is not a fraction 0 < f < 1; give a comma-separated list like 0.7,0.5", param_hint=f"'{option}'")
+        out.append(f)
+    return list(dict.fromkeys(out))
+
+
 def _int_list(value: str, option: str, minimum: int = 1) -> list[int]:
     out = []
     for part in str(value).split(","):
@@ -153,15 +169,18 @@ def report(store: str, out_dir: str) -> None:
 @common
 @click.option("--tolerance", type=float, default=0.03, show_default=True, help="Largest accuracy drop allowed (fraction: 0.03 = 3 points).")
 @click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
-@click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks.")
+@click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps).")
+@click.option("--keeps", default="", help="Candidate kept fractions of each chosen layer's parameters (budget=), e.g. 0.7,0.5.")
+@click.option("--method", default=None, help="Decomposition method of every candidate (tucker, whiten, rom); calibration options go in --model_args.")
 @click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
+@click.option("--strides", default="", help="Also every s-th layer of the allowed band for each s, e.g. 2,3,4.")
 @click.option("--no-table4", is_flag=True, help="Leave the Table 4 layer sets out of the candidates.")
 @click.option("--limits", default="10,50", show_default=True, help="Documents per task at each successive-halving rung, screening first, e.g. 10,50 or 8,24,100.")
 @click.option("--eta", type=float, default=3.0, show_default=True, help="Keep the best 1/eta of the candidates at each screening rung.")
 @click.option("--prune-margin", type=float, default=0.10, show_default=True, help="Prune at screening when the drop exceeds tolerance + this margin.")
 @click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True, help="Drop over tasks: mean, or the worst task.")
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, max_k: int, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..search import default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
@@ -178,8 +197,18 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     except SpecError as exc:
         raise OneLineBadParameter(str(exc), param_hint="'--objective'") from None
     limit_list = _int_list(limits, "--limits")
+    rank_list = [] if ranks.strip().lower() in ("none", "") else _int_list(ranks, "--ranks")
+    keep_list = _fraction_list(keeps, "--keeps")
+    stride_list = _int_list(strides, "--strides") if strides.strip() else []
+    if method is not None:
+        from ..spec import METHODS
+
+        if method not in METHODS:
+            raise OneLineBadParameter(f"{method!r} is not a method; valid: {', '.join(METHODS)}", param_hint="'--method'")
+    if not rank_list and not keep_list:
+        raise OneLineBadParameter("no candidates: give --ranks and/or --keeps", param_hint="'--ranks'")
     num_layers, _, _ = model_info(model)
-    candidates = default_candidates(num_layers, _int_list(ranks, "--ranks"), max_k=max_k, table4=not no_table4)
+    candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method)
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
     res = run_search(candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True))
