@@ -315,6 +315,7 @@ def test_compress_model_end_to_end_json(tiny_llama, monkeypatch, tmp_path):
     assert cal["leak_check"]["status"] == "ok" and cal["tokens"] == 128 and cal["split"] == {"arc_easy_local": "validation"}
     alloc = cal["allocation"]
     assert alloc["realised_keep"] <= 0.7 and 0.7 * alloc["selected_params"] - alloc["kept_params"] <= alloc["max_rounding_step"]
+    assert alloc["allocator"] == "sensitivity" and alloc["measured"]["loss_increase"] and alloc["chosen_layers"]
     assert all(r % 4 == 0 for r in d["ranks"].values())
     assert d["params_removed"] == alloc["selected_params"] - alloc["kept_params"]
     monkeypatch.setenv(EVAL_TASKS_ENV, "arc_easy_local,boolq_local")
@@ -377,7 +378,7 @@ def test_error_curves_match_real_truncation(aniso):
             assert float(curve[r]) == pytest.approx(real, rel=1e-3, abs=1e-7)
 
 
-def test_sensitivity_prefers_low_error_modules():
+def test_output_error_prefers_low_error_modules():
     from lm_eval_lowrank.allocation import Candidate, allocate_by_error
 
     a, b = Candidate(1, "q", "a", 64, 64), Candidate(1, "k", "b", 64, 64)

@@ -10,12 +10,23 @@ exceed the budget. Allocators:
 - ``tail``: only the last K selected layers are compressed, each module keeping a fraction
   rho; K is the smallest number of layers for which rho >= ``TAIL_MIN_KEEP`` (LLM-ROM
   compresses the later layers and leaves the early ones dense).
-- ``sensitivity``: a proxy of each module's output error on calibration data at every
+- ``sensitivity`` (measured): for every selected layer and every kept fraction rho in
+  ``SENSITIVITY_KEEPS``, only that layer is compressed with the spec's method (at the
+  ranks that keep rho of each of its modules, fitted to the dense model's statistics),
+  the mean next-token loss on held-out calibration tokens is measured, and the layer's
+  dense modules are put back (the same objects: bit-exact). Each layer then gets one
+  option of {dense, rho_1, rho_2, ...} so that the summed loss increases are least within
+  the budget: an exact dynamic programme over the Pareto front of (parameters removed,
+  loss increase) (a multiple-choice knapsack; single-layer increases are taken as additive).
+  See :func:`measure_sensitivity` for the data split and the cost.
+- ``output_error``: a proxy of each module's output error on calibration data at every
   rank, ``err(r) = ||(W - W_r) X||^2 / ||W X||^2`` read off the spectrum of W C_x W^T
   (rom/whiten) or of the truncated SVD projected on C_x (tucker); the ranks then come
   from a greedy descent on the lower convex hull of each module's error-vs-parameters
   curve (the cheapest error per parameter removed first). One dense calibration pass, no
   decomposition; the statistics are cached like the decomposition's first-layer stats.
+  (This was ``sensitivity`` before the measured allocator; local error turned out to be a
+  poor guide to the end-to-end loss on SmolLM2.)
 
 :func:`allocate_ranks` returns a ``dict`` path -> rank with an ``info`` attribute that
 records the realised budget, for the results JSON.
@@ -24,14 +35,17 @@ records the realised budget, for the results JSON.
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .spec import DecompositionSpec, SpecError, breakeven_rank
+from .spec import ALLOCATORS, DecompositionSpec, SpecError, breakeven_rank
 
 TAIL_MIN_KEEP = 0.7  # tail allocator: each compressed matrix keeps at least this fraction
 
@@ -89,6 +103,15 @@ def continuous_rank(c: Candidate, keep: float, layout: str) -> float:
     return target / s
 
 
+def floor_rank(c: Candidate, keep: float, multiple: int, layout: str) -> int:
+    """The admissible rank at or below the one keeping ``keep`` of ``c`` (0: no rank saves parameters)."""
+    adm = c.ranks(multiple, layout)
+    if not adm:
+        return 0
+    r = math.floor(continuous_rank(c, keep, layout) / multiple) * multiple
+    return min(max(r, adm[0]), adm[-1])
+
+
 def fit_to_budget(cands: list[Candidate], keep: dict[str, float], target: float, multiple: int, layout: str) -> dict[str, int]:
     """Ranks near the per-module fractions ``keep`` with total kept params <= ``target`` when possible.
 
@@ -100,11 +123,9 @@ def fit_to_budget(cands: list[Candidate], keep: dict[str, float], target: float,
     for c in cands:
         if c.path not in keep:
             continue
-        adm = c.ranks(multiple, layout)
-        if not adm:
-            continue  # no admissible rank saves parameters: dense
-        r = math.floor(continuous_rank(c, keep[c.path], layout) / multiple) * multiple
-        ranks[c.path] = min(max(r, adm[0]), adm[-1])
+        r = floor_rank(c, keep[c.path], multiple, layout)
+        if r:
+            ranks[c.path] = r
     by_path = {c.path: c for c in cands}
 
     def total() -> int:
@@ -276,6 +297,391 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
     return curves
 
 
+# -- measured sensitivity -----------------------------------------------------------------
+
+SENSITIVITY_KEEPS = (0.5, 0.7, 0.85)  # kept fractions measured per layer (plus budget/2 below 0.5)
+# Held-out tokens scored per measurement. The cost is ~ratios x layers^2/2 layer-forwards on
+# these tokens: on SmolLM2 (30 layers) one CPU thread runs ~45 layer-forwards of 512 tokens a second.
+SENSITIVITY_EVAL_TOKENS = 512
+SENSITIVITY_STATS_TOKENS = 8192  # calibration tokens for the measurement's own statistics (one dense pass)
+SENSITIVITY_SCORE_STRIDE = 2  # the LM head scores every 2nd position: on a 49k vocabulary it costs ~8 layers
+SENSITIVITY_VERSION = "1"  # bump when a measurement changes meaning (keys the on-disk cache)
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def sensitivity_keeps(budget: float) -> tuple[float, ...]:
+    """The kept fractions measured per layer; below the smallest, budget/2 joins so that the budget stays reachable."""
+    if budget < SENSITIVITY_KEEPS[0]:
+        return (round(budget / 2, 4), *SENSITIVITY_KEEPS)
+    return SENSITIVITY_KEEPS
+
+
+def layer_options(cands: list[Candidate], keeps: tuple[float, ...], multiple: int, layout: str) -> dict[int, dict[float, dict[str, int]]]:
+    """layer -> kept fraction -> {path: rank}: every module of the layer floored to the multiple, as fit_to_budget starts."""
+    out: dict[int, dict[float, dict[str, int]]] = {}
+    for c in cands:
+        for rho in keeps:
+            r = floor_rank(c, rho, multiple, layout)
+            if r:  # modules where no rank saves parameters stay dense
+                out.setdefault(c.layer, {}).setdefault(rho, {})[c.path] = r
+    return out
+
+
+def choose_options(
+    cost: dict[int, dict[float, float]], removed: dict[int, dict[float, int]], need: int, max_states: int = 100_000
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """One option per layer (absent = dense) with summed ``removed`` >= ``need`` and the least summed ``cost``.
+
+    A multiple-choice knapsack, solved by a dynamic programme over the layers that keeps the
+    Pareto front of (removed, cost) states, with removed capped at ``need`` (more is no
+    better). A state is dropped only when another removes at least as much for no more
+    cost, so the result is optimal. Should the front exceed ``max_states`` it is thinned to
+    states at least need/max_states apart in removal, the largest kept (still feasible, no
+    longer exact; on SmolLM2 the front stays under a hundred states). When even the largest
+    removals cannot reach ``need`` every layer takes its smallest kept fraction.
+    """
+    layers = sorted(cost)
+    front: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {0: (0.0, ())}
+    exact = True
+    grid = max(1, need // max_states)
+    for L in layers:
+        nxt: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+        for rem, (c, chosen) in front.items():
+            for rho in (None, *sorted(cost[L])):  # dense first: ties keep the layer dense
+                r = rem if rho is None else min(need, rem + removed[L][rho])
+                cc = c if rho is None else c + cost[L][rho]
+                if r not in nxt or cc < nxt[r][0]:
+                    nxt[r] = (cc, chosen if rho is None else (*chosen, (L, rho)))
+        front, best = {}, math.inf
+        for r in sorted(nxt, reverse=True):  # keep a state only if it is cheaper than every state removing more
+            if nxt[r][0] < best:
+                front[r], best = nxt[r], nxt[r][0]
+        if len(front) > max_states:  # thin the front; the largest removal stays, so feasibility does too
+            exact = False
+            thin: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = {}
+            last = None
+            for r in front:  # removal descending
+                if last is None or last - r >= grid:
+                    thin[r], last = front[r], r
+            front = thin
+    if need in front:
+        c, chosen = front[need]
+        return dict(chosen), {"dp": "exact" if exact else "thinned", "feasible": True, "predicted_increase": c, "states": len(front)}
+    choice = {L: min(cost[L]) for L in layers if cost[L]}
+    return choice, {"dp": "infeasible", "feasible": False, "predicted_increase": sum(cost[L][rho] for L, rho in choice.items()), "states": len(front)}
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, layers: Any, ids: torch.Tensor, batch_size: int) -> list[list[Any]]:
+    """[hidden at the first layer's input, its call kwargs, token ids] per batch (the embedding pass only)."""
+    device = next(model.parameters()).device
+    out: list[list[Any]] = []
+    grabbed: dict[str, Any] = {}
+
+    def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        grabbed["h"] = args[0] if args else kwargs.pop("hidden_states")
+        grabbed["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            x = ids[i : i + batch_size].to(device)
+            try:
+                model(input_ids=x, use_cache=False)
+            except _Stop:
+                pass
+            out.append([grabbed["h"].detach(), grabbed["kw"], x])
+    finally:
+        handle.remove()
+    return out
+
+
+class _Head:
+    """Final norm + LM head (+ the logit scalings some configs add), scoring every ``stride``-th position."""
+
+    def __init__(self, model: nn.Module, layers: Any, stride: int) -> None:
+        from .architectures import text_config
+
+        inside = {id(m) for m in layers.modules()}
+        norms = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in _FINAL_NORM_NAMES and id(m) not in inside]
+        self.head = model.get_output_embeddings()
+        if not norms or self.head is None:
+            raise SpecError(f"allocator=sensitivity: no final norm or LM head found in {type(model).__name__}; use allocator=output_error")
+        self.norm = norms[-1]
+        cfg = text_config(model.config)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2/3
+        self.divide = getattr(cfg, "logits_scaling", None)  # Granite
+        self.multiply = getattr(cfg, "logit_scale", None)  # Cohere
+        self.stride = stride
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(0, length - 1, self.stride, device=device)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        if self.divide:
+            z = z / self.divide
+        if self.multiply:
+            z = z * self.multiply
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def nll(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+        pos = self.positions(ids.shape[1], h.device)
+        z = self.scale(self.head(self.norm(h[:, pos])).float())
+        tgt = ids[:, pos + 1]
+        return float(torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), tgt.reshape(-1), reduction="sum")), tgt.numel()
+
+
+def _tail_loss(layers: Any, start: int, batches: list[list[Any]], head: _Head) -> float:
+    """Mean next-token loss with the hidden states of ``batches`` run from layer ``start`` (0-based) to the end."""
+    nll, count = 0.0, 0
+    for h, kw, ids in batches:
+        for layer in layers[start:]:
+            h = _first_tensor(layer(h, **kw))
+        a, b = head.nll(h, ids)
+        nll, count = nll + a, count + b
+    return nll / count
+
+
+def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], paths: list[str]) -> dict[str, Any]:
+    """Run ``layer`` on ``batches`` in place (hidden <- output), accumulating X^T X / N of each path's input."""
+    from .methods import LayerStats
+
+    accum: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # held for the batch so that no later input reuses the memory
+    tokens = 0
+
+    def make_hook(path: str):
+        def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
+            x = args[0]
+            owner = next((p for t, p in seen if t is x), None)
+            if owner is not None and owner != path:  # q, k, v (gate, up) share their input: one product
+                alias[path] = owner
+                return
+            seen.append((x, path))
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            xtx = (x2.mT @ x2).to(torch.float64).cpu()
+            accum[path] = accum[path] + xtx if path in accum else xtx
+
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(make_hook(p)) for p in paths]
+    try:
+        for b in batches:
+            seen.clear()
+            b[0] = _first_tensor(layer(b[0], **b[1])).detach()
+            tokens += b[0].shape[0] * b[0].shape[1]
+    finally:
+        for hd in handles:
+            hd.remove()
+        seen.clear()
+    stats = {p: LayerStats(a / tokens, tokens) for p, a in accum.items()}
+    return {p: stats[alias.get(p, p)] for p in paths if alias.get(p, p) in stats}
+
+
+def _truncate(f: Any, r: int) -> Any:
+    """Rank-r factors from rank-R ones of a method whose core is diagonal and ordered (all built-in ones)."""
+    from .methods import Factors
+
+    return Factors(f.left[:, :r], f.core[:r, :r], f.right[:, :r], dict(f.info))
+
+
+def _sha(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    spec: DecompositionSpec,
+    model: nn.Module,
+    adapter: Any,
+    options: dict[int, dict[float, dict[str, int]]],
+    input_ids: torch.Tensor,
+    layout: str,
+    batch_size: int = 8,
+    eval_tokens: int = SENSITIVITY_EVAL_TOKENS,
+    stats_tokens: int = SENSITIVITY_STATS_TOKENS,
+    stride: int = SENSITIVITY_SCORE_STRIDE,
+    cache_dir: Any = None,
+) -> dict[str, Any]:
+    """The mean next-token loss with one layer compressed at a time, for every (layer, kept fraction) of ``options``.
+
+    Data: the last ``eval_tokens`` worth of calibration sequences (at most a quarter of
+    them) are scored and never enter the statistics; the measurement fits whiten/rom to the
+    dense model's input statistics over up to ``stats_tokens`` of the other sequences (a
+    single calibration sequence is both fitted and scored, ``held_out`` false). The final
+    decomposition still calibrates on all sequences. All tensors of a layer are fitted to
+    the dense layer's inputs (no staging).
+
+    Cost: one dense pass over the statistics sequences, one factorisation per module at its
+    largest measured rank (the smaller ranks are its leading columns), and per (layer,
+    fraction) a run of the layers from that one to the end plus the head on the scored
+    tokens, from hidden states cached at the layer's input. Memory: the model, the two
+    hidden-state streams and one layer's factors; compressed modules are swapped in and the
+    dense ones (the same objects) put back. ``cache_dir`` keeps the result as JSON.
+    """
+    from .decompose import _module_seed, _set_submodule
+    from .methods import get_method, needs_calibration
+    from .modules import LowRankLinear, dense_weight_of
+
+    start = time.perf_counter()
+    n, length = input_ids.shape
+    n_eval = max(1, min(n // 4, math.ceil(eval_tokens / length)))
+    held_out = n > n_eval
+    eval_ids = input_ids[n - n_eval :]
+    stat_ids = input_ids[: n - n_eval][: max(1, stats_tokens // length)] if held_out else input_ids
+    calibrated = needs_calibration(spec.method)
+    dtype = next(model.parameters()).dtype
+    record: dict[str, Any] = {
+        "keeps": sorted({rho for opts in options.values() for rho in opts}),
+        "eval_sequences": int(eval_ids.shape[0]),
+        "stats_sequences": int(stat_ids.shape[0]) if calibrated else 0,
+        "sequence_length": int(length),
+        "held_out": held_out,
+        "score_stride": stride,
+        "statistics": "dense model, per layer" if calibrated else "none (weights only)",
+    }
+    key = {
+        "v": SENSITIVITY_VERSION,
+        "method": spec.method,
+        "solver": spec.solver,
+        "seed": spec.seed,
+        "hooi_iters": spec.hooi_iters,
+        "layout": layout,
+        "dtype": str(dtype),
+        "batch": batch_size,
+        "tokens": _sha(input_ids.tolist()),
+        **{k: record[k] for k in ("eval_sequences", "stats_sequences", "score_stride")},
+        "options": [[L, rho, sorted(r.items())] for L in sorted(options) for rho, r in sorted(options[L].items())],
+    }
+    path = None if cache_dir is None else cache_dir / f"{_sha(key)}.json"
+    if path is not None and path.is_file():
+        try:
+            blob = json.loads(path.read_text())
+            loss = {int(L): {float(rho): v for rho, v in row.items()} for L, row in blob["loss"].items()}
+            return {**record, "dense_loss": blob["dense_loss"], "loss": loss, "scored_tokens": blob["scored_tokens"], "seconds": time.perf_counter() - start, "measured_seconds": blob["seconds"], "cache": "hit"}
+        except (OSError, ValueError, KeyError):  # a foreign or truncated file: measure again
+            pass
+
+    method = get_method(spec.method)
+    layers = adapter.layers(model)
+    head = _Head(model, layers, stride)
+    was_training = model.training
+    model.eval()
+    try:
+        ev = _layer_inputs(model, layers, eval_ids, batch_size)
+        st = _layer_inputs(model, layers, stat_ids, batch_size) if calibrated else []
+        dense = _tail_loss(layers, 0, ev, head)
+        # The layer-by-layer run must reproduce the model's own forward, or the measurement means nothing.
+        nll, count = 0.0, 0
+        for _h, _kw, x in ev:
+            z = model(input_ids=x, use_cache=False).logits.float()  # the model's own scalings included
+            pos = head.positions(x.shape[1], x.device)
+            nll += float(torch.nn.functional.cross_entropy(z[:, pos].reshape(-1, z.shape[-1]), x[:, pos + 1].reshape(-1), reduction="sum"))
+            count += x[:, pos + 1].numel()
+        tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if not abs(nll / count - dense) <= tol * max(1.0, abs(dense)):
+            raise SpecError(
+                f"allocator=sensitivity: running {type(model).__name__} one layer at a time gives loss {dense:.5f}, "
+                f"its forward {nll / count:.5f}; use allocator=output_error"
+            )
+        loss: dict[int, dict[float, float]] = {}
+        for index0, layer in enumerate(layers):
+            group = options.get(index0 + 1)
+            paths = sorted({p for r in (group or {}).values() for p in r})
+            stats = _run_collect(model, layer, st, paths) if calibrated else {}  # also moves st past this (dense) layer
+            if group:
+                factors = {}
+                for p in paths:
+                    mpath, mod = p, model.get_submodule(p)
+                    if hasattr(mod, "base_layer"):  # a peft adapter: its base layer is what decompose replaces
+                        mpath, mod = f"{p}.base_layer", mod.base_layer
+                    W, b = dense_weight_of(mod)
+                    top = max(r[p] for r in group.values() if p in r)
+                    f = method(W.detach().float(), top, stats.get(p), solver=spec.solver, seed=_module_seed(spec.seed, p))
+                    factors[p] = (mpath, f, None if b is None else b.detach(), W)
+                done: dict[tuple, float] = {}
+                for rho, ranks in sorted(group.items()):
+                    sig = tuple(sorted(ranks.items()))
+                    if sig not in done:  # tiny modules: two fractions may round to the same ranks
+                        swapped: list[tuple[str, nn.Module]] = []
+                        try:
+                            for p, r in ranks.items():
+                                mpath, f, b, W = factors[p]
+                                diag = torch.count_nonzero(f.core - torch.diag(torch.diagonal(f.core))) == 0
+                                fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, seed=_module_seed(spec.seed, p))
+                                new = LowRankLinear.from_factors(fr, b, layout=layout, dtype=W.dtype, device=W.device)
+                                swapped.append((mpath, _set_submodule(model, mpath, new)))
+                            done[sig] = _tail_loss(layers, index0, ev, head)
+                        finally:
+                            for mpath, old in reversed(swapped):  # the dense modules themselves: bit-exact
+                                _set_submodule(model, mpath, old)
+                    loss.setdefault(index0 + 1, {})[rho] = done[sig]
+                del factors
+            for b in ev:  # the dense stream moves past this layer
+                b[0] = _first_tensor(layer(b[0], **b[1])).detach()
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    scored = sum(head.positions(x.shape[1], x.device).numel() * x.shape[0] for _h, _kw, x in ev)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "dense_loss": dense, "loss": loss, "scored_tokens": scored, "seconds": seconds}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only or full cache never breaks a run
+            pass
+    return {**record, "dense_loss": dense, "loss": loss, "scored_tokens": scored, "seconds": seconds, "cache": "miss" if path is not None else "disabled"}
+
+
+def allocate_measured(
+    spec: DecompositionSpec, model: nn.Module, cands: list[Candidate], stats_provider: Any, adapter: Any, multiple: int, layout: str
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Measure every (layer, kept fraction), pick per layer the option that meets the budget at least loss, fill the slack."""
+    if stats_provider is None or getattr(stats_provider, "input_ids", None) is None:
+        raise SpecError("allocator=sensitivity needs calibration tokens (a tokenizer and calib=...); use allocator=output_error or uniform without them")
+    assert spec.budget is not None
+    total = sum(c.dense for c in cands)
+    target = spec.budget * total
+    options = layer_options(cands, sensitivity_keeps(spec.budget), multiple, layout)
+    cache_dir = None
+    if getattr(stats_provider, "cache_dir", None) is not None and getattr(stats_provider, "model_key", None):  # cache=true
+        from .assets import cache_root
+
+        cache_dir = cache_root() / "sensitivity" / stats_provider.model_key
+    table = measure_sensitivity(spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir)
+    by_path = {c.path: c for c in cands}
+    increase = {L: {rho: v - table["dense_loss"] for rho, v in row.items()} for L, row in table["loss"].items()}
+    removed = {L: {rho: sum(by_path[p].dense - by_path[p].params(r, layout) for p, r in options[L][rho].items()) for rho in row} for L, row in increase.items()}
+    need = max(0, math.ceil(total - target))
+    choice, dp = choose_options(increase, removed, need)
+    keep = {p: rho for L, rho in choice.items() for p in options[L][rho]}
+    ranks = fit_to_budget(cands, keep, target, multiple, layout)  # fills the slack left by the discrete options
+    measured = {k: v for k, v in table.items() if k != "loss"}
+    measured["seconds"] = round(table["seconds"], 3)
+    measured["loss_increase"] = {str(L): {str(rho): round(v, 6) for rho, v in row.items()} for L, row in sorted(increase.items())}
+    return ranks, {
+        "measured": measured,
+        "chosen_layers": {str(L): rho for L, rho in sorted(choice.items())},
+        "predicted_loss_increase": dp["predicted_increase"],
+        "selection": {k: v for k, v in dp.items() if k != "predicted_increase"},
+    }
+
+
 def allocate_ranks(
     spec: DecompositionSpec,
     model: nn.Module,
@@ -300,11 +706,13 @@ def allocate_ranks(
     elif spec.allocator == "tail":
         ranks, extra = allocate_tail(cands, spec.budget, m, layout)
     elif spec.allocator == "sensitivity":
+        ranks, extra = allocate_measured(spec, model, cands, stats_provider, adapter, m, layout)
+    elif spec.allocator == "output_error":
         curves = sensitivity_curves(spec, model, cands, stats_provider)
         ranks, extra = allocate_by_error(cands, curves, spec.budget, m, layout)
         extra["calibrated"] = stats_provider is not None
     else:
-        raise SpecError(f"allocator={spec.allocator!r} is invalid: valid uniform, tail, sensitivity")
+        raise SpecError(f"allocator={spec.allocator!r} is invalid: valid {', '.join(ALLOCATORS)}")
     info = realised(cands, ranks, spec, layout, count_parameters(model))
     info.update(extra)
     out = RankAllocation(ranks)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 METHODS = ("tucker", "rom", "whiten")
-ALLOCATORS = ("uniform", "tail", "sensitivity")
+ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
 SOLVERS = ("auto", "exact", "krylov", "randomized")
 CALIB_TARGETS = ("dense", "compressed")
