@@ -52,10 +52,12 @@ def test_randomized_matches_exact_top_singular_values(shape):
     assert torch.allclose(approx.U @ approx.U.T, exact.U @ exact.U.T, atol=1e-3)
 
 
-def test_randomized_is_deterministic_for_a_seed():
+@pytest.mark.parametrize("solver", ["randomized", "krylov"])
+def test_seeded_solvers_are_deterministic(solver):
     W = _rand(200, 120, seed=4)
-    a = truncated_svd(W, 6, solver="randomized", seed=7)
-    b = truncated_svd(W, 6, solver="randomized", seed=7)
+    a = truncated_svd(W, 6, solver=solver, seed=7)
+    b = truncated_svd(W, 6, solver=solver, seed=7)
+    assert a.solver == solver
     assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
 
 
@@ -79,13 +81,6 @@ def test_krylov_matches_exact(shape, rank):
     # Rayleigh-Ritz: U diag(S) V^T is A projected on span(V), never worse than that projection.
     proj = W @ approx.V @ approx.V.T
     assert torch.allclose(approx.U @ torch.diag(approx.S) @ approx.V.T, proj, atol=1e-4)
-
-
-def test_krylov_is_deterministic_for_a_seed():
-    W = _rand(200, 120, seed=4)
-    a = truncated_svd(W, 6, solver="krylov", seed=7)
-    b = truncated_svd(W, 6, solver="krylov", seed=7)
-    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
 
 
 def test_krylov_on_an_exactly_low_rank_matrix_stops_on_the_invariant_subspace():
