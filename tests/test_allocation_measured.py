@@ -119,7 +119,8 @@ def test_measured_loss_is_the_compressed_models_loss(constructed, method):
     from lm_eval_lowrank.decompose import decompose_model
 
     model, ids = constructed
-    spec = DecompositionSpec.from_args({"method": method, "budget": 0.7, "layers": "2", "rank_multiple": 4})
+    # The measurement fits every tensor of the layer to the dense layer's inputs: no staging, no blend.
+    spec = DecompositionSpec.from_args({"method": method, "budget": 0.7, "layers": "2", "rank_multiple": 4, "calib_staged": False, "calib_target": "compressed"})
     adapter = adapter_for_model(model)
     options = layer_options(candidates(spec, model.config, adapter), (0.5, 0.7), 4, "folded")
     table = measure_sensitivity(spec, model, adapter, options, ids, "folded", batch_size=8)

@@ -305,7 +305,7 @@ SENSITIVITY_KEEPS = (0.5, 0.7, 0.85)  # kept fractions measured per layer (plus 
 SENSITIVITY_EVAL_TOKENS = 512
 SENSITIVITY_STATS_TOKENS = 8192  # calibration tokens for the measurement's own statistics (one dense pass)
 SENSITIVITY_SCORE_STRIDE = 2  # the LM head scores every 2nd position: on a 49k vocabulary it costs ~8 layers
-SENSITIVITY_VERSION = "1"  # bump when a measurement changes meaning (keys the on-disk cache)
+SENSITIVITY_VERSION = "2"  # bump when a measurement changes meaning (keys the on-disk cache)
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
 
@@ -582,7 +582,7 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     try:
-        ev = _layer_inputs(model, layers, eval_ids, batch_size)
+        ev = _layer_inputs(model, layers, eval_ids, 1)  # one sequence at a time: the vocabulary-wide logits stay small
         st = _layer_inputs(model, layers, stat_ids, batch_size) if calibrated else []
         dense = _tail_loss(layers, 0, ev, head)
         # The layer-by-layer run must reproduce the model's own forward, or the measurement means nothing.
