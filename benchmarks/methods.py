@@ -40,12 +40,14 @@ CONFIGS: dict[str, dict] = {
     "b0.9 uniform rom": {"method": "rom", "budget": 0.9},
     "b0.9 uniform whiten": {"method": "whiten", "budget": 0.9},
     "b0.9 tail whiten": {"method": "whiten", "budget": 0.9, "allocator": "tail"},
-    "b0.9 sensitivity whiten": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity"},
+    "b0.9 output_error whiten": {"method": "whiten", "budget": 0.9, "allocator": "output_error"},
+    "b0.9 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity"},
     "b0.8 uniform tucker": {"method": "tucker", "budget": 0.8},
     "b0.8 uniform rom": {"method": "rom", "budget": 0.8},
     "b0.8 uniform whiten": {"method": "whiten", "budget": 0.8},
     "b0.8 tail whiten": {"method": "whiten", "budget": 0.8, "allocator": "tail"},
-    "b0.8 sensitivity whiten": {"method": "whiten", "budget": 0.8, "allocator": "sensitivity"},
+    "b0.8 output_error whiten": {"method": "whiten", "budget": 0.8, "allocator": "output_error"},
+    "b0.8 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.8, "allocator": "sensitivity"},
     # Where the rank goes: keep 70 % of every matrix in every third layer (about an 8 % cut).
     "b0.7 every-3rd-layer whiten": {"method": "whiten", "budget": 0.7, "layers": "3-30:3"},
     "b0.7 every-3rd-layer tucker": {"method": "tucker", "budget": 0.7, "layers": "3-30:3"},
@@ -55,7 +57,7 @@ CONFIGS: dict[str, dict] = {
     "b0.7 every-3rd-layer whiten dense-target staged": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": "dense", "calib_staged": True},
     "b0.9 uniform whiten dense-target": {"method": "whiten", "budget": 0.9, "calib_target": "dense"},
     "b0.9 tail whiten dense-target": {"method": "whiten", "budget": 0.9, "allocator": "tail", "calib_target": "dense"},
-    "b0.9 sensitivity whiten dense-target": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity", "calib_target": "dense"},
+    "b0.9 output_error whiten dense-target": {"method": "whiten", "budget": 0.9, "allocator": "output_error", "calib_target": "dense"},
 }
 # The rows measured before error correction existed: keep them meaning the same whatever the defaults.
 for _name, _spec in CONFIGS.items():
@@ -175,7 +177,7 @@ def main() -> None:
             if spec:
                 spec.setdefault("calib_n", args.calib_n)
                 spec.setdefault("calib_len", args.calib_len)
-                if spec.get("method") != "tucker" or spec.get("allocator") == "sensitivity":
+                if spec.get("method") != "tucker" or spec.get("allocator") in ("sensitivity", "output_error"):
                     spec.setdefault("calib", args.calib)
                 if "budget" in spec:
                     spec.setdefault("rank_multiple", args.rank_multiple)
