@@ -209,3 +209,28 @@ def test_search_end_to_end_on_tiny_llama(tiny_model: Path, task_manager, tmp_pat
     assert chosen == [x for x in res2.output.splitlines() if x.startswith("--model_args")]
     bad = CliRunner().invoke(search, [*args[:-2], "--store", str(store), "--objective", "speed"])
     assert bad.exit_code != 0 and "--objective" in bad.output
+
+
+def test_runner_names_the_evaluated_tasks_for_the_no_leak_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process evaluations have no lm_eval --tasks on the command line: the runner must name
+    # them, or calibration's no-leak check could only record "unchecked".
+    import lm_eval
+
+    from lm_eval_lowrank.calibration import EVAL_TASKS_ENV, evaluated_tasks_from_env
+    from lm_eval_lowrank.sweep import Runner, spec_label
+
+    seen: list = []
+
+    def fake_evaluate(**kw):
+        seen.append(evaluated_tasks_from_env())
+        return {"results": {"wikitext_local": {"word_perplexity,none": 10.0}}, "config": {"lowrank": {}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    monkeypatch.delenv(EVAL_TASKS_ENV, raising=False)
+    runner = Runner(model="m", tasks=("wikitext_local", "arc_easy_local"), store=Store.open(tmp_path / "s.jsonl"), log=lambda s: None)
+    runner.evaluate({"method": "whiten", "budget": "0.7", "layers": "3"}, limit=2)
+    assert seen and sorted(seen[0]) == ["arc_easy_local", "wikitext_local"]
+    import os
+
+    assert EVAL_TASKS_ENV not in os.environ  # restored afterwards
+    assert spec_label({"method": "whiten", "budget": "0.7", "layers": "3"}) == "whiten keep0.7 layers[3] tensors[all]"

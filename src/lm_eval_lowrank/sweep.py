@@ -311,6 +311,12 @@ class Runner:
         gc.collect()
         reset = _reset_peak_rss()
         start = time.perf_counter()
+        # The calibration no-leak check reads the evaluated tasks from lm_eval's command line, which
+        # an in-process evaluation does not have: name them, so that the check is enforced.
+        from .calibration import EVAL_TASKS_ENV
+
+        saved_env = os.environ.get(EVAL_TASKS_ENV)
+        os.environ[EVAL_TASKS_ENV] = ",".join(self.tasks)
         try:
             out = lm_eval.simple_evaluate(
                 model="hf-tucker",
@@ -328,6 +334,11 @@ class Runner:
         except Exception as exc:  # one bad configuration must not end a long sweep
             self.log(f"  failed: {exc.__class__.__name__}: {exc}")
             return {**base, "status": "error", "error": f"{exc.__class__.__name__}: {exc}", "wall_seconds": time.perf_counter() - start}
+        finally:
+            if saved_env is None:
+                os.environ.pop(EVAL_TASKS_ENV, None)
+            else:
+                os.environ[EVAL_TASKS_ENV] = saved_env
         wall = time.perf_counter() - start
         row = {**base, **row_from_results(out, self.tasks), "wall_seconds": wall, "memory_reset": reset, "status": "ok"}
         del out
@@ -338,7 +349,9 @@ class Runner:
 def spec_label(spec_args: Mapping[str, Any]) -> str:
     if not spec_args:
         return "dense"
-    return f"r{spec_args.get('rank')} layers[{spec_args.get('layers', 'all')}] tensors[{spec_args.get('tensors', 'all')}]"
+    size = f"keep{spec_args['budget']}" if spec_args.get("budget") is not None and spec_args.get("rank") is None else f"r{spec_args.get('rank')}"
+    method = f"{spec_args['method']} " if spec_args.get("method") not in (None, "tucker") else ""
+    return f"{method}{size} layers[{spec_args.get('layers', 'all')}] tensors[{spec_args.get('tensors', 'all')}]"
 
 
 def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
