@@ -87,12 +87,17 @@ def test_bad_cross_covariance_is_one_line():
 
 
 def test_calib_target_and_staged_validate():
-    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "calib_target": "Dense", "calib_staged": "true"})
-    assert spec.calib_target == "dense" and spec.calib_staged is True
+    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "calib_target": "Dense", "calib_staged": "false"})
+    assert spec.calib_target == 1.0 and spec.calib_staged is False
+    assert DecompositionSpec.from_args({"calib_target": "compressed"}).calib_target == 0.0
+    assert DecompositionSpec.from_args({"calib_target": 0.5}).calib_target == 0.5  # lm-eval types 0.5 as a float
+    assert DecompositionSpec.from_args({"calib_target": "0"}).calib_target == 0.0
     d = DecompositionSpec()
-    assert d.calib_target in ("dense", "compressed") and isinstance(d.calib_staged, bool)
-    with pytest.raises(SpecError, match=r"^calib_target='exact' is invalid: valid: dense, compressed$"):
-        DecompositionSpec.from_args({"calib_target": "exact"})
+    assert d.calib_target == 0.25 and d.calib_staged is True  # the measured best for whiten (README)
+    msg = r" is invalid: valid: compressed, dense, or the weight of the dense model's outputs in the target, 0..1 \(e.g. 0.25\)$"
+    for bad in ("exact", 1.5, -0.1, "nan", True):
+        with pytest.raises(SpecError, match=r"^calib_target=" + repr(bad).replace(".", r"\.") + msg):
+            DecompositionSpec.from_args({"calib_target": bad})
     with pytest.raises(SpecError, match=r"^calib_staged='maybe' is invalid: expected true or false$"):
         DecompositionSpec.from_args({"calib_staged": "maybe"})
 
@@ -216,11 +221,24 @@ def test_dense_target_cross_covariance(tiny_llama, staged):
         assert torch.allclose(st[path].input_cov, X.mT @ X / n, rtol=1e-4, atol=1e-6), path
         assert not torch.allclose(X, X_ref, rtol=1e-3, atol=1e-4)
     assert st["model.layers.2.self_attn.k_proj"].cross_cov is st["model.layers.2.self_attn.q_proj"].cross_cov
-    assert prov.inner.describe()["target"] == "dense"
+    assert prov.inner.describe()["target"] == 1.0
     # The dense modules are lent back only for the reference runs: the model stays compressed.
     from lm_eval_lowrank.modules import LowRankLinear
 
     assert isinstance(tiny_llama.get_submodule("model.layers.0.self_attn.q_proj"), LowRankLinear)
+
+
+def test_blended_target(tiny_llama):
+    """calib_target=0.25: cross_cov = C + 0.25 (P - C), the cross-covariance against 0.75 X + 0.25 X_ref."""
+    dense = copy.deepcopy(tiny_llama)
+    prov, _ = _decompose(tiny_llama, 0.25, True)
+    ids = prov.inner.input_ids
+    for path in ("model.layers.2.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
+        X, X_ref = _inputs(tiny_llama, path, ids), _inputs(dense, path, ids)
+        n = X.shape[0]
+        C, P = X.mT @ X / n, X.mT @ X_ref / n
+        assert torch.allclose(prov.stats[path].cross_cov, C + 0.25 * (P - C), rtol=1e-4, atol=1e-6)
+    assert prov.stats["model.layers.0.self_attn.q_proj"].cross_cov is None
 
 
 def test_dense_target_fits_the_dense_outputs_better(tiny_llama):

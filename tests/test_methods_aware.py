@@ -187,7 +187,7 @@ def test_sequential_calibration_sees_compressed_earlier_layers(tiny_llama):
 
     dense = _q_input_cov(tiny_llama, _provider(tiny_llama).input_ids, 2)
     prov = Recorder(_provider(tiny_llama))
-    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "layers": "1-3"})
+    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "layers": "1-3", "calib_staged": False})
     report = decompose_model(tiny_llama, spec, stats_provider=prov, progress=False)
     assert prov.calls == [1, 2, 3]
     assert prov.seen == {1: [], 2: [1], 3: [1, 2]}
@@ -219,7 +219,7 @@ def test_stats_cache_reuse_and_key(tiny_llama, tmp_path):
     from lm_eval_lowrank.decompose import decompose_model
 
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    spec2 = DecompositionSpec.from_args({"method": "rom", "rank": 2, "layers": "1-2"})
+    spec2 = DecompositionSpec.from_args({"method": "rom", "rank": 2, "layers": "1-2", "calib_staged": False})
     p1 = _provider(tiny_llama, cache_dir=tmp_path, spec=spec2)
     decompose_model(tiny_llama, spec2, stats_provider=p1, progress=False)
     assert (p1.hits, p1.misses) == (0, 2)
@@ -231,7 +231,7 @@ def test_stats_cache_reuse_and_key(tiny_llama, tmp_path):
 
         m = LlamaForCausalLM(tiny_llama_config()).eval()
         m.load_state_dict(state)
-        spec = DecompositionSpec.from_args({"method": "rom", "rank": rank, "layers": "1-2"})
+        spec = DecompositionSpec.from_args({"method": "rom", "rank": rank, "layers": "1-2", "calib_staged": False})
         p = _provider(m, cache_dir=tmp_path, spec=spec)
         decompose_model(m, spec, stats_provider=p, progress=False)
         return m, p

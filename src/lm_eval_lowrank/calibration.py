@@ -25,7 +25,7 @@ batches at the input of one decoder layer. Asked for layer L, it first runs the 
 between (as they are now: already compressed) and then layer L once with hooks that
 accumulate X^T X of each target's input. Peak memory is the model plus those hidden
 states; nothing runs the whole model except the first embedding pass.
-With ``calib_target=dense`` it also keeps the dense model's hidden states (a second
+With ``calib_target`` above 0 it also keeps the dense model's hidden states (a second
 stream, forked at the first compressed layer) and accumulates X^T X_ref against the
 dense model's inputs of the same linear (error correction). With ``calib_staged=true``
 decompose_model asks for one layer in stages, each after the earlier ones were replaced.
@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from .methods import LayerStats
-from .spec import CALIB_TARGETS, DecompositionSpec, SpecError
+from .spec import DecompositionSpec, SpecError, parse_calib_target
 
 STATS_VERSION = "2"  # bump when the statistics computed here change meaning
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
@@ -310,9 +310,11 @@ def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
 class SequentialStatsProvider:
     """Input statistics of one decoder layer (or one stage of it) at a time, on the model as it is now.
 
-    ``target="dense"`` (error correction) also keeps the dense model's hidden states: each
-    request then returns, besides X^T X of the inputs X of the model as it is, the cross
-    product X^T X_ref with X_ref the same linear's inputs in the dense model. The dense
+    ``target`` > 0 (error correction: 1 or ``"dense"``) also keeps the dense model's hidden
+    states: each request then returns, besides C = X^T X / N of the inputs X of the model as
+    it is, ``cross_cov`` = C + target * (P - C) with P = X^T X_ref / N and X_ref the same
+    linear's inputs in the dense model; with target=1 that fits the dense outputs, with a
+    smaller weight a blend of both (a shrinkage: the full fit overfits the calibration). The dense
     stream forks from the compressed one at the first compressed layer; the provider holds
     the dense modules of the layer being decomposed (references, no copies) and runs them
     on that stream. Requests for one layer may come several times (staged calibration:
@@ -330,10 +332,8 @@ class SequentialStatsProvider:
         model_key: str | None = None,
         spec: DecompositionSpec | None = None,
         track_sparsity: float | None = None,
-        target: str = "compressed",
+        target: float | str = 0.0,
     ) -> None:
-        if target not in CALIB_TARGETS:
-            raise SpecError(f"calib_target={target!r} is invalid: valid: {', '.join(CALIB_TARGETS)}")
         self.adapter = adapter
         self.input_ids = input_ids
         self.batch_size = batch_size
@@ -342,7 +342,7 @@ class SequentialStatsProvider:
         self.model_key = model_key
         self.spec = spec
         self.track_sparsity = track_sparsity  # eps: also count |x| < eps * max|x| per input
-        self.target = target
+        self.target = parse_calib_target(target)  # weight of the dense model's outputs
         self.sparsity: dict[str, float] = {}
         self.allocation: dict[str, Any] | None = None
         self._hidden: list[torch.Tensor] | None = None
@@ -471,8 +471,8 @@ class SequentialStatsProvider:
     def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
         """Input covariances (X^T X / N) of ``targets`` of decoder layer ``layer`` (1-based).
 
-        With ``target="dense"`` and anything compressed upstream of these inputs, each also
-        carries ``cross_cov`` = X^T X_ref / N against the dense model's inputs.
+        With ``target`` > 0 and anything compressed upstream of these inputs, each also
+        carries ``cross_cov`` (see the class) against the dense model's inputs.
         """
         start = time.perf_counter()
         index0 = layer - 1
@@ -481,8 +481,8 @@ class SequentialStatsProvider:
         self._last = index0
         paths = [t.path for t in targets]
         prefix = self._prefix(model, index0)
-        reference = self.target == "dense" and bool(prefix)  # with nothing compressed X_ref = X
-        if self.target == "dense":
+        reference = self.target > 0 and bool(prefix)  # with nothing compressed X_ref = X
+        if self.target > 0:
             self._remember_dense(model, index0, targets)
             if reference:
                 self._advance_ref(model, index0)
@@ -493,7 +493,7 @@ class SequentialStatsProvider:
                 if all(p in blob["index"] for p in paths) and (not reference or blob.get("cross")):
                     self.hits += 1
                     self.seconds += time.perf_counter() - start
-                    return {p: self._from_blob(blob, p, reference) for p in paths}
+                    return self._blend({p: self._from_blob(blob, p, reference) for p in paths})
             except Exception:  # a truncated or foreign file: recompute
                 pass
         self.misses += 1
@@ -503,7 +503,17 @@ class SequentialStatsProvider:
             self._store(cache, out, tokens)
         self.layers_computed.append(layer)
         self.seconds += time.perf_counter() - start
-        return out
+        return self._blend(out)
+
+    def _blend(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        """cross_cov = C + target * (P - C): the cross-covariance against the blended reference input."""
+        if self.target == 1.0:
+            return stats
+        done: dict[int, LayerStats] = {}  # siblings keep sharing one object
+        for p, s in stats.items():
+            if s.cross_cov is not None and id(s) not in done:
+                done[id(s)] = LayerStats(s.input_cov, s.tokens, s.input_cov + self.target * (s.cross_cov - s.input_cov))
+        return {p: done.get(id(s), s) for p, s in stats.items()}
 
     def _compute(self, model: nn.Module, index0: int, paths: list[str], reference: bool) -> tuple[dict[str, LayerStats], int]:
         layers = self.adapter.layers(model)
@@ -664,5 +674,5 @@ def build_stats_provider(
     record["data_dir"] = str(root)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
-    target = spec.calib_target if uses_reference(spec.method) else "compressed"  # rom fits the compressed inputs
+    target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
     return SequentialStatsProvider(model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target)
