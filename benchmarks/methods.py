@@ -51,13 +51,17 @@ CONFIGS: dict[str, dict] = {
     # Where the rank goes: keep 70 % of every matrix in every third layer (about an 8 % cut).
     "b0.7 every-3rd-layer whiten": {"method": "whiten", "budget": 0.7, "layers": "3-30:3"},
     "b0.7 every-3rd-layer tucker": {"method": "tucker", "budget": 0.7, "layers": "3-30:3"},
-    # Error correction (fit the dense model's outputs) and staged calibration within a layer.
+    # Error correction (fit the dense model's outputs; 0.25 = a 1:3 blend with the compressed model's own)
+    # and staged calibration within a layer (q,k,v -> o -> gate,up -> down). 0.25 staged is the default.
     "b0.7 every-3rd-layer whiten dense-target": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": "dense", "calib_staged": False},
-    "b0.7 every-3rd-layer whiten staged": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": "compressed", "calib_staged": True},
     "b0.7 every-3rd-layer whiten dense-target staged": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": "dense", "calib_staged": True},
-    "b0.9 uniform whiten dense-target": {"method": "whiten", "budget": 0.9, "calib_target": "dense"},
-    "b0.9 tail whiten dense-target": {"method": "whiten", "budget": 0.9, "allocator": "tail", "calib_target": "dense"},
-    "b0.9 output_error whiten dense-target": {"method": "whiten", "budget": 0.9, "allocator": "output_error", "calib_target": "dense"},
+    "b0.7 every-3rd-layer whiten staged": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": "compressed", "calib_staged": True},
+    "b0.7 every-3rd-layer whiten target 0.25": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": 0.25, "calib_staged": False},
+    "b0.7 every-3rd-layer whiten target 0.25 staged": {"method": "whiten", "budget": 0.7, "layers": "3-30:3", "calib_target": 0.25, "calib_staged": True},
+    "b0.9 uniform whiten target 0.25 staged": {"method": "whiten", "budget": 0.9, "calib_target": 0.25, "calib_staged": True},
+    "b0.9 tail whiten target 0.25 staged": {"method": "whiten", "budget": 0.9, "allocator": "tail", "calib_target": 0.25, "calib_staged": True},
+    "b0.9 output_error whiten target 0.25 staged": {"method": "whiten", "budget": 0.9, "allocator": "output_error", "calib_target": 0.25, "calib_staged": True},
+    "b0.9 sensitivity(measured) whiten target 0.25 staged": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity", "calib_target": 0.25, "calib_staged": True},
 }
 # The rows measured before error correction existed: keep them meaning the same whatever the defaults.
 for _name, _spec in CONFIGS.items():
