@@ -338,7 +338,7 @@ def choose_options(
     better). A state is dropped only when another removes at least as much for no more
     cost, so the result is optimal. Should the front exceed ``max_states`` it is thinned to
     states at least need/max_states apart in removal, the largest kept (still feasible, no
-    longer exact; on SmolLM2 the front stays under a hundred states). When even the largest
+    longer exact; on SmolLM2 the front holds 40-130 states). When even the largest
     removals cannot reach ``need`` every layer takes its smallest kept fraction.
     """
     layers = sorted(cost)
