@@ -632,8 +632,8 @@ def measure_sensitivity(
                                 _set_submodule(model, mpath, old)
                     loss.setdefault(index0 + 1, {})[rho] = done[sig]
                 del factors
-            for b in ev:  # the dense stream moves past this layer
-                b[0] = _first_tensor(layer(b[0], **b[1])).detach()
+            for item in ev:  # the dense stream moves past this layer
+                item[0] = _first_tensor(layer(item[0], **item[1])).detach()
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
