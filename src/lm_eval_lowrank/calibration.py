@@ -352,6 +352,7 @@ class SequentialStatsProvider:
         self._ref_at = 0
         self._dense: dict[int, dict[str, nn.Module]] = {}  # layer index0 -> {module path: its dense module}
         self._last = -1  # index0 of the previous request
+        self._pages: Any = None  # a decompose._PageReleaser, made on first use
         self.hits = 0
         self.misses = 0
         self.seconds = 0.0
@@ -427,6 +428,21 @@ class SequentialStatsProvider:
             for path, now in reversed(swapped):
                 _set_submodule(model, path, now)
 
+    def _drop_dense(self, model: nn.Module, index0: int) -> None:
+        """Forget a layer's dense modules; return the file-mapped pages the reference runs touched again."""
+        from .decompose import _PageReleaser
+
+        held = self._dense.pop(index0, {})
+        gone = [m for p, m in held.items() if model.get_submodule(p) is not m and hasattr(m, "weight")]
+        if not gone:
+            return
+        if self._pages is None:
+            self._pages = _PageReleaser()
+        if self._pages.libc is not None:
+            live = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"}
+            for m in gone:
+                self._pages.release(m.weight, live)
+
     def _advance_ref(self, model: nn.Module, index0: int) -> None:
         """Bring the dense stream to layer ``index0``'s input, running held layers dense."""
         if self._ref is None:
@@ -438,7 +454,7 @@ class SequentialStatsProvider:
         while self._ref_at < index0:
             with self._as_dense(model, self._ref_at):
                 self._run_layer(layers[self._ref_at], self._ref)
-            self._dense.pop(self._ref_at, None)
+            self._drop_dense(model, self._ref_at)
             self._ref_at += 1
 
     # -- cache -------------------------------------------------------------------------
