@@ -7,7 +7,8 @@ of the outputs onto their principal subspace, which minimises ||(W - W_hat) X||_
 all rank-r weights. Factors: left = V_r, core = I, right = W^T V_r.
 
 Numerics in fp64 (the matrices are at most a few thousand wide). A singular C_x is fine
-here: nothing is inverted.
+here: nothing is inverted. ``LayerStats.cross_cov`` is not used: rom always fits the
+compressed model's own inputs (``calib_target`` does not apply; ``calib_staged`` does).
 """
 
 from __future__ import annotations
