@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .calibration import _first_tensor, capture_layer_inputs
 from .spec import ALLOCATORS, DecompositionSpec, SpecError, breakeven_rank
 
 TAIL_MIN_KEEP = 0.7  # tail allocator: each compressed matrix keeps at least this fraction
@@ -372,37 +373,9 @@ def choose_options(
     return choice, {"dp": "infeasible", "feasible": False, "predicted_increase": sum(cost[L][rho] for L, rho in choice.items()), "states": len(front)}
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _Stop(Exception):
-    pass
-
-
 def _layer_inputs(model: nn.Module, layers: Any, ids: torch.Tensor, batch_size: int) -> list[list[Any]]:
     """[hidden at the first layer's input, its call kwargs, token ids] per batch (the embedding pass only)."""
-    device = next(model.parameters()).device
-    out: list[list[Any]] = []
-    grabbed: dict[str, Any] = {}
-
-    def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        grabbed["h"] = args[0] if args else kwargs.pop("hidden_states")
-        grabbed["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            x = ids[i : i + batch_size].to(device)
-            try:
-                model(input_ids=x, use_cache=False)
-            except _Stop:
-                pass
-            out.append([grabbed["h"].detach(), grabbed["kw"], x])
-    finally:
-        handle.remove()
-    return out
+    return [list(t) for t in capture_layer_inputs(model, layers, ids, batch_size)]
 
 
 class _Head:

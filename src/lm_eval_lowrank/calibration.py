@@ -307,6 +307,34 @@ def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def capture_layer_inputs(model: nn.Module, layers: Any, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]:
+    """(hidden states at the first decoder layer's input, that layer's call kwargs, the token ids) per batch.
+
+    Only the embedding pass runs: a pre-hook on the first layer records its inputs and stops the forward.
+    """
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
+    grabbed: dict[str, Any] = {}
+
+    def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        grabbed["h"] = args[0] if args else kwargs.pop("hidden_states")
+        grabbed["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[i : i + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            out.append((grabbed["h"].detach(), grabbed["kw"], batch))
+    finally:
+        handle.remove()
+    return out
+
+
 class SequentialStatsProvider:
     """Input statistics of one decoder layer (or one stage of it) at a time, on the model as it is now.
 
@@ -361,27 +389,9 @@ class SequentialStatsProvider:
     # -- hidden-state bookkeeping --------------------------------------------------------
     def _capture(self, model: nn.Module) -> None:
         layers = self.adapter.layers(model)
-        device = next(model.parameters()).device
-        self._hidden, self._kwargs = [], []
-        store: dict[str, Any] = {}
-
-        def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            store["h"] = args[0] if args else kwargs.pop("hidden_states")
-            store["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
-
-        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for i in range(0, self.input_ids.shape[0], self.batch_size):
-                batch = self.input_ids[i : i + self.batch_size].to(device)
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _Stop:
-                    pass
-                self._hidden.append(store["h"].detach())
-                self._kwargs.append(store["kw"])
-        finally:
-            handle.remove()
+        captured = capture_layer_inputs(model, layers, self.input_ids, self.batch_size)
+        self._hidden = [h for h, _kw, _ids in captured]
+        self._kwargs = [kw for _h, kw, _ids in captured]
         self._at = 0
 
     def _reset(self) -> None:
