@@ -14,6 +14,7 @@ factors from the decomposition cache (a private cache folder, primed once, untim
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -82,6 +83,7 @@ def main() -> None:
                     with torch.no_grad():
                         assert torch.equal(m(x).logits, ref), "checkpoint logits differ from decompose-on-load"
                 del m
+                gc.collect()  # models hold reference cycles: free them here, not inside the next timing
         med = {k: statistics.median(v) for k, v in times.items()}
         dense_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         ck_bytes = CompressedCheckpoint.open(ck).weight_bytes()

@@ -356,6 +356,31 @@ def test_cache_hit_parameters_are_the_read_tensors_with_checked_shapes():
         LowRankLinear.from_parameters({"first": torch.randn(3, 10), "last": torch.randn(7, 3)}, 10, 7, layout="tucker")
 
 
+def test_cache_entries_are_mapped_privately_and_match_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lm_eval_lowrank.checkpoint import _map_safetensors
+
+    tensors = {"a.first": torch.randn(3, 5), "a.last": torch.randn(7, 3, dtype=torch.float64), "b.bias": torch.randn(4).to(torch.bfloat16)}
+    f = tmp_path / "e.safetensors"
+    save_file(tensors, str(f), metadata={"key": "k"})
+    mapped, meta = _map_safetensors(f)
+    assert meta == {"key": "k"} and set(mapped) == set(tensors)
+    for k, t in load_file(str(f)).items():
+        assert mapped[k].dtype == t.dtype and torch.equal(mapped[k], t)
+    before = f.read_bytes()
+    mapped["a.first"].add_(1.0)  # e.g. healing a model loaded from the cache
+    assert f.read_bytes() == before
+    # a dtype the mapper does not know is read through safetensors instead
+    odd = {"x": torch.arange(3, dtype=torch.int8), "y": torch.randn(2, 2)}
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    got, _ = _map_safetensors(tmp_path / "odd.safetensors")
+    assert all(torch.equal(got[k], odd[k]) for k in odd)
+    (tmp_path / "cut.safetensors").write_bytes(before[: len(before) - 8])
+    with pytest.raises(ValueError, match="out of bounds"):
+        _map_safetensors(tmp_path / "cut.safetensors")
+
+
 def _concurrent_writer(src: str, cache: str, rounds: int, barrier) -> None:
     os.environ["LM_EVAL_LOWRANK_CACHE"] = cache
     from transformers import AutoModelForCausalLM

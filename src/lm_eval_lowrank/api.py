@@ -36,14 +36,15 @@ def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
 
 def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter: Any) -> None:
     """Offloaded weights (accelerate's disk/CPU offload leaves them on the meta device) cannot be factorised."""
-    if spec.is_noop:
-        return
+    if spec.is_noop or not any(p.is_meta for p in model.parameters()):
+        return  # the common case, without building a plan
     try:
         targets = make_plan(spec, model.config, adapter=adapter).targets
     except Exception:  # e.g. a budget before allocation: decompose_model reports plan errors itself
         return
+    modules = dict(model.named_modules())
     for t in targets:
-        mod = model.get_submodule(t.path)
+        mod = modules[t.path]
         w = getattr(getattr(mod, "base_layer", mod), "weight", None)
         if w is not None and w.is_meta:
             raise SpecError(

@@ -47,23 +47,38 @@ class LowRankLinear(nn.Module):
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def from_parameters(cls, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, layout: str = "folded") -> LowRankLinear:
+    def from_parameters(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        in_features: int,
+        out_features: int,
+        layout: str = "folded",
+        requires_grad: bool = True,
+    ) -> LowRankLinear:
         """A module whose parameters *are* ``tensors`` (keys first/core/last/bias), without copying.
 
-        Shapes are checked; the module is built on the meta device first so that nothing
-        is allocated only to be replaced.
+        Shapes are checked before anything is built. The module is set up directly rather than
+        through ``__init__`` (which allocates placeholders only to replace them): a cache hit
+        builds hundreds of these, and that surgery dominated it.
         """
-        first = tensors["first"]
-        rank = first.shape[0]
-        new = cls(in_features, out_features, rank, layout=layout, bias="bias" in tensors, dtype=first.dtype, device="meta")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
+        first = tensors.get("first")
+        rank = first.shape[0] if first is not None and first.dim() == 2 else 0
+        expected = {"first": (rank, in_features), "last": (out_features, rank)}
+        if layout == "tucker":
+            expected["core"] = (rank, rank)
         for k, t in tensors.items():
-            cur = getattr(new, k)
-            if cur is None or tuple(cur.shape) != tuple(t.shape):
+            shape = expected.get(k, (out_features,) if k == "bias" else None)
+            if shape is None or tuple(t.shape) != shape:
                 raise ValueError(f"LowRankLinear.{k}: shape {tuple(t.shape)} does not fit a {layout} rank-{rank} {out_features}x{in_features} module")
-            setattr(new, k, nn.Parameter(t, requires_grad=cur.requires_grad))
-        missing = [k for k in ("first", "core", "last", "bias") if getattr(new, k) is not None and getattr(new, k).is_meta]
+        missing = [k for k in expected if k not in tensors]
         if missing:
             raise ValueError(f"LowRankLinear: no tensor for {', '.join(missing)}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update(in_features=in_features, out_features=out_features, rank=rank, layout=layout)
+        new._parameters.update({k: None if tensors.get(k) is None else nn.Parameter(tensors[k], requires_grad=requires_grad) for k in ("first", "core", "last", "bias")})
         return new
 
     @classmethod
