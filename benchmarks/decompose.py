@@ -4,7 +4,7 @@ Every figure is a ratio of two timings taken in this one run, repetitions interl
 the median kept, so a shared, noisy machine slows both sides alike.
 
   python benchmarks/decompose.py                       # SmolLM2: 7 tensors x 30 layers, ranks 1 8 64 128
-  python benchmarks/decompose.py --switch              # + exact-vs-randomized sweep over ranks
+  python benchmarks/decompose.py --switch              # + krylov-vs-gram (CPU) / randomized-vs-exact (GPU) sweep
   python benchmarks/decompose.py --switch --large      # + 4096x4096 and 4096x11008 random matrices
   python benchmarks/decompose.py --device cuda --synthetic llama-2-7b --workdir /tmp/l2
 """
@@ -88,8 +88,8 @@ def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
         print(f"decompose smollm2 rank={r}: ours {med:.2f} s, full SVD {full_med:.2f} s, speedup {full_med / med:.1f}x{verdict(full_med / med, target)} [solvers {used}]", flush=True)
 
 
-def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.device, label: str, solver: str) -> float | None:
-    """Time exact and ``solver`` at each rank; return the first r/min(m,n) where ``solver`` stops winning."""
+def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.device, label: str, solver: str, baseline: str) -> float | None:
+    """Time ``baseline`` and ``solver`` at each rank; return the first r/min(m,n) where ``solver`` stops winning."""
     n_min = min(W.shape)
     truncated_svd(W, 1, solver="exact")  # warm-up
     exact = statistics.median(timed(lambda: truncated_svd(W, 1, solver="exact"), device) for _ in range(reps))  # rank-independent
@@ -99,12 +99,17 @@ def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.dev
         if r > n_min:
             continue
         t_fast = statistics.median(timed(lambda: truncated_svd(W, r, solver=solver), device) for _ in range(reps))
-        used = truncated_svd(W, r, solver=solver).solver  # krylov gives up to exact past its dimension cap
+        t_base = exact if baseline == "exact" else statistics.median(timed(lambda: truncated_svd(W, r, solver=baseline), device) for _ in range(reps))
+        used = truncated_svd(W, r, solver=solver).solver  # krylov gives up past its dimension cap
         frac = r / n_min
-        print(f"switch {label} rank={r} r/min={frac:.3f}: exact {exact * 1e3:.1f} ms, {solver} {t_fast * 1e3:.1f} ms ({used}), {solver}/exact {t_fast / exact:.2f}", flush=True)
-        if switch is None and t_fast >= exact:
+        print(
+            f"switch {label} rank={r} r/min={frac:.3f}: exact {exact * 1e3:.1f} ms, {baseline} {t_base * 1e3:.1f} ms, "
+            f"{solver} {t_fast * 1e3:.1f} ms ({used}), {solver}/{baseline} {t_fast / t_base:.2f}, exact/{baseline} {exact / t_base:.1f}x",
+            flush=True,
+        )
+        if switch is None and t_fast >= t_base:
             switch = frac
-    print(f"switch point {label}: {solver} slower than exact from r/min(m,n) = {switch if switch is not None else '>' + f'{frac:.3f}'}", flush=True)
+    print(f"switch point {label}: {solver} slower than {baseline} from r/min(m,n) = {switch if switch is not None else '>' + f'{frac:.3f}'}", flush=True)
     return switch
 
 
@@ -119,20 +124,22 @@ def bench_switch(args: argparse.Namespace, device: torch.device) -> None:
         g = torch.Generator(device="cpu").manual_seed(0)
         mats = {f"0.{t}": torch.randn(*s, generator=g).to(device) for t, s in SMOLLM2_SHAPES.items()}
         kind = "random-smollm2-shape"
-    solver = args.solver or ("krylov" if device.type == "cpu" else "randomized")  # what auto uses there
+    cpu = device.type == "cpu"
+    solver = args.solver or ("krylov" if cpu else "randomized")  # what auto uses for small ranks there
+    baseline = args.baseline or ("gram" if cpu else "exact")  # and for large ones
     found = []
     for t in ("q", "k", "gate", "down"):  # 576x576, 192x576, 1536x576, 576x1536
         W = mats[f"0.{t}"]
-        ranks = [r for r in (1, 8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384) if r <= min(W.shape)]
-        found.append(_sweep_shape(W, ranks, args.reps, device, f"{kind}.{t} {tuple(W.shape)}", solver))
+        ranks = [r for r in (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384) if r <= min(W.shape)]
+        found.append(_sweep_shape(W, ranks, args.reps, device, f"{kind}.{t} {tuple(W.shape)}", solver, baseline))
     if args.large:
         g = torch.Generator(device="cpu").manual_seed(0)
         for shape in ((4096, 4096), (4096, 11008)):
             W = torch.randn(*shape, generator=g).to(device)
-            found.append(_sweep_shape(W, [1, 64, 256, 512, 768, 1024, 1536], max(1, args.reps // 2), device, f"random {shape}", solver))
+            found.append(_sweep_shape(W, [1, 64, 256, 512, 768, 1024, 1536], max(1, args.reps // 2), device, f"random {shape}", solver, baseline))
     known = [f for f in found if f is not None]
     if known:
-        now = f"KRYLOV_MAX_FRACTION now {tk.KRYLOV_MAX_FRACTION}" if solver == "krylov" else f"RANDOMIZED_MAX_FRACTION now {tk.RANDOMIZED_MAX_FRACTION} (of rank + oversampling)"
+        now = f"KRYLOV_MAX_FRACTION now {tk.KRYLOV_MAX_FRACTION} (short sides >= {tk.KRYLOV_MIN_DIM})" if solver == "krylov" else f"RANDOMIZED_MAX_FRACTION now {tk.RANDOMIZED_MAX_FRACTION} (of rank + oversampling)"
         print(f"switch point (min over shapes): r/min(m,n) = {min(known):.3f}; {now}", flush=True)
 
 
@@ -210,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="only the first N layers")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--switch", action="store_true", help="also sweep exact vs randomized over ranks")
+    p.add_argument("--switch", action="store_true", help="also sweep the small-rank solver against the large-rank one over ranks")
     p.add_argument("--switch-only", action="store_true")
-    p.add_argument("--solver", choices=["krylov", "randomized"], default=None, help="--switch: the fast solver to sweep (default: auto's choice for --device)")
+    p.add_argument("--solver", choices=["krylov", "randomized", "gram"], default=None, help="--switch: the small-rank solver to sweep (default: auto's choice for --device)")
+    p.add_argument("--baseline", choices=["exact", "gram"], default=None, help="--switch: what it is timed against (default: gram on a CPU, exact on a GPU)")
     p.add_argument("--large", action="store_true", help="the switch sweep also on 4096x4096 and 4096x11008")
     p.add_argument("--synthetic", default=None, help="llama-2-7b: random bf16 weights of that shape on --device")
     p.add_argument("--workdir", default=None, help="where --synthetic writes its safetensors files")

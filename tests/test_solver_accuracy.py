@@ -40,10 +40,11 @@ def test_auto_solver_top_singular_values_within_one_percent(smollm2_weights, nam
         assert float(rel.max()) <= 0.01, f"{name} {tuple(W.shape)} rank {rank} ({res.solver}): max rel. error {float(rel.max()):.4f}"
 
 
-def test_auto_uses_krylov_for_small_ranks_on_cpu(smollm2_weights):
-    # The accuracy above must cover the Krylov path (the CPU default), not only the exact one.
+def test_auto_uses_krylov_and_gram_on_cpu(smollm2_weights):
+    # The accuracy above must cover both CPU paths, not only the exact one.
     assert truncated_svd(smollm2_weights["0.self_attn.q_proj"], 8).solver == "krylov"
-    assert truncated_svd(smollm2_weights["14.mlp.gate_proj"], 64).solver == "krylov"
+    assert truncated_svd(smollm2_weights["14.mlp.gate_proj"], 64).solver == "gram"
+    assert truncated_svd(smollm2_weights["14.self_attn.k_proj"], 8).solver == "gram"
 
 
 @pytest.mark.parametrize("name", [f"{i}.{m}" for i, m in MATRICES])

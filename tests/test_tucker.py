@@ -52,7 +52,7 @@ def test_randomized_matches_exact_top_singular_values(shape):
     assert torch.allclose(approx.U @ approx.U.T, exact.U @ exact.U.T, atol=1e-3)
 
 
-@pytest.mark.parametrize("solver", ["randomized", "krylov"])
+@pytest.mark.parametrize("solver", ["randomized", "krylov", "gram"])
 def test_seeded_solvers_are_deterministic(solver):
     W = _rand(200, 120, seed=4)
     a = truncated_svd(W, 6, solver=solver, seed=7)
@@ -64,7 +64,8 @@ def test_seeded_solvers_are_deterministic(solver):
 def test_auto_solver_picks_by_rank_and_device():
     W = _rand(400, 300, seed=5)
     assert truncated_svd(W, 2).solver == "krylov"  # CPU
-    assert truncated_svd(W, 200).solver == "exact"
+    assert truncated_svd(W, 200).solver == "gram"
+    assert truncated_svd(W[:200], 2).solver == "gram"  # a small short side: the Gram matrix is tiny
     assert choose_solver((400, 300), 2, device="cuda") == "randomized"
     assert choose_solver((400, 300), 200, device="cuda") == "exact"
 
@@ -96,11 +97,77 @@ def test_krylov_on_an_exactly_low_rank_matrix_stops_on_the_invariant_subspace():
     assert torch.allclose(more.V.T @ more.V, torch.eye(8), atol=1e-4)
 
 
-def test_krylov_without_convergence_falls_back_to_exact():
+def test_krylov_without_convergence_falls_back_to_gram():
     from lm_eval_lowrank.methods import tucker as tk
 
     W = _rand(200, 120, seed=11)  # flat spectrum: an absurd tolerance cannot be met within the cap
     assert tk._block_krylov_svd(W, 4, 0, rtol=0.0) is None
+    real = tk._block_krylov_svd
+    try:
+        tk._block_krylov_svd = lambda A, r, seed: real(A, r, seed, rtol=0.0)
+        res = truncated_svd(W, 4, solver="krylov")
+    finally:
+        tk._block_krylov_svd = real
+    assert res.solver == "gram" and torch.allclose(res.S, torch.linalg.svdvals(W)[:4], rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,rank", [((256, 96), 8), ((96, 256), 8), ((300, 200), 1), ((300, 200), 150), ((64, 64), 64)])
+def test_gram_matches_exact(shape, rank):
+    W = _rand(*shape, seed=3, decay=0.97)
+    exact = truncated_svd(W, rank, solver="exact")
+    res = truncated_svd(W, rank, solver="gram")
+    assert res.solver == "gram"
+    assert torch.allclose(res.S, exact.S, rtol=1e-4)
+    assert torch.allclose(res.V.T @ res.V, torch.eye(rank), atol=1e-4)
+    assert torch.allclose(res.U.T @ res.U, torch.eye(rank), atol=1e-3)
+    # the same best approximation (Eckart-Young), not merely the same values
+    best = exact.U @ torch.diag(exact.S) @ exact.V.T
+    assert torch.allclose(res.U @ torch.diag(res.S) @ res.V.T, best, atol=1e-4)
+
+
+def test_gram_recomputes_in_fp64_when_squaring_would_cost_accuracy(monkeypatch):
+    from lm_eval_lowrank.methods import tucker as tk
+
+    W = _rand(120, 80, seed=12, decay=0.8)  # sigma_1 / sigma_20 ~ 7e1: (ratio^2) eps32 > 1e-4
+    seen = []
+    real = tk._top_eigh
+    monkeypatch.setattr(tk, "_top_eigh", lambda G, r, upper=False: seen.append(G.dtype) or real(G, r, upper))
+    res = truncated_svd(W, 20, solver="gram")
+    assert seen == [torch.float32, torch.float64]
+    exact = torch.linalg.svdvals(W.double())[:20]
+    assert float(((res.S.double() - exact).abs() / exact).max()) < 1e-5
+    seen.clear()
+    truncated_svd(W, 4, solver="gram")  # well conditioned within the top 4: fp32 only
+    assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+def test_gram_on_a_rank_deficient_matrix_gives_orthonormal_factors(shape):
+    g = torch.Generator().manual_seed(14)
+    W = torch.randn(shape[0], 4, generator=g) @ torch.randn(4, shape[1], generator=g)
+    res = truncated_svd(W, 10, solver="gram")
+    assert all(bool(torch.isfinite(t).all()) for t in (res.U, res.S, res.V))
+    assert float(res.S[4:].abs().max()) == 0.0 and torch.allclose(res.S[:4], torch.linalg.svdvals(W)[:4], rtol=1e-4)
+    assert torch.allclose(res.U.T @ res.U, torch.eye(10), atol=1e-4) and torch.allclose(res.V.T @ res.V, torch.eye(10), atol=1e-4)
+    assert torch.allclose(res.U @ torch.diag(res.S) @ res.V.T, W, atol=1e-4 * float(W.abs().max()))
+
+
+def test_gram_without_scipy_uses_torch_eigh(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_scipy(name, *a, **k):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    W = _rand(90, 60, seed=13, decay=0.95)
+    with_scipy = truncated_svd(W, 6, solver="gram")
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    without = truncated_svd(W, 6, solver="gram")
+    assert torch.allclose(with_scipy.S, without.S, rtol=1e-5)
+    assert torch.allclose(with_scipy.U @ with_scipy.V.T, without.U @ without.V.T, atol=1e-4)
 
 
 def test_rank_out_of_range():

@@ -23,7 +23,7 @@ from typing import Any
 METHODS = ("tucker", "rom", "whiten")
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
-SOLVERS = ("auto", "exact", "krylov", "randomized")
+SOLVERS = ("auto", "exact", "gram", "krylov", "randomized")
 # calib_target names: the weight of the dense model's outputs in what each layer is fitted to.
 CALIB_TARGETS = {"compressed": 0.0, "dense": 1.0}
 CALIB_TARGET_SYNTAX = "valid: compressed, dense, or the weight of the dense model's outputs in the target, 0..1 (e.g. 0.25)"

@@ -4,13 +4,16 @@ For a matrix, Tucker-2 with ranks (r, r) is exactly the truncated SVD: U1 = U_r,
 core = diag(s_r), U2 = V_r, the best rank-r approximation (Eckart-Young). HOOI run on a
 matrix converges to it, so the 2-D path uses the closed form directly.
 
-Three solvers compute the truncated SVD:
+Four solvers compute the truncated SVD:
 - ``exact``: LAPACK SVD of the whole matrix (cost independent of r);
+- ``gram``: the top eigenpairs of the short side's Gram matrix A^T A (one GEMM and a partial
+  symmetric eigensolve; fp64 when the squared condition number would cost accuracy);
 - ``krylov``: seeded block Lanczos on A^T A with full reorthogonalisation, stopped once the
   top-r Ritz values settle (cost ~ the Krylov dimension, a few times r);
 - ``randomized``: a seeded Gaussian range finder with subspace (power) iteration.
 ``auto`` picks by device and by the size of r relative to the matrix (switch points measured
-in benchmarks/decompose.py): krylov on a CPU, randomized on a GPU, exact when r is large.
+in benchmarks/decompose.py): on a CPU krylov for small r and gram otherwise, on a GPU
+randomized, and exact when r is large.
 Everything is computed in fp32 (fp64 on request) and the sign of each singular pair is
 fixed, so results are deterministic.
 """
@@ -57,18 +60,20 @@ def _oversample(rank: int) -> int:
     return max(32, rank // 2)
 
 
-# CPU: block Krylov is used while rank <= KRYLOV_MAX_FRACTION * min(m, n). Measured by
-# `benchmarks/decompose.py --switch` on SmolLM2 (1 thread, shared machine): Krylov stops
-# winning at r/min(m,n) = 0.17 (1536x576), 0.28 (576x576), 0.33 (192x576, 576x1536); it needs a
-# Krylov dimension of ~3.5 r for 1 % on these flat spectra. 0.15 stays below every crossing.
-KRYLOV_MAX_FRACTION = 0.15
+# CPU: block Krylov while rank <= KRYLOV_MAX_FRACTION * min(m, n) on matrices whose short side
+# is at least KRYLOV_MIN_DIM; the Gram solver otherwise (it beats LAPACK's SVD at every rank, so
+# ``exact`` is never chosen on a CPU). Measured by `benchmarks/decompose.py --switch` on SmolLM2
+# (1 thread): Krylov stops winning against Gram at r/min(m,n) = 0.03-0.08 on the 576-wide
+# shapes, and never wins on 192x576, where the Gram matrix is tiny.
+KRYLOV_MAX_FRACTION = 0.05
+KRYLOV_MIN_DIM = 256
 
 
 def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", device: torch.device | str = "cpu") -> str:
     if solver != "auto":
         return solver
     if torch.device(device).type == "cpu":
-        return "krylov" if rank <= KRYLOV_MAX_FRACTION * min(shape) else "exact"
+        return "krylov" if min(shape) >= KRYLOV_MIN_DIM and rank <= KRYLOV_MAX_FRACTION * min(shape) else "gram"
     k = rank + _oversample(rank)
     return "randomized" if k <= RANDOMIZED_MAX_FRACTION * min(shape) else "exact"
 
@@ -93,8 +98,8 @@ def truncated_svd(
     result = None
     if solver == "krylov":
         result = _block_krylov_svd(A, rank, seed)
-        if result is None:  # not converged within the dimension cap: the exact answer instead
-            solver = "exact"
+        if result is None:  # not converged within the dimension cap: the Gram solver's answer instead
+            solver = "gram"
     if solver == "exact":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         U, S, V = U[:, :rank], S[:rank], Vh[:rank].mT
@@ -102,8 +107,10 @@ def truncated_svd(
         U, S, V = _randomized_svd(A, rank, seed, power_iters, orth)
     elif solver == "krylov":
         U, S, V = result
+    elif solver == "gram":
+        U, S, V = _gram_svd(A, rank)
     else:
-        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, krylov, randomized")
+        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, gram, krylov, randomized")
     U, V = _fix_signs(U.contiguous(), V.contiguous())
     return SVDResult(U, S, V, solver)
 
@@ -216,7 +223,7 @@ def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, rtol: float = KRYLO
         A = A.mT
         m, n = n, m
     b = min(block or krylov_block_size(rank), n)
-    cap = min(n, max(8 * rank + 8 * b, 64))  # beyond this the exact SVD is cheaper anyway
+    cap = min(n, max(8 * rank + 8 * b, 64))  # beyond this the Gram solver is cheaper anyway
     cap -= cap % b
     if cap < rank + b:
         return None
@@ -256,6 +263,97 @@ def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, rtol: float = KRYLO
     if transpose:
         U, V = V, U
     return U, S, V
+
+
+# The Gram solver squares the condition number: sigma_i comes out with a relative error of
+# about eps * (sigma_1 / sigma_i)^2. Past this bound (fp32: sigma_1/sigma_r > ~30) the Gram
+# matrix is formed in fp64 instead, where the bound is never near 1 % for trained weights.
+GRAM_MAX_RELATIVE_ERROR = 1e-4
+
+
+def _scipy_linalg():
+    try:
+        import scipy.linalg as sla  # also loads scipy.linalg.blas (syrk)
+    except ImportError:
+        return None
+    return sla
+
+
+def _gram(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(A^T A, upper_only) for a tall A. On a CPU with scipy, BLAS syrk: half the flops of a GEMM, with
+    only the upper triangle filled (the eigensolver is told so)."""
+    sla = _scipy_linalg() if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) else None
+    if sla is None:
+        return A.mT @ A, False
+    syrk = sla.blas.ssyrk if A.dtype == torch.float32 else sla.blas.dsyrk
+    # A (m x n, C order) is A^T in Fortran order: trans=0 gives (A^T)(A^T)^T = A^T A, no copy.
+    return torch.from_numpy(syrk(1.0, A.contiguous().numpy().T, trans=0)), True
+
+
+def _top_eigh(G: torch.Tensor, rank: int, upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of a symmetric matrix, descending.
+
+    LAPACK's MRRR driver (syevr, through scipy, which lm-eval's scikit-learn dependency
+    brings) computes only the wanted eigenvectors: after the O(n^3) tridiagonal reduction
+    the rest costs O(n r) instead of O(n^2) per vector. Without scipy, or off the CPU,
+    torch's full eigh.
+    """
+    n = G.shape[0]
+    sla = _scipy_linalg() if G.device.type == "cpu" else None
+    if sla is not None:
+        e, V = sla.eigh(G.numpy(), lower=not upper_only, subset_by_index=(n - rank, n - 1), driver="evr", overwrite_a=True, check_finite=False)
+        return torch.from_numpy(e[::-1].copy()).to(G.dtype), torch.from_numpy(V[:, ::-1].copy()).to(G.dtype)
+    if upper_only:
+        G = G.triu() + G.triu(1).mT
+    e, V = torch.linalg.eigh(G)
+    return e[-rank:].flip(0), V[:, -rank:].flip(1)
+
+
+def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets from the eigenpairs of the short side's Gram matrix A^T A.
+
+    One full-rate syrk (m n^2) and a partial symmetric eigensolve (n^3) replace LAPACK's SVD
+    (gesdd), which spends most of its time in memory-bound bidiagonalisation: 2-7x faster
+    on SmolLM2's matrices, and the only solver whose cost does not grow with r.
+    """
+    m, n = A.shape
+    transpose = m < n
+    if transpose:  # the Gram matrix of the short side
+        A = A.mT
+        m, n = n, m
+    for dtype in (A.dtype, torch.float64):
+        Ad = A.to(dtype)
+        evals, V = _top_eigh_of(Ad, rank)
+        S = evals.clamp_min(0).sqrt()
+        # Below this a singular value is round-off of the squared problem: a null direction.
+        live = S > S[0] * math.sqrt(n * torch.finfo(dtype).eps)
+        if dtype == torch.float64 or not bool(live.any()):
+            break
+        ratio = float(S[0] / S[live][-1])
+        if torch.finfo(dtype).eps * ratio * ratio <= GRAM_MAX_RELATIVE_ERROR:
+            break
+    S = S.masked_fill(~live, 0)
+    U = (V.mT @ Ad.mT).mT / S.clamp_min(torch.finfo(dtype).tiny)  # row form: the fast GEMM kernel
+    if not bool(live.all()):  # orthonormal columns for the null directions, as an SVD would give
+        U[:, ~live] = _orthonormal_complement(U[:, live], int((~live).sum()))
+    U, S, V = U.to(A.dtype), S.to(A.dtype), V.to(A.dtype)
+    if transpose:
+        U, V = V, U
+    return U, S, V
+
+
+def _orthonormal_complement(Q: torch.Tensor, k: int) -> torch.Tensor:
+    """k orthonormal columns orthogonal to the orthonormal columns of Q (seeded, so deterministic)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    X = torch.randn(Q.shape[0], k, generator=gen, dtype=Q.dtype).to(Q.device)
+    for _ in range(2):
+        X = X - Q @ (Q.mT @ X)
+    return torch.linalg.qr(X)[0]
+
+
+def _top_eigh_of(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    G, upper_only = _gram(A)
+    return _top_eigh(G, rank, upper_only)
 
 
 def _next_block(Y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny: float) -> torch.Tensor:
