@@ -102,14 +102,17 @@ def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.dev
         t_base = exact if baseline == "exact" else statistics.median(timed(lambda: truncated_svd(W, r, solver=baseline), device) for _ in range(reps))
         used = truncated_svd(W, r, solver=solver).solver  # krylov gives up past its dimension cap
         frac = r / n_min
+        if solver == "krylov":  # auto's rule is in r m / n^2 (Krylov ~ m n r, Gram ~ n^3)
+            frac = r * max(W.shape) / n_min**2
         print(
-            f"switch {label} rank={r} r/min={frac:.3f}: exact {exact * 1e3:.1f} ms, {baseline} {t_base * 1e3:.1f} ms, "
+            f"switch {label} rank={r} r/min={r / n_min:.3f} (r*m/n^2={r * max(W.shape) / n_min**2:.3f}): exact {exact * 1e3:.1f} ms, {baseline} {t_base * 1e3:.1f} ms, "
             f"{solver} {t_fast * 1e3:.1f} ms ({used}), {solver}/{baseline} {t_fast / t_base:.2f}, exact/{baseline} {exact / t_base:.1f}x",
             flush=True,
         )
         if switch is None and t_fast >= t_base:
             switch = frac
-    print(f"switch point {label}: {solver} slower than {baseline} from r/min(m,n) = {switch if switch is not None else '>' + f'{frac:.3f}'}", flush=True)
+    unit = "r*m/n^2" if solver == "krylov" else "r/min(m,n)"
+    print(f"switch point {label}: {solver} slower than {baseline} from {unit} = {switch if switch is not None else '>' + f'{frac:.3f}'}", flush=True)
     return switch
 
 
@@ -139,8 +142,10 @@ def bench_switch(args: argparse.Namespace, device: torch.device) -> None:
             found.append(_sweep_shape(W, [1, 64, 256, 512, 768, 1024, 1536], max(1, args.reps // 2), device, f"random {shape}", solver, baseline))
     known = [f for f in found if f is not None]
     if known:
-        now = f"KRYLOV_MAX_FRACTION now {tk.KRYLOV_MAX_FRACTION} (short sides >= {tk.KRYLOV_MIN_DIM})" if solver == "krylov" else f"RANDOMIZED_MAX_FRACTION now {tk.RANDOMIZED_MAX_FRACTION} (of rank + oversampling)"
-        print(f"switch point (min over shapes): r/min(m,n) = {min(known):.3f}; {now}", flush=True)
+        if solver == "krylov":
+            print(f"switch point (min over shapes): r*m/n^2 = {min(known):.3f}; KRYLOV_GRAM_SWITCH now {tk.KRYLOV_GRAM_SWITCH}", flush=True)
+        else:
+            print(f"switch point (min over shapes): r/min(m,n) = {min(known):.3f}; RANDOMIZED_MAX_FRACTION now {tk.RANDOMIZED_MAX_FRACTION} (of rank + oversampling)", flush=True)
 
 
 def bench_synthetic(args: argparse.Namespace, device: torch.device) -> None:

@@ -60,20 +60,20 @@ def _oversample(rank: int) -> int:
     return max(32, rank // 2)
 
 
-# CPU: block Krylov while rank <= KRYLOV_MAX_FRACTION * min(m, n) on matrices whose short side
-# is at least KRYLOV_MIN_DIM; the Gram solver otherwise (it beats LAPACK's SVD at every rank, so
-# ``exact`` is never chosen on a CPU). Measured by `benchmarks/decompose.py --switch` on SmolLM2
-# (1 thread): Krylov stops winning against Gram at r/min(m,n) = 0.03-0.08 on the 576-wide
-# shapes, and never wins on 192x576, where the Gram matrix is tiny.
-KRYLOV_MAX_FRACTION = 0.05
-KRYLOV_MIN_DIM = 256
+# CPU: block Krylov while rank <= KRYLOV_GRAM_SWITCH * n * (n / m) for an m x n matrix (n the short
+# side), the Gram solver above (it beats LAPACK's SVD at every rank, so ``exact`` is never chosen
+# on a CPU). Krylov costs ~ m n r, Gram ~ n^3 (its eigensolve), hence the n/m factor. Measured by
+# `benchmarks/decompose.py --switch` on SmolLM2 (1 thread): Krylov stops winning at r/n = 0.11-0.17
+# on 576x576, 0.03-0.08 on 1536x576 and 576x1536, and 0.04-0.08 on 192x576.
+KRYLOV_GRAM_SWITCH = 0.1
 
 
 def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", device: torch.device | str = "cpu") -> str:
     if solver != "auto":
         return solver
     if torch.device(device).type == "cpu":
-        return "krylov" if min(shape) >= KRYLOV_MIN_DIM and rank <= KRYLOV_MAX_FRACTION * min(shape) else "gram"
+        n, m = min(shape), max(shape)
+        return "krylov" if rank <= KRYLOV_GRAM_SWITCH * n * n / m else "gram"
     k = rank + _oversample(rank)
     return "randomized" if k <= RANDOMIZED_MAX_FRACTION * min(shape) else "exact"
 
@@ -266,9 +266,9 @@ def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, rtol: float = KRYLO
 
 
 # The Gram solver squares the condition number: sigma_i comes out with a relative error of
-# about eps * (sigma_1 / sigma_i)^2. Past this bound (fp32: sigma_1/sigma_r > ~30) the Gram
-# matrix is formed in fp64 instead, where the bound is never near 1 % for trained weights.
-GRAM_MAX_RELATIVE_ERROR = 1e-4
+# about eps * (sigma_1 / sigma_i)^2. Past this bound (fp32: sigma_1/sigma_r > ~90), a tenth of
+# the 1 % accuracy goal, the Gram matrix is formed in fp64 instead (about 3x the time).
+GRAM_MAX_RELATIVE_ERROR = 1e-3
 
 
 def _scipy_linalg():
