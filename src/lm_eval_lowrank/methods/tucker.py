@@ -61,11 +61,16 @@ def _oversample(rank: int) -> int:
 
 
 # CPU: block Krylov while rank <= KRYLOV_GRAM_SWITCH * n * (n / m) for an m x n matrix (n the short
-# side), the Gram solver above (it beats LAPACK's SVD at every rank, so ``exact`` is never chosen
-# on a CPU). Krylov costs ~ m n r, Gram ~ n^3 (its eigensolve), hence the n/m factor. Measured by
+# side), the Gram solver above it up to half the short side (faster than LAPACK's SVD there),
+# and the exact SVD beyond. Krylov costs ~ m n r, Gram ~ n^3 (its eigensolve), hence the n/m factor. Measured by
 # `benchmarks/decompose.py --switch` on SmolLM2 (1 thread): Krylov stops winning at r/n = 0.11-0.17
 # on 576x576, 0.03-0.08 on 1536x576 and 576x1536, and 0.04-0.08 on 192x576.
 KRYLOV_GRAM_SWITCH = 0.1
+# Above half the short side the top eigenvalues reach far into the spectrum: the partial eigensolve
+# approaches a full one, and squaring the condition number sends more matrices to the exact
+# fallback (after the Gram work). Measured: Gram 1.5x faster than exact at r/n = 0.44 on 576x576,
+# 0.6x at 0.67; 1.1x at 0.83 and 0.7x at 1.0 on 192x576.
+GRAM_MAX_FRACTION = 0.5
 
 
 def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -73,6 +78,8 @@ def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", devic
         return solver
     if torch.device(device).type == "cpu":
         n, m = min(shape), max(shape)
+        if rank > GRAM_MAX_FRACTION * n:
+            return "exact"
         return "krylov" if rank <= KRYLOV_GRAM_SWITCH * n * n / m else "gram"
     k = rank + _oversample(rank)
     return "randomized" if k <= RANDOMIZED_MAX_FRACTION * min(shape) else "exact"
@@ -100,15 +107,17 @@ def truncated_svd(
         result = _block_krylov_svd(A, rank, seed)
         if result is None:  # not converged within the dimension cap: the Gram solver's answer instead
             solver = "gram"
+    if solver == "gram":
+        result = _gram_svd(A, rank)
+        if result is None:  # too ill-conditioned to square: the exact answer instead
+            solver = "exact"
     if solver == "exact":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         U, S, V = U[:, :rank], S[:rank], Vh[:rank].mT
     elif solver == "randomized":
         U, S, V = _randomized_svd(A, rank, seed, power_iters, orth)
-    elif solver == "krylov":
+    elif solver in ("krylov", "gram"):
         U, S, V = result
-    elif solver == "gram":
-        U, S, V = _gram_svd(A, rank)
     else:
         raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, gram, krylov, randomized")
     U, V = _fix_signs(U.contiguous(), V.contiguous())
@@ -267,7 +276,7 @@ def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, rtol: float = KRYLO
 
 # The Gram solver squares the condition number: sigma_i comes out with a relative error of
 # about eps * (sigma_1 / sigma_i)^2. Past this bound (fp32: sigma_1/sigma_r > ~90), a tenth of
-# the 1 % accuracy goal, the Gram matrix is formed in fp64 instead (about 3x the time).
+# the 1 % accuracy goal, the exact SVD is taken instead (an fp64 Gram matrix cost more than it).
 GRAM_MAX_RELATIVE_ERROR = 1e-3
 
 
@@ -309,8 +318,9 @@ def _top_eigh(G: torch.Tensor, rank: int, upper_only: bool = False) -> tuple[tor
     return e[-rank:].flip(0), V[:, -rank:].flip(1)
 
 
-def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets from the eigenpairs of the short side's Gram matrix A^T A.
+def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top-r singular triplets from the eigenpairs of the short side's Gram matrix A^T A, or None
+    when the squared condition number would cost accuracy (see GRAM_MAX_RELATIVE_ERROR).
 
     One full-rate syrk (m n^2) and a partial symmetric eigensolve (n^3) replace LAPACK's SVD
     (gesdd), which spends most of its time in memory-bound bidiagonalisation: 2-7x faster
@@ -321,22 +331,19 @@ def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     if transpose:  # the Gram matrix of the short side
         A = A.mT
         m, n = n, m
-    for dtype in (A.dtype, torch.float64):
-        Ad = A.to(dtype)
-        evals, V = _top_eigh_of(Ad, rank)
-        S = evals.clamp_min(0).sqrt()
-        # Below this a singular value is round-off of the squared problem: a null direction.
-        live = S > S[0] * math.sqrt(n * torch.finfo(dtype).eps)
-        if dtype == torch.float64 or not bool(live.any()):
-            break
+    dtype = A.dtype
+    evals, V = _top_eigh_of(A, rank)
+    S = evals.clamp_min(0).sqrt()
+    # Below this a singular value is round-off of the squared problem: a null direction.
+    live = S > S[0] * math.sqrt(n * torch.finfo(dtype).eps)
+    if bool(live.any()):
         ratio = float(S[0] / S[live][-1])
-        if torch.finfo(dtype).eps * ratio * ratio <= GRAM_MAX_RELATIVE_ERROR:
-            break
+        if torch.finfo(dtype).eps * ratio * ratio > GRAM_MAX_RELATIVE_ERROR:
+            return None  # squaring would cost accuracy: the caller takes the exact SVD
     S = S.masked_fill(~live, 0)
-    U = (V.mT @ Ad.mT).mT / S.clamp_min(torch.finfo(dtype).tiny)  # row form: the fast GEMM kernel
+    U = (V.mT @ A.mT).mT / S.clamp_min(torch.finfo(dtype).tiny)  # row form: the fast GEMM kernel
     if not bool(live.all()):  # orthonormal columns for the null directions, as an SVD would give
         U[:, ~live] = _orthonormal_complement(U[:, live], int((~live).sum()))
-    U, S, V = U.to(A.dtype), S.to(A.dtype), V.to(A.dtype)
     if transpose:
         U, V = V, U
     return U, S, V
