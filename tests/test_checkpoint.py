@@ -217,6 +217,26 @@ def test_corrupted_weights_are_refused(saved, tmp_path):
     assert "sha256" in _one_line(ei.value) and str(f) in str(ei.value)
 
 
+def test_weights_are_hashed_once_per_file_version_then_corruption_is_still_caught(saved, tmp_path, monkeypatch):
+    from lm_eval_lowrank import checkpoint as ck_mod
+    from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, load_compressed
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    calls = []
+    real = ck_mod.sha256_file
+    monkeypatch.setattr(ck_mod, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    load_compressed(ck)
+    load_compressed(ck)
+    assert len(calls) == 1  # the second load reuses the digest of the unchanged file
+    f = ck / WEIGHTS_NAME
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF  # same size; the rewrite changes mtime
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_compressed(ck)
+    assert len(calls) == 2
+
+
 def test_truncated_weights_are_refused(saved, tmp_path):
     from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, load_compressed
 

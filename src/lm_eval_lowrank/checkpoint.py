@@ -167,6 +167,15 @@ class FileHashIndex:
         return digest
 
 
+def _memoised_sha256(file: Path) -> str:
+    """sha256 of ``file``, hashed once per file version (see :class:`FileHashIndex`): a checkpoint
+    is verified on every load, and hashing it each time cost as much as the load itself."""
+    try:
+        return FileHashIndex(_cache_dir() / "file_hashes.json").digest(file)
+    except OSError:  # an unwritable cache: hash every time
+        return sha256_file(file)
+
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -434,7 +443,7 @@ class CompressedCheckpoint:
             size = f.stat().st_size
             if size != info.get("bytes"):
                 raise CheckpointError(f"{f} has {size} bytes, the manifest says {info.get('bytes')}: the file is truncated or was replaced")
-            if checksums and sha256_file(f) != info.get("sha256"):
+            if checksums and _memoised_sha256(f) != info.get("sha256"):
                 raise CheckpointError(f"{f} fails its sha256 check against {MANIFEST_NAME}: the file is corrupted")
             try:
                 with safe_open(str(f), framework="pt") as sf:
