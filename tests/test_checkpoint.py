@@ -126,6 +126,31 @@ def test_hf_tucker_loads_checkpoint_like_decompose_on_load(saved, tiny_dir):
     assert rep["decomposition_seconds"] == 0.0
 
 
+def test_hf_tucker_refuses_a_checkpoint_calibrated_on_an_evaluated_split_before_loading(saved, tmp_path, monkeypatch):
+    from lm_eval_lowrank.calibration import EVAL_TASKS_ENV
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME, CompressedCheckpoint
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+    from lm_eval_lowrank.tasks import DataDirError, data_dir
+
+    try:
+        data_dir()
+    except DataDirError:
+        pytest.skip("benchmark data folder not available")
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    m = json.loads((ck / MANIFEST_NAME).read_text())
+    m["decomposition"]["calibration"] = {"source": "wikitext_local", "leak_check": {"status": "unchecked", "calib_files": ["wikitext/test.jsonl"]}}
+    (ck / MANIFEST_NAME).write_text(json.dumps(m))
+    monkeypatch.setattr(CompressedCheckpoint, "load_model", lambda *a, **k: pytest.fail("weights loaded before the no-leak check"))
+    monkeypatch.setenv(EVAL_TASKS_ENV, "wikitext_local")
+    with pytest.raises(SpecError, match="read wikitext/test.jsonl, which wikitext_local scores"):
+        HFTuckerLM(pretrained=str(ck), device="cpu", dtype="float32")
+    monkeypatch.undo()
+    monkeypatch.setenv(EVAL_TASKS_ENV, "arc_easy_local")
+    lm = HFTuckerLM(pretrained=str(ck), device="cpu", dtype="float32")
+    assert lm.lowrank_info()["decomposition"]["leak_check"]["status"] == "ok"
+
+
 def test_manifest_records_the_decomposition(saved, tiny_dir):
     from lm_eval_lowrank import __version__
     from lm_eval_lowrank.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, sha256_file

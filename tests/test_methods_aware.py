@@ -274,6 +274,25 @@ def test_no_leak_rule():
     assert check_no_leak("wikitext_local", None, root)["status"] == "unchecked"
 
 
+def test_no_leak_rule_for_a_saved_checkpoint_against_the_tasks_evaluated_now():
+    from lm_eval_lowrank.calibration import check_checkpoint_no_leak
+
+    root = _data_or_skip()
+    manifest = {
+        "decomposition": {"calibration": {"source": "wikitext_local", "leak_check": {"status": "unchecked", "calib_files": ["wikitext/test.jsonl"]}}},
+        "healing": [{"data": [str(root / "arc_easy" / "validation.jsonl"), str(root / "mmlu" / "dev")]}],
+    }
+    with pytest.raises(SpecError, match=r"pretrained=ck/: its calibration \(calib=wikitext_local\) read wikitext/test.jsonl, which wikitext_local scores"):
+        check_checkpoint_no_leak(manifest, ["arc_easy_local", "wikitext_local"], where="ck/")
+    ok = check_checkpoint_no_leak(manifest, ["arc_easy_local", "lambada_openai_local"])
+    assert ok["status"] == "ok" and "arc_easy/validation.jsonl" in ok["files"] and "mmlu/dev/anatomy.jsonl" in ok["files"]
+    manifest["healing"].append({"data": str(root / "arc_easy" / "test.jsonl")})  # healed on a scored split
+    with pytest.raises(SpecError, match="its healing step 2 read arc_easy/test.jsonl, which arc_easy_local scores"):
+        check_checkpoint_no_leak(manifest, ["arc_easy_local"])
+    assert check_checkpoint_no_leak(manifest, None)["status"] == "unchecked"
+    assert check_checkpoint_no_leak({"decomposition": {}}, ["wikitext_local"])["status"] == "ok"  # read no data
+
+
 def test_evaluated_tasks_from_argv(monkeypatch):
     from lm_eval_lowrank.calibration import EVAL_TASKS_ENV, evaluated_tasks_from_env
 

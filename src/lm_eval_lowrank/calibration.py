@@ -40,7 +40,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +217,61 @@ def check_no_leak(calib: str | Iterable[CalibSource], eval_tasks: Iterable[str] 
                 f"(calibration must not see evaluated data); use e.g. calib={'+'.join(other[:2])}"
             )
     return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "calib_files": sorted(calib_files)}
+
+
+def _data_relative_files(path: str, root: Path) -> list[str]:
+    """Files under the data folder that ``path`` (a file or folder, absolute or data-relative) names."""
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else root / p
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    out = []
+    for f in files:
+        try:
+            out.append(f.resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:  # outside the data folder: no local task scores it
+            pass
+    return out
+
+
+def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[str] | None, where: str = "the checkpoint") -> dict[str, Any]:
+    """The no-leak rule for a saved compressed checkpoint, against the tasks evaluated now.
+
+    The rule was checked when the checkpoint was made against the tasks of *that* run (often
+    none: ``lm-eval-lowrank decompose`` evaluates nothing). Here every file its calibration and
+    its healing read is checked against what is evaluated now. Raises :class:`SpecError` naming
+    the file and the task on overlap; returns the record for the JSON.
+    """
+    calib = (manifest.get("decomposition") or {}).get("calibration") or {}
+    healing_data = [rec.get("data") for rec in manifest.get("healing") or []]
+    if not calib and not any(healing_data):
+        return {"status": "ok", "reason": "the checkpoint read no data (no calibration, no healing)", "files": []}
+    try:
+        root = data_root()
+    except SpecError as exc:
+        return {"status": "unchecked", "reason": str(exc)}
+    read: dict[str, str] = {}  # data-relative file -> what read it
+    for f in (calib.get("leak_check") or {}).get("calib_files") or []:
+        read[f] = f"calibration (calib={calib.get('source')})"
+    for i, data in enumerate(healing_data):
+        for path in [data] if isinstance(data, str) else list(data or []):
+            for f in _data_relative_files(str(path), root):
+                read.setdefault(f, f"healing step {i + 1}")
+    if eval_tasks is None:
+        return {"status": "unchecked", "reason": "evaluated tasks unknown", "files": sorted(read)}
+    tasks = list(eval_tasks)
+    unknown = []
+    for task in tasks:
+        scored = _scored_files(task)
+        if scored is None:
+            unknown.append(task)
+            continue
+        overlap = sorted(set(read) & scored)
+        if overlap:
+            raise SpecError(
+                f"pretrained={where}: its {read[overlap[0]]} read {overlap[0]}, which {task} scores (a model must not "
+                f"have seen evaluated data); evaluate other tasks, or rebuild the checkpoint from other data"
+            )
+    return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "files": sorted(read)}
 
 
 # -- token sampling ----------------------------------------------------------------------

@@ -59,9 +59,14 @@ class HFTuckerLM(HFLM):
                 checkpoint = CompressedCheckpoint.detect(pretrained)
             except ImportError:
                 checkpoint = None
+        leak_check = None
         if checkpoint is not None:
             if not spec.is_noop:
                 raise ValueError(f"pretrained={pretrained!r} is a compressed checkpoint; give no rank/layers/budget for it")
+            from .calibration import check_checkpoint_no_leak, evaluated_tasks_from_env
+
+            # Before the weights load: the data its calibration and healing read vs the tasks evaluated now.
+            leak_check = check_checkpoint_no_leak(checkpoint.manifest, evaluated_tasks_from_env(), where=str(pretrained))
         else:
             config = _load_config(pretrained, rest)
             if config is not None:
@@ -74,6 +79,7 @@ class HFTuckerLM(HFLM):
             model = checkpoint.load_model(dtype=rest.get("dtype"), device=rest.get("device"))
             super().__init__(pretrained=model, tokenizer=rest.pop("tokenizer", None) or str(checkpoint.path), **rest)
             self._lowrank_report = checkpoint.report()
+            self._lowrank_report["leak_check"] = leak_check
         else:
             super().__init__(pretrained=pretrained, **rest)
         self._enable_cpu_data_parallel(bool(rest.get("parallelize", False)))
