@@ -14,13 +14,17 @@ TEXT = " ".join(WORDS[i % 7] + " " + WORDS[(i * 3) % 11] for i in range(3000))
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def src(tmp_path_factory):
+    return make_tiny_dir(tmp_path_factory.mktemp("heal_src"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(src, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from lm_eval_lowrank.api import compress_model
     from lm_eval_lowrank.checkpoint import save_compressed
 
-    src = make_tiny_dir(tmp_path_factory.mktemp("heal_src"))
     model = load_dense(src)
     report = compress_model(model, {**SPEC, "cache": False}, progress=False)
     out = tmp_path_factory.mktemp("heal_ckpt") / "c"
@@ -84,3 +88,182 @@ def test_heal_errors_name_the_argument(ckpt, tmp_path):
     assert r.exit_code != 0 and "--data" in r.output and "does not exist" in r.output
     r = CliRunner().invoke(heal, [str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1"])
     assert r.exit_code != 0 and "not a compressed checkpoint" in r.output
+
+
+# -- distillation -------------------------------------------------------------------------
+
+HELD_TEXT = " ".join(WORDS[(i * 5) % 13] for i in range(600))
+
+
+def _one_line_error(r, *needles: str) -> None:
+    assert r.exit_code != 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    for n in needles:
+        assert n in lines[0], (n, r.output)
+
+
+def test_kd_healing_lowers_the_kl_to_the_teacher_on_held_out_blocks(ckpt, src):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.heal import heal_model, mean_kl, token_blocks
+
+    model = load_compressed(ckpt)
+    teacher = load_dense(src)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith((".first", ".last", ".core"))}
+    unseen = token_blocks(tok, [HELD_TEXT], 32, max_blocks=4)  # text the training never sees
+    kl_unseen = mean_kl(model, teacher, unseen)
+    rec = heal_model(model, tok, [TEXT], steps=12, lr=3e-3, seq_len=32, batch_size=4, progress=False, teacher=teacher, temperature=2.0)
+    assert rec["objective"] == "kd" and rec["kd_weight"] == 1.0 and rec["temperature"] == 2.0
+    assert rec["kl_after"] < 0.8 * rec["kl_before"]
+    assert mean_kl(model, teacher, unseen) < kl_unseen
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_a_teacher_identical_to_the_student_gives_zero_kd_loss(ckpt):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.heal import heal_model, kd_loss
+
+    model = load_compressed(ckpt)
+    teacher = copy.deepcopy(model)
+    x = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in (1.0, 3.0):
+            assert abs(float(kd_loss(model(x).logits, teacher(x).logits, t))) < 1e-6
+    # Zero loss and zero gradient: there is nothing to distil.
+    params = [p for n, p in model.named_parameters() if n.endswith((".first", ".last", ".core"))]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        t_logits = teacher(x).logits
+    kd_loss(model(x).logits, t_logits, 2.0).backward()
+    assert max(float(p.grad.abs().max()) for p in params) < 1e-6
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    rec = heal_model(model, tok, [TEXT], steps=1, lr=1e-3, seq_len=32, batch_size=2, progress=False, teacher=teacher)
+    assert abs(rec["kl_before"]) < 1e-6 and abs(rec["train_kd_first"]) < 1e-6
+
+
+def test_kd_loss_is_the_temperature_scaled_kl():
+    from lm_eval_lowrank.heal import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    T = 2.0
+    ps, pt = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+    want = (pt * (pt.log() - ps.log())).sum(-1).mean() * T * T
+    assert torch.allclose(kd_loss(s, t, T), want, atol=1e-6)
+
+
+def test_heal_cli_distils_from_the_dense_source_on_mixed_data(ckpt, src, tmp_path):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text(TEXT)
+    b.write_text("\n".join(json.dumps({"question": " ".join(WORDS[(i + j) % 11] for j in range(20)), "choices": {"text": ["the a", "of and"], "label": ["A", "B"]}, "answerKey": "B"}) for i in range(60)))
+    out = tmp_path / "kd"
+    args = [str(ckpt), "--out", str(out), "--data", str(a), "--data", str(b), "--steps", "6", "--lr", "3e-3", "--seq_len", "32", "--batch_size", "2"]
+    r = CliRunner().invoke(heal, args + ["--teacher", "dense", "--kd_weight", "0.5", "--temperature", "2", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "kl_before" in r.output
+    rec = json.loads((out / MANIFEST_NAME).read_text())["healing"][-1]
+    assert rec["objective"] == "kd+lm" and rec["kd_weight"] == 0.5 and rec["temperature"] == 2.0
+    assert rec["teacher"]["spec"] == "dense" and rec["teacher"]["model_id"] == str(src.resolve()) and not rec["teacher"]["compressed"]
+    assert rec["data"] == [str(a), str(b)] and rec["data_split"] == ["a", "b"]
+    assert [m["train_blocks"] for m in rec["data_mix"]] == [6, 6]  # mixed evenly: 6 steps x 2 blocks
+    assert rec["kl_before"] > 0 and rec["kl_after"] >= 0  # the decrease is checked in the heal_model test
+
+
+def test_mc_records_become_question_and_answer_text(tmp_path):
+    from lm_eval_lowrank.heal import read_texts
+
+    f = tmp_path / "mc.jsonl"
+    rows = [
+        {"id": "x", "question": "Which is hot?", "choices": {"text": ["ice", "fire"], "label": ["1", "2"]}, "answerKey": "2"},
+        {"question": "2+2?", "subject": "math", "choices": ["3", "4"], "answer": 1},
+    ]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    assert read_texts(f) == ["Question: Which is hot?\nAnswer: fire", "Question: 2+2?\nAnswer: 4"]
+
+
+def test_kd_errors_are_one_line_and_come_before_the_weights_load(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from transformers import LlamaConfig
+
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the argument check")
+
+    monkeypatch.setattr(CompressedCheckpoint, "load_model", no_load)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    other = tmp_path / "other_vocab"
+    LlamaConfig(vocab_size=77, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(other)
+    base = [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--steps", "2"]
+    run = lambda *extra: CliRunner().invoke(heal, base + list(extra))  # noqa: E731
+    _one_line_error(run("--kd_weight", "0.5"), "--kd_weight", "needs --teacher")
+    _one_line_error(run("--temperature", "2"), "--temperature", "needs --teacher")
+    _one_line_error(run("--teacher", "dense", "--kd_weight", "1.5"), "--kd_weight 1.5", "[0, 1]")
+    _one_line_error(run("--teacher", "dense", "--temperature", "0"), "--temperature", "positive")
+    _one_line_error(run("--teacher", str(tmp_path / "missing")), "--teacher", "'dense'")
+    _one_line_error(run("--teacher", "no-such-model-xyz"), "--teacher no-such-model-xyz", "'dense'")
+    _one_line_error(run("--teacher", str(other)), "--teacher", "vocabulary of 77")
+    _one_line_error(run("--data", str(data)), "--data", "twice")
+
+
+def test_teacher_dense_needs_the_recorded_source(ckpt, src, tmp_path):
+    import shutil
+
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME, CompressedCheckpoint
+    from lm_eval_lowrank.heal import HealError, resolve_teacher
+
+    c = tmp_path / "c"
+    shutil.copytree(ckpt, c)
+    m = json.loads((c / MANIFEST_NAME).read_text())
+    m["source"] = None
+    (c / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(HealError, match="--teacher dense: the checkpoint records no source model"):
+        resolve_teacher("dense", CompressedCheckpoint.open(c))
+    m["source"] = {"model_id": str(src), "weights_sha256": "0" * 64}  # not the weights at src now
+    (c / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(HealError, match="--teacher dense: the weights at .* differ"):
+        resolve_teacher("dense", CompressedCheckpoint.open(c))
+    assert resolve_teacher(str(src), CompressedCheckpoint.open(c))["weights_sha256"]  # explicit path: allowed
+
+
+def test_training_on_a_scored_split_is_flagged(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.checkpoint import MANIFEST_NAME
+    from lm_eval_lowrank.cli.checkpoint import heal
+    from lm_eval_lowrank.tasks import DATA_ENV
+
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    (tmp_path / "arc_easy").mkdir()
+    row = {"question": " ".join(WORDS[:12]), "choices": {"text": ["the a", "of and"], "label": ["A", "B"]}, "answerKey": "A"}
+    for split in ("test", "validation"):
+        (tmp_path / "arc_easy" / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for _ in range(40)))
+    base = [str(ckpt), "--steps", "1", "--seq_len", "16", "--batch_size", "1", "--device", "cpu", "--quiet"]
+    r = CliRunner().invoke(heal, base + ["--out", str(tmp_path / "v"), "--data", str(tmp_path / "arc_easy" / "validation.jsonl")])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert json.loads((tmp_path / "v" / MANIFEST_NAME).read_text())["healing"][-1]["scored_by"] == {}
+    test_file = tmp_path / "arc_easy" / "test.jsonl"
+    r = CliRunner().invoke(heal, base + ["--out", str(tmp_path / "t"), "--data", str(test_file)])
+    assert r.exit_code == 0 and "arc_easy_local scores" in r.output, r.output
+    assert json.loads((tmp_path / "t" / MANIFEST_NAME).read_text())["healing"][-1]["scored_by"] == {str(test_file): ["arc_easy_local"]}

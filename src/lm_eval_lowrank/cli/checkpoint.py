@@ -98,7 +98,11 @@ def _source_digest(model_id: str, model: Any) -> str | None:
 @click.command("heal")
 @click.argument("ckpt", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the healed checkpoint.")
-@click.option("--data", "data", default=None, type=click.Path(), help="Training text: .jsonl/.txt/.raw file or folder (default: shared data gsm8k/train.jsonl, the only train split).")
+@click.option(
+    "--data", "data", multiple=True, type=click.Path(),
+    help="Training text: .jsonl/.txt/.raw file or folder; give it several times to mix sources evenly "
+    "(default: shared data gsm8k/train.jsonl, the only train split). Never a split an evaluated task scores.",
+)
 @click.option("--steps", "steps", default=50, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--lr", "lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")
 @click.option("--seq_len", "seq_len", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per training block.")
@@ -107,20 +111,27 @@ def _source_digest(model_id: str, model: Any) -> str | None:
 @click.option("--device", "device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--eval_data", "eval_data", default=None, type=click.Path(), help="Held-out text for perplexity before/after (e.g. wikitext/wiki.test.raw).")
 @click.option("--eval_blocks", "eval_blocks", default=16, show_default=True, type=click.IntRange(min=1), help="Blocks of --seq_len tokens of --eval_data to score.")
+@click.option("--teacher", "teacher", default=None, help="Distil from a teacher: 'dense' (the checkpoint's source model) or a model folder/ID with the same tokenizer.")
+@click.option("--kd_weight", "kd_weight", default=None, type=float, help="With --teacher: weight of the KD loss in [0, 1]; the rest is the LM loss (default 1: KD only).")
+@click.option("--temperature", "temperature", default=None, type=float, help="With --teacher: softmax temperature of the KD loss (default 1).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a compressed checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def heal(ckpt: str, out: str, data: str | None, steps: int, lr: float, seq_len: int, batch_size: int, seed: int, device: str | None, eval_data: str | None, eval_blocks: int, overwrite: bool, quiet: bool) -> None:
-    """Train the low-rank factors of CKPT for a few steps and save the healed checkpoint to --out."""
+def heal(
+    ckpt: str, out: str, data: tuple[str, ...], steps: int, lr: float, seq_len: int, batch_size: int, seed: int, device: str | None,
+    eval_data: str | None, eval_blocks: int, teacher: str | None, kd_weight: float | None, temperature: float | None, overwrite: bool, quiet: bool,
+) -> None:
+    """Train the low-rank factors of CKPT for a few steps (LM loss, or distillation from --teacher) and save to --out."""
     from ..checkpoint import CheckpointError
     from ..heal import HealError, heal_checkpoint
     from ..tasks import DataDirError
 
     try:
         record = heal_checkpoint(
-            ckpt, out, data=data, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size, seed=seed,
+            ckpt, out, data=list(data) or None, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size, seed=seed,
             device=device, eval_data=eval_data, eval_blocks=eval_blocks, overwrite=overwrite, progress=not quiet,
+            teacher=teacher, kd_weight=kd_weight, temperature=temperature,
         )
     except (CheckpointError, HealError, DataDirError) as exc:
         raise click.ClickException(str(exc)) from None
-    keys = ("loss_before", "loss_after", "eval_ppl_before", "eval_ppl_after", "seconds")
+    keys = ("loss_before", "loss_after", "kl_before", "kl_after", "eval_ppl_before", "eval_ppl_after", "seconds")
     click.echo(f"saved {out}: " + json.dumps({k: round(record[k], 4) for k in keys if k in record}))
