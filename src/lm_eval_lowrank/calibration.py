@@ -201,22 +201,32 @@ def check_no_leak(calib: str | Iterable[CalibSource], eval_tasks: Iterable[str] 
             calib_files[p.relative_to(root).as_posix()] = s.name
     if eval_tasks is None:
         return {"status": "unchecked", "reason": "evaluated tasks unknown", "calib_files": sorted(calib_files)}
+
+    def refuse(task: str, file: str) -> SpecError:
+        other = [n for n, s in SOURCES.items() if "scored" not in s.split and n != "wikitext_local"]
+        return SpecError(
+            f"calib={calib_files[file]!r} is invalid while evaluating {task!r}: it reads {file}, which {task} scores "
+            f"(calibration must not see evaluated data); use e.g. calib={'+'.join(other[:2])}"
+        )
+
     tasks = list(eval_tasks)
+    unknown = _refuse_overlap(calib_files, tasks, refuse)
+    return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "calib_files": sorted(calib_files)}
+
+
+def _refuse_overlap(read: Mapping[str, str], tasks: list[str], refuse: Any) -> list[str]:
+    """Raise ``refuse(task, file)`` for the first file in ``read`` that an evaluated task scores;
+    return the tasks whose scored files are unknown."""
     unknown: list[str] = []
     for task in tasks:
         scored = _scored_files(task)
         if scored is None:
             unknown.append(task)
             continue
-        overlap = sorted(set(calib_files) & scored)
+        overlap = sorted(set(read) & scored)
         if overlap:
-            src = calib_files[overlap[0]]
-            other = [n for n, s in SOURCES.items() if "scored" not in s.split and n != "wikitext_local"]
-            raise SpecError(
-                f"calib={src!r} is invalid while evaluating {task!r}: it reads {overlap[0]}, which {task} scores "
-                f"(calibration must not see evaluated data); use e.g. calib={'+'.join(other[:2])}"
-            )
-    return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "calib_files": sorted(calib_files)}
+            raise refuse(task, overlap[0])
+    return unknown
 
 
 def _data_relative_files(path: str, root: Path) -> list[str]:
@@ -259,18 +269,14 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
     if eval_tasks is None:
         return {"status": "unchecked", "reason": "evaluated tasks unknown", "files": sorted(read)}
     tasks = list(eval_tasks)
-    unknown = []
-    for task in tasks:
-        scored = _scored_files(task)
-        if scored is None:
-            unknown.append(task)
-            continue
-        overlap = sorted(set(read) & scored)
-        if overlap:
-            raise SpecError(
-                f"pretrained={where}: its {read[overlap[0]]} read {overlap[0]}, which {task} scores (a model must not "
-                f"have seen evaluated data); evaluate other tasks, or rebuild the checkpoint from other data"
-            )
+    unknown = _refuse_overlap(
+        read,
+        tasks,
+        lambda task, file: SpecError(
+            f"pretrained={where}: its {read[file]} read {file}, which {task} scores (a model must not "
+            f"have seen evaluated data); evaluate other tasks, or rebuild the checkpoint from other data"
+        ),
+    )
     return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "files": sorted(read)}
 
 
