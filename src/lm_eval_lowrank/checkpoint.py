@@ -44,14 +44,13 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .modules import LowRankLinear
+from .modules import FACTOR_NAMES, LowRankLinear
 
 FORMAT = "lm-eval-lowrank/compressed"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "lowrank_manifest.json"
 WEIGHTS_NAME = "lowrank_model.safetensors"
 CACHE_FORMAT_VERSION = 1
-_FACTOR_KEYS = ("first", "core", "last", "bias")
 # Spec fields that change the factors (the ranks and targets are keyed through the plan).
 _FACTOR_FIELDS = ("method", "solver", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged", "budget", "allocator", "rank_multiple")
 
@@ -735,7 +734,7 @@ class DecompositionCache:
             w = old.weight
             # The read tensors become the parameters (moved only if the model lives elsewhere):
             # no second copy of the factors.
-            factors = {k: tensors[f"{t.path}.{k}"].to(w.device) for k in _FACTOR_KEYS if f"{t.path}.{k}" in tensors}
+            factors = {k: tensors[f"{t.path}.{k}"].to(w.device) for k in FACTOR_NAMES if f"{t.path}.{k}" in tensors}
             new = LowRankLinear.from_parameters(factors, t.in_features, t.out_features, layout=plan.layout, requires_grad=w.requires_grad)
             removed += w.numel() + (old.bias.numel() if getattr(old, "bias", None) is not None else 0)
             added += sum(f.numel() for f in factors.values())
@@ -819,7 +818,7 @@ class DecompositionCache:
             mod = getattr(mod, "base_layer", mod)
             if not isinstance(mod, LowRankLinear):
                 return None
-            for k in _FACTOR_KEYS:
+            for k in FACTOR_NAMES:
                 p = getattr(mod, k)
                 if p is not None:
                     tensors[f"{t.path}.{k}"] = p.detach().to("cpu").contiguous()

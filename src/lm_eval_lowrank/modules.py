@@ -13,6 +13,8 @@ on them without transposes. The state-dict keys are ``first``, ``core`` (tucker 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from .methods import Factors
 
 LAYOUTS = ("folded", "tucker")
+FACTOR_NAMES = ("first", "core", "last", "bias")
 
 
 class LowRankLinear(nn.Module):
@@ -34,16 +37,26 @@ class LowRankLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        parameters: Mapping[str, torch.Tensor] | None = None,
+        requires_grad: bool = True,
     ) -> None:
+        """Empty factors of the given shape, or ``parameters`` (first/core/last/bias) used as they are."""
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
-        self.in_features, self.out_features, self.rank, self.layout = in_features, out_features, rank, layout
-        kw = {"dtype": dtype, "device": device}
-        self.first = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.core = nn.Parameter(torch.empty(rank, rank, **kw)) if layout == "tucker" else None
-        self.last = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        # The instance and parameter dicts directly: a cache hit builds hundreds of these modules,
+        # and Module.__setattr__ per attribute (plus placeholder tensors) was most of that surgery.
+        self.__dict__.update(in_features=in_features, out_features=out_features, rank=rank, layout=layout)
+        if parameters is None:
+            kw = {"dtype": dtype, "device": device}
+            parameters = {
+                "first": torch.empty(rank, in_features, **kw),
+                "core": torch.empty(rank, rank, **kw) if layout == "tucker" else None,
+                "last": torch.empty(out_features, rank, **kw),
+                "bias": torch.zeros(out_features, **kw) if bias else None,
+            }
+        self._parameters.update({k: None if parameters.get(k) is None else nn.Parameter(parameters[k], requires_grad=requires_grad) for k in FACTOR_NAMES})
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -57,9 +70,7 @@ class LowRankLinear(nn.Module):
     ) -> LowRankLinear:
         """A module whose parameters *are* ``tensors`` (keys first/core/last/bias), without copying.
 
-        Shapes are checked before anything is built. The module is set up directly rather than
-        through ``__init__`` (which allocates placeholders only to replace them): a cache hit
-        builds hundreds of these, and that surgery dominated it.
+        Shapes are checked before anything is built; no placeholder is allocated.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
@@ -75,11 +86,7 @@ class LowRankLinear(nn.Module):
         missing = [k for k in expected if k not in tensors]
         if missing:
             raise ValueError(f"LowRankLinear: no tensor for {', '.join(missing)}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.__dict__.update(in_features=in_features, out_features=out_features, rank=rank, layout=layout)
-        new._parameters.update({k: None if tensors.get(k) is None else nn.Parameter(tensors[k], requires_grad=requires_grad) for k in ("first", "core", "last", "bias")})
-        return new
+        return cls(in_features, out_features, rank, layout=layout, parameters=tensors, requires_grad=requires_grad)
 
     @classmethod
     def from_factors(
