@@ -187,6 +187,17 @@ def _scored_files(task: str) -> set[str] | None:
     return files if matched else None
 
 
+def tasks_scoring(path: str | os.PathLike) -> list[str]:
+    """Local tasks that score ``path`` (a file in the benchmark data folder); [] when none or unknown."""
+    from .tasks import DataDirError, data_dir, local_tasks
+
+    try:
+        rel = Path(path).resolve().relative_to(data_dir().resolve()).as_posix()
+    except (ValueError, DataDirError):  # outside the data folder, or no data folder: nothing known scores it
+        return []
+    return sorted(t.name for t in local_tasks() if rel in t.files)
+
+
 def check_no_leak(calib: str | Iterable[CalibSource], eval_tasks: Iterable[str] | None, root: Path | None = None) -> dict[str, Any]:
     """Refuse calibration data that an evaluated task scores; return the record for the JSON.
 

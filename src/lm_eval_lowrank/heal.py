@@ -381,17 +381,6 @@ def heal_model(
     return record
 
 
-def _scored_by(path: Path) -> list[str]:
-    """Local tasks that score ``path`` (a file in the benchmark data folder); [] when none or unknown."""
-    try:
-        from .tasks import data_dir, local_tasks
-
-        rel = path.resolve().relative_to(data_dir().resolve()).as_posix()
-        return sorted(t.name for t in local_tasks() if rel in t.files)
-    except Exception:  # outside the data folder, or no data folder: nothing known scores it
-        return []
-
-
 def _data_files(path: Path) -> list[Path]:
     return sorted(f for f in path.iterdir() if f.is_file() and f.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
 
@@ -497,6 +486,7 @@ def heal_checkpoint(
     """
     from transformers import AutoTokenizer
 
+    from .calibration import tasks_scoring
     from .checkpoint import CompressedCheckpoint, save_compressed
 
     check_heal_args(steps, lr, batch_size, teacher, kd_weight, temperature)
@@ -510,7 +500,7 @@ def heal_checkpoint(
     if len(set(data_paths)) != len(data_paths):
         raise HealError("--data: a file is given twice; give each source once (sources are mixed evenly)")
     sources = [read_texts(d, "--data") for d in data_paths]
-    scored_by = {str(f): t for d in data_paths for f in _data_files(d) if (t := _scored_by(f))}
+    scored_by = {str(f): t for d in data_paths for f in _data_files(d) if (t := tasks_scoring(f))}
     for f, tasks in scored_by.items():  # allowed (e.g. boolq when boolq is not evaluated), but never evaluate those tasks after
         print(f"warning: --data {f} is the split that {', '.join(tasks)} scores; do not evaluate the healed model on it", file=sys.stderr)
     teacher_info = resolve_teacher(teacher, ckpt) if teacher is not None else None  # before any weights load
