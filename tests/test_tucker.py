@@ -103,13 +103,8 @@ def test_krylov_without_convergence_falls_back_to_gram():
     from lm_eval_lowrank.methods import tucker as tk
 
     W = _rand(200, 120, seed=11)  # flat spectrum: an absurd tolerance cannot be met within the cap
-    assert tk._block_krylov_svd(W, 4, 0, rtol=0.0) is None
-    real = tk._block_krylov_svd
-    try:
-        tk._block_krylov_svd = lambda A, r, seed: real(A, r, seed, rtol=0.0)
-        res = truncated_svd(W, 4, solver="krylov")
-    finally:
-        tk._block_krylov_svd = real
+    assert tk._block_krylov_svd(W, 4, 0, tol=0.0) is None
+    res = truncated_svd(W, 4, solver="krylov", tol=0.0)
     assert res.solver == "gram" and torch.allclose(res.S, torch.linalg.svdvals(W)[:4], rtol=1e-4)
 
 
@@ -222,3 +217,31 @@ def test_cholesky_qr2_breakdown_falls_back_to_householder():
     assert torch.isfinite(res.U).all() and torch.isfinite(res.S).all()
     assert torch.allclose(res.S[0], torch.linalg.svdvals(W)[0], rtol=1e-4)
     assert torch.allclose(res.U.T @ res.U, torch.eye(8), atol=1e-4)
+
+
+@pytest.mark.parametrize("tol", [1e-1, 3e-2, 1e-2])
+def test_krylov_stops_on_a_certified_singular_value_error(tol):
+    # Flat spectra converge slowly, so a loose tolerance stops early: every value must still be within it.
+    from lm_eval_lowrank.methods import tucker as tk
+
+    for seed, shape in enumerate([(400, 160), (160, 400), (300, 300)]):
+        W = _rand(*shape, seed=20 + seed)
+        for rank in (1, 6):
+            U, S, V = tk._block_krylov_svd(W, rank, 0, tol=tol)
+            exact = torch.linalg.svdvals(W.double())[:rank]
+            assert float(((S.double() - exact).abs() / exact).max()) <= tol
+
+
+def test_scipy_blas_threads_follow_torch():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("scipy.linalg")
+    from lm_eval_lowrank.methods import tucker as tk
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tk._scipy_threads_like_torch():
+            blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas" and i["internal_api"] == "openblas"]
+            assert blas and all(i["num_threads"] == 1 for i in blas)
+    finally:
+        torch.set_num_threads(before)
