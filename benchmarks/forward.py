@@ -2,7 +2,10 @@
 
 Latency does not depend on the factor values, so decomposed models are built from the
 plan with random factors (no SVD to wait for). Every figure is a ratio of timings taken in
-this one run with the configurations interleaved and the median kept.
+this one run with the configurations interleaved; latency/param is computed per round (each
+configuration against the dense forward of the same round) and printed as median [range].
+The time inside each linear module is clocked too, which splits the dense forward into
+decoder linears / lm_head / the rest and gives the ceiling of latency/param.
 
   python benchmarks/forward.py                  # CPU, batch 16 x 256 tokens
   python benchmarks/forward.py --device cuda    # bf16 on the GPU
@@ -14,6 +17,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -22,11 +26,9 @@ from lm_eval_lowrank.decompose import _set_submodule, count_parameters
 from lm_eval_lowrank.modules import LowRankLinear
 from lm_eval_lowrank.plan import make_plan
 from lm_eval_lowrank.spec import DecompositionSpec
-from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import sync, timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SHAPES = ((576, 576), (1536, 576), (576, 1536))  # (out, in): q/o, gate/up, down
-
-
 
 
 def lowrank_copy(dense: nn.Module, rank: int, layers: list[int], layout: str) -> nn.Module:
@@ -59,6 +61,45 @@ def layers_for_cut(dense: nn.Module, rank: int, cut: float) -> list[int]:
     return list(range(1, n + 1))
 
 
+class LinearClock:
+    """Seconds spent inside each linear module (``nn.Linear``, ``LowRankLinear``) of ``model``, by path.
+
+    Hooks on the modules, not a profiler: on a CPU they cost microseconds per call against
+    milliseconds of GEMM, so they stay on in the timed forwards; on a GPU each hook has to
+    synchronise, so :func:`bench_models` runs them in separate, untimed forwards there.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.spent: dict[str, float] = {}
+        self._t0: dict[str, float] = {}
+        self._handles = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, LowRankLinear)):
+                self._handles.append(mod.register_forward_pre_hook(lambda *_, n=name: self._start(n, device)))
+                self._handles.append(mod.register_forward_hook(lambda *_, n=name: self._stop(n, device)))
+
+    def _start(self, name: str, device: torch.device) -> None:
+        sync(device)
+        self._t0[name] = time.perf_counter()
+
+    def _stop(self, name: str, device: torch.device) -> None:
+        sync(device)
+        self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - self._t0.pop(name)
+
+    def take(self) -> dict[str, float]:
+        """The times since the last call, and a fresh start."""
+        spent, self.spent = self.spent, {}
+        return spent
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}..{max(xs):.2f}]"
+
+
 def bench_models(args: argparse.Namespace, dense: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
     total = count_parameters(dense)
     configs: list[tuple[str, nn.Module, float]] = [("dense", dense, 0.0)]
@@ -68,26 +109,74 @@ def bench_models(args: argparse.Namespace, dense: nn.Module, ids: torch.Tensor, 
             for layout in ("folded", "tucker"):
                 m = lowrank_copy(dense, rank, layers, layout).eval()
                 configs.append((f"rank={rank} layers={len(layers)} layout={layout}", m, 1 - count_parameters(m) / total))
-    base = dense.model  # the decoder without lm_head: its share of the time
+    # The decomposed modules of each config: the dense time they replace is what its latency cut can be.
+    targets = {name: [n for n, mod in m.named_modules() if isinstance(mod, LowRankLinear)] for name, m, _ in configs}
     run = {name: (lambda m=m: m(ids, use_cache=False)) for name, m, _ in configs}
-    run["no-lm_head"] = lambda: base(ids, use_cache=False)
     times: dict[str, list[float]] = {k: [] for k in run}
+    parts: dict[str, list[dict[str, float]]] = {k: [] for k in run}  # per round: seconds per linear module
+    clock_in_timing = device.type == "cpu"
+    clocks = {name: LinearClock(m, device) for name, m, _ in configs} if clock_in_timing else {}
     with torch.inference_mode():
         for f in run.values():  # warm-up
             f()
-        for _ in range(args.reps):
-            for name, f in run.items():
-                times[name].append(timed(f, device))
+        for c in clocks.values():
+            c.take()
+        names = list(run)
+        for i in range(args.reps):
+            # Interleaved, and every other round in reverse order, so that no configuration always
+            # follows the same neighbour (caches, allocator state, a co-tenant's load pattern).
+            for name in names if i % 2 == 0 else names[::-1]:
+                times[name].append(timed(run[name], device, collect=True))
+                if clock_in_timing:
+                    parts[name].append(clocks[name].take())
+        if not clock_in_timing:  # separate forwards: synchronising hooks would distort the timings above
+            for name, m, _ in configs:
+                clock = LinearClock(m, device)
+                for _ in range(args.reps):
+                    run[name]()
+                    parts[name].append(clock.take())
+                clock.remove()
+    for c in clocks.values():
+        c.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
     t_dense = med["dense"]
-    print(f"forward dense: {t_dense * 1e3:.0f} ms per batch of {ids.shape[0]}x{ids.shape[1]} tokens, {total / 1e6:.1f} M params", flush=True)
+    spread = 100 * (max(times["dense"]) - min(times["dense"])) / t_dense
+    print(f"forward dense: {t_dense * 1e3:.0f} ms per batch of {ids.shape[0]}x{ids.shape[1]} tokens (median of {args.reps}, range {spread:.0f}% of it), {total / 1e6:.1f} M params", flush=True)
     head = dense.lm_head.weight
     tied = head.data_ptr() == dense.get_input_embeddings().weight.data_ptr()
-    print(f"forward breakdown: lm_head ({head.shape[0]}x{head.shape[1]}) {100 * (1 - med['no-lm_head'] / t_dense):.0f}% of dense time, {100 * head.numel() / total:.0f}% of unique params{' (tied with the embedding)' if tied else ''}", flush=True)
+    # Shares of the dense forward, each round's parts over that round's total (the parts come from
+    # the timed forwards on a CPU, from separate ones on a GPU).
+    n_rounds = len(parts["dense"])
+    dense_total = times["dense"] if clock_in_timing else [t_dense] * n_rounds
+    head_share = [p["lm_head"] / t for p, t in zip(parts["dense"], dense_total)]
+    dec_share = [sum(v for k, v in p.items() if k != "lm_head") / t for p, t in zip(parts["dense"], dense_total)]
+    dec_params = sum(m.weight.numel() for n, m in dense.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    print(f"forward breakdown: lm_head ({head.shape[0]}x{head.shape[1]}) {100 * statistics.median(head_share):.0f}% of dense time, {100 * head.numel() / total:.0f}% of unique params{' (tied with the embedding)' if tied else ''}", flush=True)
+    print(
+        f"forward breakdown: decoder linears {100 * statistics.median(dec_share):.0f}% of dense time, {100 * dec_params / total:.0f}% of params; "
+        f"the rest (attention, norms, activations, RoPE, embedding) {100 * (1 - statistics.median(head_share) - statistics.median(dec_share)):.0f}% of the time, no params",
+        flush=True,
+    )
+    print(
+        f"forward ceiling: decomposing decoder linears for free gives latency/param <= {statistics.median(dec_share) * total / dec_params:.2f} "
+        "(time share over param share of the decoder linears), times targeted/removed params",
+        flush=True,
+    )
     for name, _, pcut in configs[1:]:
-        lcut = 1 - med[name] / t_dense
-        ratio = lcut / pcut if pcut > 0 else float("nan")
-        print(f"forward {name}: param cut {100 * pcut:.1f}%, latency cut {100 * lcut:.1f}%, latency/param {ratio:.2f} (target >= 0.9) {'PASS' if ratio >= 0.9 else 'FAIL'}", flush=True)
+        tg = targets[name]
+        paired = [(1 - t / td) / pcut for t, td in zip(times[name], times["dense"])]  # same round
+        # Free factors: the dense time of the replaced modules is all the forward can lose.
+        ceiling = [sum(pd[k] for k in tg) / td / pcut for pd, td in zip(parts["dense"], dense_total)]
+        # Measured factor time, everything else assumed equal: the ratio without the noise outside the linears.
+        linear_only = [(sum(pd[k] for k in tg) - sum(pc[k] for k in tg)) / td / pcut for pd, pc, td in zip(parts["dense"], parts[name], dense_total)]
+        ratio = statistics.median(paired)
+        by_min = (1 - min(times[name]) / min(times["dense"])) / pcut
+        print(
+            f"forward {name}: param cut {100 * pcut:.1f}%, latency cut {100 * (1 - med[name] / t_dense):.1f}%, "
+            f"latency/param {_spread(paired)} (median [range] of {args.reps} paired rounds; {by_min:.2f} from min times), "
+            f"linears-only {_spread(linear_only)}, ceiling {_spread(ceiling)} (target >= 0.9) {'PASS' if ratio >= 0.9 else 'FAIL'}",
+            flush=True,
+        )
     for rank in args.ranks:
         for cut in args.cuts:
             layers = layers_for_cut(dense, rank, cut)
