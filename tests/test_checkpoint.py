@@ -528,3 +528,17 @@ def test_lm_eval_runs_hf_tucker_on_a_saved_checkpoint(saved, tmp_path):
     assert dec["loaded_from_checkpoint"] == str(saved[0])
     assert dec["modules"] == saved[2].plan.module_names()
     assert 0.0 <= res["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_weight_sample_reads_the_same_bytes_raw_and_strided():
+    # Host weights are sampled at their data pointer, others through a strided view: one fingerprint.
+    from lm_eval_lowrank import checkpoint as ck
+
+    for w in (torch.randn(300, 200), torch.randn(64, 48).to(torch.bfloat16), torch.randn(40, 70).mT):
+        raw = ck._weight_sample(w)
+        assert isinstance(raw, bytes) and len(raw) == ck.SAMPLE_RUNS * ck.SAMPLE_RUN * w.element_size()
+        flat = (w if w.is_contiguous() else w.mT).reshape(-1)
+        ends = torch.cat([flat[: ck.SAMPLE_RUN], flat[-ck.SAMPLE_RUN :]])
+        assert raw == ends.view(torch.uint8).numpy().tobytes()
+    sliced = torch.randn(50, 80)[:, ::2]  # neither layout in order: the strided path
+    assert isinstance(ck._weight_sample(sliced), torch.Tensor)

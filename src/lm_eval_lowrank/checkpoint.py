@@ -27,6 +27,7 @@ never leave a torn file (the last complete writer wins); a bad entry is recomput
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
 import hashlib
 import json
@@ -577,30 +578,34 @@ def _resolve_local_folder(model_id: str, commit: str | None) -> Path | None:
 SAMPLE_RUNS, SAMPLE_RUN = 2, 32
 
 
-def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+def _weight_sample(weight: torch.Tensor) -> bytes | torch.Tensor:
     """A cheap fingerprint of a loaded weight: SAMPLE_RUNS runs of SAMPLE_RUN values spread over it.
 
     Catches weights that differ from the files without hashing every byte of the model on
     each run. The weights are usually memory-mapped and never read otherwise, so each
     touched page is a page fault: 4k strided values touched thousands (0.5 ms per weight).
-    One strided view per weight (no index tensor) and one hash over all samples by the caller.
+    A weight in host memory whose elements lie in order (row-major, or Conv1D's W^T) is read
+    as raw bytes at its data pointer: ~1 us against ~12 us for a strided view and its copy,
+    over hundreds of weights. Elsewhere (a GPU), one strided view per weight, copied to the
+    host by :func:`_sample_digest`. Both give the same bytes.
     """
     w = weight.detach()
-    flat = (w if w.is_contiguous() or w.dim() != 2 else w.mT).reshape(-1)  # Conv1D's W^T: no full copy
+    flat = w if w.is_contiguous() or w.dim() != 2 else w.mT  # Conv1D's W^T: no full copy
     n = flat.numel()
     run = min(SAMPLE_RUN, n)
     step = (n - run) // (SAMPLE_RUNS - 1)
-    return flat.as_strided((SAMPLE_RUNS, run), (step, 1)).reshape(-1)
+    if flat.device.type == "cpu" and flat.is_contiguous() and not flat.is_meta:
+        size, ptr = flat.element_size(), flat.data_ptr()
+        return b"".join(ctypes.string_at(ptr + i * step * size, run * size) for i in range(SAMPLE_RUNS))
+    return flat.reshape(-1).as_strided((SAMPLE_RUNS, run), (step, 1)).reshape(-1)
 
 
-def _sample_digest(samples: list[tuple[str, list[torch.Tensor]]]) -> str:
-    """sha256 over the target paths and their samples' bytes, copied to the host in one piece."""
+def _sample_digest(samples: list[tuple[str, list[bytes | torch.Tensor]]]) -> str:
+    """sha256 over the target paths and their samples' bytes (samples on a device copied to the host)."""
     h = hashlib.sha256()
     for path, ts in samples:
         h.update(f"{path}\0{len(ts)}\0".encode())
-    raw = [t.view(torch.uint8).cpu() for _, ts in samples for t in ts]
-    if raw:
-        h.update(torch.cat(raw).numpy().tobytes())
+    h.update(b"".join(t if isinstance(t, bytes) else t.view(torch.uint8).cpu().numpy().tobytes() for _, ts in samples for t in ts))
     return h.hexdigest()
 
 
