@@ -69,6 +69,22 @@ def test_whiten_is_optimal_and_beats_plain_svd(aniso, r):
     assert plain > 1.2 * whiten
 
 
+def test_whiten_with_an_inexact_solver_stays_optimal_on_ill_conditioned_inputs():
+    # Input scales over 6 decades: S^-1 would multiply any rounding in the solver's V by ~1e6.
+    # W_hat = U U^T W needs only U, so the Krylov solver (values certified to 1 %, vectors not
+    # exact) must give the optimal output error too, and the same weight as the exact SVD.
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(96, 64, generator=g)
+    X = torch.randn(2000, 64, generator=g) * torch.logspace(2, -4, 64)
+    st = _cov(X)
+    for r in (2, 8):
+        exact = get_method("whiten")(W, r, st, solver="exact").dense()
+        krylov = get_method("whiten")(W, r, st, solver="krylov")
+        assert krylov.info["solver"] == "whiten-krylov"
+        assert _out_err(W, krylov.dense(), X) == pytest.approx(_optimal_err(W, X, r), rel=1e-2)
+        assert float((krylov.dense() - exact).norm()) <= 1e-2 * float(exact.norm())
+
+
 def test_methods_keep_shapes_and_are_deterministic(aniso):
     W, X = aniso
     st = _cov(X)

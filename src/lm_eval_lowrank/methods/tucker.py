@@ -101,8 +101,9 @@ def truncated_svd(
     """Top-``rank`` singular triplets of a 2-D tensor, deterministic for a given seed.
 
     ``tol`` is the Krylov solver's certified bound on the relative error of each singular value
-    (default KRYLOV_TOL). Callers that map the vectors through an ill-conditioned matrix need the
-    vectors, not only the values, closer to exact, and ask for less (whiten)."""
+    (default KRYLOV_TOL). The vectors are those of the best approximation within the subspace
+    found, not exact ones: a caller that maps them through an ill-conditioned matrix should
+    rebuild its factors from U alone (as whiten does)."""
     if W.dim() != 2:
         raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(W.shape)}")
     m, n = W.shape

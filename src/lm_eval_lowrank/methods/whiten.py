@@ -2,8 +2,8 @@
 
 With C_x = S S^T (S the lower Cholesky factor of the input covariance), the output error
 of any W_hat is ||(W - W_hat) X||_F^2 = N ||(W - W_hat) S||_F^2, so truncating the SVD of
-W S and folding S^-1 back in (W_hat = U_r diag(s_r) V_r^T S^-1) is the optimal rank-r
-weight for these inputs; the discarded singular values of W S are exactly the error.
+W S and folding S^-1 back in (W_hat = U_r diag(s_r) V_r^T S^-1 = U_r U_r^T W) is the optimal
+rank-r weight for these inputs; the discarded singular values of W S are exactly the error.
 
 Error correction (``LayerStats.cross_cov`` = P = X^T X_ref / N, X_ref the same linear's
 inputs in the dense model): the target becomes the dense model's outputs,
@@ -66,12 +66,6 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
     )
 
 
-# S^-T maps the right singular vectors back: their errors grow by its condition number. Singular
-# values certified to 1% (the Krylov default) left vectors that doubled SmolLM2's perplexity off the
-# calibration text (rank 1, layer 28: 142 against 69 exact); at 1e-3 it matched exact (68.9).
-WHITEN_KRYLOV_TOL = 1e-3
-
-
 def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = None) -> torch.Tensor:
     """The matrix whose truncated SVD gives Z = W_hat S: W S, or W P^T S^-T with a cross-covariance P."""
     if P is None:
@@ -92,9 +86,19 @@ def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = No
         raise SpecError(f"method='whiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite ({in_f}, {in_f})")
     S, lam, dtype = whitening_factor(C)
     W = weight.to(dtype)
-    svd = truncated_svd(whitened_target(W, S, P), rank, solver=solver, seed=seed, dtype=dtype, tol=WHITEN_KRYLOV_TOL)
-    # right^T = V_r^T S^-1  <=>  S^T right = V_r, with S^T upper triangular.
-    right = torch.linalg.solve_triangular(S.mT, svd.V, upper=True)
+    target = whitened_target(W, S, P)
+    svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype)
+    # Z = U_r U_r^T target is the best rank-r Z for the computed U_r (exact or not), so
+    # W_hat = Z S^-1 = U_r diag(s) right^T with right^T = diag(1/s) U_r^T target S^-1. Without
+    # a cross-covariance, target S^-1 = W: S^-1 is never applied, and rounding in the solver's
+    # vectors is not multiplied by S's condition number (with V_r from the solver it was:
+    # SmolLM2's perplexity moved from 69 to 85 between two roundings of the same vectors).
+    live = svd.S > svd.S[0] * max(target.shape) * torch.finfo(svd.S.dtype).eps  # below: round-off, a null direction
+    inv_s = torch.where(live, 1.0 / svd.S.clamp_min(torch.finfo(svd.S.dtype).tiny), torch.zeros_like(svd.S))
+    if P is None:
+        right = (W.mT @ svd.U) * inv_s
+    else:  # right^T = V^T S^-1 with V = target^T U_r / s, consistent with U_r; S^T upper triangular
+        right = torch.linalg.solve_triangular(S.mT, (target.mT @ svd.U) * inv_s, upper=True)
     if not torch.isfinite(right).all():  # pragma: no cover - excluded by the pivot check
         raise WhiteningError("calib: whitening produced non-finite factors; use method=rom")
     out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
