@@ -308,6 +308,7 @@ def test_cache_miss_then_hit_with_identical_logits(tiny_dir):
     assert r2.cache["hit"] and r2.cache["key"] == r1.cache["key"]
     assert torch.equal(logits(m1), logits(m2))
     assert r2.to_dict()["modules"] == r1.to_dict()["modules"] and r2.params_after == r1.params_after
+    assert r1.sv_error_bound_modules > 0 and (r2.sv_error_bound, r2.sv_error_bound_modules) == (r1.sv_error_bound, r1.sv_error_bound_modules)
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
 
 

@@ -65,6 +65,16 @@ def test_layers_are_one_based(tiny_llama):
     assert isinstance(tiny_llama.model.layers[1].self_attn.q_proj, nn.Linear)
 
 
+def test_report_carries_the_certified_singular_value_error(tiny_llama):
+    # Krylov certifies each module's top-r values; the JSON holds the worst bound and how many modules have one.
+    report = decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 1, "layers": "1|2", "solver": "krylov"}), progress=False)
+    d = report.to_dict()
+    assert d["solvers"] == {"krylov": 14} and d["sv_error_bound_modules"] == 14
+    assert 0 <= d["sv_error_bound"] <= 0.01
+    exact = decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 1, "layers": "3", "solver": "exact"}), progress=False).to_dict()
+    assert exact["sv_error_bound"] is None and exact["sv_error_bound_modules"] == 0
+
+
 def test_replacement_is_in_place_and_drops_the_dense_weight(tiny_llama):
     old = tiny_llama.model.layers[2].mlp.up_proj
     import weakref

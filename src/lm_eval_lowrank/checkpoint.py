@@ -753,6 +753,7 @@ class DecompositionCache:
         stored = json.loads(meta.get("report", "{}"))
         report = DecompositionReport(spec, plan, params_before, params_before - removed + added, time.perf_counter() - start, stored.get("solvers") or {})
         report.calibration = stored.get("calibration")
+        report.sv_error_bound, report.sv_error_bound_modules = stored.get("sv_error_bound"), int(stored.get("sv_error_bound_modules") or 0)
         report.cache = self.info(key, True, original_decomposition_seconds=stored.get("decomposition_seconds"))
         self._pending.pop(id(model), None)
         return report

@@ -46,6 +46,10 @@ class DecompositionReport:
     params_after: int
     seconds: float
     solvers: dict[str, int] = field(default_factory=dict)
+    # The largest certified relative error of a top-r singular value over the modules whose solver
+    # certifies one (Krylov), and how many those were; None/0 when no solver did.
+    sv_error_bound: float | None = None
+    sv_error_bound_modules: int = 0
     calibration: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None  # budget allocators: realised budget, rounding
@@ -77,6 +81,8 @@ class DecompositionReport:
             "targeted_params_before": self.plan.targeted_dense_params,
             "decomposition_seconds": self.seconds,
             "solvers": self.solvers,
+            "sv_error_bound": self.sv_error_bound,
+            "sv_error_bound_modules": self.sv_error_bound_modules,
             "allocation": self.allocation,
             "calibration": self.calibration,
             "cache": self.cache,
@@ -173,6 +179,7 @@ def decompose_model(
         raise SpecError(f"method={spec.method!r} needs calibration data (calib=...), but no calibration source was given")
     start = time.perf_counter()
     solvers: dict[str, int] = {}
+    bounds: list[float] = []
     by_layer: dict[int, list[Target]] = {}
     for t in plan.targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -181,13 +188,14 @@ def decompose_model(
     staged = stats_provider is not None and spec.calib_staged and needs_calibration(spec.method)
     for layer in sorted(by_layer):
         for targets in calibration_stages(by_layer[layer], adapter) if staged else [by_layer[layer]]:
-            _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, pages, on_module, bar)
+            _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar)
         # No gc.collect()/empty_cache() here: the dense weight's last reference is dropped above,
         # so its memory returns to the (caching) allocator at once; a full GC per layer costs
         # ~0.1 s on a 7B model for nothing.
     bar.close()
     seconds = time.perf_counter() - start
     report = DecompositionReport(spec, plan, params_before, count_parameters(model), seconds, solvers)
+    report.sv_error_bound, report.sv_error_bound_modules = (max(bounds) if bounds else None), len(bounds)
     if stats_provider is not None and hasattr(stats_provider, "describe"):
         report.calibration = stats_provider.describe()
     return report
@@ -210,6 +218,7 @@ def _decompose_stage(
     layer: int,
     stats_provider: StatsProvider | None,
     solvers: dict[str, int],
+    bounds: list[float],
     pages: _PageReleaser,
     on_module: Callable[[Target, LowRankLinear], None] | None,
     bar: _progress,
@@ -239,6 +248,8 @@ def _decompose_stage(
             pages.release(old.weight, {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"})
         solver = factors.info.get("solver", spec.method)
         solvers[solver] = solvers.get(solver, 0) + 1
+        if "sv_error_bound" in factors.info:
+            bounds.append(float(factors.info["sv_error_bound"]))
         del old, W, b, factors
         if on_module is not None:
             on_module(t, new)

@@ -111,5 +111,6 @@ def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = No
             "whiten_lambda": lam,
             "whiten_dtype": str(dtype).removeprefix("torch."),
             "whiten_target": "compressed" if P is None else "dense",
+            **({"sv_error_bound": svd.error_bound} if svd.error_bound is not None else {}),
         },
     )
