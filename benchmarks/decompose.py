@@ -4,6 +4,7 @@ Every figure is a ratio of two timings taken in this one run, repetitions interl
 the median kept, so a shared, noisy machine slows both sides alike.
 
   python benchmarks/decompose.py                       # SmolLM2: 7 tensors x 30 layers, ranks 1 8 64 128
+  python benchmarks/decompose.py --floor               # + the passes alone at hindsight Krylov dimensions
   python benchmarks/decompose.py --switch              # + krylov-vs-gram (CPU) / randomized-vs-exact (GPU) sweep
   python benchmarks/decompose.py --switch --large      # + 4096x4096 and 4096x11008 random matrices
   python benchmarks/decompose.py --device cuda --synthetic llama-2-7b --workdir /tmp/l2
@@ -86,6 +87,51 @@ def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
         target = 20.0 if r <= 8 else 6.0 if r == 64 else None
         used = ",".join(f"{k}:{v}" for k, v in sorted(solvers[r].items()))
         print(f"decompose smollm2 rank={r}: ours {med:.2f} s, full SVD {full_med:.2f} s, speedup {full_med / med:.1f}x{verdict(full_med / med, target)} [solvers {used}]", flush=True)
+
+
+def _hindsight_dims(A: torch.Tensor, rank: int, block: int, exact: torch.Tensor, tol: float = 1e-2, seed: int = 0) -> int:
+    """The fewest block-Krylov dimensions at which the top-``rank`` Ritz values are within ``tol`` of
+    ``exact``: a stop that only knowing the answer allows (no solver can do better this way)."""
+    m, n = A.shape
+    if m < n:
+        A, (m, n) = A.mT, (n, m)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, block, generator=gen, dtype=A.dtype).to(A.device))[0].mT
+    while True:
+        Y = (basis[-block:] @ A.mT) @ A
+        for _ in range(2):
+            Y -= (Y @ basis.mT) @ basis
+        theta = torch.linalg.eigvalsh((basis @ A.mT) @ (A @ basis.mT)).flip(0)[:rank].clamp_min(0).sqrt()
+        if (len(theta) == rank and float(((exact - theta).abs() / exact).max()) < tol) or basis.shape[0] + block > n:
+            return basis.shape[0]
+        basis = torch.cat([basis, torch.linalg.qr(Y.mT)[0].mT])
+
+
+def bench_floor(args: argparse.Namespace, device: torch.device) -> None:
+    """What no Krylov stopping rule can beat: the two passes over A per block alone, at the hindsight dimensions."""
+    from lm_eval_lowrank.assets import smollm2_path
+
+    mats = load_smollm2(Path(args.model or smollm2_path()), device, args.layers)
+    full = timed(lambda: full_svd_pass(mats), device)
+    exact = [torch.linalg.svdvals(W) for _, W in mats]
+    for r in [r for r in args.ranks if r <= 16]:
+        b = tk.krylov_block_size(r)
+        dims = [_hindsight_dims(W, r, b, s[:r]) for (_, W), s in zip(mats, exact)]
+        tall = [(W if W.shape[0] >= W.shape[1] else W.mT, torch.randn(b, min(W.shape), device=device)) for _, W in mats]
+
+        def passes() -> None:
+            for (A, V), d in zip(tall, dims):
+                for _ in range(d // b):
+                    (V @ A.mT) @ A
+
+        t = timed(passes, device)
+        print(f"floor smollm2 rank={r}: passes alone at the hindsight Krylov dimension (mean {sum(dims) / len(dims):.0f}) {t:.2f} s, full SVD {full:.2f} s, at most {full / t:.1f}x", flush=True)
+    for r in [r for r in args.ranks if r > 16]:  # where auto takes the Gram solver: its syrk and partial eigensolve
+        tall = [W if W.shape[0] >= W.shape[1] else W.mT for _, W in mats]
+        grams = [tk._gram(A) for A in tall]
+        t_syrk = timed(lambda: [tk._gram(A) for A in tall], device)
+        t_eig = timed(lambda: [tk._top_eigh(G.clone(), min(r, G.shape[0]), upper) for G, upper in grams], device)
+        print(f"floor smollm2 rank={r}: Gram solver's syrk {t_syrk:.2f} s + top-r eigensolve {t_eig:.2f} s alone, full SVD {full:.2f} s, at most {full / (t_syrk + t_eig):.1f}x", flush=True)
 
 
 def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.device, label: str, solver: str, baseline: str) -> float | None:
@@ -227,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solver", choices=["krylov", "randomized", "gram"], default=None, help="--switch: the small-rank solver to sweep (default: auto's choice for --device)")
     p.add_argument("--baseline", choices=["exact", "gram"], default=None, help="--switch: what it is timed against (default: gram on a CPU, exact on a GPU)")
     p.add_argument("--large", action="store_true", help="the switch sweep also on 4096x4096 and 4096x11008")
+    p.add_argument("--floor", action="store_true", help="also time what the solvers cannot beat: Krylov passes at the dimensions known in hindsight (ranks <= 16), the Gram solver's syrk + eigensolve (larger ranks)")
     p.add_argument("--synthetic", default=None, help="llama-2-7b: random bf16 weights of that shape on --device")
     p.add_argument("--workdir", default=None, help="where --synthetic writes its safetensors files")
     p.add_argument("--full-svd-layers", type=int, default=1, help="--synthetic: layers whose full SVD is timed (0: none)")
@@ -242,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     args.ranks = args.ranks or [1, 8, 64, 128]
     if not args.switch_only:
         bench_smollm2(args, device)
+    if args.floor:
+        bench_floor(args, device)
     if args.switch or args.switch_only:
         bench_switch(args, device)
 

@@ -326,6 +326,16 @@ def test_cache_key_follows_the_configuration_and_weights(tiny_dir):
         model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
     r = compress_model(model, SPEC, model_id=str(tiny_dir), progress=False)
     assert not r.cache["hit"] and r.cache["key"] != base.cache["key"]
+    # a new version of the algorithms computes other factors: an old entry is not reused
+    from lm_eval_lowrank import checkpoint as ck
+
+    before = ck.ALGORITHM_VERSION
+    ck.ALGORITHM_VERSION = before + 1
+    try:
+        _, newer = compress(tiny_dir)
+    finally:
+        ck.ALGORITHM_VERSION = before
+    assert not newer.cache["hit"] and newer.cache["key"] != base.cache["key"]
 
 
 def test_cache_off_with_cache_false(tiny_dir):

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .methods import ALGORITHM_VERSION
 from .modules import FACTOR_NAMES, LowRankLinear
 
 FORMAT = "lm-eval-lowrank/compressed"
@@ -686,6 +687,7 @@ class DecompositionCache:
         spec_d = spec.to_dict()
         payload = {
             "cache_format": CACHE_FORMAT_VERSION,
+            "algorithms": ALGORITHM_VERSION,
             "package_version": __version__,
             "torch": torch.__version__.split("+")[0],
             "source": self.source,

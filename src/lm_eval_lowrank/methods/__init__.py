@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+# Bumped whenever a method or solver computes different factors for the same input, so that the
+# decomposition cache never hands back what a fresh run would no longer compute.
+# 2: Krylov stops on a residual certificate; whiten builds its factors from U alone.
+ALGORITHM_VERSION = 2
+
 
 @dataclass
 class Factors:
