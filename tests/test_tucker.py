@@ -245,3 +245,13 @@ def test_scipy_blas_threads_follow_torch():
             assert blas and all(i["num_threads"] == 1 for i in blas)
     finally:
         torch.set_num_threads(before)
+
+
+def test_krylov_check_schedule():
+    from lm_eval_lowrank.methods import tucker as tk
+
+    # Residual bound halving every 8 dimensions: from 0.04 at d=32 to 0.01 takes 16 more (two blocks of 8).
+    assert tk._next_check(32, 0.04, (24, 0.08), 0.01, 8, step_cost=0.0) == 48
+    assert tk._next_check(32, 0.04, None, 0.01, 8, step_cost=0.0) == 40  # no rate yet: the next block
+    assert tk._next_check(32, 0.09, (24, 0.08), 0.01, 8, step_cost=0.0) == 40  # not decreasing: the next block
+    assert tk._next_check(32, 0.04, (24, 0.08), 0.01, 8, step_cost=1e12) == 40  # checks cheap next to a block
