@@ -71,6 +71,8 @@ def test_report_carries_the_certified_singular_value_error(tiny_llama):
     d = report.to_dict()
     assert d["solvers"] == {"krylov": 14} and d["sv_error_bound_modules"] == 14
     assert 0 <= d["sv_error_bound"] <= 0.01
+    tight = decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 1, "layers": "4", "solver": "krylov", "solver_tol": 1e-4}), progress=False)
+    assert tight.sv_error_bound_modules == 7 and tight.sv_error_bound <= 1e-4
     exact = decompose_model(tiny_llama, DecompositionSpec.from_args({"rank": 1, "layers": "3", "solver": "exact"}), progress=False).to_dict()
     assert exact["sv_error_bound"] is None and exact["sv_error_bound_modules"] == 0
 

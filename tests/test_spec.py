@@ -151,3 +151,13 @@ def test_spec_to_dict_round_trips_the_syntax():
     assert d["rank"] == "8|q:4" and d["layers"] == "3|4|5" and d["tensors"] == "q|k"
     again = DecompositionSpec.from_args({k: d[k] for k in ("rank", "layers", "tensors")})
     assert again == spec
+
+
+def test_solver_tol_is_checked_and_defaults_to_the_krylov_bound():
+    from lm_eval_lowrank.methods.tucker import KRYLOV_TOL
+
+    assert DecompositionSpec().solver_tol == KRYLOV_TOL
+    assert DecompositionSpec.from_args({"rank": 4, "solver_tol": "0.001"}).solver_tol == 0.001
+    for bad in ("0", "1", "-0.1", "tight", True):
+        with pytest.raises(SpecError, match=r"^solver_tol=.* is invalid: expected .* 0 < solver_tol < 1"):
+            DecompositionSpec.from_args({"rank": 4, "solver_tol": bad})

@@ -585,7 +585,7 @@ def measure_sensitivity(
                         mpath, mod = f"{p}.base_layer", mod.base_layer
                     W, b = dense_weight_of(mod)
                     top = max(r[p] for r in group.values() if p in r)
-                    f = method(W.detach().float(), top, stats.get(p), solver=spec.solver, seed=_module_seed(spec.seed, p))
+                    f = method(W.detach().float(), top, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p))
                     factors[p] = (mpath, f, None if b is None else b.detach(), W)
                 done: dict[tuple, float] = {}
                 for rho, ranks in sorted(group.items()):
@@ -596,7 +596,7 @@ def measure_sensitivity(
                             for p, r in ranks.items():
                                 mpath, f, b, W = factors[p]
                                 diag = torch.count_nonzero(f.core - torch.diag(torch.diagonal(f.core))) == 0
-                                fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, seed=_module_seed(spec.seed, p))
+                                fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p))
                                 new = LowRankLinear.from_factors(fr, b, layout=layout, dtype=W.dtype, device=W.device)
                                 swapped.append((mpath, _set_submodule(model, mpath, new)))
                             done[sig] = _tail_loss(layers, index0, ev, head)

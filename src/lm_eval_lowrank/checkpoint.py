@@ -54,7 +54,7 @@ MANIFEST_NAME = "lowrank_manifest.json"
 WEIGHTS_NAME = "lowrank_model.safetensors"
 CACHE_FORMAT_VERSION = 1
 # Spec fields that change the factors (the ranks and targets are keyed through the plan).
-_FACTOR_FIELDS = ("method", "solver", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged", "budget", "allocator", "rank_multiple")
+_FACTOR_FIELDS = ("method", "solver", "solver_tol", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged", "budget", "allocator", "rank_multiple")
 
 
 class CheckpointError(ValueError):

@@ -239,6 +239,7 @@ def _decompose_stage(
                 t.rank,
                 stats.get(t.path),
                 solver=spec.solver,
+                solver_tol=spec.solver_tol,
                 seed=_module_seed(spec.seed, t.path),
             )
             new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)

@@ -39,6 +39,7 @@ SPEC_KEYS = (
     "rank_multiple",
     "layout",
     "solver",
+    "solver_tol",
     "seed",
     "calib",
     "calib_n",
@@ -235,6 +236,9 @@ class DecompositionSpec:
     rank_multiple: int = 1
     layout: str = "auto"
     solver: str = "auto"
+    # The Krylov solver stops once each kept singular value is certified within this relative
+    # error (methods.tucker.KRYLOV_TOL); the JSON reports the worst bound reached.
+    solver_tol: float = 0.01
     seed: int = 0
     calib: str | None = None
     calib_n: int = 128
@@ -274,6 +278,15 @@ class DecompositionSpec:
             if not 0.0 < b < 1.0:
                 raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1")
             kw["budget"] = b
+        if args.get("solver_tol") is not None:
+            valid = "expected the certified relative error of each kept singular value (Krylov solver), 0 < solver_tol < 1"
+            try:
+                tol = float(args["solver_tol"])
+            except (TypeError, ValueError):
+                raise _fail("solver_tol", args["solver_tol"], valid) from None
+            if isinstance(args["solver_tol"], bool) or not 0.0 < tol < 1.0:
+                raise _fail("solver_tol", args["solver_tol"], valid)
+            kw["solver_tol"] = tol
         for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS)):
             if args.get(key) is not None:
                 v = str(args[key]).strip().lower()

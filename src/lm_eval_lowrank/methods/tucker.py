@@ -450,9 +450,9 @@ def _next_block(Y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny
     return Q.mT
 
 
-def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32) -> Factors:
+def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, dtype: torch.dtype = torch.float32, tol: float | None = None) -> Factors:
     """Tucker-2 of a weight (out x in): U1 (out x r), core (r x r) = diag(s), U2 (in x r)."""
-    res = truncated_svd(W, rank, solver=solver, seed=seed, dtype=dtype)
+    res = truncated_svd(W, rank, solver=solver, seed=seed, dtype=dtype, tol=tol)
     info: dict[str, object] = {"solver": res.solver}
     if res.error_bound is not None:
         info["sv_error_bound"] = res.error_bound
@@ -460,9 +460,11 @@ def tucker2(W: torch.Tensor, rank: int, solver: str = "auto", seed: int = 0, dty
 
 
 @register_method("tucker")
-def tucker_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, **_: object) -> Factors:
+def tucker_method(
+    weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
+) -> Factors:
     """The data-free method: Tucker-2 of the weight itself (statistics are ignored)."""
-    return tucker2(weight, rank, solver=solver, seed=seed)
+    return tucker2(weight, rank, solver=solver, seed=seed, tol=solver_tol)
 
 
 # -- N-D Tucker by HOOI ---------------------------------------------------------

@@ -75,7 +75,9 @@ def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = N
 
 
 @register_method("whiten", needs_calibration=True, uses_reference=True)
-def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, **_: object) -> Factors:
+def whiten_method(
+    weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
+) -> Factors:
     """Truncated SVD of W S (or W P^T S^-T against the dense model), S^-1 folded into the right factor."""
     C = _check_stats("whiten", weight, stats)
     out_f, in_f = weight.shape
@@ -87,7 +89,7 @@ def whiten_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = No
     S, lam, dtype = whitening_factor(C)
     W = weight.to(dtype)
     target = whitened_target(W, S, P)
-    svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype)
+    svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype, tol=solver_tol)
     # Z = U_r U_r^T target is the best rank-r Z for the computed U_r (exact or not), so
     # W_hat = Z S^-1 = U_r diag(s) right^T with right^T = diag(1/s) U_r^T target S^-1. Without
     # a cross-covariance, target S^-1 = W: S^-1 is never applied, and rounding in the solver's
