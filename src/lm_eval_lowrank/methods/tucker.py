@@ -422,9 +422,9 @@ def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return U, S, V
 
 
-def _orthonormal_complement(Q: torch.Tensor, k: int) -> torch.Tensor:
+def _orthonormal_complement(Q: torch.Tensor, k: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """k orthonormal columns orthogonal to the orthonormal columns of Q (seeded, so deterministic)."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = gen if gen is not None else torch.Generator(device="cpu").manual_seed(0)
     X = torch.randn(Q.shape[0], k, generator=gen, dtype=Q.dtype).to(Q.device)
     for _ in range(2):
         X = X - Q @ (Q.mT @ X)
@@ -442,11 +442,7 @@ def _next_block(Y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny
     if float(R.diagonal().abs().min()) > tiny:  # the common case, in one host read
         return Q.mT
     dead = R.diagonal().abs() <= tiny
-    if bool(dead.any()):
-        Q[:, dead] = torch.randn(Q.shape[0], int(dead.sum()), generator=gen, dtype=Q.dtype).to(Q.device)
-        for _ in range(2):
-            Q -= basis.mT @ (basis @ Q)
-        Q = torch.linalg.qr(Q)[0]
+    Q[:, dead] = _orthonormal_complement(torch.cat([basis.mT, Q[:, ~dead]], dim=1), int(dead.sum()), gen)
     return Q.mT
 
 
