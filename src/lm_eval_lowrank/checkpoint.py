@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from . import __version__
 from .methods import ALGORITHM_VERSION
-from .modules import FACTOR_NAMES, LowRankLinear
+from .modules import FACTOR_NAMES, LowRankLinear, factor_shapes
 
 FORMAT = "lm-eval-lowrank/compressed"
 FORMAT_VERSION = 1
@@ -218,13 +218,8 @@ def _module_entry(mod: LowRankLinear) -> dict[str, Any]:
 
 
 def _expected_factor_shapes(path: str, info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    r, i, o = int(info["rank"]), int(info["in_features"]), int(info["out_features"])
-    shapes = {f"{path}.first": (r, i), f"{path}.last": (o, r)}
-    if info.get("layout") == "tucker":
-        shapes[f"{path}.core"] = (r, r)
-    if info.get("bias"):
-        shapes[f"{path}.bias"] = (o,)
-    return shapes
+    shapes = factor_shapes(int(info["in_features"]), int(info["out_features"]), int(info["rank"]), str(info.get("layout")), bool(info.get("bias")))
+    return {f"{path}.{k}": v for k, v in shapes.items()}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,16 @@ LAYOUTS = ("folded", "tucker")
 FACTOR_NAMES = ("first", "core", "last", "bias")
 
 
+def factor_shapes(in_features: int, out_features: int, rank: int, layout: str = "folded", bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of each factor a LowRankLinear of this size holds (the one rule, for checks of stored factors)."""
+    shapes: dict[str, tuple[int, ...]] = {"first": (rank, in_features), "last": (out_features, rank)}
+    if layout == "tucker":
+        shapes["core"] = (rank, rank)
+    if bias:
+        shapes["bias"] = (out_features,)
+    return shapes
+
+
 class LowRankLinear(nn.Module):
     """y = U1 (core (U2^T x)) + b, or the folded two-GEMM form of it."""
 
@@ -76,11 +86,9 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
         first = tensors.get("first")
         rank = first.shape[0] if first is not None and first.dim() == 2 else 0
-        expected = {"first": (rank, in_features), "last": (out_features, rank)}
-        if layout == "tucker":
-            expected["core"] = (rank, rank)
+        expected = factor_shapes(in_features, out_features, rank, layout, bias="bias" in tensors)
         for k, t in tensors.items():
-            shape = expected.get(k, (out_features,) if k == "bias" else None)
+            shape = expected.get(k)
             if shape is None or tuple(t.shape) != shape:
                 raise ValueError(f"LowRankLinear.{k}: shape {tuple(t.shape)} does not fit a {layout} rank-{rank} {out_features}x{in_features} module")
         missing = [k for k in expected if k not in tensors]
