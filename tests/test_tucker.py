@@ -232,17 +232,25 @@ def test_krylov_stops_on_a_certified_singular_value_error(tol):
             assert float(((S.double() - exact).abs() / exact).max()) <= bound <= tol
 
 
-def test_scipy_blas_threads_follow_torch():
+def test_scipy_blas_threads_by_problem_size():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     pytest.importorskip("scipy.linalg")
     from lm_eval_lowrank.methods import tucker as tk
 
+    def openblas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas" and i["internal_api"] == "openblas"]
+
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
-        with tk._scipy_threads_like_torch():
-            blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas" and i["internal_api"] == "openblas"]
-            assert blas and all(i["num_threads"] == 1 for i in blas)
+        # Small Gram problems: one thread beside torch's pool; large ones: torch's count, never the machine's.
+        with tk._scipy_threads(tk.SCIPY_THREADS_MIN_ORDER - 1):
+            assert openblas_threads() and all(t == 1 for t in openblas_threads())
+        with tk._scipy_threads(tk.SCIPY_THREADS_MIN_ORDER):
+            assert all(t == 2 for t in openblas_threads())
+        torch.set_num_threads(1)
+        with tk._scipy_threads(4096):
+            assert all(t == 1 for t in openblas_threads())
     finally:
         torch.set_num_threads(before)
 

@@ -345,16 +345,29 @@ def _blas_controller():
     return ThreadpoolController()
 
 
+# scipy's OpenBLAS and torch's OpenMP each keep a pool of threads that spin for a while after a
+# call. The Gram solver alternates between the two, so with both multi-threaded each pool spins on the
+# cores the other needs. Measured on 2 cores, torch at 2 threads, syrk + top-n/8 syevr + one torch GEMM
+# per matrix: OpenBLAS at 2 threads against 1 took 29 against 23 ms at n = 576 (a whole rank-64 pass
+# over SmolLM2: 5.9 against 4.0 s), and 79 against 101 ms at n = 1024, 417 against 622 ms at n = 2048.
+# Below this order one thread wins: the calls are too short to repay the contention.
+SCIPY_THREADS_MIN_ORDER = 1024
+
+
+def scipy_blas_threads(n: int) -> int:
+    """Threads for scipy's BLAS/LAPACK on an order-``n`` Gram problem (see SCIPY_THREADS_MIN_ORDER)."""
+    return torch.get_num_threads() if n >= SCIPY_THREADS_MIN_ORDER else 1
+
+
 @contextlib.contextmanager
-def _scipy_threads_like_torch() -> Iterator[None]:
-    """scipy's OpenBLAS keeps its own thread pool, sized to the machine: hold it at torch's thread
-    count so that torch.set_num_threads governs the Gram solver too (unlimited, it had run on two
-    threads beside a one-thread torch, and oversubscribed the cores when other work ran)."""
+def _scipy_threads(n: int) -> Iterator[None]:
+    """Hold scipy's OpenBLAS at ``scipy_blas_threads(n)``: left alone, it sizes its pool to the machine,
+    whatever torch.set_num_threads says."""
     controller = _blas_controller()
     if controller is None:
         yield
         return
-    with controller.limit(limits=torch.get_num_threads(), user_api="blas"):
+    with controller.limit(limits=scipy_blas_threads(n), user_api="blas"):
         yield
 
 
@@ -366,7 +379,7 @@ def _gram(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return A.mT @ A, False
     syrk = sla.blas.ssyrk if A.dtype == torch.float32 else sla.blas.dsyrk
     # A (m x n, C order) is A^T in Fortran order: trans=0 gives (A^T)(A^T)^T = A^T A, no copy.
-    with _scipy_threads_like_torch():
+    with _scipy_threads(A.shape[1]):
         return torch.from_numpy(syrk(1.0, A.contiguous().numpy().T, trans=0)), True
 
 
@@ -381,7 +394,7 @@ def _top_eigh(G: torch.Tensor, rank: int, upper_only: bool = False) -> tuple[tor
     n = G.shape[0]
     sla = _scipy_linalg() if G.device.type == "cpu" else None
     if sla is not None:
-        with _scipy_threads_like_torch():
+        with _scipy_threads(n):
             e, V = sla.eigh(G.numpy(), lower=not upper_only, subset_by_index=(n - rank, n - 1), driver="evr", overwrite_a=True, check_finite=False)
         return torch.from_numpy(e[::-1].copy()).to(G.dtype), torch.from_numpy(V[:, ::-1].copy()).to(G.dtype)
     if upper_only:
