@@ -56,6 +56,49 @@ def test_rom_exact_on_the_span_of_the_inputs():
     assert _out_err(W, f.dense(), X) < 1e-3 * float((W @ X.mT).norm())
 
 
+def test_rom_uses_the_truncated_solvers_and_matches_the_exact_eigenvectors(aniso):
+    # On a factorisable covariance rom solves W S with tucker's solvers, not a full fp64 eigh:
+    # the same principal subspace as the exact path, and Krylov's certificate passes through.
+    from lm_eval_lowrank.methods.rom import output_principal_basis
+
+    W, X = aniso
+    st = _cov(X)
+    for r, solver in ((2, "krylov"), (6, "gram"), (6, "exact")):
+        f = get_method("rom")(W, r, st, solver=solver, solver_tol=1e-3)
+        assert f.info["solver"] == f"rom-{solver}" and f.info["rom_lambda"] == 0.0
+        V_exact, _ = output_principal_basis(W, st.input_cov, r)
+        # Same subspace: the projector onto it agrees, hence the same W_hat = V V^T W.
+        P, P_exact = f.left.double() @ f.left.double().mT, V_exact @ V_exact.mT
+        assert float((P - P_exact).norm()) < 1e-3
+        if solver == "krylov":
+            assert f.info["sv_error_bound"] <= 1e-3
+
+
+def test_output_spectrum_equals_the_exact_eigenvalues():
+    from lm_eval_lowrank.methods.rom import output_principal_basis, output_spectrum
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 16, generator=g) * torch.logspace(1, -2, 16)
+    C = (X.mT @ X / 300).double()
+    singular = (X[:, :5] @ torch.randn(5, 16, generator=g)).double()
+    for W in (torch.randn(10, 16, generator=g), torch.randn(40, 16, generator=g)):  # out <= in, out > in
+        for cov in (C, singular.mT @ singular / 300):  # Cholesky, and the PSD square root it falls back to
+            _, exact = output_principal_basis(W, cov, 1)
+            values = output_spectrum(W, cov)
+            k = min(W.shape)
+            assert torch.allclose(values[:k], exact[:k], rtol=1e-8, atol=1e-10 * float(exact[0]))
+
+
+def test_rom_falls_back_to_the_exact_path_when_the_covariance_cannot_be_factorised():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(20, 12, generator=g)
+    M = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    indefinite = M + M.mT  # not a covariance: no Cholesky, even regularised a little
+    f = get_method("rom")(W, 3, LayerStats(indefinite, 10))
+    assert f.info["solver"] == "rom-eig"
+    assert torch.allclose(f.left.mT @ f.left, torch.eye(3), atol=1e-5)
+
+
 @pytest.mark.parametrize("r", [1, 4, 12])
 def test_whiten_is_optimal_and_beats_plain_svd(aniso, r):
     W, X = aniso
@@ -229,6 +272,24 @@ def test_shared_inputs_share_one_covariance(tiny_llama):
     assert st[p + "mlp.down_proj"].input_cov.shape == (160, 160)
     assert not torch.allclose(st[p + "self_attn.o_proj"].input_cov, st[p + "self_attn.q_proj"].input_cov)
     assert st[p + "q_proj".join(["self_attn.", ""])].tokens == 6 * 16
+
+
+def test_siblings_share_one_factorisation_also_after_a_stats_cache_hit(tiny_llama, tmp_path):
+    from lm_eval_lowrank.methods.covariance import factor_of
+    from lm_eval_lowrank.plan import make_plan
+
+    plan = make_plan(DecompositionSpec.from_args({"rank": 2, "layers": "2"}), tiny_llama.config)
+    p = "model.layers.1."
+    for attempt in ("computed", "cached"):
+        prov = _provider(tiny_llama, cache_dir=tmp_path, spec=DecompositionSpec.from_args({"method": "whiten", "rank": 2, "layers": "2"}))
+        st = prov.layer_stats(tiny_llama, 2, plan.targets)
+        assert (prov.hits, prov.misses) == ((0, 1) if attempt == "computed" else (1, 0))
+        q, k = st[p + "self_attn.q_proj"], st[p + "self_attn.k_proj"]
+        assert q is k  # one statistics object for modules that see the same inputs
+        S = factor_of(q)[0]
+        assert factor_of(k)[0] is S  # the Cholesky is computed once for q, k, v
+        q.input_cov.mul_(2.0)  # modified in place: the memo is not used
+        assert torch.allclose(factor_of(q)[0], S * 2**0.5, rtol=1e-4, atol=1e-5)
 
 
 def test_stats_cache_reuse_and_key(tiny_llama, tmp_path):

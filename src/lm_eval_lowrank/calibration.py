@@ -591,7 +591,7 @@ class SequentialStatsProvider:
                 if all(p in blob["index"] for p in paths) and (not reference or blob.get("cross")):
                     self.hits += 1
                     self.seconds += time.perf_counter() - start
-                    return self._blend({p: self._from_blob(blob, p, reference) for p in paths})
+                    return self._blend(self._from_blob(blob, paths, reference))
             except Exception:  # a truncated or foreign file: recompute
                 pass
         self.misses += 1
@@ -701,10 +701,17 @@ class SequentialStatsProvider:
         return out, tokens
 
     @staticmethod
-    def _from_blob(blob: dict[str, Any], path: str, reference: bool) -> LayerStats:
-        i = blob["index"][path]
-        cross = blob["cross"][i].to(torch.float64) if reference else None
-        return LayerStats(blob["covs"][i].to(torch.float64), int(blob["tokens"]), cross)
+    def _from_blob(blob: dict[str, Any], paths: list[str], reference: bool) -> dict[str, LayerStats]:
+        """The stored statistics of ``paths``; modules that shared inputs (q, k, v) share one object again."""
+        by_index: dict[int, LayerStats] = {}
+        out = {}
+        for p in paths:
+            i = blob["index"][p]
+            if i not in by_index:
+                cross = blob["cross"][i].to(torch.float64) if reference else None
+                by_index[i] = LayerStats(blob["covs"][i].to(torch.float64), int(blob["tokens"]), cross)
+            out[p] = by_index[i]
+        return out
 
     def _store(self, cache: Path, stats: dict[str, LayerStats], tokens: int) -> None:
         covs: list[torch.Tensor] = []

@@ -16,7 +16,8 @@ import torch
 # Bumped whenever a method or solver computes different factors for the same input, so that the
 # decomposition cache never hands back what a fresh run would no longer compute.
 # 2: Krylov stops on a residual certificate; whiten builds its factors from U alone.
-ALGORITHM_VERSION = 2
+# 3: rom takes its principal directions from the truncated solvers on W S (S a Cholesky factor).
+ALGORITHM_VERSION = 3
 
 
 @dataclass
@@ -46,6 +47,9 @@ class LayerStats:
     input_cov: torch.Tensor
     tokens: int
     cross_cov: torch.Tensor | None = None
+    # Factorisations of input_cov, kept with the statistics: q, k and v (gate and up) share one
+    # LayerStats, so its Cholesky is computed once for them (see methods.covariance.factor_of).
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 # name -> fn(weight, rank, stats, **options) -> Factors

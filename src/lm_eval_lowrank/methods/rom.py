@@ -6,9 +6,15 @@ Keeping its top-r eigenvectors V_r (out x r) gives W ~= V_r (V_r^T W): the proje
 of the outputs onto their principal subspace, which minimises ||(W - W_hat) X||_F among
 all rank-r weights. Factors: left = V_r, core = I, right = W^T V_r.
 
-Numerics in fp64 (the matrices are at most a few thousand wide). A singular C_x is fine
-here: nothing is inverted. ``LayerStats.cross_cov`` is not used: rom always fits the
-compressed model's own inputs (``calib_target`` does not apply; ``calib_staged`` does).
+For any square root C_x = S S^T, the eigenvectors of C_y are the left singular vectors of
+W S. rom takes S from a Cholesky factorisation (a tiny regularisation at most) and the top
+r from the truncated-SVD solvers that tucker uses (Krylov, Gram, randomized): the cost of
+forming W S and of a rank-r solve, instead of a full fp64 eigendecomposition of the
+out x out C_y (or a full SVD of W S when out > in), which at Llama-2-7B's 4096/11008 takes
+minutes per matrix on a CPU. Nothing is inverted: the right factor is W^T V_r. When even
+the regularised factorisation fails (C_x far from positive definite), the exact fp64 path
+runs. ``LayerStats.cross_cov`` is not used: rom always fits the compressed model's own
+inputs (``calib_target`` does not apply; ``calib_staged`` does).
 """
 
 from __future__ import annotations
@@ -17,32 +23,21 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
+from .covariance import WhiteningError, check_stats, factor_of, psd_sqrt
+from .tucker import truncated_svd
 
-
-def _check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-    if stats is None:
-        raise SpecError(f"method={name!r} needs calibration statistics (calib=...) but none were given for this module")
-    C = stats.input_cov
-    n = weight.shape[1]
-    if C.dim() != 2 or C.shape != (n, n):
-        raise SpecError(f"method={name!r}: input covariance has shape {tuple(C.shape)}, expected ({n}, {n}) for a weight of shape {tuple(weight.shape)}")
-    if not torch.isfinite(C).all():
-        raise SpecError(f"method={name!r}: input covariance has NaN/inf entries (calibration activations overflowed); use dtype=float32")
-    return C
-
-
-def psd_sqrt(C: torch.Tensor) -> torch.Tensor:
-    """A square root S of a symmetric PSD matrix (C = S S^T), negative eigenvalues clamped."""
-    C = 0.5 * (C + C.mT)
-    evals, evecs = torch.linalg.eigh(C)
-    return evecs * evals.clamp_min(0).sqrt()
+# rom never inverts S, so only regularisation too small to move the principal directions is used
+# before falling back to the exact path (whiten goes up to 1e-1, since it must invert S).
+ROM_FP32_LAMBDAS = (0.0, 1e-6)
+ROM_FP64_LAMBDAS = (0.0, 1e-10, 1e-8, 1e-6)
 
 
 def output_principal_basis(W: torch.Tensor, C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenvectors (out x r) and all eigenvalues (descending) of W C W^T, in fp64.
 
-    When out > in the out x out eigenproblem is avoided: the left singular vectors of
-    W S (S a square root of C) are the same eigenvectors, from an out x in SVD.
+    The exact path, for the whole spectrum (error curves, analysis) and for covariances that
+    cannot be factorised. When out > in the out x out eigenproblem is avoided: the left
+    singular vectors of W S (S a square root of C) are the same eigenvectors.
     """
     W = W.to(torch.float64)
     C = C.to(torch.float64)
@@ -63,22 +58,56 @@ def output_principal_basis(W: torch.Tensor, C: torch.Tensor, rank: int) -> tuple
     return V * signs, evals.clamp_min(0)
 
 
+def output_spectrum(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """All eigenvalues (descending, fp64, >= 0) of W C W^T: the output energies that error curves and
+    analysis need. Values only, about half the cost of output_principal_basis (no eigenvectors); when
+    out > in, the singular values of W L (C = L L^T by Cholesky, a PSD square root if that fails)."""
+    W = W.to(torch.float64)
+    C = C.to(torch.float64)
+    out_f, in_f = W.shape
+    if out_f <= in_f:
+        return torch.linalg.eigvalsh(W @ C @ W.mT).flip(0).clamp_min(0)
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        L = psd_sqrt(C)
+    return torch.linalg.svdvals(W @ L).square()
+
+
 @register_method("rom", needs_calibration=True)
-def rom_method(weight: torch.Tensor, rank: int, stats: LayerStats | None = None, **_: object) -> Factors:
+def rom_method(
+    weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
+) -> Factors:
     """W ~= V_r (V_r^T W), V_r the top-r principal directions of the layer's outputs."""
-    C = _check_stats("rom", weight, stats)
+    C = check_stats("rom", weight, stats)
     out_f, in_f = weight.shape
     if not 1 <= rank <= min(out_f, in_f):
         raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
-    V, evals = output_principal_basis(weight, C, rank)
-    W64 = weight.to(torch.float64)
-    right = W64.mT @ V  # in x r: (V_r^T W)^T
-    total = float(evals.sum())
-    kept = float(evals[:rank].sum())
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    info: dict[str, object]
+    try:
+        S, lam, fdtype = factor_of(stats, ROM_FP32_LAMBDAS, ROM_FP64_LAMBDAS)
+    except WhiteningError:
+        S = None
+    if S is not None:
+        W = weight.to(fdtype)
+        target = W @ S
+        svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=fdtype, tol=solver_tol)
+        V = svd.U
+        total = float(target.double().square().sum())
+        kept = float(svd.S.double().square().sum())
+        info = {"solver": f"rom-{svd.solver}", "rom_lambda": lam, "rom_dtype": str(fdtype).removeprefix("torch.")}
+        if svd.error_bound is not None:
+            info["sv_error_bound"] = svd.error_bound
+    else:
+        V, evals = output_principal_basis(weight, C, rank)
+        W = weight.to(torch.float64)
+        total, kept = float(evals.sum()), float(evals[:rank].sum())
+        info = {"solver": "rom-eig"}
+    right = W.mT @ V  # in x r: (V_r^T W)^T
+    info["output_energy_kept"] = min(1.0, kept / total) if total > 0 else 1.0
     return Factors(
         left=V.to(dtype).contiguous(),
         core=torch.eye(rank, dtype=dtype),
         right=right.to(dtype).contiguous(),
-        info={"solver": "rom-eig", "output_energy_kept": kept / total if total > 0 else 1.0},
+        info=info,
     )

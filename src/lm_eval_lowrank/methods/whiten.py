@@ -23,47 +23,11 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .rom import _check_stats
+from .covariance import WhiteningError, check_stats, factor_of, whitening_factor
 from .tucker import truncated_svd
 
-# Regularisation strengths tried, relative to the mean of diag(C); 0 first (no change).
-FP32_LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4)
-FP64_LAMBDAS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-class WhiteningError(SpecError):
-    """The input covariance could not be factorised even regularised in fp64."""
-
-
-def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAMBDAS, fp64_lambdas: tuple[float, ...] = FP64_LAMBDAS) -> tuple[torch.Tensor, float, torch.dtype]:
-    """Lower-triangular S with S S^T = C + lambda*mean(diag C)*I, trying the lambdas in order.
-
-    Returns (S, lambda used, dtype used). A factor counts as failed when the Cholesky
-    reports a non-positive pivot or S has a non-finite or zero diagonal entry (S^-1 then
-    does not exist or overflows).
-    """
-    if not torch.isfinite(C).all():
-        raise WhiteningError("calib: input covariance has NaN/inf entries; calibrate in float32 (dtype=float32)")
-    scale = float(torch.diagonal(C).to(torch.float64).abs().mean())
-    if not scale > 0:
-        raise WhiteningError("calib: input covariance is all zero (the module saw only zero inputs); use more or other calibration data")
-    tried = []
-    for dtype, lambdas in ((torch.float32, fp32_lambdas), (torch.float64, fp64_lambdas)):
-        A = C.to(dtype)
-        A = 0.5 * (A + A.mT)
-        eye = torch.eye(A.shape[0], dtype=dtype)
-        for lam in lambdas:
-            S, info = torch.linalg.cholesky_ex(A + (lam * scale) * eye if lam else A)
-            d = torch.diagonal(S)
-            # A tiny pivot in fp32 makes S^-1 blow up even when Cholesky "succeeds".
-            tiny = 1e-6 if dtype == torch.float32 else 1e-12
-            if int(info) == 0 and torch.isfinite(S).all() and float(d.min()) > tiny * scale**0.5:
-                return S, lam, dtype
-            tried.append(f"{str(dtype).removeprefix('torch.')}@{lam:g}")
-    raise WhiteningError(
-        f"calib: input covariance is not positive definite even regularised (tried {', '.join(tried)}); "
-        "use more calibration tokens (calib_n/calib_len) or method=rom"
-    )
+# whitening_factor and WhiteningError live in .covariance (shared with rom); importable from here as before.
+__all__ = ["WhiteningError", "whiten_method", "whitened_target", "whitening_factor"]
 
 
 def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,14 +43,14 @@ def whiten_method(
     weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
 ) -> Factors:
     """Truncated SVD of W S (or W P^T S^-T against the dense model), S^-1 folded into the right factor."""
-    C = _check_stats("whiten", weight, stats)
+    C = check_stats("whiten", weight, stats)
     out_f, in_f = weight.shape
     if not 1 <= rank <= min(out_f, in_f):
         raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
     P = stats.cross_cov if stats is not None else None
     if P is not None and (P.shape != C.shape or not torch.isfinite(P).all()):
         raise SpecError(f"method='whiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite ({in_f}, {in_f})")
-    S, lam, dtype = whitening_factor(C)
+    S, lam, dtype = factor_of(stats)
     W = weight.to(dtype)
     target = whitened_target(W, S, P)
     svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype, tol=solver_tol)
