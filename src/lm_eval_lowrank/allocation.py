@@ -193,9 +193,9 @@ def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> 
     if cov is None:
         e = torch.linalg.svdvals(W).square()
     elif method in ("rom", "whiten"):
-        from .methods.rom import output_principal_basis
+        from .methods.rom import output_spectrum
 
-        _, e = output_principal_basis(W, cov, 1)
+        e = output_spectrum(W, cov)
     else:
         _, s, Vh = torch.linalg.svd(W, full_matrices=False)
         C = cov.to(torch.float64).cpu()

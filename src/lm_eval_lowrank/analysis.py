@@ -32,9 +32,9 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
 
 def output_singular_values(W: torch.Tensor, input_cov: torch.Tensor) -> torch.Tensor:
     """Singular values of Y/sqrt(N) for Y = W X, from C_x = X^T X / N (descending, fp64)."""
-    from .methods.rom import output_principal_basis
+    from .methods.rom import output_spectrum
 
-    _, evals = output_principal_basis(W, input_cov, 1)
+    evals = output_spectrum(W, input_cov)
     return evals[: min(W.shape)].clamp_min(0).sqrt()
 
 
