@@ -74,6 +74,20 @@ def test_rom_uses_the_truncated_solvers_and_matches_the_exact_eigenvectors(aniso
             assert f.info["sv_error_bound"] <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_times_lower_is_the_product_with_a_triangular_factor(dtype):
+    from lm_eval_lowrank.methods.covariance import all_finite, times_lower
+
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(80, 24, generator=g, dtype=dtype)
+    S = torch.linalg.cholesky(X.mT @ X)
+    for W in (torch.randn(30, 24, generator=g, dtype=dtype), torch.randn(24, 50, generator=g, dtype=dtype).mT):  # contiguous, transposed view
+        got = times_lower(W, S)
+        assert got.shape == (W.shape[0], 24) and got.dtype == dtype
+        assert torch.allclose(got, W @ S, rtol=1e-5, atol=1e-5 * float(S.abs().max()))
+    assert all_finite(S) and not all_finite(torch.tensor([1.0, float("nan")])) and not all_finite(torch.tensor([float("inf"), 0.0]))
+
+
 def test_output_spectrum_equals_the_exact_eigenvalues():
     from lm_eval_lowrank.methods.rom import output_principal_basis, output_spectrum
 

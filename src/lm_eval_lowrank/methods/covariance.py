@@ -6,10 +6,33 @@ near-singular (dead or duplicated features, fewer tokens than features).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..spec import SpecError
 from . import LayerStats
+
+
+def all_finite(T: torch.Tensor) -> bool:
+    """No NaN or inf in ``T``, from its sum in fp64: one reduction, where isfinite().all() makes three passes
+    and a temporary (6.5 against ~1 ms for a 1536-wide fp64 covariance, checked per module)."""
+    return math.isfinite(float(T.sum(dtype=torch.float64)))
+
+
+def times_lower(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """W @ S for a lower-triangular S: BLAS trmm through scipy on a CPU (half the flops of a GEMM; 1.3-1.9x
+    faster than torch's GEMM at SmolLM2's sizes on one thread), torch's GEMM otherwise."""
+    from .tucker import _scipy_linalg, _scipy_threads
+
+    sla = _scipy_linalg() if W.device.type == "cpu" and S.device.type == "cpu" and W.dtype == S.dtype and W.dtype in (torch.float32, torch.float64) else None
+    if sla is None:
+        return W @ S
+    trmm = sla.blas.strmm if W.dtype == torch.float32 else sla.blas.dtrmm
+    # In Fortran order the C-ordered W and S are W^T and S^T: S^T W^T = (W S)^T, S^T upper triangular.
+    with _scipy_threads(S.shape[0]):
+        out = trmm(1.0, S.detach().contiguous().numpy().T, W.detach().contiguous().numpy().T, side=0, lower=0)
+    return torch.from_numpy(out.T)
 
 
 def check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
@@ -20,7 +43,7 @@ def check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None) -> to
     n = weight.shape[1]
     if C.dim() != 2 or C.shape != (n, n):
         raise SpecError(f"method={name!r}: input covariance has shape {tuple(C.shape)}, expected ({n}, {n}) for a weight of shape {tuple(weight.shape)}")
-    if not torch.isfinite(C).all():
+    if not all_finite(C):
         raise SpecError(f"method={name!r}: input covariance has NaN/inf entries (calibration activations overflowed); use dtype=float32")
     return C
 
@@ -48,7 +71,7 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
     reports a non-positive pivot or S has a non-finite or zero diagonal entry (S^-1 then
     does not exist or overflows).
     """
-    if not torch.isfinite(C).all():
+    if not all_finite(C):
         raise WhiteningError("calib: input covariance has NaN/inf entries; calibrate in float32 (dtype=float32)")
     scale = float(torch.diagonal(C).to(torch.float64).abs().mean())
     if not scale > 0:
@@ -63,7 +86,7 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
             d = torch.diagonal(S)
             # A tiny pivot in fp32 makes S^-1 blow up even when Cholesky "succeeds".
             tiny = 1e-6 if dtype == torch.float32 else 1e-12
-            if int(info) == 0 and torch.isfinite(S).all() and float(d.min()) > tiny * scale**0.5:
+            if int(info) == 0 and all_finite(d) and float(d.min()) > tiny * scale**0.5:
                 return S, lam, dtype
             tried.append(f"{str(dtype).removeprefix('torch.')}@{lam:g}")
     raise WhiteningError(

@@ -23,7 +23,7 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import WhiteningError, check_stats, factor_of, psd_sqrt
+from .covariance import WhiteningError, check_stats, factor_of, psd_sqrt, times_lower
 from .tucker import truncated_svd
 
 # rom never inverts S, so only regularisation too small to move the principal directions is used
@@ -90,10 +90,10 @@ def rom_method(
         S = None
     if S is not None:
         W = weight.to(fdtype)
-        target = W @ S
+        target = times_lower(W, S)
         svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=fdtype, tol=solver_tol)
         V = svd.U
-        total = float(target.double().square().sum())
+        total = float(torch.linalg.vector_norm(target)) ** 2
         kept = float(svd.S.double().square().sum())
         info = {"solver": f"rom-{svd.solver}", "rom_lambda": lam, "rom_dtype": str(fdtype).removeprefix("torch.")}
         if svd.error_bound is not None:

@@ -23,7 +23,7 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import WhiteningError, check_stats, factor_of, whitening_factor
+from .covariance import WhiteningError, check_stats, factor_of, times_lower, whitening_factor
 from .tucker import truncated_svd
 
 # whitening_factor and WhiteningError live in .covariance (shared with rom); importable from here as before.
@@ -33,7 +33,7 @@ __all__ = ["WhiteningError", "whiten_method", "whitened_target", "whitening_fact
 def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = None) -> torch.Tensor:
     """The matrix whose truncated SVD gives Z = W_hat S: W S, or W P^T S^-T with a cross-covariance P."""
     if P is None:
-        return W @ S
+        return times_lower(W, S)
     # W P^T S^-T = (S^-1 P W^T)^T, with S lower triangular.
     return torch.linalg.solve_triangular(S, P.to(S.dtype) @ W.mT, upper=False).mT
 
