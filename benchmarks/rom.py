@@ -121,16 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--synthetic", choices=["llama-2-7b"], default=None, help="also one q- and one gate-shaped matrix of that model (one repetition)")
     p.add_argument("--synthetic-ranks", type=int, nargs="+", default=[64])
+    p.add_argument("--synthetic-only", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from lm_eval_lowrank.assets import smollm2_path
 
-    mats = smollm2_stats(Path(args.model or smollm2_path()), args.calib_n, args.calib_len)
-    print(f"# {len(mats)} SmolLM2 matrices, covariances from {args.calib_n}x{args.calib_len} calibration tokens, torch threads {torch.get_num_threads()}", flush=True)
-    bench(mats, args.ranks, args.reps, "smollm2")
-    if args.synthetic:
-        bench(synthetic_stats(), args.synthetic_ranks, 1, args.synthetic)
+    if not args.synthetic_only:
+        mats = smollm2_stats(Path(args.model or smollm2_path()), args.calib_n, args.calib_len)
+        print(f"# {len(mats)} SmolLM2 matrices, covariances from {args.calib_n}x{args.calib_len} calibration tokens, torch threads {torch.get_num_threads()}", flush=True)
+        bench(mats, args.ranks, args.reps, "smollm2")
+    if args.synthetic or args.synthetic_only:
+        bench(synthetic_stats(), args.synthetic_ranks, 1, args.synthetic or "llama-2-7b")
 
 
 if __name__ == "__main__":
