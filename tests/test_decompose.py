@@ -247,3 +247,32 @@ def test_llama_family_architectures(arch):
         assert m.model.layers[1].self_attn.q_proj.bias is not None
     with torch.no_grad():
         assert torch.isfinite(m(torch.randint(0, 100, (1, 6))).logits).all()
+
+
+def test_page_release_waits_for_every_module_that_holds_a_storage():
+    # The releaser counts module slots per storage once, then updates the counts on each replacement:
+    # a weight tied into a second module must stay mapped until that module is replaced too.
+    from lm_eval_lowrank.decompose import _PageReleaser
+
+    advised: list[int] = []
+
+    class FakeLibc:
+        def madvise(self, lo: int, length: int, advice: int) -> int:
+            advised.append(length)
+            return 0
+
+    pages = _PageReleaser()
+    pages.libc, pages.ranges = FakeLibc(), [(0, 2**64)]  # every storage counts as file-backed here
+    a, b, c = nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, 512)
+    b.weight = a.weight  # tied
+    model = nn.Sequential(a, b, c)
+    pages.watch(model)
+    model[0] = nn.Identity()
+    pages.retire(a)
+    assert advised == []  # b still holds the weight
+    model[1] = nn.Identity()
+    pages.retire(b)
+    assert len(advised) == 1 and advised[0] > 512 * 512 * 4 - 2 * 4096 - 1  # the whole pages inside the weight
+    model[2] = nn.Identity()
+    pages.retire(c)
+    assert len(advised) == 2 and pages.released == sum(advised)

@@ -14,7 +14,8 @@ import ctypes
 import mmap
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -139,7 +140,26 @@ class _PageReleaser:
         except OSError:
             self.libc = None
 
-    def release(self, weight: torch.Tensor, live_ptrs: set[int]) -> None:
+    def watch(self, model: nn.Module) -> None:
+        """Count, once, the module slots that hold each CPU storage (a tied weight counts in every module
+        that holds it); ``retire`` then keeps the counts current. Collecting every parameter's storage
+        after each replacement instead cost ~1.2 ms per module (a quarter of a rank-1 SmolLM2 decomposition)."""
+        self.live: Counter[int] = Counter(
+            p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False) if p.device.type == "cpu"
+        )
+
+    def retire(self, old: nn.Module) -> None:
+        """``old`` has left the model: its parameters stop counting, and its weight's pages go back if no
+        live module holds that storage any more."""
+        for p in old.parameters(recurse=False):
+            if p.device.type == "cpu":
+                ptr = p.untyped_storage().data_ptr()
+                self.live[ptr] -= 1
+                if self.live[ptr] <= 0:
+                    del self.live[ptr]
+        self.release(old.weight, self.live)
+
+    def release(self, weight: torch.Tensor, live_ptrs: Collection[int]) -> None:
         if self.libc is None or weight.device.type != "cpu":
             return
         storage = weight.untyped_storage()
@@ -185,6 +205,8 @@ def decompose_model(
         by_layer.setdefault(t.layer, []).append(t)
     bar = _progress(len(plan.targets), f"decomposing ({spec.method})", enabled=progress)
     pages = _PageReleaser()
+    if pages.libc is not None:
+        pages.watch(model)
     staged = stats_provider is not None and spec.calib_staged and needs_calibration(spec.method)
     for layer in sorted(by_layer):
         for targets in calibration_stages(by_layer[layer], adapter) if staged else [by_layer[layer]]:
@@ -246,7 +268,7 @@ def _decompose_stage(
         new.requires_grad_(old.weight.requires_grad)
         _set_submodule(model, path, new)
         if pages.libc is not None:
-            pages.release(old.weight, {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type == "cpu"})
+            pages.retire(old)
         solver = factors.info.get("solver", spec.method)
         solvers[solver] = solvers.get(solver, 0) + 1
         if "sv_error_bound" in factors.info:
