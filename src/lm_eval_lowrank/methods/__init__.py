@@ -17,7 +17,8 @@ import torch
 # decomposition cache never hands back what a fresh run would no longer compute.
 # 2: Krylov stops on a residual certificate; whiten builds its factors from U alone.
 # 3: rom takes its principal directions from the truncated solvers on W S (S a Cholesky factor).
-ALGORITHM_VERSION = 3
+# 4: Krylov checks its certificate from 3 blocks on (a stop at 2 blocks became one at 3).
+ALGORITHM_VERSION = 4
 
 
 @dataclass

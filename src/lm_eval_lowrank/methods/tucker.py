@@ -284,7 +284,9 @@ def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, tol: float = KRYLOV
     Wb = A.new_empty(cap, m)  # (A V)^T, kept for U
     T = A.new_zeros(cap, cap)
     Vb[:b] = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=A.dtype).to(A.device))[0].mT
-    check_at = max(rank + b, 5 * rank)  # a certificate took >= 5r dimensions on SmolLM2 (16+ at r = 1)
+    # No check before a certificate can hold: on SmolLM2 the first came at >= 24 dimensions at r = 1, 32 at
+    # r = 2, 40 at r = 4 (blocks of 8) and >= 5r beyond. Skipping the check at 16 made r = 1 5 % faster.
+    check_at = max(rank + b, 5 * rank, 3 * b)
     previous: tuple[int, float] | None = None
     scale = 0.0  # the largest entry of T so far, ~sigma_1^2: the scale of round-off in new blocks
     At = A.mT
