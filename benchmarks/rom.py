@@ -36,7 +36,7 @@ def exact_rom(W: torch.Tensor, C: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor) -> float:
-    D = W.double() - W_hat.double()
+    D = (W.double() - W_hat.double()).cpu()
     return float(((D @ C.double()) * D).sum().clamp_min(0).sqrt())
 
 
@@ -86,8 +86,9 @@ def synthetic_stats(seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor
     return out
 
 
-def bench(mats: list[tuple[str, torch.Tensor, torch.Tensor]], ranks: list[int], reps: int, label: str) -> None:
-    device = torch.device("cpu")
+def bench(mats: list[tuple[str, torch.Tensor, torch.Tensor]], ranks: list[int], reps: int, label: str, device: torch.device) -> None:
+    # Weights on the device, covariances on the CPU, as the calibrator leaves them.
+    mats = [(name, W.to(device), C) for name, W, C in mats]
     for r in ranks:
         ours: list[float] = []
         exact: list[float] = []
@@ -114,6 +115,7 @@ def bench(mats: list[tuple[str, torch.Tensor, torch.Tensor]], ranks: list[int], 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="SmolLM2 folder (default: lm-eval-lowrank fetch-model)")
+    p.add_argument("--device", default="cpu", help="where the weights are (covariances stay on the CPU, as in a real run)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--calib-n", type=int, default=64)
@@ -130,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.synthetic_only:
         mats = smollm2_stats(Path(args.model or smollm2_path()), args.calib_n, args.calib_len)
         print(f"# {len(mats)} SmolLM2 matrices, covariances from {args.calib_n}x{args.calib_len} calibration tokens, torch threads {torch.get_num_threads()}", flush=True)
-        bench(mats, args.ranks, args.reps, "smollm2")
+        bench(mats, args.ranks, args.reps, "smollm2", torch.device(args.device))
     if args.synthetic or args.synthetic_only:
-        bench(synthetic_stats(), args.synthetic_ranks, 1, args.synthetic or "llama-2-7b")
+        bench(synthetic_stats(), args.synthetic_ranks, 1, args.synthetic or "llama-2-7b", torch.device(args.device))
 
 
 if __name__ == "__main__":

@@ -95,13 +95,21 @@ def whitening_factor(C: torch.Tensor, fp32_lambdas: tuple[float, ...] = FP32_LAM
     )
 
 
-def factor_of(stats: LayerStats, fp32_lambdas: tuple[float, ...] = FP32_LAMBDAS, fp64_lambdas: tuple[float, ...] = FP64_LAMBDAS) -> tuple[torch.Tensor, float, torch.dtype]:
-    """whitening_factor of ``stats.input_cov``, computed once per statistics object (sibling modules share
-    one: at Llama-2-7B's width a Cholesky costs about a second on a CPU, and q, k, v would pay it three
-    times). The memo is dropped if the covariance is modified in place. Callers must not modify S."""
+def factor_of(
+    stats: LayerStats,
+    fp32_lambdas: tuple[float, ...] = FP32_LAMBDAS,
+    fp64_lambdas: tuple[float, ...] = FP64_LAMBDAS,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, float, torch.dtype]:
+    """whitening_factor of ``stats.input_cov``, on ``device`` (the weight's: statistics are gathered on the
+    CPU, and a model on a GPU is factorised there), computed once per statistics object and device.
+    Sibling modules share one object: at Llama-2-7B's width a Cholesky costs about a second on a CPU, and
+    q, k, v would pay it three times. The memo is dropped if the covariance is modified in place.
+    Callers must not modify S."""
     C = stats.input_cov
-    key = ("cholesky", fp32_lambdas, fp64_lambdas, id(C), C._version)
+    target = torch.device(device) if device is not None else C.device
+    key = ("cholesky", fp32_lambdas, fp64_lambdas, id(C), C._version, str(target))
     if key not in stats.derived:
-        stats.derived.clear()  # only the latest covariance version is kept
-        stats.derived[key] = whitening_factor(C, fp32_lambdas, fp64_lambdas)
+        stats.derived.clear()  # only the latest covariance version (and device) is kept
+        stats.derived[key] = whitening_factor(C.to(target), fp32_lambdas, fp64_lambdas)
     return stats.derived[key]

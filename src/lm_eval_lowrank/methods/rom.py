@@ -40,7 +40,7 @@ def output_principal_basis(W: torch.Tensor, C: torch.Tensor, rank: int) -> tuple
     singular vectors of W S (S a square root of C) are the same eigenvectors.
     """
     W = W.to(torch.float64)
-    C = C.to(torch.float64)
+    C = C.to(device=W.device, dtype=torch.float64)  # statistics live on the CPU; the weight may not
     out_f, in_f = W.shape
     if out_f <= in_f:
         Cy = W @ C @ W.mT
@@ -53,7 +53,7 @@ def output_principal_basis(W: torch.Tensor, C: torch.Tensor, rank: int) -> tuple
     V = evecs[:, :rank]
     # Deterministic signs: largest-magnitude entry of each vector positive.
     idx = V.abs().argmax(dim=0)
-    signs = torch.sign(V[idx, torch.arange(V.shape[1])])
+    signs = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
     signs[signs == 0] = 1
     return V * signs, evals.clamp_min(0)
 
@@ -63,7 +63,7 @@ def output_spectrum(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     analysis need. Values only, about half the cost of output_principal_basis (no eigenvectors); when
     out > in, the singular values of W L (C = L L^T by Cholesky, a PSD square root if that fails)."""
     W = W.to(torch.float64)
-    C = C.to(torch.float64)
+    C = C.to(device=W.device, dtype=torch.float64)
     out_f, in_f = W.shape
     if out_f <= in_f:
         return torch.linalg.eigvalsh(W @ C @ W.mT).flip(0).clamp_min(0)
@@ -85,7 +85,7 @@ def rom_method(
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     info: dict[str, object]
     try:
-        S, lam, fdtype = factor_of(stats, ROM_FP32_LAMBDAS, ROM_FP64_LAMBDAS)
+        S, lam, fdtype = factor_of(stats, ROM_FP32_LAMBDAS, ROM_FP64_LAMBDAS, device=weight.device)
     except WhiteningError:
         S = None
     if S is not None:
@@ -107,7 +107,7 @@ def rom_method(
     info["output_energy_kept"] = min(1.0, kept / total) if total > 0 else 1.0
     return Factors(
         left=V.to(dtype).contiguous(),
-        core=torch.eye(rank, dtype=dtype),
+        core=torch.eye(rank, dtype=dtype, device=V.device),
         right=right.to(dtype).contiguous(),
         info=info,
     )

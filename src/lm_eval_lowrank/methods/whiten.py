@@ -35,7 +35,7 @@ def whitened_target(W: torch.Tensor, S: torch.Tensor, P: torch.Tensor | None = N
     if P is None:
         return times_lower(W, S)
     # W P^T S^-T = (S^-1 P W^T)^T, with S lower triangular.
-    return torch.linalg.solve_triangular(S, P.to(S.dtype) @ W.mT, upper=False).mT
+    return torch.linalg.solve_triangular(S, P.to(device=S.device, dtype=S.dtype) @ W.mT, upper=False).mT
 
 
 @register_method("whiten", needs_calibration=True, uses_reference=True)
@@ -50,7 +50,7 @@ def whiten_method(
     P = stats.cross_cov if stats is not None else None
     if P is not None and (P.shape != C.shape or not torch.isfinite(P).all()):
         raise SpecError(f"method='whiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite ({in_f}, {in_f})")
-    S, lam, dtype = factor_of(stats)
+    S, lam, dtype = factor_of(stats, device=weight.device)
     W = weight.to(dtype)
     target = whitened_target(W, S, P)
     svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype, tol=solver_tol)
