@@ -10,8 +10,8 @@ For any square root C_x = S S^T, the eigenvectors of C_y are the left singular v
 W S. rom takes S from a Cholesky factorisation (a tiny regularisation at most) and the top
 r from the truncated-SVD solvers that tucker uses (Krylov, Gram, randomized): the cost of
 forming W S and of a rank-r solve, instead of a full fp64 eigendecomposition of the
-out x out C_y (or a full SVD of W S when out > in), which at Llama-2-7B's 4096/11008 takes
-minutes per matrix on a CPU. Nothing is inverted: the right factor is W^T V_r. When even
+out x out C_y (or a full SVD of W S when out > in), which at Llama-2-7B's 4096/11008 took
+~50 s per matrix on one CPU thread (benchmarks/rom.py --synthetic-only: 16-18x slower). Nothing is inverted: the right factor is W^T V_r. When even
 the regularised factorisation fails (C_x far from positive definite), the exact fp64 path
 runs. ``LayerStats.cross_cov`` is not used: rom always fits the compressed model's own
 inputs (``calib_target`` does not apply; ``calib_staged`` does).
