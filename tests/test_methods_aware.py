@@ -103,6 +103,27 @@ def test_output_spectrum_equals_the_exact_eigenvalues():
             assert torch.allclose(values[:k], exact[:k], rtol=1e-8, atol=1e-10 * float(exact[0]))
 
 
+def test_rom_takes_the_fast_path_on_a_rank_deficient_covariance_with_round_off():
+    # Few calibration tokens for a wide input: C is rank deficient and its null eigenvalues come out slightly
+    # negative. fp32 Cholesky fails even with 1e-6 mean(diag); the fp64 ridge of 1e-7 trace(C) succeeds, and
+    # the principal directions are those of the exact path.
+    from lm_eval_lowrank.methods.rom import ROM_RIDGE, output_principal_basis
+
+    g = torch.Generator().manual_seed(9)
+    n = 600
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    e = torch.zeros(n, dtype=torch.float64)
+    e[:20] = torch.logspace(0, -2, 20, dtype=torch.float64)
+    e[20:30] = -1e-8 * float(e.sum())  # round-off below zero
+    C = (Q * e) @ Q.mT
+    W = torch.randn(40, n, generator=g)
+    f = get_method("rom")(W, 4, LayerStats(C, 100))
+    assert f.info["solver"] != "rom-eig" and f.info["rom_dtype"] == "float64"
+    assert f.info["rom_lambda"] == pytest.approx(ROM_RIDGE * n)
+    V_exact, _ = output_principal_basis(W, C, 4)
+    assert float((f.left.double() @ f.left.double().mT - V_exact @ V_exact.mT).norm()) < 1e-4
+
+
 def test_rom_falls_back_to_the_exact_path_when_the_covariance_cannot_be_factorised():
     g = torch.Generator().manual_seed(4)
     W = torch.randn(20, 12, generator=g)

@@ -104,12 +104,18 @@ def factor_of(
     """whitening_factor of ``stats.input_cov``, on ``device`` (the weight's: statistics are gathered on the
     CPU, and a model on a GPU is factorised there), computed once per statistics object and device.
     Sibling modules share one object: at Llama-2-7B's width a Cholesky costs 0.44 s on one CPU thread, and
-    q, k, v would pay it three times. The memo is dropped if the covariance is modified in place.
-    Callers must not modify S."""
+    q, k, v would pay it three times. A failure is remembered too. The memo is dropped if the covariance is
+    modified in place. Callers must not modify S."""
     C = stats.input_cov
     target = torch.device(device) if device is not None else C.device
     key = ("cholesky", fp32_lambdas, fp64_lambdas, id(C), C._version, str(target))
     if key not in stats.derived:
         stats.derived.clear()  # only the latest covariance version (and device) is kept
-        stats.derived[key] = whitening_factor(C.to(target), fp32_lambdas, fp64_lambdas)
-    return stats.derived[key]
+        try:
+            stats.derived[key] = whitening_factor(C.to(target), fp32_lambdas, fp64_lambdas)
+        except WhiteningError as err:  # siblings fail alike: remembered, not retried
+            stats.derived[key] = err
+    found = stats.derived[key]
+    if isinstance(found, WhiteningError):
+        raise found
+    return found

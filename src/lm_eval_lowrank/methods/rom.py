@@ -27,9 +27,13 @@ from .covariance import WhiteningError, check_stats, factor_of, psd_sqrt, times_
 from .tucker import truncated_svd
 
 # rom never inverts S, so only regularisation too small to move the principal directions is used
-# before falling back to the exact path (whiten goes up to 1e-1, since it must invert S).
+# before falling back to the exact path (whiten goes up to 1e-1, since it must invert S). After fp32,
+# one fp64 attempt with a ridge of ROM_RIDGE * trace(C): a covariance accumulated from fp32 products
+# carries errors of about that size (fp32's round-off times ||C|| <= trace), and on SmolLM2 with 2048
+# calibration tokens the ones that failed in fp32 were rank deficient with negative eigenvalues of
+# 1e-9 to 1e-8 of trace(C). The ridge is in whitening_factor's units, mean(diag C) = trace(C) / n.
 ROM_FP32_LAMBDAS = (0.0, 1e-6)
-ROM_FP64_LAMBDAS = (0.0, 1e-10, 1e-8, 1e-6)
+ROM_RIDGE = 1e-7
 
 
 def output_principal_basis(W: torch.Tensor, C: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +89,7 @@ def rom_method(
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     info: dict[str, object]
     try:
-        S, lam, fdtype = factor_of(stats, ROM_FP32_LAMBDAS, ROM_FP64_LAMBDAS, device=weight.device)
+        S, lam, fdtype = factor_of(stats, ROM_FP32_LAMBDAS, (ROM_RIDGE * in_f,), device=weight.device)
     except WhiteningError:
         S = None
     if S is not None:
