@@ -11,9 +11,9 @@ W S. rom takes S from a Cholesky factorisation (a tiny regularisation at most) a
 r from the truncated-SVD solvers that tucker uses (Krylov, Gram, randomized): the cost of
 forming W S and of a rank-r solve, instead of a full fp64 eigendecomposition of the
 out x out C_y (or a full SVD of W S when out > in), which at Llama-2-7B's 4096/11008 took
-~50 s per matrix on one CPU thread (benchmarks/rom.py --synthetic-only: 16-18x slower). Nothing is inverted: the right factor is W^T V_r. When even
-the regularised factorisation fails (C_x far from positive definite), the exact fp64 path
-runs. ``LayerStats.cross_cov`` is not used: rom always fits the compressed model's own
+~50 s per matrix on one CPU thread (benchmarks/rom.py --synthetic-only: 16-18x slower).
+Nothing is inverted: the right factor is W^T V_r. When even the regularised factorisation
+fails (C_x far from positive definite), the exact fp64 path runs. ``LayerStats.cross_cov`` is not used: rom always fits the compressed model's own
 inputs (``calib_target`` does not apply; ``calib_staged`` does).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import WhiteningError, check_stats, factor_of, psd_sqrt, times_lower
+from .covariance import WhiteningError, all_finite, check_stats, factor_of, psd_sqrt, times_lower
 from .tucker import truncated_svd
 
 # rom never inverts S, so only regularisation too small to move the principal directions is used
@@ -72,7 +72,7 @@ def output_spectrum(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     if out_f <= in_f:
         return torch.linalg.eigvalsh(W @ C @ W.mT).flip(0).clamp_min(0)
     L, info = torch.linalg.cholesky_ex(C)
-    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+    if int(info) != 0 or not all_finite(L):
         L = psd_sqrt(C)
     return torch.linalg.svdvals(W @ L).square()
 
