@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,69 +106,36 @@ def truncated_svd(
     (default KRYLOV_TOL). The vectors are those of the best approximation within the subspace
     found, not exact ones: a caller that maps them through an ill-conditioned matrix should
     rebuild its factors from U alone (as whiten does)."""
-    return truncated_svd_group([W], rank, solver=solver, seeds=[seed], power_iters=power_iters, dtype=dtype, orth=orth, tol=tol)[0]
-
-
-def truncated_svd_group(
-    weights: Sequence[torch.Tensor],
-    rank: int,
-    solver: str = "auto",
-    seeds: Sequence[int] | None = None,
-    power_iters: int = DEFAULT_POWER_ITERS,
-    dtype: torch.dtype = torch.float32,
-    orth: str = "auto",
-    tol: float | None = None,
-) -> list[SVDResult]:
-    """:func:`truncated_svd` of several matrices of one shape (up to transposition), solved in lockstep.
-
-    Each result is that of the matrix alone with its own seed (to round-off): the iterative
-    solvers run their small per-step operations (orthogonalisation, QR, the Krylov checks) as one
-    batched call for the whole group, which is what a layer's q/o, k/v or gate/up/down^T cost in
-    dispatch at small ranks. The passes over each matrix stay per matrix, so no copy is stacked.
-    """
-    if not weights:
-        return []
-    seeds = list(seeds) if seeds is not None else [0] * len(weights)
-    if len(seeds) != len(weights):
-        raise ValueError(f"seeds: {len(seeds)} given for {len(weights)} matrices")
-    for W in weights:
-        if W.dim() != 2:
-            raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(W.shape)}")
-    m, n = max(weights[0].shape), min(weights[0].shape)
-    if any((max(W.shape), min(W.shape)) != (m, n) for W in weights):
-        raise ValueError(f"truncated_svd_group expects one shape up to transposition, got {sorted({tuple(W.shape) for W in weights})}")
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank {rank} out of range 1..{n} for a {tuple(weights[0].shape)} matrix")
-    # The tall orientation (m >= n) for every member: the solvers work on the short side.
-    flipped = [W.shape[0] < W.shape[1] for W in weights]
-    tall = [(W.detach().to(dtype).mT if f else W.detach().to(dtype)) for W, f in zip(weights, flipped)]
-    solver = choose_solver((m, n), rank, solver, tall[0].device)
-    if solver not in ("exact", "gram", "krylov", "randomized"):
-        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, gram, krylov, randomized")
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, float | None]] = []
-    if solver == "randomized":
-        out = [(U, S, V, "randomized", None) for U, S, V in _randomized_svd_group(tall, rank, seeds, power_iters, orth)]
+    if W.dim() != 2:
+        raise ValueError(f"truncated_svd expects a 2-D tensor, got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank {rank} out of range 1..{min(m, n)} for a {m}x{n} matrix")
+    A = W.detach().to(dtype)
+    solver = choose_solver((m, n), rank, solver, A.device)
+    result = None
+    bound = None
+    if solver == "krylov":
+        result = _block_krylov_svd(A, rank, seed, KRYLOV_TOL if tol is None else tol)
+        if result is not None:
+            *result, bound = result
+        else:  # not converged within the dimension cap: the Gram solver's answer instead
+            solver = "gram"
+    if solver == "gram":
+        result = _gram_svd(A, rank)
+        if result is None:  # too ill-conditioned to square: the exact answer instead
+            solver = "exact"
+    if solver == "exact":
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        U, S, V = U[:, :rank], S[:rank], Vh[:rank].mT
+    elif solver == "randomized":
+        U, S, V = _randomized_svd(A, rank, seed, power_iters, orth)
+    elif solver in ("krylov", "gram"):
+        U, S, V = result
     else:
-        krylov = _block_krylov_group(tall, rank, seeds, KRYLOV_TOL if tol is None else tol) if solver == "krylov" else [None] * len(tall)
-        for A, kr in zip(tall, krylov):
-            if kr is not None:
-                out.append((*kr[:3], "krylov", kr[3]))
-                continue
-            # Krylov not converged within its dimension cap: the Gram solver's answer instead;
-            # the Gram matrix too ill-conditioned to square: the exact answer instead.
-            gram = _gram_svd(A, rank) if solver in ("krylov", "gram") else None
-            if gram is not None:
-                out.append((*gram, "gram", None))
-            else:
-                U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-                out.append((U[:, :rank], S[:rank], Vh[:rank].mT, "exact", None))
-    results = []
-    for (U, S, V, used, bound), f in zip(out, flipped):
-        if f:
-            U, V = V, U
-        U, V = _fix_signs(U.contiguous(), V.contiguous())
-        results.append(SVDResult(U, S, V, used, bound))
-    return results
+        raise ValueError(f"solver={solver!r} is invalid: valid auto, exact, gram, krylov, randomized")
+    U, V = _fix_signs(U.contiguous(), V.contiguous())
+    return SVDResult(U, S, V, solver, bound)
 
 
 def _householder(Y: torch.Tensor) -> torch.Tensor:
@@ -208,68 +175,46 @@ def orthonormalize(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
 CONVERGENCE_RTOL = 1e-4
 
 
-def _stacked_products(As: list[torch.Tensor], X: torch.Tensor, live: list[int], transpose: bool) -> torch.Tensor:
-    """(A_i or A_i^T) @ X[j] for the matrices in the batch, as one batch."""
-    rows = As[0].shape[1] if transpose else As[0].shape[0]
-    out = X.new_empty(len(live), rows, X.shape[-1])
-    for j, i in enumerate(live):
-        torch.mm(As[i].mT if transpose else As[i], X[j], out=out[j])
-    return out
-
-
-def _subspace_iteration_group(As: list[torch.Tensor], omega: torch.Tensor, power_iters: int, orth: str, rank: int | None = None) -> torch.Tensor:
-    """Orthonormal bases (batch x m x k) of the dominant ranges of tall matrices, each from its omega[i]."""
-    live = list(range(len(As)))
-    done = omega.new_empty(len(As), As[0].shape[0], omega.shape[-1])
-    Q = orthonormalize(_stacked_products(As, omega, live, False), orth)
-    check = rank is not None and orth == "householder" and not Q.is_cuda
+def _subspace_iteration(A: torch.Tensor, omega: torch.Tensor, power_iters: int, orth: str, rank: int | None = None) -> torch.Tensor:
+    Q = orthonormalize(A @ omega, orth)
     prev = None
     for _ in range(power_iters):  # re-orthonormalised each half step
-        settled: list[int] = []
-        if check:
-            # A^T Q = Z R: the singular values of R estimate the top ones of A. A matrix stops once they
+        if rank is not None and orth == "householder" and not A.is_cuda:
+            # A^T Q = Z R: the singular values of R estimate the top ones of A. Stop once they
             # settle (on a GPU the check would cost a host sync per iteration, so it runs all).
-            Z, R = torch.linalg.qr(_stacked_products(As, Q, live, True))
-            est = torch.linalg.svdvals(R)[:, :rank]
-            if prev is not None:
-                moved = ((est - prev).abs() / est.clamp_min(1e-30)).amax(dim=1)
-                settled = [j for j, x in enumerate(moved.tolist()) if x < CONVERGENCE_RTOL]
+            Z, R = torch.linalg.qr(A.mT @ Q)
+            est = torch.linalg.svdvals(R)[:rank]
+            if prev is not None and float(((est - prev).abs() / est.clamp_min(1e-30)).max()) < CONVERGENCE_RTOL:
+                return orthonormalize(A @ Z, orth)
             prev = est
         else:
-            Z = orthonormalize(_stacked_products(As, Q, live, True), orth)
-        Q = orthonormalize(_stacked_products(As, Z, live, False), orth)
-        if settled:
-            for j in settled:
-                done[live[j]] = Q[j]
-            keep = [j for j in range(len(live)) if j not in settled]
-            if not keep:
-                return done
-            idx = torch.tensor(keep, device=Q.device)
-            Q, prev = Q.index_select(0, idx), prev.index_select(0, idx)
-            live = [live[j] for j in keep]
-    for j, i in enumerate(live):
-        done[i] = Q[j]
-    return done
+            Z = orthonormalize(A.mT @ Q, orth)
+        Q = orthonormalize(A @ Z, orth)
+    return Q
 
 
-def _randomized_svd_group(As: list[torch.Tensor], rank: int, seeds: list[int], power_iters: int, orth: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(U, S, V) per tall matrix (one shape): a seeded Gaussian range finder with subspace iteration,
-    the small operations batched over the group."""
-    A0 = As[0]
-    m, n = A0.shape
+def _randomized_svd(A: torch.Tensor, rank: int, seed: int, power_iters: int, orth: str = "auto"):
+    m, n = A.shape
+    transpose = m < n  # work on the tall orientation: the range finder then sketches the short side
+    if transpose:
+        A = A.mT
+        m, n = n, m
     k = min(rank + _oversample(rank), n)
-    omega = torch.stack([torch.randn(n, k, generator=torch.Generator(device="cpu").manual_seed(s), dtype=A0.dtype) for s in seeds]).to(A0.device)
-    resolved = orth if orth != "auto" else ("cholqr2" if A0.is_cuda else "householder")
-    Q = _subspace_iteration_group(As, omega, power_iters, resolved, rank)
-    if resolved != "householder":
-        broke = [i for i, ok in enumerate(torch.isfinite(Q).flatten(1).all(dim=1).tolist()) if not ok]
-        for i in broke:  # CholeskyQR2 broke down: that matrix again with Householder QR
-            Q[i] = _subspace_iteration_group([As[i]], omega[i : i + 1], power_iters, "householder")[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=A.dtype).to(A.device)
+    resolved = orth if orth != "auto" else ("cholqr2" if A.is_cuda else "householder")
+    Q = _subspace_iteration(A, omega, power_iters, resolved, rank)
+    if orth != "householder" and not bool(torch.isfinite(Q).all()):
+        Q = _subspace_iteration(A, omega, power_iters, "householder")  # CholeskyQR2 broke down
     Q = _householder(Q)  # one exact QR at the end: the basis the answer is projected on
-    B = _stacked_products(As, Q, list(range(len(As))), True).mT  # k x n each
+    B = Q.mT @ A  # k x n
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[..., :rank]
-    return [(U[i], S[i, :rank], Vh[i, :rank].mT) for i in range(len(As))]
+    U = Q @ Ub[:, :rank]
+    S = S[:rank]
+    V = Vh[:rank].mT
+    if transpose:
+        U, V = V, U
+    return U, S, V
 
 
 # Block Krylov (CPU default). It stops on a certificate, not on estimates that stopped moving: the
@@ -313,18 +258,7 @@ def _next_check(d: int, bound: float, previous: tuple[int, float] | None, tol: f
 
 
 def _block_krylov_svd(A: torch.Tensor, rank: int, seed: int, tol: float = KRYLOV_TOL, block: int | None = None):
-    """(U, S, V, certified error bound) of one matrix by block Lanczos, or None if not converged."""
-    transpose = A.shape[0] < A.shape[1]
-    res = _block_krylov_group([A.mT if transpose else A], rank, [seed], tol, block)[0]
-    if res is None or not transpose:
-        return res
-    U, S, V, bound = res
-    return V, S, U, bound
-
-
-def _block_krylov_group(As: list[torch.Tensor], rank: int, seeds: list[int], tol: float = KRYLOV_TOL, block: int | None = None) -> list[tuple | None]:
-    """(U, S, V, certified error bound) per tall matrix (m x n, m >= n, one shape) by block Lanczos on
-    A^T A, in lockstep; None for a matrix not converged within the dimension cap.
+    """(U, S, V, certified error bound) by block Lanczos on A^T A (short side), or None if not converged.
 
     The blocks are kept as rows (b x n): MKL runs (b x n) @ (n x m) at full rate, while the
     column form A @ (n x b) falls to a slow kernel for 2 <= b < 16 (10x here). Each step costs
@@ -334,79 +268,60 @@ def _block_krylov_group(As: list[torch.Tensor], rank: int, seeds: list[int], tol
     block with no extra pass. The answer is the Rayleigh-Ritz one: V_r from T's top
     eigenvectors and U = A V_r / s, so U diag(s) V_r^T = A V_r V_r^T, the best approximation
     within span(V_r).
-
-    Every matrix keeps its own seed, check schedule and stop, so its answer is the one it would
-    get alone; the group only shares the small operations (CGS2, T, the checks' eigh, the QR of
-    the next block) as batched calls. A converged matrix leaves the batch.
     """
-    m, n = As[0].shape
-    results: list[tuple | None] = [None] * len(As)
+    m, n = A.shape
+    transpose = m < n
+    if transpose:  # Krylov on the short side: n x n Gram, smaller basis vectors
+        A = A.mT
+        m, n = n, m
     b = min(block or krylov_block_size(rank), n)
     cap = min(n, max(8 * rank + 8 * b, 64))  # beyond this the Gram solver is cheaper anyway
     cap -= cap % b
     if cap < rank + b:
-        return results
-    A0 = As[0]
-    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    live = list(range(len(As)))  # batch slot j holds matrix live[j]
-    Vb = A0.new_empty(len(As), cap, n)  # basis rows
-    Wb = A0.new_empty(len(As), cap, m)  # (A V)^T, kept for U
-    T = A0.new_zeros(len(As), cap, cap)
-    Y = A0.new_empty(len(As), b, n)
-    for j, g in enumerate(gens):
-        Vb[j, :b] = torch.linalg.qr(torch.randn(n, b, generator=g, dtype=A0.dtype).to(A0.device))[0].mT
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Vb = A.new_empty(cap, n)  # basis rows
+    Wb = A.new_empty(cap, m)  # (A V)^T, kept for U
+    T = A.new_zeros(cap, cap)
+    Vb[:b] = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=A.dtype).to(A.device))[0].mT
     # No check before a certificate can hold: on SmolLM2 the first came at >= 24 dimensions at r = 1, 32 at
     # r = 2, 40 at r = 4 (blocks of 8) and >= 5r beyond. Skipping the check at 16 made r = 1 5 % faster.
-    check_at = [max(rank + b, 5 * rank, 3 * b)] * len(As)
-    previous: list[tuple[int, float] | None] = [None] * len(As)
-    scale = [0.0] * len(As)  # the largest entry of T so far, ~sigma_1^2: the scale of round-off in new blocks
-    eps = torch.finfo(A0.dtype).eps
+    check_at = max(rank + b, 5 * rank, 3 * b)
+    previous: tuple[int, float] | None = None
+    scale = 0.0  # the largest entry of T so far, ~sigma_1^2: the scale of round-off in new blocks
+    At = A.mT
     d = 0
     while True:  # a few dozen small ops a step: at r <= 8 their dispatch is a fifth of the time
         lo, d = d, d + b
-        for j, i in enumerate(live):  # the passes: per matrix, into the batch's buffers
-            torch.mm(Vb[j, lo:d], As[i].mT, out=Wb[j, lo:d])  # (A V_j)^T
-            torch.mm(Wb[j, lo:d], As[i], out=Y[j])  # (A^T A V_j)^T
-        basis = Vb[:, :d]
+        AV = torch.mm(Vb[lo:d], At, out=Wb[lo:d])  # (A V_j)^T
+        Y = AV @ A  # (A^T A V_j)^T
+        basis = Vb[:d]
         basis_t = basis.mT
-        H = torch.bmm(Y, basis_t)  # V^T A^T A V_j: the new block row of T
-        Y.baddbmm_(H, basis, alpha=-1)
-        H2 = torch.bmm(Y, basis_t)  # second Gram-Schmidt pass (CGS2) for orthogonality in fp32
-        Y.baddbmm_(H2, basis, alpha=-1)
+        H = Y @ basis_t  # V^T A^T A V_j: the new block row of T
+        Y.addmm_(H, basis, alpha=-1)
+        H2 = Y @ basis_t  # second Gram-Schmidt pass (CGS2) for orthogonality in fp32
+        Y.addmm_(H2, basis, alpha=-1)
         H += H2
-        T[:, lo:d, :d] = H  # the lower triangle: all that eigh reads
-        for j, h in enumerate(H.amax(dim=(1, 2)).tolist()):
-            scale[live[j]] = max(scale[live[j]], h)
-        due = [j for j, i in enumerate(live) if d >= check_at[i] or d + b > cap]
-        leaving = []
-        if due:
-            theta_all, E_all = torch.linalg.eigh(T[:, :d, :d] if len(due) == len(live) else T[due, :d, :d])
-            theta_all, E_all = theta_all[:, -rank:].flip(-1), E_all[:, :, -rank:].flip(-1)
-            for k, j in enumerate(due):
-                i, theta, E = live[j], theta_all[k], E_all[k]
-                floor = 64 * eps * float(theta[0].clamp_min(0))
-                bound = _residual_bound(Y[j], theta, E[lo:d], floor)
-                if bound <= tol:
-                    S = theta.clamp_min(0).sqrt()
-                    V = (E.mT @ Vb[j, :d]).mT
-                    U = (E.mT @ Wb[j, :d]).mT / S.clamp_min(torch.finfo(A0.dtype).tiny)  # row form: the fast GEMM kernel
-                    results[i] = (U, S, V, bound)
-                    leaving.append(j)
-                elif d + b > cap:
-                    leaving.append(j)  # not converged: None
-                else:
-                    check_at[i] = _next_check(d, bound, previous[i], tol, b, 4.0 * m * n * b)
-                    previous[i] = (d, bound)
-        if leaving:
-            keep = [j for j in range(len(live)) if j not in leaving]
-            if not keep:
-                return results
-            # Only the filled part moves: rows beyond d are written before they are read.
-            idx = torch.tensor(keep, device=A0.device)
-            Vb, Wb, T = _compact(Vb, idx, d), _compact(Wb, idx, d), _compact(T, idx, d, square=True)
-            Y = Y.index_select(0, idx)
-            live = [live[j] for j in keep]
-        Vb[:, d : d + b] = _next_blocks(Y, Vb[:, :d], [gens[i] for i in live], [1e-5 * scale[i] for i in live])
+        T[lo:d, :d] = H  # the lower triangle: all that eigh reads
+        scale = max(scale, float(H.max()))
+        if d >= check_at or d + b > cap:
+            theta, E = torch.linalg.eigh(T[:d, :d])
+            theta, E = theta[-rank:].flip(0), E[:, -rank:].flip(1)
+            floor = 64 * torch.finfo(A.dtype).eps * float(theta[0].clamp_min(0))
+            bound = _residual_bound(Y, theta, E[lo:d], floor)
+            if bound <= tol:
+                break
+            if d + b > cap:
+                return None
+            check_at = _next_check(d, bound, previous, tol, b, 4.0 * m * n * b)
+            previous = (d, bound)
+        Vb[d : d + b] = _next_block(Y, basis, gen, 1e-5 * scale)
+    S = theta.clamp_min(0).sqrt()
+    V = (E.mT @ Vb[:d]).mT
+    U = (E.mT @ Wb[:d]).mT / S.clamp_min(torch.finfo(A.dtype).tiny)  # row form: the fast GEMM kernel
+    if transpose:
+        U, V = V, U
+    return U, S, V, bound
 
 
 # The Gram solver squares the condition number: sigma_i comes out with a relative error of
@@ -531,31 +446,18 @@ def _orthonormal_complement(Q: torch.Tensor, k: int, gen: torch.Generator | None
     return torch.linalg.qr(X)[0]
 
 
-def _compact(buf: torch.Tensor, idx: torch.Tensor, d: int, square: bool = False) -> torch.Tensor:
-    """The batch entries ``idx`` of a Krylov buffer (batch x cap x ...), copying only its first d rows
-    (and first d columns when ``square``, for T, whose other entries must stay zero)."""
-    if square:
-        out = buf.new_zeros(len(idx), *buf.shape[1:])
-        out[:, :d, :d] = buf[:, :d, :d].index_select(0, idx)
-    else:
-        out = buf.new_empty(len(idx), *buf.shape[1:])
-        out[:, :d] = buf[:, :d].index_select(0, idx)
-    return out
-
-
-def _next_blocks(Y: torch.Tensor, basis: torch.Tensor, gens: list[torch.Generator], tiny: list[float]) -> torch.Tensor:
-    """Orthonormal rows spanning each Y[j] (batch x b x n, already orthogonal to ``basis[j]``).
+def _next_block(Y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator, tiny: float) -> torch.Tensor:
+    """Orthonormal rows spanning Y (b x n, already orthogonal to ``basis``).
 
     A direction of Y at round-off level (the Krylov space is exhausted there, e.g. an exactly
     low-rank matrix) would come out of the QR neither small nor orthogonal to the basis; it is
     replaced by a fresh random direction orthogonalised against the basis.
     """
     Q, R = torch.linalg.qr(Y.mT)
-    diag = R.diagonal(dim1=-2, dim2=-1).abs()
-    for j, (smallest, t) in enumerate(zip(diag.amin(dim=1).tolist(), tiny)):  # the common case: one host read
-        if smallest <= t:
-            dead = diag[j] <= t
-            Q[j][:, dead] = _orthonormal_complement(torch.cat([basis[j].mT, Q[j][:, ~dead]], dim=1), int(dead.sum()), gens[j])
+    if float(R.diagonal().abs().min()) > tiny:  # the common case, in one host read
+        return Q.mT
+    dead = R.diagonal().abs() <= tiny
+    Q[:, dead] = _orthonormal_complement(torch.cat([basis.mT, Q[:, ~dead]], dim=1), int(dead.sum()), gen)
     return Q.mT
 
 
