@@ -263,3 +263,23 @@ def test_krylov_check_schedule():
     assert tk._next_check(32, 0.04, None, 0.01, 8, step_cost=0.0) == 40  # no rate yet: the next block
     assert tk._next_check(32, 0.09, (24, 0.08), 0.01, 8, step_cost=0.0) == 40  # not decreasing: the next block
     assert tk._next_check(32, 0.04, (24, 0.08), 0.01, 8, step_cost=1e12) == 40  # checks cheap next to a block
+
+
+def test_scipy_thread_limit_holds_in_a_fresh_process():
+    # The controller knows only the libraries loaded when it is made: entering the limit first thing in a
+    # process must still cover scipy's OpenBLAS, which the Gram solver then calls inside it.
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("scipy.linalg")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, threadpoolctl\n"
+        "from lm_eval_lowrank.methods import tucker as tk\n"
+        "torch.set_num_threads(2)\n"
+        "with tk._scipy_threads(100):\n"
+        "    libs = [(i['filepath'], i['num_threads']) for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas']\n"
+        "assert any('scipy.libs' in p for p, _ in libs), libs  # scipy's own OpenBLAS, not numpy's\n"
+        "assert all(n == 1 for _, n in libs), libs\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -344,6 +344,7 @@ def _blas_controller():
         from threadpoolctl import ThreadpoolController  # scikit-learn's dependency, beside scipy
     except ImportError:
         return None
+    _scipy_linalg()  # the controller sees only the libraries loaded when it is made: scipy's OpenBLAS first
     return ThreadpoolController()
 
 
@@ -352,7 +353,10 @@ def _blas_controller():
 # cores the other needs. Measured on 2 cores, torch at 2 threads, syrk + top-n/8 syevr + one torch GEMM
 # per matrix: OpenBLAS at 2 threads against 1 took 29 against 23 ms at n = 576 (a whole rank-64 pass
 # over SmolLM2: 5.9 against 4.0 s), and 79 against 101 ms at n = 1024, 417 against 622 ms at n = 2048.
-# Below this order one thread wins: the calls are too short to repay the contention.
+# Below this order one thread wins: the calls are too short to repay the contention. Moving A V into OpenBLAS too
+# (session 6) did not help: torch's small ops between matrices (sign fixing) bring the contention back. A rank-64
+# pass at 2 threads took 5.7 s with OpenBLAS on 2 threads at n = 576 against 3.6 s on one; with no torch call at
+# all (syrk, syevr and gemm alone) it would take 2.9 s.
 SCIPY_THREADS_MIN_ORDER = 1024
 
 
