@@ -9,6 +9,8 @@ decoder linears / lm_head / the rest and gives the ceiling of latency/param.
 
   python benchmarks/forward.py                  # CPU, batch 16 x 256 tokens
   python benchmarks/forward.py --device cuda    # bf16 on the GPU
+  python benchmarks/forward.py --synthetic llama-2-7b --layers 4 --batch 4 --ranks 8 --cuts 0.1 0.3 --layouts folded --skip-modules
+                                                # random weights with Llama-2-7B's shapes (fewer layers on a CPU)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def layers_for_cut(dense: nn.Module, rank: int, cut: float) -> list[int]:
     total = count_parameters(dense)
     n = dense.config.num_hidden_layers
     for k in range(1, n + 1):
-        layers = sorted({round(1 + i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [n // 2]
+        layers = sorted({round(1 + i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [(n + 1) // 2]
         spec = DecompositionSpec.from_args({"rank": rank, "layers": "|".join(map(str, layers)), "cache": False})
         if make_plan(spec, dense.config).params_removed / total >= cut:
             return layers
@@ -106,7 +108,7 @@ def bench_models(args: argparse.Namespace, dense: nn.Module, ids: torch.Tensor, 
     for rank in args.ranks:
         for cut in args.cuts:
             layers = layers_for_cut(dense, rank, cut)
-            for layout in ("folded", "tucker"):
+            for layout in args.layouts:
                 m = lowrank_copy(dense, rank, layers, layout).eval()
                 configs.append((f"rank={rank} layers={len(layers)} layout={layout}", m, 1 - count_parameters(m) / total))
     # The decomposed modules of each config: the dense time they replace is what its latency cut can be.
@@ -177,7 +179,7 @@ def bench_models(args: argparse.Namespace, dense: nn.Module, ids: torch.Tensor, 
             f"linears-only {_spread(linear_only)}, ceiling {_spread(ceiling)} (target >= 0.9) {'PASS' if ratio >= 0.9 else 'FAIL'}",
             flush=True,
         )
-    for rank in args.ranks:
+    for rank in args.ranks if len(args.layouts) == 2 else []:
         for cut in args.cuts:
             layers = layers_for_cut(dense, rank, cut)
             f, t = (med[f"rank={rank} layers={len(layers)} layout={lay}"] for lay in ("folded", "tucker"))
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--module-reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=3, help="module calls per timing")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layouts", nargs="+", choices=["folded", "tucker"], default=["folded", "tucker"])
+    p.add_argument("--synthetic", choices=["llama-2-7b"], help="random weights with these shapes instead of SmolLM2")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the synthetic model (default: all 32)")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-modules", action="store_true")
     args = p.parse_args(argv)
@@ -239,7 +244,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"# device {device}, dtype {dtype}, torch threads {torch.get_num_threads()}, batch {args.batch}x{args.seq}", flush=True)
-    if not args.skip_models:
+    if not args.skip_models and args.synthetic:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        # Llama-2-7B's shapes (untied 32000-token embedding and head); --layers trims the depth to fit a CPU.
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers or 32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        dense = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()  # anonymous memory: no copy needed
+        print(f"# synthetic llama-2-7b shapes: {cfg.num_hidden_layers} layers, random weights", flush=True)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+        bench_models(args, dense, ids, device)
+    elif not args.skip_models:
         from transformers import AutoModelForCausalLM
 
         from lm_eval_lowrank.assets import smollm2_path
