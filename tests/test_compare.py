@@ -35,6 +35,17 @@ def test_compare_lines_up_accuracy_and_efficiency(tmp_path):
     assert row["param reduction"] == ["0.00 %", "7.87 %"]
     assert row["tokens/s"] == ["200.0", "222.2"]
     assert row["energy"] == ["n/a: no CUDA GPU visible", "12.5 J"]
+    assert row["decomposition time"] == ["none", "0.50 s"]
+
+
+def test_compare_says_when_the_decomposition_came_from_the_cache(tmp_path):
+    low = _low(["m"], 0.0787, 1.8, {"available": False, "reason": "no CUDA GPU visible"})
+    low["decomposition"].update(decomposition_seconds=0.0029, cache={"enabled": True, "hit": True, "original_decomposition_seconds": 0.0878})
+    comp = _write(tmp_path / "c.json", 0.4, low)
+    r = CliRunner().invoke(cli, ["compare", str(comp)])
+    assert r.exit_code == 0, r.output
+    row = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in r.output.splitlines()[2:]}
+    assert row["decomposition time"] == "0.003 s (cache hit; computed in 0.09 s)"
 
 
 def test_compare_rejects_a_foreign_file(tmp_path):

@@ -32,6 +32,20 @@ def _energy(low: dict[str, Any]) -> tuple[str, str]:
     return f"{e['total_joules']:.1f} J", _fmt_num(e.get("joules_per_token"), ".4f") + " J"
 
 
+def _decomposition_time(low: dict[str, Any]) -> str:
+    """Seconds spent decomposing; a cache hit says so, with what computing it had cost."""
+    dec = low.get("decomposition") or {}
+    if not dec.get("modules"):
+        return "none"
+    seconds = dec.get("decomposition_seconds")
+    text = "n/a" if seconds is None else f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds:.3f} s"
+    cache = dec.get("cache") or {}
+    if cache.get("hit"):
+        computed = cache.get("original_decomposition_seconds")
+        text += " (cache hit" + ("" if computed is None else f"; computed in {computed:.2f} s") + ")"
+    return text
+
+
 def _label(res: Any) -> str:
     dec = _lowrank(res).get("decomposition") or {}
     if not dec.get("modules"):
@@ -62,7 +76,7 @@ def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = N
 
     add("params", lambda low: _fmt_num((low.get("decomposition") or {}).get("params_after"), ","))
     add("param reduction", lambda low: _fmt_num(100 * (low.get("decomposition") or {}).get("param_reduction", 0.0), ".2f") + " %")
-    add("decomposition time", lambda low: _fmt_num((low.get("decomposition") or {}).get("decomposition_seconds"), ".2f") + " s")
+    add("decomposition time", _decomposition_time)
     add("forward latency (total)", lambda low: _fmt_num((low.get("latency") or {}).get("total_seconds"), ".2f") + " s")
     add("latency per batch", lambda low: _fmt_num(1000 * ((low.get("latency") or {}).get("mean_seconds_per_batch") or 0), ".1f") + " ms")
     add("tokens/s", lambda low: _fmt_num((low.get("latency") or {}).get("tokens_per_second"), ".1f"))
