@@ -98,6 +98,23 @@ def test_cli_launchers_run_hf_tucker(launcher, tiny_model_dir, arc_task_dir, tmp
     assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.4.self_attn.q_proj", "model.layers.4.mlp.gate_proj"]
 
 
+def test_lm_eval_command_ends_a_bad_argument_with_one_line(tiny_model_dir, arc_task_dir, tmp_path):
+    args = [
+        str(BIN / "lm_eval"), "--model", "hf-tucker",
+        "--model_args", f"pretrained={tiny_model_dir},rank=1,layers=7",
+        "--tasks", "arc_tiny", "--include_path", str(arc_task_dir), "--limit", "2", "--device", "cpu",
+    ]  # fmt: skip
+    if not Path(args[0]).exists():
+        pytest.skip("lm_eval not installed")
+    r = _run(args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "Error: layers='7' is invalid: layer 7 is past the end; this model has 6 decoder layers, valid 1..6"
+    # The traceback stays one variable away.
+    r = subprocess.run(args, cwd=tmp_path, env={**ENV, "LM_EVAL_LOWRANK_TRACEBACK": "1"}, capture_output=True, text=True, timeout=600)
+    assert "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr
+
+
 def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
     import transformers
 

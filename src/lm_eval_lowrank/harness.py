@@ -9,7 +9,10 @@ All figures land in the results JSON under ``config["lowrank"]`` via ``get_model
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -18,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .api import compress_model, validate_against_config, versions
 from .measure import Meter, aggregate
-from .spec import DecompositionSpec, split_model_args
+from .spec import DecompositionSpec, SpecError, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -41,16 +44,43 @@ def _load_config(pretrained: Any, kwargs: dict[str, Any]) -> Any:
         return None  # HFLM raises its own, clearer error while loading
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [SpecError]
+    checkpoint = sys.modules.get(f"{__package__}.checkpoint")  # loaded if one of its errors can be in flight
+    if checkpoint is not None:
+        types.append(checkpoint.CheckpointError)
+    return tuple(types)
+
+
+def _print_user_errors_in_one_line() -> None:
+    """Make an uncaught argument error (bad model_args, a broken checkpoint) end the ``lm_eval`` command with its
+    one-line message, as ``lm-eval-lowrank`` does, instead of lm-eval's traceback through the harness. Any other
+    exception, or LM_EVAL_LOWRANK_TRACEBACK=1, keeps the usual traceback."""
+    previous = sys.excepthook
+    if getattr(previous, "lm_eval_lowrank", False):
+        return
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(exc_type, _user_error_types()) and os.environ.get("LM_EVAL_LOWRANK_TRACEBACK", "") in ("", "0"):
+            print(f"Error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.lm_eval_lowrank = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 @register_model("hf-tucker")
 class HFTuckerLM(HFLM):
     """HFLM whose chosen linears are decomposed to low rank as the model loads."""
 
     def __init__(self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, **kwargs: Any) -> None:
+        _print_user_errors_in_one_line()
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
         if pretrained is None:
-            raise ValueError("pretrained is required, e.g. --model_args 'pretrained=PATH_OR_ID,rank=1,layers=3|18|32'")
+            raise SpecError("pretrained is required, e.g. --model_args 'pretrained=PATH_OR_ID,rank=1,layers=3|18|32'")
         checkpoint = None
         if isinstance(pretrained, str):
             try:
@@ -62,7 +92,7 @@ class HFTuckerLM(HFLM):
         leak_check = None
         if checkpoint is not None:
             if not spec.is_noop:
-                raise ValueError(f"pretrained={pretrained!r} is a compressed checkpoint; give no rank/layers/budget for it")
+                raise SpecError(f"pretrained={pretrained!r} is a compressed checkpoint; give no rank/layers/budget for it")
             from .calibration import check_checkpoint_no_leak, evaluated_tasks_from_env
 
             # Before the weights load: the data its calibration and healing read vs the tasks evaluated now.
