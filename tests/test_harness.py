@@ -110,6 +110,10 @@ def test_lm_eval_command_ends_a_bad_argument_with_one_line(tiny_model_dir, arc_t
     assert r.returncode == 1
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == "Error: layers='7' is invalid: layer 7 is past the end; this model has 6 decoder layers, valid 1..6"
+    # A Python script keeps its traceback: the hook is for the command only.
+    script = f"from lm_eval_lowrank.harness import HFTuckerLM\nHFTuckerLM(pretrained={str(tiny_model_dir)!r}, rank=1, layers=7)\n"
+    r = _run([sys.executable, "-c", script], cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr
     # The traceback stays one variable away.
     r = subprocess.run(args, cwd=tmp_path, env={**ENV, "LM_EVAL_LOWRANK_TRACEBACK": "1"}, capture_output=True, text=True, timeout=600)
     assert "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr

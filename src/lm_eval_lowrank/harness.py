@@ -52,12 +52,20 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _running_the_lm_eval_command() -> bool:
+    """``lm_eval`` / ``lm-eval`` or ``python -m lm_eval`` (also as accelerate launches it), not a user's script."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] == "lm_eval":
+        return True
+    return os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval") if sys.argv else False
+
+
 def _print_user_errors_in_one_line() -> None:
     """Make an uncaught argument error (bad model_args, a broken checkpoint) end the ``lm_eval`` command with its
     one-line message, as ``lm-eval-lowrank`` does, instead of lm-eval's traceback through the harness. Any other
-    exception, or LM_EVAL_LOWRANK_TRACEBACK=1, keeps the usual traceback."""
+    exception, a Python caller's own script, or LM_EVAL_LOWRANK_TRACEBACK=1 keep the usual traceback."""
     previous = sys.excepthook
-    if getattr(previous, "lm_eval_lowrank", False):
+    if getattr(previous, "lm_eval_lowrank", False) or not _running_the_lm_eval_command():
         return
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
