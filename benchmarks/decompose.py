@@ -53,9 +53,20 @@ def load_smollm2(folder: Path, device: torch.device, layers: int | None) -> list
 
 
 def our_pass(mats: list[tuple[str, torch.Tensor]], rank: int) -> dict[str, int]:
+    """Every matrix as decompose-on-load does it: Krylov solves in parallel threads when torch has more
+    than one (decompose._solve_in_parallel), the others one at a time."""
+    from lm_eval_lowrank.decompose import _solve_in_parallel
+    from lm_eval_lowrank.plan import Target
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    def solve(t: Target, W: torch.Tensor):
+        return tucker_method(W, t.rank)
+
+    jobs = [(Target(layer=1, tensor=name, path=name, out_features=W.shape[0], in_features=W.shape[1], rank=min(rank, min(W.shape))), W) for name, W in mats]
     solvers: dict[str, int] = {}
-    for _, W in mats:
-        f = tucker_method(W, min(rank, min(W.shape)))
+    spec = DecompositionSpec.from_args({"rank": rank, "cache": False})
+    for (t, W), f in zip(list(jobs), _solve_in_parallel(jobs, solve, spec, True, copy_budget=float("inf"))):
+        f = f if f is not None else solve(t, W)
         solvers[f.info["solver"]] = solvers.get(f.info["solver"], 0) + 1
     return solvers
 

@@ -276,3 +276,73 @@ def test_page_release_waits_for_every_module_that_holds_a_storage():
     model[2] = nn.Identity()
     pages.retire(c)
     assert len(advised) == 2 and pages.released == sum(advised)
+
+
+def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    import lm_eval_lowrank.decompose as dec
+
+    pools = []
+
+    class CountingPool(dec.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(dec, "ThreadPoolExecutor", CountingPool)
+    cfg = tiny_llama_config(hidden_size=128, intermediate_size=320)
+    spec = DecompositionSpec.from_args({"rank": 2, "layers": "all", "cache": False})
+    before = torch.get_num_threads()
+    states = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            m = LlamaForCausalLM(cfg).eval()
+            report = decompose_model(m, spec, progress=False)
+            assert torch.get_num_threads() == threads
+            states[threads] = m.state_dict()
+    finally:
+        torch.set_num_threads(before)
+    assert report.solvers.get("krylov", 0) > 0
+    assert pools == [2]  # the 2-thread run: one pool of 2 for the whole (data-free) model
+    for k in states[1]:
+        assert torch.equal(states[1][k], states[2][k]), k
+
+
+def test_parallel_solves_stay_within_the_copy_budget():
+    import lm_eval_lowrank.decompose as dec
+    from lm_eval_lowrank.plan import Target
+
+    spec = DecompositionSpec.from_args({"rank": 2, "layers": "all", "cache": False})
+    W = torch.randn(128, 128, dtype=torch.bfloat16)
+
+    def jobs():
+        return [(Target(path=f"m{i}", layer=1, tensor="q", rank=2, in_features=128, out_features=128), W) for i in range(4)]
+
+    calls = []
+
+    def solve(t, w):
+        calls.append(t.path)
+        return dec.get_method("tucker")(w.float(), t.rank)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        # One fp32 copy (64 KiB) fits the budget: no parallel copies, the caller solves them one at a time.
+        assert list(dec._solve_in_parallel(jobs(), solve, spec, True, copy_budget=100_000)) == [None] * 4 and not calls
+        out = list(dec._solve_in_parallel(jobs(), solve, spec, True, copy_budget=4 * 65536))
+        assert all(f is not None for f in out) and sorted(calls) == ["m0", "m1", "m2", "m3"]
+        assert list(dec._solve_in_parallel(jobs(), solve, spec, False, copy_budget=1e12)) == [None] * 4  # not data-free: serial
+
+        def failing(t, w):
+            if t.path == "m1":
+                raise RuntimeError("solver failed")
+            return solve(t, w)
+
+        with pytest.raises(RuntimeError, match="solver failed"):
+            list(dec._solve_in_parallel(jobs(), failing, spec, True, copy_budget=1e12))
+        assert torch.get_num_threads() == 4  # restored after the error
+    finally:
+        torch.set_num_threads(before)
