@@ -295,8 +295,8 @@ def _decompose_stage(
 # Solves run in parallel threads, one torch thread each, where that was measured to pay: the Krylov solver
 # spends a third of its time in small ops that one core dispatches while the other multiplies, and its narrow
 # GEMMs gain little from a second thread. decompose_model on all 210 SmolLM2 matrices at 2 threads: rank 1
-# 0.67 -> 0.54 s, rank 8 1.27 -> 0.99 s. The Gram solver calls scipy, which holds the GIL (no gain at rank 64), and methods with
-# calibration statistics share factorisations between siblings, so both stay serial.
+# 0.67 -> 0.54 s, rank 8 1.27 -> 0.99 s. The Gram solver calls scipy, which holds the GIL (no gain at rank 64),
+# and methods with calibration statistics share factorisations between siblings, so both stay serial.
 # Workers convert weights that are not fp32 to fp32 copies; together these may add at most this fraction of the
 # model's bytes to the peak (fp32 weights are used in place).
 POOL_COPY_BUDGET = 0.02
