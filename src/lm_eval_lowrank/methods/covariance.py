@@ -35,8 +35,11 @@ def times_lower(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.T)
 
 
-def check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-    """The input covariance of ``stats``, checked against ``weight`` (one-line errors naming the method)."""
+def check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None, rank: int | None = None) -> torch.Tensor:
+    """The input covariance of ``stats``, checked against ``weight`` and ``rank`` (one-line errors naming the method)."""
+    out_f, in_f = weight.shape
+    if rank is not None and not 1 <= rank <= min(out_f, in_f):
+        raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
     if stats is None:
         raise SpecError(f"method={name!r} needs calibration statistics (calib=...) but none were given for this module")
     C = stats.input_cov

@@ -13,15 +13,15 @@ forming W S and of a rank-r solve, instead of a full fp64 eigendecomposition of 
 out x out C_y (or a full SVD of W S when out > in), which at Llama-2-7B's 4096/11008 took
 ~50 s per matrix on one CPU thread (benchmarks/rom.py --synthetic-only: 16-18x slower).
 Nothing is inverted: the right factor is W^T V_r. When even the regularised factorisation
-fails (C_x far from positive definite), the exact fp64 path runs. ``LayerStats.cross_cov`` is not used: rom always fits the compressed model's own
-inputs (``calib_target`` does not apply; ``calib_staged`` does).
+fails (C_x far from positive definite), the exact fp64 path runs. ``LayerStats.cross_cov``
+is not used: rom always fits the compressed model's own inputs (``calib_target`` does not
+apply; ``calib_staged`` does).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..spec import SpecError
 from . import Factors, LayerStats, register_method
 from .covariance import WhiteningError, all_finite, check_stats, factor_of, psd_sqrt, times_lower
 from .tucker import truncated_svd
@@ -82,10 +82,8 @@ def rom_method(
     weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
 ) -> Factors:
     """W ~= V_r (V_r^T W), V_r the top-r principal directions of the layer's outputs."""
-    C = check_stats("rom", weight, stats)
-    out_f, in_f = weight.shape
-    if not 1 <= rank <= min(out_f, in_f):
-        raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
+    C = check_stats("rom", weight, stats, rank)
+    in_f = weight.shape[1]
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     info: dict[str, object]
     try:

@@ -23,7 +23,7 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import WhiteningError, check_stats, factor_of, times_lower, whitening_factor
+from .covariance import WhiteningError, all_finite, check_stats, factor_of, times_lower, whitening_factor
 from .tucker import truncated_svd
 
 # whitening_factor and WhiteningError live in .covariance (shared with rom); importable from here as before.
@@ -43,12 +43,10 @@ def whiten_method(
     weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
 ) -> Factors:
     """Truncated SVD of W S (or W P^T S^-T against the dense model), S^-1 folded into the right factor."""
-    C = check_stats("whiten", weight, stats)
-    out_f, in_f = weight.shape
-    if not 1 <= rank <= min(out_f, in_f):
-        raise SpecError(f"rank={rank} is invalid for a {out_f}x{in_f} weight: valid 1..{min(out_f, in_f)}")
+    C = check_stats("whiten", weight, stats, rank)
+    in_f = weight.shape[1]
     P = stats.cross_cov if stats is not None else None
-    if P is not None and (P.shape != C.shape or not torch.isfinite(P).all()):
+    if P is not None and (P.shape != C.shape or not all_finite(P)):
         raise SpecError(f"method='whiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite ({in_f}, {in_f})")
     S, lam, dtype = factor_of(stats, device=weight.device)
     W = weight.to(dtype)
