@@ -202,7 +202,10 @@ def test_smollm2_through_lm_eval_writes_the_lowrank_block(smollm2_dir, arc_task_
     lat = low["latency"]
     assert lat["timer"] == "perf_counter" and lat["calls"] >= 1 and lat["tokens"] > 0
     assert lat["tokens_per_second"] > 0 and lat["mean_seconds_per_batch"] > 0
-    assert low["energy"]["available"] is False and low["energy"]["total_joules"] is None and low["energy"]["reason"]
+    if low["energy"]["available"]:  # a host whose RAPL counters are readable
+        assert low["energy"]["method"] == "rapl_energy_counter" and low["energy"]["total_joules"] >= 0
+    else:
+        assert low["energy"]["total_joules"] is None and low["energy"]["reason"]
     assert low["memory"]["bytes"] > 100_000_000
     assert low["versions"]["lm-eval-lowrank"] and low["versions"]["torch"] and low["versions"]["lm_eval"]
 
@@ -218,3 +221,46 @@ def test_generate_is_measured_with_new_tokens_only(tiny_model_dir):
     lm._sync_measurements()
     gen = lm.get_model_info()["lowrank"]["latency"]["by_kind"]["generate"]
     assert gen["calls"] == 1 and gen["tokens"] == (out.shape[1] - 4) * 2 and gen["seconds"] > 0
+
+
+def test_a_cpu_run_reports_rapl_energy_in_the_results(tiny_model_dir, tmp_path, monkeypatch):
+    """CPU energy through the harness, from a fake powercap tree whose package draws 100 W."""
+    import threading
+
+    import torch
+
+    from lm_eval_lowrank import measure
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    pkg = tmp_path / "intel-rapl:0"
+    pkg.mkdir()
+    (pkg / "name").write_text("package-0\n")
+    (pkg / "max_energy_range_uj").write_text("262143328850\n")
+    (pkg / "energy_uj").write_text("0\n")
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", rank=2, layers="1", energy_idle_seconds=0)
+    stop = threading.Event()
+
+    def draw():
+        uj = 0
+        while not stop.wait(0.01):
+            uj += 1_000_000
+            (pkg / "energy_uj").write_text(f"{uj}\n")
+
+    writer = threading.Thread(target=draw)
+    writer.start()
+    try:
+        for _ in range(3):
+            lm._model_call(torch.randint(0, 100, (2, 16)))
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        writer.join()
+    lm._sync_measurements()
+    low = lm.get_model_info()["lowrank"]
+    lm._meter.energy.close()
+    e = low["energy"]
+    assert e["available"] and e["method"] == "rapl_energy_counter"
+    assert list(e["per_rapl_zone"].values())[0]["name"] == "package-0"
+    assert e["total_joules"] >= 5.0  # >= 0.15 s at 100 W, less the writer's oversleeping
+    assert e["joules_per_token"] == e["total_joules"] / low["latency"]["tokens"] and low["latency"]["tokens"] == 96

@@ -1,4 +1,4 @@
-"""Measurement: CPU latency, excluded probing calls, energy null with a reason, aggregation."""
+"""Measurement: CPU latency, excluded probing calls, energy (RAPL on a fake powercap tree, null with a reason), aggregation."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def test_cpu_latency_and_tokens():
     assert abs(lat["tokens_per_second"] - 30 / lat["total_seconds"]) < 1e-9
 
 
-def test_energy_is_null_with_a_reason_without_a_gpu():
-    if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
-        return
+def test_energy_is_null_with_a_reason_without_a_gpu_or_rapl(tmp_path, monkeypatch):
+    from lm_eval_lowrank import measure
+
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)  # a host whose RAPL counters are readable would fill it
     s = aggregate([Meter.create("cpu").summary()])
     assert s["energy"]["available"] is False
     assert s["energy"]["total_joules"] is None and s["energy"]["joules_per_token"] is None
@@ -113,3 +114,193 @@ def test_offloaded_weights_give_a_clear_error(tiny_llama):
     q.weight = torch.nn.Parameter(torch.empty(q.weight.shape, device="meta"))  # as accelerate's offload leaves it
     with pytest.raises(SpecError, match=r"layers\.1\.self_attn\.q_proj\.weight is offloaded"):
         compress_model(tiny_llama, {"rank": 2, "layers": "2", "cache": False}, progress=False)
+
+
+# -- RAPL (CPU energy), on a fake powercap tree: this machine exposes none ------------------
+
+
+def _zone(root, name, label, uj, range_uj=1_000_000_000):
+    d = root / name
+    d.mkdir()
+    (d / "name").write_text(label + "\n")
+    (d / "energy_uj").write_text(f"{uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{range_uj}\n")
+    return d
+
+
+def _fake_powercap(tmp_path):
+    root = tmp_path / "powercap"
+    root.mkdir()
+    pkg = _zone(root, "intel-rapl:0", "package-0", 5_000_000)
+    _zone(root, "intel-rapl:0:0", "core", 1_000)  # inside the package: not added
+    dram = _zone(root, "intel-rapl:0:1", "dram", 7_000)
+    _zone(root, "intel-rapl:1", "psys", 9_000)  # the whole platform, packages included: not added
+    return root, pkg, dram
+
+
+def _set(zone, uj):
+    (zone / "energy_uj").write_text(f"{uj}\n")
+
+
+def test_rapl_zones_are_the_packages_and_their_dram_without_overlap(tmp_path):
+    from lm_eval_lowrank.measure import rapl_zones
+
+    root, _, _ = _fake_powercap(tmp_path)
+    zones, reason = rapl_zones(root)
+    assert reason is None
+    assert [(z.zone, z.name) for z in zones] == [("intel-rapl:0", "package-0"), ("intel-rapl:0:1", "dram")]
+    empty = tmp_path / "none"
+    empty.mkdir()
+    zones, reason = rapl_zones(empty)
+    assert zones == [] and "no RAPL counters" in reason
+
+
+def test_rapl_counter_wraps_are_folded_in(tmp_path):
+    from lm_eval_lowrank.measure import rapl_zones
+
+    root, pkg, _ = _fake_powercap(tmp_path)
+    zone = rapl_zones(root)[0][0]
+    t0 = zone.energy_j()
+    _set(pkg, 999_000_000)  # +994 J
+    assert zone.energy_j() - t0 == 994.0
+    _set(pkg, 2_000_000)  # wrapped at 1000 J: +1 J to the top, +2 J after
+    assert zone.energy_j() - t0 == 997.0
+
+
+def test_unreadable_rapl_counters_give_a_reason(tmp_path, monkeypatch):
+    from lm_eval_lowrank import measure
+
+    root, pkg, _ = _fake_powercap(tmp_path)
+    real = measure.Path.read_text
+
+    def denied(self, *a, **k):
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(measure.Path, "read_text", denied)
+    zones, reason = measure.rapl_zones(root)
+    assert zones == [] and "not readable" in reason and "energy_uj" in reason
+
+
+def test_a_cpu_run_reports_rapl_energy_per_zone_and_above_idle(tmp_path, monkeypatch):
+    from lm_eval_lowrank import measure
+
+    root, pkg, dram = _fake_powercap(tmp_path)
+    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    m = Meter.create("cpu", idle_seconds=0.0)
+    assert m.energy.available and m.energy.method == "rapl_energy_counter"
+    m.energy.idle_power_w = {z.uuid: 0.0 for z in m.energy.sources}
+    with m.measure("model_call", tokens=100):
+        _set(pkg, 5_000_000 + 30_000_000)  # +30 J
+        _set(dram, 7_000 + 2_000_000)  # +2 J
+    s = aggregate([m.summary()])
+    e = s["energy"]
+    m.energy.close()
+    assert e["available"] and e["method"] == "rapl_energy_counter" and "per_gpu" not in e
+    assert sorted(v["name"] for v in e["per_rapl_zone"].values()) == ["dram", "package-0"]
+    assert e["total_joules"] == 32.0 and e["joules_per_token"] == 0.32
+    assert e["total_joules_above_idle"] == 32.0
+
+
+def test_rapl_idle_power_is_a_counter_difference(tmp_path, monkeypatch):
+    import threading
+
+    from lm_eval_lowrank import measure
+
+    root, pkg, _ = _fake_powercap(tmp_path)
+    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    meter = measure.EnergyMeter(idle_seconds=0.3, sample_interval=0.01, device="cpu")
+    # the package draws 1 J per 10 ms (100 W) while idle; written from another thread
+    stop = threading.Event()
+
+    def burn():
+        uj = 5_000_000
+        while not stop.wait(0.01):
+            uj += 1_000_000
+            _set(pkg, uj)
+
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        meter.measure_idle()
+    finally:
+        stop.set()
+        t.join()
+    pkg_uuid = meter.sources[0].uuid
+    assert 40.0 < meter.idle_power_w[pkg_uuid] <= 110.0  # 100 W, less the writer's oversleeping
+
+
+def test_processes_on_one_host_count_its_rapl_zones_once():
+    zone = {"host:intel-rapl:0": {"zone": "intel-rapl:0", "name": "package-0", "joules": 30.0, "idle_watts": None, "joules_above_idle": None}}
+    again = {"host:intel-rapl:0": {**zone["host:intel-rapl:0"], "joules": 31.0}}
+
+    def summary(parts):
+        s = _summary(1.0, 50, {})
+        s["energy"] = {"available": True, "method": "rapl_energy_counter", "per_rapl_zone": parts}
+        return s
+
+    out = aggregate([summary(zone), summary(again)])
+    assert out["energy"]["per_rapl_zone"]["host:intel-rapl:0"]["joules"] == 31.0
+    assert out["energy"]["total_joules"] == 31.0 and out["energy"]["joules_per_token"] == 31.0 / 100
+
+
+class _FakeNvml:
+    """pynvml's calls that EnergyMeter makes, for two GPUs: GPU-a with an energy counter, GPU-b without."""
+
+    def __init__(self):
+        self.mj = {0: 1_000_000, 1: 0}
+        self.watts = {0: 100.0, 1: 50.0}
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetUUID(self, h):
+        return b"GPU-a" if h == 0 else "GPU-b"
+
+    def nvmlDeviceGetName(self, h):
+        return "Fake H100"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if h == 1:
+            raise RuntimeError("not supported")
+        return self.mj[h]
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return int(self.watts[h] * 1000)
+
+
+def test_nvml_counters_and_power_sampling_on_a_fake_driver(monkeypatch, tmp_path):
+    import sys
+
+    from lm_eval_lowrank import measure
+    from lm_eval_lowrank.measure import EnergyMeter
+
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    meter = EnergyMeter(idle_seconds=0.05, sample_interval=0.01, device="cuda:0")
+    assert meter.available and meter.method == "nvml_power_sampling"  # GPU-b has no counter
+    meter.measure_idle()
+    assert meter.idle_power_w == {"GPU-a": 100.0, "GPU-b": 50.0}
+    meter.start()
+    fake.mj[0] += 30_000  # 30 J on GPU-a's counter
+    time.sleep(0.2)
+    e = meter.read()
+    meter.close()
+    assert set(e["per_gpu"]) == {"GPU-a", "GPU-b"} and e["per_gpu"]["GPU-a"]["name"] == "Fake H100"
+    assert e["per_gpu"]["GPU-a"]["joules"] == 30.0
+    assert 5.0 <= e["per_gpu"]["GPU-b"]["joules"] <= 50.0 * e["seconds"] + 1e-9  # 50 W integrated over ~0.2 s
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a")
+    only_a = EnergyMeter(idle_seconds=0, device="cuda")
+    assert [g.uuid for g in only_a.sources] == ["GPU-a"] and only_a.method == "nvml_energy_counter"
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)
+    on_cpu = EnergyMeter(idle_seconds=0, device="cpu")  # the model is not on the GPUs: they are not measured
+    assert on_cpu.sources == [] and on_cpu.reason.startswith("no GPU in use, and no RAPL counters")

@@ -1,11 +1,13 @@
-"""Measurement: latency of batched forwards, GPU energy, peak memory. Optional, never fatal.
+"""Measurement: latency of batched forwards, energy, peak memory. Optional, never fatal.
 
 - Latency: CUDA events around every measured call on a GPU (read back lazily, so the
   hot path never synchronises); ``perf_counter`` around a synchronised call on a CPU.
-- Energy: NVML's total-energy counter per visible GPU, read at the start of the
-  evaluation and at each sync point (not per batch); where the counter is unsupported a
-  background thread samples power and integrates it. An idle baseline (mean power over a
-  short window before the evaluation) gives the energy above idle.
+- Energy: for a model on a GPU, NVML's total-energy counter per visible GPU, read at the
+  start of the evaluation and at each sync point (not per batch); where the counter is
+  unsupported a background thread samples power and integrates it. For a model on the CPU,
+  the RAPL counters of every CPU package and its DRAM (Linux powercap), polled often enough
+  to see every wrap. An idle baseline (mean power over a short window before the
+  evaluation) gives the energy above idle.
 - Memory: the CUDA allocator's peak per device, or the process's peak RSS on a CPU.
 
 Every reading that cannot be taken is ``None`` with a reason string.
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +39,11 @@ def _peak_rss_bytes() -> int:
 
 
 class _NvmlGPU:
+    """One GPU's NVML counter (mJ since the driver loaded) and instantaneous power."""
+
+    scope = "gpu"
+    instant_power = True
+
     def __init__(self, nvml: Any, index: int) -> None:
         self.nvml = nvml
         self.handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -49,11 +58,14 @@ class _NvmlGPU:
         except Exception:
             self.has_counter = False
 
-    def energy_mj(self) -> int:
-        return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+    def energy_j(self) -> float:
+        return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)) / 1000.0
 
     def power_w(self) -> float:
         return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name}
 
 
 def _visible_gpu_indices(nvml: Any) -> list[int]:
@@ -76,114 +88,215 @@ def _visible_gpu_indices(nvml: Any) -> list[int]:
     return out
 
 
-class EnergyMeter:
-    """GPU energy over an interval, per GPU and in total; ``available`` is False with a reason otherwise."""
+RAPL_ROOT = Path("/sys/class/powercap")
+# A package counter of ~262 kJ wraps after ~9 min at 500 W; polling far more often than that misses no wrap.
+RAPL_POLL_SECONDS = 2.0
 
-    def __init__(self, idle_seconds: float = 1.0, sample_interval: float = 0.05) -> None:
+
+class _RaplZone:
+    """One RAPL counter (a CPU package, or the DRAM beside it): microjoules that wrap at max_energy_range_uj.
+
+    Reading it folds any wrap into a running total, so it must be read more often than it wraps
+    (EnergyMeter polls it). It has no instantaneous power: idle power is a counter difference.
+    """
+
+    scope = "cpu"
+    has_counter = True
+    instant_power = False
+
+    def __init__(self, path: Path, host: str) -> None:
+        self.path = path
+        self.zone = path.name
+        self.name = (path / "name").read_text().strip()
+        self.uuid = f"{host}:{self.zone}"  # processes on one host share it: counted once when aggregated
+        self._range_uj = int((path / "max_energy_range_uj").read_text())
+        self._lock = threading.Lock()
+        self._last_uj = self._raw()  # raises PermissionError where the counter is root-only
+        self._total_uj = 0
+
+    def _raw(self) -> int:
+        return int((self.path / "energy_uj").read_text())
+
+    def energy_j(self) -> float:
+        with self._lock:
+            now = self._raw()
+            delta = now - self._last_uj
+            if delta < 0:  # wrapped
+                delta += self._range_uj
+            self._total_uj += delta
+            self._last_uj = now
+            return self._total_uj / 1e6
+
+    def power_w(self) -> float:
+        raise NotImplementedError("RAPL has no instantaneous power; use counter differences")
+
+    def describe(self) -> dict[str, Any]:
+        return {"zone": self.zone, "name": self.name}
+
+
+def rapl_zones(root: Path | None = None) -> tuple[list[_RaplZone], str | None]:
+    """The CPU packages' RAPL counters and their DRAM counters, or ([], why not).
+
+    Top-level ``psys`` zones cover the whole platform (packages included) and core/uncore zones sit
+    inside their package, so neither is added: the zones returned never overlap.
+    """
+    root = RAPL_ROOT if root is None else root
+    tops = sorted((p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1), key=lambda p: int(p.name.split(":")[1]))
+    if not tops:
+        return [], f"no RAPL counters under {root}"
+    host = socket.gethostname()
+    zones: list[_RaplZone] = []
+    try:
+        for top in tops:
+            if not (top / "name").read_text().strip().startswith("package"):
+                continue
+            zones.append(_RaplZone(top, host))
+            for sub in sorted(root.glob(f"{top.name}:*")):
+                if (sub / "name").read_text().strip() == "dram":
+                    zones.append(_RaplZone(sub, host))
+    except PermissionError as exc:
+        return [], f"RAPL counters not readable ({exc.filename}: root-only on current kernels; `sudo chmod o+r` on the energy_uj files opens them)"
+    except (OSError, ValueError) as exc:
+        return [], f"RAPL counters unreadable: {exc}"
+    if not zones:
+        return [], f"no RAPL package zone under {root}"
+    return zones, None
+
+
+class EnergyMeter:
+    """Energy over an interval, per counter and in total; ``available`` is False with a reason otherwise.
+
+    A model on a GPU is measured by NVML (every visible GPU); a model on the CPU by RAPL (every CPU
+    package and its DRAM). Both are whole-device counters: other work on the device counts too.
+    """
+
+    def __init__(self, idle_seconds: float = 1.0, sample_interval: float = 0.05, device: torch.device | str = "cuda") -> None:
         self.available = False
         self.reason: str | None = None
-        self.gpus: list[_NvmlGPU] = []
+        self.sources: list[Any] = []
         self.idle_seconds = idle_seconds
         self.sample_interval = sample_interval
         self.idle_power_w: dict[str, float] = {}
-        self._start_mj: dict[str, int] = {}
+        self._start_j: dict[str, float] = {}
         self._sampled_j: dict[str, float] = {}
-        self._last_mj: dict[str, int] = {}
         self._t_start: float | None = None
-        self._t_last: float | None = None
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
-        if not torch.cuda.is_available():
-            self.reason = "no CUDA GPU visible"
-            return
+        if torch.device(device).type == "cuda" and torch.cuda.is_available():
+            self.sources, self.reason = self._nvml_gpus()
+        elif torch.device(device).type in ("cpu", "cuda"):  # "cuda" without CUDA: HFLM runs it on the CPU
+            self.sources, reason = rapl_zones()
+            self.reason = None if self.sources else f"no GPU in use, and {reason}"
+        else:
+            self.reason = f"no energy counter for device {torch.device(device).type!r}"
+        self.available = bool(self.sources)
+
+    @staticmethod
+    def _nvml_gpus() -> tuple[list[_NvmlGPU], str | None]:
         try:
             import pynvml as nvml  # from the nvidia-ml-py package
         except ImportError:
-            self.reason = "pynvml not installed (pip install nvidia-ml-py)"
-            return
+            return [], "pynvml not installed (pip install nvidia-ml-py)"
         try:
             nvml.nvmlInit()
-            self.gpus = [_NvmlGPU(nvml, i) for i in _visible_gpu_indices(nvml)]
+            gpus = [_NvmlGPU(nvml, i) for i in _visible_gpu_indices(nvml)]
         except Exception as exc:  # driver without NVML, containers, ...
-            self.reason = f"NVML unavailable: {exc}"
-            return
-        if not self.gpus:
-            self.reason = "NVML sees no visible GPU"
-            return
-        self.available = True
+            return [], f"NVML unavailable: {exc}"
+        return gpus, None if gpus else "NVML sees no visible GPU"
 
     @property
     def method(self) -> str | None:
         if not self.available:
             return None
-        return "nvml_energy_counter" if all(g.has_counter for g in self.gpus) else "nvml_power_sampling"
+        if self.sources[0].scope == "cpu":
+            return "rapl_energy_counter"
+        return "nvml_energy_counter" if all(g.has_counter for g in self.sources) else "nvml_power_sampling"
 
     def measure_idle(self) -> None:
-        """Mean power over a short idle window, per GPU (subtracted to give energy above idle)."""
+        """Mean power over a short idle window, per counter (subtracted to give energy above idle)."""
         if not self.available or self.idle_seconds <= 0:
             return
-        samples: dict[str, list[float]] = {g.uuid: [] for g in self.gpus}
-        end = time.perf_counter() + self.idle_seconds
+        samples: dict[str, list[float]] = {g.uuid: [] for g in self.sources if g.instant_power}
+        t0 = time.perf_counter()
+        before = {g.uuid: g.energy_j() for g in self.sources if not g.instant_power}
+        end = t0 + self.idle_seconds
         while time.perf_counter() < end:
-            for g in self.gpus:
-                try:
-                    samples[g.uuid].append(g.power_w())
-                except Exception:
-                    pass
+            for g in self.sources:
+                if g.instant_power:
+                    try:
+                        samples[g.uuid].append(g.power_w())
+                    except Exception:
+                        pass
             time.sleep(self.sample_interval)
-        self.idle_power_w = {u: sum(v) / len(v) for u, v in samples.items() if v}
+        elapsed = time.perf_counter() - t0
+        idle = {u: sum(v) / len(v) for u, v in samples.items() if v}
+        for g in self.sources:
+            if not g.instant_power:
+                idle[g.uuid] = (g.energy_j() - before[g.uuid]) / elapsed
+        self.idle_power_w = idle
 
     def start(self) -> None:
         if not self.available or self._t_start is not None:
             return
-        self._t_start = self._t_last = time.perf_counter()
-        for g in self.gpus:
+        self._t_start = time.perf_counter()
+        for g in self.sources:
             if g.has_counter:
-                self._start_mj[g.uuid] = self._last_mj[g.uuid] = g.energy_mj()
+                self._start_j[g.uuid] = g.energy_j()
             else:
                 self._sampled_j[g.uuid] = 0.0
-        if any(not g.has_counter for g in self.gpus):
-            self._sampler = threading.Thread(target=self._sample_loop, daemon=True)
+        sampled = any(not g.has_counter for g in self.sources)
+        if sampled or any(not g.instant_power for g in self.sources):
+            interval = self.sample_interval if sampled else RAPL_POLL_SECONDS
+            self._sampler = threading.Thread(target=self._sample_loop, args=(interval,), daemon=True)
             self._sampler.start()
 
-    def _sample_loop(self) -> None:
+    def _sample_loop(self, interval: float) -> None:
+        """Integrates power where there is no counter, and reads RAPL counters often enough to see every wrap."""
         prev = time.perf_counter()
-        while not self._stop.wait(self.sample_interval):
+        while not self._stop.wait(interval):
             now = time.perf_counter()
-            for g in self.gpus:
-                if not g.has_counter:
-                    try:
+            for g in self.sources:
+                try:
+                    if not g.has_counter:
                         self._sampled_j[g.uuid] += g.power_w() * (now - prev)
-                    except Exception:
-                        pass
+                    elif not g.instant_power:
+                        g.energy_j()
+                except Exception:
+                    pass
             prev = now
 
     def read(self) -> dict[str, Any]:
-        """Energy since ``start`` (joules), per GPU UUID and in total."""
+        """Energy since ``start`` (joules), per counter and in total."""
         if not self.available:
             return {"available": False, "reason": self.reason}
         if self._t_start is None:
             return {"available": False, "reason": "no measured forward ran"}
-        now = time.perf_counter()
-        elapsed = now - self._t_start
-        per_gpu: dict[str, dict[str, Any]] = {}
-        for g in self.gpus:
-            if g.has_counter:
-                joules = (g.energy_mj() - self._start_mj[g.uuid]) / 1000.0
-            else:
-                joules = self._sampled_j.get(g.uuid, 0.0)
+        elapsed = time.perf_counter() - self._t_start
+        parts: dict[str, dict[str, Any]] = {}
+        for g in self.sources:
+            joules = g.energy_j() - self._start_j[g.uuid] if g.has_counter else self._sampled_j.get(g.uuid, 0.0)
             idle_w = self.idle_power_w.get(g.uuid)
-            per_gpu[g.uuid] = {
-                "index": g.index,
-                "name": g.name,
+            parts[g.uuid] = {
+                **g.describe(),
                 "joules": joules,
                 "idle_watts": idle_w,
                 "joules_above_idle": None if idle_w is None else max(joules - idle_w * elapsed, 0.0),
             }
-        return {"available": True, "method": self.method, "seconds": elapsed, "per_gpu": per_gpu}
+        key = "per_gpu" if self.sources[0].scope == "gpu" else "per_rapl_zone"
+        return {"available": True, "method": self.method, "seconds": elapsed, key: parts}
 
     def close(self) -> None:
         self._stop.set()
+
+
+ENERGY_PARTS = ("per_gpu", "per_rapl_zone")
+
+
+def _energy_parts(e: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    for key in ENERGY_PARTS:
+        if key in e:
+            return key, e[key]
+    return ENERGY_PARTS[0], {}
 
 
 # -- latency and memory --------------------------------------------------------------
@@ -219,7 +332,7 @@ class Meter:
     ) -> Meter:
         """``model_devices``: where the model's parameters live (several GPUs with ``parallelize=True``)."""
         device = torch.device(device)
-        energy = EnergyMeter(idle_seconds=idle_seconds) if measure_energy else None
+        energy = EnergyMeter(idle_seconds=idle_seconds, device=device) if measure_energy else None
         cuda_ok = torch.cuda.is_available()
         used = sorted({d.index or 0 for d in (model_devices or []) if d.type == "cuda"}) if cuda_ok else []
         if cuda_ok and device.type == "cuda":
@@ -367,10 +480,11 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             reasons.append(e.get("reason"))
             continue
         method = e.get("method")
-        for uuid, g in e["per_gpu"].items():
+        parts_key, parts = _energy_parts(e)
+        for uuid, g in parts.items():
             if uuid not in gpus or g["joules"] > gpus[uuid]["joules"]:
                 gpus[uuid] = g
-    energy = {"available": True, "method": method, "per_gpu": gpus} if gpus else {"available": False, "reason": reasons[0] if reasons else "unknown"}
+    energy = {"available": True, "method": method, parts_key: gpus} if gpus else {"available": False, "reason": reasons[0] if reasons else "unknown"}
     mem_bytes = [s["memory"]["bytes"] for s in summaries]
     memory = {"kind": summaries[0]["memory"]["kind"], "bytes": max(mem_bytes), "per_process_bytes": mem_bytes}
     return _finish({"latency": lat, "energy": energy, "memory": memory, "processes": len(summaries)})
@@ -381,8 +495,9 @@ def _finish(s: dict[str, Any]) -> dict[str, Any]:
     e = s["energy"]
     tokens = s["latency"]["tokens"]
     if e.get("available"):
-        total = sum(g["joules"] for g in e["per_gpu"].values())
-        above = [g["joules_above_idle"] for g in e["per_gpu"].values()]
+        parts = _energy_parts(e)[1]
+        total = sum(g["joules"] for g in parts.values())
+        above = [g["joules_above_idle"] for g in parts.values()]
         e["total_joules"] = total
         e["total_joules_above_idle"] = None if any(a is None for a in above) else sum(above)
         e["joules_per_token"] = total / tokens if tokens else None
