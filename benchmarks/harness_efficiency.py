@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _synthetic import save_random_llama  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 DEFAULT_CONFIGS = {
     "smollm2-135m": ["rank=1,layers=3|15|28", "rank=8,layers=3-28:3", "rank=32,layers=all"],
     "llama-2-7b": ["rank=1,layers=3|18|32", "rank=1,layers=3-30:3|32", "rank=64,layers=3-30:3|32"],
@@ -46,29 +48,6 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-
-
-def build_model(shape: str, out: Path, tokenizer_dir: Path, device: str, dtype: str) -> float:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lm_eval_lowrank.design_space import load_config
-
-    cfg = dict(load_config(shape))
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg.update(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg.pop("model_type", None)
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return time.perf_counter() - t0
 
 
 def run_lm_eval(model_dir: Path, extra: str, task_dir: Path, args: argparse.Namespace, out: Path) -> dict:
@@ -118,7 +97,7 @@ def main() -> None:
         task_dir.mkdir()
         (task_dir / "arc_bench.yaml").write_text(ARC_YAML.format(path=arc))
         model_dir = work / "model"
-        build_s = build_model(args.shape, model_dir, tok_dir, args.device, args.dtype)
+        build_s = save_random_llama(args.shape, model_dir, device=args.device, dtype=args.dtype, tokenizer_dir=tok_dir)
         print(f"model {args.shape} (random weights, {args.dtype}) built and saved in {build_s:.1f} s", flush=True)
         runs = {"dense": run_lm_eval(model_dir, "", task_dir, args, work / "out_dense")}
         for extra in configs:

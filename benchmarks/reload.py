@@ -9,6 +9,9 @@ Prints one line per ratio (medians over --repeats, all measured in this one run)
 Decompose-on-load runs with the cache off (cache=false), so it measures the decomposition.
 The cache-hit load is what a second identical hf-tucker run does: a dense load, then the
 factors from the decomposition cache (a private cache folder, primed once, untimed).
+
+On a GPU, with a Llama-2-7B-shaped model of random weights (saved once to --workdir):
+  python benchmarks/reload.py --synthetic llama-2-7b --device cuda --dtype bfloat16 --rank 16 --repeats 2
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import argparse
 import gc
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _synthetic import save_random_llama  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import timed  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +33,11 @@ def main() -> None:
     ap.add_argument("--layers", default="all")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default="cpu", help="where the model loads (cuda: straight onto the GPU)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--synthetic", default=None, help="instead of --model: random weights of this shape (e.g. llama-2-7b)")
+    ap.add_argument("--synthetic-layers", type=int, default=None, help="keep only the first N decoder layers of --synthetic")
+    ap.add_argument("--workdir", default=None, help="where --synthetic saves its model (reused when there)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -37,12 +46,22 @@ def main() -> None:
     from lm_eval_lowrank.assets import smollm2_path
     from lm_eval_lowrank.checkpoint import CompressedCheckpoint, load_compressed, save_compressed
 
-    src = Path(args.model) if args.model else smollm2_path()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.synthetic:
+        src = Path(args.workdir or tempfile.mkdtemp(prefix="lowrank-reload-")) / f"{args.synthetic}-random-{args.dtype}-{args.synthetic_layers or 'all'}"
+        if not (src / "config.json").exists():
+            s = save_random_llama(args.synthetic, src, device=args.device, dtype=args.dtype, layers=args.synthetic_layers)
+            print(f"# built {src} in {s:.1f} s (random weights)", flush=True)
+    else:
+        src = Path(args.model) if args.model else smollm2_path()
     spec = {"rank": args.rank, "layers": args.layers, "cache": False}
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def dense() -> object:
-        return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+        if device.type == "cuda":
+            return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, device_map={"": device.index or 0})
+        return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
 
     def on_load() -> object:
         m = dense()
@@ -65,30 +84,32 @@ def main() -> None:
         model = dense()
         report = compress_model(model, spec, progress=False)
         ck = save_compressed(model, Path(tmp) / "ckpt", report, source={"model_id": str(src)})
-        x = torch.randint(0, 1000, (1, 32))
+        x = torch.randint(0, 1000, (1, 32), device=device)
         with torch.no_grad():
             ref = model(x).logits
         del model
 
         def from_ckpt() -> object:
-            return load_compressed(ck)
+            return load_compressed(ck, device=device)
 
         times: dict[str, list[float]] = {"dense": [], "on_load": [], "ckpt": [], "cache": []}
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits all four alike
             for name, fn in (("dense", dense), ("on_load", on_load), ("ckpt", from_ckpt), ("cache", cache_hit)):
-                t0 = time.perf_counter()
-                m = fn()
-                times[name].append(time.perf_counter() - t0)
+                box: list[object] = []
+                times[name].append(timed(lambda fn=fn: box.append(fn()), device))
+                m = box.pop()
                 if name in ("ckpt", "cache"):
                     with torch.no_grad():
                         assert torch.equal(m(x).logits, ref), "checkpoint logits differ from decompose-on-load"
                 del m
                 gc.collect()  # models hold reference cycles: free them here, not inside the next timing
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         med = {k: statistics.median(v) for k, v in times.items()}
         dense_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         ck_bytes = CompressedCheckpoint.open(ck).weight_bytes()
         print(
-            f"# model={src.name} rank={args.rank} layers={args.layers} modules={len(report.plan.targets)} repeats={args.repeats} "
+            f"# model={src.name} device={device} dtype={args.dtype} rank={args.rank} layers={args.layers} modules={len(report.plan.targets)} repeats={args.repeats} "
             f"dense={med['dense']:.2f}s decompose_on_load={med['on_load']:.2f}s checkpoint={med['ckpt']:.2f}s cache_hit={med['cache']:.2f}s "
             f"bytes ckpt/dense={ck_bytes / dense_bytes:.4f} params after/before={report.params_after / report.params_before:.4f}"
         )

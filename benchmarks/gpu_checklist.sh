@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU checklist of benchmarks/README.md, in stages that each fit the device tool's 10-minute command.
+#
+# Here (needs PyPI), once per session:
+#   bash benchmarks/gpu_checklist.sh prepare
+# builds .whl/ (this package, lm-eval and the lm-eval dependencies the GPU image lacks) and .devcarry/
+# (the SmolLM2 tokenizer, the ARC-Easy and wikitext files). Both are git-ignored through .git/info/exclude.
+# There, one device call per stage, in order of priority (30 device minutes fit about three):
+#   run(command="bash benchmarks/gpu_checklist.sh 1", carry=[".whl", ".devcarry"], timeout_s=600)
+# Each stage prints its figures and keeps its log in $OUT/stageN.log.
+#
+#   1  decompose-on-load / load at 7B shapes (rank 1, 64); randomized vs exact on the GPU
+#   2  forward latency cut / parameter cut at 7B shapes; rom's solve with weights on the GPU
+#   3  the real harness at 7B shapes: latency, energy per token (NVML), memory, dense vs decomposed
+#   4  cache-hit and checkpoint loads at 7B shapes; rom and whiten through lm_eval on the GPU
+#
+# GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
+# so that a broken argument shows up here and not in device minutes.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4}"
+smoke="${GPU_CHECKLIST_SMOKE:-0}"
+
+prepare() {
+    set -e
+    local py=.venv/bin/python
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+    grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >>.git/info/exclude
+    rm -rf .whl && mkdir -p .whl .devcarry/data/arc_easy .devcarry/data/wikitext .devcarry/tok
+    "$py" -m pip wheel -q --no-deps -w .whl .
+    # lm-eval 0.4.13's dependencies that the GPU image (Python 3.12) does not hold: wheels for 3.12, and
+    # three pure-Python sdists built into wheels here
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 pytablewriter==1.2.1 \
+        dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
+        nltk==3.10.4 more_itertools==11.2.1 pytz==2026.6 chardet==7.7.0
+    "$py" -m pip wheel -q --no-deps -w .whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1
+    local model data
+    model="$("$py" -c 'from lm_eval_lowrank.assets import smollm2_path; print(smollm2_path())')"
+    data="$("$py" -c 'from lm_eval_lowrank.tasks import data_dir; print(data_dir())')"
+    cp "$model"/tokenizer.json "$model"/tokenizer_config.json .devcarry/tok/
+    cp "$data"/arc_easy/test.jsonl .devcarry/data/arc_easy/
+    cp "$data"/wikitext/test.jsonl .devcarry/data/wikitext/
+    du -sh .whl .devcarry
+    echo "ready: carry .whl and .devcarry"
+}
+
+if [ "$stage" = prepare ]; then
+    prepare
+    exit
+fi
+
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+log="$OUT/stage$stage.log"
+if [ "$smoke" = 1 ]; then
+    dev=cpu
+    py=.venv/bin/python
+    few_layers=(--layers 1)
+    shape=smollm2-135m
+    limit=4
+    reload_layers=(--synthetic-layers 1)
+else
+    dev=cuda
+    py=python3
+    few_layers=()
+    shape=llama-2-7b
+    limit=500
+    reload_layers=()
+    # the wheels go into the image's own environment, so lm_eval finds the hf-tucker hook (.pth) and
+    # the console scripts; the tree's sources come first, so the code is this checkout's
+    $py -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv
+fi
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export LM_EVAL_LOWRANK_DATA="$PWD/.devcarry/data"
+
+item() {  # item SECONDS COMMAND...: one figure-producing command, bounded, logged
+    local limit_s="$1"
+    shift
+    [ "$smoke" = 1 ] && [ "$limit_s" -gt 240 ] && limit_s=240  # toy sizes; a slow CPU baseline may be cut short
+    echo "### $* (limit ${limit_s}s)" | tee -a "$log"
+    local t0=$SECONDS
+    timeout "$limit_s" "$@" 2>&1 | grep -v -e 'Loading weights' -e '^\s*$' | tee -a "$log"
+    echo "### rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$log"
+}
+
+case "$stage" in
+1)
+    item 400 $py benchmarks/decompose.py --device $dev --synthetic llama-2-7b "${few_layers[@]}" --workdir /tmp/l2 --ranks 1 64 --reps 2
+    item 150 $py benchmarks/decompose.py --device $dev --switch-only --reps 2
+    ;;
+2)
+    item 380 $py benchmarks/forward.py --device $dev --synthetic llama-2-7b "${few_layers[@]}" --ranks 64 --cuts 0.1 0.3 --layouts folded --skip-modules --reps 2
+    item 180 $py benchmarks/rom.py --device $dev --synthetic-only --reps 1
+    ;;
+3)
+    item 560 $py benchmarks/harness_efficiency.py --shape $shape --device $dev --dtype bfloat16 --limit $limit --batch-size 32 \
+        --tokenizer .devcarry/tok --arc-file .devcarry/data/arc_easy/test.jsonl --json-out "$OUT/harness_efficiency.json"
+    ;;
+4)
+    item 380 $py benchmarks/reload.py --synthetic llama-2-7b "${reload_layers[@]}" --device $dev --dtype bfloat16 --rank 16 --repeats 2 --workdir /tmp/rl
+    item 200 $py benchmarks/harness_efficiency.py --shape smollm2-135m --device $dev --dtype float32 --limit 20 --batch-size 16 \
+        --tokenizer .devcarry/tok --arc-file .devcarry/data/arc_easy/test.jsonl \
+        --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28'
+    ;;
+*)
+    echo "unknown stage $stage: prepare, 1, 2, 3 or 4" >&2
+    exit 2
+    ;;
+esac
+echo "log: $log"
