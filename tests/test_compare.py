@@ -25,7 +25,7 @@ def _low(modules, reduction, seconds, energy):
 
 def test_compare_lines_up_accuracy_and_efficiency(tmp_path):
     dense = _write(tmp_path / "d.json", 0.5, _low([], 0.0, 2.0, {"available": False, "reason": "no CUDA GPU visible"}))
-    comp = _write(tmp_path / "c.json", 0.4, _low(["m"], 0.0787, 1.8, {"available": True, "total_joules": 12.5, "joules_per_token": 0.03}))
+    comp = _write(tmp_path / "c.json", 0.4, _low(["m"], 0.0787, 1.8, {"available": True, "method": "rapl_energy_counter", "total_joules": 12.5, "joules_per_token": 0.03}))
     r = CliRunner().invoke(cli, ["compare", str(dense), str(comp)])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -34,7 +34,8 @@ def test_compare_lines_up_accuracy_and_efficiency(tmp_path):
     assert row["arc_easy_local acc_norm"] == ["0.5100", "0.4100"]
     assert row["param reduction"] == ["0.00 %", "7.87 %"]
     assert row["tokens/s"] == ["200.0", "222.2"]
-    assert row["energy"] == ["n/a: no CUDA GPU visible", "12.5 J"]
+    assert row["energy"] == ["n/a: no CUDA GPU visible", "12.5 J (CPU, RAPL)"]  # says what was measured
+    assert row["energy per token"] == ["n/a", "0.0300 J (CPU, RAPL)"]
     assert row["decomposition time"] == ["none", "0.50 s"]
 
 

@@ -23,13 +23,18 @@ def _fmt_num(v: Any, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+ENERGY_SOURCES = {"nvml_energy_counter": "GPU, NVML", "nvml_power_sampling": "GPU, NVML sampled", "rapl_energy_counter": "CPU, RAPL"}
+
+
 def _energy(low: dict[str, Any]) -> tuple[str, str]:
     e = low.get("energy") or {}
     if not e:
         return "n/a: not an hf-tucker run", "n/a"
     if not e.get("available"):
         return f"n/a: {e.get('reason', 'unavailable')}", "n/a"
-    return f"{e['total_joules']:.1f} J", _fmt_num(e.get("joules_per_token"), ".4f") + " J"
+    source = ENERGY_SOURCES.get(str(e.get("method")), "")  # GPU and CPU-package energy are not comparable
+    suffix = f" ({source})" if source else ""
+    return f"{e['total_joules']:.1f} J{suffix}", _fmt_num(e.get("joules_per_token"), ".4f") + " J" + suffix
 
 
 def _decomposition_time(low: dict[str, Any]) -> str:
