@@ -388,6 +388,7 @@ def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, 
         "energy_joules": _finite(en.get("total_joules")),
         "joules_per_token": _finite(en.get("joules_per_token")),
         "energy_reason": en.get("reason"),
+        "energy_method": en.get("method"),  # nvml_* (the GPU) or rapl_energy_counter (the CPU packages)
         "memory_bytes": mem.get("bytes"),
         "memory_kind": mem.get("kind"),
         "versions": info.get("versions"),
