@@ -304,3 +304,28 @@ def test_nvml_counters_and_power_sampling_on_a_fake_driver(monkeypatch, tmp_path
     monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)
     on_cpu = EnergyMeter(idle_seconds=0, device="cpu")  # the model is not on the GPUs: they are not measured
     assert on_cpu.sources == [] and on_cpu.reason.startswith("no GPU in use, and no RAPL counters")
+
+
+def test_only_the_gpus_the_model_occupies_are_measured(monkeypatch):
+    """On a machine with several GPUs, a model on one of them is charged for that one, found by UUID."""
+    import sys
+    from types import SimpleNamespace
+
+    from lm_eval_lowrank.measure import EnergyMeter
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # CUDA orders devices fastest first, NVML by PCI bus: here CUDA device 0 is NVML's second GPU
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=["b", "a"][i]))
+    assert [g.uuid for g in EnergyMeter(idle_seconds=0, device="cuda:0", cuda_devices=[0]).sources] == ["GPU-b"]
+    both = EnergyMeter(idle_seconds=0, device="cuda:0", cuda_devices=[1, 0])  # parallelize=True over both
+    assert sorted(g.uuid for g in both.sources) == ["GPU-a", "GPU-b"]
+
+    def no_uuid(i):
+        raise RuntimeError("no uuid in this torch")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_uuid)  # then the position among the visible GPUs
+    assert [g.uuid for g in EnergyMeter(idle_seconds=0, device="cuda:1", cuda_devices=[1]).sources] == ["GPU-b"]
+    gone = EnergyMeter(idle_seconds=0, device="cuda:5", cuda_devices=[5])
+    assert not gone.available and "none of the GPUs in use" in gone.reason

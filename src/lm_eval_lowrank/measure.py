@@ -2,7 +2,7 @@
 
 - Latency: CUDA events around every measured call on a GPU (read back lazily, so the
   hot path never synchronises); ``perf_counter`` around a synchronised call on a CPU.
-- Energy: for a model on a GPU, NVML's total-energy counter per visible GPU, read at the
+- Energy: for a model on a GPU, NVML's total-energy counter of each GPU it occupies, read at the
   start of the evaluation and at each sync point (not per batch); where the counter is
   unsupported a background thread samples power and integrates it. For a model on the CPU,
   the RAPL counters of every CPU package and its DRAM (Linux powercap), polled often enough
@@ -88,6 +88,20 @@ def _visible_gpu_indices(nvml: Any) -> list[int]:
     return out
 
 
+def _nvml_gpu_of(cuda_index: int, visible: list[_NvmlGPU]) -> _NvmlGPU | None:
+    """The NVML GPU behind a CUDA device index, by UUID: CUDA orders devices fastest first and NVML by
+    PCI bus, so positions can differ. Without a UUID from torch, the position among the visible GPUs."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+    except Exception:
+        uuid = ""
+    if uuid:
+        for g in visible:
+            if g.uuid.removeprefix("GPU-").lower() == uuid.removeprefix("GPU-").lower():
+                return g
+    return visible[cuda_index] if 0 <= cuda_index < len(visible) else None
+
+
 RAPL_ROOT = Path("/sys/class/powercap")
 # A package counter of ~262 kJ wraps after ~9 min at 500 W; polling far more often than that misses no wrap.
 RAPL_POLL_SECONDS = 2.0
@@ -166,11 +180,14 @@ def rapl_zones(root: Path | None = None) -> tuple[list[_RaplZone], str | None]:
 class EnergyMeter:
     """Energy over an interval, per counter and in total; ``available`` is False with a reason otherwise.
 
-    A model on a GPU is measured by NVML (every visible GPU); a model on the CPU by RAPL (every CPU
-    package and its DRAM). Both are whole-device counters: other work on the device counts too.
+    A model on a GPU is measured by NVML (the GPUs it occupies: ``cuda_devices``, CUDA indices; every
+    visible GPU when not given); a model on the CPU by RAPL (every CPU package and its DRAM). Both are
+    whole-device counters: other work on the device counts too.
     """
 
-    def __init__(self, idle_seconds: float = 1.0, sample_interval: float = 0.05, device: torch.device | str = "cuda") -> None:
+    def __init__(
+        self, idle_seconds: float = 1.0, sample_interval: float = 0.05, device: torch.device | str = "cuda", cuda_devices: Iterable[int] | None = None
+    ) -> None:
         self.available = False
         self.reason: str | None = None
         self.sources: list[Any] = []
@@ -183,7 +200,7 @@ class EnergyMeter:
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
-            self.sources, self.reason = self._nvml_gpus()
+            self.sources, self.reason = self._nvml_gpus(None if cuda_devices is None else list(cuda_devices))
         elif torch.device(device).type in ("cpu", "cuda"):  # "cuda" without CUDA: HFLM runs it on the CPU
             self.sources, reason = rapl_zones()
             self.reason = None if self.sources else f"no GPU in use, and {reason}"
@@ -192,7 +209,7 @@ class EnergyMeter:
         self.available = bool(self.sources)
 
     @staticmethod
-    def _nvml_gpus() -> tuple[list[_NvmlGPU], str | None]:
+    def _nvml_gpus(cuda_devices: list[int] | None) -> tuple[list[_NvmlGPU], str | None]:
         try:
             import pynvml as nvml  # from the nvidia-ml-py package
         except ImportError:
@@ -202,7 +219,12 @@ class EnergyMeter:
             gpus = [_NvmlGPU(nvml, i) for i in _visible_gpu_indices(nvml)]
         except Exception as exc:  # driver without NVML, containers, ...
             return [], f"NVML unavailable: {exc}"
-        return gpus, None if gpus else "NVML sees no visible GPU"
+        if not gpus:
+            return [], "NVML sees no visible GPU"
+        if cuda_devices is None:
+            return gpus, None
+        used = [g for g in (_nvml_gpu_of(i, gpus) for i in sorted(set(cuda_devices))) if g is not None]
+        return used, None if used else f"NVML finds none of the GPUs in use (CUDA devices {sorted(set(cuda_devices))})"
 
     @property
     def method(self) -> str | None:
@@ -332,9 +354,9 @@ class Meter:
     ) -> Meter:
         """``model_devices``: where the model's parameters live (several GPUs with ``parallelize=True``)."""
         device = torch.device(device)
-        energy = EnergyMeter(idle_seconds=idle_seconds, device=device) if measure_energy else None
         cuda_ok = torch.cuda.is_available()
         used = sorted({d.index or 0 for d in (model_devices or []) if d.type == "cuda"}) if cuda_ok else []
+        energy = EnergyMeter(idle_seconds=idle_seconds, device=device, cuda_devices=used or [device.index or 0]) if measure_energy else None
         if cuda_ok and device.type == "cuda":
             for i in used or [device.index or 0]:
                 torch.cuda.reset_peak_memory_stats(i)
