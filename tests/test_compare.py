@@ -54,3 +54,11 @@ def test_compare_rejects_a_foreign_file(tmp_path):
     bad.write_text("{}")
     r = CliRunner().invoke(cli, ["compare", str(bad)])
     assert r.exit_code != 0 and "not an lm-eval results file" in r.output
+
+
+def test_compare_keeps_the_energy_reason_short(tmp_path):
+    low = _low(["m"], 0.0787, 1.8, {"available": False, "reason": "no GPU in use, and no RAPL counters (/sys/class/powercap/intel-rapl:*)"})
+    r = CliRunner().invoke(cli, ["compare", str(_write(tmp_path / "c.json", 0.4, low))])
+    assert r.exit_code == 0, r.output
+    row = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in r.output.splitlines()[2:]}
+    assert row["energy"] == "n/a: no GPU in use, and no RAPL counters"  # the path stays in the JSON

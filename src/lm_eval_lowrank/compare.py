@@ -31,7 +31,7 @@ def _energy(low: dict[str, Any]) -> tuple[str, str]:
     if not e:
         return "n/a: not an hf-tucker run", "n/a"
     if not e.get("available"):
-        return f"n/a: {e.get('reason', 'unavailable')}", "n/a"
+        return f"n/a: {str(e.get('reason') or 'unavailable').split(' (')[0]}", "n/a"  # the details stay in the JSON
     source = ENERGY_SOURCES.get(str(e.get("method")), "")  # GPU and CPU-package energy are not comparable
     suffix = f" ({source})" if source else ""
     return f"{e['total_joules']:.1f} J{suffix}", _fmt_num(e.get("joules_per_token"), ".4f") + " J" + suffix

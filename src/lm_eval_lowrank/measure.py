@@ -157,7 +157,7 @@ def rapl_zones(root: Path | None = None) -> tuple[list[_RaplZone], str | None]:
     root = RAPL_ROOT if root is None else root
     tops = sorted((p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1), key=lambda p: int(p.name.split(":")[1]))
     if not tops:
-        return [], f"no RAPL counters under {root}"
+        return [], f"no RAPL counters ({root}/intel-rapl:*)"
     host = socket.gethostname()
     zones: list[_RaplZone] = []
     try:
@@ -169,11 +169,11 @@ def rapl_zones(root: Path | None = None) -> tuple[list[_RaplZone], str | None]:
                 if (sub / "name").read_text().strip() == "dram":
                     zones.append(_RaplZone(sub, host))
     except PermissionError as exc:
-        return [], f"RAPL counters not readable ({exc.filename}: root-only on current kernels; `sudo chmod o+r` on the energy_uj files opens them)"
+        return [], f"RAPL counters not readable ({exc.filename} is root-only on current kernels; `sudo chmod o+r` on the energy_uj files opens them)"
     except (OSError, ValueError) as exc:
         return [], f"RAPL counters unreadable: {exc}"
     if not zones:
-        return [], f"no RAPL package zone under {root}"
+        return [], f"no RAPL package zone ({root})"
     return zones, None
 
 
