@@ -329,3 +329,19 @@ def test_only_the_gpus_the_model_occupies_are_measured(monkeypatch):
     assert [g.uuid for g in EnergyMeter(idle_seconds=0, device="cuda:1", cuda_devices=[1]).sources] == ["GPU-b"]
     gone = EnergyMeter(idle_seconds=0, device="cuda:5", cuda_devices=[5])
     assert not gone.available and "none of the GPUs in use" in gone.reason
+
+
+def test_a_sharded_model_is_charged_for_every_gpu_it_occupies(monkeypatch):
+    """parallelize=True: the meter takes the GPUs from where the parameters live."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=None: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=["a", "b"][i]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    one = Meter.create("cuda:0", idle_seconds=0, model_devices=[torch.device("cuda:0")])
+    assert [g.uuid for g in one.energy.sources] == ["GPU-a"]
+    sharded = Meter.create("cuda:0", idle_seconds=0, model_devices=[torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cpu")])
+    assert [g.uuid for g in sharded.energy.sources] == ["GPU-a", "GPU-b"]
