@@ -554,3 +554,19 @@ def test_smollm2_whiten_beats_tucker_on_calibration(smollm2_dir, monkeypatch, tm
         compress_model(model, spec, tokenizer=tok, progress=False)
         out[method] = ppl(model)
     assert out["whiten"] < out["tucker"]
+
+
+def test_covariances_are_summed_in_place_with_the_bits_of_converting_first():
+    """The calibration's running sums take fp32 products into fp64 in place: the same bits as
+    converting each product to fp64 and adding, without the fp64 temporaries."""
+    from lm_eval_lowrank.calibration import _accumulate
+
+    gen = torch.Generator().manual_seed(0)
+    sums: dict[str, torch.Tensor] = {}
+    reference = torch.zeros(64, 64, dtype=torch.float64)
+    for _ in range(5):
+        x = torch.randn(200, 64, generator=gen) * 3
+        product = x.mT @ x
+        _accumulate(sums, "m", product)
+        reference = reference + product.to(torch.float64)
+    assert sums["m"].dtype == torch.float64 and torch.equal(sums["m"], reference)
