@@ -141,9 +141,6 @@ class _RaplZone:
             self._last_uj = now
             return self._total_uj / 1e6
 
-    def power_w(self) -> float:
-        raise NotImplementedError("RAPL has no instantaneous power; use counter differences")
-
     def describe(self) -> dict[str, Any]:
         return {"zone": self.zone, "name": self.name}
 
