@@ -345,3 +345,26 @@ def test_a_sharded_model_is_charged_for_every_gpu_it_occupies(monkeypatch):
     assert [g.uuid for g in one.energy.sources] == ["GPU-a"]
     sharded = Meter.create("cuda:0", idle_seconds=0, model_devices=[torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cpu")])
     assert [g.uuid for g in sharded.energy.sources] == ["GPU-a", "GPU-b"]
+
+
+def test_env_says_what_a_run_here_will_measure(tmp_path, monkeypatch):
+    """`lm-eval-lowrank env`: registration, and the energy counters a CPU run would read (a fake RAPL tree)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank import measure
+    from lm_eval_lowrank.cli import cli
+
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path / "none")
+    r = CliRunner().invoke(cli, ["env"])
+    assert r.exit_code == 0, r.output
+    assert "hf and hf-tucker both resolve" in r.output
+    assert "energy, model on CPU  n/a: no GPU in use, and no RAPL counters" in r.output
+    _fake_powercap(tmp_path)
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path / "powercap")
+    info = json.loads(CliRunner().invoke(cli, ["env", "--json"]).output)
+    assert info["registry"]["ok"] and info["registry"]["hf-tucker"].endswith("HFTuckerLM")
+    cpu = info["cpu"]["energy"]
+    assert cpu["available"] and cpu["method"] == "rapl_energy_counter"
+    assert sorted(c["name"] for c in cpu["counters"].values()) == ["dram", "package-0"]

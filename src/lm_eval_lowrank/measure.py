@@ -308,6 +308,18 @@ class EnergyMeter:
         self._stop.set()
 
 
+def energy_readiness(device: torch.device | str) -> dict[str, Any]:
+    """What energy a model on ``device`` would be measured with, found without measuring anything."""
+    meter = EnergyMeter(idle_seconds=0, device=device)
+    try:
+        if not meter.available:
+            return {"available": False, "reason": meter.reason}
+        counters = {g.uuid: {**g.describe(), "counter": g.has_counter} for g in meter.sources}
+        return {"available": True, "method": meter.method, "counters": counters}
+    finally:
+        meter.close()
+
+
 ENERGY_PARTS = ("per_gpu", "per_rapl_zone")
 
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("lm_eval_lowrank.cli.analyze", "analyze", "Singular spectra, energy, effective rank, sparsity."),
     "compare": ("lm_eval_lowrank.cli.compare", "compare", "Side-by-side accuracy and efficiency of hf-tucker runs."),
     "tasks": ("lm_eval_lowrank.cli.tasks", "tasks", "Print the --include_path of the offline local tasks (--list: names, docs)."),
+    "env": ("lm_eval_lowrank.cli.env", "env", "What a run here will measure: energy counters, timer, solvers, registration."),
     "fetch-model": ("lm_eval_lowrank.cli.fetch", "fetch_model", "Fetch and convert the embedded default model (SmolLM2)."),
 }
 

@@ -1,0 +1,90 @@
+"""``lm-eval-lowrank env``: what a run on this machine will measure, before a long evaluation starts.
+
+Versions, whether lm-eval resolves both ``hf`` and ``hf-tucker``, the timer, the energy counters
+(NVML for a model on a GPU, RAPL for one on the CPU) and the reason where there are none, the
+solvers ``auto`` takes, and where the data and caches are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+
+def _registry() -> dict[str, Any]:
+    """Both models resolve: the check of lm-eval 0.4.13's empty-registry trap, in this process."""
+    try:
+        from lm_eval.api.registry import get_model
+
+        hf, tucker = get_model("hf"), get_model("hf-tucker")
+        ok = issubclass(tucker, hf)
+        return {"ok": ok, "hf": f"{hf.__module__}.{hf.__name__}", "hf-tucker": f"{tucker.__module__}.{tucker.__name__}"}
+    except Exception as exc:  # reported, not raised: the point is to say what is wrong
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from ..api import versions
+    from ..assets import cache_root
+    from ..measure import energy_readiness
+    from ..methods.tucker import _scipy_linalg
+    from ..tasks import DataDirError, data_dir
+
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    try:
+        data: dict[str, Any] = {"dir": str(data_dir())}
+    except DataDirError as exc:
+        data = {"dir": None, "error": str(exc)}
+    return {
+        "versions": versions(),
+        "registry": _registry(),
+        "cpu": {"torch_threads": torch.get_num_threads(), "energy": energy_readiness("cpu")},
+        "cuda": {"available": cuda, "gpus": gpus, "energy": energy_readiness("cuda") if cuda else {"available": False, "reason": "no CUDA GPU"}},
+        "timer": "cuda_events on a GPU, perf_counter on the CPU",
+        "solvers": {
+            "cpu": "krylov / gram (scipy syrk + syevr)" if _scipy_linalg() is not None else "krylov / gram (torch eigh: scipy missing)",
+            "cuda": "randomized / exact",
+        },
+        "data": data,
+        "cache": str(cache_root()),
+    }
+
+
+def _energy_line(e: dict[str, Any]) -> str:
+    if not e.get("available"):
+        return f"n/a: {e.get('reason')}"
+    names = ", ".join(str(c.get("name")) for c in e["counters"].values())
+    return f"{e['method']} ({names})"
+
+
+@click.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def env(as_json: bool) -> None:
+    """What a run here will measure: versions, registration, timer, energy counters, solvers, data, caches."""
+    info = environment()
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    reg = info["registry"]
+    rows = [
+        ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)),
+        ("lm-eval models", "hf and hf-tucker both resolve" if reg["ok"] else f"BROKEN: {reg.get('error') or reg}"),
+        ("CPU", f"{info['cpu']['torch_threads']} torch threads"),
+        ("GPUs", ", ".join(info["cuda"]["gpus"]) or "none"),
+        ("latency timer", info["timer"]),
+        ("energy, model on CPU", _energy_line(info["cpu"]["energy"])),
+        ("energy, model on GPU", _energy_line(info["cuda"]["energy"])),
+        ("solvers (auto)", f"CPU: {info['solvers']['cpu']}; GPU: {info['solvers']['cuda']}"),
+        ("benchmark data", info["data"]["dir"] or f"not found: {info['data']['error']}"),
+        ("cache", info["cache"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    if not reg["ok"]:
+        raise SystemExit(1)
