@@ -21,6 +21,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4}"
 smoke="${GPU_CHECKLIST_SMOKE:-0}"
+case "$stage" in
+prepare | 1 | 2 | 3 | 4) ;;
+*)
+    echo "unknown stage $stage: prepare, 1, 2, 3 or 4" >&2
+    exit 2
+    ;;
+esac
 
 prepare() {
     set -e
@@ -105,10 +112,6 @@ case "$stage" in
     item 200 $py benchmarks/harness_efficiency.py --shape smollm2-135m --device $dev --dtype float32 --limit 20 --batch-size 16 \
         --tokenizer .devcarry/tok --arc-file .devcarry/data/arc_easy/test.jsonl \
         --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28'
-    ;;
-*)
-    echo "unknown stage $stage: prepare, 1, 2, 3 or 4" >&2
-    exit 2
     ;;
 esac
 echo "log: $log"

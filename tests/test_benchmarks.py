@@ -1,0 +1,45 @@
+"""The GPU checklist's commands name only flags their scripts accept: a renamed flag would otherwise
+surface in device minutes, which are scarce, rather than here."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKLIST = ROOT / "benchmarks" / "gpu_checklist.sh"
+
+
+def _checklist_commands() -> dict[str, set[str]]:
+    """script name -> the flags the checklist passes it, its smoke mode's too (continuation lines joined,
+    the smoke mode's bash arrays expanded)."""
+    text = CHECKLIST.read_text().replace("\\\n", " ")
+    for name, value in re.findall(r"^\s*(\w+)=\((--[^)]*)\)$", text, flags=re.M):
+        text = text.replace(f'"${{{name}[@]}}"', value)
+    out: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        m = re.search(r"benchmarks/(\w+)\.py(.*)", line)
+        if m and line.strip().startswith("item "):
+            out.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", m.group(2)))
+    return out
+
+
+def test_the_checklist_runs_every_stage_through_known_scripts():
+    commands = _checklist_commands()
+    assert set(commands) == {"decompose", "forward", "rom", "harness_efficiency", "reload"}
+    assert "--layers" in commands["forward"] and "--synthetic-layers" in commands["reload"]  # the smoke mode's arrays
+    r = subprocess.run(["bash", str(CHECKLIST), "9"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "unknown stage 9" in r.stderr
+
+
+@pytest.mark.parametrize("script", sorted(_checklist_commands()))
+def test_every_flag_of_the_checklist_exists(script):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    assert r.returncode == 0, r.stderr[-2000:]
+    known = set(re.findall(r"(--[a-z][\w-]*)", r.stdout))
+    wanted = _checklist_commands()[script]
+    assert wanted <= known, f"{script}.py lacks {sorted(wanted - known)}"
