@@ -103,17 +103,48 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def param_count(self, config: Any) -> int:
         c = text_config(config)
+        mt = model_type_of(c)
         h = int(config_value(c, "hidden_size"))
         vocab = int(config_value(c, "vocab_size"))
-        layers = self.num_layers(c)
         tied = bool(config_value(c, "tie_word_embeddings", default=False))
         shapes = self.tensor_shapes(c)
-        per_layer = self.layer_linear_params(c) + 2 * h  # projections (+ adapter biases) and two RMSNorms
+        per_layer = self.layer_linear_params(c)  # projections (+ the adapter's fixed biases)
         if not self.has_bias and config_value(c, "attention_bias", default=False):
-            per_layer += sum(shapes[t][0] for t in ("q", "k", "v", "o"))  # Llama/Mistral attention_bias
-        if model_type_of(c) == "qwen3":
-            per_layer += 2 * (shapes["q"][0] // int(config_value(c, "num_attention_heads")))  # per-head q/k RMSNorm
-        return vocab * h * (1 if tied else 2) + layers * per_layer + h
+            per_layer += sum(shapes[t][0] for t in ("q", "k", "v", "o"))
+        if config_value(c, "mlp_bias", default=False):
+            per_layer += sum(shapes[t][0] for t in ("gate", "up", "down"))
+        norms = _LLAMA_NORMS_PER_LAYER.get(mt, 2)  # Gemma-2/3 norm both sides of each block; OLMo's have no weights
+        per_layer += norms * h
+        if mt in _PER_HEAD_QK_NORM:
+            per_layer += 2 * (shapes["q"][0] // int(config_value(c, "num_attention_heads")))
+        elif mt == "olmo2":  # q/k RMSNorm over the whole projection
+            per_layer += shapes["q"][0] + shapes["k"][0]
+        final_norm = 0 if mt == "olmo" else h
+        total = vocab * h * (1 if tied else 2) + self.num_layers(c) * per_layer + final_norm
+        if c is not config:  # a multimodal wrapper (Gemma-3): add the vision tower and projector
+            total += _siglip_vision_params(config)
+        return total
+
+
+_LLAMA_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4, "olmo": 0}
+_PER_HEAD_QK_NORM = ("qwen3", "gemma3_text")
+
+
+def _siglip_vision_params(config: Any) -> int:
+    """Gemma-3's SigLIP vision tower plus its projector into the language model."""
+    v = config_value(config, "vision_config")
+    h = int(config_value(v, "hidden_size"))
+    inter = int(config_value(v, "intermediate_size"))
+    patch = int(config_value(v, "patch_size"))
+    channels = int(config_value(v, "num_channels", default=3))
+    positions = (int(config_value(v, "image_size")) // patch) ** 2
+    layer = 4 * (h * h + h) + (inter * h + inter) + (h * inter + h) + 2 * 2 * h  # attention, MLP, two LayerNorms
+    embeddings = channels * patch * patch * h + h + positions * h
+    vision = embeddings + int(config_value(v, "num_hidden_layers")) * layer + 2 * h  # + post LayerNorm
+    if config_value(v, "vision_use_head", default=True):  # SigLIP's attention-pooling head (off in Gemma-3)
+        vision += h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (inter * h + inter) + (h * inter + h)
+    projector = h + h * int(config_value(text_config(config), "hidden_size"))  # RMSNorm + projection
+    return vision + projector
 
 
 class GPT2Adapter(ArchitectureAdapter):
@@ -164,7 +195,9 @@ _LLAMA_STAGES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     LlamaAdapter("llama", ("llama", "mistral", "qwen3", "olmo", "olmo2", "granite", "smollm3"), "model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
     LlamaAdapter("qwen2", ("qwen2",), "model.layers", _LLAMA_PATHS, has_bias={"q": True, "k": True, "v": True}, stages=_LLAMA_STAGES),
-    LlamaAdapter("gemma", ("gemma", "gemma2", "gemma3_text", "gemma3"), "model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
+    LlamaAdapter("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
+    # Gemma-3 with its vision tower: only the language model's layers are decomposed.
+    LlamaAdapter("gemma3", ("gemma3",), "model.language_model.layers", _LLAMA_PATHS, stages=_LLAMA_STAGES),
     GPT2Adapter(
         "gpt2",
         ("gpt2",),
