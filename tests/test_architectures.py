@@ -100,3 +100,87 @@ def test_multimodal_gemma3_decomposes_its_language_model():
     assert len(report.plan.targets) == 4 and report.params_after == count_parameters(model) < before
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(3, 120, (1, 6))).logits).all()
+
+
+# -- architectures without an adapter: read off an empty model of the config -----------------------------------
+_UNADAPTED = {
+    "gpt_neox": (
+        transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=120),
+        transformers.GPTNeoXForCausalLM,
+    ),
+    "opt": (
+        transformers.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=120, word_embed_proj_dim=32),
+        transformers.OPTForCausalLM,
+    ),
+    "phi3": (transformers.Phi3Config(**_DECODER), transformers.Phi3ForCausalLM),
+    "mixtral": (transformers.MixtralConfig(**_DECODER, num_local_experts=4), transformers.MixtralForCausalLM),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_UNADAPTED))
+@pytest.mark.parametrize("as_dict", [False, True], ids=["config", "config.json"])
+def test_unadapted_architecture_is_read_off_an_empty_model(model_type, as_dict):
+    from lm_eval_lowrank.architectures import GenericAdapter, config_side_adapter
+
+    config, model_cls = _UNADAPTED[model_type]
+    assert adapter_for_config(config) is None
+    side = config_side_adapter(config.to_dict() if as_dict else config)
+    torch.manual_seed(0)
+    model = model_cls(config)
+    loaded = adapter_for_model(model)
+    assert isinstance(side, GenericAdapter) and isinstance(loaded, GenericAdapter)
+    assert side.param_count(config) == count_parameters(model)
+    assert (side.layers_path, side.tensor_paths, side.num_layers(config)) == (loaded.layers_path, loaded.tensor_paths, 3)
+    assert side.tensor_shapes(config) == loaded.tensor_shapes(config)
+
+
+def test_unadapted_architecture_bad_input_fails_before_weights_load(monkeypatch, tmp_path):
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    _UNADAPTED["gpt_neox"][0].save_pretrained(tmp_path)  # a config, and no weights at all
+
+    def _no_load(*a, **k):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_load)
+    with pytest.raises(SpecError, match=r"layer 5 is past the end; this model has 3 decoder layers, valid 1..3"):
+        HFTuckerLM(pretrained=str(tmp_path), device="cpu", rank=1, layers=5)
+    with pytest.raises(SpecError, match=r"valid: query_key_value\|dense\|dense_h_to_4h\|dense_4h_to_h"):
+        HFTuckerLM(pretrained=str(tmp_path), device="cpu", rank=1, tensors="q")
+
+
+def test_calculator_costs_an_unadapted_architecture_exactly():
+    from lm_eval_lowrank.design_space import calculate, config_adapter
+    from lm_eval_lowrank.spec import SpecError
+
+    config, model_cls = _UNADAPTED["opt"]
+    model = model_cls(config)
+    report = calculate(config.to_dict(), {"rank": 2, "layers": "1|3", "tensors": "fc1|fc2"})
+    assert report.adapter == "generic" and report.params_total == count_parameters(model)
+    assert report.params_removed == 2 * 2 * (96 * 64 - 2 * (96 + 64)) and report.decomposed_modules == 4
+    assert report.linear_flops_before == 2 * (3 * (4 * 64 * 64 + 2 * 96 * 64) + 120 * 32)  # OPT's head is 32 wide
+    with pytest.raises(SpecError, match=r"^model_type='not_a_model' is invalid: transformers cannot build"):
+        config_adapter({"model_type": "not_a_model", "hidden_size": 8})
+
+
+def test_generic_adapter_offers_only_the_linears_every_layer_has():
+    from torch import nn
+
+    from lm_eval_lowrank.architectures import GenericAdapter
+
+    class Block(nn.Module):
+        def __init__(self, dense: bool):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.mlp = nn.Sequential(nn.Linear(8, 16 if dense else 12))  # same path, another shape
+            if not dense:
+                self.router = nn.Linear(8, 4)  # only in the later layers
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(True), Block(False), Block(False)])
+
+    adapter = GenericAdapter.from_model(Toy())
+    assert (adapter.layers_path, adapter.tensor_paths, adapter.tensor_shapes(None)) == ("blocks", {"proj": "proj"}, {"proj": (8, 8)})

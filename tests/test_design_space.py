@@ -112,8 +112,8 @@ def test_load_config_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SpecError, match="JSON"):
         ds.load_config(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(SpecError, match="no config-level adapter"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    with pytest.raises(SpecError, match="transformers cannot build a causal LM from this config"):
         ds.calculate(ds.load_config(str(tmp_path)))
 
 

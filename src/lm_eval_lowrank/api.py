@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .architectures import adapter_for_config, adapter_for_model
+from .architectures import adapter_for_model, config_side_adapter
 from .decompose import DecompositionReport, decompose_model
 from .plan import make_plan
 from .spec import DecompositionSpec, SpecError
@@ -28,9 +28,11 @@ def as_spec(spec: DecompositionSpec | Mapping[str, Any] | None = None, **kwargs:
 
 def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
     """Range checks that need only the config (layers past the end, ranks too large, tensors)."""
-    adapter = adapter_for_config(config)
-    if adapter is None or spec.is_noop:
-        return  # the generic adapter needs the loaded model; checked right after load
+    if spec.is_noop:
+        return
+    adapter = config_side_adapter(config)
+    if adapter is None:
+        return  # transformers cannot build it empty (e.g. remote code): checked right after load
     make_plan(spec, config, adapter=adapter)
 
 

@@ -224,17 +224,20 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
 
 
 class GenericAdapter(ArchitectureAdapter):
-    """Fallback for unknown architectures: found from the loaded model, not from its config.
+    """Fallback for other architectures: read off a model, the loaded one or an empty one built from the config.
 
-    The decoder layers are the longest ``nn.ModuleList`` of identical blocks; the tensors
-    are the ``nn.Linear`` modules inside the first block, named by their leaf names.
+    The decoder layers are the longest ``nn.ModuleList``; the tensors are the ``nn.Linear`` modules that every
+    layer holds at the same path with the same shape, named by their leaf names.
     """
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
 
-    def param_count(self, config: Any) -> int:  # pragma: no cover - needs weights
-        raise SpecError("the parameter calculator needs a known architecture; this one is only handled once loaded")
+    def param_count(self, config: Any) -> int:
+        total = getattr(self, "_param_count", None)
+        if total is None:
+            raise SpecError("the parameter calculator needs the config of this architecture; only the loaded model was seen")
+        return total
 
     @classmethod
     def from_model(cls, model: Any) -> GenericAdapter:
@@ -247,24 +250,92 @@ class GenericAdapter(ArchitectureAdapter):
                     best_path, best_list = name, mod
         if best_list is None:
             raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
+        # Only linears every layer has, with one shape: layers may differ (e.g. DeepSeek's dense and MoE blocks).
+        common: dict[str, tuple[int, int]] | None = None
+        for layer in best_list:
+            found = {sub: (m.out_features, m.in_features) for sub, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            common = found if common is None else {sub: shape for sub, shape in common.items() if found.get(sub) == shape}
         paths: dict[str, str] = {}
         shapes: dict[str, tuple[int, int]] = {}
-        for sub, mod in best_list[0].named_modules():
-            if isinstance(mod, nn.Linear):
-                short = sub.split(".")[-1]
-                if short in paths:  # ambiguous leaf name: use the full path
-                    short = sub
-                paths[short] = sub
-                shapes[short] = (mod.out_features, mod.in_features)
+        for sub, shape in (common or {}).items():
+            short = sub.split(".")[-1]
+            if short in paths:  # ambiguous leaf name: use the full path
+                short = sub
+            paths[short] = sub
+            shapes[short] = shape
         if not paths:
-            raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections found in its layers")
+            raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections shared by all its layers")
         adapter = cls("generic", (), best_path, paths)
         object.__setattr__(adapter, "_shapes", shapes)
         object.__setattr__(adapter, "_num_layers", len(best_list))
         return adapter
 
+    @classmethod
+    def from_config(cls, config: Any) -> GenericAdapter | None:
+        """Read off an empty model of ``config`` on the meta device (no weights, ~0.1 s for 7B); ``None`` if
+        transformers cannot build this architecture."""
+        key = _config_key(config)
+        if key in _BUILT_ADAPTERS:
+            return _BUILT_ADAPTERS[key]
+        adapter = None
+        model = _meta_model(config)
+        if model is not None:
+            try:
+                adapter = cls.from_model(model)
+            except SpecError:
+                adapter = None
+        if adapter is not None:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            object.__setattr__(adapter, "_param_count", sum(p.numel() for p in model.parameters()))
+            object.__setattr__(adapter, "head_params", int(head.weight.numel()) if head is not None else 0)
+        if len(_BUILT_ADAPTERS) >= 32:
+            _BUILT_ADAPTERS.clear()
+        _BUILT_ADAPTERS[key] = adapter
+        return adapter
+
     def num_layers(self, config: Any) -> int:
         return self._num_layers
+
+
+_BUILT_ADAPTERS: dict[str, GenericAdapter | None] = {}
+
+
+def _config_key(config: Any) -> str:
+    import json
+
+    d = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    return json.dumps({k: v for k, v in d.items() if not k.startswith("_")}, sort_keys=True, default=str)
+
+
+def _meta_model(config: Any) -> Any:
+    """An empty CausalLM of ``config`` on the meta device, or ``None`` (unknown type, remote code, bad config)."""
+    import logging
+    import warnings
+
+    import torch
+    import transformers
+
+    log = logging.getLogger("transformers")
+    level = log.level
+    try:
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(config, Mapping):
+                fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
+                config = transformers.AutoConfig.for_model(str(config.get("model_type", "")), **fields)
+            with torch.device("meta"):
+                return transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # any failure only means: validate after load, as before
+        return None
+    finally:
+        log.setLevel(level)
+
+
+def config_side_adapter(config: Any) -> ArchitectureAdapter | None:
+    """The adapter for a config before any weights load: a known family's, else one read off an empty model of
+    the config (any architecture transformers can build), else ``None``."""
+    return adapter_for_config(config) or GenericAdapter.from_config(config)
 
 
 def model_type_of(config: Any) -> str:

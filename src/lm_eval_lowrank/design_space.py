@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ArchitectureAdapter, adapter_for_config, config_value, known_architectures, text_config
+from .architectures import ArchitectureAdapter, GenericAdapter, config_side_adapter, config_value, known_architectures, text_config
 from .plan import Plan, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -166,12 +166,14 @@ def load_config(model: str) -> dict[str, Any]:
 
 
 def config_adapter(config: Mapping[str, Any]) -> ArchitectureAdapter:
-    """The adapter for a config; a one-line SpecError listing the known model types otherwise."""
-    adapter = adapter_for_config(config)
+    """The adapter for a config: a known family's, else one read off an empty model of the config; a one-line
+    SpecError otherwise."""
+    adapter = config_side_adapter(config)
     if adapter is None:
         mt = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
         raise SpecError(
-            f"model_type={mt!r} has no config-level adapter; the calculator knows: {', '.join(known_architectures())}"
+            f"model_type={mt!r} is invalid: transformers cannot build a causal LM from this config here, and no "
+            f"adapter knows it; adapters exist for: {', '.join(known_architectures())}"
         )
     return adapter
 
@@ -235,21 +237,25 @@ def _attention_width(config: Any, adapter: ArchitectureAdapter) -> int:
     c = text_config(config)
     if adapter.name == "gpt2":
         return int(config_value(c, "n_embd", "hidden_size"))
-    h = int(config_value(c, "hidden_size"))
-    n = int(config_value(c, "num_attention_heads", default=1))
-    return n * int(config_value(c, "head_dim", default=h // n))
+    h = _hidden(config)
+    n = config_value(c, "num_attention_heads", "n_head", "num_heads")
+    if n is None:
+        return 0  # no attention (e.g. a state-space model)
+    return int(n) * int(config_value(c, "head_dim", default=h // int(n)))
 
 
 def _head_params(config: Any, adapter: ArchitectureAdapter) -> int:
     """The LM head matmul (vocab x hidden), tied or not; BERT is costed as an encoder."""
     if adapter.name == "bert":
         return 0
+    if isinstance(adapter, GenericAdapter):
+        return adapter.head_params
     c = text_config(config)
     return int(config_value(c, "vocab_size")) * int(config_value(c, "hidden_size", "n_embd"))
 
 
 def _hidden(config: Any) -> int:
-    return int(config_value(text_config(config), "hidden_size", "n_embd"))
+    return int(config_value(text_config(config), "hidden_size", "n_embd", "d_model"))
 
 
 def calculate(
