@@ -140,6 +140,9 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         "method": ({"rank": 1, "method": "pca"}, "valid methods"),
         "calib_target": ({"rank": 1, "method": "whiten", "calib_target": "ref"}, r"^calib_target='ref' is invalid: valid: compressed, dense, or the weight"),
         "calib_staged": ({"rank": 1, "method": "whiten", "calib_staged": "sometimes"}, r"^calib_staged='sometimes' is invalid: expected true or false$"),
+        # typos would otherwise reach from_pretrained as keyword arguments and fail after the load
+        "near miss": ({"rank": 1, "layer": 3}, r"^layer=3 is not an argument of hf-tucker: did you mean 'layers'\? its arguments are method, rank"),
+        "calib_ prefix": ({"rank": 1, "method": "rom", "calib_samples": 16}, r"^calib_samples=16 is not an argument of hf-tucker: its arguments are"),
     }
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):

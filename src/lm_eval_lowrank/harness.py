@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .api import compress_model, validate_against_config, versions
 from .measure import Meter, aggregate
-from .spec import DecompositionSpec, SpecError, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -42,6 +42,23 @@ def _load_config(pretrained: Any, kwargs: dict[str, Any]) -> Any:
         )
     except Exception:
         return None  # HFLM raises its own, clearer error while loading
+
+
+def _check_passthrough_args(rest: dict[str, Any]) -> None:
+    """Arguments that are not ours go to HFLM and on to ``from_pretrained``, which fails late and obscurely on a
+    typo (``TypeError: ...__init__() got an unexpected keyword argument``) after the weights load. Names that look
+    like one of ours (``calib_*``, ``solver*``, or a near miss) are refused before anything loads."""
+    import difflib
+    import inspect
+
+    hflm_params = set(inspect.signature(HFLM.__init__).parameters)
+    for key in rest:
+        if key in hflm_params:
+            continue
+        close = difflib.get_close_matches(key, SPEC_KEYS, n=1, cutoff=0.8)
+        if close or key.startswith(("calib", "solver")):
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SpecError(f"{key}={rest[key]!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -86,6 +103,7 @@ class HFTuckerLM(HFLM):
         _print_user_errors_in_one_line()
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
+        _check_passthrough_args(rest)
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
         if pretrained is None:
             raise SpecError("pretrained is required, e.g. --model_args 'pretrained=PATH_OR_ID,rank=1,layers=3|18|32'")
