@@ -325,3 +325,28 @@ def test_space_does_not_import_torch() -> None:
     code = "import sys; from lm_eval_lowrank.cli import cli; cli(['space', '--json'], standalone_mode=False); assert 'torch' not in sys.modules"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_hub_id_reads_config_json_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run offline (HF_HUB_OFFLINE=1): a Hub id resolves through the local Hub cache, as it would for a
+    # user who has downloaded the model; online, hf_hub_download fetches config.json alone.
+    import huggingface_hub.constants
+
+    from lm_eval_lowrank.sweep import model_info
+
+    commit = "0" * 40
+    repo = tmp_path / "models--someorg--tiny-neox"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    config = {"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4, "vocab_size": 120}
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    loaded = ds.load_config("someorg/tiny-neox")
+    assert loaded == {"_name": "tiny-neox", **config}
+    num_layers, tensors, _ = model_info("someorg/tiny-neox")  # what sweep and search start from
+    assert num_layers == 5 and tensors == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    with pytest.raises(SpecError, match=r"^model='someorg/absent' is invalid: .* could not be read from the Hugging Face Hub \(") as e:
+        ds.load_config("someorg/absent")
+    assert "\n" not in str(e.value)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -138,7 +139,8 @@ def builtin_names() -> list[str]:
 
 
 def load_config(model: str) -> dict[str, Any]:
-    """A config dict from a built-in name, a ``config.json`` path, or a folder holding one.
+    """A config dict from a built-in name, a ``config.json`` path, a folder holding one, or a Hugging Face Hub id
+    (its ``config.json`` alone is fetched, or read from the local Hub cache when offline).
 
     Raises :class:`SpecError` (one line, listing the built-in names) when none fits.
     """
@@ -159,10 +161,40 @@ def load_config(model: str) -> dict[str, Any]:
         if not isinstance(cfg, dict):
             raise SpecError(f"model={model!r} is invalid: {path} does not hold a JSON object")
         return {"_name": str(path.parent.name or path), **cfg}
+    if _HUB_ID.match(key):
+        return _hub_config(model, key)
     raise SpecError(
-        f"model={model!r} is invalid: not a built-in name, a config.json or a folder holding one; "
+        f"model={model!r} is invalid: not a built-in name, a config.json, a folder holding one or a Hub id; "
         f"built-in names: {', '.join(BUILTIN_CONFIGS)}"
     )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_config(model: str, repo_id: str) -> dict[str, Any]:
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hub_log.setLevel(logging.CRITICAL)  # its retry warnings would add lines to the one-line error
+        path = Path(hf_hub_download(repo_id, "config.json"))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # offline and not cached, no such repo, gated without a token, bad JSON
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise SpecError(
+            f"model={model!r} is invalid: not a built-in name or a local config, and its config.json could not be "
+            f"read from the Hugging Face Hub ({exc.__class__.__name__}{': ' + detail if detail else ''}); "
+            f"built-in names: {', '.join(BUILTIN_CONFIGS)}"
+        ) from None
+    finally:
+        hub_log.setLevel(level)
+    if not isinstance(cfg, dict):
+        raise SpecError(f"model={model!r} is invalid: its config.json on the Hub does not hold a JSON object")
+    return {"_name": repo_id.rsplit("/", 1)[-1], **cfg}
 
 
 def config_adapter(config: Mapping[str, Any]) -> ArchitectureAdapter:

@@ -93,7 +93,7 @@ def _human(r: dict[str, Any], nt: int) -> str:
 
 
 @click.command("space")
-@click.option("--model", "model", default="smollm2-135m", show_default=True, help="Built-in name, a config.json, or a folder holding one.")
+@click.option("--model", "model", default="smollm2-135m", show_default=True, help="Built-in name, a config.json, a folder holding one, or a Hub id (only its config.json is fetched).")
 @click.option("--rank", default=None, help="Rank, e.g. 1 or 8|q:4|gate:32 (model_args syntax). Omit for the dense model.")
 @click.option("--layers", default=None, help="1-based layers: 3|18|32, 3-30:3 or all.")
 @click.option("--tensors", default=None, help="Short names joined by '|' (q|k|v|o|gate|up|down) or all.")
