@@ -274,3 +274,65 @@ def test_dense_target_stats_cache(tiny_llama, tmp_path):
     other.load_state_dict(state)
     third, _ = _decompose(other, "compressed", True, cache_dir=tmp_path)
     assert third.inner.hits == 1  # only layer 1's first stage is the same without error correction
+
+
+# -- stages read off the forward, for architectures whose adapter lists none -------------------------------------
+def test_forward_stages_reproduce_the_declared_llama_stages(tiny_llama):
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.decompose import calibration_stages
+    from lm_eval_lowrank.plan import make_plan
+
+    adapter = adapter_for_model(tiny_llama)
+    targets = [t for t in make_plan(DecompositionSpec.from_args({"rank": 2, "layers": "2"}), tiny_llama.config, adapter=adapter).targets]
+    read = _provider(tiny_llama, "compressed").forward_stages(tiny_llama, 2, targets)
+    assert [[t.tensor for t in g] for g in read] == [[t.tensor for t in g] for g in calibration_stages(targets, adapter)]
+    assert [[t.tensor for t in g] for g in read] == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+
+
+def _tiny_generic(kind):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
+        return transformers.GPTNeoXForCausalLM(cfg).eval()
+    cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, vocab_size=128, word_embed_proj_dim=32)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+class StagedRecorder(Recorder):
+    def forward_stages(self, model, layer, targets):
+        return self.inner.forward_stages(model, layer, targets)
+
+    def layer_stats(self, model, layer, targets):
+        self.calls.append((layer, [t.tensor for t in targets]))
+        return self.inner.layer_stats(model, layer, targets)
+
+
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("gpt_neox", [["query_key_value"], ["dense"], ["dense_h_to_4h"], ["dense_4h_to_h"]]),
+        ("opt", [["k_proj", "v_proj", "q_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+    ],
+)
+def test_generic_architectures_are_staged_in_forward_order(kind, expected):
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.calibration import SequentialStatsProvider
+    from lm_eval_lowrank.decompose import decompose_model
+
+    model = _tiny_generic(kind)
+    adapter = adapter_for_model(model)
+    assert adapter.name == "generic" and adapter.stages is None
+    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 4, "layers": "1|3"})
+    inner = SequentialStatsProvider(model, adapter, _ids(), batch_size=4, record={"source": "test"}, spec=spec)
+    prov = StagedRecorder(inner)
+    report = decompose_model(model, spec, stats_provider=prov, progress=False)
+    assert prov.calls == [(layer, group) for layer in (1, 3) for group in expected]
+    assert report.to_dict()["calibration"]["stage_order"] == "forward"
+    # Unstaged, the same model takes one request per layer.
+    model2 = _tiny_generic(kind)
+    spec2 = spec.with_(calib_staged=False)
+    prov2 = StagedRecorder(SequentialStatsProvider(model2, adapter_for_model(model2), _ids(), batch_size=4, record={"source": "test"}, spec=spec2))
+    decompose_model(model2, spec2, stats_provider=prov2, progress=False)
+    assert [c[0] for c in prov2.calls] == [1, 3]

@@ -467,6 +467,8 @@ class SequentialStatsProvider:
         self.misses = 0
         self.seconds = 0.0
         self.layers_computed: list[int] = []
+        self.stage_order = "adapter"  # where the stages within a layer came from (forward: read off its forward)
+        self._stage_map: dict[str, int] | None = None  # tensor -> stage, read off a forward (forward_stages)
 
     # -- hidden-state bookkeeping --------------------------------------------------------
     def _capture(self, model: nn.Module) -> None:
@@ -573,6 +575,54 @@ class SequentialStatsProvider:
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
         data["batch"] = self.batch_size
         return self.cache_dir / self.model_key / _sha(data) / f"L{index0 + 1:03d}-{_sha(key)}.pt"
+
+    # -- stages of architectures whose adapter lists none ---------------------------------
+    def forward_stages(self, model: nn.Module, layer: int, targets: list[Any]) -> list[list[Any]]:
+        """``targets`` of one layer grouped by the input tensor they share, in the order a layer's forward reaches
+        them (e.g. query_key_value; dense; dense_h_to_4h; dense_4h_to_h for GPT-NeoX). The order is read once, off
+        the first decoder layer, still dense when this is first asked; the adapter's tensors sit at the same paths
+        in every layer. Unreached tensors come last."""
+        if self._stage_map is None:
+            self._stage_map = self._read_stage_map(model)
+        last = max(self._stage_map.values(), default=-1) + 1
+        groups: dict[int, list[Any]] = {}
+        for t in targets:
+            groups.setdefault(self._stage_map.get(t.tensor, last), []).append(t)
+        self.stage_order = "forward"
+        return [groups[i] for i in sorted(groups)]
+
+    @torch.no_grad()
+    def _read_stage_map(self, model: nn.Module) -> dict[str, int]:
+        if self._hidden is None or self._at != 0:
+            self._capture(model)  # the first layer's inputs: the embeddings, no layer runs
+        first = self.adapter.layers(model)[0]
+        tensors = list(self.adapter.tensor_names())
+        inputs: list[torch.Tensor] = []  # held, so that no later input can reuse a freed one's memory
+        stage_of: dict[str, int] = {}
+
+        def make_hook(tensor: str):
+            def hook(_mod: nn.Module, args: tuple) -> None:
+                if tensor in stage_of or not args:
+                    return
+                i = next((k for k, y in enumerate(inputs) if y is args[0]), None)
+                if i is None:
+                    inputs.append(args[0])
+                    i = len(inputs) - 1
+                stage_of[tensor] = i
+                if len(stage_of) == len(tensors):
+                    raise _Stop
+
+            return hook
+
+        handles = [first.get_submodule(self.adapter.tensor_paths[t]).register_forward_pre_hook(make_hook(t)) for t in tensors]
+        try:
+            first(self._hidden[0], **self._kwargs[0])
+        except _Stop:
+            pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        return stage_of
 
     # -- the protocol ------------------------------------------------------------------
     @torch.no_grad()
@@ -748,6 +798,7 @@ class SequentialStatsProvider:
             sequential=True,
             target=self.target,
             staged=bool(self.spec.calib_staged) if self.spec is not None else None,
+            stage_order=self.stage_order if self.spec is not None and self.spec.calib_staged else None,
             layers_computed=self.layers_computed,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),

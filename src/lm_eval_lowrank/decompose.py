@@ -215,7 +215,16 @@ def decompose_model(
     if stats_provider is None:  # data-free: one stage in layer order, so that parallel solves balance
         stages = [(0, [t for layer in sorted(by_layer) for t in by_layer[layer]])]
     else:  # calibrated: layer by layer (stage by stage), each on the outputs of the layers before it
-        stages = [(layer, ts) for layer in sorted(by_layer) for ts in (calibration_stages(by_layer[layer], adapter) if staged else [by_layer[layer]])]
+
+        def layer_stages(layer: int) -> list[list[Target]]:
+            if not staged:
+                return [by_layer[layer]]
+            if adapter.stages is None and hasattr(stats_provider, "forward_stages"):
+                return stats_provider.forward_stages(model, layer, by_layer[layer])  # read off the layer's forward
+            return calibration_stages(by_layer[layer], adapter)
+
+        # A generator: a layer's stages are found when the decomposition reaches it, on the stream as it is then.
+        stages = ((layer, ts) for layer in sorted(by_layer) for ts in layer_stages(layer))
     for layer, targets in stages:
         _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar, copy_budget)
     # No gc.collect()/empty_cache() between stages: each dense weight's last reference is dropped as it is

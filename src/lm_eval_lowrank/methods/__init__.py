@@ -18,7 +18,8 @@ import torch
 # 2: Krylov stops on a residual certificate; whiten builds its factors from U alone.
 # 3: rom takes its principal directions from the truncated solvers on W S (S a Cholesky factor).
 # 4: Krylov checks its certificate from 3 blocks on (a stop at 2 blocks became one at 3).
-ALGORITHM_VERSION = 4
+# 5: calibrated methods on architectures without an adapter are staged in forward order (were one stage).
+ALGORITHM_VERSION = 5
 
 
 @dataclass
