@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import save_tiny_llama, write_arc_task
 
@@ -173,6 +174,32 @@ def test_no_rank_is_dense_hf_with_measurements(tiny_model_dir):
     lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu")
     dec = lm.get_model_info()["lowrank"]["decomposition"]
     assert dec["modules"] == [] and dec["param_reduction"] == 0.0
+
+
+def test_python_api_without_a_device_picks_one_that_exists(tiny_model_dir):
+    # simple_evaluate drops device=None, and HFLM's own default "cuda" fails on a CPU-only torch.
+    import lm_eval.api.registry
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    lm = lm_eval.api.registry.get_model("hf-tucker").create_from_arg_obj(
+        {"pretrained": str(tiny_model_dir), "rank": 1, "layers": [2, 4]}, {"device": None, "batch_size": 1}
+    )
+    assert isinstance(lm, HFTuckerLM)
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.get_model_info()["lowrank"]["decomposition"]["layers"] == [2, 4]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
+def test_a_cuda_device_without_cuda_fails_before_weights_load(monkeypatch, tiny_model_dir):
+    import transformers
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(SpecError, match=r"^device='cuda:0' is invalid: this torch .* has no usable CUDA; use device=cpu$"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cuda:0", rank=1)
 
 
 @pytest.mark.slow

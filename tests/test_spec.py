@@ -40,6 +40,7 @@ LLAMA2_7B = dict(
         ("ALL", None),
         (None, None),
         ([5, 1], (1, 5)),
+        (range(3, 6), (3, 4, 5)),  # from Python
     ],
 )
 def test_parse_layers(value, expected):
@@ -66,13 +67,15 @@ def test_layers_are_one_based_in_the_message():
         ("8", (8, {})),
         ("q:8|gate:32", (None, {"q": 8, "gate": 32})),
         ("8|q:4", (8, {"q": 4})),
+        ({"q": 8, "gate": 32}, (None, {"q": 8, "gate": 32})),  # from Python
+        ({"*": 8, "q": 4}, (8, {"q": 4})),
     ],
 )
 def test_parse_rank(value, expected):
     assert parse_rank(value) == expected
 
 
-@pytest.mark.parametrize("value", [0, -1, "0", "x", "q:0", "8|9", "q:1|q:2", ":4", 1.5, True])
+@pytest.mark.parametrize("value", [0, -1, "0", "x", "q:0", "8|9", "q:1|q:2", ":4", 1.5, True, {"q": 0}, {"*": 8, "default": 9}])
 def test_parse_rank_rejects(value):
     with pytest.raises(SpecError) as e:
         parse_rank(value)
@@ -82,6 +85,7 @@ def test_parse_rank_rejects(value):
 def test_parse_tensors():
     assert parse_tensors("q|k|v") == ("q", "k", "v")
     assert parse_tensors("all") is None
+    assert parse_tensors({"v", "q", "k"}) == ("k", "q", "v")  # a set, in a stable order
     with pytest.raises(SpecError, match="tensors="):
         parse_tensors("q|q")
     with pytest.raises(SpecError, match="tensors="):

@@ -61,6 +61,17 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             raise SpecError(f"{key}={rest[key]!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
 
 
+def _choose_device(rest: dict[str, Any]) -> None:
+    """HFLM's Python default is device="cuda" (``simple_evaluate`` drops a None device), which fails deep inside
+    ``from_pretrained`` on a CPU-only torch. With no device given, take CUDA when there is one, else the CPU, as
+    lm_eval's CLI does; an explicit CUDA device without CUDA is refused before the weights load."""
+    device = rest.get("device")
+    if device is None:
+        rest["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    elif str(device).startswith("cuda") and not torch.cuda.is_available() and not rest.get("parallelize"):
+        raise SpecError(f"device={device!r} is invalid: this torch ({torch.__version__}) has no usable CUDA; use device=cpu")
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [SpecError]
     checkpoint = sys.modules.get(f"{__package__}.checkpoint")  # loaded if one of its errors can be in flight
@@ -127,6 +138,7 @@ class HFTuckerLM(HFLM):
             config = _load_config(pretrained, rest)
             if config is not None:
                 validate_against_config(spec, config)  # range errors before the weights load
+        _choose_device(rest)
         self.decomposition_spec = spec
         self._lowrank_report: dict[str, Any] | None = None
         self._measurements: dict[str, Any] | None = None

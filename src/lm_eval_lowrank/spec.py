@@ -85,7 +85,11 @@ def _as_bool(arg: str, value: Any) -> bool:
 
 
 def _split(value: Any) -> list[str]:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Mapping):  # from Python: rank={"q": 4, "gate": 32}, "*" for the default
+        parts = [str(v) if str(k).strip() in ("*", "default") else f"{k}:{v}" for k, v in value.items()]
+    elif isinstance(value, (set, frozenset)):
+        parts = sorted(str(v) for v in value)  # a stable order: the spec's text is part of cache keys
+    elif isinstance(value, (list, tuple, range)):
         parts = [str(v) for v in value]
     else:
         parts = str(value).replace(",", "|").split("|")
