@@ -83,7 +83,9 @@ class RankAllocation(dict):
 
 def candidates(spec: DecompositionSpec, config: Any, adapter: Any) -> list[Candidate]:
     """Every selected (layer, tensor) weight, layer-major."""
-    tensors = spec.selected_tensors(adapter.tensor_names())
+    from .plan import selected_tensors
+
+    tensors, _ = selected_tensors(spec, adapter)  # mixture-of-experts projections are left out (make_plan says why)
     layers = spec.selected_layers(adapter.num_layers(config))
     shapes = adapter.tensor_shapes(config)
     return [Candidate(layer, t, adapter.module_path(layer - 1, t), *shapes[t]) for layer in layers for t in tensors]

@@ -46,14 +46,28 @@ def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter:
         return
     modules = dict(model.named_modules())
     for t in targets:
-        mod = modules[t.path]
-        w = getattr(getattr(mod, "base_layer", mod), "weight", None)
+        if t.experts:  # a stacked expert projection: the path names the parameter itself
+            owner, _, name = t.path.rpartition(".")
+            w, where = getattr(modules[owner], name, None), t.path
+        else:
+            mod = modules[t.path]
+            w, where = getattr(getattr(mod, "base_layer", mod), "weight", None), f"{t.path}.weight"
         if w is not None and w.is_meta:
             raise SpecError(
-                f"{t.path}.weight is offloaded (meta device, e.g. parallelize=True/device_map without enough GPU "
+                f"{where} is offloaded (meta device, e.g. parallelize=True/device_map without enough GPU "
                 "memory): decomposition needs every targeted weight in memory; give the GPUs more room "
                 "(max_memory_per_gpu), use fewer layers, or load without offloading"
             )
+
+
+def _has_expert_targets(spec: DecompositionSpec, model: nn.Module, adapter: Any, ranks: Any) -> bool:
+    import warnings
+
+    if not adapter.expert_counts:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # decompose_model gives make_plan's warnings
+        return any(t.experts for t in make_plan(spec, model.config, adapter=adapter, ranks=ranks).targets)
 
 
 def compress_model(
@@ -88,6 +102,8 @@ def compress_model(
         disabled = cache_info_disabled("cache=false")
     elif model_id is None:
         disabled = cache_info_disabled("no model id (a model object was passed)")
+    elif _has_expert_targets(spec, model, adapter, ranks):
+        disabled = cache_info_disabled("mixture-of-experts factors are not cached yet")
     else:
         cache = DecompositionCache.for_model(model, model_id)
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")

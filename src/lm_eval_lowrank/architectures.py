@@ -46,6 +46,9 @@ class ArchitectureAdapter:
     has_bias: dict[str, bool] | None = None
     # Tensors grouped by the input they share, in forward order (staged calibration); None = one stage.
     stages: tuple[tuple[str, ...], ...] | None = None
+    # Mixture-of-experts projections stored as one 3-D parameter: short name -> number of experts.
+    # Their tensor_paths point at the parameter; tensor_shapes give one expert's (out, in).
+    expert_counts: dict[str, int] | None = None
 
     # -- config side -------------------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
@@ -63,7 +66,13 @@ class ArchitectureAdapter:
         raise NotImplementedError
 
     def layer_linear_params(self, config: Any) -> int:
-        return sum(o * i + (o if (self.has_bias or {}).get(t, False) else 0) for t, (o, i) in self.tensor_shapes(config).items())
+        return sum(
+            max(1, self.experts_of(t)) * o * i + (o if (self.has_bias or {}).get(t, False) else 0) for t, (o, i) in self.tensor_shapes(config).items()
+        )
+
+    def experts_of(self, tensor: str) -> int:
+        """How many experts a tensor stacks (0: an ordinary linear)."""
+        return (self.expert_counts or {}).get(tensor, 0)
 
     def stage_of(self, tensor: str) -> int:
         """Index of the calibration stage of a tensor (unlisted tensors come last)."""
@@ -227,7 +236,8 @@ class GenericAdapter(ArchitectureAdapter):
     """Fallback for other architectures: read off a model, the loaded one or an empty one built from the config.
 
     The decoder layers are the longest ``nn.ModuleList``; the tensors are the ``nn.Linear`` modules that every
-    layer holds at the same path with the same shape, named by their leaf names.
+    layer holds at the same path with the same shape, named by their leaf names, and the stacked projections of
+    transformers' mixture-of-experts modules, named ``<module>.<parameter>`` (e.g. ``experts.gate_up_proj``).
     """
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
@@ -251,21 +261,24 @@ class GenericAdapter(ArchitectureAdapter):
         if best_list is None:
             raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
         # Only linears every layer has, with one shape: layers may differ (e.g. DeepSeek's dense and MoE blocks).
-        common: dict[str, tuple[int, int]] | None = None
+        common: dict[str, tuple[int, int, int]] | None = None  # sub path -> (experts, out, in); 0 experts: a linear
         for layer in best_list:
-            found = {sub: (m.out_features, m.in_features) for sub, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            found = _layer_projections(layer)
             common = found if common is None else {sub: shape for sub, shape in common.items() if found.get(sub) == shape}
         paths: dict[str, str] = {}
         shapes: dict[str, tuple[int, int]] = {}
-        for sub, shape in (common or {}).items():
-            short = sub.split(".")[-1]
+        experts: dict[str, int] = {}
+        for sub, (n_exp, out_f, in_f) in (common or {}).items():
+            short = ".".join(sub.split(".")[-2:]) if n_exp else sub.split(".")[-1]
             if short in paths:  # ambiguous leaf name: use the full path
                 short = sub
             paths[short] = sub
-            shapes[short] = shape
+            shapes[short] = (out_f, in_f)
+            if n_exp:
+                experts[short] = n_exp
         if not paths:
             raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections shared by all its layers")
-        adapter = cls("generic", (), best_path, paths)
+        adapter = cls("generic", (), best_path, paths, expert_counts=experts or None)
         object.__setattr__(adapter, "_shapes", shapes)
         object.__setattr__(adapter, "_num_layers", len(best_list))
         return adapter
@@ -300,6 +313,25 @@ class GenericAdapter(ArchitectureAdapter):
 _BUILT_ADAPTERS: dict[str, GenericAdapter | None] = {}
 
 
+def _layer_projections(layer: Any) -> dict[str, tuple[int, int, int]]:
+    """Sub path -> (experts, out, in) of a layer's linears (0 experts) and stacked expert projections."""
+    import torch.nn as nn
+
+    from .modules import expert_projection_names, is_experts_module
+
+    found: dict[str, tuple[int, int, int]] = {}
+    for sub, m in layer.named_modules():
+        if isinstance(m, nn.Linear):
+            found[sub] = (0, m.out_features, m.in_features)
+        elif is_experts_module(m):
+            for name in expert_projection_names(m):
+                w = getattr(m, name, None)
+                if w is not None and len(w.shape) == 3:
+                    n_exp, a, b = w.shape
+                    found[f"{sub}.{name}"] = (int(n_exp), int(b), int(a)) if m.is_transposed else (int(n_exp), int(a), int(b))
+    return found
+
+
 def _config_key(config: Any) -> str:
     import json
 
@@ -330,6 +362,12 @@ def _meta_model(config: Any) -> Any:
         return None
     finally:
         log.setLevel(level)
+
+
+def experts_per_token(config: Any) -> int | None:
+    """How many experts each token is routed to (top-k) in a mixture-of-experts config; None if it names none."""
+    k = config_value(text_config(config), "num_experts_per_tok", "moe_topk", "moe_top_k", "top_k")
+    return int(k) if isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
 
 
 def config_side_adapter(config: Any) -> ArchitectureAdapter | None:

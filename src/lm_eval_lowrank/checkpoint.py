@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from . import __version__
 from .methods import ALGORITHM_VERSION
-from .modules import FACTOR_NAMES, LowRankLinear, factor_shapes
+from .modules import FACTOR_NAMES, LowRankExpertWeights, LowRankLinear, factor_shapes
 
 FORMAT = "lm-eval-lowrank/compressed"
 FORMAT_VERSION = 1
@@ -320,6 +320,9 @@ def save_compressed(
     dec.pop("cache", None)
     dec.pop("loaded_from_checkpoint", None)
     dec.pop("load_seconds", None)
+    experts = [n for n, m in model.named_modules() if isinstance(m, LowRankExpertWeights)]
+    if experts:
+        raise CheckpointError(f"compressed checkpoints do not hold mixture-of-experts factors yet ({experts[0]}); decompose without the experts.* tensors")
     mods = lowrank_modules(model)
     planned = set(dec.get("modules") or [])
     if planned != set(mods):

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .architectures import ArchitectureAdapter, adapter_for_model
 from .methods import Factors, LayerStats, get_method, needs_calibration
 from .methods.tucker import choose_solver
-from .modules import LowRankLinear, dense_weight_of
+from .modules import LowRankExperts, LowRankExpertWeights, LowRankLinear, dense_weight_of, experts_forward, install_expert_weights, is_experts_module
 from .plan import Plan, Target, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -264,6 +264,12 @@ def _decompose_stage(
 ) -> None:
     """Calibrate ``targets`` (one layer's, or one stage of them; all of them for a data-free method) on the model
     as it is now, then replace them in order."""
+    for t in [t for t in targets if t.experts]:  # stacked expert projections: data-free only (make_plan)
+        _decompose_experts(model, spec, plan, method, t, solvers, bounds, pages)
+        bar.update()
+    targets = [t for t in targets if not t.experts]
+    if not targets:
+        return
     stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     found = []
     for t in targets:
@@ -300,6 +306,80 @@ def _decompose_stage(
         if on_module is not None:
             on_module(t, new)
         bar.update()
+
+
+def _decompose_experts(
+    model: nn.Module,
+    spec: DecompositionSpec,
+    plan: Plan,
+    method: Callable[..., Any],
+    t: Target,
+    solvers: dict[str, int],
+    bounds: list[float],
+    pages: _PageReleaser,
+) -> None:
+    """Factor every expert's matrix of one stacked projection (seeded per expert) and put the factors in place."""
+    owner_path, _, name = t.path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    W = getattr(owner, name)
+    if not isinstance(W, nn.Parameter) or not is_experts_module(owner):
+        raise SpecError(f"tensors: {t.tensor!r} at {t.path} is not a stacked expert projection of a supported experts module")
+    check_experts_contract(owner)
+    transposed = bool(owner.is_transposed)
+    factors = []
+    with torch.no_grad():
+        for e in range(W.shape[0]):
+            We = W[e].mT if transposed else W[e]
+            f = method(We.detach().float(), t.rank, None, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{t.path}.{e}"))
+            solver = f.info.get("solver", spec.method)
+            solvers[solver] = solvers.get(solver, 0) + 1
+            if "sv_error_bound" in f.info:
+                bounds.append(float(f.info["sv_error_bound"]))
+            factors.append(f)
+        new = LowRankExpertWeights.from_factors(factors, layout=plan.layout, transposed=transposed, dtype=W.dtype, device=W.device)
+    new.requires_grad_(W.requires_grad)
+    old = install_expert_weights(owner, name, new)
+    if pages.libc is not None and old.device.type == "cpu":
+        ptr = old.untyped_storage().data_ptr()
+        pages.live[ptr] -= 1
+        if pages.live[ptr] <= 0:
+            del pages.live[ptr]
+        pages.release(old, pages.live)
+
+
+_CHECKED_EXPERT_CLASSES: dict[type, bool] = {}
+
+
+def check_experts_contract(module: nn.Module) -> None:
+    """Refuse an experts class whose own forward differs from the factored one's contract (checked once per class
+    on its dense weights, a few tokens, before anything is replaced): the factored forward reimplements it."""
+    cls = type(module)
+    if isinstance(module, LowRankExperts):  # its original class passed before its first projection was replaced
+        return
+    if cls not in _CHECKED_EXPERT_CLASSES:
+        _CHECKED_EXPERT_CLASSES[cls] = _follows_experts_contract(module)
+    if not _CHECKED_EXPERT_CLASSES[cls]:
+        raise SpecError(
+            f"tensors: the experts of {cls.__name__} do not follow transformers' experts contract (checked on their "
+            f"own weights); leave the experts.* tensors out of tensors="
+        )
+
+
+def _follows_experts_contract(module: nn.Module) -> bool:
+    w = module.down_proj
+    n, top_k = module.num_experts, min(2, module.num_experts)
+    hidden = w.shape[-1] if module.is_transposed else w.shape[-2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, hidden, generator=g).to(dtype=w.dtype, device=w.device)
+    idx = torch.stack([torch.randperm(n, generator=g)[:top_k] for _ in range(6)]).to(w.device)
+    wts = torch.softmax(torch.randn(6, top_k, generator=g), -1).to(dtype=w.dtype, device=w.device)
+    try:
+        with torch.no_grad():
+            ref = module(x, idx, wts)
+            ours = experts_forward(module, x, idx, wts)
+        return ref.shape == ours.shape and torch.allclose(ours.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.abs().max()) + 1e-6)
+    except Exception:  # another signature or layout: not this contract
+        return False
 
 
 # Solves run in parallel threads, one torch thread each, where that was measured to pay: the Krylov solver

@@ -23,6 +23,9 @@ FLOPs convention (per token, one forward pass, 2 FLOPs per multiply-accumulate):
   the projections' output width, so decomposition leaves this term unchanged.
 - a decomposed linear costs ``2 * r(m+n)`` (folded) or ``2 * (r(m+n) + r²)`` (Tucker), i.e.
   twice its stored parameters, like the dense one.
+- mixture-of-experts projections: a token multiplies by the matrices of the experts it is routed to
+  (``num_experts_per_tok`` of them), so they count that many times, dense or decomposed; all of them when the
+  config names no top-k.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ArchitectureAdapter, GenericAdapter, config_side_adapter, config_value, known_architectures, text_config
+from .architectures import ArchitectureAdapter, GenericAdapter, config_side_adapter, config_value, experts_per_token, known_architectures, text_config
 from .plan import Plan, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -323,11 +326,19 @@ def calculate(
 
     total = adapter.param_count(config)
     removed = plan.params_removed
-    layer_linear = sum(o * i for o, i in shapes.values())
-    linear_flops = 2 * (n_layers * layer_linear + _head_params(config, adapter))
+    active = experts_per_token(config)
+
+    def share(tensor: str) -> float:
+        """The fraction of a tensor's matrices one token multiplies by: its routed experts' (all for a linear)."""
+        n = adapter.experts_of(tensor)
+        return min(active, n) / n if n and active else 1.0
+
+    layer_linear = sum(max(1, adapter.experts_of(t)) * o * i * share(t) for t, (o, i) in shapes.items())
+    linear_flops = round(2 * (n_layers * layer_linear + _head_params(config, adapter)))
     attn_flops = 4 * n_layers * seq_len * _attention_width(config, adapter)
     before = linear_flops + attn_flops
-    after = before - 2 * removed  # each decomposed linear costs twice its stored params
+    # each decomposed matrix costs twice its stored params; a token meets only its routed experts' matrices
+    after = before - round(2 * sum((t.dense_params - t.lowrank_params(plan.layout)) * share(t.tensor) for t in plan.targets))
 
     modules = None
     if per_module:

@@ -1,6 +1,7 @@
 """Healing fine-tune: a short causal-LM training run of the low-rank factors only.
 
-Only the ``first``/``core``/``last`` factors of :class:`LowRankLinear` modules train; every
+Only the ``first``/``core``/``last`` factors of :class:`LowRankLinear` modules (and of decomposed
+mixture-of-experts projections, :class:`LowRankExpertWeights`) train; every
 other weight (embeddings, norms, dense projections) stays frozen, so the healed model has
 exactly the parameter count of the compressed one and saves as an ordinary checkpoint.
 LoRA via peft is not used: peft wraps ``nn.Linear``/``Conv1D``-like modules, and the factors
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import LowRankLinear
+from .modules import LowRankExpertWeights, LowRankLinear
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".raw")
 TEACHER_DENSE = "dense"  # --teacher value meaning "the checkpoint's source model"
@@ -140,9 +141,9 @@ def token_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, max_blocks:
 def factor_parameters(model: nn.Module, train_bias: bool = False) -> list[nn.Parameter]:
     params: list[nn.Parameter] = []
     for mod in model.modules():
-        if isinstance(mod, LowRankLinear):
+        if isinstance(mod, (LowRankLinear, LowRankExpertWeights)):
             params += [p for p in (mod.first, mod.core, mod.last) if p is not None]
-            if train_bias and mod.bias is not None:
+            if train_bias and getattr(mod, "bias", None) is not None:  # experts keep their biases on their module
                 params.append(mod.bias)
     return params
 

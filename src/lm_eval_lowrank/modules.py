@@ -14,6 +14,7 @@ on them without transposes. The state-dict keys are ``first``, ``core`` (tucker 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -159,3 +160,168 @@ def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.mT, module.bias
     raise TypeError(f"cannot decompose a {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+# -- mixture-of-experts weights ------------------------------------------------------------------------------
+#
+# transformers 5 stores the experts of an MoE block (Mixtral, Qwen-MoE, OLMoE, GPT-OSS, DeepSeek, ...) as 3-D
+# parameters of one module, e.g. ``gate_up_proj`` (experts x out x in; in x out where the module says
+# ``is_transposed``). Decomposing one replaces the parameter by a LowRankExpertWeights child of the same name
+# (each expert's matrix as its own rank-r factors), and the experts module's class by a subclass whose forward
+# multiplies by the factors. Every other part of the module (gating, activation, biases, norms) is its own.
+
+
+class LowRankExpertWeights(nn.Module):
+    """The per-expert factors of one stacked expert projection: W[e] ~= last[e] (core[e]) first[e].
+
+    ``first`` is (E, r, in), ``core`` (E, r, r) for the tucker layout, ``last`` (E, out, r). Indexing it
+    (``w[e]``, ``w[ids]``) gives dense weights in the orientation the original parameter was stored in, so
+    code that reads the parameter keeps working.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        layout: str = "folded",
+        transposed: bool = False,
+        *,
+        parameters: Mapping[str, torch.Tensor],
+        requires_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is invalid: valid {', '.join(LAYOUTS)}")
+        self.__dict__.update(num_experts=num_experts, in_features=in_features, out_features=out_features, rank=rank, layout=layout, transposed=transposed)
+        for k in ("first", "core", "last"):
+            t = parameters.get(k)
+            self._parameters[k] = None if t is None else nn.Parameter(t, requires_grad=requires_grad)
+
+    @classmethod
+    def from_factors(
+        cls, factors: list[Factors], layout: str = "folded", transposed: bool = False, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> LowRankExpertWeights:
+        """One expert's :class:`Factors` per entry, in expert order; same split of the core as LowRankLinear."""
+        firsts, cores, lasts = [], [], []
+        for f in factors:
+            one = LowRankLinear.from_factors(f, None, layout=layout, dtype=dtype, device=device)
+            firsts.append(one.first.data)
+            lasts.append(one.last.data)
+            if one.core is not None:
+                cores.append(one.core.data)
+        params = {"first": torch.stack(firsts), "last": torch.stack(lasts), "core": torch.stack(cores) if cores else None}
+        out_f, r = params["last"].shape[1:]
+        return cls(len(factors), params["first"].shape[2], out_f, r, layout=layout, transposed=transposed, parameters=params)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The stored shape of the parameter this replaces."""
+        e, o, i = self.num_experts, self.out_features, self.in_features
+        return torch.Size((e, i, o) if self.transposed else (e, o, i))
+
+    def linear(self, x: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        """x @ W[expert]^T, through the factors (two or three thin GEMMs)."""
+        h = F.linear(x, self.first[expert])
+        if self.core is not None:
+            h = F.linear(h, self.core[expert])
+        return F.linear(h, self.last[expert])
+
+    def dense_weight(self) -> torch.Tensor:
+        """(E, out, in): every expert's matrix."""
+        mid = self.first if self.core is None else self.core @ self.first
+        return self.last @ mid
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        mid = self.first[index] if self.core is None else self.core[index] @ self.first[index]
+        w = self.last[index] @ mid
+        return w.mT if self.transposed else w
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in (self.first, self.core, self.last) if p is not None)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, layout={self.layout}"
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers experts module whose forward follows the shared contract (``use_experts_implementation``):
+    ``forward(hidden_states, top_k_index, top_k_weights)`` over 3-D ``gate_up_proj``/``up_proj`` and ``down_proj``."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")) and isinstance(
+        getattr(module, "down_proj", None), (nn.Parameter, LowRankExpertWeights)
+    )
+
+
+def expert_projection_names(module: nn.Module) -> tuple[str, ...]:
+    return ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
+
+
+class LowRankExperts:
+    """Mixed into an experts module's class once one of its projections is decomposed: the forward of the
+    shared contract (route, project, gate, project back, weight, sum), with each projection dense or factored."""
+
+    def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        w = getattr(self, name)
+        if isinstance(w, LowRankExpertWeights):
+            y = w.linear(x, expert)
+        else:
+            y = F.linear(x, w[expert].mT if self.is_transposed else w[expert])
+        if self.has_bias:
+            y = y + getattr(self, f"{name}_bias")[expert]
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts contract computed expert by expert, reading each projection as it is (dense or factored).
+
+    Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
+    """
+    out = torch.zeros_like(hidden_states)
+    num_experts = module.num_experts
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()  # one host sync for the whole block
+    top_k = top_k_index.shape[-1]
+    up_name, down_name = expert_projection_names(module)
+    project = LowRankExperts._project
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        if expert >= num_experts:
+            break
+        pairs = order[start : start + n]
+        start += n
+        token_idx = pairs // top_k
+        h = project(module, up_name, hidden_states[token_idx], expert)
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = project(module, down_name, h, expert)
+        if getattr(module, "has_post_expert_norm", False):
+            y = module.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[pairs, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+_LOWRANK_EXPERT_CLASSES: dict[type, type] = {}
+
+
+def install_expert_weights(module: nn.Module, name: str, weights: LowRankExpertWeights) -> torch.Tensor:
+    """Put ``weights`` in place of the 3-D parameter ``name`` of an experts module; return the dense parameter.
+
+    The module's class becomes ``LowRank<Class>`` (its own class with :class:`LowRankExperts` mixed in first),
+    so its gating, activation and norms stay the ones of the original.
+    """
+    cls = type(module)
+    if not isinstance(module, LowRankExperts):
+        sub = _LOWRANK_EXPERT_CLASSES.get(cls)
+        if sub is None:
+            sub = _LOWRANK_EXPERT_CLASSES[cls] = type(f"LowRank{cls.__name__}", (LowRankExperts, cls), {"__module__": cls.__module__})
+        module.__class__ = sub
+    old = module._parameters.pop(name)
+    module.add_module(name, weights)
+    return old

@@ -24,15 +24,18 @@ class Target:
     in_features: int
     rank: int
     has_bias: bool = False
+    # A mixture-of-experts projection stacks this many experts' (out x in) matrices in one parameter at
+    # ``path``; each is decomposed to ``rank`` on its own. 0: an ordinary linear module at ``path``.
+    experts: int = 0
 
     @property
     def dense_params(self) -> int:
-        return self.out_features * self.in_features
+        return max(1, self.experts) * self.out_features * self.in_features
 
     def lowrank_params(self, layout: str) -> int:
         r = self.rank
         base = r * (self.out_features + self.in_features)
-        return base + (r * r if layout == "tucker" else 0)
+        return max(1, self.experts) * (base + (r * r if layout == "tucker" else 0))
 
 
 @dataclass
@@ -92,10 +95,12 @@ def make_plan(
     plan = Plan(adapter=adapter.name, num_layers=n_layers, layout=layout)
     if spec.is_noop:
         return plan
-    tensors = spec.selected_tensors(adapter.tensor_names())
+    tensors, excluded = selected_tensors(spec, adapter)
     layers = spec.selected_layers(n_layers)
     shapes = adapter.tensor_shapes(config)
     bias = adapter.has_bias or {}
+    for t, reason in excluded.items():
+        plan.skipped += [{"path": adapter.module_path(layer - 1, t), "rank": None, "reason": reason} for layer in layers]
     for t in tensors:
         out_f, in_f = shapes[t]
         if ranks is None and spec.budget is None:
@@ -122,12 +127,39 @@ def make_plan(
                     {"path": path, "rank": r, "reason": f"rank {r} saves no parameters for {out_f}x{in_f} (break-even {breakeven_rank(out_f, in_f, layout)})"}
                 )
                 continue
-            plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False))))
-    if plan.skipped:
+            plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False)), adapter.experts_of(t)))
+    no_saving = [s for s in plan.skipped if s["rank"] is not None]
+    if no_saving:
         warnings.warn(
-            f"{len(plan.skipped)} module(s) kept dense: their rank saves no parameters "
-            f"(e.g. {plan.skipped[0]['reason']})",
+            f"{len(no_saving)} module(s) kept dense: their rank saves no parameters "
+            f"(e.g. {no_saving[0]['reason']})",
             stacklevel=2,
         )
+    if excluded:
+        warnings.warn(f"kept dense: {'; '.join(f'{t}: {r}' for t, r in excluded.items())}", stacklevel=2)
     return plan
+
+
+def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The tensors ``spec`` decomposes on this architecture, and those left out by default, with the reason.
+
+    Mixture-of-experts projections are decomposed data-free, at a given rank: calibrated methods would need
+    each expert's routed tokens, and the budget allocators a rank per expert. Named explicitly with either,
+    they are an error; selected by default (``tensors`` not given), they are kept dense and listed as skipped.
+    """
+    from .methods import needs_calibration
+
+    tensors = spec.selected_tensors(adapter.tensor_names())
+    experts = [t for t in tensors if adapter.experts_of(t)]
+    why = (f"method={spec.method}" if needs_calibration(spec.method) else None) or ("budget" if spec.budget is not None else None)
+    if not experts or why is None:
+        return tensors, {}
+    named = [t for t in experts if spec.tensors is not None or t in spec.rank_overrides]
+    if named:
+        raise SpecError(
+            f"tensors: {named[0]!r} is a mixture-of-experts projection, which {why} cannot decompose yet; "
+            f"experts are decomposed by method=tucker at a given rank (leave them out of tensors=, or use that)"
+        )
+    reason = f"mixture-of-experts projection: {why} does not decompose experts yet (method=tucker with a rank does)"
+    return tuple(t for t in tensors if t not in experts), dict.fromkeys(experts, reason)
 

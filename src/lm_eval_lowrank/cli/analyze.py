@@ -46,12 +46,15 @@ def analyze_model(
         from ..spec import SpecError
 
         raise SpecError(f"layers={layers!r} is invalid: layer {bad[0]} is past the end; valid 1..{n_layers}")
-    names = parse_tensors(tensors) or adapter.tensor_names()
-    unknown = [t for t in names if t not in adapter.tensor_names()]
+    # Stacked mixture-of-experts projections hold one matrix per expert: not analysed (yet), so not offered.
+    offered = tuple(t for t in adapter.tensor_names() if not adapter.experts_of(t))
+    names = parse_tensors(tensors) or offered
+    unknown = [t for t in names if t not in offered]
     if unknown:
         from ..spec import SpecError
 
-        raise SpecError(f"tensors: unknown tensor {unknown[0]!r}; valid: {'|'.join(adapter.tensor_names())}")
+        what = "a mixture-of-experts projection, not analysed yet" if unknown[0] in adapter.tensor_names() else "unknown tensor"
+        raise SpecError(f"tensors: {what} {unknown[0]!r}; valid: {'|'.join(offered)}")
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for layer in chosen_layers:
         paths = {t: adapter.module_path(layer - 1, t) for t in names}

@@ -1,0 +1,277 @@
+"""Mixture-of-experts projections stored as 3-D parameters (transformers 5: Mixtral, Qwen-MoE, OLMoE, GPT-OSS).
+
+Each expert's matrix is decomposed on its own; the experts module keeps its gating, activation and biases
+and multiplies by the factors. Checked against transformers' own experts forward on the same (reconstructed)
+weights, for the layouts that differ: concatenated and interleaved gate/up, transposed storage, biases.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+from lm_eval_lowrank.api import compress_model, validate_against_config
+from lm_eval_lowrank.architectures import GenericAdapter, adapter_for_model
+from lm_eval_lowrank.decompose import count_parameters
+from lm_eval_lowrank.modules import LowRankExperts, LowRankExpertWeights
+from lm_eval_lowrank.plan import make_plan
+from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+_BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, head_dim=8, num_experts_per_tok=2)
+_CONFIGS = {
+    "mixtral": dict(intermediate_size=40, num_local_experts=4),
+    "qwen3_moe": dict(intermediate_size=48, moe_intermediate_size=24, num_experts=4),
+    "qwen2_moe": dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4),
+    "olmoe": dict(intermediate_size=24, num_experts=4),
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4),  # transposed storage, biases, interleaved gate/up
+}
+EXPERTS = "experts.gate_up_proj|experts.down_proj"
+
+
+def _config(model_type: str, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoConfig.for_model(model_type, **{**_BASE, **_CONFIGS[model_type], **overrides})
+
+
+def _model(model_type: str, **overrides):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(model_type, **overrides)).eval()
+    with torch.no_grad():  # random experts of a realistic scale (from_config leaves some at 0 or 1)
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _experts(model, layer=0):
+    return model.model.layers[layer].mlp.experts
+
+
+@pytest.mark.parametrize("model_type", sorted(_CONFIGS))
+def test_adapter_offers_expert_projections_config_side_and_model_side(model_type):
+    config = _config(model_type)
+    model = _model(model_type)
+    for adapter in (adapter_for_model(model), GenericAdapter.from_config(config)):
+        assert adapter.expert_counts == {"experts.gate_up_proj": 4, "experts.down_proj": 4}
+        assert adapter.tensor_paths["experts.down_proj"] == "mlp.experts.down_proj"
+        inter = config.moe_intermediate_size if hasattr(config, "moe_intermediate_size") else config.intermediate_size
+        shapes = adapter.tensor_shapes(config)
+        assert shapes["experts.gate_up_proj"] == (2 * inter, 32)  # (out, in) of one expert, whatever the storage
+        assert shapes["experts.down_proj"] == (32, inter)
+    assert GenericAdapter.from_config(config).param_count(config) == count_parameters(model)
+    if model_type == "qwen2_moe":  # the shared expert's linears keep their own names
+        assert {"gate_proj", "up_proj", "down_proj"} <= set(adapter.tensor_names())
+
+
+@pytest.mark.parametrize("model_type", sorted(_CONFIGS))
+@pytest.mark.parametrize("layout", ["folded", "tucker"])
+def test_decomposed_experts_compute_what_transformers_computes_on_the_same_weights(model_type, layout):
+    """The factored forward against the model's own experts forward, whose weights are set to the factors'
+    products: equal to float32 rounding, so the only change is the approximation itself."""
+    model = _model(model_type)
+    report = compress_model(model, {"rank": 3, "tensors": EXPERTS, "layout": layout}, progress=False)
+    reference = _model(model_type)
+    for layer, experts in enumerate(m.mlp.experts for m in model.model.layers):
+        assert isinstance(experts, LowRankExperts) and type(experts).__name__.startswith("LowRank")
+        ref = _experts(reference, layer)
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(experts, name)
+                assert isinstance(w, LowRankExpertWeights) and w.rank == 3 and w.layout == layout
+                assert w.shape == getattr(ref, name).shape
+                getattr(ref, name).copy_(w[:])  # stored orientation, every expert
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # the accounting the plan promised is what happened
+    assert report.params_before - report.params_after == report.plan.params_removed > 0
+    assert count_parameters(model) == report.params_after
+    assert len(report.plan.targets) == 4 and all(t.experts == 4 for t in report.plan.targets)
+    assert sum(report.solvers.values()) == 4 * 4  # one solve per expert matrix
+
+
+def test_each_expert_gets_its_best_rank_r_approximation():
+    model = _model("gpt_oss")  # transposed storage: the factors must be of W[e]^T
+    dense = _experts(model).gate_up_proj.detach().clone()  # (E, in, out)
+    compress_model(model, {"rank": 4, "tensors": "experts.gate_up_proj", "layers": "1"}, progress=False)
+    w = _experts(model).gate_up_proj
+    approx = w.dense_weight().detach()  # (E, out, in)
+    for e in range(dense.shape[0]):
+        target = dense[e].mT
+        s = torch.linalg.svdvals(target.double())
+        err = torch.linalg.matrix_norm((approx[e] - target).double())
+        assert float(err) == pytest.approx(float(s[4:].square().sum().sqrt()), rel=1e-4)  # Eckart-Young
+    assert isinstance(_experts(model, 1).gate_up_proj, nn.Parameter)  # layer 2 untouched
+
+
+def test_expert_factors_are_seeded_per_expert_and_reproducible():
+    a, b = _model("mixtral"), _model("mixtral")
+    for m in (a, b):
+        compress_model(m, {"rank": 2, "tensors": "experts.down_proj", "solver": "randomized"}, progress=False)
+    fa, fb = _experts(a).down_proj.first, _experts(b).down_proj.first
+    assert torch.equal(fa, fb)
+
+
+def test_plan_counts_expert_parameters_before_any_weights_load():
+    config = _config("mixtral")
+    spec = DecompositionSpec.from_args({"rank": 2, "tensors": EXPERTS, "layers": "2"})
+    validate_against_config(spec, config)
+    plan = make_plan(spec, config, adapter=GenericAdapter.from_config(config))
+    gate_up = next(t for t in plan.targets if t.tensor == "experts.gate_up_proj")
+    assert gate_up.dense_params == 4 * 80 * 32 and gate_up.lowrank_params("folded") == 4 * 2 * (80 + 32)
+    with pytest.raises(SpecError, match=r"rank=40 is invalid for tensor 'experts.gate_up_proj' \(80x32\): valid 1..32"):
+        validate_against_config(spec.with_(rank=40), config)
+
+
+def test_calibrated_methods_and_budgets_leave_experts_dense_by_default_and_refuse_them_by_name():
+    config = _config("mixtral")
+    adapter = GenericAdapter.from_config(config)
+    with pytest.warns(UserWarning, match="mixture-of-experts"):
+        plan = make_plan(DecompositionSpec.from_args({"rank": 2, "method": "rom", "calib": "wikitext"}), config, adapter=adapter)
+    assert plan.targets and not any(t.experts for t in plan.targets)
+    assert {s["path"] for s in plan.skipped} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    assert all("method=rom" in s["reason"] for s in plan.skipped)
+    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which method=whiten"):
+        make_plan(DecompositionSpec.from_args({"rank": 2, "method": "whiten", "calib": "wikitext", "tensors": "q_proj|experts.down_proj"}), config, adapter=adapter)
+    with pytest.raises(SpecError, match="which budget cannot"):
+        make_plan(DecompositionSpec.from_args({"budget": 0.2, "tensors": "experts.down_proj"}), config, adapter=adapter)
+
+
+def test_an_experts_class_with_another_forward_is_refused_before_anything_changes():
+    model = _model("mixtral")
+    experts = _experts(model)
+
+    class OddExperts(type(experts)):
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # e.g. a custom routing rule
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    for layer in model.model.layers:
+        layer.mlp.experts.__class__ = OddExperts
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(SpecError, match="OddExperts do not follow transformers' experts contract"):
+        compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert type(_experts(model)) is OddExperts
+
+
+def test_cache_and_checkpoints_say_plainly_that_experts_are_not_stored(tmp_path):
+    from lm_eval_lowrank.checkpoint import CheckpointError, save_compressed
+    from lm_eval_lowrank.cli.checkpoint import _refuse_expert_targets
+
+    model = _model("qwen3_moe")
+    report = compress_model(model, {"rank": 2, "tensors": "q_proj|experts.down_proj"}, model_id=str(tmp_path), progress=False)
+    assert report.cache == {"enabled": False, "hit": False, "key": None, "path": None, "reason": "mixture-of-experts factors are not cached yet"}
+    with pytest.raises(CheckpointError, match="do not hold mixture-of-experts factors"):
+        save_compressed(model, tmp_path / "ckpt", report)
+    assert not (tmp_path / "ckpt").exists()
+    config = _config("qwen3_moe")
+    with pytest.raises(SpecError, match=r"^tensors: compressed checkpoints do not hold mixture-of-experts factors yet \(experts.down_proj\)"):
+        _refuse_expert_targets(DecompositionSpec.from_args({"rank": 2, "tensors": "q_proj|experts.down_proj"}), config)
+    _refuse_expert_targets(DecompositionSpec.from_args({"rank": 2, "tensors": "q_proj"}), config)  # no experts: fine
+
+
+def test_attention_only_runs_keep_the_experts_untouched():
+    model = _model("olmoe")
+    dense = copy.deepcopy(_experts(model).state_dict())
+    report = compress_model(model, {"rank": 2, "tensors": "q_proj|k_proj"}, progress=False)
+    assert not isinstance(_experts(model), LowRankExperts)
+    assert all(torch.equal(v, _experts(model).state_dict()[k]) for k, v in dense.items())
+    assert report.plan.targets and not any(t.experts for t in report.plan.targets)
+
+
+def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2_dir):
+    """Through the real ``lm_eval`` command: the experts decomposed on load, the JSON saying so, and the
+    parameter figures matching the model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_arc_task
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "tiny_mixtral"
+    _model("mixtral", vocab_size=49152).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(model_dir)
+    (tmp_path / "tasks").mkdir()
+    tasks = write_arc_task(tmp_path / "tasks", "arc_moe")
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    if not lm_eval.exists():
+        pytest.skip("lm_eval not installed")
+    out = tmp_path / "out"
+    args = [
+        str(lm_eval), "--model", "hf-tucker",
+        "--model_args", f"pretrained={model_dir},dtype=float32,rank=2,layers=2,tensors=q_proj|{EXPERTS}",
+        "--tasks", "arc_moe", "--include_path", str(tasks), "--limit", "4", "--device", "cpu", "--output_path", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())
+    dec = res["config"]["lowrank"]["decomposition"]
+    assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert dec["tensors"] == ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
+    removed = 32 * 32 - 2 * 64 + 4 * (80 * 32 - 2 * 112) + 4 * (32 * 40 - 2 * 72)
+    assert dec["params_removed"] == removed
+    assert dec["cache"]["reason"] == "mixture-of-experts factors are not cached yet"
+    assert 0 <= res["results"]["arc_moe"]["acc,none"] <= 1
+
+
+def test_space_counts_a_tokens_flops_over_its_routed_experts_only():
+    """A token multiplies by top-k of the E expert matrices: FLOPs scale by k/E, parameters by E."""
+    from lm_eval_lowrank.design_space import calculate
+
+    config = _config("mixtral").to_dict()  # 4 experts, top-2
+    dense = calculate(config, {"layout": "folded"})
+    r = calculate(config, {"rank": 4, "tensors": EXPERTS, "layout": "folded"})
+    per_layer = 32 * 32 + 2 * 16 * 32 + 32 * 32 + 2 * (80 * 32 + 32 * 40)  # attention + 2 routed experts
+    assert dense.linear_flops_before == 2 * (2 * per_layer + 64 * 32)
+    saved_params = 2 * 4 * (80 * 32 - 4 * 112 + 32 * 40 - 4 * 72)
+    assert r.params_removed == saved_params
+    assert dense.flops_before - r.flops_after == 2 * saved_params * 2 // 4  # 2 FLOPs a parameter, 2 of 4 experts
+
+
+def test_healing_trains_the_expert_factors_and_nothing_else(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.heal import heal_model
+
+    model = _model("mixtral", vocab_size=49152)
+    compress_model(model, {"rank": 2, "tensors": "q_proj|experts.down_proj"}, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = [f"The {i}th expert routes tokens to the factors it holds, one rank at a time." for i in range(40)]
+    record = heal_model(model, tokenizer, texts, steps=3, lr=1e-2, seq_len=16, batch_size=2, holdout_blocks=2, progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    factors = {n for n in before if n.endswith((".first", ".last"))}
+    assert {n for n in factors if "experts.down_proj" in n} and changed == factors
+    assert record["loss_after"] != record["loss_before"]
+
+
+def test_analyze_leaves_experts_out_and_says_so_when_they_are_named():
+    from lm_eval_lowrank.cli.analyze import analyze_model
+
+    model = _model("mixtral")
+    out = analyze_model(model, layers="1", ranks=(1,), spectrum=False)
+    assert set(out[1]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(SpecError, match=r"^tensors: a mixture-of-experts projection, not analysed yet 'experts.down_proj'; valid: q_proj\|k_proj"):
+        analyze_model(model, tensors="experts.down_proj")
+
+
+def test_offloaded_expert_weights_are_named_before_any_solve():
+    from lm_eval_lowrank.api import _check_weights_in_memory
+
+    model = _model("mixtral")
+    experts = _experts(model, 1)
+    experts._parameters["down_proj"] = nn.Parameter(torch.empty(experts.down_proj.shape, device="meta"))
+    spec = DecompositionSpec.from_args({"rank": 2, "tensors": EXPERTS})
+    with pytest.raises(SpecError, match=r"^model.layers.1.mlp.experts.down_proj is offloaded"):
+        _check_weights_in_memory(model, spec, adapter_for_model(model))
