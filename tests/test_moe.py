@@ -161,20 +161,48 @@ def test_an_experts_class_with_another_forward_is_refused_before_anything_change
     assert type(_experts(model)) is OddExperts
 
 
-def test_cache_and_checkpoints_say_plainly_that_experts_are_not_stored(tmp_path):
-    from lm_eval_lowrank.checkpoint import CheckpointError, save_compressed
-    from lm_eval_lowrank.cli.checkpoint import _refuse_expert_targets
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_compressed_checkpoint_round_trip_with_expert_factors(model_type, tmp_path):
+    from lm_eval_lowrank.checkpoint import CheckpointError, CompressedCheckpoint, load_compressed, save_compressed
 
-    model = _model("qwen3_moe")
-    report = compress_model(model, {"rank": 2, "tensors": "q_proj|experts.down_proj"}, model_id=str(tmp_path), progress=False)
-    assert report.cache == {"enabled": False, "hit": False, "key": None, "path": None, "reason": "mixture-of-experts factors are not cached yet"}
-    with pytest.raises(CheckpointError, match="do not hold mixture-of-experts factors"):
-        save_compressed(model, tmp_path / "ckpt", report)
-    assert not (tmp_path / "ckpt").exists()
-    config = _config("qwen3_moe")
-    with pytest.raises(SpecError, match=r"^tensors: compressed checkpoints do not hold mixture-of-experts factors yet \(experts.down_proj\)"):
-        _refuse_expert_targets(DecompositionSpec.from_args({"rank": 2, "tensors": "q_proj|experts.down_proj"}), config)
-    _refuse_expert_targets(DecompositionSpec.from_args({"rank": 2, "tensors": "q_proj"}), config)  # no experts: fine
+    model = _model(model_type)
+    report = compress_model(model, {"rank": 3, "tensors": f"q_proj|{EXPERTS}", "layers": "2", "layout": "tucker"}, progress=False)
+    path = save_compressed(model, tmp_path / "ckpt", report)
+    ckpt = CompressedCheckpoint.open(path)
+    assert ckpt.manifest["format_version"] == 2  # older readers are told to upgrade, not handed experts as linears
+    entry = ckpt.manifest["modules"]["model.layers.1.mlp.experts.gate_up_proj"]
+    assert entry == {"rank": 3, "in_features": 32, "out_features": entry["out_features"], "layout": "tucker", "bias": False, "experts": 4, "transposed": model_type == "gpt_oss"}
+    assert ckpt.manifest["params"]["after"] == report.params_after
+    loaded = load_compressed(path)
+    assert isinstance(_experts(loaded, 1), LowRankExperts) and not isinstance(_experts(loaded, 0), LowRankExperts)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert count_parameters(loaded) == report.params_after
+    # expert factors of the wrong size are caught by the integrity check, before any model is built
+    manifest = ckpt.manifest
+    manifest["modules"]["model.layers.1.mlp.experts.gate_up_proj"]["experts"] = 3
+    with pytest.raises(CheckpointError, match=r"experts.gate_up_proj.first is \(4, 3, 32\) in the file, the manifest implies \(3, 3, 32\)"):
+        CompressedCheckpoint(path, manifest).verify(checksums=False)
+
+
+def test_cache_hit_puts_the_same_expert_factors_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("LM_EVAL_LOWRANK_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    _model("olmoe").save_pretrained(source)
+    spec = {"rank": 2, "tensors": f"k_proj|{EXPERTS}", "solver": "krylov"}
+    runs = []
+    for _ in range(2):
+        model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        runs.append((model, compress_model(model, spec, model_id=str(source), progress=False)))
+    (m1, r1), (m2, r2) = runs
+    assert not r1.cache["hit"] and r1.cache["stored"] and r2.cache["hit"]
+    assert isinstance(_experts(m2), LowRankExperts) and isinstance(_experts(m2).down_proj, LowRankExpertWeights)
+    assert r2.params_after == r1.params_after == count_parameters(m2)
+    assert r2.sv_error_bound_modules == r1.sv_error_bound_modules == 2 * (1 + 2 * 4)  # per expert, and reported back
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
 
 
 def test_attention_only_runs_keep_the_experts_untouched():
@@ -212,7 +240,7 @@ def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2
         "--model_args", f"pretrained={model_dir},dtype=float32,rank=2,layers=2,tensors=q_proj|{EXPERTS}",
         "--tasks", "arc_moe", "--include_path", str(tasks), "--limit", "4", "--device", "cpu", "--output_path", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LM_EVAL_LOWRANK_CACHE": str(tmp_path / "cache")}
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())
@@ -221,7 +249,7 @@ def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2
     assert dec["tensors"] == ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
     removed = 32 * 32 - 2 * 64 + 4 * (80 * 32 - 2 * 112) + 4 * (32 * 40 - 2 * 72)
     assert dec["params_removed"] == removed
-    assert dec["cache"]["reason"] == "mixture-of-experts factors are not cached yet"
+    assert dec["cache"]["stored"] and not dec["cache"]["hit"]
     assert 0 <= res["results"]["arc_moe"]["acc,none"] <= 1
 
 

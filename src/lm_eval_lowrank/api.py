@@ -60,16 +60,6 @@ def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter:
             )
 
 
-def _has_expert_targets(spec: DecompositionSpec, model: nn.Module, adapter: Any, ranks: Any) -> bool:
-    import warnings
-
-    if not adapter.expert_counts:
-        return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # decompose_model gives make_plan's warnings
-        return any(t.experts for t in make_plan(spec, model.config, adapter=adapter, ranks=ranks).targets)
-
-
 def compress_model(
     model: nn.Module,
     spec: DecompositionSpec | Mapping[str, Any],
@@ -102,8 +92,6 @@ def compress_model(
         disabled = cache_info_disabled("cache=false")
     elif model_id is None:
         disabled = cache_info_disabled("no model id (a model object was passed)")
-    elif _has_expert_targets(spec, model, adapter, ranks):
-        disabled = cache_info_disabled("mixture-of-experts factors are not cached yet")
     else:
         cache = DecompositionCache.for_model(model, model_id)
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")

@@ -46,13 +46,13 @@ import torch.nn as nn
 
 from . import __version__
 from .methods import ALGORITHM_VERSION
-from .modules import FACTOR_NAMES, LowRankExpertWeights, LowRankLinear, factor_shapes
+from .modules import FACTOR_NAMES, LowRankExpertWeights, LowRankLinear, factor_shapes, install_expert_weights, is_experts_module
 
 FORMAT = "lm-eval-lowrank/compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: modules may be mixture-of-experts factors (entries with "experts")
 MANIFEST_NAME = "lowrank_manifest.json"
 WEIGHTS_NAME = "lowrank_model.safetensors"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: modules may be mixture-of-experts factors (entries with "experts")
 # Spec fields that change the factors (the ranks and targets are keyed through the plan).
 _FACTOR_FIELDS = ("method", "solver", "solver_tol", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged", "budget", "allocator", "rank_multiple")
 
@@ -209,17 +209,48 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear | LowRankExpertWeights]:
+    """Every decomposed module: LowRankLinear, and the factors of decomposed expert projections."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankExpertWeights))}
 
 
-def _module_entry(mod: LowRankLinear) -> dict[str, Any]:
-    return {"rank": mod.rank, "in_features": mod.in_features, "out_features": mod.out_features, "layout": mod.layout, "bias": mod.bias is not None}
+def _module_entry(mod: LowRankLinear | LowRankExpertWeights) -> dict[str, Any]:
+    entry = {"rank": mod.rank, "in_features": mod.in_features, "out_features": mod.out_features, "layout": mod.layout}
+    if isinstance(mod, LowRankExpertWeights):
+        return {**entry, "bias": False, "experts": mod.num_experts, "transposed": mod.transposed}
+    return {**entry, "bias": mod.bias is not None}
 
 
 def _expected_factor_shapes(path: str, info: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    shapes = factor_shapes(int(info["in_features"]), int(info["out_features"]), int(info["rank"]), str(info.get("layout")), bool(info.get("bias")))
+    shapes = factor_shapes(
+        int(info["in_features"]), int(info["out_features"]), int(info["rank"]), str(info.get("layout")), bool(info.get("bias")), int(info.get("experts") or 0)
+    )
     return {f"{path}.{k}": v for k, v in shapes.items()}
+
+
+def _install_factors(model: nn.Module, path: str, info: Mapping[str, Any], parameters: Mapping[str, torch.Tensor] | None, requires_grad: bool = True) -> None:
+    """Put the module a manifest/cache entry describes at ``path``: a LowRankLinear in place of a linear, or the
+    factors of an expert projection in place of its 3-D parameter. ``parameters`` None: empty, on the meta device."""
+    layout = str(info.get("layout", "folded"))
+    dims = (int(info["in_features"]), int(info["out_features"]), int(info["rank"]))
+    if info.get("experts"):
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if not is_experts_module(owner) or not isinstance(owner._parameters.get(name), nn.Parameter):
+            raise CheckpointError(f"{path} is not an expert projection of this architecture")
+        transposed = bool(info.get("transposed"))
+        if parameters is None:
+            new = LowRankExpertWeights.empty(int(info["experts"]), *dims, layout=layout, transposed=transposed, device="meta")
+        else:
+            new = LowRankExpertWeights(int(info["experts"]), *dims, layout=layout, transposed=transposed, parameters=parameters, requires_grad=requires_grad)
+        install_expert_weights(owner, name, new)
+        return
+    model.get_submodule(path)  # AttributeError if the architecture lacks it
+    if parameters is None:
+        new = LowRankLinear(*dims, layout=layout, bias=bool(info.get("bias")), device="meta")
+    else:
+        new = LowRankLinear(*dims, layout=layout, parameters=parameters, requires_grad=requires_grad)
+    _set_submodule(model, path, new)
 
 
 @contextlib.contextmanager
@@ -320,9 +351,6 @@ def save_compressed(
     dec.pop("cache", None)
     dec.pop("loaded_from_checkpoint", None)
     dec.pop("load_seconds", None)
-    experts = [n for n, m in model.named_modules() if isinstance(m, LowRankExpertWeights)]
-    if experts:
-        raise CheckpointError(f"compressed checkpoints do not hold mixture-of-experts factors yet ({experts[0]}); decompose without the experts.* tensors")
     mods = lowrank_modules(model)
     planned = set(dec.get("modules") or [])
     if planned != set(mods):
@@ -351,7 +379,8 @@ def save_compressed(
         layers = dec.get("layers") or []
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # readers before version 2 would take expert factors for linears: they are told to upgrade instead
+            "format_version": FORMAT_VERSION if any(isinstance(m, LowRankExpertWeights) for m in mods.values()) else 1,
             "package_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": dict(source or {}),
@@ -458,7 +487,7 @@ class CompressedCheckpoint:
                 raise CheckpointError(
                     f"{MANIFEST_NAME} in {self.path} does not match the weights: {key} is {found.get(key)} in the file, the manifest implies {shape}"
                 )
-        dense = [p for p in self.manifest["modules"] if f"{p}.weight" in found]
+        dense = [p for p, info in self.manifest["modules"].items() if f"{p}.weight" in found or (info.get("experts") and p in found)]
         if dense:
             raise CheckpointError(f"{MANIFEST_NAME} in {self.path} does not match the weights: {dense[0]} is stored dense")
 
@@ -482,13 +511,9 @@ class CompressedCheckpoint:
             model = AutoModelForCausalLM.from_config(config, dtype=skeleton_dtype)
         for mod_path, info in self.manifest["modules"].items():
             try:
-                model.get_submodule(mod_path)
-            except AttributeError:
+                _install_factors(model, mod_path, info, None)
+            except (AttributeError, CheckpointError):
                 raise CheckpointError(f"{MANIFEST_NAME} in {self.path} names module {mod_path}, which the config's architecture lacks") from None
-            new = LowRankLinear(
-                int(info["in_features"]), int(info["out_features"]), int(info["rank"]), layout=info.get("layout", "folded"), bias=bool(info.get("bias")), device="meta"
-            )
-            _set_submodule(model, mod_path, new)
         state: dict[str, torch.Tensor] = {}
         for name in self.manifest["weights"]:
             state.update(load_file(str(self.path / name), device=str(device)))
@@ -670,15 +695,11 @@ class DecompositionCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def key(self, model: nn.Module, spec: Any, plan: Any, modules: Mapping[str, nn.Module] | None = None) -> str:
-        from .modules import dense_weight_of
-
         modules = modules if modules is not None else dict(model.named_modules())
         dtypes, devices = set(), set()
         samples: list[tuple[str, list[torch.Tensor]]] = []
         for t in plan.targets:
-            mod = modules[t.path]
-            mod = getattr(mod, "base_layer", mod)
-            w, b = dense_weight_of(mod)
+            w, b = _dense_of(modules, t)
             dtypes.add(str(w.dtype))
             devices.add(w.device.type)
             samples.append((t.path, [_weight_sample(w)] + ([_weight_sample(b)] if b is not None else [])))
@@ -732,15 +753,26 @@ class DecompositionCache:
         params_before = count_parameters(model)
         removed = added = 0
         for t in plan.targets:
+            # The read tensors become the parameters (moved only if the model lives elsewhere):
+            # no second copy of the factors. _read_entry checked every shape, so the module is
+            # built directly (from_parameters would check them again, ~5 us a module).
+            factors = {k: tensors[f"{t.path}.{k}"] for k in FACTOR_NAMES if f"{t.path}.{k}" in tensors}
+            if t.experts:  # the factors of a stacked expert projection, in place of its 3-D parameter
+                w, _ = _dense_of(modules, t)
+                if w.device.type != "cpu":
+                    factors = {k: v.to(w.device) for k, v in factors.items()}
+                owner = modules[t.path.rpartition(".")[0]]
+                removed += w.numel()
+                added += sum(f.numel() for f in factors.values())
+                info = {"in_features": t.in_features, "out_features": t.out_features, "rank": t.rank, "layout": plan.layout, "experts": t.experts, "transposed": bool(owner.is_transposed)}
+                _install_factors(model, t.path, info, factors, requires_grad=w.requires_grad)
+                del w
+                continue
             mod_path = t.path
             old = modules[mod_path]
             if hasattr(old, "base_layer"):
                 mod_path, old = f"{mod_path}.base_layer", old.base_layer
             w = old.weight
-            # The read tensors become the parameters (moved only if the model lives elsewhere):
-            # no second copy of the factors. _read_entry checked every shape, so the module is
-            # built directly (from_parameters would check them again, ~5 us a module).
-            factors = {k: tensors[f"{t.path}.{k}"] for k in FACTOR_NAMES if f"{t.path}.{k}" in tensors}
             if w.device.type != "cpu":
                 factors = {k: v.to(w.device) for k, v in factors.items()}
             new = LowRankLinear(t.in_features, t.out_features, t.rank, layout=plan.layout, parameters=factors, requires_grad=w.requires_grad)
@@ -768,7 +800,7 @@ class DecompositionCache:
         if not self._verified(path, meta.get("sha256"), tensors):
             raise CheckpointError("sha256 mismatch: the file is corrupted")
         for t in plan.targets:
-            info = {"rank": t.rank, "in_features": t.in_features, "out_features": t.out_features, "layout": plan.layout, "bias": f"{t.path}.bias" in tensors}
+            info = {"rank": t.rank, "in_features": t.in_features, "out_features": t.out_features, "layout": plan.layout, "bias": f"{t.path}.bias" in tensors, "experts": t.experts}
             for name, shape in _expected_factor_shapes(t.path, info).items():
                 if name not in tensors or tuple(tensors[name].shape) != shape:
                     raise CheckpointError(f"{name} is missing or has the wrong shape")
@@ -825,10 +857,10 @@ class DecompositionCache:
         for t in report.plan.targets:
             mod = model.get_submodule(t.path)
             mod = getattr(mod, "base_layer", mod)
-            if not isinstance(mod, LowRankLinear):
+            if not isinstance(mod, LowRankExpertWeights if t.experts else LowRankLinear):
                 return None
             for k in FACTOR_NAMES:
-                p = getattr(mod, k)
+                p = getattr(mod, k, None)  # expert factors have no bias
                 if p is not None:
                     tensors[f"{t.path}.{k}"] = p.detach().to("cpu").contiguous()
         rep = report.to_dict()
@@ -842,6 +874,17 @@ class DecompositionCache:
         self._remember_verified(path, meta["sha256"])  # written from these very tensors
         report.cache["stored"] = True
         return path
+
+
+def _dense_of(modules: Mapping[str, nn.Module], t: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The dense weight (and bias) a plan target names, before it is replaced."""
+    from .modules import dense_weight_of
+
+    if t.experts:  # the path names the stacked parameter itself; its biases stay dense on the module
+        owner, _, name = t.path.rpartition(".")
+        return getattr(modules[owner], name), None
+    mod = modules[t.path]
+    return dense_weight_of(getattr(mod, "base_layer", mod))
 
 
 def cache_info_disabled(reason: str) -> dict[str, Any]:

@@ -26,11 +26,15 @@ LAYOUTS = ("folded", "tucker")
 FACTOR_NAMES = ("first", "core", "last", "bias")
 
 
-def factor_shapes(in_features: int, out_features: int, rank: int, layout: str = "folded", bias: bool = False) -> dict[str, tuple[int, ...]]:
-    """The shape of each factor a LowRankLinear of this size holds (the one rule, for checks of stored factors)."""
+def factor_shapes(in_features: int, out_features: int, rank: int, layout: str = "folded", bias: bool = False, experts: int = 0) -> dict[str, tuple[int, ...]]:
+    """The shape of each factor a LowRankLinear of this size holds, or with ``experts`` a LowRankExpertWeights
+    (each shape led by the number of experts; biases stay on the experts module): the one rule, for checks of
+    stored factors."""
     shapes: dict[str, tuple[int, ...]] = {"first": (rank, in_features), "last": (out_features, rank)}
     if layout == "tucker":
         shapes["core"] = (rank, rank)
+    if experts:
+        return {k: (experts, *v) for k, v in shapes.items()}
     if bias:
         shapes["bias"] = (out_features,)
     return shapes
@@ -214,6 +218,14 @@ class LowRankExpertWeights(nn.Module):
         params = {"first": torch.stack(firsts), "last": torch.stack(lasts), "core": torch.stack(cores) if cores else None}
         out_f, r = params["last"].shape[1:]
         return cls(len(factors), params["first"].shape[2], out_f, r, layout=layout, transposed=transposed, parameters=params)
+
+    @classmethod
+    def empty(
+        cls, num_experts: int, in_features: int, out_features: int, rank: int, layout: str = "folded", transposed: bool = False, **kw: Any
+    ) -> LowRankExpertWeights:
+        """Uninitialised factors of this size (``device="meta"`` for a skeleton that a state dict fills)."""
+        params = {k: torch.empty(shape, **kw) for k, shape in factor_shapes(in_features, out_features, rank, layout, experts=num_experts).items()}
+        return cls(num_experts, in_features, out_features, rank, layout=layout, transposed=transposed, parameters=params)
 
     @property
     def shape(self) -> torch.Size:

@@ -10,7 +10,6 @@ Typical use::
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import click
@@ -60,7 +59,6 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
 
     config = AutoConfig.from_pretrained(str(pretrained), **{k: v for k, v in kw.items() if k != "dtype"})
     validate_against_config(spec, config)  # range errors before the weights load
-    _refuse_expert_targets(spec, config)
     model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
     device = rest.get("device")
     if device:
@@ -85,25 +83,6 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         f"({100 * (m['params']['reduction'] or 0):.2f}% fewer), weights {ckpt.weight_bytes() / 2**20:.1f} MiB, "
         f"cache {'hit' if cache.get('hit') else 'miss' if cache.get('enabled') else 'off'}"
     )
-
-
-def _refuse_expert_targets(spec: Any, config: Any) -> None:
-    from ..architectures import config_side_adapter
-    from ..plan import make_plan
-    from ..spec import SpecError
-
-    adapter = config_side_adapter(config)
-    if adapter is None or not adapter.expert_counts or spec.budget is not None:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plan = make_plan(spec, config, adapter=adapter)
-    named = sorted({t.tensor for t in plan.targets if t.experts})
-    if named:
-        raise SpecError(
-            f"tensors: compressed checkpoints do not hold mixture-of-experts factors yet ({'|'.join(named)}); "
-            f"give tensors= without them, or evaluate with --model hf-tucker (decompose-on-load)"
-        )
 
 
 def _source_digest(model_id: str, model: Any) -> str | None:
