@@ -303,3 +303,17 @@ def test_offloaded_expert_weights_are_named_before_any_solve():
     spec = DecompositionSpec.from_args({"rank": 2, "tensors": EXPERTS})
     with pytest.raises(SpecError, match=r"^model.layers.1.mlp.experts.down_proj is offloaded"):
         _check_weights_in_memory(model, spec, adapter_for_model(model))
+
+
+def test_rom_on_a_moe_model_calibrates_the_attention_and_leaves_the_experts_dense(smollm2_dir):
+    """Staged calibration reads its stages off the layer's forward; the stacked expert parameters are no modules
+    to hook, and must not stop it."""
+    from transformers import AutoTokenizer
+
+    model = _model("mixtral", vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    with pytest.warns(UserWarning, match="kept dense: experts.gate_up_proj"):
+        report = compress_model(model, {"rank": 2, "method": "rom", "calib_n": 4, "calib_len": 16, "cache": False}, tokenizer=tokenizer, progress=False)
+    assert [t.tensor for t in report.plan.targets if t.layer == 1] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert report.calibration["stage_order"] == "forward"
+    assert len(report.plan.skipped) == 4 and not isinstance(_experts(model), LowRankExperts)

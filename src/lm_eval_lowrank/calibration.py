@@ -356,6 +356,13 @@ def calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path | Non
 # -- statistics --------------------------------------------------------------------------
 
 
+def _submodule_or_none(root: nn.Module, path: str) -> Any:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:  # absent from this layer, or a parameter (a stacked expert projection)
+        return None
+
+
 class _Stop(Exception):
     pass
 
@@ -468,7 +475,8 @@ class SequentialStatsProvider:
         self.seconds = 0.0
         self.layers_computed: list[int] = []
         self.stage_order = "adapter"  # where the stages within a layer came from (forward: read off its forward)
-        self._stage_map: dict[str, int] | None = None  # tensor -> stage, read off a forward (forward_stages)
+        # kind of layer (its tensors) -> {tensor: stage}, read off a forward (forward_stages)
+        self._stage_maps: dict[tuple[str, ...], dict[str, int]] = {}
 
     # -- hidden-state bookkeeping --------------------------------------------------------
     def _capture(self, model: nn.Module) -> None:
@@ -579,24 +587,27 @@ class SequentialStatsProvider:
     # -- stages of architectures whose adapter lists none ---------------------------------
     def forward_stages(self, model: nn.Module, layer: int, targets: list[Any]) -> list[list[Any]]:
         """``targets`` of one layer grouped by the input tensor they share, in the order a layer's forward reaches
-        them (e.g. query_key_value; dense; dense_h_to_4h; dense_4h_to_h for GPT-NeoX). The order is read once, off
-        the first decoder layer, still dense when this is first asked; the adapter's tensors sit at the same paths
-        in every layer. Unreached tensors come last."""
-        if self._stage_map is None:
-            self._stage_map = self._read_stage_map(model)
-        last = max(self._stage_map.values(), default=-1) + 1
+        them (e.g. query_key_value; dense; dense_h_to_4h; dense_4h_to_h for GPT-NeoX). The order is read off the
+        layer itself, still dense when this is asked, once per kind of layer (the set of linears it holds: hybrid
+        and MoE models mix kinds). Unreached tensors come last."""
+        block = self.adapter.layers(model)[layer - 1]
+        present = tuple(t for t in self.adapter.tensor_names() if isinstance(_submodule_or_none(block, self.adapter.tensor_paths[t]), nn.Module))
+        stage_map = self._stage_maps.get(present)
+        if stage_map is None:
+            stage_map = self._stage_maps[present] = self._read_stage_map(model, block, present)
+        last = max(stage_map.values(), default=-1) + 1
         groups: dict[int, list[Any]] = {}
         for t in targets:
-            groups.setdefault(self._stage_map.get(t.tensor, last), []).append(t)
+            groups.setdefault(stage_map.get(t.tensor, last), []).append(t)
         self.stage_order = "forward"
         return [groups[i] for i in sorted(groups)]
 
     @torch.no_grad()
-    def _read_stage_map(self, model: nn.Module) -> dict[str, int]:
-        if self._hidden is None or self._at != 0:
+    def _read_stage_map(self, model: nn.Module, first: nn.Module, tensors: tuple[str, ...]) -> dict[str, int]:
+        if self._hidden is None:
             self._capture(model)  # the first layer's inputs: the embeddings, no layer runs
-        first = self.adapter.layers(model)[0]
-        tensors = list(self.adapter.tensor_names())
+        # Any hidden state of the stream will do (only which input each linear sees matters), and the
+        # layer's output is dropped: the stream is left as it was.
         inputs: list[torch.Tensor] = []  # held, so that no later input can reuse a freed one's memory
         stage_of: dict[str, int] = {}
 
