@@ -164,7 +164,7 @@ def test_calculator_costs_an_unadapted_architecture_exactly():
         config_adapter({"model_type": "not_a_model", "hidden_size": 8})
 
 
-def test_generic_adapter_offers_only_the_linears_every_layer_has():
+def test_generic_adapter_offers_each_linear_in_the_layers_that_hold_it_with_one_shape():
     from torch import nn
 
     from lm_eval_lowrank.architectures import GenericAdapter
@@ -183,4 +183,6 @@ def test_generic_adapter_offers_only_the_linears_every_layer_has():
             self.blocks = nn.ModuleList([Block(True), Block(False), Block(False)])
 
     adapter = GenericAdapter.from_model(Toy())
-    assert (adapter.layers_path, adapter.tensor_paths, adapter.tensor_shapes(None)) == ("blocks", {"proj": "proj"}, {"proj": (8, 8)})
+    # a path whose shape changes between layers is not offered; one that only some layers hold is, for those
+    assert (adapter.layers_path, adapter.tensor_paths, adapter.tensor_shapes(None)) == ("blocks", {"proj": "proj", "router": "router"}, {"proj": (8, 8), "router": (4, 8)})
+    assert adapter.layers_of("proj", 3) == (1, 2, 3) and adapter.layers_of("router", 3) == (2, 3)

@@ -317,3 +317,52 @@ def test_rom_on_a_moe_model_calibrates_the_attention_and_leaves_the_experts_dens
     assert [t.tensor for t in report.plan.targets if t.layer == 1] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert report.calibration["stage_order"] == "forward"
     assert len(report.plan.skipped) == 4 and not isinstance(_experts(model), LowRankExperts)
+
+
+def _deepseek():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.for_model(
+            "deepseek_v3", hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=16,
+            kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, vocab_size=64, n_group=1, topk_group=1,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    return config, model
+
+
+def test_layers_that_differ_offer_each_projection_in_the_layers_that_hold_it():
+    """DeepSeek-V3: a dense first layer, then MoE layers with routed and shared experts."""
+    config, model = _deepseek()
+    for adapter in (adapter_for_model(model), GenericAdapter.from_config(config)):
+        assert adapter.layers_of("q_a_proj", 3) == (1, 2, 3)
+        assert adapter.layers_of("gate_proj", 3) == (1,)  # the dense MLP
+        assert adapter.layers_of("experts.down_proj", 3) == adapter.layers_of("mlp.shared_experts.down_proj", 3) == (2, 3)
+    report = compress_model(model, {"rank": 2}, progress=False)
+    by_layer = {layer: [t.tensor for t in report.plan.targets if t.layer == layer] for layer in (1, 2, 3)}
+    assert "gate_proj" in by_layer[1] and "experts.gate_up_proj" not in by_layer[1]
+    assert {"experts.gate_up_proj", "experts.down_proj", "mlp.shared_experts.up_proj"} <= set(by_layer[2]) and "gate_proj" not in by_layer[2]
+    assert report.params_before - report.params_after == report.plan.params_removed == report.params_before - count_parameters(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 64, (2, 7))).logits).all()
+    with pytest.raises(SpecError, match=r"^layers=1 holds no experts.down_proj: in this architecture 'experts.down_proj' is in layers 2\|3 only"):
+        validate_against_config(DecompositionSpec.from_args({"rank": 2, "layers": "1", "tensors": "experts.down_proj"}), config)
+    # several tensors, some absent from the chosen layer: the others are decomposed
+    plan = make_plan(DecompositionSpec.from_args({"rank": 2, "layers": "1", "tensors": "gate_proj|experts.down_proj"}), config, adapter=GenericAdapter.from_config(config))
+    assert [t.path for t in plan.targets] == ["model.layers.0.mlp.gate_proj"]
+
+
+def test_space_counts_each_projection_in_the_layers_that_hold_it():
+    from lm_eval_lowrank.design_space import calculate
+
+    config, model = _deepseek()
+    linears = sum(m.weight.numel() for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear))
+    routed = sum(p.numel() for name, p in model.model.layers.named_parameters() if ".experts." in name)
+    report = calculate(config.to_dict(), {"layout": "folded"})
+    assert report.linear_flops_before == 2 * (linears + routed * 2 // 4 + model.lm_head.weight.numel())
+    assert report.params_total == count_parameters(model)

@@ -88,7 +88,8 @@ def candidates(spec: DecompositionSpec, config: Any, adapter: Any) -> list[Candi
     tensors, _ = selected_tensors(spec, adapter)  # mixture-of-experts projections are left out (make_plan says why)
     layers = spec.selected_layers(adapter.num_layers(config))
     shapes = adapter.tensor_shapes(config)
-    return [Candidate(layer, t, adapter.module_path(layer - 1, t), *shapes[t]) for layer in layers for t in tensors]
+    held = {t: set(adapter.layers_of(t, adapter.num_layers(config))) for t in tensors}
+    return [Candidate(layer, t, adapter.module_path(layer - 1, t), *shapes[t]) for layer in layers for t in tensors if layer in held[t]]
 
 
 def _layout(spec: DecompositionSpec) -> str:

@@ -49,6 +49,8 @@ class ArchitectureAdapter:
     # Mixture-of-experts projections stored as one 3-D parameter: short name -> number of experts.
     # Their tensor_paths point at the parameter; tensor_shapes give one expert's (out, in).
     expert_counts: dict[str, int] | None = None
+    # Tensors that only some layers hold: short name -> those layers (1-based). Unlisted: every layer.
+    tensor_layers: dict[str, tuple[int, ...]] | None = None
 
     # -- config side -------------------------------------------------------------
     def tensor_names(self) -> tuple[str, ...]:
@@ -66,9 +68,15 @@ class ArchitectureAdapter:
         raise NotImplementedError
 
     def layer_linear_params(self, config: Any) -> int:
+        """Parameters of one layer's projections (of a layer holding every tensor)."""
         return sum(
             max(1, self.experts_of(t)) * o * i + (o if (self.has_bias or {}).get(t, False) else 0) for t, (o, i) in self.tensor_shapes(config).items()
         )
+
+    def layers_of(self, tensor: str, num_layers: int) -> tuple[int, ...]:
+        """The 1-based layers that hold ``tensor``."""
+        held = (self.tensor_layers or {}).get(tensor)
+        return tuple(range(1, num_layers + 1)) if held is None else held
 
     def experts_of(self, tensor: str) -> int:
         """How many experts a tensor stacks (0: an ordinary linear)."""
@@ -235,9 +243,10 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
 class GenericAdapter(ArchitectureAdapter):
     """Fallback for other architectures: read off a model, the loaded one or an empty one built from the config.
 
-    The decoder layers are the longest ``nn.ModuleList``; the tensors are the ``nn.Linear`` modules that every
-    layer holds at the same path with the same shape, named by their leaf names, and the stacked projections of
-    transformers' mixture-of-experts modules, named ``<module>.<parameter>`` (e.g. ``experts.gate_up_proj``).
+    The decoder layers are the longest ``nn.ModuleList``; the tensors are the ``nn.Linear`` modules the layers
+    hold at one path with one shape, named by their leaf names, and the stacked projections of transformers'
+    mixture-of-experts modules, named ``<module>.<parameter>`` (e.g. ``experts.gate_up_proj``). A tensor that
+    only some layers hold is offered for those layers (``tensor_layers``).
     """
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
@@ -260,15 +269,23 @@ class GenericAdapter(ArchitectureAdapter):
                     best_path, best_list = name, mod
         if best_list is None:
             raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
-        # Only linears every layer has, with one shape: layers may differ (e.g. DeepSeek's dense and MoE blocks).
-        common: dict[str, tuple[int, int, int]] | None = None  # sub path -> (experts, out, in); 0 experts: a linear
-        for layer in best_list:
-            found = _layer_projections(layer)
-            common = found if common is None else {sub: shape for sub, shape in common.items() if found.get(sub) == shape}
+        # Layers may differ (DeepSeek's dense then MoE blocks, hybrid attention/SSM stacks): a projection held by
+        # some layers only is offered for those (``tensor_layers``); one whose shape changes between layers is not.
+        per_layer = [_layer_projections(layer) for layer in best_list]  # sub path -> (experts, out, in)
+        shape_of: dict[str, tuple[int, int, int] | None] = {}
+        held: dict[str, list[int]] = {}
+        for i, found in enumerate(per_layer, 1):
+            for sub, shape in found.items():
+                shape_of[sub] = shape if shape_of.get(sub, shape) == shape else None
+                held.setdefault(sub, []).append(i)
+        everywhere = [sub for sub in shape_of if shape_of[sub] is not None and len(held[sub]) == len(per_layer)]
+        some = [sub for sub in shape_of if shape_of[sub] is not None and len(held[sub]) < len(per_layer)]
         paths: dict[str, str] = {}
         shapes: dict[str, tuple[int, int]] = {}
         experts: dict[str, int] = {}
-        for sub, (n_exp, out_f, in_f) in (common or {}).items():
+        layers: dict[str, tuple[int, ...]] = {}
+        for sub in everywhere + some:  # names of the projections every layer holds first, as they always were
+            n_exp, out_f, in_f = shape_of[sub]
             short = ".".join(sub.split(".")[-2:]) if n_exp else sub.split(".")[-1]
             if short in paths:  # ambiguous leaf name: use the full path
                 short = sub
@@ -276,9 +293,11 @@ class GenericAdapter(ArchitectureAdapter):
             shapes[short] = (out_f, in_f)
             if n_exp:
                 experts[short] = n_exp
+            if len(held[sub]) < len(per_layer):
+                layers[short] = tuple(held[sub])
         if not paths:
-            raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections shared by all its layers")
-        adapter = cls("generic", (), best_path, paths, expert_counts=experts or None)
+            raise SpecError(f"architecture {type(model).__name__}: no nn.Linear projections in its layers")
+        adapter = cls("generic", (), best_path, paths, expert_counts=experts or None, tensor_layers=layers or None)
         object.__setattr__(adapter, "_shapes", shapes)
         object.__setattr__(adapter, "_num_layers", len(best_list))
         return adapter

@@ -377,7 +377,8 @@ def _follows_experts_contract(module: nn.Module) -> bool:
         with torch.no_grad():
             ref = module(x, idx, wts)
             ours = experts_forward(module, x, idx, wts)
-        return ref.shape == ours.shape and torch.allclose(ours.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.abs().max()) + 1e-6)
+        tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2  # half types round differently per order
+        return ref.shape == ours.shape and torch.allclose(ours.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6)
     except Exception:  # another signature or layout: not this contract
         return False
 

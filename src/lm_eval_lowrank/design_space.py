@@ -333,8 +333,9 @@ def calculate(
         n = adapter.experts_of(tensor)
         return min(active, n) / n if n and active else 1.0
 
-    layer_linear = sum(max(1, adapter.experts_of(t)) * o * i * share(t) for t, (o, i) in shapes.items())
-    linear_flops = round(2 * (n_layers * layer_linear + _head_params(config, adapter)))
+    # every layer's projections (a tensor that only some layers hold counts in those)
+    linears = sum(len(adapter.layers_of(t, n_layers)) * max(1, adapter.experts_of(t)) * o * i * share(t) for t, (o, i) in shapes.items())
+    linear_flops = round(2 * (linears + _head_params(config, adapter)))
     attn_flops = 4 * n_layers * seq_len * _attention_width(config, adapter)
     before = linear_flops + attn_flops
     # each decomposed matrix costs twice its stored params; a token meets only its routed experts' matrices

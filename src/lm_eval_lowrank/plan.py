@@ -99,8 +99,15 @@ def make_plan(
     layers = spec.selected_layers(n_layers)
     shapes = adapter.tensor_shapes(config)
     bias = adapter.has_bias or {}
+    held = {t: set(adapter.layers_of(t, n_layers)) for t in (*tensors, *excluded)}  # layers that hold each tensor
     for t, reason in excluded.items():
-        plan.skipped += [{"path": adapter.module_path(layer - 1, t), "rank": None, "reason": reason} for layer in layers]
+        plan.skipped += [{"path": adapter.module_path(layer - 1, t), "rank": None, "reason": reason} for layer in layers if layer in held[t]]
+    if tensors and not any(layer in held[t] for t in tensors for layer in layers):
+        t = tensors[0]
+        raise SpecError(
+            f"layers={spec.to_dict()['layers']} holds no {'|'.join(tensors)}: in this architecture {t!r} is in layers "
+            f"{_span(sorted(held[t]))} only"
+        )
     for t in tensors:
         out_f, in_f = shapes[t]
         if ranks is None and spec.budget is None:
@@ -112,6 +119,8 @@ def make_plan(
                 )
     for layer in layers:
         for t in tensors:
+            if layer not in held[t]:
+                continue  # e.g. the experts of a layer that is dense (DeepSeek's first layers)
             out_f, in_f = shapes[t]
             path = adapter.module_path(layer - 1, t)
             if ranks is not None:
@@ -138,6 +147,13 @@ def make_plan(
     if excluded:
         warnings.warn(f"kept dense: {'; '.join(f'{t}: {r}' for t, r in excluded.items())}", stacklevel=2)
     return plan
+
+
+def _span(layers: list[int]) -> str:
+    """1-based layers for a message: ``2..27`` when contiguous, else joined by ``|``."""
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}..{layers[-1]}"
+    return "|".join(map(str, layers))
 
 
 def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> tuple[tuple[str, ...], dict[str, str]]:

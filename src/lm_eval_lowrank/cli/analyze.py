@@ -57,7 +57,7 @@ def analyze_model(
         raise SpecError(f"tensors: {what} {unknown[0]!r}; valid: {'|'.join(offered)}")
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for layer in chosen_layers:
-        paths = {t: adapter.module_path(layer - 1, t) for t in names}
+        paths = {t: adapter.module_path(layer - 1, t) for t in names if layer in adapter.layers_of(t, n_layers)}
         stats = {}
         if provider is not None:
             mods = {t: model.get_submodule(p) for t, p in paths.items()}
