@@ -366,3 +366,51 @@ def test_space_counts_each_projection_in_the_layers_that_hold_it():
     report = calculate(config.to_dict(), {"layout": "folded"})
     assert report.linear_flops_before == 2 * (linears + routed * 2 // 4 + model.lm_head.weight.numel())
     assert report.params_total == count_parameters(model)
+
+
+# Further families whose experts follow the shared contract (transformers 5.23), at tiny sizes. Config fields a
+# family does not know are ignored by it.
+_TINY_ANY = dict(
+    hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=64, num_experts_per_tok=2, num_experts=4, num_local_experts=4, n_routed_experts=4, n_shared_experts=1,
+    first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1,
+    shared_expert_intermediate_size=24, max_position_embeddings=64,
+)  # fmt: skip
+_MORE_FAMILIES = {
+    "deepseek_v2": {},
+    "glm4_moe": {},
+    "phimoe": {},
+    "granitemoe": {},
+    "granitemoeshared": {},
+    "minimax": {},
+    "hunyuan_v1_moe": {},
+    "ernie4_5_moe": {},
+    "dots1": {},
+    "flex_olmo": dict(pad_token_id=0, eos_token_id=1, bos_token_id=None),
+    "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0),
+    "qwen3_next": dict(layer_types=["full_attention", "linear_attention"]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_MORE_FAMILIES))
+def test_more_moe_families_compute_what_transformers_computes(model_type):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.CONFIG_MAPPING[model_type](**{**_TINY_ANY, **_MORE_FAMILIES[model_type]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    reference = copy.deepcopy(model)
+    report = compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    assert report.plan.targets and all(t.experts == 4 for t in report.plan.targets)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, LowRankExpertWeights):
+                owner, _, param = name.rpartition(".")
+                getattr(reference.get_submodule(owner), param).copy_(mod[:])
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert report.params_before - report.params_after == report.plan.params_removed
