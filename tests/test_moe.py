@@ -18,7 +18,7 @@ import transformers
 from lm_eval_lowrank.api import compress_model, validate_against_config
 from lm_eval_lowrank.architectures import GenericAdapter, adapter_for_model
 from lm_eval_lowrank.decompose import count_parameters
-from lm_eval_lowrank.modules import LowRankExperts, LowRankExpertWeights
+from lm_eval_lowrank.modules import LowRankExperts, LowRankExpertWeights, LowRankLinear
 from lm_eval_lowrank.plan import make_plan
 from lm_eval_lowrank.spec import DecompositionSpec, SpecError
 
@@ -339,6 +339,7 @@ def _deepseek():
 def test_layers_that_differ_offer_each_projection_in_the_layers_that_hold_it():
     """DeepSeek-V3: a dense first layer, then MoE layers with routed and shared experts."""
     config, model = _deepseek()
+    reference = copy.deepcopy(model)
     for adapter in (adapter_for_model(model), GenericAdapter.from_config(config)):
         assert adapter.layers_of("q_a_proj", 3) == (1, 2, 3)
         assert adapter.layers_of("gate_proj", 3) == (1,)  # the dense MLP
@@ -348,8 +349,15 @@ def test_layers_that_differ_offer_each_projection_in_the_layers_that_hold_it():
     assert "gate_proj" in by_layer[1] and "experts.gate_up_proj" not in by_layer[1]
     assert {"experts.gate_up_proj", "experts.down_proj", "mlp.shared_experts.up_proj"} <= set(by_layer[2]) and "gate_proj" not in by_layer[2]
     assert report.params_before - report.params_after == report.plan.params_removed == report.params_before - count_parameters(model)
-    with torch.no_grad():
-        assert torch.isfinite(model(torch.randint(0, 64, (2, 7))).logits).all()
+    with torch.no_grad():  # the same as transformers' forward on the reconstructed weights
+        for name, mod in model.named_modules():
+            if isinstance(mod, LowRankExpertWeights):
+                owner, _, param = name.rpartition(".")
+                getattr(reference.get_submodule(owner), param).copy_(mod[:])
+            elif isinstance(mod, LowRankLinear):
+                reference.get_submodule(name).weight.copy_(mod.dense_weight())
+        ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(SpecError, match=r"^layers=1 holds no experts.down_proj: in this architecture 'experts.down_proj' is in layers 2\|3 only"):
         validate_against_config(DecompositionSpec.from_args({"rank": 2, "layers": "1", "tensors": "experts.down_proj"}), config)
     # several tensors, some absent from the chosen layer: the others are decomposed
