@@ -422,3 +422,23 @@ def test_more_moe_families_compute_what_transformers_computes(model_type):
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert report.params_before - report.params_after == report.plan.params_removed
+
+
+def test_experts_under_an_accelerate_hook_run_the_factored_forward(monkeypatch):
+    """device_map/parallelize=True models carry accelerate hooks that call the forward they wrapped: after the
+    replacement that must be the factored one, not the dense contract reading reconstructed weights."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = _model("qwen3_moe")
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.experts, ModelHook())
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+
+    def dense_reconstruction(*_):
+        raise AssertionError("the dense contract ran on reconstructed weights")
+
+    with torch.no_grad():
+        expected = model(ids).logits
+        monkeypatch.setattr(LowRankExpertWeights, "__getitem__", dense_reconstruction)
+        assert torch.equal(model(ids).logits, expected)

@@ -13,6 +13,7 @@ on them without transposes. The state-dict keys are ``first``, ``core`` (tucker 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -334,6 +335,8 @@ def install_expert_weights(module: nn.Module, name: str, weights: LowRankExpertW
         if sub is None:
             sub = _LOWRANK_EXPERT_CLASSES[cls] = type(f"LowRank{cls.__name__}", (LowRankExperts, cls), {"__module__": cls.__module__})
         module.__class__ = sub
+        if "_old_forward" in module.__dict__:  # an accelerate hook (device_map) calls the forward it wrapped
+            module._old_forward = types.MethodType(LowRankExperts.forward, module)
     old = module._parameters.pop(name)
     module.add_module(name, weights)
     return old
