@@ -130,18 +130,105 @@ def test_plan_counts_expert_parameters_before_any_weights_load():
         validate_against_config(spec.with_(rank=40), config)
 
 
-def test_calibrated_methods_and_budgets_leave_experts_dense_by_default_and_refuse_them_by_name():
+def test_budgets_leave_experts_dense_by_default_and_refuse_them_by_name():
     config = _config("mixtral")
     adapter = GenericAdapter.from_config(config)
+    plan = make_plan(DecompositionSpec.from_args({"rank": 2, "method": "rom", "calib": "wikitext"}), config, adapter=adapter)
+    assert sum(t.experts == 4 for t in plan.targets) == 4  # calibrated methods take them (per expert)
     with pytest.warns(UserWarning, match="mixture-of-experts"):
-        plan = make_plan(DecompositionSpec.from_args({"rank": 2, "method": "rom", "calib": "wikitext"}), config, adapter=adapter)
-    assert plan.targets and not any(t.experts for t in plan.targets)
+        plan = make_plan(DecompositionSpec.from_args({"budget": 0.2}), config, adapter=adapter, ranks={"model.layers.0.self_attn.q_proj": 4})
+    assert [t.path for t in plan.targets] == ["model.layers.0.self_attn.q_proj"]
     assert {s["path"] for s in plan.skipped} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
-    assert all("method=rom" in s["reason"] for s in plan.skipped)
-    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which method=whiten"):
-        make_plan(DecompositionSpec.from_args({"rank": 2, "method": "whiten", "calib": "wikitext", "tensors": "q_proj|experts.down_proj"}), config, adapter=adapter)
-    with pytest.raises(SpecError, match="which budget cannot"):
-        make_plan(DecompositionSpec.from_args({"budget": 0.2, "tensors": "experts.down_proj"}), config, adapter=adapter)
+    assert all("budget does not rank experts" in s["reason"] for s in plan.skipped)
+    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which budget cannot"):
+        make_plan(DecompositionSpec.from_args({"budget": 0.2, "tensors": "q_proj|experts.down_proj"}), config, adapter=adapter)
+
+
+def _calibration(model, smollm2_dir, **args):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.calibration import build_stats_provider
+
+    spec = DecompositionSpec.from_args({"rank": 2, "method": "whiten", "calib_n": 6, "calib_len": 16, "calib_batch": 4, "cache": False, **args})
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return spec, tokenizer, build_stats_provider(spec, model, tokenizer, model_id=None)
+
+
+def test_expert_statistics_are_each_experts_own_routed_inputs(smollm2_dir):
+    """The covariance the provider gives expert e is X_e^T X_e / n_e over the tokens the router sent to e
+    (its gated intermediate for down_proj), as a plain forward of the model sees them."""
+    model = _model("mixtral", vocab_size=49152)
+    spec, _tok, provider = _calibration(model, smollm2_dir, calib_target="compressed")
+    plan = make_plan(spec.with_(tensors=("experts.gate_up_proj", "experts.down_proj"), layers=(1,)), model.config, adapter=adapter_for_model(model))
+    stats = provider.layer_stats(model, 1, plan.targets)
+    experts = _experts(model, 0)
+    seen = {}
+    handle = experts.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0], index=args[1]))
+    with torch.no_grad():
+        model(input_ids=provider.input_ids)
+    handle.remove()
+    x, index = seen["x"], seen["index"]
+    for e in range(4):
+        tokens = (index == e).any(-1).nonzero().flatten()
+        xe = x[tokens]
+        gated = experts._apply_gate(torch.nn.functional.linear(xe, experts.gate_up_proj[e]))
+        for path, inputs in (("model.layers.0.mlp.experts.gate_up_proj", xe), ("model.layers.0.mlp.experts.down_proj", gated)):
+            s = stats[path][e]
+            assert s.tokens == len(tokens) > 0
+            torch.testing.assert_close(s.input_cov.float(), (inputs.mT @ inputs / len(tokens)).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_whiten_beats_plain_svd_on_each_experts_own_inputs(smollm2_dir):
+    """whiten minimises ||(W - W_hat) X_e|| for the tokens routed to e: never worse than the weight-only SVD."""
+    from lm_eval_lowrank.methods import get_method
+
+    model = _model("mixtral", vocab_size=49152)
+    spec, _tok, provider = _calibration(model, smollm2_dir, calib_target="compressed")
+    plan = make_plan(spec.with_(tensors=("experts.gate_up_proj",), layers=(2,)), model.config, adapter=adapter_for_model(model))
+    stats = provider.layer_stats(model, 2, plan.targets)["model.layers.1.mlp.experts.gate_up_proj"]
+    W = _experts(model, 1).gate_up_proj.detach()
+    ratios = []
+    for e, s in enumerate(stats):
+        C = s.input_cov.double()
+        errors = []
+        for factors in (get_method("whiten")(W[e].float(), 2, s), get_method("tucker")(W[e].float(), 2, None)):
+            D = W[e].double() - factors.dense().double()
+            errors.append(float(torch.trace(D @ C @ D.mT)))
+        ratios.append(errors[0] / errors[1])
+    assert max(ratios) <= 1 + 1e-6 and min(ratios) < 0.99, ratios
+
+
+@pytest.mark.parametrize("method,target", [("whiten", "0.25"), ("rom", "compressed")])
+def test_calibrated_methods_decompose_experts_staged_in_forward_order(smollm2_dir, method, target):
+    model = _model("mixtral", vocab_size=49152)
+    spec, tokenizer, provider = _calibration(model, smollm2_dir, method=method, calib_target=target)
+    stages = provider.forward_stages(model, 1, make_plan(spec, model.config, adapter=adapter_for_model(model)).targets[:6])
+    assert [[t.tensor for t in stage] for stage in stages] == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["experts.gate_up_proj"], ["experts.down_proj"]]
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert sum(t.experts == 4 for t in report.plan.targets) == 4
+    assert isinstance(_experts(model, 1).down_proj, LowRankExpertWeights)
+    assert sum(n for name, n in report.solvers.items() if name.startswith(method)) >= 4 * 4
+    assert report.calibration["stage_order"] == "forward"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 49152, (1, 8))).logits).all()
+
+
+def test_an_expert_no_calibration_token_reached_is_solved_without_data():
+    from lm_eval_lowrank.decompose import _decompose_experts, _PageReleaser
+    from lm_eval_lowrank.methods import LayerStats, get_method
+    from lm_eval_lowrank.plan import Plan, Target
+
+    model = _model("mixtral")
+    experts = _experts(model)
+    x = torch.randn(50, 40)
+    stats = [LayerStats(x.mT @ x / 50, 50), None, LayerStats(x.mT @ x / 50, 50), None]
+    solvers = {}
+    t = Target(1, "experts.down_proj", "model.layers.0.mlp.experts.down_proj", 32, 40, 2, experts=4)
+    spec = DecompositionSpec.from_args({"rank": 2, "method": "whiten", "calib": "wikitext"})
+    _decompose_experts(model, spec, Plan("generic", 2, "folded"), get_method("whiten"), t, stats, solvers, [], _PageReleaser())
+    assert sum(n for k, n in solvers.items() if "without calibration tokens" in k) == 2
+    assert sum(n for k, n in solvers.items() if k.startswith("whiten")) == 2
+    assert isinstance(experts.down_proj, LowRankExpertWeights)
 
 
 def test_an_experts_class_with_another_forward_is_refused_before_anything_changes():
@@ -303,20 +390,6 @@ def test_offloaded_expert_weights_are_named_before_any_solve():
     spec = DecompositionSpec.from_args({"rank": 2, "tensors": EXPERTS})
     with pytest.raises(SpecError, match=r"^model.layers.1.mlp.experts.down_proj is offloaded"):
         _check_weights_in_memory(model, spec, adapter_for_model(model))
-
-
-def test_rom_on_a_moe_model_calibrates_the_attention_and_leaves_the_experts_dense(smollm2_dir):
-    """Staged calibration reads its stages off the layer's forward; the stacked expert parameters are no modules
-    to hook, and must not stop it."""
-    from transformers import AutoTokenizer
-
-    model = _model("mixtral", vocab_size=49152)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    with pytest.warns(UserWarning, match="kept dense: experts.gate_up_proj"):
-        report = compress_model(model, {"rank": 2, "method": "rom", "calib_n": 4, "calib_len": 16, "cache": False}, tokenizer=tokenizer, progress=False)
-    assert [t.tensor for t in report.plan.targets if t.layer == 1] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert report.calibration["stage_order"] == "forward"
-    assert len(report.plan.skipped) == 4 and not isinstance(_experts(model), LowRankExperts)
 
 
 def _deepseek():

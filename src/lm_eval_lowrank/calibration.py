@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from .methods import LayerStats
+from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import DecompositionSpec, SpecError, parse_calib_target
 
 STATS_VERSION = "2"  # bump when the statistics computed here change meaning
@@ -356,11 +357,37 @@ def calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path | Non
 # -- statistics --------------------------------------------------------------------------
 
 
-def _submodule_or_none(root: nn.Module, path: str) -> Any:
+def _lookup(root: nn.Module, path: str) -> Any:
+    """The module or parameter at ``path`` (a stacked expert projection is either), or None if absent."""
+    parent, _, leaf = path.rpartition(".")
     try:
-        return root.get_submodule(path)
-    except AttributeError:  # absent from this layer, or a parameter (a stacked expert projection)
+        owner = root.get_submodule(parent) if parent else root
+    except AttributeError:
         return None
+    found = getattr(owner, leaf, None)
+    return found if isinstance(found, (nn.Module, nn.Parameter)) else None
+
+
+def _put(root: nn.Module, path: str, value: Any) -> Any:
+    """Set the module or parameter at ``path`` (either may replace the other); return what was there."""
+    parent, _, leaf = path.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, leaf)
+    if isinstance(value, nn.Module):
+        owner._parameters.pop(leaf, None)  # setattr refuses a module where a parameter is registered
+    setattr(owner, leaf, value)
+    return old
+
+
+def _experts_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of a call of an experts module, however they were passed."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]) :]]
+    return values[0], values[1], values[2]
+
+
+def _gated(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
 
 
 class _Stop(Exception):
@@ -505,37 +532,35 @@ class SequentialStatsProvider:
     # -- the dense reference stream ------------------------------------------------------
     def _remember_dense(self, model: nn.Module, index0: int, targets: list[Any]) -> None:
         """Hold this layer's target modules while they are still dense (replaced ones are kept alive)."""
-        from .modules import LowRankLinear
+        from .modules import LowRankExpertWeights, LowRankLinear
 
         held = self._dense.setdefault(index0, {})
         for t in targets:
-            path, mod = t.path, model.get_submodule(t.path)
+            path, mod = t.path, _lookup(model, t.path)  # a module, or a stacked expert parameter
             if hasattr(mod, "base_layer"):  # decompose_model replaces a peft adapter's base layer
                 path, mod = f"{path}.base_layer", mod.base_layer
-            if not isinstance(mod, LowRankLinear):
+            if not isinstance(mod, (LowRankLinear, LowRankExpertWeights)):
                 held.setdefault(path, mod)
 
     @contextmanager
     def _as_dense(self, model: nn.Module, index0: int) -> Iterator[None]:
-        """Put the held dense modules of a layer back for the duration of the block."""
-        from .decompose import _set_submodule
-
-        swapped: list[tuple[str, nn.Module]] = []
+        """Put the held dense modules (and stacked expert parameters) of a layer back for the duration of the block."""
+        swapped: list[tuple[str, Any]] = []
         try:
             for path, dense in self._dense.get(index0, {}).items():
-                if model.get_submodule(path) is not dense:
-                    swapped.append((path, _set_submodule(model, path, dense)))
+                if _lookup(model, path) is not dense:
+                    swapped.append((path, _put(model, path, dense)))
             yield
         finally:
             for path, now in reversed(swapped):
-                _set_submodule(model, path, now)
+                _put(model, path, now)
 
     def _drop_dense(self, model: nn.Module, index0: int) -> None:
         """Forget a layer's dense modules; return the file-mapped pages the reference runs touched again."""
         from .decompose import _PageReleaser
 
         held = self._dense.pop(index0, {})
-        gone = [m for p, m in held.items() if model.get_submodule(p) is not m and hasattr(m, "weight")]
+        gone = [m for p, m in held.items() if _lookup(model, p) is not m and hasattr(m, "weight")]
         if not gone:
             return
         if self._pages is None:
@@ -562,13 +587,13 @@ class SequentialStatsProvider:
     # -- cache -------------------------------------------------------------------------
     def _prefix(self, model: nn.Module, index0: int) -> list[Any]:
         """What was decomposed before these inputs (earlier layers, earlier stages): the stats depend on it."""
-        from .modules import LowRankLinear
+        from .modules import LowRankExpertWeights, LowRankLinear
 
         layers = self.adapter.layers(model)
         out: list[Any] = []
         for i in range(index0 + 1):
             for name, mod in layers[i].named_modules():
-                if isinstance(mod, LowRankLinear):
+                if isinstance(mod, (LowRankLinear, LowRankExpertWeights)):
                     out.append([i, name, mod.rank, mod.layout])
         return out
 
@@ -591,7 +616,7 @@ class SequentialStatsProvider:
         layer itself, still dense when this is asked, once per kind of layer (the set of linears it holds: hybrid
         and MoE models mix kinds). Unreached tensors come last."""
         block = self.adapter.layers(model)[layer - 1]
-        present = tuple(t for t in self.adapter.tensor_names() if isinstance(_submodule_or_none(block, self.adapter.tensor_paths[t]), nn.Module))
+        present = tuple(t for t in self.adapter.tensor_names() if _lookup(block, self.adapter.tensor_paths[t]) is not None)
         stage_map = self._stage_maps.get(present)
         if stage_map is None:
             stage_map = self._stage_maps[present] = self._read_stage_map(model, block, present)
@@ -625,7 +650,33 @@ class SequentialStatsProvider:
 
             return hook
 
-        handles = [first.get_submodule(self.adapter.tensor_paths[t]).register_forward_pre_hook(make_hook(t)) for t in tensors]
+        def make_experts_hook(owned: list[str]):
+            # The routed tokens enter with the module's input; its down projection's input exists only inside it.
+            def hook(_mod: nn.Module, args: tuple) -> None:
+                if not args:
+                    return
+                i = next((k for k, y in enumerate(inputs) if y is args[0]), None)
+                if i is None:
+                    inputs.append(args[0])
+                    i = len(inputs) - 1
+                inner = len(inputs)
+                inputs.append(torch.empty(0))
+                for t in owned:
+                    stage_of.setdefault(t, inner if self.adapter.tensor_paths[t].endswith(".down_proj") else i)
+                if len(stage_of) == len(tensors):
+                    raise _Stop
+
+            return hook
+
+        handles = []
+        owners: dict[str, list[str]] = {}
+        for t in tensors:
+            path = self.adapter.tensor_paths[t]
+            if self.adapter.experts_of(t):
+                owners.setdefault(path.rpartition(".")[0], []).append(t)
+            else:
+                handles.append(first.get_submodule(path).register_forward_pre_hook(make_hook(t)))
+        handles += [first.get_submodule(owner).register_forward_pre_hook(make_experts_hook(owned)) for owner, owned in owners.items()]
         try:
             first(self._hidden[0], **self._kwargs[0])
         except _Stop:
@@ -649,13 +700,15 @@ class SequentialStatsProvider:
             self._reset()  # a new pass over the layers (e.g. after the allocator's dense pass)
         self._last = index0
         paths = [t.path for t in targets]
+        experts = {t.path: t.experts for t in targets if t.experts}
         prefix = self._prefix(model, index0)
         reference = self.target > 0 and bool(prefix)  # with nothing compressed X_ref = X
         if self.target > 0:
             self._remember_dense(model, index0, targets)
             if reference:
                 self._advance_ref(model, index0)
-        cache = self._cache_path(model, index0, prefix, reference)
+        # per-expert statistics (token counts differ between experts) are not kept on disk
+        cache = None if experts else self._cache_path(model, index0, prefix, reference)
         if cache is not None and cache.is_file() and self.track_sparsity is None:
             try:
                 blob = torch.load(cache, map_location="cpu", weights_only=True)
@@ -667,12 +720,15 @@ class SequentialStatsProvider:
                 pass
         self.misses += 1
         self._advance(model, index0)
-        out, tokens = self._compute(model, index0, paths, reference)
+        out, tokens = self._compute(model, index0, paths, reference, experts)
         if cache is not None:
             self._store(cache, out, tokens)
         self.layers_computed.append(layer)
         self.seconds += time.perf_counter() - start
-        return self._blend(out)
+        blended = self._blend(out)
+        for p, n in experts.items():  # one entry per expert, None for an expert no calibration token reached
+            blended[p] = [blended.pop(f"{p}#{e}", None) for e in range(n)]
+        return blended
 
     def _blend(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """cross_cov = C + target * (P - C): the cross-covariance against the blended reference input."""
@@ -684,7 +740,12 @@ class SequentialStatsProvider:
                 done[id(s)] = LayerStats(s.input_cov, s.tokens, s.input_cov + self.target * (s.cross_cov - s.input_cov))
         return {p: done.get(id(s), s) for p, s in stats.items()}
 
-    def _compute(self, model: nn.Module, index0: int, paths: list[str], reference: bool) -> tuple[dict[str, LayerStats], int]:
+    def _compute(
+        self, model: nn.Module, index0: int, paths: list[str], reference: bool, experts: Mapping[str, int] | None = None
+    ) -> tuple[dict[str, LayerStats], int]:
+        """Statistics of the linears at ``paths``; for a stacked expert projection (in ``experts``), one entry per
+        expert that calibration tokens were routed to, keyed ``path#e``."""
+        experts = experts or {}
         layers = self.adapter.layers(model)
         accum: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
@@ -734,8 +795,53 @@ class SequentialStatsProvider:
 
             return hook
 
+        owners: dict[str, list[str]] = {}  # experts module -> its requested projections
+        for p in experts:
+            owners.setdefault(p.rpartition(".")[0], []).append(p)
+        expert_tokens: dict[str, int] = {}
+        ref_in: dict[str, torch.Tensor] = {}
+
+        def make_experts_ref_hook(owner: str):
+            def hook(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                ref_in[owner] = _experts_inputs(args, kwargs)[0]
+                for p in owners[owner]:
+                    stop_when_done(p)
+
+            return hook
+
+        def make_experts_hook(owner: str):
+            def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                hidden, index, _weights = _experts_inputs(args, kwargs)
+                x = hidden.detach().reshape(-1, hidden.shape[-1])
+                xr = ref_in[owner].detach().reshape(-1, hidden.shape[-1]) if reference else None
+                up_name, down_name = expert_projection_names(mod)
+                dense_up = self._dense.get(index0, {}).get(f"{owner}.{up_name}") if reference else None
+                for e, pairs in routed_pairs(index, mod.num_experts):
+                    tokens_e = pairs // index.shape[-1]
+                    xe = x[tokens_e]
+                    for p in owners[owner]:
+                        key = f"{p}#{e}"
+                        if p.endswith(f".{down_name}"):  # the input inside the module: the gated up projection
+                            a = _gated(mod, expert_projection(mod, up_name, xe, e)).float()
+                            if reference:
+                                r = _gated(mod, expert_projection(mod, up_name, xr[tokens_e], e, weight=dense_up)).float()
+                        else:
+                            a = xe.float()
+                            if reference:
+                                r = xr[tokens_e].float()
+                        _accumulate(accum, key, a.mT @ a)
+                        if reference:
+                            _accumulate(cross, key, a.mT @ r)
+                        expert_tokens[key] = expert_tokens.get(key, 0) + len(tokens_e)
+                for p in owners[owner]:
+                    stop_when_done(p)
+
+            return hook
+
         def run(h: torch.Tensor, kw: dict[str, Any], make: Any) -> None:
-            handles = [model.get_submodule(p).register_forward_hook(make(p)) for p in paths]
+            handles = [model.get_submodule(p).register_forward_hook(make(p)) for p in paths if p not in experts]
+            owner_hook = make_experts_ref_hook if make is make_ref_hook else make_experts_hook
+            handles += [model.get_submodule(o).register_forward_pre_hook(owner_hook(o), with_kwargs=True) for o in owners]
             fired.clear()
             try:
                 layers[index0](h, **kw)
@@ -755,18 +861,22 @@ class SequentialStatsProvider:
             run(h, kw, make_hook)
             tokens += h.shape[0] * h.shape[1]
         ref_x.clear()
+        ref_in.clear()
         # Distinct inputs, in a stable order; every path points at one of them.
-        owners = {}
-        for p in paths:
-            owner = next((q for q in paths if q in accum and groups.get(q) == groups.get(p)), p)
-            owners[p] = owner
-        stats_by_owner = {q: LayerStats(accum[q] / tokens, tokens, cross[q] / tokens if reference else None) for q in dict.fromkeys(owners.values())}
-        out = {p: stats_by_owner[owners[p]] for p in paths}
+        linear_paths = [p for p in paths if p not in experts]
+        sources = {}
+        for p in linear_paths:
+            source = next((q for q in linear_paths if q in accum and groups.get(q) == groups.get(p)), p)
+            sources[p] = source
+        stats_by_source = {q: LayerStats(accum[q] / tokens, tokens, cross[q] / tokens if reference else None) for q in dict.fromkeys(sources.values())}
+        out = {p: stats_by_source[sources[p]] for p in linear_paths}
+        for key, n in expert_tokens.items():
+            out[key] = LayerStats(accum[key] / n, n, cross[key] / n if reference else None)
         for p, (a, b) in small.items():
             self.sparsity[p] = a / max(b, 1)
-        for p in paths:
-            if p not in self.sparsity and owners[p] in self.sparsity:
-                self.sparsity[p] = self.sparsity[owners[p]]
+        for p in linear_paths:
+            if p not in self.sparsity and sources[p] in self.sparsity:
+                self.sparsity[p] = self.sparsity[sources[p]]
         return out, tokens
 
     @staticmethod

@@ -264,13 +264,16 @@ def _decompose_stage(
 ) -> None:
     """Calibrate ``targets`` (one layer's, or one stage of them; all of them for a data-free method) on the model
     as it is now, then replace them in order."""
-    for t in [t for t in targets if t.experts]:  # stacked expert projections: data-free only (make_plan)
-        _decompose_experts(model, spec, plan, method, t, solvers, bounds, pages)
+    for t in targets:  # before any statistics are gathered by the contract's routing
+        if t.experts and is_experts_module(owner := model.get_submodule(t.path.rpartition(".")[0])):
+            check_experts_contract(owner)
+    stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
+    for t in [t for t in targets if t.experts]:  # stacked expert projections: one solve per expert
+        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages)
         bar.update()
     targets = [t for t in targets if not t.experts]
     if not targets:
         return
-    stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     found = []
     for t in targets:
         path = t.path
@@ -314,11 +317,16 @@ def _decompose_experts(
     plan: Plan,
     method: Callable[..., Any],
     t: Target,
+    stats: list[LayerStats | None] | None,
     solvers: dict[str, int],
     bounds: list[float],
     pages: _PageReleaser,
 ) -> None:
-    """Factor every expert's matrix of one stacked projection (seeded per expert) and put the factors in place."""
+    """Factor every expert's matrix of one stacked projection (seeded per expert) and put the factors in place.
+
+    ``stats``: a calibrated method's statistics per expert, over the tokens routed to it. An expert that no
+    calibration token reached has none and is solved data-free (``tucker``), which its solver name records.
+    """
     owner_path, _, name = t.path.rpartition(".")
     owner = model.get_submodule(owner_path)
     W = getattr(owner, name)
@@ -330,7 +338,11 @@ def _decompose_experts(
     with torch.no_grad():
         for e in range(W.shape[0]):
             We = W[e].mT if transposed else W[e]
-            f = method(We.detach().float(), t.rank, None, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{t.path}.{e}"))
+            s = stats[e] if stats is not None else None
+            fn = method if s is not None or not needs_calibration(spec.method) else get_method("tucker")
+            f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{t.path}.{e}"))
+            if fn is not method:
+                f.info["solver"] = f"{f.info.get('solver', 'tucker')} (expert without calibration tokens)"
             solver = f.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1
             if "sv_error_bound" in f.info:

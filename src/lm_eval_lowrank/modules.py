@@ -14,7 +14,7 @@ on them without transposes. The state-dict keys are ``first``, ``core`` (tucker 
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -274,18 +274,34 @@ class LowRankExperts:
     """Mixed into an experts module's class once one of its projections is decomposed: the forward of the
     shared contract (route, project, gate, project back, weight, sum), with each projection dense or factored."""
 
-    def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
-        w = getattr(self, name)
-        if isinstance(w, LowRankExpertWeights):
-            y = w.linear(x, expert)
-        else:
-            y = F.linear(x, w[expert].mT if self.is_transposed else w[expert])
-        if self.has_bias:
-            y = y + getattr(self, f"{name}_bias")[expert]
-        return y
-
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def expert_projection(module: nn.Module, name: str, x: torch.Tensor, expert: int, weight: Any = None) -> torch.Tensor:
+    """One expert's projection ``name`` of ``x`` (its bias included), through its factors or its dense matrix;
+    ``weight`` stands in for the module's own (e.g. the dense one a decomposed projection replaced)."""
+    w = getattr(module, name) if weight is None else weight
+    if isinstance(w, LowRankExpertWeights):
+        y = w.linear(x, expert)
+    else:
+        y = F.linear(x, w[expert].mT if module.is_transposed else w[expert])
+    if module.has_bias:
+        y = y + getattr(module, f"{name}_bias")[expert]
+    return y
+
+
+def routed_pairs(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(expert, its (token, slot) pairs as indices into the flattened ``top_k_index``) for every expert some
+    token was routed to, in expert order. Indices >= num_experts (expert-parallel sentinels) are left out."""
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()  # one host sync for the whole block
+    start = 0
+    for expert, n in enumerate(counts[:num_experts]):
+        if n:
+            yield expert, order[start : start + n]
+        start += n
 
 
 def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -294,25 +310,13 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
     """
     out = torch.zeros_like(hidden_states)
-    num_experts = module.num_experts
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()  # one host sync for the whole block
     top_k = top_k_index.shape[-1]
     up_name, down_name = expert_projection_names(module)
-    project = LowRankExperts._project
-    start = 0
-    for expert, n in enumerate(counts):
-        if n == 0:
-            continue
-        if expert >= num_experts:
-            break
-        pairs = order[start : start + n]
-        start += n
+    for expert, pairs in routed_pairs(top_k_index, module.num_experts):
         token_idx = pairs // top_k
-        h = project(module, up_name, hidden_states[token_idx], expert)
+        h = expert_projection(module, up_name, hidden_states[token_idx], expert)
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-        y = project(module, down_name, h, expert)
+        y = expert_projection(module, down_name, h, expert)
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
         y = y * top_k_weights.reshape(-1)[pairs, None]

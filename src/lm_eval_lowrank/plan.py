@@ -159,23 +159,21 @@ def _span(layers: list[int]) -> str:
 def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> tuple[tuple[str, ...], dict[str, str]]:
     """The tensors ``spec`` decomposes on this architecture, and those left out by default, with the reason.
 
-    Mixture-of-experts projections are decomposed data-free, at a given rank: calibrated methods would need
-    each expert's routed tokens, and the budget allocators a rank per expert. Named explicitly with either,
-    they are an error; selected by default (``tensors`` not given), they are kept dense and listed as skipped.
+    Mixture-of-experts projections take a given rank (every method; calibrated ones on each expert's routed
+    tokens): the budget allocators do not rank experts yet. Named explicitly with a budget they are an error;
+    selected by default (``tensors`` not given), they are kept dense and listed as skipped.
     """
-    from .methods import needs_calibration
-
     tensors = spec.selected_tensors(adapter.tensor_names())
     experts = [t for t in tensors if adapter.experts_of(t)]
-    why = (f"method={spec.method}" if needs_calibration(spec.method) else None) or ("budget" if spec.budget is not None else None)
+    why = "budget" if spec.budget is not None else None
     if not experts or why is None:
         return tensors, {}
     named = [t for t in experts if spec.tensors is not None or t in spec.rank_overrides]
     if named:
         raise SpecError(
             f"tensors: {named[0]!r} is a mixture-of-experts projection, which {why} cannot decompose yet; "
-            f"experts are decomposed by method=tucker at a given rank (leave them out of tensors=, or use that)"
+            f"experts take a given rank (leave them out of tensors=, or give rank= instead)"
         )
-    reason = f"mixture-of-experts projection: {why} does not decompose experts yet (method=tucker with a rank does)"
+    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= does)"
     return tuple(t for t in tensors if t not in experts), dict.fromkeys(experts, reason)
 
