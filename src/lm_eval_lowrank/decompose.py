@@ -193,7 +193,8 @@ def decompose_model(
     progress: bool = True,
     on_module: Callable[[Target, LowRankLinear], None] | None = None,
 ) -> DecompositionReport:
-    """Replace the planned linears of ``model`` by :class:`LowRankLinear` modules, in place."""
+    """Replace the planned linears of ``model`` by :class:`LowRankLinear` modules (and planned stacked expert
+    parameters by :class:`LowRankExpertWeights`), in place."""
     adapter = adapter or adapter_for_model(model)
     plan = make_plan(spec, model.config, adapter=adapter, ranks=ranks)
     params_before = count_parameters(model)
