@@ -130,18 +130,34 @@ def test_plan_counts_expert_parameters_before_any_weights_load():
         validate_against_config(spec.with_(rank=40), config)
 
 
-def test_budgets_leave_experts_dense_by_default_and_refuse_them_by_name():
+def test_parameter_budgets_rank_experts_and_measured_allocators_leave_them_dense():
+    from lm_eval_lowrank.allocation import allocate_ranks
+
+    model = _model("mixtral")
+    adapter = adapter_for_model(model)
+    for allocator in ("uniform", "tail"):
+        spec = DecompositionSpec.from_args({"budget": 0.5, "allocator": allocator, "tensors": f"q_proj|{EXPERTS}"})
+        ranks = allocate_ranks(spec, model, adapter=adapter)
+        plan = make_plan(spec, model.config, adapter=adapter, ranks=ranks)
+        experts = [t for t in plan.targets if t.experts]
+        assert experts and all(t.experts == 4 for t in experts)
+        kept = ranks.info["kept_params"]
+        assert kept == sum(t.lowrank_params("folded") for t in plan.targets) + sum(
+            t.dense_params for t in make_plan(spec.with_(budget=None, rank=1), model.config, adapter=adapter).targets if t.path not in ranks
+        )
+        assert kept <= 0.5 * ranks.info["selected_params"] and ranks.info["realised_keep"] > 0.45
+    report = compress_model(model, {"budget": 0.5, "tensors": EXPERTS}, progress=False)
+    assert report.allocation["realised_keep"] <= 0.5 and isinstance(_experts(model, 1).gate_up_proj, LowRankExpertWeights)
+    assert report.params_before - report.params_after == report.plan.params_removed
     config = _config("mixtral")
-    adapter = GenericAdapter.from_config(config)
-    plan = make_plan(DecompositionSpec.from_args({"rank": 2, "method": "rom", "calib": "wikitext"}), config, adapter=adapter)
-    assert sum(t.experts == 4 for t in plan.targets) == 4  # calibrated methods take them (per expert)
+    measured = {"budget": 0.5, "allocator": "sensitivity", "method": "whiten", "calib": "wikitext"}
     with pytest.warns(UserWarning, match="mixture-of-experts"):
-        plan = make_plan(DecompositionSpec.from_args({"budget": 0.2}), config, adapter=adapter, ranks={"model.layers.0.self_attn.q_proj": 4})
+        plan = make_plan(DecompositionSpec.from_args(measured), config, adapter=GenericAdapter.from_config(config), ranks={"model.layers.0.self_attn.q_proj": 4})
     assert [t.path for t in plan.targets] == ["model.layers.0.self_attn.q_proj"]
     assert {s["path"] for s in plan.skipped} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
-    assert all("budget does not rank experts" in s["reason"] for s in plan.skipped)
-    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which budget cannot"):
-        make_plan(DecompositionSpec.from_args({"budget": 0.2, "tensors": "q_proj|experts.down_proj"}), config, adapter=adapter)
+    assert all("allocator=sensitivity does not rank experts" in s["reason"] for s in plan.skipped)
+    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which allocator=output_error cannot"):
+        make_plan(DecompositionSpec.from_args({**measured, "allocator": "output_error", "tensors": "q_proj|experts.down_proj"}), config, adapter=GenericAdapter.from_config(config))
 
 
 def _calibration(model, smollm2_dir, **args):

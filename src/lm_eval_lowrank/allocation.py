@@ -58,16 +58,17 @@ class Candidate:
     path: str
     out_features: int
     in_features: int
+    experts: int = 0  # a stacked expert projection: this many matrices, all at the candidate's one rank
 
     @property
     def dense(self) -> int:
-        return self.out_features * self.in_features
+        return max(1, self.experts) * self.out_features * self.in_features
 
     def params(self, rank: int, layout: str) -> int:
         """Parameters at ``rank`` (0 = kept dense)."""
         if rank <= 0:
             return self.dense
-        return rank * (self.out_features + self.in_features) + (rank * rank if layout == "tucker" else 0)
+        return max(1, self.experts) * (rank * (self.out_features + self.in_features) + (rank * rank if layout == "tucker" else 0))
 
     def ranks(self, multiple: int, layout: str) -> list[int]:
         """Admissible ranks, ascending: multiples of ``multiple`` below break-even."""
@@ -85,11 +86,16 @@ def candidates(spec: DecompositionSpec, config: Any, adapter: Any) -> list[Candi
     """Every selected (layer, tensor) weight, layer-major."""
     from .plan import selected_tensors
 
-    tensors, _ = selected_tensors(spec, adapter)  # mixture-of-experts projections are left out (make_plan says why)
+    tensors, _ = selected_tensors(spec, adapter)  # without the expert projections an allocator cannot rank
     layers = spec.selected_layers(adapter.num_layers(config))
     shapes = adapter.tensor_shapes(config)
     held = {t: set(adapter.layers_of(t, adapter.num_layers(config))) for t in tensors}
-    return [Candidate(layer, t, adapter.module_path(layer - 1, t), *shapes[t]) for layer in layers for t in tensors if layer in held[t]]
+    return [
+        Candidate(layer, t, adapter.module_path(layer - 1, t), *shapes[t], experts=adapter.experts_of(t))
+        for layer in layers
+        for t in tensors
+        if layer in held[t]
+    ]
 
 
 def _layout(spec: DecompositionSpec) -> str:
@@ -100,7 +106,7 @@ def _layout(spec: DecompositionSpec) -> str:
 
 def continuous_rank(c: Candidate, keep: float, layout: str) -> float:
     """The (fractional) rank whose factors hold ``keep`` of the dense parameters."""
-    target = keep * c.dense
+    target = keep * c.dense / max(1, c.experts)  # per matrix
     s = c.out_features + c.in_features
     if layout == "tucker":  # r^2 + r s = target
         return (-s + math.sqrt(s * s + 4 * target)) / 2

@@ -159,21 +159,22 @@ def _span(layers: list[int]) -> str:
 def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> tuple[tuple[str, ...], dict[str, str]]:
     """The tensors ``spec`` decomposes on this architecture, and those left out by default, with the reason.
 
-    Mixture-of-experts projections take a given rank (every method; calibrated ones on each expert's routed
-    tokens): the budget allocators do not rank experts yet. Named explicitly with a budget they are an error;
-    selected by default (``tensors`` not given), they are kept dense and listed as skipped.
+    Mixture-of-experts projections take every method (calibrated ones on each expert's routed tokens) and the
+    parameter-only allocators (``uniform``, ``tail``: one rank for all experts of a projection). The measured
+    allocators (``sensitivity``, ``output_error``) do not rank experts yet: named explicitly with one they are an
+    error; selected by default (``tensors`` not given), they are kept dense and listed as skipped.
     """
     tensors = spec.selected_tensors(adapter.tensor_names())
     experts = [t for t in tensors if adapter.experts_of(t)]
-    why = "budget" if spec.budget is not None else None
+    why = f"allocator={spec.allocator}" if spec.budget is not None and spec.allocator in ("sensitivity", "output_error") else None
     if not experts or why is None:
         return tensors, {}
     named = [t for t in experts if spec.tensors is not None or t in spec.rank_overrides]
     if named:
         raise SpecError(
             f"tensors: {named[0]!r} is a mixture-of-experts projection, which {why} cannot decompose yet; "
-            f"experts take a given rank (leave them out of tensors=, or give rank= instead)"
+            f"experts take a given rank or allocator=uniform|tail (or leave them out of tensors=)"
         )
-    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= does)"
+    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= or allocator=uniform|tail does)"
     return tuple(t for t in tensors if t not in experts), dict.fromkeys(experts, reason)
 
