@@ -387,14 +387,24 @@ def test_healing_trains_the_expert_factors_and_nothing_else(smollm2_dir):
     assert record["loss_after"] != record["loss_before"]
 
 
-def test_analyze_leaves_experts_out_and_says_so_when_they_are_named():
+def test_analyze_summarises_each_expert_and_their_mean(smollm2_dir):
+    from lm_eval_lowrank.analysis import analyze_weight, table_rows
     from lm_eval_lowrank.cli.analyze import analyze_model
 
-    model = _model("mixtral")
-    out = analyze_model(model, layers="1", ranks=(1,), spectrum=False)
-    assert set(out[1]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    with pytest.raises(SpecError, match=r"^tensors: a mixture-of-experts projection, not analysed yet 'experts.down_proj'; valid: q_proj\|k_proj"):
-        analyze_model(model, tensors="experts.down_proj")
+    model = _model("gpt_oss", vocab_size=49152)  # transposed storage: each expert's matrix is W[e]^T
+    out = analyze_model(model, layers="1", ranks=(1, 4), spectrum=False)
+    assert set(out[1]) == {"q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"}
+    entry = out[1]["experts.gate_up_proj"]
+    per = entry["experts"]["weights"]
+    W = _experts(model).gate_up_proj.detach()
+    assert len(per) == 4 and per[2] == analyze_weight(W[2].mT, (1, 4)).to_dict(False)
+    assert per[2]["shape"] == [48, 32] and entry["weights"]["experts"] == 4
+    assert entry["weights"]["effective_rank"] == pytest.approx(sum(d["effective_rank"] for d in per) / 4)
+    assert any(row[1] == "experts.gate_up_proj" for row in table_rows(out))
+    _spec, _tok, provider = _calibration(model, smollm2_dir, calib_target="compressed")
+    with_acts = analyze_model(model, layers="1", tensors="experts.down_proj", ranks=(1, 4), provider=provider, spectrum=False)
+    acts = with_acts[1]["experts.down_proj"]
+    assert 1 <= len(acts["experts"]["activations"]) <= 4 and acts["activations"]["experts"] == len(acts["experts"]["activations"])
 
 
 def test_offloaded_expert_weights_are_named_before_any_solve():

@@ -34,7 +34,6 @@ def analyze_model(
 
     from ..analysis import analyze_activation, analyze_weight
     from ..architectures import adapter_for_model
-    from ..modules import dense_weight_of
     from ..plan import Target
     from ..spec import parse_layers, parse_tensors
 
@@ -46,34 +45,75 @@ def analyze_model(
         from ..spec import SpecError
 
         raise SpecError(f"layers={layers!r} is invalid: layer {bad[0]} is past the end; valid 1..{n_layers}")
-    # Stacked mixture-of-experts projections hold one matrix per expert: not analysed (yet), so not offered.
-    offered = tuple(t for t in adapter.tensor_names() if not adapter.experts_of(t))
+    offered = adapter.tensor_names()
     names = parse_tensors(tensors) or offered
     unknown = [t for t in names if t not in offered]
     if unknown:
         from ..spec import SpecError
 
-        what = "a mixture-of-experts projection, not analysed yet" if unknown[0] in adapter.tensor_names() else "unknown tensor"
-        raise SpecError(f"tensors: {what} {unknown[0]!r}; valid: {'|'.join(offered)}")
+        raise SpecError(f"tensors: unknown tensor {unknown[0]!r}; valid: {'|'.join(offered)}")
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for layer in chosen_layers:
         paths = {t: adapter.module_path(layer - 1, t) for t in names if layer in adapter.layers_of(t, n_layers)}
+        dense = {t: _dense_matrices(model, p, adapter.experts_of(t)) for t, p in paths.items()}  # (E, out, in) for experts
         stats = {}
         if provider is not None:
-            mods = {t: model.get_submodule(p) for t, p in paths.items()}
-            targets = [Target(layer, t, p, *dense_weight_of(mods[t])[0].shape, rank=1) for t, p in paths.items()]
+            targets = [Target(layer, t, p, *dense[t].shape[-2:], rank=1, experts=adapter.experts_of(t)) for t, p in paths.items()]
             stats = provider.layer_stats(model, layer, targets)
         out[layer] = {}
         for t, p in paths.items():
-            mod = model.get_submodule(p)
-            W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
+            W = dense[t]
             with torch.no_grad():
-                entry = {"weights": analyze_weight(W, ranks, eps).to_dict(spectrum)}
-                if p in stats:
-                    sp = getattr(provider, "sparsity", {}).get(p)
-                    entry["activations"] = analyze_activation(W, stats[p].input_cov, ranks, sp).to_dict(spectrum)
+                if not adapter.experts_of(t):
+                    entry = {"weights": analyze_weight(W, ranks, eps).to_dict(spectrum)}
+                    if p in stats:
+                        sp = getattr(provider, "sparsity", {}).get(p)
+                        entry["activations"] = analyze_activation(W, stats[p].input_cov, ranks, sp).to_dict(spectrum)
+                else:  # one summary per expert, and their mean in the place a linear's summary takes
+                    per = [analyze_weight(W[e], ranks, eps).to_dict(spectrum) for e in range(W.shape[0])]
+                    entry = {"weights": expert_mean(per), "experts": {"weights": per}}
+                    if p in stats:
+                        acts = [analyze_activation(W[e], s.input_cov, ranks).to_dict(spectrum) for e, s in enumerate(stats[p]) if s is not None]
+                        if acts:
+                            entry["activations"] = expert_mean(acts)
+                            entry["experts"]["activations"] = acts
             out[layer][t] = entry
     return out
+
+
+def _dense_matrices(model: Any, path: str, experts: int) -> Any:
+    """A linear's weight (out x in), or a stacked expert projection's (E x out x in), dense."""
+    from ..modules import LowRankExpertWeights, dense_weight_of
+
+    if not experts:
+        mod = model.get_submodule(path)
+        return dense_weight_of(getattr(mod, "base_layer", mod))[0]
+    owner_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    w = getattr(owner, name)
+    if isinstance(w, LowRankExpertWeights):
+        return w.dense_weight()
+    return w.mT if owner.is_transposed else w
+
+
+def expert_mean(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of per-expert summaries, shaped like one (ranks rounded; no spectrum): what tables and heat maps
+    show for a stacked expert projection. ``experts`` says how many it averages."""
+    n = len(summaries)
+
+    def mean(values: list[Any]) -> Any:
+        return None if any(v is None for v in values) else sum(values) / n
+
+    first = summaries[0]
+    return {
+        "shape": first["shape"],
+        "energy": {k: mean([s["energy"][k] for s in summaries]) for k in first["energy"]},
+        "effective_rank": mean([s["effective_rank"] for s in summaries]),
+        "stable_rank": mean([s["stable_rank"] for s in summaries]),
+        "rank_for": {k: round(mean([s["rank_for"][k] for s in summaries])) for k in first["rank_for"]},
+        "sparsity": mean([s["sparsity"] for s in summaries]),
+        "experts": n,
+    }
 
 
 def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metric: str, kind: str, title: str) -> None:
