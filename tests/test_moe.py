@@ -130,7 +130,7 @@ def test_plan_counts_expert_parameters_before_any_weights_load():
         validate_against_config(spec.with_(rank=40), config)
 
 
-def test_parameter_budgets_rank_experts_and_measured_allocators_leave_them_dense():
+def test_budgets_rank_experts_and_the_sensitivity_allocator_leaves_them_dense():
     from lm_eval_lowrank.allocation import allocate_ranks
 
     model = _model("mixtral")
@@ -151,13 +151,15 @@ def test_parameter_budgets_rank_experts_and_measured_allocators_leave_them_dense
     assert report.params_before - report.params_after == report.plan.params_removed
     config = _config("mixtral")
     measured = {"budget": 0.5, "allocator": "sensitivity", "method": "whiten", "calib": "wikitext"}
+    plan = make_plan(DecompositionSpec.from_args({**measured, "allocator": "output_error"}), config, adapter=GenericAdapter.from_config(config), ranks={})
+    assert not plan.skipped  # output_error ranks experts
     with pytest.warns(UserWarning, match="mixture-of-experts"):
         plan = make_plan(DecompositionSpec.from_args(measured), config, adapter=GenericAdapter.from_config(config), ranks={"model.layers.0.self_attn.q_proj": 4})
     assert [t.path for t in plan.targets] == ["model.layers.0.self_attn.q_proj"]
     assert {s["path"] for s in plan.skipped} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
     assert all("allocator=sensitivity does not rank experts" in s["reason"] for s in plan.skipped)
-    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which allocator=output_error cannot"):
-        make_plan(DecompositionSpec.from_args({**measured, "allocator": "output_error", "tensors": "q_proj|experts.down_proj"}), config, adapter=GenericAdapter.from_config(config))
+    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which allocator=sensitivity cannot"):
+        make_plan(DecompositionSpec.from_args({**measured, "tensors": "q_proj|experts.down_proj"}), config, adapter=GenericAdapter.from_config(config))
 
 
 def _calibration(model, smollm2_dir, **args):
@@ -541,3 +543,38 @@ def test_experts_under_an_accelerate_hook_run_the_factored_forward(monkeypatch):
         expected = model(ids).logits
         monkeypatch.setattr(LowRankExpertWeights, "__getitem__", dense_reconstruction)
         assert torch.equal(model(ids).logits, expected)
+
+
+def test_output_error_curve_of_experts_weights_each_expert_by_its_tokens():
+    from lm_eval_lowrank.allocation import error_curve, experts_error_curve
+    from lm_eval_lowrank.methods import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    plain = experts_error_curve(W, None, "tucker")  # no statistics: every expert alike, C = I
+    tails = [torch.linalg.svdvals(W[e]).square().flip(0).cumsum(0).flip(0) for e in range(3)]
+    torch.testing.assert_close(plain[:5], sum(tails) / float(sum(tails)[0]))
+    assert plain[0] == 1 and plain[5] == 0
+    covs = [(lambda x: x.mT @ x / 40)(torch.randn(40, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+    stats = [LayerStats(covs[0], 40), None, LayerStats(covs[1], 10)]  # expert 1 got no token
+    curve = experts_error_curve(W, stats, "whiten")
+    weighted = [error_curve(W[0], covs[0], "whiten") * 40, error_curve(W[2], covs[1], "whiten") * 10]
+    totals = [float(_tail0(W[0], covs[0])) * 40, float(_tail0(W[2], covs[1])) * 10]
+    expected = (weighted[0] * totals[0] / 40 + weighted[1] * totals[1] / 10) / (totals[0] + totals[1])
+    torch.testing.assert_close(curve, expected)
+
+
+def _tail0(W, C):
+    return torch.trace(W @ C @ W.mT)  # the whole output energy ||W X||^2 / N
+
+
+def test_output_error_budget_ranks_experts_on_their_own_curves(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    model = _model("mixtral", vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    spec = {"budget": 0.6, "allocator": "output_error", "method": "whiten", "calib_n": 6, "calib_len": 16, "cache": False, "tensors": f"q_proj|{EXPERTS}"}
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert report.allocation["realised_keep"] <= 0.6 and report.allocation["allocator"] == "output_error"
+    assert any(t.experts for t in report.plan.targets)
+    assert report.params_before - report.params_after == report.plan.params_removed

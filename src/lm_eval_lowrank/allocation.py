@@ -198,6 +198,29 @@ def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> 
     tucker truncates the plain SVD W = U S V^T: its error is sum_{i>k} s_i^2 v_i^T C v_i.
     Without statistics (cov None) the weight's own spectrum stands in (C = I).
     """
+    tail = error_tail(weight, cov, method)
+    total = float(tail[0])
+    return tail / total if total > 0 else tail
+
+
+def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: str) -> torch.Tensor:
+    """The relative output error of a stacked expert projection (E x out x in) with every expert at rank k: each
+    expert's error on its routed tokens, summed over experts in proportion to their tokens, over the projection's
+    whole output energy. Without statistics every expert counts alike (C = I)."""
+    total = None
+    for e in range(weights.shape[0]):
+        s = stats[e] if stats is not None else None
+        if stats is not None and s is None:
+            continue  # no calibration token reached it: it adds no error on the calibration data
+        tail = error_tail(weights[e], None if s is None else s.input_cov, method) * (1 if s is None else s.tokens)
+        total = tail if total is None else total + tail
+    if total is None:
+        return torch.zeros(min(weights.shape[-2:]) + 1, dtype=torch.float64)
+    return total / float(total[0]) if float(total[0]) > 0 else total
+
+
+def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> torch.Tensor:
+    """tail[k] = ||(W - W_k) X||^2 / N (k = 0..min): :func:`error_curve` before normalising."""
     W = weight.detach().to(torch.float64).cpu()
     if cov is None:
         e = torch.linalg.svdvals(W).square()
@@ -212,9 +235,7 @@ def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> 
     e = e.clamp_min(0)
     k = min(W.shape)
     e = e[:k]
-    total = float(e.sum())
-    tail = torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
-    return tail / total if total > 0 else tail
+    return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
 
 
 def _hull_next(c: Candidate, err: torch.Tensor, state: int, adm: list[int], layout: str) -> tuple[float, int] | None:
@@ -297,9 +318,15 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
         group = by_layer[layer]
         stats: dict[str, Any] = {}
         if stats_provider is not None:
-            targets = [Target(c.layer, c.tensor, c.path, c.out_features, c.in_features, 1) for c in group]
+            targets = [Target(c.layer, c.tensor, c.path, c.out_features, c.in_features, 1, experts=c.experts) for c in group]
             stats = stats_provider.layer_stats(model, layer, targets)
         for c in group:
+            if c.experts:
+                owner, _, name = c.path.rpartition(".")
+                experts = model.get_submodule(owner)
+                stacked = getattr(experts, name)
+                curves[c.path] = experts_error_curve(stacked.mT if experts.is_transposed else stacked, stats.get(c.path), spec.method)
+                continue
             mod = model.get_submodule(c.path)
             W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
             s = stats.get(c.path)

@@ -160,21 +160,22 @@ def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> t
     """The tensors ``spec`` decomposes on this architecture, and those left out by default, with the reason.
 
     Mixture-of-experts projections take every method (calibrated ones on each expert's routed tokens) and the
-    parameter-only allocators (``uniform``, ``tail``: one rank for all experts of a projection). The measured
-    allocators (``sensitivity``, ``output_error``) do not rank experts yet: named explicitly with one they are an
-    error; selected by default (``tensors`` not given), they are kept dense and listed as skipped.
+    allocators ``uniform``, ``tail`` and ``output_error`` (one rank for all experts of a projection). The
+    ``sensitivity`` allocator, which measures truncated linears in the model, does not rank experts yet: named
+    explicitly with it they are an error; selected by default (``tensors`` not given), they are kept dense and
+    listed as skipped.
     """
     tensors = spec.selected_tensors(adapter.tensor_names())
     experts = [t for t in tensors if adapter.experts_of(t)]
-    why = f"allocator={spec.allocator}" if spec.budget is not None and spec.allocator in ("sensitivity", "output_error") else None
+    why = f"allocator={spec.allocator}" if spec.budget is not None and spec.allocator == "sensitivity" else None
     if not experts or why is None:
         return tensors, {}
     named = [t for t in experts if spec.tensors is not None or t in spec.rank_overrides]
     if named:
         raise SpecError(
             f"tensors: {named[0]!r} is a mixture-of-experts projection, which {why} cannot decompose yet; "
-            f"experts take a given rank or allocator=uniform|tail (or leave them out of tensors=)"
+            f"experts take a given rank or allocator=uniform|tail|output_error (or leave them out of tensors=)"
         )
-    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= or allocator=uniform|tail does)"
+    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= or allocator=uniform|tail|output_error does)"
     return tuple(t for t in tensors if t not in experts), dict.fromkeys(experts, reason)
 
