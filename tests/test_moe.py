@@ -40,13 +40,28 @@ def _config(model_type: str, **overrides):
 
 
 def _model(model_type: str, **overrides):
+    return _built(_config(model_type, **overrides))
+
+
+def _built(config):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(model_type, **overrides)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random experts of a realistic scale (from_config leaves some at 0 or 1)
         for name, p in model.named_parameters():
             if "experts" in name:
                 p.normal_(0, 0.2)
     return model
+
+
+def _reconstruct_into(model, reference) -> None:
+    """Give ``reference`` (a dense copy) the weights ``model``'s factors represent, in their stored layouts."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, LowRankExpertWeights):
+                owner, _, param = name.rpartition(".")
+                getattr(reference.get_submodule(owner), param).copy_(mod[:])
+            elif isinstance(mod, LowRankLinear):
+                reference.get_submodule(name).weight.copy_(mod.dense_weight())
 
 
 def _experts(model, layer=0):
@@ -428,13 +443,7 @@ def _deepseek():
             num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=16,
             kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, vocab_size=64, n_group=1, topk_group=1,
         )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "experts" in name:
-                p.normal_(0, 0.2)
-    return config, model
+    return config, _built(config)
 
 
 def test_layers_that_differ_offer_each_projection_in_the_layers_that_hold_it():
@@ -450,13 +459,8 @@ def test_layers_that_differ_offer_each_projection_in_the_layers_that_hold_it():
     assert "gate_proj" in by_layer[1] and "experts.gate_up_proj" not in by_layer[1]
     assert {"experts.gate_up_proj", "experts.down_proj", "mlp.shared_experts.up_proj"} <= set(by_layer[2]) and "gate_proj" not in by_layer[2]
     assert report.params_before - report.params_after == report.plan.params_removed == report.params_before - count_parameters(model)
-    with torch.no_grad():  # the same as transformers' forward on the reconstructed weights
-        for name, mod in model.named_modules():
-            if isinstance(mod, LowRankExpertWeights):
-                owner, _, param = name.rpartition(".")
-                getattr(reference.get_submodule(owner), param).copy_(mod[:])
-            elif isinstance(mod, LowRankLinear):
-                reference.get_submodule(name).weight.copy_(mod.dense_weight())
+    _reconstruct_into(model, reference)  # the same as transformers' forward on the reconstructed weights
+    with torch.no_grad():
         ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(SpecError, match=r"^layers=1 holds no experts.down_proj: in this architecture 'experts.down_proj' is in layers 2\|3 only"):
@@ -506,20 +510,12 @@ def test_more_moe_families_compute_what_transformers_computes(model_type):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = transformers.CONFIG_MAPPING[model_type](**{**_TINY_ANY, **_MORE_FAMILIES[model_type]})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "experts" in name:
-                p.normal_(0, 0.2)
+    model = _built(config)
     reference = copy.deepcopy(model)
     report = compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
     assert report.plan.targets and all(t.experts == 4 for t in report.plan.targets)
+    _reconstruct_into(model, reference)
     with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, LowRankExpertWeights):
-                owner, _, param = name.rpartition(".")
-                getattr(reference.get_submodule(owner), param).copy_(mod[:])
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert report.params_before - report.params_after == report.plan.params_removed
