@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -139,7 +140,11 @@ def _fake_powercap(tmp_path):
 
 
 def _set(zone, uj):
-    (zone / "energy_uj").write_text(f"{uj}\n")
+    # Replaced whole, like a sysfs read that never sees a half-written value: write_text truncates first, and a
+    # reader thread could read the empty file in between (it did, once in a CI run).
+    tmp = zone / "energy_uj.tmp"
+    tmp.write_text(f"{uj}\n")
+    os.replace(tmp, zone / "energy_uj")
 
 
 def test_rapl_zones_are_the_packages_and_their_dram_without_overlap(tmp_path):
