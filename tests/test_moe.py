@@ -367,6 +367,7 @@ def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2
     dec = res["config"]["lowrank"]["decomposition"]
     assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
     assert dec["tensors"] == ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
+    assert dec["expert_modules"] == {"model.layers.1.mlp.experts.gate_up_proj": 4, "model.layers.1.mlp.experts.down_proj": 4}
     removed = 32 * 32 - 2 * 64 + 4 * (80 * 32 - 2 * 112) + 4 * (32 * 40 - 2 * 72)
     assert dec["params_removed"] == removed
     assert dec["cache"]["stored"] and not dec["cache"]["hit"]

@@ -77,6 +77,8 @@ class DecompositionReport:
             "layout": self.plan.layout,
             "adapter": self.plan.adapter,
             "modules": self.plan.module_names(),
+            # stacked mixture-of-experts projections among them: path -> number of experts (each at the rank)
+            "expert_modules": {t.path: t.experts for t in self.plan.targets if t.experts},
             "skipped": self.plan.skipped,
             "params_before": self.params_before,
             "params_after": self.params_after,
