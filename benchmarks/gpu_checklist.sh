@@ -13,18 +13,19 @@
 #   2  forward latency cut / parameter cut at 7B shapes; rom's solve with weights on the GPU
 #   3  the real harness at 7B shapes: latency, energy per token (NVML), memory, dense vs decomposed
 #   4  cache-hit and checkpoint loads at 7B shapes; rom and whiten through lm_eval on the GPU
+#   5  a Mixtral-shaped experts block: decomposed experts against transformers' grouped_mm, bf16
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4}"
+stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4|5}"
 smoke="${GPU_CHECKLIST_SMOKE:-0}"
 case "$stage" in
-prepare | 1 | 2 | 3 | 4) ;;
+prepare | 1 | 2 | 3 | 4 | 5) ;;
 *)
-    echo "unknown stage $stage: prepare, 1, 2, 3 or 4" >&2
+    echo "unknown stage $stage: prepare, 1, 2, 3, 4 or 5" >&2
     exit 2
     ;;
 esac
@@ -69,6 +70,7 @@ if [ "$smoke" = 1 ]; then
     shape=smollm2-135m
     limit=4
     reload_layers=(--synthetic-layers 1)
+    moe_shape=(--hidden 128 --inter 256 --tokens 256 --dtype float32)
 else
     dev=cuda
     py=python3
@@ -76,6 +78,7 @@ else
     shape=llama-2-7b
     limit=500
     reload_layers=()
+    moe_shape=(--hidden 4096 --inter 14336 --tokens 8192 --dtype bfloat16)  # Mixtral-8x7B's experts
     # the wheels go into the image's own environment, so lm_eval finds the hf-tucker hook (.pth) and
     # the console scripts; the tree's sources come first, so the code is this checkout's
     $py -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
@@ -112,6 +115,9 @@ case "$stage" in
     item 200 $py benchmarks/harness_efficiency.py --shape smollm2-135m --device $dev --dtype float32 --limit 20 --batch-size 16 \
         --tokenizer .devcarry/tok --arc-file .devcarry/data/arc_easy/test.jsonl \
         --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28'
+    ;;
+5)
+    item 300 $py benchmarks/moe.py --device $dev "${moe_shape[@]}" --cuts 0.1,0.3,0.5 --reps 7
     ;;
 esac
 echo "log: $log"

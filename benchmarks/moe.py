@@ -88,7 +88,7 @@ def main() -> None:
         plan = Plan("bench", 1, "folded")
         for name, (out_f, in_f) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
             t = Target(1, name, name, out_f, in_f, r, experts=e)
-            _decompose_experts(module, spec, plan, get_method("tucker"), t, {}, [], _PageReleaser())
+            _decompose_experts(module, spec, plan, get_method("tucker"), t, None, {}, [], _PageReleaser())
         params[f"rank {r}"] = sum(p.numel() for p in module.parameters())
         candidates[f"rank {r}"] = (lambda m: lambda: m(x, index, weights))(module)
     with torch.no_grad():

@@ -30,7 +30,7 @@ def _checklist_commands() -> dict[str, set[str]]:
 
 def test_the_checklist_runs_every_stage_through_known_scripts():
     commands = _checklist_commands()
-    assert set(commands) == {"decompose", "forward", "rom", "harness_efficiency", "reload"}
+    assert set(commands) == {"decompose", "forward", "rom", "harness_efficiency", "reload", "moe"}
     assert "--layers" in commands["forward"] and "--synthetic-layers" in commands["reload"]  # the smoke mode's arrays
     r = subprocess.run(["bash", str(CHECKLIST), "9"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown stage 9" in r.stderr
@@ -43,3 +43,13 @@ def test_every_flag_of_the_checklist_exists(script):
     known = set(re.findall(r"(--[a-z][\w-]*)", r.stdout))
     wanted = _checklist_commands()[script]
     assert wanted <= known, f"{script}.py lacks {sorted(wanted - known)}"
+
+
+def test_moe_benchmark_runs_at_toy_size():
+    """benchmarks/moe.py calls the decomposition internals directly: a signature change must not break it unseen."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--hidden", "64", "--inter", "96", "--tokens", "64", "--cuts", "0.3", "--reps", "1", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^rank \d+: parameter cut 0\.\d+, latency cut vs dense grouped_mm -?\d", r.stdout, re.M), r.stdout
