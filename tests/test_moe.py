@@ -575,3 +575,19 @@ def test_output_error_budget_ranks_experts_on_their_own_curves(smollm2_dir):
     assert report.allocation["realised_keep"] <= 0.6 and report.allocation["allocator"] == "output_error"
     assert any(t.experts for t in report.plan.targets)
     assert report.params_before - report.params_after == report.plan.params_removed
+
+
+def test_bf16_experts_sum_a_tokens_experts_in_fp32_like_transformers_default():
+    """Top-8 routing in bf16: summing the eight experts' outputs in bf16 (index_add_) drifted 0.6 % of the output's
+    scale from transformers' default grouped forward, which sums in fp32; summed in fp32 it matches."""
+    from lm_eval_lowrank.modules import experts_forward
+
+    experts = _experts(_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128, head_dim=64, num_experts=16, num_experts_per_tok=8)).to(torch.bfloat16)
+    assert experts.config._experts_implementation == "grouped_mm"  # transformers' default for a model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g).to(torch.bfloat16)
+    index = torch.stack([torch.randperm(16, generator=g)[:8] for _ in range(512)])
+    weights = torch.softmax(torch.randn(512, 8, generator=g), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs, ours = experts(x, index, weights).float(), experts_forward(experts, x, index, weights).float()
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-3

@@ -309,7 +309,8 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 
     Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
     """
-    out = torch.zeros_like(hidden_states)
+    # Sums over a token's experts in fp32 (top-8 models add eight terms), like transformers' grouped forward.
+    out = torch.zeros(hidden_states.shape, dtype=torch.promote_types(hidden_states.dtype, torch.float32), device=hidden_states.device)
     top_k = top_k_index.shape[-1]
     up_name, down_name = expert_projection_names(module)
     for expert, pairs in routed_pairs(top_k_index, module.num_experts):
@@ -321,7 +322,7 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
             y = module.post_expert_norm(y)
         y = y * top_k_weights.reshape(-1)[pairs, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+    return out.to(hidden_states.dtype)
 
 
 _LOWRANK_EXPERT_CLASSES: dict[type, type] = {}
