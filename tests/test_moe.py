@@ -591,3 +591,19 @@ def test_bf16_experts_sum_a_tokens_experts_in_fp32_like_transformers_default():
     with torch.no_grad():
         theirs, ours = experts(x, index, weights).float(), experts_forward(experts, x, index, weights).float()
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-3
+
+
+def test_a_model_with_factored_experts_pickles_and_deep_copies():
+    """The LowRank<Class> is made at run time; torch.save / copy.deepcopy of the model must still work."""
+    import io
+
+    model = _model("mixtral")
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert type(_experts(other)) is type(_experts(model)) and isinstance(_experts(other).down_proj, LowRankExpertWeights)
+        with torch.no_grad():
+            assert torch.equal(other(ids).logits, model(ids).logits)

@@ -652,7 +652,7 @@ class SequentialStatsProvider:
 
         def make_experts_hook(owned: list[str]):
             # The routed tokens enter with the module's input; its down projection's input exists only inside it.
-            def hook(_mod: nn.Module, args: tuple) -> None:
+            def hook(mod: nn.Module, args: tuple) -> None:
                 if not args:
                     return
                 i = next((k for k, y in enumerate(inputs) if y is args[0]), None)
@@ -661,8 +661,9 @@ class SequentialStatsProvider:
                     i = len(inputs) - 1
                 inner = len(inputs)
                 inputs.append(torch.empty(0))
+                down = f".{expert_projection_names(mod)[1]}"
                 for t in owned:
-                    stage_of.setdefault(t, inner if self.adapter.tensor_paths[t].endswith(".down_proj") else i)
+                    stage_of.setdefault(t, inner if self.adapter.tensor_paths[t].endswith(down) else i)
                 if len(stage_of) == len(tensors):
                     raise _Stop
 

@@ -277,6 +277,16 @@ class LowRankExperts:
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time, so pickle cannot look it up by name: pickle the module as its original
+        # class, and mix the factored forward back in on load.
+        lowrank, self.__class__ = type(self), type(self).__mro__[2]
+        try:
+            rebuild, args, *rest = self.__reduce_ex__(protocol)
+        finally:
+            self.__class__ = lowrank
+        return (_rebuild_lowrank_experts, (rebuild, args), *rest)
+
 
 def expert_projection(module: nn.Module, name: str, x: torch.Tensor, expert: int, weight: Any = None) -> torch.Tensor:
     """One expert's projection ``name`` of ``x`` (its bias included), through its factors or its dense matrix;
@@ -328,18 +338,27 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 _LOWRANK_EXPERT_CLASSES: dict[type, type] = {}
 
 
+def _lowrank_class(cls: type) -> type:
+    sub = _LOWRANK_EXPERT_CLASSES.get(cls)
+    if sub is None:
+        sub = _LOWRANK_EXPERT_CLASSES[cls] = type(f"LowRank{cls.__name__}", (LowRankExperts, cls), {"__module__": cls.__module__})
+    return sub
+
+
+def _rebuild_lowrank_experts(rebuild: Any, args: tuple) -> nn.Module:
+    module = rebuild(*args)
+    module.__class__ = _lowrank_class(type(module))
+    return module
+
+
 def install_expert_weights(module: nn.Module, name: str, weights: LowRankExpertWeights) -> torch.Tensor:
     """Put ``weights`` in place of the 3-D parameter ``name`` of an experts module; return the dense parameter.
 
     The module's class becomes ``LowRank<Class>`` (its own class with :class:`LowRankExperts` mixed in first),
     so its gating, activation and norms stay the ones of the original.
     """
-    cls = type(module)
     if not isinstance(module, LowRankExperts):
-        sub = _LOWRANK_EXPERT_CLASSES.get(cls)
-        if sub is None:
-            sub = _LOWRANK_EXPERT_CLASSES[cls] = type(f"LowRank{cls.__name__}", (LowRankExperts, cls), {"__module__": cls.__module__})
-        module.__class__ = sub
+        module.__class__ = _lowrank_class(type(module))
         if "_old_forward" in module.__dict__:  # an accelerate hook (device_map) calls the forward it wrapped
             module._old_forward = types.MethodType(LowRankExperts.forward, module)
     old = module._parameters.pop(name)
