@@ -607,3 +607,20 @@ def test_a_model_with_factored_experts_pickles_and_deep_copies():
         assert type(_experts(other)) is type(_experts(model)) and isinstance(_experts(other).down_proj, LowRankExpertWeights)
         with torch.no_grad():
             assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "name,total,active",
+    [("mixtral-8x7b", 46_702_792_704, 12.9e9), ("olmoe-1b-7b", 6_919_161_856, 1.3e9)],
+)
+def test_builtin_moe_configs_cost_what_their_model_cards_say(name, total, active):
+    """`space --model mixtral-8x7b`: the published totals exactly, and the FLOPs of the active parameters
+    (2 per active parameter in the projections and the head; the input embedding is a lookup)."""
+    from lm_eval_lowrank.design_space import calculate, load_config
+
+    config = load_config(name)
+    report = calculate(config, {"layout": "folded"}, seq_len=0)
+    assert report.params_total == total
+    embedding = config["vocab_size"] * config["hidden_size"]
+    assert report.flops_before / 2 + embedding == pytest.approx(active, rel=0.02)
+    assert load_config({"mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924"}[name]) == config

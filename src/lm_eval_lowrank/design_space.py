@@ -112,6 +112,35 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
         "tie_word_embeddings": True,
     },
+    # mixture-of-experts: 8 experts, 2 routed per token (46.7B in all, 12.9B active)
+    "mixtral-8x7b": {
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+    },
+    # 64 experts, 8 routed per token (6.9B in all, 1.3B active)
+    "olmoe-1b-7b": {
+        "model_type": "olmoe",
+        "hidden_size": 2048,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "vocab_size": 50304,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
     "gpt2": {
         "model_type": "gpt2",
         "n_embd": 768,
@@ -134,6 +163,9 @@ _ALIASES = {
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
     "smollm2-135m-instruct": "smollm2-135m",
     "openai-community/gpt2": "gpt2",
+    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
+    "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
+    "allenai/olmoe-1b-7b-0924": "olmoe-1b-7b",
 }
 
 
