@@ -386,8 +386,23 @@ def _experts_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, 
     return values[0], values[1], values[2]
 
 
-def _gated(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
+def expert_inputs(
+    module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, paths: Sequence[str], up_weight: Any = None
+) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """(path, expert, its token count, the input that expert's projection at ``path`` sees) for every expert the
+    router sent tokens to: the routed hidden states for the up projection, the gated intermediate for down_proj
+    (through ``up_weight`` in place of the module's own up projection when given). In expert order, so two calls
+    with one ``index`` pair up."""
+    x = hidden.detach().reshape(-1, hidden.shape[-1])
+    up_name, down_name = expert_projection_names(module)
+    for e, pairs in routed_pairs(index, module.num_experts):
+        xe = x[pairs // index.shape[-1]]
+        for p in paths:
+            if p.endswith(f".{down_name}"):
+                h = expert_projection(module, up_name, xe, e, weight=up_weight)
+                yield p, e, len(pairs), module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            else:
+                yield p, e, len(pairs), xe
 
 
 class _Stop(Exception):
@@ -813,27 +828,16 @@ class SequentialStatsProvider:
         def make_experts_hook(owner: str):
             def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
                 hidden, index, _weights = _experts_inputs(args, kwargs)
-                x = hidden.detach().reshape(-1, hidden.shape[-1])
-                xr = ref_in[owner].detach().reshape(-1, hidden.shape[-1]) if reference else None
-                up_name, down_name = expert_projection_names(mod)
-                dense_up = self._dense.get(index0, {}).get(f"{owner}.{up_name}") if reference else None
-                for e, pairs in routed_pairs(index, mod.num_experts):
-                    tokens_e = pairs // index.shape[-1]
-                    xe = x[tokens_e]
-                    for p in owners[owner]:
-                        key = f"{p}#{e}"
-                        if p.endswith(f".{down_name}"):  # the input inside the module: the gated up projection
-                            a = _gated(mod, expert_projection(mod, up_name, xe, e)).float()
-                            if reference:
-                                r = _gated(mod, expert_projection(mod, up_name, xr[tokens_e], e, weight=dense_up)).float()
-                        else:
-                            a = xe.float()
-                            if reference:
-                                r = xr[tokens_e].float()
-                        _accumulate(accum, key, a.mT @ a)
-                        if reference:
-                            _accumulate(cross, key, a.mT @ r)
-                        expert_tokens[key] = expert_tokens.get(key, 0) + len(tokens_e)
+                ours = expert_inputs(mod, hidden, index, owners[owner])
+                if reference:  # the dense stream's inputs of the same tokens, through the dense up projection
+                    dense_up = self._dense.get(index0, {}).get(f"{owner}.{expert_projection_names(mod)[0]}")
+                    theirs = expert_inputs(mod, ref_in[owner], index, owners[owner], up_weight=dense_up)
+                for p, e, n, a in ours:
+                    key, a = f"{p}#{e}", a.float()
+                    _accumulate(accum, key, a.mT @ a)
+                    if reference:
+                        _accumulate(cross, key, a.mT @ next(theirs)[3].float())
+                    expert_tokens[key] = expert_tokens.get(key, 0) + n
                 for p in owners[owner]:
                     stop_when_done(p)
 
