@@ -145,7 +145,7 @@ def test_plan_counts_expert_parameters_before_any_weights_load():
         validate_against_config(spec.with_(rank=40), config)
 
 
-def test_budgets_rank_experts_and_the_sensitivity_allocator_leaves_them_dense():
+def test_parameter_budgets_rank_experts_one_rank_per_projection():
     from lm_eval_lowrank.allocation import allocate_ranks
 
     model = _model("mixtral")
@@ -164,17 +164,6 @@ def test_budgets_rank_experts_and_the_sensitivity_allocator_leaves_them_dense():
     report = compress_model(model, {"budget": 0.5, "tensors": EXPERTS}, progress=False)
     assert report.allocation["realised_keep"] <= 0.5 and isinstance(_experts(model, 1).gate_up_proj, LowRankExpertWeights)
     assert report.params_before - report.params_after == report.plan.params_removed
-    config = _config("mixtral")
-    measured = {"budget": 0.5, "allocator": "sensitivity", "method": "whiten", "calib": "wikitext"}
-    plan = make_plan(DecompositionSpec.from_args({**measured, "allocator": "output_error"}), config, adapter=GenericAdapter.from_config(config), ranks={})
-    assert not plan.skipped  # output_error ranks experts
-    with pytest.warns(UserWarning, match="mixture-of-experts"):
-        plan = make_plan(DecompositionSpec.from_args(measured), config, adapter=GenericAdapter.from_config(config), ranks={"model.layers.0.self_attn.q_proj": 4})
-    assert [t.path for t in plan.targets] == ["model.layers.0.self_attn.q_proj"]
-    assert {s["path"] for s in plan.skipped} == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
-    assert all("allocator=sensitivity does not rank experts" in s["reason"] for s in plan.skipped)
-    with pytest.raises(SpecError, match=r"^tensors: 'experts.down_proj' is a mixture-of-experts projection, which allocator=sensitivity cannot"):
-        make_plan(DecompositionSpec.from_args({**measured, "tensors": "q_proj|experts.down_proj"}), config, adapter=GenericAdapter.from_config(config))
 
 
 def _calibration(model, smollm2_dir, **args):
@@ -182,7 +171,8 @@ def _calibration(model, smollm2_dir, **args):
 
     from lm_eval_lowrank.calibration import build_stats_provider
 
-    spec = DecompositionSpec.from_args({"rank": 2, "method": "whiten", "calib_n": 6, "calib_len": 16, "calib_batch": 4, "cache": False, **args})
+    values = {"rank": 2, "method": "whiten", "calib_n": 6, "calib_len": 16, "calib_batch": 4, "cache": False, **args}
+    spec = DecompositionSpec.from_args({k: v for k, v in values.items() if v is not None})  # None: leave it out
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     return spec, tokenizer, build_stats_provider(spec, model, tokenizer, model_id=None)
 
@@ -624,3 +614,22 @@ def test_builtin_moe_configs_cost_what_their_model_cards_say(name, total, active
     embedding = config["vocab_size"] * config["hidden_size"]
     assert report.flops_before / 2 + embedding == pytest.approx(active, rel=0.02)
     assert load_config({"mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "olmoe-1b-7b": "allenai/OLMoE-1B-7B-0924"}[name]) == config
+
+
+def test_sensitivity_allocator_measures_expert_truncations_and_puts_the_dense_experts_back(smollm2_dir):
+    """allocator=sensitivity swaps truncated experts into the model, scores it, and puts the very same dense
+    parameters back before the real decomposition."""
+    from lm_eval_lowrank.allocation import allocate_ranks
+
+    model = _model("mixtral", vocab_size=49152)
+    dense = {n: p for n, p in model.named_parameters() if "experts" in n}
+    spec, tokenizer, provider = _calibration(model, smollm2_dir, budget=0.6, allocator="sensitivity", calib_n=8, rank=None, tensors=EXPERTS)
+    ranks = allocate_ranks(spec, model, adapter=adapter_for_model(model), stats_provider=provider, tokenizer=tokenizer)
+    assert {n: p for n, p in model.named_parameters() if "experts" in n} == dense  # the same Parameter objects
+    assert all(isinstance(_experts(model, i).down_proj, nn.Parameter) for i in range(2))
+    measured = ranks.info["measured"]
+    assert set(measured["loss_increase"]) == {"1", "2"} and ranks.info["realised_keep"] <= 0.6
+    assert set(ranks) <= {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")} and ranks
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert report.allocation["allocator"] == "sensitivity" and any(t.experts for t in report.plan.targets)
+    assert report.params_before - report.params_after == report.plan.params_removed

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,9 +85,7 @@ class RankAllocation(dict):
 
 def candidates(spec: DecompositionSpec, config: Any, adapter: Any) -> list[Candidate]:
     """Every selected (layer, tensor) weight, layer-major."""
-    from .plan import selected_tensors
-
-    tensors, _ = selected_tensors(spec, adapter)  # without the expert projections an allocator cannot rank
+    tensors = spec.selected_tensors(adapter.tensor_names())
     layers = spec.selected_layers(adapter.num_layers(config))
     shapes = adapter.tensor_shapes(config)
     held = {t: set(adapter.layers_of(t, adapter.num_layers(config))) for t in tensors}
@@ -462,14 +461,32 @@ def _tail_loss(layers: Any, start: int, batches: list[list[Any]], head: _Head) -
     return nll / count
 
 
-def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], paths: list[str]) -> dict[str, Any]:
-    """Run ``layer`` on ``batches`` in place (hidden <- output), accumulating X^T X / N of each path's input."""
+def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], paths: list[str], experts: Collection[str] = ()) -> dict[str, Any]:
+    """Run ``layer`` on ``batches`` in place (hidden <- output), accumulating X^T X / N of each path's input; for a
+    stacked expert projection (in ``experts``) one entry per expert, over its routed tokens (None: no token)."""
+    from .calibration import _experts_inputs, expert_inputs
     from .methods import LayerStats
 
     accum: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
     seen: list[tuple[torch.Tensor, str]] = []  # held for the batch so that no later input reuses the memory
     tokens = 0
+    owners: dict[str, list[str]] = {}
+    for p in experts:
+        owners.setdefault(p.rpartition(".")[0], []).append(p)
+    expert_tokens: dict[tuple[str, int], int] = {}
+    expert_sums: dict[tuple[str, int], torch.Tensor] = {}
+
+    def make_experts_hook(owner: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            hidden, index, _weights = _experts_inputs(args, kwargs)
+            for p, e, n, a in expert_inputs(mod, hidden, index, owners[owner]):
+                a = a.float()
+                xtx = (a.mT @ a).to(torch.float64).cpu()
+                expert_sums[p, e] = expert_sums[p, e] + xtx if (p, e) in expert_sums else xtx
+                expert_tokens[p, e] = expert_tokens.get((p, e), 0) + n
+
+        return hook
 
     def make_hook(path: str):
         def hook(_mod: nn.Module, args: tuple, _out: Any) -> None:
@@ -485,7 +502,8 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
 
         return hook
 
-    handles = [model.get_submodule(p).register_forward_hook(make_hook(p)) for p in paths]
+    handles = [model.get_submodule(p).register_forward_hook(make_hook(p)) for p in paths if p not in experts]
+    handles += [model.get_submodule(o).register_forward_pre_hook(make_experts_hook(o), with_kwargs=True) for o in owners]
     try:
         for b in batches:
             seen.clear()
@@ -495,8 +513,12 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
         for hd in handles:
             hd.remove()
         seen.clear()
-    stats = {p: LayerStats(a / tokens, tokens) for p, a in accum.items()}
-    return {p: stats[alias.get(p, p)] for p in paths if alias.get(p, p) in stats}
+    stats: dict[str, Any] = {p: LayerStats(a / tokens, tokens) for p, a in accum.items()}
+    out = {p: stats[alias.get(p, p)] for p in paths if alias.get(p, p) in stats}
+    for p in experts:
+        n_experts = getattr(model.get_submodule(p.rpartition(".")[0]), "num_experts")
+        out[p] = [LayerStats(expert_sums[p, e] / expert_tokens[p, e], expert_tokens[p, e]) if (p, e) in expert_sums else None for e in range(n_experts)]
+    return out
 
 
 def _truncate(f: Any, r: int) -> Any:
@@ -526,8 +548,12 @@ def measure_sensitivity(
     stats_tokens: int = SENSITIVITY_STATS_TOKENS,
     stride: int = SENSITIVITY_SCORE_STRIDE,
     cache_dir: Any = None,
+    experts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The mean next-token loss with one layer compressed at a time, for every (layer, kept fraction) of ``options``.
+
+    ``experts``: the paths among the options that are stacked expert projections (path -> number of experts);
+    each expert is factored on its own routed tokens, all at the option's rank.
 
     Data: the last ``eval_tokens`` worth of calibration sequences (at most a quarter of
     them) are scored and never enter the statistics; the measurement fits whiten/rom to the
@@ -543,9 +569,9 @@ def measure_sensitivity(
     hidden-state streams and one layer's factors; compressed modules are swapped in and the
     dense ones (the same objects) put back. ``cache_dir`` keeps the result as JSON.
     """
-    from .decompose import _module_seed, _set_submodule
+    from .decompose import _module_seed, _set_submodule, check_experts_contract
     from .methods import get_method, needs_calibration
-    from .modules import LowRankLinear, dense_weight_of
+    from .modules import LowRankExpertWeights, LowRankLinear, dense_weight_of, install_expert_weights, restore_expert_weights
 
     start = time.perf_counter()
     n, length = input_ids.shape
@@ -609,13 +635,29 @@ def measure_sensitivity(
                 f"its forward {nll / count:.5f}; use allocator=output_error"
             )
         loss: dict[int, dict[float, float]] = {}
+        experts = experts or {}
         for index0, layer in enumerate(layers):
             group = options.get(index0 + 1)
             paths = sorted({p for r in (group or {}).values() for p in r})
-            stats = _run_collect(model, layer, st, paths) if calibrated else {}  # also moves st past this (dense) layer
+            stats = _run_collect(model, layer, st, paths, [p for p in paths if p in experts]) if calibrated else {}  # also moves st past this (dense) layer
             if group:
                 factors = {}
                 for p in paths:
+                    if p in experts:  # a stacked expert projection: every expert at the top rank, on its routed tokens
+                        owner, _, name = p.rpartition(".")
+                        check_experts_contract(model.get_submodule(owner))  # before its factored forward stands in
+                        stacked = getattr(model.get_submodule(owner), name)
+                        W = stacked.mT if model.get_submodule(owner).is_transposed else stacked
+                        top = max(r[p] for r in group.values() if p in r)
+                        per = stats.get(p) or [None] * W.shape[0]
+                        fs = [
+                            (method if s is not None or not calibrated else get_method("tucker"))(
+                                W[e].detach().float(), top, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{p}.{e}")
+                            )
+                            for e, s in enumerate(per)
+                        ]  # fmt: skip
+                        factors[p] = (p, fs, None, stacked)
+                        continue
                     mpath, mod = p, model.get_submodule(p)
                     if hasattr(mod, "base_layer"):  # a peft adapter: its base layer is what decompose replaces
                         mpath, mod = f"{p}.base_layer", mod.base_layer
@@ -631,14 +673,24 @@ def measure_sensitivity(
                         try:
                             for p, r in ranks.items():
                                 mpath, f, b, W = factors[p]
+                                if p in experts:  # truncated per expert; the dense parameter goes back below
+                                    owner, _, name = p.rpartition(".")
+                                    mod = model.get_submodule(owner)
+                                    new = LowRankExpertWeights.from_factors([_truncate(fe, r) for fe in f], layout=layout, transposed=bool(mod.is_transposed), dtype=W.dtype, device=W.device)
+                                    swapped.append((mpath, install_expert_weights(mod, name, new)))
+                                    continue
                                 diag = torch.count_nonzero(f.core - torch.diag(torch.diagonal(f.core))) == 0
                                 fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p))
                                 new = LowRankLinear.from_factors(fr, b, layout=layout, dtype=W.dtype, device=W.device)
                                 swapped.append((mpath, _set_submodule(model, mpath, new)))
                             done[sig] = _tail_loss(layers, index0, ev, head)
                         finally:
-                            for mpath, old in reversed(swapped):  # the dense modules themselves: bit-exact
-                                _set_submodule(model, mpath, old)
+                            for mpath, old in reversed(swapped):  # the dense modules (parameters) themselves: bit-exact
+                                if isinstance(old, nn.Parameter):
+                                    owner, _, name = mpath.rpartition(".")
+                                    restore_expert_weights(model.get_submodule(owner), name, old)
+                                else:
+                                    _set_submodule(model, mpath, old)
                     loss.setdefault(index0 + 1, {})[rho] = done[sig]
                 del factors
             for item in ev:  # the dense stream moves past this layer
@@ -673,7 +725,10 @@ def allocate_measured(
         from .assets import cache_root
 
         cache_dir = cache_root() / "sensitivity" / stats_provider.model_key
-    table = measure_sensitivity(spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir)
+    table = measure_sensitivity(
+        spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir,
+        experts={c.path: c.experts for c in cands if c.experts},
+    )  # fmt: skip
     by_path = {c.path: c for c in cands}
     increase = {L: {rho: v - table["dense_loss"] for rho, v in row.items()} for L, row in table["loss"].items()}
     removed = {L: {rho: sum(by_path[p].dense - by_path[p].params(r, layout) for p, r in options[L][rho].items()) for rho in row} for L, row in increase.items()}

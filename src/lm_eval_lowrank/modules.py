@@ -364,3 +364,9 @@ def install_expert_weights(module: nn.Module, name: str, weights: LowRankExpertW
     old = module._parameters.pop(name)
     module.add_module(name, weights)
     return old
+
+
+def restore_expert_weights(module: nn.Module, name: str, dense: nn.Parameter) -> None:
+    """Put a dense stacked parameter back in place of its factors (the factored forward reads either)."""
+    module._modules.pop(name, None)
+    module.register_parameter(name, dense)

@@ -95,13 +95,11 @@ def make_plan(
     plan = Plan(adapter=adapter.name, num_layers=n_layers, layout=layout)
     if spec.is_noop:
         return plan
-    tensors, excluded = selected_tensors(spec, adapter)
+    tensors = spec.selected_tensors(adapter.tensor_names())
     layers = spec.selected_layers(n_layers)
     shapes = adapter.tensor_shapes(config)
     bias = adapter.has_bias or {}
-    held = {t: set(adapter.layers_of(t, n_layers)) for t in (*tensors, *excluded)}  # layers that hold each tensor
-    for t, reason in excluded.items():
-        plan.skipped += [{"path": adapter.module_path(layer - 1, t), "rank": None, "reason": reason} for layer in layers if layer in held[t]]
+    held = {t: set(adapter.layers_of(t, n_layers)) for t in tensors}  # layers that hold each tensor
     if tensors and not any(layer in held[t] for t in tensors for layer in layers):
         t = tensors[0]
         raise SpecError(
@@ -137,15 +135,12 @@ def make_plan(
                 )
                 continue
             plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False)), adapter.experts_of(t)))
-    no_saving = [s for s in plan.skipped if s["rank"] is not None]
-    if no_saving:
+    if plan.skipped:
         warnings.warn(
-            f"{len(no_saving)} module(s) kept dense: their rank saves no parameters "
-            f"(e.g. {no_saving[0]['reason']})",
+            f"{len(plan.skipped)} module(s) kept dense: their rank saves no parameters "
+            f"(e.g. {plan.skipped[0]['reason']})",
             stacklevel=2,
         )
-    if excluded:
-        warnings.warn(f"kept dense: {'; '.join(f'{t}: {r}' for t, r in excluded.items())}", stacklevel=2)
     return plan
 
 
@@ -154,28 +149,3 @@ def _span(layers: list[int]) -> str:
     if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
         return f"{layers[0]}..{layers[-1]}"
     return "|".join(map(str, layers))
-
-
-def selected_tensors(spec: DecompositionSpec, adapter: ArchitectureAdapter) -> tuple[tuple[str, ...], dict[str, str]]:
-    """The tensors ``spec`` decomposes on this architecture, and those left out by default, with the reason.
-
-    Mixture-of-experts projections take every method (calibrated ones on each expert's routed tokens) and the
-    allocators ``uniform``, ``tail`` and ``output_error`` (one rank for all experts of a projection). The
-    ``sensitivity`` allocator, which measures truncated linears in the model, does not rank experts yet: named
-    explicitly with it they are an error; selected by default (``tensors`` not given), they are kept dense and
-    listed as skipped.
-    """
-    tensors = spec.selected_tensors(adapter.tensor_names())
-    experts = [t for t in tensors if adapter.experts_of(t)]
-    why = f"allocator={spec.allocator}" if spec.budget is not None and spec.allocator == "sensitivity" else None
-    if not experts or why is None:
-        return tensors, {}
-    named = [t for t in experts if spec.tensors is not None or t in spec.rank_overrides]
-    if named:
-        raise SpecError(
-            f"tensors: {named[0]!r} is a mixture-of-experts projection, which {why} cannot decompose yet; "
-            f"experts take a given rank or allocator=uniform|tail|output_error (or leave them out of tensors=)"
-        )
-    reason = f"mixture-of-experts projection: {why} does not rank experts yet (rank= or allocator=uniform|tail|output_error does)"
-    return tuple(t for t in tensors if t not in experts), dict.fromkeys(experts, reason)
-
