@@ -306,7 +306,7 @@ def allocate_by_error(cands: list[Candidate], curves: dict[str, torch.Tensor], b
 
 def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Candidate], stats_provider: Any) -> dict[str, torch.Tensor]:
     """Per-module error curves from one dense, layer-by-layer calibration pass."""
-    from .modules import dense_weight_of
+    from .modules import dense_weight_of, expert_matrices, stacked_expert
     from .plan import Target
 
     curves: dict[str, torch.Tensor] = {}
@@ -321,10 +321,7 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
             stats = stats_provider.layer_stats(model, layer, targets)
         for c in group:
             if c.experts:
-                owner, _, name = c.path.rpartition(".")
-                experts = model.get_submodule(owner)
-                stacked = getattr(experts, name)
-                curves[c.path] = experts_error_curve(stacked.mT if experts.is_transposed else stacked, stats.get(c.path), spec.method)
+                curves[c.path] = experts_error_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method)
                 continue
             mod = model.get_submodule(c.path)
             W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
@@ -466,6 +463,7 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
     stacked expert projection (in ``experts``) one entry per expert, over its routed tokens (None: no token)."""
     from .calibration import _experts_inputs, expert_inputs
     from .methods import LayerStats
+    from .modules import stacked_expert
 
     accum: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
@@ -516,7 +514,7 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
     stats: dict[str, Any] = {p: LayerStats(a / tokens, tokens) for p, a in accum.items()}
     out = {p: stats[alias.get(p, p)] for p in paths if alias.get(p, p) in stats}
     for p in experts:
-        n_experts = getattr(model.get_submodule(p.rpartition(".")[0]), "num_experts")
+        n_experts = stacked_expert(model, p)[0].num_experts
         out[p] = [LayerStats(expert_sums[p, e] / expert_tokens[p, e], expert_tokens[p, e]) if (p, e) in expert_sums else None for e in range(n_experts)]
     return out
 
@@ -571,7 +569,7 @@ def measure_sensitivity(
     """
     from .decompose import _module_seed, _set_submodule, check_experts_contract
     from .methods import get_method, needs_calibration
-    from .modules import LowRankExpertWeights, LowRankLinear, dense_weight_of, install_expert_weights, restore_expert_weights
+    from .modules import LowRankExpertWeights, LowRankLinear, dense_weight_of, expert_matrices, install_expert_weights, restore_expert_weights, stacked_expert
 
     start = time.perf_counter()
     n, length = input_ids.shape
@@ -644,10 +642,9 @@ def measure_sensitivity(
                 factors = {}
                 for p in paths:
                     if p in experts:  # a stacked expert projection: every expert at the top rank, on its routed tokens
-                        owner, _, name = p.rpartition(".")
-                        check_experts_contract(model.get_submodule(owner))  # before its factored forward stands in
-                        stacked = getattr(model.get_submodule(owner), name)
-                        W = stacked.mT if model.get_submodule(owner).is_transposed else stacked
+                        mod, name = stacked_expert(model, p)
+                        check_experts_contract(mod)  # before its factored forward stands in
+                        stacked, W = getattr(mod, name), expert_matrices(mod, name)
                         top = max(r[p] for r in group.values() if p in r)
                         per = stats.get(p) or [None] * W.shape[0]
                         fs = [
@@ -674,8 +671,7 @@ def measure_sensitivity(
                             for p, r in ranks.items():
                                 mpath, f, b, W = factors[p]
                                 if p in experts:  # truncated per expert; the dense parameter goes back below
-                                    owner, _, name = p.rpartition(".")
-                                    mod = model.get_submodule(owner)
+                                    mod, name = stacked_expert(model, p)
                                     new = LowRankExpertWeights.from_factors([_truncate(fe, r) for fe in f], layout=layout, transposed=bool(mod.is_transposed), dtype=W.dtype, device=W.device)
                                     swapped.append((mpath, install_expert_weights(mod, name, new)))
                                     continue
@@ -687,8 +683,7 @@ def measure_sensitivity(
                         finally:
                             for mpath, old in reversed(swapped):  # the dense modules (parameters) themselves: bit-exact
                                 if isinstance(old, nn.Parameter):
-                                    owner, _, name = mpath.rpartition(".")
-                                    restore_expert_weights(model.get_submodule(owner), name, old)
+                                    restore_expert_weights(*stacked_expert(model, mpath), old)
                                 else:
                                     _set_submodule(model, mpath, old)
                     loss.setdefault(index0 + 1, {})[rho] = done[sig]

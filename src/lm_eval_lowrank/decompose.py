@@ -27,7 +27,17 @@ import torch.nn as nn
 from .architectures import ArchitectureAdapter, adapter_for_model
 from .methods import Factors, LayerStats, get_method, needs_calibration
 from .methods.tucker import choose_solver
-from .modules import LowRankExperts, LowRankExpertWeights, LowRankLinear, dense_weight_of, experts_forward, install_expert_weights, is_experts_module
+from .modules import (
+    LowRankExperts,
+    LowRankExpertWeights,
+    LowRankLinear,
+    dense_weight_of,
+    expert_matrices,
+    experts_forward,
+    install_expert_weights,
+    is_experts_module,
+    stacked_expert,
+)
 from .plan import Plan, Target, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -268,7 +278,7 @@ def _decompose_stage(
     """Calibrate ``targets`` (one layer's, or one stage of them; all of them for a data-free method) on the model
     as it is now, then replace them in order."""
     for t in targets:  # before any statistics are gathered by the contract's routing
-        if t.experts and is_experts_module(owner := model.get_submodule(t.path.rpartition(".")[0])):
+        if t.experts and is_experts_module(owner := stacked_expert(model, t.path)[0]):
             check_experts_contract(owner)
     stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     for t in [t for t in targets if t.experts]:  # stacked expert projections: one solve per expert
@@ -330,17 +340,16 @@ def _decompose_experts(
     ``stats``: a calibrated method's statistics per expert, over the tokens routed to it. An expert that no
     calibration token reached has none and is solved data-free (``tucker``), which its solver name records.
     """
-    owner_path, _, name = t.path.rpartition(".")
-    owner = model.get_submodule(owner_path)
+    owner, name = stacked_expert(model, t.path)
     W = getattr(owner, name)
     if not isinstance(W, nn.Parameter) or not is_experts_module(owner):
         raise SpecError(f"tensors: {t.tensor!r} at {t.path} is not a stacked expert projection of a supported experts module")
     check_experts_contract(owner)
     transposed = bool(owner.is_transposed)
+    matrices = expert_matrices(owner, name)
     factors = []
     with torch.no_grad():
-        for e in range(W.shape[0]):
-            We = W[e].mT if transposed else W[e]
+        for e, We in enumerate(matrices):
             s = stats[e] if stats is not None else None
             fn = method if s is not None or not needs_calibration(spec.method) else get_method("tucker")
             f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{t.path}.{e}"))

@@ -270,6 +270,21 @@ def expert_projection_names(module: nn.Module) -> tuple[str, ...]:
     return ("gate_up_proj" if module.has_gate else "up_proj", "down_proj")
 
 
+def stacked_expert(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the experts module, the projection's name) for the path of a stacked expert projection."""
+    owner, _, name = path.rpartition(".")
+    return root.get_submodule(owner), name
+
+
+def expert_matrices(module: nn.Module, name: str) -> torch.Tensor:
+    """Every expert's (out x in) matrix of projection ``name`` (E x out x in): a view of the stored parameter in
+    whichever orientation it is stored, or the product of its factors once decomposed."""
+    w = getattr(module, name)
+    if isinstance(w, LowRankExpertWeights):
+        return w.dense_weight()
+    return w.mT if module.is_transposed else w
+
+
 class LowRankExperts:
     """Mixed into an experts module's class once one of its projections is decomposed: the forward of the
     shared contract (route, project, gate, project back, weight, sum), with each projection dense or factored."""

@@ -83,17 +83,12 @@ def analyze_model(
 
 def _dense_matrices(model: Any, path: str, experts: int) -> Any:
     """A linear's weight (out x in), or a stacked expert projection's (E x out x in), dense."""
-    from ..modules import LowRankExpertWeights, dense_weight_of
+    from ..modules import dense_weight_of, expert_matrices, stacked_expert
 
     if not experts:
         mod = model.get_submodule(path)
         return dense_weight_of(getattr(mod, "base_layer", mod))[0]
-    owner_path, _, name = path.rpartition(".")
-    owner = model.get_submodule(owner_path)
-    w = getattr(owner, name)
-    if isinstance(w, LowRankExpertWeights):
-        return w.dense_weight()
-    return w.mT if owner.is_transposed else w
+    return expert_matrices(*stacked_expert(model, path))
 
 
 def expert_mean(summaries: list[dict[str, Any]]) -> dict[str, Any]:
