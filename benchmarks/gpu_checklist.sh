@@ -13,7 +13,8 @@
 #   2  forward latency cut / parameter cut at 7B shapes; rom's solve with weights on the GPU
 #   3  the real harness at 7B shapes: latency, energy per token (NVML), memory, dense vs decomposed
 #   4  cache-hit and checkpoint loads at 7B shapes; rom and whiten through lm_eval on the GPU
-#   5  a Mixtral-shaped experts block: decomposed experts against transformers' grouped_mm, bf16
+#   5  experts blocks (Mixtral-8x7B, Qwen3-30B-A3B shapes; prefill and decoding): decomposed experts against
+#      transformers' grouped_mm, bf16, and the factored forward's grouped GEMMs against its loop
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.
@@ -71,6 +72,7 @@ if [ "$smoke" = 1 ]; then
     limit=4
     reload_layers=(--synthetic-layers 1)
     moe_shape=(--hidden 128 --inter 256 --tokens 256 --dtype float32)
+    moe_many=(--hidden 64 --inter 32 --experts 16 --top-k 4 --tokens 64 --dtype float32)
 else
     dev=cuda
     py=python3
@@ -79,6 +81,7 @@ else
     limit=500
     reload_layers=()
     moe_shape=(--hidden 4096 --inter 14336 --tokens 8192 --dtype bfloat16)  # Mixtral-8x7B's experts
+    moe_many=(--hidden 2048 --inter 768 --experts 128 --top-k 8 --tokens 8192 --dtype bfloat16)  # Qwen3-30B-A3B's
     # the wheels go into the image's own environment, so lm_eval finds the hf-tucker hook (.pth) and
     # the console scripts; the tree's sources come first, so the code is this checkout's
     $py -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
@@ -117,7 +120,9 @@ case "$stage" in
         --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28'
     ;;
 5)
-    item 300 $py benchmarks/moe.py --device $dev "${moe_shape[@]}" --cuts 0.1,0.3,0.5 --reps 7
+    item 240 $py benchmarks/moe.py --device $dev "${moe_shape[@]}" --cuts 0.1,0.3,0.5 --reps 7
+    item 180 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --cuts 0.3,0.5 --reps 7
+    item 120 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --tokens 16 --cuts 0.5 --reps 15  # decoding: launch-bound
     ;;
 esac
 echo "log: $log"

@@ -5,7 +5,10 @@ tokens. Printed, each a ratio of medians over interleaved repetitions:
 
 - the factored forward at ranks that cut the experts' parameters by about 10-50 %: latency cut / parameter cut,
   against the dense module under transformers' default implementation (``grouped_mm``) and under ``eager``;
-- the factored forward's own loop on the dense weights against ``eager``: the cost of the loop itself.
+- the factored forward's own loop on the dense weights against ``eager``, and its grouped GEMMs against
+  ``grouped_mm``: what each path costs of its own;
+- per rank, the factored forward as grouped GEMMs over its loop over the experts: the evidence for which one
+  ``use_grouped_experts`` picks on this device.
 
     python benchmarks/moe.py [--hidden 1024 --inter 3584 --experts 8 --top-k 2 --tokens 2048] [--threads 1]
 """
@@ -57,7 +60,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from lm_eval_lowrank.decompose import _decompose_experts, _PageReleaser
     from lm_eval_lowrank.methods import get_method
-    from lm_eval_lowrank.modules import experts_forward
+    from lm_eval_lowrank.modules import experts_forward, use_grouped_experts
     from lm_eval_lowrank.plan import Plan, Target
     from lm_eval_lowrank.spec import DecompositionSpec
 
@@ -78,7 +81,8 @@ def main() -> None:
 
         return run
 
-    candidates = {"dense grouped_mm": implementation("grouped_mm"), "dense eager": implementation("eager"), "our loop, dense weights": lambda: experts_forward(dense, x, index, weights)}
+    candidates = {"dense grouped_mm": implementation("grouped_mm"), "dense eager": implementation("eager"), "our loop, dense weights": lambda: experts_forward(dense, x, index, weights, grouped=False)}
+    candidates["our grouped, dense weights"] = lambda: experts_forward(dense, x, index, weights, grouped=True)
     params = {}
     spec = DecompositionSpec.from_args({"rank": 1})
     for cut in (float(c) for c in args.cuts.split(",")):
@@ -91,6 +95,8 @@ def main() -> None:
             _decompose_experts(module, spec, plan, get_method("tucker"), t, None, {}, [], _PageReleaser())
         params[f"rank {r}"] = sum(p.numel() for p in module.parameters())
         candidates[f"rank {r}"] = (lambda m: lambda: m(x, index, weights))(module)
+        for grouped in (True, False):
+            candidates[f"rank {r} {'grouped' if grouped else 'loop'}"] = (lambda m, g: lambda: experts_forward(m, x, index, weights, grouped=g))(module, grouped)
     with torch.no_grad():
         for fn in candidates.values():
             fn()  # warm-up
@@ -102,7 +108,10 @@ def main() -> None:
     print(f"# {args.experts} experts, hidden {h}, intermediate {i}, top-{args.top_k}, {args.tokens} tokens, {args.dtype} on {device}, {torch.get_num_threads()} threads")
     print(f"dense eager / dense grouped_mm: {med['dense eager'] / med['dense grouped_mm']:.3f}")
     print(f"our loop on dense weights / dense eager: {med['our loop, dense weights'] / med['dense eager']:.3f}")
+    print(f"our grouped on dense weights / dense grouped_mm: {med['our grouped, dense weights'] / med['dense grouped_mm']:.3f}")
+    print(f"use_grouped_experts picks {'grouped GEMMs' if use_grouped_experts(dense, x) else 'the loop'} here")
     for k, n in params.items():
+        print(f"{k}: factored grouped GEMMs / factored loop: {med[k + ' grouped'] / med[k + ' loop']:.3f}")
         cut = 1 - n / dense_params
         for base in ("dense grouped_mm", "dense eager"):
             lat = 1 - med[k] / med[base]

@@ -358,6 +358,7 @@ def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2
     assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
     assert dec["tensors"] == ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
     assert dec["expert_modules"] == {"model.layers.1.mlp.experts.gate_up_proj": 4, "model.layers.1.mlp.experts.down_proj": 4}
+    assert dec["experts_forward"] == "loop"  # the CPU's path (grouped GEMMs on CUDA)
     removed = 32 * 32 - 2 * 64 + 4 * (80 * 32 - 2 * 112) + 4 * (32 * 40 - 2 * 72)
     assert dec["params_removed"] == removed
     assert dec["cache"]["stored"] and not dec["cache"]["hit"]
@@ -497,7 +498,7 @@ _MORE_FAMILIES = {
 
 
 @pytest.mark.parametrize("model_type", sorted(_MORE_FAMILIES))
-def test_more_moe_families_compute_what_transformers_computes(model_type):
+def test_more_moe_families_compute_what_transformers_computes(model_type, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = transformers.CONFIG_MAPPING[model_type](**{**_TINY_ANY, **_MORE_FAMILIES[model_type]})
@@ -510,6 +511,162 @@ def test_more_moe_families_compute_what_transformers_computes(model_type):
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert report.params_before - report.params_after == report.plan.params_removed
+    _assert_grouped_equals_loop(model, ids, monkeypatch)
+
+
+def _assert_grouped_equals_loop(model, ids, monkeypatch):
+    """The grouped-GEMM forward (picked on CUDA) computes what the loop over the experts (picked here) does."""
+    import lm_eval_lowrank.modules as modules
+
+    calls = []
+    with torch.no_grad():
+        loop = model(ids).logits
+        monkeypatch.setattr(modules, "use_grouped_experts", lambda *_: True)
+        monkeypatch.setattr(modules, "_grouped_experts_forward", _spy(modules._grouped_experts_forward, calls))
+        grouped = model(ids).logits
+        monkeypatch.undo()
+    assert calls, "the grouped forward did not run"
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+
+
+def _spy(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen2_moe"])  # transposed storage + biases; a shared expert
+@pytest.mark.parametrize("rank", [1, 3])  # rank 1's factor views need the aligned copy
+def test_grouped_experts_forward_equals_the_loop_dense_or_factored(model_type, rank, monkeypatch):
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(2))
+    for tensors, layout in ((EXPERTS, "folded"), ("experts.down_proj", "tucker")):  # one projection left dense
+        model = _model(model_type)
+        compress_model(model, {"rank": rank, "tensors": tensors, "layout": layout}, progress=False)
+        _assert_grouped_equals_loop(model, ids, monkeypatch)
+
+
+def test_grouped_experts_forward_skips_expert_parallel_sentinels_and_matches_transformers_in_bf16(monkeypatch):
+    """Indices >= num_experts (experts on another rank) add nothing, in both paths, even where the kernel leaves
+    their rows as garbage; in bf16 at top-8 the grouped forward on dense weights gives what transformers' own
+    grouped forward gives."""
+    import lm_eval_lowrank.modules as modules
+    from lm_eval_lowrank.modules import experts_forward
+
+    def garbage_past_the_groups(x, weight, offsets):  # what the kernel may leave there (fresh pages read as 0)
+        out = grouped_mm(x, weight, offsets)
+        out[int(offsets[-1]) :] = float("nan")
+        return out
+
+    grouped_mm = modules.grouped_mm
+    monkeypatch.setattr(modules, "grouped_mm", garbage_past_the_groups)
+
+    experts = _experts(_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128, head_dim=64, num_experts=16, num_experts_per_tok=8))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g)
+    index = torch.stack([torch.randperm(16, generator=g)[:8] for _ in range(64)])
+    weights = torch.softmax(torch.randn(64, 8, generator=g), -1)
+    local = index.clone()
+    local[local >= 12] = 16  # experts 12-15 live on another rank
+    with torch.no_grad():
+        kept = torch.where(local < 16, weights, 0)
+        expected = experts_forward(experts, x, index.clamp(max=11), kept, grouped=False)  # sentinels as zero weights
+        for grouped in (False, True):
+            got = experts_forward(experts, x, local, weights, grouped=grouped)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        experts.to(torch.bfloat16)
+        xb, wb = x.to(torch.bfloat16), weights.to(torch.bfloat16)
+        theirs, ours = experts(xb, index, wb).float(), experts_forward(experts, xb, index, wb, grouped=True).float()
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_expert_factors_are_held_where_grouped_gemms_read_them_in_place(rank):
+    """Every factor view the grouped GEMMs read is one the kernel takes without a copy of all experts' weights,
+    at any rank, after a cast, and after a load that assigns the (row-major) saved tensors."""
+    from lm_eval_lowrank.modules import _grouped_mm_layout_ok
+
+    model = _model("mixtral")
+    compress_model(model, {"rank": rank, "tensors": EXPERTS}, progress=False)
+    weights = _experts(model).down_proj
+
+    def ready(w):
+        return all(_grouped_mm_layout_ok(t) for t in w.grouped_operands())
+
+    assert ready(weights) and ready(copy.deepcopy(weights).to(torch.bfloat16))
+    saved = {k: v.contiguous() for k, v in weights.state_dict().items()}
+    skeleton = LowRankExpertWeights.empty(4, weights.in_features, 32, rank, device="meta")
+    skeleton.load_state_dict(saved, assign=True)
+    assert ready(skeleton) and torch.equal(skeleton.dense_weight(), weights.dense_weight())
+    rebuilt = LowRankExpertWeights(4, weights.in_features, 32, rank, parameters=saved)
+    assert ready(rebuilt) and torch.equal(rebuilt.dense_weight(), weights.dense_weight())
+
+
+def test_grouped_experts_are_picked_for_inference_where_the_kernel_pays(monkeypatch):
+    """CUDA is where grouped GEMMs pay; on this CPU the loop measured faster, so it runs here. Training keeps the
+    loop (the kernel has no CPU backward), as does a model that asks for experts_implementation="eager"."""
+    import lm_eval_lowrank.modules as modules
+
+    model = _model("mixtral")
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    experts, x = _experts(model), torch.randn(4, 32)
+    assert not modules.grouped_kernel_pays(torch.device("cpu")) and not modules.use_grouped_experts(experts, x)
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    with torch.no_grad():
+        assert modules.use_grouped_experts(experts, x)
+        assert not modules.use_grouped_experts(experts, x.double())  # no kernel for fp64
+    assert not modules.use_grouped_experts(experts, x)  # grad enabled and the factors train
+    experts.requires_grad_(False)
+    assert modules.use_grouped_experts(experts, x)
+    assert modules.experts_forward_path(model) == "grouped_gemm"  # what the results JSON records
+    monkeypatch.setattr(experts.config, "_experts_implementation", "eager")
+    assert not modules.use_grouped_experts(experts, x) and modules.experts_forward_path(model) == "loop"
+    monkeypatch.undo()
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    tucker = _model("mixtral")
+    compress_model(tucker, {"rank": 3, "tensors": EXPERTS, "layout": "tucker"}, progress=False)
+    with torch.no_grad():  # a 3x3 core's rows are 12 bytes: the loop, rather than copying every core per call
+        assert not modules.use_grouped_experts(_experts(tucker), x)
+
+
+def test_grouped_mm_takes_any_layout_and_falls_back_to_a_loop_where_the_kernel_cannot():
+    """Odd widths, transposed views, size-1 dims, fp64 and bf16, empty groups: every group's rows times its
+    matrix, whether the kernel or the loop ran; a left operand with unaligned rows is copied, not refused."""
+    import itertools
+
+    import lm_eval_lowrank.modules as modules
+
+    g = torch.Generator().manual_seed(0)
+    ran = {"kernel": 0}
+    kernel = modules._GROUPED_MM
+
+    def counted(*args, **kwargs):
+        ran["kernel"] += 1
+        return kernel(*args, **kwargs)
+
+    modules._GROUPED_MM = counted
+    try:
+        for k, n, groups, dtype in itertools.product((1, 3, 8, 13), (1, 5, 32), (1, 4), (torch.float32, torch.bfloat16, torch.float64)):
+            x = torch.randn(20, k, generator=g).to(dtype)
+            ends = sorted(torch.randint(0, 21, (groups,), generator=g).tolist())
+            for w in (torch.randn(groups, k, n, generator=g).to(dtype), torch.randn(groups, n, k, generator=g).to(dtype).mT):
+                got = modules.grouped_mm(x, w, torch.tensor(ends, dtype=torch.int32))
+                start = 0
+                for e, end in enumerate(ends):
+                    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+                    torch.testing.assert_close(got[start:end], x[start:end] @ w[e], rtol=tol, atol=tol)
+                    start = end
+        before = ran["kernel"]
+        h = torch.randn(6, 3, generator=g)  # rows of 12 bytes (a rank-3 intermediate): copied to aligned rows
+        w = torch.randn(4, 3, 8, generator=g)
+        got = modules.grouped_mm(h, w, torch.tensor([2, 2, 5, 6], dtype=torch.int32))
+        assert ran["kernel"] == before + 1
+        torch.testing.assert_close(got[2:5], h[2:5] @ w[2])
+    finally:
+        modules._GROUPED_MM = kernel
+    assert ran["kernel"] > 0
 
 
 def test_experts_under_an_accelerate_hook_run_the_factored_forward(monkeypatch):

@@ -21,6 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .api import compress_model, validate_against_config, versions
 from .measure import Meter, aggregate
+from .modules import experts_forward_path
 from .spec import SPEC_KEYS, DecompositionSpec, SpecError, split_model_args
 
 RESULTS_KEY = "lowrank"
@@ -166,6 +167,8 @@ class HFTuckerLM(HFLM):
         if self.device.type == "cuda" and torch.cuda.is_available():
             # Load + decomposition peak; the meter then measures the evaluation's own peak.
             self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        if (path := experts_forward_path(self._model)) is not None:
+            self._lowrank_report["experts_forward"] = path
         model_devices = {p.device for p in self._model.parameters()}
         self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
         self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds, model_devices=model_devices)

@@ -176,12 +176,28 @@ def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
 # multiplies by the factors. Every other part of the module (gating, activation, biases, norms) is its own.
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    # strides exactly as torch.empty gives them (.contiguous() keeps a size-1 dim's stride as it is)
+    if t.stride() == torch.empty(t.shape, device="meta").stride():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _expert_factor_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A stacked factor in the memory layout LowRankExpertWeights holds it in (``last``: a transposed view)."""
+    return _row_major(t.mT).mT if name == "last" else _row_major(t)
+
+
 class LowRankExpertWeights(nn.Module):
     """The per-expert factors of one stacked expert projection: W[e] ~= last[e] (core[e]) first[e].
 
     ``first`` is (E, r, in), ``core`` (E, r, r) for the tucker layout, ``last`` (E, out, r). Indexing it
     (``w[e]``, ``w[ids]``) gives dense weights in the orientation the original parameter was stored in, so
     code that reads the parameter keeps working.
+
+    ``last`` is held as the transpose of a row-major (E, r, out) tensor: the grouped GEMMs then read
+    ``first.mT`` and ``last.mT`` in place at any rank (row-major ``last`` has rows of r elements, which the
+    kernel refuses unless they span a multiple of 16 bytes). Saved state dicts are row-major as usual.
     """
 
     def __init__(
@@ -202,7 +218,12 @@ class LowRankExpertWeights(nn.Module):
         self.__dict__.update(num_experts=num_experts, in_features=in_features, out_features=out_features, rank=rank, layout=layout, transposed=transposed)
         for k in ("first", "core", "last"):
             t = parameters.get(k)
-            self._parameters[k] = None if t is None else nn.Parameter(t, requires_grad=requires_grad)
+            self._parameters[k] = None if t is None else nn.Parameter(_expert_factor_layout(k, t), requires_grad=requires_grad)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any) -> None:
+        if local_metadata.get("assign_to_params_buffers") and prefix + "last" in state_dict:  # assigned, not copied in
+            state_dict[prefix + "last"] = _expert_factor_layout("last", state_dict[prefix + "last"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     @classmethod
     def from_factors(
@@ -240,6 +261,11 @@ class LowRankExpertWeights(nn.Module):
         if self.core is not None:
             h = F.linear(h, self.core[expert])
         return F.linear(h, self.last[expert])
+
+    def grouped_operands(self) -> list[torch.Tensor]:
+        """The (E, K, N) right-hand sides of the grouped GEMMs that multiply sorted rows by every expert's W^T, in
+        order: views of the factors."""
+        return [t.mT for t in (self.first, self.core, self.last) if t is not None]
 
     def dense_weight(self) -> torch.Tensor:
         """(E, out, in): every expert's matrix."""
@@ -329,11 +355,88 @@ def routed_pairs(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[
         start += n
 
 
-def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The experts contract computed expert by expert, reading each projection as it is (dense or factored).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_layout_ok(t: torch.Tensor) -> bool:
+    # The kernels want one unit stride in the last two dims and every other stride (and the start) 16-byte aligned.
+    align = 16 // t.element_size()
+    strides = list(t.stride())
+    unit = -1 if strides[-1] == 1 else -2 if strides[-2] == 1 else None
+    if unit is None or t.data_ptr() % 16:
+        return False
+    del strides[unit]
+    return all(s % align == 0 for s in strides)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (S, K) sorted by group, group g's rows ending at ``offsets[g]``, times ``weight[g]`` (K, N).
+
+    One grouped GEMM where torch's kernel takes the weight as it lies (``x`` is copied to aligned rows if need
+    be: activations are cheap to copy, all experts' weights are not); a loop over the groups otherwise. Rows past
+    ``offsets[-1]`` are left unset, as by the kernel.
+    """
+    if _GROUPED_MM is not None and x.dtype == weight.dtype and x.dtype in _GROUPED_DTYPES and _grouped_mm_layout_ok(weight):
+        if not _grouped_mm_layout_ok(x):
+            align = 16 // x.element_size()
+            padded = x.new_empty(x.shape[0], -(-x.shape[1] // align) * align)[:, : x.shape[1]]
+            x = padded.copy_(x)
+        return _GROUPED_MM(x, weight, offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], weight[g], out=out[start:end])
+        start = end
+    return out
+
+
+def grouped_kernel_pays(device: torch.device) -> bool:
+    """torch has a grouped GEMM kernel for ``device`` that pays over a loop there: CUDA at SM 8.0+ (on the CPU it
+    was not reliably faster: benchmarks/moe.py)."""
+    return _GROUPED_MM is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether an experts forward runs as grouped GEMMs (every expert at once, no host sync) rather than a loop
+    over the routed experts.
+
+    Where :func:`grouped_kernel_pays`, for inference in the dtypes the kernel takes, unless the model asks for
+    ``experts_implementation="eager"``. Training (``heal``) keeps the loop, whose backward every device has.
+    """
+    if hidden_states.dtype not in _GROUPED_DTYPES or not grouped_kernel_pays(hidden_states.device):
+        return False
+    if not all(_grouped_mm_layout_ok(w) for name in expert_projection_names(module) for w in _grouped_operands(module, name)):
+        return False  # e.g. a tucker core of a rank whose rows are not 16-byte aligned: the loop, not a copy per call
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return False
+    return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
+
+
+def experts_forward_path(model: nn.Module) -> str | None:
+    """How the model's decomposed experts will run for inference where they lie: ``"grouped_gemm"`` or ``"loop"``
+    (None without any), for the results JSON."""
+    for module in model.modules():
+        if isinstance(module, LowRankExperts):
+            w = next(module.parameters())
+            with torch.no_grad():
+                return "grouped_gemm" if use_grouped_experts(module, w.new_empty(0, 0)) else "loop"
+    return None
+
+
+def experts_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, grouped: bool | None = None
+) -> torch.Tensor:
+    """The experts contract, reading each projection as it is (dense or factored): as grouped GEMMs over all
+    experts or expert by expert (``grouped``; by default :func:`use_grouped_experts` decides).
 
     Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
     """
+    if grouped is None:
+        grouped = use_grouped_experts(module, hidden_states)
+    if grouped:
+        return _grouped_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     # Sums over a token's experts in fp32 (top-8 models add eight terms), like transformers' grouped forward.
     out = torch.zeros(hidden_states.shape, dtype=torch.promote_types(hidden_states.dtype, torch.float32), device=hidden_states.device)
     top_k = top_k_index.shape[-1]
@@ -348,6 +451,46 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
         y = y * top_k_weights.reshape(-1)[pairs, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out.to(hidden_states.dtype)
+
+
+def _grouped_operands(module: nn.Module, name: str) -> list[torch.Tensor]:
+    w = getattr(module, name)
+    if isinstance(w, LowRankExpertWeights):
+        return w.grouped_operands()
+    return [w if module.is_transposed else w.mT]
+
+
+def _grouped_projection(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    y = x
+    for weight in _grouped_operands(module, name):
+        y = grouped_mm(y, weight, offsets)
+    if module.has_bias:
+        y = y + getattr(module, f"{name}_bias")[experts]
+    return y
+
+
+def _grouped_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    n, top_k = module.num_experts, top_k_index.shape[-1]
+    experts, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    # histc keeps the counts' shape static (no host sync); ids >= n (sentinels) fall outside it and sort last
+    counts = torch.histc(experts.float() if experts.device.type == "cpu" else experts.int(), bins=n, min=0, max=n - 1)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    token_idx = order // top_k
+    experts = experts.clamp(max=n - 1)  # in range for the bias lookup; sentinel rows are dropped below
+    up_name, down_name = expert_projection_names(module)
+    h = _grouped_projection(module, up_name, hidden_states[token_idx], offsets, experts)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    y = _grouped_projection(module, down_name, h, offsets, experts)
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
+    # rows past offsets[-1] (sentinels) were never written: zero them rather than weight them (NaN * 0 is NaN)
+    routed = (torch.arange(y.shape[0], device=y.device) < offsets[-1])[:, None]
+    y = torch.where(routed, y * top_k_weights.reshape(-1)[order, None], 0)
+    # Back to (token, slot) order and summed over the slots: deterministic, where index_add_ with repeated
+    # tokens is not on CUDA; the sum accumulates in fp32 like transformers' grouped forward.
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
 
 
 _LOWRANK_EXPERT_CLASSES: dict[type, type] = {}
