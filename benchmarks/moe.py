@@ -8,9 +8,12 @@ tokens. Printed, each a ratio of medians over interleaved repetitions:
 - the factored forward's own loop on the dense weights against ``eager``, and its grouped GEMMs against
   ``grouped_mm``: what each path costs of its own;
 - per rank, the factored forward as grouped GEMMs over its loop over the experts: the evidence for which one
-  ``use_grouped_experts`` picks on this device.
+  ``use_grouped_experts`` picks on this device;
+- with ``--decompose-ranks``: decomposing every expert's two projections (as on load, seeded per expert, in
+  parallel threads where those pay) against the full SVD of the same matrices.
 
     python benchmarks/moe.py [--hidden 1024 --inter 3584 --experts 8 --top-k 2 --tokens 2048] [--threads 1]
+                             [--decompose-ranks 8 64]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +47,42 @@ def build(hidden: int, inter: int, experts: int, top_k: int, device: torch.devic
     return module.to(device=device, dtype=dtype).eval(), config
 
 
+def decompose_block(module, rank: int, h: int, i: int, e: int) -> dict[str, int]:
+    """Replace the block's two stacked projections by rank-``rank`` factors, as decompose-on-load does."""
+    from lm_eval_lowrank.decompose import _decompose_experts, _PageReleaser
+    from lm_eval_lowrank.methods import get_method
+    from lm_eval_lowrank.plan import Plan, Target
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    spec, plan, solvers = DecompositionSpec.from_args({"rank": rank}), Plan("bench", 1, "folded"), {}
+    for name, (out_f, in_f) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+        _decompose_experts(module, spec, plan, get_method("tucker"), Target(1, name, name, out_f, in_f, rank, experts=e), None, solvers, [], _PageReleaser())
+    return solvers
+
+
+def decomposition_figures(dense, ranks: list[int], reps: int, h: int, i: int, e: int, device: torch.device) -> None:
+    full = []
+    for _ in range(max(1, reps // 3)):
+        t0 = time.perf_counter()
+        for w in (dense.gate_up_proj, dense.down_proj):
+            for m in range(e):
+                torch.linalg.svd(w[m].float(), full_matrices=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        full.append(time.perf_counter() - t0)
+    for r in ranks:
+        times = []
+        for _ in range(reps):
+            module = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            solvers = decompose_block(module, r, h, i, e)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        dec, svd = statistics.median(times), statistics.median(full)
+        print(f"decompose {2 * e} expert matrices at rank {r}: {dec:.3f} s, full SVD of the same {svd:.3f} s: {svd / dec:.1f}x faster ({solvers})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -55,14 +95,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--decompose-ranks", type=int, nargs="*", default=[], help="also time the decomposition at these ranks")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lm_eval_lowrank.decompose import _decompose_experts, _PageReleaser
-    from lm_eval_lowrank.methods import get_method
     from lm_eval_lowrank.modules import experts_forward, use_grouped_experts
-    from lm_eval_lowrank.plan import Plan, Target
-    from lm_eval_lowrank.spec import DecompositionSpec
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     dense, config = build(args.hidden, args.inter, args.experts, args.top_k, device, dtype)
@@ -81,18 +118,16 @@ def main() -> None:
 
         return run
 
+    if args.decompose_ranks:
+        decomposition_figures(dense, args.decompose_ranks, args.reps, h, i, e, device)
     candidates = {"dense grouped_mm": implementation("grouped_mm"), "dense eager": implementation("eager"), "our loop, dense weights": lambda: experts_forward(dense, x, index, weights, grouped=False)}
     candidates["our grouped, dense weights"] = lambda: experts_forward(dense, x, index, weights, grouped=True)
     params = {}
-    spec = DecompositionSpec.from_args({"rank": 1})
     for cut in (float(c) for c in args.cuts.split(",")):
         # rank r on gate_up (2i x h) and down (h x i): e * r * (2i + h + h + i) parameters
         r = max(1, round((1 - cut) * 3 * h * i / (3 * i + 2 * h)))
         module = copy.deepcopy(dense)
-        plan = Plan("bench", 1, "folded")
-        for name, (out_f, in_f) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
-            t = Target(1, name, name, out_f, in_f, r, experts=e)
-            _decompose_experts(module, spec, plan, get_method("tucker"), t, None, {}, [], _PageReleaser())
+        decompose_block(module, r, h, i, e)
         params[f"rank {r}"] = sum(p.numel() for p in module.parameters())
         candidates[f"rank {r}"] = (lambda m: lambda: m(x, index, weights))(module)
         for grouped in (True, False):

@@ -48,8 +48,10 @@ def test_every_flag_of_the_checklist_exists(script):
 def test_moe_benchmark_runs_at_toy_size():
     """benchmarks/moe.py calls the decomposition internals directly: a signature change must not break it unseen."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--hidden", "64", "--inter", "96", "--tokens", "64", "--cuts", "0.3", "--reps", "1", "--threads", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--hidden", "64", "--inter", "96", "--tokens", "64", "--cuts", "0.3", "--reps", "1", "--threads", "1", "--decompose-ranks", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"^rank \d+: parameter cut 0\.\d+, latency cut vs dense grouped_mm -?\d", r.stdout, re.M), r.stdout
+    assert re.search(r"^rank \d+: factored grouped GEMMs / factored loop: \d", r.stdout, re.M), r.stdout
+    assert re.search(r"^decompose 16 expert matrices at rank 2: [\d.]+ s, full SVD of the same [\d.]+ s", r.stdout, re.M), r.stdout

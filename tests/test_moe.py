@@ -134,6 +134,34 @@ def test_expert_factors_are_seeded_per_expert_and_reproducible():
     assert torch.equal(fa, fb)
 
 
+def test_expert_solves_run_in_parallel_threads_with_the_one_thread_results(monkeypatch):
+    """With two torch threads the experts' Krylov solves run in a pool of two, one thread each, and give the
+    factors of a one-thread run bit for bit."""
+    import lm_eval_lowrank.decompose as dec
+
+    pools = []
+
+    class CountingPool(dec.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(dec, "ThreadPoolExecutor", CountingPool)
+    before, states = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = _model("mixtral", intermediate_size=160, hidden_size=128, head_dim=32)
+            report = compress_model(model, {"rank": 2, "tensors": EXPERTS, "cache": False}, progress=False)
+            assert torch.get_num_threads() == threads
+            states[threads] = model.state_dict()
+    finally:
+        torch.set_num_threads(before)
+    assert report.solvers == {"krylov": 16} and pools == [2] * 4  # the 2-thread run: a pool per stacked projection
+    for k in states[1]:
+        assert torch.equal(states[1][k], states[2][k]), k
+
+
 def test_plan_counts_expert_parameters_before_any_weights_load():
     config = _config("mixtral")
     spec = DecompositionSpec.from_args({"rank": 2, "tensors": EXPERTS, "layers": "2"})

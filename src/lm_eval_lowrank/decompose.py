@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -282,7 +282,7 @@ def _decompose_stage(
             check_experts_contract(owner)
     stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     for t in [t for t in targets if t.experts]:  # stacked expert projections: one solve per expert
-        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages)
+        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages, copy_budget)
         bar.update()
     targets = [t for t in targets if not t.experts]
     if not targets:
@@ -334,8 +334,10 @@ def _decompose_experts(
     solvers: dict[str, int],
     bounds: list[float],
     pages: _PageReleaser,
+    copy_budget: float = 0.0,
 ) -> None:
-    """Factor every expert's matrix of one stacked projection (seeded per expert) and put the factors in place.
+    """Factor every expert's matrix of one stacked projection (seeded per expert; in parallel threads like the
+    linears' solves where those pay) and put the factors in place.
 
     ``stats``: a calibrated method's statistics per expert, over the tokens routed to it. An expert that no
     calibration token reached has none and is solved data-free (``tucker``), which its solver name records.
@@ -346,15 +348,24 @@ def _decompose_experts(
         raise SpecError(f"tensors: {t.tensor!r} at {t.path} is not a stacked expert projection of a supported experts module")
     check_experts_contract(owner)
     transposed = bool(owner.is_transposed)
-    matrices = expert_matrices(owner, name)
+    # one job per expert, its target's path naming the expert: its seed, whichever thread solves it
+    jobs = [(replace(t, path=f"{t.path}.{e}"), We) for e, We in enumerate(expert_matrices(owner, name))]
+    expert_of = {job.path: e for e, (job, _) in enumerate(jobs)}
+
+    def solve(job: Target, We: torch.Tensor) -> Factors:
+        s = stats[expert_of[job.path]] if stats is not None else None
+        fn = method if s is not None or not needs_calibration(spec.method) else get_method("tucker")
+        with torch.no_grad():
+            f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, job.path))
+        if fn is not method:
+            f.info["solver"] = f"{f.info.get('solver', 'tucker')} (expert without calibration tokens)"
+        return f
+
+    parallel = spec.method == "tucker" and stats is None  # as for linears: data-free and thread-safe
     factors = []
     with torch.no_grad():
-        for e, We in enumerate(matrices):
-            s = stats[e] if stats is not None else None
-            fn = method if s is not None or not needs_calibration(spec.method) else get_method("tucker")
-            f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{t.path}.{e}"))
-            if fn is not method:
-                f.info["solver"] = f"{f.info.get('solver', 'tucker')} (expert without calibration tokens)"
+        for job, f in zip(list(jobs), _solve_in_parallel(jobs, solve, spec, parallel, copy_budget)):
+            f = solve(*job) if f is None else f
             solver = f.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1
             if "sv_error_bound" in f.info:
