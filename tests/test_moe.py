@@ -386,7 +386,7 @@ def test_lm_eval_hf_tucker_on_a_mixtral_decomposes_its_experts(tmp_path, smollm2
     assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
     assert dec["tensors"] == ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
     assert dec["expert_modules"] == {"model.layers.1.mlp.experts.gate_up_proj": 4, "model.layers.1.mlp.experts.down_proj": 4}
-    assert dec["experts_forward"] == "loop"  # the CPU's path (grouped GEMMs on CUDA)
+    assert dec["experts_forward"] == {"path": "loop"}  # the CPU's path (grouped GEMMs on CUDA)
     removed = 32 * 32 - 2 * 64 + 4 * (80 * 32 - 2 * 112) + 4 * (32 * 40 - 2 * 72)
     assert dec["params_removed"] == removed
     assert dec["cache"]["stored"] and not dec["cache"]["hit"]
@@ -610,6 +610,35 @@ def test_grouped_experts_forward_skips_expert_parallel_sentinels_and_matches_tra
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("failure", ["raises", "wrong"])
+def test_a_grouped_kernel_that_fails_its_check_is_refused_and_the_json_says_why(failure, monkeypatch):
+    """The grouped forward is checked against the loop once, where the model lies, when the results JSON is made:
+    a kernel that raises or computes something else is refused there for that dtype, and the loop runs."""
+    import lm_eval_lowrank.modules as modules
+
+    model = _model("mixtral")
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    monkeypatch.setattr(modules, "GROUPED_REFUSED", {})
+
+    def broken(x, weight, offs):
+        if failure == "raises":
+            raise RuntimeError("grouped gemm is not supported for these shapes\nmore")
+        return torch.zeros(x.shape[0], weight.shape[-1], dtype=x.dtype)
+
+    monkeypatch.setattr(modules, "_GROUPED_MM", broken)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    path = modules.experts_forward_path(model)
+    assert path["path"] == "loop" and path["grouped_refused"] == (
+        "RuntimeError: grouped gemm is not supported for these shapes" if failure == "raises" else "its result differs from the loop's"
+    )
+    assert modules.GROUPED_REFUSED == {("cpu", torch.float32): path["grouped_refused"]}
+    with torch.no_grad():
+        assert not modules.use_grouped_experts(_experts(model), torch.randn(2, 32))
+        assert torch.isfinite(model(ids).logits).all()  # ran the loop
+    assert modules.experts_forward_path(model) == path  # and says so again without re-running the check
+
+
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_expert_factors_are_held_where_grouped_gemms_read_them_in_place(rank):
     """Every factor view the grouped GEMMs read is one the kernel takes without a copy of all experts' weights,
@@ -648,9 +677,9 @@ def test_grouped_experts_are_picked_for_inference_where_the_kernel_pays(monkeypa
     assert not modules.use_grouped_experts(experts, x)  # grad enabled and the factors train
     experts.requires_grad_(False)
     assert modules.use_grouped_experts(experts, x)
-    assert modules.experts_forward_path(model) == "grouped_gemm"  # what the results JSON records
+    assert modules.experts_forward_path(model) == {"path": "grouped_gemm"}  # what the results JSON records
     monkeypatch.setattr(experts.config, "_experts_implementation", "eager")
-    assert not modules.use_grouped_experts(experts, x) and modules.experts_forward_path(model) == "loop"
+    assert not modules.use_grouped_experts(experts, x) and modules.experts_forward_path(model) == {"path": "loop"}
     monkeypatch.undo()
     monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
     tucker = _model("mixtral")

@@ -407,6 +407,8 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     """
     if hidden_states.dtype not in _GROUPED_DTYPES or not grouped_kernel_pays(hidden_states.device):
         return False
+    if (hidden_states.device.type, hidden_states.dtype) in GROUPED_REFUSED:
+        return False
     if not all(_grouped_mm_layout_ok(w) for name in expert_projection_names(module) for w in _grouped_operands(module, name)):
         return False  # e.g. a tucker core of a rank whose rows are not 16-byte aligned: the loop, not a copy per call
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
@@ -414,14 +416,49 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
 
 
-def experts_forward_path(model: nn.Module) -> str | None:
-    """How the model's decomposed experts will run for inference where they lie: ``"grouped_gemm"`` or ``"loop"``
-    (None without any), for the results JSON."""
+# (device type, dtype) where the grouped forward failed its check against the loop, and why: the loop runs there.
+GROUPED_REFUSED: dict[tuple[str, torch.dtype], str] = {}
+
+
+def check_grouped_experts(module: nn.Module) -> str | None:
+    """Run the grouped forward once on a few tokens where ``module`` lies, against the loop. On an error or a
+    different result the loop is used for that device type and dtype from then on, and the reason is returned.
+
+    A guard for kernels this package could not run when it was built (CUDA's), not a per-call cost."""
+    w = next(module.parameters())
+    n, top_k = module.num_experts, min(2, module.num_experts)
+    down = module.down_proj
+    hidden = down.out_features if isinstance(down, LowRankExpertWeights) else down.shape[-1 if module.is_transposed else -2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, hidden, generator=g).to(dtype=w.dtype, device=w.device)
+    index = (torch.arange(8 * top_k) % n).reshape(8, top_k).to(w.device)
+    weights = torch.softmax(torch.randn(8, top_k, generator=g), -1).to(dtype=w.dtype, device=w.device)
+    try:
+        with torch.no_grad():
+            grouped = experts_forward(module, x, index, weights, grouped=True).float()
+            loop = experts_forward(module, x, index, weights, grouped=False).float()
+        tol = 1e-4 if w.dtype == torch.float32 else 2e-2
+        reason = None if torch.allclose(grouped, loop, rtol=tol, atol=tol * float(loop.abs().max()) + 1e-6) else "its result differs from the loop's"
+    except RuntimeError as err:  # e.g. a kernel that refuses these shapes on this GPU
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if reason is not None:
+        GROUPED_REFUSED[(w.device.type, w.dtype)] = reason
+    return reason
+
+
+def experts_forward_path(model: nn.Module) -> dict[str, str] | None:
+    """How the model's decomposed experts will run for inference where they lie (None without any), for the
+    results JSON: ``{"path": "grouped_gemm" | "loop"}``, with ``"grouped_refused"`` when the grouped forward
+    failed its check here (:func:`check_grouped_experts`)."""
     for module in model.modules():
         if isinstance(module, LowRankExperts):
             w = next(module.parameters())
             with torch.no_grad():
-                return "grouped_gemm" if use_grouped_experts(module, w.new_empty(0, 0)) else "loop"
+                if not use_grouped_experts(module, w.new_empty(0, 0)):
+                    refused = GROUPED_REFUSED.get((w.device.type, w.dtype))
+                    return {"path": "loop"} if refused is None else {"path": "loop", "grouped_refused": refused}
+                refused = check_grouped_experts(module)
+            return {"path": "grouped_gemm"} if refused is None else {"path": "loop", "grouped_refused": refused}
     return None
 
 
