@@ -620,6 +620,7 @@ def test_a_grouped_kernel_that_fails_its_check_is_refused_and_the_json_says_why(
     compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
     monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
     monkeypatch.setattr(modules, "GROUPED_REFUSED", {})
+    monkeypatch.setattr(modules, "GROUPED_PASSED", set())
 
     def broken(x, weight, offs):
         if failure == "raises":
@@ -637,6 +638,19 @@ def test_a_grouped_kernel_that_fails_its_check_is_refused_and_the_json_says_why(
         assert not modules.use_grouped_experts(_experts(model), torch.randn(2, 32))
         assert torch.isfinite(model(ids).logits).all()  # ran the loop
     assert modules.experts_forward_path(model) == path  # and says so again without re-running the check
+
+
+def test_decomposition_checks_the_grouped_forward_once_where_it_would_run(monkeypatch):
+    import lm_eval_lowrank.modules as modules
+
+    checks = []
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    monkeypatch.setattr(modules, "GROUPED_PASSED", set())
+    monkeypatch.setattr(modules, "check_grouped_experts", _spy(modules.check_grouped_experts, checks))
+    model = _model("mixtral")
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    assert len(checks) == 1 and modules.GROUPED_PASSED == {("cpu", torch.float32)}  # 4 replacements, one check
+    assert modules.experts_forward_path(model) == {"path": "grouped_gemm"} and len(checks) == 1
 
 
 @pytest.mark.parametrize("rank", [1, 3, 8])

@@ -33,6 +33,7 @@ from .modules import (
     LowRankLinear,
     dense_weight_of,
     expert_matrices,
+    ensure_grouped_checked,
     experts_forward,
     install_expert_weights,
     is_experts_module,
@@ -374,6 +375,7 @@ def _decompose_experts(
         new = LowRankExpertWeights.from_factors(factors, layout=plan.layout, transposed=transposed, dtype=W.dtype, device=W.device)
     new.requires_grad_(W.requires_grad)
     old = install_expert_weights(owner, name, new)
+    ensure_grouped_checked(owner)  # where its grouped forward would run (CUDA), once: it runs only if it agrees
     if pages.libc is not None and old.device.type == "cpu":
         ptr = old.untyped_storage().data_ptr()
         pages.live[ptr] -= 1

@@ -416,8 +416,10 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
 
 
-# (device type, dtype) where the grouped forward failed its check against the loop, and why: the loop runs there.
+# (device type, dtype) where the grouped forward failed its check against the loop, and why: the loop runs there;
+# and those where it passed.
 GROUPED_REFUSED: dict[tuple[str, torch.dtype], str] = {}
+GROUPED_PASSED: set[tuple[str, torch.dtype]] = set()
 
 
 def check_grouped_experts(module: nn.Module) -> str | None:
@@ -443,7 +445,17 @@ def check_grouped_experts(module: nn.Module) -> str | None:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     if reason is not None:
         GROUPED_REFUSED[(w.device.type, w.dtype)] = reason
+    else:
+        GROUPED_PASSED.add((w.device.type, w.dtype))
     return reason
+
+
+def ensure_grouped_checked(module: nn.Module) -> None:
+    """:func:`check_grouped_experts` once per device type and dtype, where the grouped forward would run."""
+    w = next(module.parameters())
+    with torch.no_grad():
+        if (w.device.type, w.dtype) not in GROUPED_PASSED and use_grouped_experts(module, w.new_empty(0, 0)):
+            check_grouped_experts(module)
 
 
 def experts_forward_path(model: nn.Module) -> dict[str, str] | None:
@@ -452,13 +464,13 @@ def experts_forward_path(model: nn.Module) -> dict[str, str] | None:
     failed its check here (:func:`check_grouped_experts`)."""
     for module in model.modules():
         if isinstance(module, LowRankExperts):
+            ensure_grouped_checked(module)
             w = next(module.parameters())
             with torch.no_grad():
-                if not use_grouped_experts(module, w.new_empty(0, 0)):
-                    refused = GROUPED_REFUSED.get((w.device.type, w.dtype))
-                    return {"path": "loop"} if refused is None else {"path": "loop", "grouped_refused": refused}
-                refused = check_grouped_experts(module)
-            return {"path": "grouped_gemm"} if refused is None else {"path": "loop", "grouped_refused": refused}
+                if use_grouped_experts(module, w.new_empty(0, 0)):
+                    return {"path": "grouped_gemm"}
+            refused = GROUPED_REFUSED.get((w.device.type, w.dtype))
+            return {"path": "loop"} if refused is None else {"path": "loop", "grouped_refused": refused}
     return None
 
 
