@@ -37,6 +37,22 @@ def tiny_llama():
     return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
+@pytest.fixture
+def solve_pools(monkeypatch):
+    """The worker counts of the thread pools decompose opens for parallel solves, in order."""
+    import lm_eval_lowrank.decompose as dec
+
+    pools = []
+
+    class CountingPool(dec.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(dec, "ThreadPoolExecutor", CountingPool)
+    return pools
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     from lm_eval_lowrank.assets import smollm2_path

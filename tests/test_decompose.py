@@ -278,19 +278,9 @@ def test_page_release_waits_for_every_module_that_holds_a_storage():
     assert len(advised) == 2 and pages.released == sum(advised)
 
 
-def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(monkeypatch):
+def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(solve_pools):
     from transformers import LlamaForCausalLM
 
-    import lm_eval_lowrank.decompose as dec
-
-    pools = []
-
-    class CountingPool(dec.ThreadPoolExecutor):
-        def __init__(self, workers):
-            pools.append(workers)
-            super().__init__(workers)
-
-    monkeypatch.setattr(dec, "ThreadPoolExecutor", CountingPool)
     cfg = tiny_llama_config(hidden_size=128, intermediate_size=320)
     spec = DecompositionSpec.from_args({"rank": 2, "layers": "all", "cache": False})
     before = torch.get_num_threads()
@@ -306,7 +296,7 @@ def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(mon
     finally:
         torch.set_num_threads(before)
     assert report.solvers.get("krylov", 0) > 0
-    assert pools == [2]  # the 2-thread run: one pool of 2 for the whole (data-free) model
+    assert solve_pools == [2]  # the 2-thread run: one pool of 2 for the whole (data-free) model
     for k in states[1]:
         assert torch.equal(states[1][k], states[2][k]), k
 

@@ -134,19 +134,9 @@ def test_expert_factors_are_seeded_per_expert_and_reproducible():
     assert torch.equal(fa, fb)
 
 
-def test_expert_solves_run_in_parallel_threads_with_the_one_thread_results(monkeypatch):
+def test_expert_solves_run_in_parallel_threads_with_the_one_thread_results(solve_pools):
     """With two torch threads the experts' Krylov solves run in a pool of two, one thread each, and give the
     factors of a one-thread run bit for bit."""
-    import lm_eval_lowrank.decompose as dec
-
-    pools = []
-
-    class CountingPool(dec.ThreadPoolExecutor):
-        def __init__(self, workers):
-            pools.append(workers)
-            super().__init__(workers)
-
-    monkeypatch.setattr(dec, "ThreadPoolExecutor", CountingPool)
     before, states = torch.get_num_threads(), {}
     try:
         for threads in (1, 2):
@@ -157,7 +147,7 @@ def test_expert_solves_run_in_parallel_threads_with_the_one_thread_results(monke
             states[threads] = model.state_dict()
     finally:
         torch.set_num_threads(before)
-    assert report.solvers == {"krylov": 16} and pools == [2] * 4  # the 2-thread run: a pool per stacked projection
+    assert report.solvers == {"krylov": 16} and solve_pools == [2] * 4  # the 2-thread run: a pool per stacked projection
     for k in states[1]:
         assert torch.equal(states[1][k], states[2][k]), k
 
