@@ -15,18 +15,20 @@
 #   4  cache-hit and checkpoint loads at 7B shapes; rom and whiten through lm_eval on the GPU
 #   5  experts blocks (Mixtral-8x7B, Qwen3-30B-A3B shapes; prefill and decoding): decomposed experts against
 #      transformers' grouped_mm, bf16, and the factored forward's grouped GEMMs against its loop
+#   6  decomposing 128 Qwen3-30B-A3B-shaped experts at rank 8 and 64 against their full SVD (one solve per expert:
+#      is a batched solve over the experts needed on a GPU?)
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4|5}"
+stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4|5|6}"
 smoke="${GPU_CHECKLIST_SMOKE:-0}"
 case "$stage" in
-prepare | 1 | 2 | 3 | 4 | 5) ;;
+prepare | 1 | 2 | 3 | 4 | 5 | 6) ;;
 *)
-    echo "unknown stage $stage: prepare, 1, 2, 3, 4 or 5" >&2
+    echo "unknown stage $stage: prepare, 1, 2, 3, 4, 5 or 6" >&2
     exit 2
     ;;
 esac
@@ -73,6 +75,7 @@ if [ "$smoke" = 1 ]; then
     reload_layers=(--synthetic-layers 1)
     moe_shape=(--hidden 128 --inter 256 --tokens 256 --dtype float32)
     moe_many=(--hidden 64 --inter 32 --experts 16 --top-k 4 --tokens 64 --dtype float32)
+    moe_ranks=(2 8)
 else
     dev=cuda
     py=python3
@@ -82,6 +85,7 @@ else
     reload_layers=()
     moe_shape=(--hidden 4096 --inter 14336 --tokens 8192 --dtype bfloat16)  # Mixtral-8x7B's experts
     moe_many=(--hidden 2048 --inter 768 --experts 128 --top-k 8 --tokens 8192 --dtype bfloat16)  # Qwen3-30B-A3B's
+    moe_ranks=(8 64)
     # the wheels go into the image's own environment, so lm_eval finds the hf-tucker hook (.pth) and
     # the console scripts; the tree's sources come first, so the code is this checkout's
     $py -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
@@ -123,6 +127,9 @@ case "$stage" in
     item 240 $py benchmarks/moe.py --device $dev "${moe_shape[@]}" --cuts 0.1,0.3,0.5 --reps 7
     item 180 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --cuts 0.3,0.5 --reps 7
     item 120 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --tokens 16 --cuts 0.5 --reps 15  # decoding: launch-bound
+    ;;
+6)
+    item 560 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --tokens 16 --cuts 0.5 --reps 3 --decompose-ranks "${moe_ranks[@]}"
     ;;
 esac
 echo "log: $log"
