@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 
 
-def save_random_llama(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", tokenizer_dir: Path | None = None, layers: int | None = None) -> float:
-    """A Llama of ``shape`` (a design_space built-in name) with random weights, saved to ``out``; returns seconds.
+def save_random_model(shape: str, out: Path, device: str = "cpu", dtype: str = "bfloat16", tokenizer_dir: Path | None = None, layers: int | None = None) -> float:
+    """A causal LM of ``shape`` (a design_space built-in name: Llama, Mixtral, OLMoE, ...) with random weights,
+    saved to ``out``; returns seconds.
 
     With ``tokenizer_dir`` the vocabulary is that tokenizer's (and it is saved beside the weights, so
     the harness can run the model); without it, the shape's own. ``layers`` keeps only the first N
-    decoder layers (every layer keeps the shape's sizes).
+    decoder layers (every layer keeps the shape's sizes). Experts get noise of a trained scale (the default
+    init leaves some at 0, which a solver would find too easy).
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_lowrank.design_space import load_config
 
@@ -26,12 +28,16 @@ def save_random_llama(shape: str, out: Path, device: str = "cpu", dtype: str = "
     if layers:
         cfg["num_hidden_layers"] = layers
     cfg.update(max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg.pop("model_type", None)
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    model_type = cfg.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if not k.startswith("_")})
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".experts." in name:
+                    p.normal_(0, 0.02)
     model.save_pretrained(out)
     if tok is not None:
         tok.save_pretrained(out)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _synthetic import save_random_llama  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _synthetic import save_random_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DEFAULT_CONFIGS = {
     "smollm2-135m": ["rank=1,layers=3|15|28", "rank=8,layers=3-28:3", "rank=32,layers=all"],
@@ -97,7 +97,7 @@ def main() -> None:
         task_dir.mkdir()
         (task_dir / "arc_bench.yaml").write_text(ARC_YAML.format(path=arc))
         model_dir = work / "model"
-        build_s = save_random_llama(args.shape, model_dir, device=args.device, dtype=args.dtype, tokenizer_dir=tok_dir)
+        build_s = save_random_model(args.shape, model_dir, device=args.device, dtype=args.dtype, tokenizer_dir=tok_dir)
         print(f"model {args.shape} (random weights, {args.dtype}) built and saved in {build_s:.1f} s", flush=True)
         runs = {"dense": run_lm_eval(model_dir, "", task_dir, args, work / "out_dense")}
         for extra in configs:

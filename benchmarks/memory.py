@@ -10,6 +10,8 @@ evaluation pays, and compares like with like.
     python benchmarks/memory.py
     python benchmarks/memory.py --configs 'rank=1,layers=3|15|28' 'method=whiten,budget=0.8,calib_n=16'
     python benchmarks/memory.py --repeats 3      # median [range] of 3 interleaved rounds
+    python benchmarks/memory.py --synthetic mixtral-8x7b --synthetic-layers 1 --dtype bfloat16 \
+        --configs 'rank=64,tensors=experts.gate_up_proj|experts.down_proj,layers=all'   # random weights of that shape
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
@@ -50,11 +55,31 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--configs", nargs="*", default=["rank=1,layers=3|15|28", "rank=8,layers=all", "rank=32,layers=all"])
     ap.add_argument("--repeats", type=int, default=1, help="rounds, each measuring every configuration once (peaks vary by a few %% between processes)")
+    ap.add_argument("--synthetic", default=None, help="a design_space built-in shape (llama-2-7b, mixtral-8x7b, ...): random weights, SmolLM2's tokenizer")
+    ap.add_argument("--synthetic-layers", type=int, default=None, help="--synthetic: only the first N decoder layers")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     from lm_eval_lowrank.assets import smollm2_path
 
-    model = args.model or str(smollm2_path())
-    base = f"pretrained={model},dtype=float32,cache=false"
+    work = None
+    if args.synthetic:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _synthetic import save_random_model
+
+        work = tempfile.mkdtemp(prefix="lowrank-memory-")
+        model = os.path.join(work, "model")
+        s = save_random_model(args.synthetic, Path(model), dtype=args.dtype, tokenizer_dir=smollm2_path(), layers=args.synthetic_layers)
+        print(f"# {args.synthetic} ({args.synthetic_layers or 'all'} layers, random {args.dtype} weights) built in {s:.1f} s", flush=True)
+    else:
+        model = args.model or str(smollm2_path())
+    try:
+        run(f"pretrained={model},dtype={args.dtype},cache=false", args)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(base: str, args: argparse.Namespace) -> None:
     ratios: dict[str, list[float]] = {extra: [] for extra in args.configs}
     for rnd in range(args.repeats):  # rounds interleave the configurations, so drift hits them alike
         dense = measure(base, args.device)

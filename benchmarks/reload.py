@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _synthetic import save_random_llama  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _synthetic import save_random_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _timing import timed  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     if args.synthetic:
         src = Path(args.workdir or tempfile.mkdtemp(prefix="lowrank-reload-")) / f"{args.synthetic}-random-{args.dtype}-{args.synthetic_layers or 'all'}"
         if not (src / "config.json").exists():
-            s = save_random_llama(args.synthetic, src, device=args.device, dtype=args.dtype, layers=args.synthetic_layers)
+            s = save_random_model(args.synthetic, src, device=args.device, dtype=args.dtype, layers=args.synthetic_layers)
             print(f"# built {src} in {s:.1f} s (random weights)", flush=True)
     else:
         src = Path(args.model) if args.model else smollm2_path()
