@@ -358,6 +358,11 @@ def routed_pairs(top_k_index: torch.Tensor, num_experts: int) -> Iterator[tuple[
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# (device type, dtype) where the grouped forward failed its check against the loop, and why: the loop runs there;
+# and those where it passed.
+GROUPED_REFUSED: dict[tuple[str, torch.dtype], str] = {}
+GROUPED_PASSED: set[tuple[str, torch.dtype]] = set()
+
 
 def _grouped_mm_layout_ok(t: torch.Tensor) -> bool:
     # The kernels want one unit stride in the last two dims and every other stride (and the start) 16-byte aligned.
@@ -416,12 +421,6 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
 
 
-# (device type, dtype) where the grouped forward failed its check against the loop, and why: the loop runs there;
-# and those where it passed.
-GROUPED_REFUSED: dict[tuple[str, torch.dtype], str] = {}
-GROUPED_PASSED: set[tuple[str, torch.dtype]] = set()
-
-
 def check_grouped_experts(module: nn.Module) -> str | None:
     """Run the grouped forward once on a few tokens where ``module`` lies, against the loop. On an error or a
     different result the loop is used for that device type and dtype from then on, and the reason is returned.
@@ -441,6 +440,8 @@ def check_grouped_experts(module: nn.Module) -> str | None:
             loop = experts_forward(module, x, index, weights, grouped=False).float()
         tol = 1e-4 if w.dtype == torch.float32 else 2e-2
         reason = None if torch.allclose(grouped, loop, rtol=tol, atol=tol * float(loop.abs().max()) + 1e-6) else "its result differs from the loop's"
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:  # e.g. a kernel that refuses these shapes on this GPU
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     if reason is not None:
