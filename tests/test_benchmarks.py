@@ -3,6 +3,7 @@ surface in device minutes, which are scarce, rather than here."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -55,3 +56,16 @@ def test_moe_benchmark_runs_at_toy_size():
     assert re.search(r"^rank \d+: parameter cut 0\.\d+, latency cut vs dense grouped_mm -?\d", r.stdout, re.M), r.stdout
     assert re.search(r"^rank \d+: factored grouped GEMMs / factored loop: \d", r.stdout, re.M), r.stdout
     assert re.search(r"^decompose 16 expert matrices at rank 2: [\d.]+ s, full SVD of the same [\d.]+ s", r.stdout, re.M), r.stdout
+
+
+def test_reload_benchmark_runs_on_a_synthetic_model_without_the_on_load_round(tmp_path):
+    """reload.py builds its model with _synthetic.save_random_model and, with --skip-on-load, times only the dense,
+    checkpoint and cache-hit loads."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reload.py"), "--synthetic", "smollm2-135m", "--synthetic-layers", "1", "--rank", "4",
+         "--repeats", "1", "--skip-on-load", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decompose_on_load=skipped" in r.stdout and "checkpoint_load / decompose_on_load" not in r.stdout, r.stdout
+    assert re.search(r"^cache_hit_load / dense_load = \d+\.\d+ \(target <= 1\.2\)", r.stdout, re.M), r.stdout
