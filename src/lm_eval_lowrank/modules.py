@@ -13,6 +13,7 @@ on them without transposes. The state-dict keys are ``first``, ``core`` (tucker 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -397,6 +398,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     return out
 
 
+@functools.lru_cache(maxsize=None)  # asked on every experts forward
 def grouped_kernel_pays(device: torch.device) -> bool:
     """torch has a grouped GEMM kernel for ``device`` that pays over a loop there: CUDA at SM 8.0+ (on the CPU it
     was not reliably faster: benchmarks/moe.py)."""
