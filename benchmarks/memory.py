@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
@@ -63,12 +62,20 @@ def main() -> None:
 
     work = None
     if args.synthetic:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _synthetic import save_random_model
-
+        # Built in a process of its own: a child forked from a parent that held the model would inherit its peak
+        # RSS (Linux keeps ru_maxrss across exec), and every figure would read as that peak.
         work = tempfile.mkdtemp(prefix="lowrank-memory-")
         model = os.path.join(work, "model")
-        s = save_random_model(args.synthetic, Path(model), dtype=args.dtype, tokenizer_dir=smollm2_path(), layers=args.synthetic_layers)
+        build = (
+            "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _synthetic import save_random_model; "
+            "from lm_eval_lowrank.assets import smollm2_path; "
+            "print(save_random_model(sys.argv[2], Path(sys.argv[3]), dtype=sys.argv[4], tokenizer_dir=smollm2_path(), layers=int(sys.argv[5]) or None))"
+        )
+        here = os.path.dirname(os.path.abspath(__file__))
+        r = subprocess.run([sys.executable, "-c", build, here, args.synthetic, model, args.dtype, str(args.synthetic_layers or 0)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"building {args.synthetic} failed:\n{r.stderr[-3000:]}")
+        s = float(r.stdout.strip().splitlines()[-1])
         print(f"# {args.synthetic} ({args.synthetic_layers or 'all'} layers, random {args.dtype} weights) built in {s:.1f} s", flush=True)
     else:
         model = args.model or str(smollm2_path())
