@@ -555,7 +555,7 @@ def _spy(fn, calls):
     return wrapped
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen2_moe"])  # transposed storage + biases; a shared expert
+@pytest.mark.parametrize("model_type", sorted(_CONFIGS))  # the other families: test_more_moe_families_...
 @pytest.mark.parametrize("rank", [1, 3])  # rows of 1 and 3 fp32 factors: not 16-byte aligned if row-major
 def test_grouped_experts_forward_equals_the_loop_dense_or_factored(model_type, rank, monkeypatch):
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(2))
