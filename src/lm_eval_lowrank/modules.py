@@ -423,25 +423,37 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
 
 
+def experts_probe(module: nn.Module, tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A few seeded (hidden_states, top_k_index, top_k_weights) for ``module``'s experts contract, where it lies:
+    the inputs of the checks that compare two forwards of an experts module."""
+    w = next(module.parameters())
+    n, top_k = module.num_experts, min(2, module.num_experts)
+    down = module.down_proj
+    hidden = down.out_features if isinstance(down, LowRankExpertWeights) else down.shape[-1 if module.is_transposed else -2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype=w.dtype, device=w.device)
+    index = torch.stack([torch.randperm(n, generator=g)[:top_k] for _ in range(tokens)]).to(w.device)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=g), -1).to(dtype=w.dtype, device=w.device)
+    return x, index, weights
+
+
+def experts_outputs_agree(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Two experts forwards' outputs equal up to the rounding of their dtype (half types round per summation order)."""
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
+    return ours.shape == ref.shape and torch.allclose(ours.float(), ref.float(), rtol=tol, atol=tol * float(ref.float().abs().max()) + 1e-6)
+
+
 def check_grouped_experts(module: nn.Module) -> str | None:
     """Run the grouped forward once on a few tokens where ``module`` lies, against the loop. On an error or a
     different result the loop is used for that device type and dtype from then on, and the reason is returned.
 
     A guard for kernels this package could not run when it was built (CUDA's), not a per-call cost."""
     w = next(module.parameters())
-    n, top_k = module.num_experts, min(2, module.num_experts)
-    down = module.down_proj
-    hidden = down.out_features if isinstance(down, LowRankExpertWeights) else down.shape[-1 if module.is_transposed else -2]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, hidden, generator=g).to(dtype=w.dtype, device=w.device)
-    index = (torch.arange(8 * top_k) % n).reshape(8, top_k).to(w.device)
-    weights = torch.softmax(torch.randn(8, top_k, generator=g), -1).to(dtype=w.dtype, device=w.device)
     try:
         with torch.no_grad():
-            grouped = experts_forward(module, x, index, weights, grouped=True).float()
-            loop = experts_forward(module, x, index, weights, grouped=False).float()
-        tol = 1e-4 if w.dtype == torch.float32 else 2e-2
-        reason = None if torch.allclose(grouped, loop, rtol=tol, atol=tol * float(loop.abs().max()) + 1e-6) else "its result differs from the loop's"
+            probe = experts_probe(module)
+            agree = experts_outputs_agree(experts_forward(module, *probe, grouped=True), experts_forward(module, *probe, grouped=False))
+        reason = None if agree else "its result differs from the loop's"
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:  # e.g. a kernel that refuses these shapes on this GPU
