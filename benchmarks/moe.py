@@ -22,7 +22,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,24 +60,17 @@ def decompose_block(module, rank: int, h: int, i: int, e: int) -> dict[str, int]
 
 
 def decomposition_figures(dense, ranks: list[int], reps: int, h: int, i: int, e: int, device: torch.device) -> None:
-    full = []
-    for _ in range(max(1, reps // 3)):
-        t0 = time.perf_counter()
+    def full_svds() -> None:
         for w in (dense.gate_up_proj, dense.down_proj):
             for m in range(e):
                 torch.linalg.svd(w[m].float(), full_matrices=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        full.append(time.perf_counter() - t0)
+
+    full = [timed(full_svds, device) for _ in range(max(1, reps // 3))]
     for r in ranks:
-        times = []
+        times, solvers = [], {}
         for _ in range(reps):
             module = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            solvers = decompose_block(module, r, h, i, e)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times.append(timed(lambda: solvers.update(decompose_block(module, r, h, i, e)), device))
         dec, svd = statistics.median(times), statistics.median(full)
         print(f"decompose {2 * e} expert matrices at rank {r}: {dec:.3f} s, full SVD of the same {svd:.3f} s: {svd / dec:.1f}x faster ({solvers})")
 
