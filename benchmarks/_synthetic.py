@@ -45,3 +45,16 @@ def save_random_model(shape: str, out: Path, device: str = "cpu", dtype: str = "
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return time.perf_counter() - t0
+
+
+if __name__ == "__main__":  # for a benchmark that must build the model in a process of its own
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Save a random-weight model of a built-in shape; prints the seconds it took.")
+    ap.add_argument("shape")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--tokenizer", type=Path, default=None, help="its vocabulary, saved beside the weights")
+    a = ap.parse_args()
+    print(save_random_model(a.shape, a.out, dtype=a.dtype, tokenizer_dir=a.tokenizer, layers=a.layers))

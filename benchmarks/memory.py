@@ -66,13 +66,11 @@ def main() -> None:
         # RSS (Linux keeps ru_maxrss across exec), and every figure would read as that peak.
         work = tempfile.mkdtemp(prefix="lowrank-memory-")
         model = os.path.join(work, "model")
-        build = (
-            "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from _synthetic import save_random_model; "
-            "from lm_eval_lowrank.assets import smollm2_path; "
-            "print(save_random_model(sys.argv[2], Path(sys.argv[3]), dtype=sys.argv[4], tokenizer_dir=smollm2_path(), layers=int(sys.argv[5]) or None))"
-        )
-        here = os.path.dirname(os.path.abspath(__file__))
-        r = subprocess.run([sys.executable, "-c", build, here, args.synthetic, model, args.dtype, str(args.synthetic_layers or 0)], capture_output=True, text=True)
+        build = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_synthetic.py"), args.synthetic, model,
+                 "--dtype", args.dtype, "--tokenizer", str(smollm2_path())]  # fmt: skip
+        if args.synthetic_layers:
+            build += ["--layers", str(args.synthetic_layers)]
+        r = subprocess.run(build, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"building {args.synthetic} failed:\n{r.stderr[-3000:]}")
         s = float(r.stdout.strip().splitlines()[-1])
