@@ -540,6 +540,7 @@ def _assert_grouped_equals_loop(model, ids, monkeypatch):
     with torch.no_grad():
         loop = model(ids).logits
         monkeypatch.setattr(modules, "use_grouped_experts", lambda *_: True)
+        monkeypatch.setattr(modules, "check_grouped_experts", lambda *_: None)  # so only the model's forwards count
         monkeypatch.setattr(modules, "_grouped_experts_forward", _spy(modules._grouped_experts_forward, calls))
         grouped = model(ids).logits
         monkeypatch.undo()
@@ -654,7 +655,7 @@ def test_expert_factors_are_held_where_grouped_gemms_read_them_in_place(rank):
     weights = _experts(model).down_proj
 
     def ready(w):
-        return all(_grouped_mm_layout_ok(t) for t in w.grouped_operands())
+        return all(_grouped_mm_layout_ok(t) for t in w().grouped_operands())
 
     assert ready(weights) and ready(copy.deepcopy(weights).to(torch.bfloat16))
     saved = {k: v.contiguous() for k, v in weights.state_dict().items()}
@@ -663,6 +664,90 @@ def test_expert_factors_are_held_where_grouped_gemms_read_them_in_place(rank):
     assert ready(skeleton) and torch.equal(skeleton.dense_weight(), weights.dense_weight())
     rebuilt = LowRankExpertWeights(4, weights.in_features, 32, rank, parameters=saved)
     assert ready(rebuilt) and torch.equal(rebuilt.dense_weight(), weights.dense_weight())
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+@pytest.mark.parametrize(("model_type", "tensors"), [("mixtral", EXPERTS), ("gpt_oss", EXPERTS), ("qwen3_moe", "experts.down_proj")])
+def test_decomposed_experts_compute_the_same_under_accelerate_offload(offload, model_type, tensors, tmp_path):
+    """accelerate's CPU/disk offload keeps weights on the meta device between forwards and loads them in hooks on
+    the modules that own them. The factors are owned by LowRankExpertWeights, which the experts forward reads
+    rather than calls: it must call them, or it reads meta tensors and the logits are wrong (0.55 off here)."""
+    import accelerate
+
+    from lm_eval_lowrank.modules import execution_device
+
+    model = _model(model_type)
+    compress_model(model, {"rank": 2, "tensors": tensors}, progress=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids).logits
+    if offload == "cpu":
+        offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+    else:
+        offloaded = accelerate.disk_offload(copy.deepcopy(model), str(tmp_path), execution_device=torch.device("cpu"))
+    experts = _experts(offloaded)
+    assert next(experts.down_proj.parameters()).is_meta  # really offloaded between forwards
+    assert execution_device(experts) == torch.device("cpu")  # where it runs, not where its weights rest
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["works", "wrong"])
+def test_offloaded_experts_check_the_grouped_forward_at_their_first_forward(kernel, monkeypatch):
+    """Weights offloaded when the model is decomposed or loaded cannot be checked then: the first forward checks the
+    grouped path where it runs, uses it only if it agrees with the loop, and the JSON says what ran."""
+    import accelerate
+
+    import lm_eval_lowrank.modules as modules
+
+    model = _model("mixtral")
+    compress_model(model, {"rank": 2, "tensors": EXPERTS}, progress=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids).logits
+    offloaded = accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    checks, grouped_runs = [], []
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    monkeypatch.setattr(modules, "GROUPED_REFUSED", {})
+    monkeypatch.setattr(modules, "GROUPED_PASSED", set())
+    monkeypatch.setattr(modules, "check_grouped_experts", _spy(modules.check_grouped_experts, checks))
+    monkeypatch.setattr(modules, "_grouped_experts_forward", _spy(modules._grouped_experts_forward, grouped_runs))
+    if kernel == "wrong":
+        monkeypatch.setattr(modules, "_GROUPED_MM", lambda x, weight, offs: torch.zeros(x.shape[0], weight.shape[-1], dtype=x.dtype))
+    modules.ensure_grouped_checked(_experts(offloaded))
+    assert not checks  # nothing to check against before the weights are loaded
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        offloaded(ids)
+    assert len(checks) == 1  # once for both layers and both forwards
+    if kernel == "works":
+        assert len(grouped_runs) > 1 and modules.experts_forward_path(offloaded) == {"path": "grouped_gemm"}
+    else:
+        assert modules.experts_forward_path(offloaded) == {"path": "loop", "grouped_refused": "its result differs from the loop's"}
+
+
+def test_the_results_json_says_which_experts_forward_the_evaluation_ran(smollm2_dir, tmp_path, monkeypatch):
+    """decomposition.experts_forward is what the forwards ran (read when the JSON is made), not only what was
+    expected at load; "mixed" with a count per path when the modules differ."""
+    from transformers import AutoTokenizer
+
+    import lm_eval_lowrank.modules as modules
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    _model("mixtral", vocab_size=49152).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    # cache=False: factors from the memory-mapped cache lie 8-byte aligned, where the kernel wants 16 (on a GPU they
+    # are copied to aligned memory; on this CPU the loop would run for that reason alone)
+    lm = HFTuckerLM(pretrained=str(tmp_path), device="cpu", rank=2, tensors=EXPERTS, cache=False, energy_idle_seconds=0, measure_energy=False)
+    assert lm._lowrank_report["experts_forward"] == {"path": "loop"}  # the CPU's choice, before any forward
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    monkeypatch.setattr(modules, "GROUPED_PASSED", {("cpu", torch.float32)})
+    lm._model_call(torch.randint(0, 100, (2, 8)))
+    assert lm.get_model_info()["lowrank"]["decomposition"]["experts_forward"] == {"path": "grouped_gemm"}
+    use_grouped = modules.use_grouped_experts
+    monkeypatch.setattr(modules, "use_grouped_experts", lambda m, *a: m is _experts(lm.model, 0) and use_grouped(m, *a))
+    lm._model_call(torch.randint(0, 100, (2, 8)))
+    assert lm.get_model_info()["lowrank"]["decomposition"]["experts_forward"] == {"path": "mixed", "modules": {"grouped_gemm": 1, "loop": 1}}
 
 
 def test_grouped_experts_are_picked_for_inference_where_the_kernel_pays(monkeypatch):

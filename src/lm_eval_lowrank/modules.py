@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -189,6 +189,28 @@ def _expert_factor_layout(name: str, t: torch.Tensor) -> torch.Tensor:
     return _row_major(t.mT).mT if name == "last" else _row_major(t)
 
 
+class ExpertFactors(NamedTuple):
+    """The factors of one stacked expert projection as the experts forward reads them: what calling a
+    :class:`LowRankExpertWeights` returns, after any hook on it (accelerate's CPU/disk offload) has put them
+    where the forward runs."""
+
+    first: torch.Tensor
+    core: torch.Tensor | None
+    last: torch.Tensor
+
+    def linear(self, x: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        """x @ W[expert]^T, through the factors (two or three thin GEMMs)."""
+        h = F.linear(x, self.first[expert])
+        if self.core is not None:
+            h = F.linear(h, self.core[expert])
+        return F.linear(h, self.last[expert])
+
+    def grouped_operands(self) -> list[torch.Tensor]:
+        """The (E, K, N) right-hand sides of the grouped GEMMs that multiply sorted rows by every expert's W^T, in
+        order: views of the factors."""
+        return [t.mT for t in (self.first, self.core, self.last) if t is not None]
+
+
 class LowRankExpertWeights(nn.Module):
     """The per-expert factors of one stacked expert projection: W[e] ~= last[e] (core[e]) first[e].
 
@@ -256,17 +278,10 @@ class LowRankExpertWeights(nn.Module):
         e, o, i = self.num_experts, self.out_features, self.in_features
         return torch.Size((e, i, o) if self.transposed else (e, o, i))
 
-    def linear(self, x: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
-        """x @ W[expert]^T, through the factors (two or three thin GEMMs)."""
-        h = F.linear(x, self.first[expert])
-        if self.core is not None:
-            h = F.linear(h, self.core[expert])
-        return F.linear(h, self.last[expert])
-
-    def grouped_operands(self) -> list[torch.Tensor]:
-        """The (E, K, N) right-hand sides of the grouped GEMMs that multiply sorted rows by every expert's W^T, in
-        order: views of the factors."""
-        return [t.mT for t in (self.first, self.core, self.last) if t is not None]
+    def forward(self) -> ExpertFactors:
+        """The factors, for the experts forward. It calls this module rather than reading its parameters, so that
+        hooks on it run: accelerate's offload hooks leave them on the meta device between forwards."""
+        return ExpertFactors(self.first, self.core, self.last)
 
     def dense_weight(self) -> torch.Tensor:
         """(E, out, in): every expert's matrix."""
@@ -330,11 +345,24 @@ class LowRankExperts:
         return (_rebuild_lowrank_experts, (rebuild, args), *rest)
 
 
+def projection_weights(module: nn.Module) -> dict[str, torch.Tensor | ExpertFactors]:
+    """Each expert projection of ``module`` as its forward reads it: the stacked dense parameter, or the factors
+    of a decomposed one, got by calling its :class:`LowRankExpertWeights` so that offload hooks on it run."""
+    weights: dict[str, torch.Tensor | ExpertFactors] = {}
+    for name in expert_projection_names(module):
+        w = getattr(module, name)
+        weights[name] = w() if isinstance(w, LowRankExpertWeights) else w
+    return weights
+
+
 def expert_projection(module: nn.Module, name: str, x: torch.Tensor, expert: int, weight: Any = None) -> torch.Tensor:
     """One expert's projection ``name`` of ``x`` (its bias included), through its factors or its dense matrix;
-    ``weight`` stands in for the module's own (e.g. the dense one a decomposed projection replaced)."""
+    ``weight`` stands in for the module's own (what :func:`projection_weights` gave, or e.g. the dense matrix a
+    decomposed projection replaced)."""
     w = getattr(module, name) if weight is None else weight
     if isinstance(w, LowRankExpertWeights):
+        w = w()
+    if isinstance(w, ExpertFactors):
         y = w.linear(x, expert)
     else:
         y = F.linear(x, w[expert].mT if module.is_transposed else w[expert])
@@ -405,9 +433,9 @@ def grouped_kernel_pays(device: torch.device) -> bool:
     return _GROUPED_MM is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor, weights: Mapping[str, Any] | None = None) -> bool:
     """Whether an experts forward runs as grouped GEMMs (every expert at once, no host sync) rather than a loop
-    over the routed experts.
+    over the routed experts (``weights``: the module's :func:`projection_weights`, if the caller has them).
 
     Where :func:`grouped_kernel_pays`, for inference in the dtypes the kernel takes, unless the model asks for
     ``experts_implementation="eager"``. Training (``heal``) keeps the loop, whose backward every device has.
@@ -416,17 +444,21 @@ def use_grouped_experts(module: nn.Module, hidden_states: torch.Tensor) -> bool:
         return False
     if (hidden_states.device.type, hidden_states.dtype) in GROUPED_REFUSED:
         return False
-    if not all(_grouped_mm_layout_ok(w) for name in expert_projection_names(module) for w in _grouped_operands(module, name)):
+    weights = projection_weights(module) if weights is None else weights
+    if not all(_grouped_mm_layout_ok(t) for w in weights.values() for t in _grouped_operands(module, w)):
         return False  # e.g. a tucker core of a rank whose rows are not 16-byte aligned: the loop, not a copy per call
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
         return False
     return getattr(getattr(module, "config", None), "_experts_implementation", None) != "eager"
 
 
-def experts_probe(module: nn.Module, tokens: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A few seeded (hidden_states, top_k_index, top_k_weights) for ``module``'s experts contract, where it lies:
-    the inputs of the checks that compare two forwards of an experts module."""
-    w = next(module.parameters())
+def experts_probe(
+    module: nn.Module, tokens: int = 6, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A few seeded (hidden_states, top_k_index, top_k_weights) for ``module``'s experts contract, where it lies
+    (or on ``device`` in ``dtype``): the inputs of the checks that compare two forwards of an experts module."""
+    first = next(module.parameters())
+    w = torch.empty(0, device=device or first.device, dtype=dtype or first.dtype)
     n, top_k = module.num_experts, min(2, module.num_experts)
     down = module.down_proj
     hidden = down.out_features if isinstance(down, LowRankExpertWeights) else down.shape[-1 if module.is_transposed else -2]
@@ -443,15 +475,17 @@ def experts_outputs_agree(ours: torch.Tensor, ref: torch.Tensor) -> bool:
     return ours.shape == ref.shape and torch.allclose(ours.float(), ref.float(), rtol=tol, atol=tol * float(ref.float().abs().max()) + 1e-6)
 
 
-def check_grouped_experts(module: nn.Module) -> str | None:
-    """Run the grouped forward once on a few tokens where ``module`` lies, against the loop. On an error or a
-    different result the loop is used for that device type and dtype from then on, and the reason is returned.
+def check_grouped_experts(module: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """Run the grouped forward once on a few tokens where ``module`` lies (or on ``device`` in ``dtype``), against
+    the loop. On an error or a different result the loop is used for that device type and dtype from then on,
+    and the reason is returned.
 
     A guard for kernels this package could not run when it was built (CUDA's), not a per-call cost."""
-    w = next(module.parameters())
+    first = next(module.parameters())
+    w = torch.empty(0, device=device or first.device, dtype=dtype or first.dtype)
     try:
         with torch.no_grad():
-            probe = experts_probe(module)
+            probe = experts_probe(module, device=w.device, dtype=w.dtype)
             agree = experts_outputs_agree(experts_forward(module, *probe, grouped=True), experts_forward(module, *probe, grouped=False))
         reason = None if agree else "its result differs from the loop's"
     except torch.OutOfMemoryError:
@@ -466,27 +500,55 @@ def check_grouped_experts(module: nn.Module) -> str | None:
 
 
 def ensure_grouped_checked(module: nn.Module) -> None:
-    """:func:`check_grouped_experts` once per device type and dtype, where the grouped forward would run."""
+    """:func:`check_grouped_experts` once per device type and dtype, where the grouped forward would run, before
+    any forward. Offloaded weights (on the meta device between forwards) are checked by their first forward."""
+    if any(p.is_meta for p in module.parameters()):
+        return
     w = next(module.parameters())
     with torch.no_grad():
         if (w.device.type, w.dtype) not in GROUPED_PASSED and use_grouped_experts(module, w.new_empty(0, 0)):
             check_grouped_experts(module)
 
 
-def experts_forward_path(model: nn.Module) -> dict[str, str] | None:
-    """How the model's decomposed experts will run for inference where they lie (None without any), for the
-    results JSON: ``{"path": "grouped_gemm" | "loop"}``, with ``"grouped_refused"`` when the grouped forward
-    failed its check here (:func:`check_grouped_experts`)."""
-    for module in model.modules():
-        if isinstance(module, LowRankExperts):
-            ensure_grouped_checked(module)
-            w = next(module.parameters())
-            with torch.no_grad():
-                if use_grouped_experts(module, w.new_empty(0, 0)):
-                    return {"path": "grouped_gemm"}
-            refused = GROUPED_REFUSED.get((w.device.type, w.dtype))
-            return {"path": "loop"} if refused is None else {"path": "loop", "grouped_refused": refused}
-    return None
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s forward runs: the execution device of an accelerate hook on it or on its factors
+    (device_map offload), else where its weights lie."""
+    for m in (module, *module.children()):
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    return next(module.parameters()).device
+
+
+def experts_forward_path(model: nn.Module) -> dict[str, Any] | None:
+    """How the model's decomposed experts run for inference (None without any), for the results JSON:
+    ``{"path": "grouped_gemm" | "loop"}``, what their forwards picked if they have run (``"mixed"`` with the
+    count of modules per path if they differ), else what they will pick where they run; ``"grouped_refused"``
+    when the grouped forward failed its check there (:func:`check_grouped_experts`)."""
+    experts = [m for m in model.modules() if isinstance(m, LowRankExperts)]
+    if not experts:
+        return None
+    ran: dict[str, int] = {}
+    for module in experts:
+        path = module.__dict__.get("last_experts_path")
+        if path is not None:
+            ran[path] = ran.get(path, 0) + 1
+    first = experts[0]
+    ensure_grouped_checked(first)
+    device, dtype = execution_device(first), next(first.parameters()).dtype
+    if len(ran) > 1:
+        out: dict[str, Any] = {"path": "mixed", "modules": dict(sorted(ran.items()))}
+    elif ran:
+        out = {"path": next(iter(ran))}
+    else:
+        with torch.no_grad():
+            grouped = use_grouped_experts(first, torch.empty(0, 0, device=device, dtype=dtype))
+        out = {"path": "grouped_gemm" if grouped else "loop"}
+    refused = GROUPED_REFUSED.get((device.type, dtype))
+    if refused is not None and out["path"] != "grouped_gemm":
+        out["grouped_refused"] = refused
+    return out
 
 
 def experts_forward(
@@ -497,19 +559,25 @@ def experts_forward(
 
     Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
     """
+    weights = projection_weights(module)
     if grouped is None:
-        grouped = use_grouped_experts(module, hidden_states)
+        grouped = use_grouped_experts(module, hidden_states, weights)
+        if grouped and (hidden_states.device.type, hidden_states.dtype) not in GROUPED_PASSED:
+            # weights that rest elsewhere (offloaded) are checked where they run, at their first forward there
+            grouped = check_grouped_experts(module, hidden_states.device, hidden_states.dtype) is None
+        if isinstance(module, LowRankExperts):
+            module.__dict__["last_experts_path"] = "grouped_gemm" if grouped else "loop"  # for the results JSON
     if grouped:
-        return _grouped_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+        return _grouped_experts_forward(module, weights, hidden_states, top_k_index, top_k_weights)
     # Sums over a token's experts in fp32 (top-8 models add eight terms), like transformers' grouped forward.
     out = torch.zeros(hidden_states.shape, dtype=torch.promote_types(hidden_states.dtype, torch.float32), device=hidden_states.device)
     top_k = top_k_index.shape[-1]
     up_name, down_name = expert_projection_names(module)
     for expert, pairs in routed_pairs(top_k_index, module.num_experts):
         token_idx = pairs // top_k
-        h = expert_projection(module, up_name, hidden_states[token_idx], expert)
+        h = expert_projection(module, up_name, hidden_states[token_idx], expert, weights[up_name])
         h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-        y = expert_projection(module, down_name, h, expert)
+        y = expert_projection(module, down_name, h, expert, weights[down_name])
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
         y = y * top_k_weights.reshape(-1)[pairs, None]
@@ -517,23 +585,26 @@ def experts_forward(
     return out.to(hidden_states.dtype)
 
 
-def _grouped_operands(module: nn.Module, name: str) -> list[torch.Tensor]:
-    w = getattr(module, name)
-    if isinstance(w, LowRankExpertWeights):
-        return w.grouped_operands()
-    return [w if module.is_transposed else w.mT]
+def _grouped_operands(module: nn.Module, weight: torch.Tensor | ExpertFactors) -> list[torch.Tensor]:
+    if isinstance(weight, ExpertFactors):
+        return weight.grouped_operands()
+    return [weight if module.is_transposed else weight.mT]
 
 
-def _grouped_projection(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def _grouped_projection(
+    module: nn.Module, name: str, weight: torch.Tensor | ExpertFactors, x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor
+) -> torch.Tensor:
     y = x
-    for weight in _grouped_operands(module, name):
-        y = grouped_mm(y, weight, offsets)
+    for operand in _grouped_operands(module, weight):
+        y = grouped_mm(y, operand, offsets)
     if module.has_bias:
         y = y + getattr(module, f"{name}_bias")[experts]
     return y
 
 
-def _grouped_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def _grouped_experts_forward(
+    module: nn.Module, weights: Mapping[str, Any], hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     n, top_k = module.num_experts, top_k_index.shape[-1]
     experts, order = torch.sort(top_k_index.reshape(-1), stable=True)
     # histc keeps the counts' shape static (no host sync); ids >= n (sentinels) fall outside it and sort last
@@ -542,9 +613,9 @@ def _grouped_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top
     token_idx = order // top_k
     experts = experts.clamp(max=n - 1)  # in range for the bias lookup; sentinel rows are dropped below
     up_name, down_name = expert_projection_names(module)
-    h = _grouped_projection(module, up_name, hidden_states[token_idx], offsets, experts)
+    h = _grouped_projection(module, up_name, weights[up_name], hidden_states[token_idx], offsets, experts)
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-    y = _grouped_projection(module, down_name, h, offsets, experts)
+    y = _grouped_projection(module, down_name, weights[down_name], h, offsets, experts)
     if getattr(module, "has_post_expert_norm", False):
         y = module.post_expert_norm(y)
     # rows past offsets[-1] (sentinels) were never written: zero them rather than weight them (NaN * 0 is NaN)
