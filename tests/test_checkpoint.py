@@ -126,6 +126,62 @@ def test_hf_tucker_loads_checkpoint_like_decompose_on_load(saved, tiny_dir):
     assert rep["decomposition_seconds"] == 0.0
 
 
+def _offloading_map(model) -> dict[str, str]:
+    """Embeddings and the first decoder layer in memory, every other layer on disk (run on the CPU)."""
+    layers = len(model.model.layers)
+    return {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu"} | {
+        f"model.layers.{i}": "disk" for i in range(1, layers)
+    }
+
+
+def test_a_checkpoint_loads_over_a_device_map_with_offload_like_on_one_device(saved, tmp_path):
+    """device_map strategies and a mapping that offloads layers to disk give the one-device model's logits."""
+    from lm_eval_lowrank.checkpoint import load_compressed
+
+    out, expected, _ = saved
+    for strategy in ("auto", "balanced", "sequential"):
+        model = load_compressed(out, device_map=strategy)
+        assert torch.equal(logits(model), expected) and model.lm_head.weight is model.model.embed_tokens.weight
+    device_map = _offloading_map(load_compressed(out))
+    model = load_compressed(out, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.hf_device_map == device_map and next(model.model.layers[1].parameters()).is_meta  # on disk
+    assert torch.equal(logits(model), expected)
+
+
+def test_bad_device_maps_for_a_checkpoint_fail_in_one_line(saved):
+    from lm_eval_lowrank.checkpoint import CheckpointError, load_compressed
+
+    out, _, _ = saved
+    model = load_compressed(out)
+    for kwargs, words in (
+        ({"device_map": "everywhere"}, "device_map='everywhere' is invalid: valid auto, balanced, balanced_low_0, sequential"),
+        ({"device_map": _offloading_map(model)}, "offload_folder is required"),
+        ({"device_map": "sequential", "max_memory": {"cpu": 1000}}, "max_memory={'cpu': 1000} leaves no device room"),
+    ):
+        with pytest.raises(CheckpointError) as err:
+            load_compressed(out, **kwargs)
+        assert _one_line(err.value).startswith(words)
+
+
+def test_hf_tucker_shards_a_checkpoint_with_parallelize_and_refuses_dense_only_args(saved, tmp_path):
+    """parallelize=True reaches the checkpoint (before, HFLM was given a built model and refused it with an
+    assertion); arguments that only apply to reading a dense model fail before anything loads."""
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    out, expected, _ = saved
+    device_map = _offloading_map(load_compressed(out))
+    lm = HFTuckerLM(pretrained=str(out), device="cpu", parallelize=True, device_map=device_map, offload_folder=str(tmp_path / "off"), measure_energy=False)
+    assert lm.model.hf_device_map == device_map
+    assert torch.equal(logits(lm.model), expected)
+    info = lm.lowrank_info()["decomposition"]
+    assert info["loaded_from_checkpoint"] == str(out) and info["model_devices"] == ["cpu"]  # where the offloaded layers run
+    for arg in ({"peft": "some/adapter"}, {"revision": "v2"}, {"gguf_file": "model.gguf"}):
+        with pytest.raises(SpecError, match=f"^{next(iter(arg))}=.* cannot apply to pretrained=.*a compressed checkpoint"):
+            HFTuckerLM(pretrained=str(out), device="cpu", **arg)
+
+
 def test_hf_tucker_refuses_a_checkpoint_calibrated_on_an_evaluated_split_before_loading(saved, tmp_path, monkeypatch):
     from lm_eval_lowrank.calibration import EVAL_TASKS_ENV
     from lm_eval_lowrank.checkpoint import MANIFEST_NAME, CompressedCheckpoint

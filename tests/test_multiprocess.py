@@ -56,16 +56,35 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_with_tokenizer, tmp_path_factory):
+    """The same decomposition saved as a compressed checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import save_compressed
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_with_tokenizer))
+    report = compress_model(model, dict(kv.split("=", 1) for kv in MODEL_ARGS.split(",")), progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / "c"
+    save_compressed(model, out, report, tokenizer=AutoTokenizer.from_pretrained(str(tiny_with_tokenizer)))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 # HFLM enables data parallelism only when it counts > 1 GPU; HFTuckerLM turns it on for CPU
-# processes too (_enable_cpu_data_parallel), which is what this checks.
-def test_two_cpu_processes_match_one(tiny_with_tokenizer, tmp_path):
+# processes too (_enable_cpu_data_parallel), which is what this checks. A compressed checkpoint
+# goes through HFLM's own set-up too (before, it was handed over built, and every process
+# evaluated every document).
+@pytest.mark.parametrize("load", ["decompose_on_load", "checkpoint"])
+def test_two_cpu_processes_match_one(load, tiny_with_tokenizer, request, tmp_path):
     from lm_eval_lowrank.tasks import task_dir
 
+    model_args = f"pretrained={tiny_with_tokenizer},{MODEL_ARGS}" if load == "decompose_on_load" else f"pretrained={request.getfixturevalue('tiny_checkpoint')}"
     common = [
         "--model", "hf-tucker",
-        "--model_args", f"pretrained={tiny_with_tokenizer},{MODEL_ARGS}",
+        "--model_args", model_args,
         "--include_path", str(task_dir()),
         "--tasks", TASK,
         "--limit", "8",

@@ -492,18 +492,33 @@ class CompressedCheckpoint:
             raise CheckpointError(f"{MANIFEST_NAME} in {self.path} does not match the weights: {dense[0]} is stored dense")
 
     # -- model ---------------------------------------------------------------------------
-    def load_model(self, dtype: Any = None, device: str | torch.device | None = None, verify: bool = True) -> Any:
+    def load_model(
+        self,
+        dtype: Any = None,
+        device: str | torch.device | None = None,
+        verify: bool = True,
+        device_map: str | Mapping[str, Any] | None = None,
+        max_memory: Mapping[Any, Any] | None = None,
+        offload_folder: str | os.PathLike | None = None,
+    ) -> Any:
         """Build the model with LowRankLinear modules in place (eval mode).
 
-        ``dtype``: None/"auto" keeps the stored dtype; ``device``: default cuda when available.
+        ``dtype``: None/"auto" keeps the stored dtype; ``device``: default cuda when available. ``device_map``
+        spreads it over devices as ``from_pretrained`` does (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"`` or a module -> device mapping, within ``max_memory``); what does not fit is offloaded
+        to the CPU or to ``offload_folder``. The model is then built on the CPU and dispatched.
         """
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+        if isinstance(device_map, Mapping) and set(device_map) == {""}:
+            device, device_map = device_map[""], None  # one device for the whole model
+        if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+            raise CheckpointError(f"device_map={device_map!r} is invalid: valid {', '.join(DEVICE_MAP_STRATEGIES)} or a module -> device mapping")
         if verify:
             self.verify()
         target_dtype = _resolve_dtype(dtype)
-        device = torch.device(device if device is not None else _default_device())
+        device = torch.device("cpu" if device_map is not None else device if device is not None else _default_device())
         config = AutoConfig.from_pretrained(str(self.path))
         stored = self.manifest.get("dtype")
         skeleton_dtype = target_dtype or (getattr(torch, stored) if isinstance(stored, str) else None) or torch.float32
@@ -516,7 +531,7 @@ class CompressedCheckpoint:
                 raise CheckpointError(f"{MANIFEST_NAME} in {self.path} names module {mod_path}, which the config's architecture lacks") from None
         state: dict[str, torch.Tensor] = {}
         for name in self.manifest["weights"]:
-            state.update(load_file(str(self.path / name), device=str(device)))
+            state.update(load_file(str(self.path / name), device="cpu" if device.type == "cpu" else str(device)))  # refuses "cpu:0"
         if target_dtype is not None:
             state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
         result = model.load_state_dict(state, strict=False, assign=True)
@@ -541,6 +556,8 @@ class CompressedCheckpoint:
                 model.generation_config = GenerationConfig.from_pretrained(str(self.path))
         model.config.name_or_path = str(self.path)
         model.eval()
+        if device_map is not None:
+            model = dispatch_compressed(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
         return model
 
     def report(self) -> dict[str, Any]:
@@ -571,13 +588,38 @@ def _set_submodule_param(model: nn.Module, name: str, param: nn.Parameter) -> No
     setattr(parent, leaf, param)
 
 
-def load_compressed(path: str | os.PathLike, dtype: Any = None, device: str | torch.device = "cpu", verify: bool = True) -> Any:
+def load_compressed(path: str | os.PathLike, dtype: Any = None, device: str | torch.device = "cpu", verify: bool = True, **placement: Any) -> Any:
     """Load a compressed checkpoint as a transformers model (no trust_remote_code needed).
 
     ``model = lm_eval_lowrank.checkpoint.load_compressed(DIR)``; the tokenizer is
-    ``AutoTokenizer.from_pretrained(DIR)``. Raises :class:`CheckpointError` on a damaged folder.
+    ``AutoTokenizer.from_pretrained(DIR)``. ``placement``: ``device_map``, ``max_memory``, ``offload_folder``
+    (:meth:`CompressedCheckpoint.load_model`). Raises :class:`CheckpointError` on a damaged folder.
     """
-    return CompressedCheckpoint.open(path).load_model(dtype=dtype, device=device, verify=verify)
+    return CompressedCheckpoint.open(path).load_model(dtype=dtype, device=device, verify=verify, **placement)
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch_compressed(
+    model: nn.Module, device_map: str | Mapping[str, Any], max_memory: Mapping[Any, Any] | None = None, offload_folder: str | os.PathLike | None = None
+) -> nn.Module:
+    """Spread a model built on the CPU over devices with accelerate, as ``from_pretrained(device_map=...)`` does:
+    a strategy's map is inferred within ``max_memory``, keeping the model's no-split blocks (decoder layers)
+    whole; modules mapped to ``"cpu"`` or ``"disk"`` are offloaded and run on the first other device."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if set(device_map.values()) == {"disk"}:
+        raise CheckpointError(f"max_memory={dict(max_memory or {})!r} leaves no device room for any module of the model; give it more")
+    if "disk" in set(device_map.values()) and offload_folder is None:
+        raise CheckpointError("offload_folder is required: the device map puts some modules on disk")
+    return dispatch_model(model, device_map=dict(device_map), offload_dir=None if offload_folder is None else str(offload_folder))
 
 
 # -- the decomposition cache ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .api import compress_model, validate_against_config, versions
 from .measure import Meter, aggregate
-from .modules import experts_forward_path
+from .modules import experts_forward_path, hook_execution_devices
 from .spec import SPEC_KEYS, DecompositionSpec, SpecError, split_model_args
 
 RESULTS_KEY = "lowrank"
@@ -60,6 +60,17 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
         if close or key.startswith(("calib", "solver")):
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise SpecError(f"{key}={rest[key]!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
+
+
+# HFLM arguments that change how a dense model is read from the Hub; a compressed checkpoint is a local folder
+# of factors, so they cannot apply to it.
+_DENSE_ONLY_ARGS = ("revision", "subfolder", "gguf_file", "peft", "delta", "autogptq", "gptqmodel", "tp_plan", "quantization_config")
+
+
+def _check_checkpoint_args(rest: dict[str, Any], where: str) -> None:
+    given = [k for k in _DENSE_ONLY_ARGS if rest.get(k) not in (None, False, "")]
+    if given:
+        raise SpecError(f"{given[0]}={rest[given[0]]!r} cannot apply to pretrained={where!r}, a compressed checkpoint; leave it out")
 
 
 def _choose_device(rest: dict[str, Any]) -> None:
@@ -135,6 +146,7 @@ class HFTuckerLM(HFLM):
 
             # Before the weights load: the data its calibration and healing read vs the tasks evaluated now.
             leak_check = check_checkpoint_no_leak(checkpoint.manifest, evaluated_tasks_from_env(), where=str(pretrained))
+            _check_checkpoint_args(rest, str(pretrained))
         else:
             config = _load_config(pretrained, rest)
             if config is not None:
@@ -144,9 +156,11 @@ class HFTuckerLM(HFLM):
         self._lowrank_report: dict[str, Any] | None = None
         self._measurements: dict[str, Any] | None = None
         load_start = time.perf_counter()
+        self._checkpoint = checkpoint
         if checkpoint is not None:
-            model = checkpoint.load_model(dtype=rest.get("dtype"), device=rest.get("device"))
-            super().__init__(pretrained=model, tokenizer=rest.pop("tokenizer", None) or str(checkpoint.path), **rest)
+            # As a path, so HFLM sets up `accelerate launch` data parallelism and parallelize=True as for any model;
+            # _create_model builds it from the checkpoint.
+            super().__init__(pretrained=str(checkpoint.path), **rest)
             self._lowrank_report = checkpoint.report()
             self._lowrank_report["leak_check"] = leak_check
         else:
@@ -169,11 +183,37 @@ class HFTuckerLM(HFLM):
             self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         if (path := experts_forward_path(self._model)) is not None:  # checks the grouped forward before any is timed
             self._lowrank_report["experts_forward"] = path
-        model_devices = {p.device for p in self._model.parameters()}
+        model_devices = {p.device for p in self._model.parameters() if not p.is_meta} | hook_execution_devices(self._model)
         self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
         self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds, model_devices=model_devices)
         if self._meter.energy is not None and self._meter.energy.available:
             self._meter.energy.measure_idle()
+
+    def _create_model(
+        self,
+        pretrained: str,
+        dtype: Any = "auto",
+        parallelize: bool | None = False,
+        gpus: int | None = None,
+        max_memory_per_gpu: int | str | None = None,
+        max_cpu_memory: int | str | None = None,
+        offload_folder: str | None = "./offload",
+        **kwargs: Any,
+    ) -> None:
+        if self._checkpoint is None:
+            return super()._create_model(
+                pretrained, dtype=dtype, parallelize=parallelize, gpus=gpus, max_memory_per_gpu=max_memory_per_gpu,
+                max_cpu_memory=max_cpu_memory, offload_folder=offload_folder, **kwargs,
+            )  # fmt: skip
+        # Where HFLM would put a from_pretrained model: one device, or a device map over the GPUs (parallelize).
+        placement = self._get_accelerate_args(
+            parallelize=parallelize, device_map=kwargs.get("device_map"), max_memory_per_gpu=max_memory_per_gpu,
+            max_cpu_memory=max_cpu_memory, offload_folder=offload_folder, gpus=gpus,
+        )  # fmt: skip
+        device_map = placement.get("device_map") or {"": str(self.device)}
+        self._model = self._checkpoint.load_model(
+            dtype=dtype, device_map=device_map, max_memory=placement.get("max_memory"), offload_folder=placement.get("offload_folder"),
+        )  # fmt: skip
 
     def _enable_cpu_data_parallel(self, parallelize: bool) -> None:
         # HFLM turns data parallelism on only when it counts more than one GPU, so

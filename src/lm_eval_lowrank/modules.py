@@ -510,14 +510,27 @@ def ensure_grouped_checked(module: nn.Module) -> None:
             check_grouped_experts(module)
 
 
+def _hook_execution_device(module: nn.Module) -> torch.device | None:
+    """The execution device of an accelerate hook on ``module`` itself (device_map dispatch and offload)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return None
+
+
+def hook_execution_devices(model: nn.Module) -> set[torch.device]:
+    """Every device accelerate's hooks run ``model``'s modules on (a module offloaded to the CPU or disk runs on
+    one its weights do not lie on)."""
+    return {d for m in model.modules() if (d := _hook_execution_device(m)) is not None}
+
+
 def execution_device(module: nn.Module) -> torch.device:
     """Where ``module``'s forward runs: the execution device of an accelerate hook on it or on its factors
     (device_map offload), else where its weights lie."""
     for m in (module, *module.children()):
-        hook = getattr(m, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-            if getattr(h, "execution_device", None) is not None:
-                return torch.device(h.execution_device)
+        if (d := _hook_execution_device(m)) is not None:
+            return d
     return next(module.parameters()).device
 
 
