@@ -17,18 +17,20 @@
 #      transformers' grouped_mm, bf16, and the factored forward's grouped GEMMs against its loop
 #   6  decomposing 128 Qwen3-30B-A3B-shaped experts at rank 8 and 64 against their full SVD (one solve per expert:
 #      is a batched solve over the experts needed on a GPU?)
+#   7  tests/test_cuda.py, the paths only a GPU takes, run for real: the grouped experts GEMMs against the loop
+#      (fp32, bf16), experts offloaded to the CPU and run on the GPU, a checkpoint dispatched over the GPU and the CPU
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4|5|6}"
+stage="${1:?usage: gpu_checklist.sh prepare|1|2|3|4|5|6|7}"
 smoke="${GPU_CHECKLIST_SMOKE:-0}"
 case "$stage" in
-prepare | 1 | 2 | 3 | 4 | 5 | 6) ;;
+prepare | 1 | 2 | 3 | 4 | 5 | 6 | 7) ;;
 *)
-    echo "unknown stage $stage: prepare, 1, 2, 3, 4, 5 or 6" >&2
+    echo "unknown stage $stage: prepare, 1, 2, 3, 4, 5, 6 or 7" >&2
     exit 2
     ;;
 esac
@@ -48,6 +50,8 @@ prepare() {
         dataproperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 \
         nltk==3.10.4 more_itertools==11.2.1 pytz==2026.6 chardet==7.7.0
     "$py" -m pip wheel -q --no-deps -w .whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1
+    # stage 7 runs the CUDA tests with the suite's own pytest
+    "$py" -m pip download -q --no-deps --only-binary=:all: -d .whl pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0
     local model data
     model="$("$py" -c 'from lm_eval_lowrank.assets import smollm2_path; print(smollm2_path())')"
     data="$("$py" -c 'from lm_eval_lowrank.tasks import data_dir; print(data_dir())')"
@@ -130,6 +134,9 @@ case "$stage" in
     ;;
 6)
     item 560 $py benchmarks/moe.py --device $dev "${moe_many[@]}" --tokens 16 --cuts 0.5 --reps 3 --decompose-ranks "${moe_ranks[@]}"
+    ;;
+7)
+    item 300 $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py  # all skipped on a machine without CUDA
     ;;
 esac
 echo "log: $log"

@@ -1,0 +1,92 @@
+"""The paths that only a CUDA GPU takes, run for real: skipped on a machine without one.
+
+`benchmarks/gpu_checklist.sh 7` runs this file on a lent GPU. Here (no GPU) every test is skipped, so the rest of
+the suite never needs one; the same code paths are exercised on the CPU elsewhere with the kernel choice forced.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lm_eval_lowrank.api import compress_model
+from test_moe import EXPERTS, _experts, _model, _spy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_checklist.sh 7)")
+
+IDS = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(7))
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+
+
+def _decomposed_moe(rank: int = 8):
+    # 16 experts, top-4: every expert is routed some tokens of IDS
+    model = _model("qwen3_moe", hidden_size=128, moe_intermediate_size=64, head_dim=32, num_experts=16, num_experts_per_tok=4)
+    compress_model(model, {"rank": rank, "tensors": EXPERTS}, progress=False)
+    return model
+
+
+@pytest.fixture
+def fresh_grouped_checks(monkeypatch):
+    """The grouped forward's check runs again in each test, on this GPU."""
+    import lm_eval_lowrank.modules as modules
+
+    monkeypatch.setattr(modules, "GROUPED_REFUSED", {})
+    monkeypatch.setattr(modules, "GROUPED_PASSED", set())
+    return modules
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_run_on_this_gpu_and_equal_the_loop(dtype, fresh_grouped_checks, monkeypatch):
+    modules = fresh_grouped_checks
+    device = torch.device("cuda")
+    if not modules.grouped_kernel_pays(device):
+        pytest.skip("grouped GEMMs are picked at SM 8.0+ only")
+    model = _decomposed_moe().to(device=device, dtype=dtype)
+    runs = []
+    monkeypatch.setattr(modules, "_grouped_experts_forward", _spy(modules._grouped_experts_forward, runs))
+    with torch.no_grad():
+        grouped = model(IDS.to(device)).logits
+        assert runs, "the grouped forward did not run"
+        assert ("cuda", dtype) in modules.GROUPED_PASSED and not modules.GROUPED_REFUSED  # its check, at the first forward
+        assert modules.experts_forward_path(model) == {"path": "grouped_gemm"}
+        monkeypatch.setattr(modules, "use_grouped_experts", lambda *_: False)  # the same model through the loop
+        looped = model(IDS.to(device)).logits
+    torch.testing.assert_close(grouped.float(), looped.float(), **_tolerance(dtype))
+
+
+def test_experts_offloaded_to_the_cpu_run_on_the_gpu_like_resident_ones(fresh_grouped_checks):
+    """accelerate's cpu_offload with the GPU as execution device: weights rest on the meta device, the forward runs
+    on the GPU, and the grouped forward is checked there at the first forward."""
+    import accelerate
+
+    modules = fresh_grouped_checks
+    device = torch.device("cuda")
+    model = _decomposed_moe()
+    with torch.no_grad():
+        expected = copy.deepcopy(model).to(device)(IDS.to(device)).logits
+    offloaded = accelerate.cpu_offload(model, execution_device=device)
+    assert modules.execution_device(_experts(offloaded)) == device
+    with torch.no_grad():
+        got = offloaded(IDS.to(device)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    path = "grouped_gemm" if modules.grouped_kernel_pays(device) else "loop"
+    assert modules.experts_forward_path(offloaded) == {"path": path}
+
+
+def test_a_checkpoint_dispatched_over_the_gpu_and_the_cpu_equals_one_on_the_gpu(tmp_path):
+    from lm_eval_lowrank.checkpoint import load_compressed, save_compressed
+
+    model = _model("mixtral")
+    report = compress_model(model, {"rank": 4, "tensors": EXPERTS + "|q_proj|o_proj"}, progress=False)
+    save_compressed(model, tmp_path / "ckpt", report)
+    on_gpu = load_compressed(tmp_path / "ckpt", device="cuda")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    spread = load_compressed(tmp_path / "ckpt", device_map=device_map)
+    assert next(spread.model.layers[1].parameters()).is_meta  # offloaded, run on the GPU
+    with torch.no_grad():
+        torch.testing.assert_close(spread(IDS.cuda()).logits, on_gpu(IDS.cuda()).logits, rtol=1e-4, atol=1e-4)
