@@ -150,6 +150,40 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
             HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", **args)
 
 
+def test_quantized_weights_are_refused_before_the_load_and_where_they_lie(monkeypatch, tiny_model_dir, tmp_path):
+    """A quantized model cannot be factorised as stored: int8/4-bit codes and float8 values without their scales are
+    not the weights. From the config, before the weights load (GGUF files load dequantized, so they pass); and on
+    the loaded weight itself, naming it. float8 was decomposed silently before, and int8 failed inside autograd."""
+    import json
+
+    import torch
+    import transformers
+
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank.api import compress_model, validate_against_config
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SpecError, match=r"^pretrained is quantized \(quant_method=bitsandbytes\): decomposition needs floating-point weights"):
+        HFTuckerLM(pretrained=str(quantized), device="cpu", rank=1)
+    gguf = tiny_llama_config()
+    gguf.quantization_config = {"quant_method": "gguf"}
+    validate_against_config(DecompositionSpec.from_args({"rank": 1}), gguf)  # dequantized as it loads: accepted
+    monkeypatch.undo()
+    for dtype in (torch.float8_e4m3fn, torch.int8):
+        model = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+        q_proj = model.model.layers[1].self_attn.q_proj
+        q_proj.weight = torch.nn.Parameter(q_proj.weight.data.to(dtype), requires_grad=False)
+        with pytest.raises(SpecError, match=rf"^model.layers.1.self_attn.q_proj.weight is stored quantized \(Parameter of {dtype}\)"):
+            compress_model(model, {"rank": 2, "layers": "2", "tensors": "q"}, progress=False)
+
+
 def test_cli_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
     r = _run([str(BIN / "lm_eval"), "--model", "hf-tucker", "--model_args", f"pretrained={tiny_model_dir},rank=1,layers=0", "--tasks", "arc_easy", "--device", "cpu"], cwd=tmp_path)
     assert r.returncode != 0

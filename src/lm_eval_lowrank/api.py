@@ -12,6 +12,7 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .architectures import adapter_for_model, config_side_adapter
@@ -26,19 +27,46 @@ def as_spec(spec: DecompositionSpec | Mapping[str, Any] | None = None, **kwargs:
     return DecompositionSpec.from_args({**(spec or {}), **kwargs})
 
 
+def _quantization_method(config: Any) -> str | None:
+    """The method a config says its weights are stored quantized with (None: dense). GGUF files are dequantized
+    to floating point as they load, so they count as dense."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else getattr(qc, "quant_method", None)
+    method = str(getattr(method, "value", method) or "unknown")
+    return None if method == "gguf" else method
+
+
 def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
-    """Range checks that need only the config (layers past the end, ranks too large, tensors)."""
+    """Range checks that need only the config (layers past the end, ranks too large, tensors), and a refusal of
+    quantized weights, which cannot be factorised as they are stored."""
     if spec.is_noop:
         return
+    if (method := _quantization_method(config)) is not None:
+        raise SpecError(
+            f"pretrained is quantized (quant_method={method}): decomposition needs floating-point weights; "
+            "give the unquantized model (the compressed one can be quantized after)"
+        )
     adapter = config_side_adapter(config)
     if adapter is None:
         return  # transformers cannot build it empty (e.g. remote code): checked right after load
     make_plan(spec, config, adapter=adapter)
 
 
+_FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
+
+
+def _is_quantized(w: torch.Tensor) -> bool:
+    """Stored in a form whose values are not the weight's: integers, float8 with a separate scale, or a quantized
+    tensor class (bitsandbytes' Params4bit / Int8Params carry ``quant_state`` / ``SCB``)."""
+    return not w.is_floating_point() or w.dtype in _FLOAT8 or hasattr(w, "quant_state") or hasattr(w, "SCB")
+
+
 def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter: Any) -> None:
-    """Offloaded weights (accelerate's disk/CPU offload leaves them on the meta device) cannot be factorised."""
-    if spec.is_noop or not any(p.is_meta for p in model.parameters()):
+    """Offloaded weights (accelerate's disk/CPU offload leaves them on the meta device) and quantized ones cannot be
+    factorised."""
+    if spec.is_noop or not any(p.is_meta or _is_quantized(p) for p in model.parameters()):
         return  # the common case, without building a plan
     try:
         targets = make_plan(spec, model.config, adapter=adapter).targets
@@ -52,6 +80,11 @@ def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter:
         else:
             mod = modules[t.path]
             w, where = getattr(getattr(mod, "base_layer", mod), "weight", None), f"{t.path}.weight"
+        if w is not None and not w.is_meta and _is_quantized(w):
+            raise SpecError(
+                f"{where} is stored quantized ({type(w).__name__} of {w.dtype}): decomposition needs floating-point "
+                "weights; give the unquantized model (the compressed one can be quantized after)"
+            )
         if w is not None and w.is_meta:
             raise SpecError(
                 f"{where} is offloaded (meta device, e.g. parallelize=True/device_map without enough GPU "
