@@ -612,11 +612,14 @@ def dispatch_compressed(
 
     if isinstance(device_map, str):
         no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
+        given = max_memory
         if device_map != "sequential":
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+        if set(device_map.values()) == {"disk"}:
+            raise CheckpointError(f"max_memory={dict(given or {})!r} leaves no device room for any module of the model; give it more")
     if set(device_map.values()) == {"disk"}:
-        raise CheckpointError(f"max_memory={dict(max_memory or {})!r} leaves no device room for any module of the model; give it more")
+        raise CheckpointError("device_map puts every module on disk: nothing would run them; map some to a device")
     if "disk" in set(device_map.values()) and offload_folder is None:
         raise CheckpointError("offload_folder is required: the device map puts some modules on disk")
     return dispatch_model(model, device_map=dict(device_map), offload_dir=None if offload_folder is None else str(offload_folder))
