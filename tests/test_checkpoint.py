@@ -163,6 +163,20 @@ def test_bad_device_maps_for_a_checkpoint_fail_in_one_line(saved):
         assert _one_line(err.value).startswith(words)
 
 
+def test_each_tensor_is_read_to_the_device_its_module_is_mapped_to():
+    """The longest mapped prefix wins, on whole path components (layers.1 is not a prefix of layers.10);
+    disk-mapped tensors are read to the CPU, which dispatch then offloads."""
+    from lm_eval_lowrank.checkpoint import CheckpointError, _placed_device
+
+    device_map = {"": 0, "model.layers.1": 1, "model.layers.1.mlp": "cpu", "lm_head": "disk"}
+    assert _placed_device("model.layers.10.mlp.down_proj.first", device_map) == torch.device("cuda", 0)
+    assert _placed_device("model.layers.1.self_attn.q_proj.last", device_map) == torch.device("cuda", 1)
+    assert _placed_device("model.layers.1.mlp.experts.down_proj.first", device_map) == torch.device("cpu")
+    assert _placed_device("lm_head.weight", device_map) == torch.device("cpu")
+    with pytest.raises(CheckpointError, match="device_map places no module of model.norm.weight"):
+        _placed_device("model.norm.weight", {"model.layers": 0})
+
+
 def test_hf_tucker_shards_a_checkpoint_with_parallelize_and_refuses_dense_only_args(saved, tmp_path):
     """parallelize=True reaches the checkpoint (before, HFLM was given a built model and refused it with an
     assertion); arguments that only apply to reading a dense model fail before anything loads."""

@@ -506,7 +506,8 @@ class CompressedCheckpoint:
         ``dtype``: None/"auto" keeps the stored dtype; ``device``: default cuda when available. ``device_map``
         spreads it over devices as ``from_pretrained`` does (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
         ``"sequential"`` or a module -> device mapping, within ``max_memory``); what does not fit is offloaded
-        to the CPU or to ``offload_folder``. The model is then built on the CPU and dispatched.
+        to the CPU or to ``offload_folder``. A strategy is resolved on the empty model, and each tensor is read
+        straight to its device, so the host never holds the layers that go to the GPUs.
         """
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -529,9 +530,15 @@ class CompressedCheckpoint:
                 _install_factors(model, mod_path, info, None)
             except (AttributeError, CheckpointError):
                 raise CheckpointError(f"{MANIFEST_NAME} in {self.path} names module {mod_path}, which the config's architecture lacks") from None
+        placement = None if device_map is None else resolve_device_map(model, device_map, max_memory)
+        if placement is not None and "disk" in placement.values() and offload_folder is None:
+            raise CheckpointError("offload_folder is required: the device map puts some modules on disk")
         state: dict[str, torch.Tensor] = {}
         for name in self.manifest["weights"]:
-            state.update(load_file(str(self.path / name), device="cpu" if device.type == "cpu" else str(device)))  # refuses "cpu:0"
+            if placement is None:
+                state.update(load_file(str(self.path / name), device="cpu" if device.type == "cpu" else str(device)))  # refuses "cpu:0"
+            else:
+                state.update(_read_placed(self.path / name, placement, target_dtype))
         if target_dtype is not None:
             state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
         result = model.load_state_dict(state, strict=False, assign=True)
@@ -549,15 +556,16 @@ class CompressedCheckpoint:
         leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
         if leftover:
             raise CheckpointError(f"{self.path}: {leftover[0]} was not loaded (no tensor in the checkpoint)")
-        model.to(device)  # buffers were built on CPU
+        if placement is None:
+            model.to(device)  # buffers were built on CPU; with a device map, dispatching places them
         gen_path = self.path / "generation_config.json"
         if gen_path.is_file():
             with contextlib.suppress(Exception):
                 model.generation_config = GenerationConfig.from_pretrained(str(self.path))
         model.config.name_or_path = str(self.path)
         model.eval()
-        if device_map is not None:
-            model = dispatch_compressed(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+        if placement is not None:
+            model = dispatch_compressed(model, placement, offload_folder=offload_folder)
         return model
 
     def report(self) -> dict[str, Any]:
@@ -601,27 +609,58 @@ def load_compressed(path: str | os.PathLike, dtype: Any = None, device: str | to
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def dispatch_compressed(
-    model: nn.Module, device_map: str | Mapping[str, Any], max_memory: Mapping[Any, Any] | None = None, offload_folder: str | os.PathLike | None = None
-) -> nn.Module:
-    """Spread a model built on the CPU over devices with accelerate, as ``from_pretrained(device_map=...)`` does:
-    a strategy's map is inferred within ``max_memory``, keeping the model's no-split blocks (decoder layers)
-    whole; modules mapped to ``"cpu"`` or ``"disk"`` are offloaded and run on the first other device."""
-    from accelerate import dispatch_model, infer_auto_device_map
+def resolve_device_map(model: nn.Module, device_map: str | Mapping[str, Any], max_memory: Mapping[Any, Any] | None = None) -> dict[str, Any]:
+    """A module -> device mapping for ``model`` (its parameters may be on the meta device: only sizes are read), as
+    ``from_pretrained(device_map=...)`` makes one: a strategy's map is inferred within ``max_memory``, keeping the
+    model's no-split blocks (decoder layers) whole."""
+    from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    if isinstance(device_map, str):
-        no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
-        given = max_memory
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, str):
         if set(device_map.values()) == {"disk"}:
-            raise CheckpointError(f"max_memory={dict(given or {})!r} leaves no device room for any module of the model; give it more")
-    if set(device_map.values()) == {"disk"}:
-        raise CheckpointError("device_map puts every module on disk: nothing would run them; map some to a device")
-    if "disk" in set(device_map.values()) and offload_folder is None:
-        raise CheckpointError("offload_folder is required: the device map puts some modules on disk")
+            raise CheckpointError("device_map puts every module on disk: nothing would run them; map some to a device")
+        return dict(device_map)
+    no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    budget = max_memory
+    if device_map != "sequential":
+        budget = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0")
+    resolved = dict(infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split))
+    if set(resolved.values()) == {"disk"}:
+        raise CheckpointError(f"max_memory={dict(max_memory or {})!r} leaves no device room for any module of the model; give it more")
+    return resolved
+
+
+def _placed_device(name: str, device_map: Mapping[str, Any]) -> torch.device:
+    """Where tensor ``name`` goes under ``device_map``: its longest mapped prefix's device (the CPU for "disk")."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise CheckpointError(f"device_map places no module of {name}")
+    where = device_map[best]
+    if isinstance(where, int):  # an accelerator index, as accelerate writes GPUs
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return torch.device(accelerator.type if accelerator is not None else "cuda", where)
+    return torch.device("cpu" if where == "disk" else where)
+
+
+def _read_placed(path: Path, device_map: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, cast to ``dtype`` and read to its device under ``device_map``, one at a time."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[name] = t.to(_placed_device(name, device_map))
+    return out
+
+
+def dispatch_compressed(model: nn.Module, device_map: Mapping[str, Any], offload_folder: str | os.PathLike | None = None) -> nn.Module:
+    """Hook ``model`` onto its devices with accelerate: modules mapped to ``"cpu"`` or ``"disk"`` (which needs
+    ``offload_folder``) are offloaded and run on the first other device; tensors already on their device stay."""
+    from accelerate import dispatch_model
+
     return dispatch_model(model, device_map=dict(device_map), offload_dir=None if offload_folder is None else str(offload_folder))
 
 
