@@ -184,6 +184,21 @@ def test_quantized_weights_are_refused_before_the_load_and_where_they_lie(monkey
             compress_model(model, {"rank": 2, "layers": "2", "tensors": "q"}, progress=False)
 
 
+def test_offloaded_or_tensor_parallel_weights_are_refused_with_the_way_round(tiny_model_dir, tmp_path):
+    """parallelize=True with a device map that offloads layers to disk (run here on the CPU): the decomposed
+    layer's weight is on the meta device, and the error names it and the way round (a compressed checkpoint, which
+    shards and offloads: test_checkpoint). tp_plan shards every weight, refused before anything loads."""
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    device_map = {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" for i in range(1, 6)}
+    with pytest.raises(SpecError, match=r"^model.layers.2.self_attn.q_proj.weight is offloaded .* save a compressed checkpoint first \(lm-eval-lowrank decompose"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", parallelize=True, device_map=device_map, offload_folder=str(tmp_path), rank=1, layers=3, tensors="q")
+    with pytest.raises(SpecError, match=r"^tp_plan='auto' shards every weight over the processes"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", tp_plan="auto", rank=1)
+
+
 def test_cli_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
     r = _run([str(BIN / "lm_eval"), "--model", "hf-tucker", "--model_args", f"pretrained={tiny_model_dir},rank=1,layers=0", "--tasks", "arc_easy", "--device", "cpu"], cwd=tmp_path)
     assert r.returncode != 0

@@ -89,7 +89,8 @@ def _check_weights_in_memory(model: nn.Module, spec: DecompositionSpec, adapter:
             raise SpecError(
                 f"{where} is offloaded (meta device, e.g. parallelize=True/device_map without enough GPU "
                 "memory): decomposition needs every targeted weight in memory; give the GPUs more room "
-                "(max_memory_per_gpu), use fewer layers, or load without offloading"
+                "(max_memory_per_gpu), use fewer layers, or save a compressed checkpoint first "
+                "(lm-eval-lowrank decompose, on the CPU) and evaluate that with parallelize=True"
             )
 
 

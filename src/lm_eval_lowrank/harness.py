@@ -128,6 +128,11 @@ class HFTuckerLM(HFLM):
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
+        if rest.get("tp_plan") and not spec.is_noop:
+            raise SpecError(
+                f"tp_plan={rest['tp_plan']!r} shards every weight over the processes, and decomposition needs whole "
+                "weights: use parallelize=True (layers over GPUs) or accelerate launch (data parallel)"
+            )
         if pretrained is None:
             raise SpecError("pretrained is required, e.g. --model_args 'pretrained=PATH_OR_ID,rank=1,layers=3|18|32'")
         checkpoint = None
