@@ -18,7 +18,8 @@
 #   6  decomposing 128 Qwen3-30B-A3B-shaped experts at rank 8 and 64 against their full SVD (one solve per expert:
 #      is a batched solve over the experts needed on a GPU?)
 #   7  tests/test_cuda.py, the paths only a GPU takes, run for real: the grouped experts GEMMs against the loop
-#      (fp32, bf16), experts offloaded to the CPU and run on the GPU, a checkpoint dispatched over the GPU and the CPU
+#      (fp32, bf16; greedy decoding), experts offloaded to the CPU and run on the GPU, a checkpoint dispatched over
+#      the GPU and the CPU
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.

@@ -90,3 +90,20 @@ def test_a_checkpoint_dispatched_over_the_gpu_and_the_cpu_equals_one_on_the_gpu(
     assert next(spread.model.layers[1].parameters()).is_meta  # offloaded, run on the GPU
     with torch.no_grad():
         torch.testing.assert_close(spread(IDS.cuda()).logits, on_gpu(IDS.cuda()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_decoding_with_grouped_experts_picks_the_loops_tokens(fresh_grouped_checks, monkeypatch):
+    """Decoding runs the experts one token at a time (the launch-bound case the grouped path is for), through the
+    KV cache; in fp32 its greedy tokens are the loop's."""
+    modules = fresh_grouped_checks
+    device = torch.device("cuda")
+    if not modules.grouped_kernel_pays(device):
+        pytest.skip("grouped GEMMs are picked at SM 8.0+ only")
+    model = _decomposed_moe().to(device)
+    prompt = IDS[:2, :9].to(device)
+    with torch.no_grad():
+        grouped = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert modules.experts_forward_path(model) == {"path": "grouped_gemm"}
+        monkeypatch.setattr(modules, "use_grouped_experts", lambda *_: False)
+        looped = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(grouped, looped)
