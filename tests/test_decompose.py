@@ -336,3 +336,30 @@ def test_parallel_solves_stay_within_the_copy_budget():
         assert torch.get_num_threads() == 4  # restored after the error
     finally:
         torch.set_num_threads(before)
+
+
+def test_under_a_peft_adapter_the_base_layer_is_decomposed_and_the_adapter_kept():
+    """hf-tucker with peft=ADAPTER decomposes the model HFLM wrapped: each adapted linear's base layer becomes the
+    factors, and the adapter still adds its own term, exactly as on the plain decomposed model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from lm_eval_lowrank.api import compress_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config()).eval()
+    spec = {"rank": 2, "layers": "2", "tensors": "q|v"}
+    plain = copy.deepcopy(base)
+    compress_model(plain, spec, progress=False)
+    adapted = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    compress_model(adapted.get_base_model(), spec, progress=False)
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name in ("q_proj", "v_proj"):
+            wrapped = getattr(adapted.get_base_model().model.layers[1].self_attn, name)
+            assert isinstance(wrapped.base_layer, LowRankLinear)
+            lora = wrapped.lora_B["default"](wrapped.lora_A["default"](h)) * wrapped.scaling["default"]
+            expected = getattr(plain.model.layers[1].self_attn, name)(h) + lora
+            torch.testing.assert_close(wrapped(h), expected, rtol=1e-6, atol=1e-6)
