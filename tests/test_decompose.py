@@ -338,6 +338,7 @@ def test_parallel_solves_stay_within_the_copy_budget():
         torch.set_num_threads(before)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft reading a renamed transformers attribute
 def test_under_a_peft_adapter_the_base_layer_is_decomposed_and_the_adapter_kept():
     """hf-tucker with peft=ADAPTER decomposes the model HFLM wrapped: each adapted linear's base layer becomes the
     factors, and the adapter still adds its own term, exactly as on the plain decomposed model."""
