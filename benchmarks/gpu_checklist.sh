@@ -39,8 +39,11 @@ esac
 prepare() {
     set -e
     local py=.venv/bin/python
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
-    grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >>.git/info/exclude
+    local exclude
+    exclude="$(git rev-parse --git-path info/exclude)"  # a fresh checkout may have no .git/info yet
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+    grep -qx '/.devcarry/' "$exclude" 2>/dev/null || echo '/.devcarry/' >>"$exclude"
     rm -rf .whl && mkdir -p .whl .devcarry/data/arc_easy .devcarry/data/wikitext .devcarry/tok
     "$py" -m pip wheel -q --no-deps -w .whl .
     # lm-eval 0.4.13's dependencies that the GPU image (Python 3.12) does not hold: wheels for 3.12, and
