@@ -481,11 +481,10 @@ def check_grouped_experts(module: nn.Module, device: torch.device | None = None,
     and the reason is returned.
 
     A guard for kernels this package could not run when it was built (CUDA's), not a per-call cost."""
-    first = next(module.parameters())
-    w = torch.empty(0, device=device or first.device, dtype=dtype or first.dtype)
+    probe = experts_probe(module, device=device, dtype=dtype)
+    key = (probe[0].device.type, probe[0].dtype)
     try:
         with torch.no_grad():
-            probe = experts_probe(module, device=w.device, dtype=w.dtype)
             agree = experts_outputs_agree(experts_forward(module, *probe, grouped=True), experts_forward(module, *probe, grouped=False))
         reason = None if agree else "its result differs from the loop's"
     except torch.OutOfMemoryError:
@@ -493,21 +492,29 @@ def check_grouped_experts(module: nn.Module, device: torch.device | None = None,
     except RuntimeError as err:  # e.g. a kernel that refuses these shapes on this GPU
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     if reason is not None:
-        GROUPED_REFUSED[(w.device.type, w.dtype)] = reason
+        GROUPED_REFUSED[key] = reason
     else:
-        GROUPED_PASSED.add((w.device.type, w.dtype))
+        GROUPED_PASSED.add(key)
     return reason
 
 
+def grouped_experts_checked(module: nn.Module, hidden_states: torch.Tensor, weights: Mapping[str, Any] | None = None) -> bool:
+    """:func:`use_grouped_experts`, and the grouped forward has passed :func:`check_grouped_experts` on this
+    device type and dtype: run here, once, if it has not."""
+    if not use_grouped_experts(module, hidden_states, weights):
+        return False
+    if (hidden_states.device.type, hidden_states.dtype) in GROUPED_PASSED:
+        return True
+    return check_grouped_experts(module, hidden_states.device, hidden_states.dtype) is None
+
+
 def ensure_grouped_checked(module: nn.Module) -> None:
-    """:func:`check_grouped_experts` once per device type and dtype, where the grouped forward would run, before
-    any forward. Offloaded weights (on the meta device between forwards) are checked by their first forward."""
+    """:func:`grouped_experts_checked` where ``module`` lies, before any forward (outside the timed ones).
+    Offloaded weights (on the meta device between forwards) are checked by their first forward instead."""
     if any(p.is_meta for p in module.parameters()):
         return
-    w = next(module.parameters())
     with torch.no_grad():
-        if (w.device.type, w.dtype) not in GROUPED_PASSED and use_grouped_experts(module, w.new_empty(0, 0)):
-            check_grouped_experts(module)
+        grouped_experts_checked(module, next(module.parameters()).new_empty(0, 0))
 
 
 def _hook_execution_device(module: nn.Module) -> torch.device | None:
@@ -574,10 +581,8 @@ def experts_forward(
     """
     weights = projection_weights(module)
     if grouped is None:
-        grouped = use_grouped_experts(module, hidden_states, weights)
-        if grouped and (hidden_states.device.type, hidden_states.dtype) not in GROUPED_PASSED:
-            # weights that rest elsewhere (offloaded) are checked where they run, at their first forward there
-            grouped = check_grouped_experts(module, hidden_states.device, hidden_states.dtype) is None
+        # weights that rest elsewhere (offloaded) are checked where they run, at their first forward there
+        grouped = grouped_experts_checked(module, hidden_states, weights)
         if isinstance(module, LowRankExperts):
             module.__dict__["last_experts_path"] = "grouped_gemm" if grouped else "loop"  # for the results JSON
     if grouped:
