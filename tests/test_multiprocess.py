@@ -1,8 +1,9 @@
 """hf-tucker under ``accelerate launch --num_processes 2 --cpu`` (gloo): data parallel on CPU.
 
 A tiny random Llama (hidden 64, 6 layers, SmolLM2's 49152-token vocabulary and tokenizer)
-keeps the run short. Checks: the scores equal the 1-process run's, every process
-decomposed identically, and the latency in the JSON is aggregated over both processes.
+keeps the run short. Checks: the scores equal the 1-process run's, the two processes split the
+solves and end with the factors one process computes (bit for bit), and the latency in the JSON is aggregated
+over both processes.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def test_two_cpu_processes_match_one(load, tiny_with_tokenizer, request, tmp_pat
     assert dec["identical_across_processes"] is True
     assert dec["modules"] == lr1["decomposition"]["modules"]
     assert dec["params_after"] == lr1["decomposition"]["params_after"]
+    # the same factors, bit for bit, as one process computes
+    assert dec["factors_sha256"] is not None and dec["factors_sha256"] == lr1["decomposition"]["factors_sha256"]
+    if load == "decompose_on_load":  # the two processes split the solves
+        shared = dec["shared_solves"]
+        assert shared["processes"] == 2 and min(shared["modules_per_process"]) > 0
+        assert sum(shared["modules_per_process"]) == len(dec["modules"])
+        assert lr1["decomposition"]["shared_solves"] is None
     # Both processes' forwards are in the aggregate: at least as many calls as one process made.
     assert lr2["latency"]["calls"] >= lr1["latency"]["calls"]
     assert lr2["latency"]["total_seconds"] > 0

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import adapter_for_model, config_side_adapter
-from .decompose import DecompositionReport, decompose_model
+from .decompose import DecompositionReport, ProcessShard, decompose_model
 from .plan import make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -100,8 +100,12 @@ def compress_model(
     tokenizer: Any = None,
     model_id: str | None = None,
     progress: bool = True,
+    shard: ProcessShard | None = None,
 ) -> DecompositionReport:
-    """Decompose ``model`` in place according to ``spec`` and report what was done."""
+    """Decompose ``model`` in place according to ``spec`` and report what was done.
+
+    ``shard``: data-parallel processes that hold the same model split the solves (every one must call this alike;
+    see :class:`~lm_eval_lowrank.decompose.ProcessShard`)."""
     spec = as_spec(spec)
     adapter = adapter_for_model(model)
     _check_weights_in_memory(model, spec, adapter)
@@ -114,7 +118,7 @@ def compress_model(
             raise SpecError(f"method={spec.method!r} needs a tokenizer for its calibration data")
         from .calibration import build_stats_provider
 
-        stats_provider = build_stats_provider(spec, model, tokenizer, adapter=adapter, model_id=model_id)
+        stats_provider = build_stats_provider(spec, model, tokenizer, adapter=adapter, model_id=model_id, shard=shard)
     if spec.budget is not None:
         from .allocation import allocate_ranks
 
@@ -129,13 +133,16 @@ def compress_model(
     else:
         cache = DecompositionCache.for_model(model, model_id)
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")
-    if cache is not None:
-        hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks)  # must precede store: it fingerprints the dense weights
-        if hit is not None:
-            hit.allocation = getattr(ranks, "info", None)
-            return hit
+    hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks) if cache is not None else None  # must precede store: it fingerprints the dense weights
+    if shard is not None and not all(shard.all_gather(hit is None)):
+        shard = None  # some process found the cache entry: those that did not decompose on their own
+        if stats_provider is not None and hit is None:
+            stats_provider.unshare()
+    if hit is not None:
+        hit.allocation = getattr(ranks, "info", None)
+        return hit
     try:
-        report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress)
+        report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress, shard=shard)
     finally:
         if stats_provider is not None and hasattr(stats_provider, "release"):
             stats_provider.release()  # drop the held calibration hidden states

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -492,8 +493,11 @@ class SequentialStatsProvider:
         spec: DecompositionSpec | None = None,
         track_sparsity: float | None = None,
         target: float | str = 0.0,
+        shard: Any = None,
     ) -> None:
         self.adapter = adapter
+        # data-parallel processes (decompose.ProcessShard) that split the calibration batches and add up the sums
+        self.shard = shard
         self.input_ids = input_ids
         self.batch_size = batch_size
         self.record = dict(record or {})
@@ -521,9 +525,22 @@ class SequentialStatsProvider:
         self._stage_maps: dict[tuple[str, ...], dict[str, int]] = {}
 
     # -- hidden-state bookkeeping --------------------------------------------------------
+    def _sharing(self) -> bool:
+        """Whether the processes split the batches (each needs one at least)."""
+        return self.shard is not None and math.ceil(len(self.input_ids) / self.batch_size) >= self.shard.world
+
+    def unshare(self) -> None:
+        """Calibrate on every batch in this process alone from now on (the others stopped calibrating)."""
+        self.shard = None
+        self.release()
+
     def _capture(self, model: nn.Module) -> None:
         layers = self.adapter.layers(model)
-        captured = capture_layer_inputs(model, layers, self.input_ids, self.batch_size)
+        ids = self.input_ids
+        if self._sharing():  # whole batches, round robin: the batches a single process runs, split
+            step = self.shard.world * self.batch_size
+            ids = torch.cat([ids[s : s + self.batch_size] for s in range(self.shard.rank * self.batch_size, len(ids), step)])
+        captured = capture_layer_inputs(model, layers, ids, self.batch_size)
         self._hidden = [h for h, _kw, _ids in captured]
         self._kwargs = [kw for _h, kw, _ids in captured]
         self._at = 0
@@ -725,15 +742,20 @@ class SequentialStatsProvider:
                 self._advance_ref(model, index0)
         # per-expert statistics (token counts differ between experts) are not kept on disk
         cache = None if experts else self._cache_path(model, index0, prefix, reference)
+        found = None
         if cache is not None and cache.is_file() and self.track_sparsity is None:
             try:
                 blob = torch.load(cache, map_location="cpu", weights_only=True)
                 if all(p in blob["index"] for p in paths) and (not reference or blob.get("cross")):
-                    self.hits += 1
-                    self.seconds += time.perf_counter() - start
-                    return self._blend(self._from_blob(blob, paths, reference))
+                    found = self._from_blob(blob, paths, reference)
             except Exception:  # a truncated or foreign file: recompute
                 pass
+        if self._sharing() and not all(self.shard.all_gather(found is not None)):
+            found = None  # the processes compute together or not at all
+        if found is not None:
+            self.hits += 1
+            self.seconds += time.perf_counter() - start
+            return self._blend(found)
         self.misses += 1
         self._advance(model, index0)
         out, tokens = self._compute(model, index0, paths, reference, experts)
@@ -867,6 +889,8 @@ class SequentialStatsProvider:
             tokens += h.shape[0] * h.shape[1]
         ref_x.clear()
         ref_in.clear()
+        if self._sharing():
+            tokens = self._sum_over_processes(accum, cross if reference else None, tokens, expert_tokens, small)
         # Distinct inputs, in a stable order; every path points at one of them.
         linear_paths = [p for p in paths if p not in experts]
         sources = {}
@@ -883,6 +907,29 @@ class SequentialStatsProvider:
             if p not in self.sparsity and sources[p] in self.sparsity:
                 self.sparsity[p] = self.sparsity[sources[p]]
         return out, tokens
+
+    def _sum_over_processes(
+        self, accum: dict[str, torch.Tensor], cross: dict[str, torch.Tensor] | None, tokens: int, expert_tokens: dict[str, int], small: dict[str, list[float]]
+    ) -> int:
+        """Add this process's sums to the others' in place (all-reduce over the shard's gloo group), in the same key
+        order everywhere; a sum another process has and this one lacks (an expert no token of its share reached)
+        starts at zero. Every process ends with the same bits. Returns the total token count."""
+        import torch.distributed as dist
+
+        metas = self.shard.all_gather({"tokens": tokens, "experts": expert_tokens, "small": small, "shapes": {k: tuple(v.shape) for k, v in accum.items()}})
+        shapes: dict[str, tuple[int, ...]] = {}
+        for m in metas:
+            shapes.update(m["shapes"])
+        for key in sorted(shapes):
+            for sums in (accum, cross) if cross is not None else (accum,):
+                if key not in sums:
+                    sums[key] = torch.zeros(shapes[key], dtype=torch.float64)
+                dist.all_reduce(sums[key], group=self.shard.group)
+        for key in sorted({k for m in metas for k in m["experts"]}):
+            expert_tokens[key] = sum(m["experts"].get(key, 0) for m in metas)
+        for key in sorted({k for m in metas for k in m["small"]}):
+            small[key] = [sum(m["small"].get(key, [0.0, 0.0])[i] for m in metas) for i in (0, 1)]
+        return sum(m["tokens"] for m in metas)
 
     @staticmethod
     def _from_blob(blob: dict[str, Any], paths: list[str], reference: bool) -> dict[str, LayerStats]:
@@ -929,6 +976,8 @@ class SequentialStatsProvider:
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),
         )
+        if self._sharing():
+            out["shared"] = {"processes": self.shard.world, "batches_per_process": [len(range(r, math.ceil(len(self.input_ids) / self.batch_size), self.shard.world)) for r in range(self.shard.world)]}
         if self.allocation is not None:
             out["allocation"] = self.allocation
         return out
@@ -946,8 +995,10 @@ def build_stats_provider(
     adapter: Any = None,
     model_id: str | None = None,
     eval_tasks: Iterable[str] | None = None,
+    shard: Any = None,
 ) -> SequentialStatsProvider:
-    """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them."""
+    """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them. With ``shard``
+    (data-parallel processes holding the same model) each process runs its share of the batches."""
     from .architectures import adapter_for_model
     from .assets import cache_root
     from .methods import uses_reference
@@ -965,4 +1016,6 @@ def build_stats_provider(
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
-    return SequentialStatsProvider(model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target)
+    return SequentialStatsProvider(
+        model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target, shard=shard
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import mmap
 import sys
 import time
@@ -70,6 +71,7 @@ class DecompositionReport:
     calibration: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None  # budget allocators: realised budget, rounding
+    shared_solves: dict[str, Any] | None = None  # data-parallel processes that split the solves (ProcessShard.describe)
 
     @property
     def param_reduction(self) -> float:
@@ -105,6 +107,7 @@ class DecompositionReport:
             "allocation": self.allocation,
             "calibration": self.calibration,
             "cache": self.cache,
+            "shared_solves": self.shared_solves,
         }
 
 
@@ -207,9 +210,13 @@ def decompose_model(
     stats_provider: StatsProvider | None = None,
     progress: bool = True,
     on_module: Callable[[Target, LowRankLinear], None] | None = None,
+    shard: ProcessShard | None = None,
 ) -> DecompositionReport:
     """Replace the planned linears of ``model`` by :class:`LowRankLinear` modules (and planned stacked expert
-    parameters by :class:`LowRankExpertWeights`), in place."""
+    parameters by :class:`LowRankExpertWeights`), in place.
+
+    ``shard``: data-parallel processes holding the same model split the solves (every one of them must call this
+    with the same model and spec); each ends with every module's factors, those its owner computed."""
     adapter = adapter or adapter_for_model(model)
     plan = make_plan(spec, model.config, adapter=adapter, ranks=ranks)
     params_before = count_parameters(model)
@@ -242,7 +249,7 @@ def decompose_model(
         # A generator: a layer's stages are found when the decomposition reaches it, on the stream as it is then.
         stages = ((layer, ts) for layer in sorted(by_layer) for ts in layer_stages(layer))
     for layer, targets in stages:
-        _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar, copy_budget)
+        _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar, copy_budget, shard)
     # No gc.collect()/empty_cache() between stages: each dense weight's last reference is dropped as it is
     # replaced, so its memory returns to the (caching) allocator at once; a full GC per layer costs ~0.1 s on a
     # 7B model for nothing.
@@ -252,6 +259,8 @@ def decompose_model(
     report.sv_error_bound, report.sv_error_bound_modules = (max(bounds) if bounds else None), len(bounds)
     if stats_provider is not None and hasattr(stats_provider, "describe"):
         report.calibration = stats_provider.describe()
+    if shard is not None:
+        report.shared_solves = shard.describe()
     return report
 
 
@@ -277,6 +286,7 @@ def _decompose_stage(
     on_module: Callable[[Target, LowRankLinear], None] | None,
     bar: _progress,
     copy_budget: float = 0.0,
+    shard: ProcessShard | None = None,
 ) -> None:
     """Calibrate ``targets`` (one layer's, or one stage of them; all of them for a data-free method) on the model
     as it is now, then replace them in order."""
@@ -285,7 +295,7 @@ def _decompose_stage(
             check_experts_contract(owner)
     stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     for t in [t for t in targets if t.experts]:  # stacked expert projections: one solve per expert
-        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages, copy_budget)
+        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages, copy_budget, shard)
         bar.update()
     targets = [t for t in targets if not t.experts]
     if not targets:
@@ -305,7 +315,7 @@ def _decompose_stage(
             return method(W.detach().float(), t.rank, stats.get(t.path), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, t.path))
 
     parallel = spec.method == "tucker" and not stats  # data-free and known to be thread-safe
-    solved = _solve_in_parallel([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget)
+    solved = _solve_jobs([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget, shard)
     for i, factors in enumerate(solved):  # in order, each replaced as soon as its factors are in
         (t, path, old, W, b), found[i] = found[i], None  # nothing else holds the dense weight now
         dtype, device = W.dtype, W.device
@@ -338,6 +348,7 @@ def _decompose_experts(
     bounds: list[float],
     pages: _PageReleaser,
     copy_budget: float = 0.0,
+    shard: ProcessShard | None = None,
 ) -> None:
     """Factor every expert's matrix of one stacked projection (seeded per expert; in parallel threads like the
     linears' solves where those pay) and put the factors in place.
@@ -367,7 +378,7 @@ def _decompose_experts(
     parallel = spec.method == "tucker" and stats is None  # as for linears: data-free and thread-safe
     factors = []
     with torch.no_grad():
-        for job, f in zip(list(jobs), _solve_in_parallel(jobs, solve, spec, parallel, copy_budget)):
+        for job, f in zip(list(jobs), _solve_jobs(jobs, solve, spec, parallel, copy_budget, shard)):
             f = solve(*job) if f is None else f
             solver = f.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1
@@ -464,6 +475,145 @@ def _solve_in_parallel(
                 yield None if future is None else future.result()
         finally:  # on an error, or when the caller stops early, the solves not yet started are dropped
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Jobs per process in one round of shared solves: a round's factors are exchanged before the next round starts, so
+# a process holds at most this many modules' factors besides its model; more per round balances shapes better.
+SHARD_ROUND_JOBS = 16
+
+
+@dataclass
+class ProcessShard:
+    """Data-parallel processes (``accelerate launch``) that hold the same model split its solves.
+
+    The jobs go in rounds: each process solves its part of a round (balanced by the solves' cost, the same
+    assignment on every process), then every process receives every factor of the round, on the CPU over a gloo
+    group whatever the default backend (NCCL), and replaces the modules in order. So each process ends with the
+    factors their owner computed (each solve is seeded per module, so they are those a single process computes),
+    and a process that fails makes every process raise its error instead of waiting for it.
+    """
+
+    group: Any  # a torch.distributed group over every process (None: the default group, when it is gloo)
+    rank: int
+    world: int
+    solved: list[int] = field(default_factory=list)  # jobs solved per process
+    load: list[float] = field(default_factory=list)  # their estimated cost (elements x rank)
+    exchange_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.solved = self.solved or [0] * self.world
+        self.load = self.load or [0.0] * self.world
+
+    @classmethod
+    def create(cls) -> ProcessShard | None:
+        """Over every process of the initialised default group (collective: every process must call it); None
+        with fewer than two processes."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return cls(group, dist.get_rank(), dist.get_world_size())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def assign(self, costs: list[float]) -> list[int]:
+        """The process of each job of a round: longest first to the least loaded so far, counting earlier rounds
+        (a calibrated layer's one-module stages, o and down, then alternate); ties go to the lower index."""
+        owner = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            p = min(range(self.world), key=lambda p: (self.load[p], p))
+            owner[i] = p
+            self.load[p] += costs[i]
+        return owner
+
+    def describe(self) -> dict[str, Any]:
+        return {"processes": self.world, "modules_per_process": list(self.solved), "exchange_seconds": round(self.exchange_seconds, 4)}
+
+
+def _solve_jobs(
+    jobs: list[tuple[Target, torch.Tensor] | None],
+    solve: Callable[[Target, torch.Tensor], Factors],
+    spec: DecompositionSpec,
+    parallel: bool,
+    copy_budget: float,
+    shard: ProcessShard | None,
+) -> Iterator[Factors | None]:
+    """The factors of each job, in order: shared between processes with ``shard``, else as _solve_in_parallel."""
+    if shard is None:
+        yield from _solve_in_parallel(jobs, solve, spec, parallel, copy_budget)
+    else:
+        yield from _solve_shared(jobs, solve, spec, parallel, copy_budget, shard)
+
+
+def _portable(f: Factors) -> Factors:
+    # Compact CPU copies: pickling a view sends its whole storage (an exact SVD's U[:, :r] holds all of U).
+    def cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+
+    return Factors(cpu(f.left), cpu(f.core), cpu(f.right), dict(f.info))
+
+
+def _solve_shared(
+    jobs: list[tuple[Target, torch.Tensor] | None],
+    solve: Callable[[Target, torch.Tensor], Factors],
+    spec: DecompositionSpec,
+    parallel: bool,
+    copy_budget: float,
+    shard: ProcessShard,
+) -> Iterator[Factors]:
+    per_round = SHARD_ROUND_JOBS * shard.world
+    for lo in range(0, len(jobs), per_round):
+        span = list(range(lo, min(lo + per_round, len(jobs))))
+        owner = dict(zip(span, shard.assign([float(jobs[i][1].numel()) * jobs[i][0].rank for i in span])))
+        mine = [i for i in span if owner[i] == shard.rank]
+        local: dict[int, Factors] = {}
+        error: Exception | None = None
+        try:
+            for i, f in zip(mine, _solve_in_parallel([jobs[i] for i in mine], solve, spec, parallel, copy_budget)):
+                local[i] = f if f is not None else solve(*jobs[i])
+        except Exception as exc:  # sent to the others as a description: they raise it too instead of waiting
+            error = exc
+        start = time.perf_counter()
+        if error is not None:
+            payload: Any = ("error", type(error).__name__, str(error), isinstance(error, SpecError))
+        else:
+            payload = {i: _portable(f) for i, f in local.items()}
+        gathered = shard.all_gather(payload)
+        shard.exchange_seconds += time.perf_counter() - start
+        if error is not None:
+            raise error
+        for p, got in enumerate(gathered):
+            if isinstance(got, tuple):
+                _, kind, message, user_error = got
+                raise SpecError(message) if user_error else RuntimeError(f"process {p} failed decomposing: {kind}: {message}")
+        received = {i: f for got in gathered for i, f in got.items()}
+        for i in span:
+            shard.solved[owner[i]] += 1
+            jobs[i] = None
+            yield local.pop(i) if i in local else received.pop(i)
+
+
+def factors_digest(model: nn.Module) -> str | None:
+    """sha256 over the bytes of every low-rank module's parameters, in module order (None: there are none): the
+    same digest means the same factors, bit for bit."""
+    h = hashlib.sha256()
+    found = False
+    for name, mod in model.named_modules():
+        if isinstance(mod, (LowRankLinear, LowRankExpertWeights)):
+            found = True
+            h.update(name.encode())
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.is_meta:  # offloaded: its bytes are not here
+                    return None
+                h.update(pname.encode())
+                h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest() if found else None
 
 
 class _progress:

@@ -20,6 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .api import compress_model, validate_against_config, versions
+from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
 from .spec import SPEC_KEYS, DecompositionSpec, SpecError, split_model_args
@@ -175,7 +176,9 @@ class HFTuckerLM(HFLM):
         if not spec.is_noop:
             target = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
             model_id = pretrained if isinstance(pretrained, str) else None
-            report = compress_model(target, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0)
+            # Data-parallel processes hold the same model: they split the solves and exchange the factors.
+            shard = ProcessShard.create() if self.world_size > 1 else None
+            report = compress_model(target, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0, shard=shard)
             self._lowrank_report = report.to_dict()
         elif self._lowrank_report is None:
             from .decompose import count_parameters
@@ -183,6 +186,7 @@ class HFTuckerLM(HFLM):
             n = count_parameters(self._model)
             self._lowrank_report = {"method": None, "modules": [], "params_before": n, "params_after": n, "params_removed": 0, "param_reduction": 0.0, "decomposition_seconds": 0.0}
         self._lowrank_report["load_seconds"] = load_seconds
+        self._lowrank_report["factors_sha256"] = factors_digest(self._model)
         if self.device.type == "cuda" and torch.cuda.is_available():
             # Load + decomposition peak; the meter then measures the evaluation's own peak.
             self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -265,7 +269,8 @@ class HFTuckerLM(HFLM):
             torch.distributed.all_gather_object(gathered, summary)
             self._measurements = aggregate(gathered)
             reports = [None] * self.world_size
-            torch.distributed.all_gather_object(reports, self._lowrank_report.get("modules"))
+            mine = (self._lowrank_report.get("modules"), self._lowrank_report.get("factors_sha256"))
+            torch.distributed.all_gather_object(reports, mine)
             self._lowrank_report["identical_across_processes"] = all(r == reports[0] for r in reports)
         else:
             self._measurements = aggregate([summary])

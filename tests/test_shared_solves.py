@@ -1,0 +1,219 @@
+"""Data-parallel processes split the solves (ProcessShard): two gloo processes on the CPU.
+
+Each process builds the same model, decomposes it with ``shard=ProcessShard.create()`` and reports the sha256 of
+its factors. Checks: both processes end with the factors a single process computes (bit for bit) for tucker, rom
+and mixture-of-experts projections, the work was split, a process whose cache differs decomposes on its own
+instead of waiting, and a failed solve raises in every process instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+
+TUCKER = {"rank": 2, "layers": "all", "cache": False}
+# 4 calibration batches: each process runs 2 and the sums are added over processes in another order than one
+# process adds them, so rom's factors match a single process's to round-off, not bit for bit.
+ROM = {"rank": 2, "layers": "2|4", "method": "rom", "calib_n": 32, "calib_len": 32, "calib_batch": 8, "cache": False}
+EXPERTS = {"rank": 2, "layers": "all", "tensors": "q_proj|experts.gate_up_proj|experts.down_proj", "cache": False}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mixtral(vocab_size: int = 64):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        "mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        head_dim=8, num_experts_per_tok=2, intermediate_size=40, num_local_experts=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _load(folder: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _decompose(scenario: str, folder: str, shard) -> dict:
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.decompose import factors_digest
+    from lm_eval_lowrank.modules import LowRankExpertWeights, LowRankLinear
+
+    if scenario == "experts":
+        model, tok, spec, model_id = _mixtral(), None, EXPERTS, None
+    elif scenario == "experts_rom":  # per-expert statistics over each process's routed tokens, summed
+        model, tok, model_id = _mixtral(vocab_size=49152), _load(folder)[1], None
+        spec = {**EXPERTS, **{k: v for k, v in ROM.items() if k.startswith("calib")}, "method": "rom"}
+    else:
+        model, tok = _load(folder)
+        # whiten fits a blend with the dense model's outputs (calib_target 0.25): the cross sums are split too
+        spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "cache_split": {**TUCKER, "cache": True}}.get(scenario, TUCKER)
+        model_id = folder if scenario == "cache_split" else None
+    report = compress_model(model, spec, tokenizer=tok, model_id=model_id, progress=False, shard=shard)
+    products = {n: (m.last @ m.first).detach() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    products.update({n: (m.last @ m.first).detach() for n, m in model.named_modules() if isinstance(m, LowRankExpertWeights)})
+    return {
+        "digest": factors_digest(model),
+        "shared": report.shared_solves,
+        "cache_hit": bool((report.cache or {}).get("hit")),
+        "calibration_shared": (report.calibration or {}).get("shared"),
+        "products": products,
+    }
+
+
+def _sum_keys(rank: int, shard) -> dict:
+    """The calibration sums of two processes whose keys differ (an expert that only one process's tokens reach)."""
+    from types import SimpleNamespace
+
+    from lm_eval_lowrank.calibration import SequentialStatsProvider
+
+    accum = {"x": torch.full((2, 2), 1.0 + rank, dtype=torch.float64), f"e#{rank}": torch.full((2, 2), 10.0 + rank, dtype=torch.float64)}
+    experts, small = {f"e#{rank}": 3 + rank}, {"x": [1.0, 4.0 + rank]}
+    tokens = SequentialStatsProvider._sum_over_processes(SimpleNamespace(shard=shard), accum, None, 8 + rank, experts, small)
+    return {"tokens": tokens, "accum": accum, "experts": experts, "small": small}
+
+
+def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from lm_eval_lowrank import methods
+    from lm_eval_lowrank.decompose import ProcessShard
+
+    results = {"sum_keys": _sum_keys(rank, ProcessShard.create())}
+    for scenario in ("tucker", "rom", "whiten", "experts", "experts_rom", "cache_split", "failure"):
+        os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only cache_split reads it: rank 0's holds the entry
+        if scenario == "failure" and rank == 1:
+            methods._load_builtin()
+            tucker = methods._REGISTRY["tucker"]
+
+            def refuse_wide(W, r, stats, **kw):
+                if W.shape[0] > 64:
+                    raise RuntimeError("boom on a wide matrix")
+                return tucker(W, r, stats, **kw)
+
+            methods._REGISTRY["tucker"] = refuse_wide
+        try:
+            results[scenario] = _decompose(scenario, folder, ProcessShard.create())
+        except Exception as exc:
+            results[scenario] = {"error": f"{type(exc).__name__}: {exc}"}
+    torch.save(results, Path(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, smollm2_dir):
+    """Both workers' results, and the same decompositions by this one process (one thread, as they run)."""
+    tmp = tmp_path_factory.mktemp("shared_solves")
+    folder = str(save_tiny_llama(tmp / "tiny", smollm2_dir, num_hidden_layers=4, max_position_embeddings=256))
+    caches = [str(tmp / "cache0"), str(tmp / "cache1")]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "experts", "experts_rom")}
+        import os
+
+        old = os.environ.get("LM_EVAL_LOWRANK_CACHE")
+        os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[0]
+        try:
+            solo["cache_split"] = _decompose("cache_split", folder, None)  # writes rank 0's cache entry
+        finally:
+            if old is None:
+                os.environ.pop("LM_EVAL_LOWRANK_CACHE")
+            else:
+                os.environ["LM_EVAL_LOWRANK_CACHE"] = old
+    finally:
+        torch.set_num_threads(before)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, folder, caches, str(tmp))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a process was still waiting (deadlock in the shared solves)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return solo, [torch.load(tmp / f"{r}.pt") for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "experts", "experts_rom"])
+def test_shared_solves_give_one_process_factors(two_processes, scenario):
+    solo, (r0, r1) = two_processes
+    assert solo[scenario]["digest"] is not None
+    assert r0[scenario]["digest"] == r1[scenario]["digest"]  # every process holds the same factors
+    if scenario in ("rom", "whiten", "experts_rom"):  # calibration batches split: the sums differ from one process's in round-off only
+        assert r0[scenario]["calibration_shared"] == {"processes": 2, "batches_per_process": [2, 2]}
+        assert r0[scenario]["products"].keys() == solo[scenario]["products"].keys()
+        for name, product in solo[scenario]["products"].items():
+            torch.testing.assert_close(r0[scenario]["products"][name], product, rtol=1e-4, atol=1e-5, msg=name)
+    else:  # the very factors one process computes
+        assert r0[scenario]["digest"] == solo[scenario]["digest"]
+    shared = r0[scenario]["shared"]
+    per_process = shared["modules_per_process"]
+    assert shared["processes"] == 2 and r1[scenario]["shared"]["modules_per_process"] == per_process
+    assert min(per_process) > 0, f"one process solved nothing: {per_process}"
+    jobs = {"tucker": 4 * 7, "rom": 2 * 7, "whiten": 2 * 7, "experts": 2 * (1 + 2 * 4), "experts_rom": 2 * (1 + 2 * 4)}[scenario]  # q + 4 experts x 2
+    assert sum(per_process) == jobs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+def test_a_process_with_another_cache_decomposes_alone(two_processes):
+    solo, (r0, r1) = two_processes
+    assert r0["cache_split"]["cache_hit"] and not r1["cache_split"]["cache_hit"]
+    assert r1["cache_split"]["shared"] is None  # decomposed on its own, not waiting for rank 0's share
+    assert r0["cache_split"]["digest"] == r1["cache_split"]["digest"] == solo["cache_split"]["digest"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+def test_a_failed_solve_raises_in_every_process(two_processes):
+    _, (r0, r1) = two_processes
+    assert r1["failure"]["error"] == "RuntimeError: boom on a wide matrix"
+    assert r0["failure"]["error"] == "RuntimeError: process 1 failed decomposing: RuntimeError: boom on a wide matrix"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+def test_calibration_sums_add_up_over_processes_whose_keys_differ(two_processes):
+    _, (r0, r1) = two_processes
+    for r in (r0, r1):
+        got = r["sum_keys"]
+        assert got["tokens"] == 8 + 9
+        assert sorted(got["accum"]) == ["e#0", "e#1", "x"]
+        torch.testing.assert_close(got["accum"]["x"], torch.full((2, 2), 3.0, dtype=torch.float64))
+        torch.testing.assert_close(got["accum"]["e#0"], torch.full((2, 2), 10.0, dtype=torch.float64))  # zeros where absent
+        torch.testing.assert_close(got["accum"]["e#1"], torch.full((2, 2), 11.0, dtype=torch.float64))
+        assert got["experts"] == {"e#0": 3, "e#1": 4}
+        assert got["small"] == {"x": [2.0, 9.0]}
