@@ -69,3 +69,14 @@ def test_reload_benchmark_runs_on_a_synthetic_model_without_the_on_load_round(tm
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decompose_on_load=skipped" in r.stdout and "checkpoint_load / decompose_on_load" not in r.stdout, r.stdout
     assert re.search(r"^cache_hit_load / dense_load = \d+\.\d+ \(target <= 1\.2\)", r.stdout, re.M), r.stdout
+
+
+@pytest.mark.slow
+def test_shared_solves_benchmark_runs_at_toy_size():
+    """benchmarks/shared_solves.py starts its own gloo processes and calls compress_model with a ProcessShard."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "shared_solves.py"), "--configs", "rank=1,layers=1|2", "--reps", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^shared solves 'rank=1,layers=1\|2': shared [\d.]+ s .* shared / alone \d+\.\d+ .*same factors both ways: True$", r.stdout, re.M), r.stdout
