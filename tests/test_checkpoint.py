@@ -568,6 +568,27 @@ def test_cli_decompose_writes_a_loadable_checkpoint(tiny_dir, tmp_path):
     assert r3.exit_code == 0 and "cache hit" in r3.output
 
 
+def test_cli_decompose_refuses_a_taken_out_folder_before_decomposing(tiny_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import lm_eval_lowrank.api as api
+    from lm_eval_lowrank.cli.checkpoint import decompose
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+
+    def no_decomposition(*_a, **_k):
+        raise AssertionError("decomposed before checking --out")
+
+    monkeypatch.setattr(api, "compress_model", no_decomposition)
+    r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4", "--out", str(taken), "--quiet"])
+    assert r.exit_code != 0 and "exists and is not empty" in r.output, r.output
+    r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4", "--out", str(taken), "--overwrite", "--quiet"])
+    assert r.exit_code != 0 and "is not a compressed checkpoint; refusing to overwrite it" in r.output, r.output
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
 def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
     r = subprocess.run(
         [str(BIN / "lm-eval-lowrank"), "decompose", "--model_args", f"pretrained={tiny_dir},rank=4,batch_size=2", "--out", str(tmp_path / "x")],

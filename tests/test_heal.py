@@ -90,6 +90,25 @@ def test_heal_errors_name_the_argument(ckpt, tmp_path):
     assert r.exit_code != 0 and "not a compressed checkpoint" in r.output
 
 
+def test_heal_refuses_a_taken_out_folder_before_training(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import lm_eval_lowrank.heal as heal_module
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+
+    def no_training(*_a, **_k):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(heal_module, "read_texts", no_training)  # the first step after the argument checks
+    r = CliRunner().invoke(heal, [str(ckpt), "--out", str(taken), "--steps", "1"])
+    assert r.exit_code != 0 and "exists and is not empty" in r.output, r.output
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
 # -- distillation -------------------------------------------------------------------------
 
 HELD_TEXT = " ".join(WORDS[(i * 5) % 13] for i in range(600))

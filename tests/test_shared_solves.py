@@ -220,3 +220,28 @@ def test_calibration_sums_add_up_over_processes_whose_keys_differ(two_processes)
         torch.testing.assert_close(got["accum"]["e#1"], torch.full((2, 2), 11.0, dtype=torch.float64))
         assert got["experts"] == {"e#0": 3, "e#1": 4}
         assert got["small"] == {"x": [2.0, 9.0]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+def test_decompose_cli_under_torchrun_writes_the_one_process_checkpoint(tmp_path, smollm2_dir):
+    """`torchrun --nproc_per_node 2 --no-python lm-eval-lowrank decompose …`: the processes share the solves and the
+    first one writes the checkpoint, the same bytes as one process writes."""
+    import os
+    import subprocess
+
+    folder = save_tiny_llama(tmp_path / "tiny", smollm2_dir, num_hidden_layers=3, max_position_embeddings=256)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    args = ["decompose", "--model_args", f"pretrained={folder},rank=2,cache=false", "--quiet"]
+    one = subprocess.run([str(bin_dir / "lm-eval-lowrank"), *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=200)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python", "lm-eval-lowrank", *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("saved ") == 1 and "solves shared by 2 processes" in two.stdout, two.stdout
+    name = "lowrank_model.safetensors"
+    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()

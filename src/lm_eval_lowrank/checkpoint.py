@@ -323,6 +323,20 @@ def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, aliases
 
 
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The resolved folder a checkpoint may be written to, or a one-line CheckpointError: the CLI asks before any
+    weights load, so that a taken folder costs no decomposition or healing."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a folder path")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+        if not (out / MANIFEST_NAME).is_file():
+            raise CheckpointError(f"--out {out} is not a compressed checkpoint; refusing to overwrite it")
+    return out
+
+
 def save_compressed(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -339,14 +353,7 @@ def save_compressed(
     weight checksum of the dense model. The folder is built beside ``out_dir`` and renamed into
     place, so a killed run leaves no half-written checkpoint under ``out_dir``.
     """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file; give a folder path")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
-        if not (out / MANIFEST_NAME).is_file():
-            raise CheckpointError(f"--out {out} is not a compressed checkpoint; refusing to overwrite it")
+    out = check_output_folder(out_dir, overwrite)
     dec = decomposition.to_dict() if hasattr(decomposition, "to_dict") else dict(decomposition)
     dec.pop("cache", None)
     dec.pop("loaded_from_checkpoint", None)

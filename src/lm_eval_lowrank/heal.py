@@ -488,9 +488,10 @@ def heal_checkpoint(
     from transformers import AutoTokenizer
 
     from .calibration import tasks_scoring
-    from .checkpoint import CompressedCheckpoint, save_compressed
+    from .checkpoint import CompressedCheckpoint, check_output_folder, save_compressed
 
     check_heal_args(steps, lr, batch_size, teacher, kd_weight, temperature)
+    check_output_folder(out, overwrite)  # before the training it would otherwise throw away
     ckpt = CompressedCheckpoint.open(path)
     if data is None or (not isinstance(data, (str, os.PathLike)) and len(data) == 0):
         data_paths = [default_heal_data()]

@@ -41,7 +41,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..api import compress_model, validate_against_config
-    from ..checkpoint import CheckpointError, CompressedCheckpoint, save_compressed
+    from ..checkpoint import CheckpointError, CompressedCheckpoint, check_output_folder
 
     try:
         already = CompressedCheckpoint.detect(str(pretrained)) is not None
@@ -49,6 +49,10 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         already = True
     if already:
         raise SpecError(f"pretrained={pretrained!r} is already a compressed checkpoint; decompose a dense model")
+    try:
+        check_output_folder(out, overwrite)  # before the decomposition it would otherwise throw away
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
     revision = rest.get("revision")
     kw: dict[str, Any] = {"dtype": rest.get("dtype") or "auto"}
     if revision:
@@ -59,17 +63,31 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
 
     config = AutoConfig.from_pretrained(str(pretrained), **{k: v for k, v in kw.items() if k != "dtype"})
     validate_against_config(spec, config)  # range errors before the weights load
-    model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
     device = rest.get("device")
+    shard = _join_processes(str(device) if device else None)
+    if shard is not None and device and str(device).startswith("cuda"):
+        device = f"cuda:{_local_rank()}"  # one GPU per process
+    model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
     if device:
         model.to(str(device))
     tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **({"revision": str(revision)} if revision else {}))
-    report = compress_model(model, spec, tokenizer=tokenizer, model_id=str(pretrained), progress=not quiet)
+    first = shard is None or shard.rank == 0
+    report = compress_model(model, spec, tokenizer=tokenizer, model_id=str(pretrained), progress=not quiet and first, shard=shard)
+    try:
+        if first:  # every process holds the same factors: the first one writes them
+            _save(model, config, tokenizer, report, str(pretrained), revision, out, overwrite, shard)
+    finally:  # the others wait for it, also when it fails
+        _leave(shard)
+
+
+def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str, revision: Any, out: str, overwrite: bool, shard: Any) -> None:
+    from ..checkpoint import CheckpointError, CompressedCheckpoint, save_compressed
+
     source = {
-        "model_id": str(pretrained),
+        "model_id": pretrained,
         "revision": str(revision) if revision else getattr(config, "_commit_hash", None),
         "dtype": str(model.dtype).replace("torch.", ""),
-        "weights_sha256": _source_digest(str(pretrained), model),
+        "weights_sha256": _source_digest(pretrained, model),
     }
     try:
         path = save_compressed(model, out, report, tokenizer=tokenizer, source=source, overwrite=overwrite)
@@ -78,11 +96,48 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     ckpt = CompressedCheckpoint.open(path)
     m = ckpt.manifest
     cache = report.cache or {}
+    shared = f", solves shared by {shard.world} processes" if report.shared_solves else ""
     click.echo(
         f"saved {path}: {len(m['modules'])} modules, params {m['params']['before']} -> {m['params']['after']} "
         f"({100 * (m['params']['reduction'] or 0):.2f}% fewer), weights {ckpt.weight_bytes() / 2**20:.1f} MiB, "
-        f"cache {'hit' if cache.get('hit') else 'miss' if cache.get('enabled') else 'off'}"
+        f"cache {'hit' if cache.get('hit') else 'miss' if cache.get('enabled') else 'off'}{shared}"
     )
+
+
+def _local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _join_processes(device: str | None) -> Any:
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1), join the processes so they share the decomposition
+    (lm_eval_lowrank.decompose.ProcessShard): NCCL for one GPU per process, gloo on CPUs. None in a lone process."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from ..decompose import ProcessShard
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    if not dist.is_initialized():
+        cuda = bool(device and device.startswith("cuda") and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(_local_rank())
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return ProcessShard.create()
+
+
+def _leave(shard: Any) -> None:
+    """Wait until the first process has written the checkpoint, then leave the process group."""
+    if shard is None:
+        return
+    import torch.distributed as dist
+
+    shard.all_gather(None)  # a barrier on the shard's gloo group, whatever the default backend
+    dist.destroy_process_group()
 
 
 def _source_digest(model_id: str, model: Any) -> str | None:
