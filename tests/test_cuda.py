@@ -107,3 +107,36 @@ def test_greedy_decoding_with_grouped_experts_picks_the_loops_tokens(fresh_group
         monkeypatch.setattr(modules, "use_grouped_experts", lambda *_: False)
         looped = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(grouped, looped)
+
+
+def test_decompose_cli_with_two_processes_on_the_gpu_writes_one_process_factors(tmp_path):
+    """`torchrun --nproc_per_node 2 … decompose … device=cuda` (both processes on this GPU when there is one): the
+    factors equal those of one process on the GPU."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from test_checkpoint import make_tiny_dir
+
+    make_tiny_dir(tmp_path / "tiny")  # with a word-level tokenizer: no SmolLM2 needed on the GPU machine
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    args = ["decompose", "--model_args", f"pretrained={tmp_path / 'tiny'},rank=4,cache=false,device=cuda", "--quiet"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {
+        "one": [str(bin_dir / "lm-eval-lowrank"), *args, "--out", str(tmp_path / "one")],
+        "two": [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "--no-python", "lm-eval-lowrank", *args, "--out", str(tmp_path / "two")],
+    }
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    one, two = (load_file(str(tmp_path / n / "lowrank_model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)

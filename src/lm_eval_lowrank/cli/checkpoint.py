@@ -66,7 +66,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     device = rest.get("device")
     shard = _join_processes(str(device) if device else None)
     if shard is not None and device and str(device).startswith("cuda"):
-        device = f"cuda:{_local_rank()}"  # one GPU per process
+        device = f"cuda:{_local_gpu()}"  # one GPU per process
     model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
     if device:
         model.to(str(device))
@@ -104,15 +104,19 @@ def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str,
     )
 
 
-def _local_rank() -> int:
+def _local_gpu() -> int:
+    """This process's GPU: its local rank, wrapping round when the node has fewer GPUs than processes."""
     import os
 
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def _join_processes(device: str | None) -> Any:
     """Under torchrun or accelerate launch (WORLD_SIZE > 1), join the processes so they share the decomposition
-    (lm_eval_lowrank.decompose.ProcessShard): NCCL for one GPU per process, gloo on CPUs. None in a lone process."""
+    (lm_eval_lowrank.decompose.ProcessShard). None in a lone process. The group is gloo even for GPUs: the factors
+    travel on the CPU, and NCCL would refuse two processes on one GPU."""
     import os
 
     import torch
@@ -123,10 +127,9 @@ def _join_processes(device: str | None) -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     if not dist.is_initialized():
-        cuda = bool(device and device.startswith("cuda") and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(_local_rank())
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if device and device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(_local_gpu())
+        dist.init_process_group(backend="gloo")
     return ProcessShard.create()
 
 
