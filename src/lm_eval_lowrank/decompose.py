@@ -592,7 +592,7 @@ def _solve_shared(
             if isinstance(got, tuple):
                 _, kind, message, user_error = got
                 raise SpecError(message) if user_error else RuntimeError(f"process {p} failed decomposing: {kind}: {message}")
-        received = {i: f for got in gathered for i, f in got.items()}
+        received = {i: f for p, got in enumerate(gathered) if p != shard.rank for i, f in got.items()}  # not our own copies
         for i in span:
             shard.solved[owner[i]] += 1
             jobs[i] = None
