@@ -75,12 +75,12 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     report = compress_model(model, spec, tokenizer=tokenizer, model_id=str(pretrained), progress=not quiet and first, shard=shard)
     try:
         if first:  # every process holds the same factors: the first one writes them
-            _save(model, config, tokenizer, report, str(pretrained), revision, out, overwrite, shard)
+            _save(model, config, tokenizer, report, str(pretrained), revision, out, overwrite)
     finally:  # the others wait for it, also when it fails
         _leave(shard)
 
 
-def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str, revision: Any, out: str, overwrite: bool, shard: Any) -> None:
+def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str, revision: Any, out: str, overwrite: bool) -> None:
     from ..checkpoint import CheckpointError, CompressedCheckpoint, save_compressed
 
     source = {
@@ -96,7 +96,7 @@ def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str,
     ckpt = CompressedCheckpoint.open(path)
     m = ckpt.manifest
     cache = report.cache or {}
-    shared = f", solves shared by {shard.world} processes" if report.shared_solves else ""
+    shared = f", solves shared by {report.shared_solves['processes']} processes" if report.shared_solves else ""
     click.echo(
         f"saved {path}: {len(m['modules'])} modules, params {m['params']['before']} -> {m['params']['after']} "
         f"({100 * (m['params']['reduction'] or 0):.2f}% fewer), weights {ckpt.weight_bytes() / 2**20:.1f} MiB, "
