@@ -18,7 +18,7 @@ import torch
 
 from conftest import save_tiny_llama
 
-TUCKER = {"rank": 2, "layers": "all", "cache": False}
+TUCKER = {"rank": "2|q:1", "layers": "all", "cache": False}  # rank 1: single-column factors, of any stride
 # 4 calibration batches: each process runs 2 and the sums are added over processes in another order than one
 # process adds them, so rom's factors match a single process's to round-off, not bit for bit.
 ROM = {"rank": 2, "layers": "2|4", "method": "rom", "calib_n": 32, "calib_len": 32, "calib_batch": 8, "cache": False}
