@@ -78,11 +78,15 @@ def tiny_checkpoint(tiny_with_tokenizer, tmp_path_factory):
 # processes too (_enable_cpu_data_parallel), which is what this checks. A compressed checkpoint
 # goes through HFLM's own set-up too (before, it was handed over built, and every process
 # evaluated every document).
-@pytest.mark.parametrize("load", ["decompose_on_load", "checkpoint"])
+# whiten: the processes also split its calibration batches (and its dense reference stream's).
+@pytest.mark.parametrize("load", ["decompose_on_load", "checkpoint", "whiten_on_load"])
 def test_two_cpu_processes_match_one(load, tiny_with_tokenizer, request, tmp_path):
     from lm_eval_lowrank.tasks import task_dir
 
-    model_args = f"pretrained={tiny_with_tokenizer},{MODEL_ARGS}" if load == "decompose_on_load" else f"pretrained={request.getfixturevalue('tiny_checkpoint')}"
+    model_args = {
+        "decompose_on_load": f"pretrained={tiny_with_tokenizer},{MODEL_ARGS}",
+        "whiten_on_load": f"pretrained={tiny_with_tokenizer},{MODEL_ARGS},method=whiten,calib_n=32",
+    }.get(load) or f"pretrained={request.getfixturevalue('tiny_checkpoint')}"
     common = [
         "--model", "hf-tucker",
         "--model_args", model_args,
@@ -119,9 +123,13 @@ def test_two_cpu_processes_match_one(load, tiny_with_tokenizer, request, tmp_pat
     assert dec["identical_across_processes"] is True
     assert dec["modules"] == lr1["decomposition"]["modules"]
     assert dec["params_after"] == lr1["decomposition"]["params_after"]
-    # the same factors, bit for bit, as one process computes
+    # The same factors, bit for bit, as one process computes. For whiten the shared calibration sums are added in
+    # another order (fp64, ~1e-16 apart); its fp32 factors come out the same here. Sharing the solves makes the two
+    # processes' factors equal anyway, so only this comparison catches sums that were not added up.
     assert dec["factors_sha256"] is not None and dec["factors_sha256"] == lr1["decomposition"]["factors_sha256"]
-    if load == "decompose_on_load":  # the two processes split the solves
+    if load == "whiten_on_load":
+        assert dec["calibration"]["shared"] == {"processes": 2, "batches_per_process": [2, 2]}
+    if load != "checkpoint":  # the two processes split the solves
         shared = dec["shared_solves"]
         assert shared["processes"] == 2 and min(shared["modules_per_process"]) > 0
         assert sum(shared["modules_per_process"]) == len(dec["modules"])
