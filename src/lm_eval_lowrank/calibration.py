@@ -529,6 +529,10 @@ class SequentialStatsProvider:
         """Whether the processes split the batches (each needs one at least)."""
         return self.shard is not None and math.ceil(len(self.input_ids) / self.batch_size) >= self.shard.world
 
+    def _batch_starts(self, rank: int) -> range:
+        """The first rows of the batches process ``rank`` runs: whole batches, round robin."""
+        return range(rank * self.batch_size, len(self.input_ids), self.shard.world * self.batch_size)
+
     def unshare(self) -> None:
         """Calibrate on every batch in this process alone from now on (the others stopped calibrating)."""
         self.shard = None
@@ -537,9 +541,8 @@ class SequentialStatsProvider:
     def _capture(self, model: nn.Module) -> None:
         layers = self.adapter.layers(model)
         ids = self.input_ids
-        if self._sharing():  # whole batches, round robin: the batches a single process runs, split
-            step = self.shard.world * self.batch_size
-            ids = torch.cat([ids[s : s + self.batch_size] for s in range(self.shard.rank * self.batch_size, len(ids), step)])
+        if self._sharing():  # the batches a single process runs, split
+            ids = torch.cat([ids[s : s + self.batch_size] for s in self._batch_starts(self.shard.rank)])
         captured = capture_layer_inputs(model, layers, ids, self.batch_size)
         self._hidden = [h for h, _kw, _ids in captured]
         self._kwargs = [kw for _h, kw, _ids in captured]
@@ -977,7 +980,7 @@ class SequentialStatsProvider:
             seconds=round(self.seconds, 3),
         )
         if self._sharing():
-            out["shared"] = {"processes": self.shard.world, "batches_per_process": [len(range(r, math.ceil(len(self.input_ids) / self.batch_size), self.shard.world)) for r in range(self.shard.world)]}
+            out["shared"] = {"processes": self.shard.world, "batches_per_process": [len(self._batch_starts(r)) for r in range(self.shard.world)]}
         if self.allocation is not None:
             out["allocation"] = self.allocation
         return out

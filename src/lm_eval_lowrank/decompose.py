@@ -543,7 +543,10 @@ class ProcessShard:
         def nbytes(shape: tuple[int, ...], dtype: str) -> int:
             return math.prod(shape) * getattr(torch, dtype).itemsize
 
-        sizes = [sum(-(-nbytes(*spec) // 8) * 8 for _, specs in m.values() for spec in specs) for m in metas]
+        def padded(n: int) -> int:
+            return -(-n // 8) * 8
+
+        sizes = [sum(padded(nbytes(*spec)) for _, specs in m.values() for spec in specs) for m in metas]
         if max(sizes) == 0:
             return {}
         mine = torch.zeros(max(sizes), dtype=torch.uint8)
@@ -553,7 +556,7 @@ class ProcessShard:
             for t in (f.left, f.core, f.right):
                 raw = t.detach().to("cpu").reshape(-1).view(torch.uint8)  # flat first: an (m, 1) tensor may have any stride
                 mine[at : at + raw.numel()] = raw
-                at += -(-raw.numel() // 8) * 8
+                at += padded(raw.numel())
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine, group=self.group)
         out: dict[int, Factors] = {}
@@ -567,7 +570,7 @@ class ProcessShard:
                 for shape, dtype in specs:
                     n = nbytes(shape, dtype)
                     parts.append(everyone[p][at : at + n].view(getattr(torch, dtype)).reshape(shape))
-                    at += -(-n // 8) * 8
+                    at += padded(n)
                 out[i] = Factors(*parts, dict(info))
         return out
 
