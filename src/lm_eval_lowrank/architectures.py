@@ -243,7 +243,8 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
 class GenericAdapter(ArchitectureAdapter):
     """Fallback for other architectures: read off a model, the loaded one or an empty one built from the config.
 
-    The decoder layers are the longest ``nn.ModuleList``; the tensors are the ``nn.Linear`` modules the layers
+    The decoder layers are the outermost ``nn.ModuleList`` as long as the config's layer count (else the longest
+    outermost one); the tensors are the ``nn.Linear`` modules the layers
     hold at one path with one shape, named by their leaf names, and the stacked projections of transformers'
     mixture-of-experts modules, named ``<module>.<parameter>`` (e.g. ``experts.gate_up_proj``). A tensor that
     only some layers hold is offered for those layers (``tensor_layers``).
@@ -260,13 +261,7 @@ class GenericAdapter(ArchitectureAdapter):
 
     @classmethod
     def from_model(cls, model: Any) -> GenericAdapter:
-        import torch.nn as nn
-
-        best_path, best_list = None, None
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-                if best_list is None or len(mod) > len(best_list):
-                    best_path, best_list = name, mod
+        best_path, best_list = _decoder_layer_list(model)
         if best_list is None:
             raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
         # Layers may differ (DeepSeek's dense then MoE blocks, hybrid attention/SSM stacks): a projection held by
@@ -287,7 +282,9 @@ class GenericAdapter(ArchitectureAdapter):
         for sub in everywhere + some:  # names of the projections every layer holds first, as they always were
             n_exp, out_f, in_f = shape_of[sub]
             short = ".".join(sub.split(".")[-2:]) if n_exp else sub.split(".")[-1]
-            if short in paths:  # ambiguous leaf name: use the full path
+            # An item of a list inside the layer (an expert kept in a list) keeps its full path: a bare ``w1`` for
+            # expert 0 would read as every expert's. So does an ambiguous leaf name after its first holder.
+            if short in paths or any(part.isdigit() for part in sub.split(".")):
                 short = sub
             paths[short] = sub
             shapes[short] = (out_f, in_f)
@@ -332,15 +329,44 @@ class GenericAdapter(ArchitectureAdapter):
 _BUILT_ADAPTERS: dict[str, GenericAdapter | None] = {}
 
 
+def _decoder_layer_list(model: Any) -> tuple[str | None, Any]:
+    """(path, list) of the decoder layers: among the ``nn.ModuleList``s that no other list holds, the one as long
+    as the config's layer count, else the longest.
+
+    Only outermost lists: mixture-of-experts blocks that keep their experts in a list (transformers 4, remote code
+    such as DeepSeek's) nest one per layer, often longer than the layer list (64 experts in 16 layers). The layer
+    count picks the language model's list beside a vision tower's.
+    """
+    import torch.nn as nn
+
+    config = getattr(model, "config", None)
+    wanted = config_value(text_config(config), "num_hidden_layers", "n_layer", "num_layers") if config is not None else None
+    lists = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+    outer = [(name, mod) for name, mod in lists if not any(name.startswith(other + ".") for other, _ in lists)]
+    if not outer:
+        return None, None
+    matching = [(name, mod) for name, mod in outer if len(mod) == wanted]
+    return max(matching or outer, key=lambda item: len(item[1]))
+
+
 def _layer_projections(layer: Any) -> dict[str, tuple[int, int, int]]:
     """Sub path -> (experts, out, in) of a layer's linears (0 experts) and stacked expert projections."""
     import torch.nn as nn
 
     from .modules import expert_projection_names, is_experts_module
 
+    # A router beside a list of experts scores one column per expert: it is never offered (a rank-r router moves
+    # every token's choice of experts, and it is a sliver of the layer's parameters).
+    routers = {
+        f"{parent}.{name}".lstrip(".")
+        for parent, holder in layer.named_modules()
+        for name, child in holder.named_children()
+        if isinstance(child, nn.Linear)
+        and any(isinstance(c, nn.ModuleList) and len(c) == child.out_features > 1 for c in holder.children())
+    }
     found: dict[str, tuple[int, int, int]] = {}
     for sub, m in layer.named_modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and sub not in routers:
             found[sub] = (0, m.out_features, m.in_features)
         elif is_experts_module(m):
             for name in expert_projection_names(m):
