@@ -240,15 +240,20 @@ def test_python_api_without_a_device_picks_one_that_exists(tiny_model_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
-def test_a_cuda_device_without_cuda_fails_before_weights_load(monkeypatch, tiny_model_dir):
+def test_cuda_without_cuda_fails_before_weights_load_and_cuda_0_runs_on_the_cpu_as_hf_does(monkeypatch, tiny_model_dir):
     import transformers
 
     from lm_eval_lowrank.harness import HFTuckerLM
     from lm_eval_lowrank.spec import SpecError
 
+    from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    with pytest.raises(SpecError, match=r"^device='cuda:0' is invalid: this torch .* has no usable CUDA; use device=cpu$"):
-        HFTuckerLM(pretrained=str(tiny_model_dir), device="cuda:0", rank=1)
+    with pytest.raises(SpecError, match=r"^device='cuda' is invalid: this torch .* has no usable CUDA; use device=cpu$"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cuda", rank=1)
+    # lm_eval's command line passes cuda:0 when --device is left out; hf then runs on the CPU, and so does hf-tucker
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cuda:0", rank=1, layers="2")
+    assert lm.device.type == "cpu" and lm.get_model_info()["lowrank"]["decomposition"]["layers"] == [2]
 
 
 @pytest.mark.slow

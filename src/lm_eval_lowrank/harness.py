@@ -75,14 +75,21 @@ def _check_checkpoint_args(rest: dict[str, Any], where: str) -> None:
 
 
 def _choose_device(rest: dict[str, Any]) -> None:
-    """HFLM's Python default is device="cuda" (``simple_evaluate`` drops a None device), which fails deep inside
-    ``from_pretrained`` on a CPU-only torch. With no device given, take CUDA when there is one, else the CPU, as
-    lm_eval's CLI does; an explicit CUDA device without CUDA is refused before the weights load."""
+    """The device as ``hf`` would take it, with its one failure caught before the weights load.
+
+    HFLM's Python default is device="cuda" (``simple_evaluate`` drops a None device): with no device given, take
+    CUDA when there is one, else the CPU. lm_eval's command line passes device="cuda:0" when ``--device`` is left
+    out, and HFLM runs an indexed CUDA device that is not there on the CPU, so this does too, saying so: refusing
+    it would fail the plain command on a CPU-only machine where ``hf`` runs. A bare "cuda" without CUDA, which HFLM
+    would take and fail on deep inside ``from_pretrained``, is refused."""
     device = rest.get("device")
     if device is None:
         rest["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     elif str(device).startswith("cuda") and not torch.cuda.is_available() and not rest.get("parallelize"):
-        raise SpecError(f"device={device!r} is invalid: this torch ({torch.__version__}) has no usable CUDA; use device=cpu")
+        if str(device) == "cuda":
+            raise SpecError(f"device={device!r} is invalid: this torch ({torch.__version__}) has no usable CUDA; use device=cpu")
+        print(f"hf-tucker: device={device!r} but this torch ({torch.__version__}) has no usable CUDA; running on the CPU, as hf does", file=sys.stderr)
+        rest["device"] = "cpu"
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
