@@ -55,6 +55,9 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     final = root / SMOLLM2_NAME
     if (final / _DONE_MARKER).exists():
         return final
+    from .optional import require_module
+
+    require_module("gguf", "gguf", "converting the embedded default model (SmolLM2, a GGUF file)")  # before the download
     root.mkdir(parents=True, exist_ok=True)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -95,6 +95,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _plt() -> Any:
+    from .optional import require_module
+
+    require_module("matplotlib", "plots", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

@@ -112,6 +112,9 @@ def expert_mean(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metric: str, kind: str, title: str) -> None:
+    from ..optional import require_module
+
+    require_module("matplotlib", "plots", "the heatmap")
     import matplotlib
 
     matplotlib.use("Agg")  # headless
@@ -159,6 +162,10 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
 
     if metric not in HEATMAP_METRICS:
         raise click.BadParameter(f"{metric!r}: valid {', '.join(HEATMAP_METRICS)}", param_hint="--metric")
+    if heatmap:
+        from ..optional import require_module
+
+        require_module("matplotlib", "plots", "--heatmap")  # before the analysis, not after it
     if model in ("smollm2", "default"):
         from ..assets import smollm2_path
 
