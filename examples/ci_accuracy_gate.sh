@@ -34,6 +34,9 @@ LIMIT="${LIMIT:-}"                  # e.g. 200: first 200 documents per task (fa
 DEVICE="${DEVICE:-cpu}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 OUT="${OUT:-lm-eval-gate}"          # results, gate.json; upload it as a CI artifact
+# e.g. 0.95: gate on confidence bounds of each drop, paired over documents (both runs
+# log their samples); a drop the documents cannot tell from the tolerance is UNSURE and fails.
+CONFIDENCE="${CONFIDENCE:-}"
 
 # Folder of the offline task YAMLs (arc_easy_local, ...); see `lm-eval-lowrank tasks --help`.
 INCLUDE_PATH="$(lm-eval-lowrank tasks)"
@@ -41,6 +44,11 @@ INCLUDE_PATH="$(lm-eval-lowrank tasks)"
 common=(--tasks "$TASKS" --include_path "$INCLUDE_PATH" --device "$DEVICE" --batch_size "$BATCH_SIZE")
 if [[ -n "$LIMIT" ]]; then
     common+=(--limit "$LIMIT")
+fi
+gate_noise=()
+if [[ -n "$CONFIDENCE" ]]; then
+    common+=(--log_samples)
+    gate_noise=(--confidence "$CONFIDENCE")
 fi
 
 # One --output_path per run: lm-eval names the results subfolder after pretrained=,
@@ -60,4 +68,4 @@ lm_eval --model hf-tucker --model_args "pretrained=${MODEL},${COMPRESSION}" \
 echo "== gate: max drop $MAX_DROP" >&2
 # --json: the verdict goes to gate.json, the table to the job log (stderr).
 lm-eval-lowrank gate "$OUT/compressed" --baseline "$OUT/dense" \
-    --max-drop "$MAX_DROP" --tasks "$TASKS" --json > "$OUT/gate.json"
+    --max-drop "$MAX_DROP" --tasks "$TASKS" ${gate_noise[@]+"${gate_noise[@]}"} --json > "$OUT/gate.json"

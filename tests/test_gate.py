@@ -552,3 +552,105 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
 def test_gate_does_not_import_torch() -> None:
     code = "import sys, lm_eval_lowrank.cli.gate; sys.exit('torch' in sys.modules or 'lm_eval' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+def _arc_run(out: Path, date_id: str, correct: list[int], stderr: float | str = 0.01, samples: bool = True) -> Path:
+    """A run whose arc_easy_local acc_norm is the mean of ``correct`` (one 0/1 per document), with the samples
+    file ``lm_eval --log_samples`` writes beside the results (doc_id, doc_hash, filter, one key per metric)."""
+    value = sum(correct) / len(correct)
+    data = lm_eval_results(arc={"acc,none": value, "acc_norm,none": value}, mmlu=None)
+    data["results"]["arc_easy_local"]["acc_norm_stderr,none"] = stderr
+    path = write_run(out, data, date_id)
+    if samples:
+        lines = [
+            {"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "metrics": ["acc", "acc_norm"], "acc": float(v), "acc_norm": float(v)}
+            for i, v in enumerate(correct)
+        ]
+        (path.parent / f"samples_arc_easy_local_{date_id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _arc_row(output: str) -> list[str]:
+    return next(line for line in output.splitlines() if line.startswith("arc_easy_local")).split()
+
+
+def test_confidence_bounds_from_lm_eval_stderr(tmp_path: Path) -> None:
+    """stderr 0.01 in each run: the drop's is 0.01414, and the one-sided 95 % bounds are drop -/+ 0.02326."""
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1] * 50 + [0] * 50, samples=False)
+    for n_correct, verdict, code in ((50, "PASS", 0), (46, "UNSURE", 1), (42, "FAIL", 1)):
+        comp = _arc_run(tmp_path / f"c{n_correct}", "2026-01-02T00-00-00.0", [1] * n_correct + [0] * (100 - n_correct), samples=False)
+        r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--json")
+        assert r.exit_code == code, r.output
+        task = json.loads(r.stdout)["tasks"][0]
+        drop = 0.5 - n_correct / 100
+        assert task["verdict"] == verdict and task["stderr_kind"] == "unpaired"
+        assert task["stderr"] == pytest.approx(math.sqrt(2) * 0.01)
+        assert task["bounds"] == pytest.approx([drop - 0.0232617, drop + 0.0232617], abs=1e-6)
+    # the same UNSURE drop passes with --unsure pass, and fails on its point estimate without --confidence
+    assert run_cli(str(tmp_path / "c46"), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--unsure", "pass").exit_code == 0
+    assert run_cli(str(tmp_path / "c46"), "--baseline", str(base), "--max-drop", "0.03").exit_code == 1
+
+
+def test_paired_documents_give_a_tighter_bound_than_independent_scores(tmp_path: Path) -> None:
+    """200 documents; the compressed run loses 4 the dense one had right and nothing else changes: a drop of 0.02.
+    Independent stderrs (0.035 each) cannot tell that from 0.10; paired over documents it is within 0.04."""
+    dense = [1] * 100 + [0] * 100
+    compressed = [0] * 4 + [1] * 96 + [0] * 100
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", dense, stderr=0.0354)
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", compressed, stderr=0.0353)
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.04", "--confidence", "0.95", "--json")
+    assert r.exit_code == 0, r.output
+    task = json.loads(r.stdout)["tasks"][0]
+    d = [1.0] * 4 + [0.0] * 196
+    mean = sum(d) / 200
+    paired = math.sqrt(sum((x - mean) ** 2 for x in d) / 199 / 200)
+    assert (task["verdict"], task["stderr_kind"], task["paired_documents"]) == ("PASS", "paired", 200)
+    assert task["stderr"] == pytest.approx(paired) and task["drop"] == pytest.approx(0.02)
+    assert "200 paired docs" in r.stderr
+    # without the samples files the same scores are UNSURE
+    for run in (base, comp):
+        next(run.parent.glob("samples_*.jsonl")).unlink()
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.04", "--confidence", "0.95")
+    assert r.exit_code == 1 and _arc_row(r.output)[-2:] == ["stderr", "UNSURE"]
+
+
+def test_samples_that_do_not_pair_fall_back_with_a_note(tmp_path: Path) -> None:
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1] * 50 + [0] * 50)
+    other_docs = _arc_run(tmp_path / "other", "2026-01-02T00-00-00.0", [1] * 50 + [0] * 50)
+    samples = next(other_docs.parent.glob("samples_*.jsonl"))
+    samples.write_text(samples.read_text().replace('"doc_hash": "h0"', '"doc_hash": "changed"'))
+    r = run_cli(str(other_docs), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--json")
+    assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired"
+    assert "the samples files cover different documents" in r.stderr
+    # a reported score that is not the mean of the samples (a corpus-level metric) is not paired either
+    data = json.loads(other_docs.read_text())
+    data["results"]["arc_easy_local"]["acc_norm,none"] = 0.47
+    other_docs.write_text(json.dumps(data))
+    samples.write_text(samples.read_text().replace('"changed"', '"h0"'))
+    r = run_cli(str(other_docs), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--json")
+    assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired" and "is not a mean over documents" in r.stderr
+
+
+def test_confidence_without_any_stderr_gates_the_point_estimate_and_says_so(tmp_path: Path) -> None:
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1] * 50 + [0] * 50, stderr="N/A", samples=False)
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [1] * 49 + [0] * 51, stderr="N/A", samples=False)
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95")
+    assert r.exit_code == 0 and _arc_row(r.output)[-1] == "PASS"
+    assert "no standard error for acc_norm,none in the results (nor samples from both runs): gated on the drop alone" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--confidence", "1.5"], "--confidence 1.5 is invalid: give a level in [0.5, 1), e.g. 0.95"),
+        (["--unsure", "pass"], "--unsure pass needs --confidence: without it no verdict is UNSURE"),
+    ],
+)
+def test_bad_confidence_options_are_one_line_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1, 0])
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [1, 0])
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.03", *args)
+    assert r.exit_code == 2 and message in r.output

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +46,7 @@ __all__ = [
     "LOWER_IS_BETTER",
     "PREFERRED_METRICS",
     "GateError",
+    "DropNoise",
     "GateResult",
     "ResultsFile",
     "Row",
@@ -383,6 +385,105 @@ def select_tasks(baseline: ResultsFile, names: Sequence[str] = (), subtasks: boo
     return out
 
 
+# --------------------------------------------------------------------------- noise
+
+
+@dataclass(frozen=True)
+class DropNoise:
+    """The standard error of one task's drop, in the drop's units."""
+
+    stderr: float
+    kind: str  # "paired": over the documents both runs scored; "unpaired": from lm-eval's stderr of each score
+    documents: int | None = None  # paired documents
+
+
+def samples_path(results: ResultsFile, task: str) -> Path | None:
+    """The per-document file ``lm_eval --log_samples`` wrote beside a results file for ``task``, if any."""
+    m = _STAMP_RE.search(results.path.name)
+    if m is None:
+        return None
+    path = results.path.parent / f"samples_{task}_{m.group(1)}.jsonl"
+    return path if path.is_file() else None
+
+
+def per_document_scores(results: ResultsFile, task: str, metric_key: str) -> dict[tuple[Any, Any], float] | None:
+    """(doc_id, doc_hash) -> the metric's value on that document, from the samples file; None when there is no
+    file or it does not hold exactly one number per document for this metric and filter."""
+    path = samples_path(results, task)
+    if path is None:
+        return None
+    name, flt = metric_key.split(",", 1)
+    scores: dict[tuple[Any, Any], float] = {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                sample = json.loads(line)
+                if sample.get("filter", "none") != flt:
+                    continue
+                value = _number(sample.get(name))
+                key = (sample.get("doc_id"), sample.get("doc_hash"))
+                if value is None or key in scores:
+                    return None
+                scores[key] = value
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return scores or None
+
+
+def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
+    """Whether the reported score is the mean of the per-document ones: only then is a paired standard error of
+    the mean difference valid (not for corpus-level metrics such as perplexity or BLEU)."""
+    return abs(statistics.fmean(scores.values()) - reported) <= 1e-6 * max(1.0, abs(reported))
+
+
+def drop_noise(task: str, metric_key: str, baseline: ResultsFile, compressed: ResultsFile, row: Row, relative: bool) -> tuple[DropNoise | None, str | None]:
+    """(the drop's standard error, a note): paired over documents when both runs logged their samples and the
+    metric is a mean over documents, else from lm-eval's stderr of each score (as independent), else None."""
+    assert row.baseline is not None and row.compressed is not None
+    if relative and row.baseline == 0:
+        return None, "a relative drop from a zero baseline has no standard error"
+    scale = abs(row.baseline) if relative else 1.0
+    sign = 1.0 if row.higher_is_better else -1.0
+    note = None
+    b = per_document_scores(baseline, task, metric_key)
+    c = per_document_scores(compressed, task, metric_key)
+    if b is not None and c is not None:
+        if b.keys() != c.keys():
+            note = "the samples files cover different documents: unpaired standard error"
+        elif len(b) < 2:
+            note = "fewer than 2 documents in the samples files: unpaired standard error"
+        elif not (_is_their_mean(b, row.baseline) and _is_their_mean(c, row.compressed)):
+            note = f"{metric_key} is not a mean over documents: unpaired standard error"
+        else:
+            d = [sign * (b[k] - c[k]) / scale for k in b]
+            return DropNoise(statistics.stdev(d) / math.sqrt(len(d)), "paired", len(d)), None
+    name, flt = metric_key.split(",", 1)
+    errors = [_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
+    if any(e is None for e in errors):
+        return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone"
+    return DropNoise(math.hypot(*errors) / scale, "unpaired"), note
+
+
+def parse_confidence(value: float | None) -> float | None:
+    if value is not None and not 0.5 <= value < 1:
+        raise GateError(f"--confidence {value:g} is invalid: give a level in [0.5, 1), e.g. 0.95")
+    return value
+
+
+def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: float) -> None:
+    """PASS when the upper bound of the drop is within the tolerance, FAIL when the lower bound exceeds it."""
+    row.noise = noise
+    if note:
+        row.note = note if row.note is None else f"{row.note}; {note}"
+    if noise is None or row.drop is None or not math.isfinite(row.drop):
+        return
+    lo, hi = row.drop - z * noise.stderr, row.drop + z * noise.stderr
+    row.interval = (lo, hi)
+    row.verdict = "PASS" if hi <= row.max_drop + _EPS else "FAIL" if lo > row.max_drop + _EPS else "UNSURE"
+
+
 # --------------------------------------------------------------------------- gate
 
 
@@ -397,9 +498,11 @@ class Row:
     drop: float | None
     max_drop: float
     higher_is_better: bool
-    verdict: str  # PASS, FAIL or MISSING
+    verdict: str  # PASS, FAIL, MISSING, or UNSURE (with a confidence level: the bounds straddle the tolerance)
     alias: str | None = None
     note: str | None = None
+    noise: DropNoise | None = None  # with a confidence level: the drop's standard error
+    interval: tuple[float, float] | None = None  # the one-sided lower and upper confidence bounds of the drop
 
 
 @dataclass
@@ -412,10 +515,12 @@ class GateResult:
     max_drop: float | None
     relative: bool
     warnings: list[str] = field(default_factory=list)
+    confidence: float | None = None
+    unsure_passes: bool = False
 
     @property
     def passed(self) -> bool:
-        return all(r.verdict == "PASS" for r in self.rows)
+        return all(r.verdict == "PASS" or (r.verdict == "UNSURE" and self.unsure_passes) for r in self.rows)
 
     @property
     def exit_code(self) -> int:
@@ -512,8 +617,18 @@ def run_gate(
     task_metric: Mapping[str, str] | None = None,
     relative: bool = False,
     subtasks: bool = False,
+    confidence: float | None = None,
+    unsure_passes: bool = False,
 ) -> GateResult:
-    """Gate every selected task; raise :class:`GateError` for options that cannot apply."""
+    """Gate every selected task; raise :class:`GateError` for options that cannot apply.
+
+    With ``confidence`` (e.g. 0.95) each drop is gated on its one-sided confidence bounds: PASS when the upper
+    bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE in between (a failure unless
+    ``unsure_passes``). See :func:`drop_noise` for the standard error.
+    """
+    confidence = parse_confidence(confidence)
+    if unsure_passes and confidence is None:
+        raise GateError("--unsure pass needs --confidence: without it no verdict is UNSURE")
     task_max_drop = dict(task_max_drop or {})
     task_metric = dict(task_metric or {})
     if baseline.path.resolve() == compressed.path.resolve():
@@ -540,9 +655,14 @@ def run_gate(
     if metric is not None and not any(r.metric and _matches(r.metric, metric) for r in rows):
         # Almost always a typo (acc-norm); silently falling back would gate the wrong thing.
         raise GateError(f"--metric {metric}: no gated task reports this metric")
+    if confidence is not None:
+        z = statistics.NormalDist().inv_cdf(confidence)
+        for row in rows:
+            if row.verdict != "MISSING" and row.metric is not None and row.drop is not None and math.isfinite(row.drop):
+                _apply_confidence(row, *drop_noise(row.task, row.metric, baseline, compressed, row, relative), z)
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
-    return GateResult(rows, baseline, compressed, max_drop, relative, warnings)
+    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes)
 
 
 # --------------------------------------------------------------------------- output
@@ -576,17 +696,23 @@ def format_table(result: GateResult) -> str:
     rel = result.relative
     tolerances = {r.max_drop for r in result.rows}
     per_task_tol = len(tolerances) > 1 or (result.max_drop is not None and tolerances != {result.max_drop})
-    header = ["task", "metric", "baseline", "compressed", "drop"] + (["max"] if per_task_tol else []) + ["verdict"]
+    bounds = f"{result.confidence:g} bounds" if result.confidence is not None else None
+    header = ["task", "metric", "baseline", "compressed", "drop"] + (["max"] if per_task_tol else [])
+    header += [bounds, "stderr from"] if bounds else []
+    header.append("verdict")
     body = []
     for r in result.rows:
         metric = "-" if r.metric is None else r.metric + ("" if r.higher_is_better else " (lower better)")
         cells = [r.task, metric, _fmt_value(r.baseline), _fmt_value(r.compressed), _fmt_drop(r.drop, rel)]
         if per_task_tol:
             cells.append(_fmt_tol(r.max_drop, rel))
+        if bounds:
+            cells.append("-" if r.interval is None else f"{_fmt_drop(r.interval[0], rel)} .. {_fmt_drop(r.interval[1], rel)}")
+            cells.append("-" if r.noise is None else f"{r.noise.documents} paired docs" if r.noise.kind == "paired" else "lm-eval stderr")
         cells.append(r.verdict)
         body.append(cells)
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    numeric = {"baseline", "compressed", "drop", "max"}
+    numeric = {"baseline", "compressed", "drop", "max", bounds}
 
     def line(cells: list[str]) -> str:
         parts = [c.rjust(w) if h in numeric else c.ljust(w) for c, w, h in zip(cells, widths, header)]
@@ -598,6 +724,13 @@ def format_table(result: GateResult) -> str:
         _describe("baseline:  ", result.baseline),
         _describe("compressed:", result.compressed),
         f"max drop:   {tol} ({kind}; for lower-is-better metrics the drop is the increase)",
+    ]
+    if result.confidence is not None:
+        unsure = "passes" if result.unsure_passes else "fails"
+        out.append(
+            f"confidence: {result.confidence:g}, one-sided: PASS when the upper bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE between ({unsure})"
+        )
+    out += [
         "",
         line(header),
         line(["-" * w for w in widths]),
@@ -608,10 +741,12 @@ def format_table(result: GateResult) -> str:
     out += [f"warning: {w}" for w in result.warnings]
     failed = sum(r.verdict == "FAIL" for r in result.rows)
     missing = sum(r.verdict == "MISSING" for r in result.rows)
+    unsure = sum(r.verdict == "UNSURE" for r in result.rows)
+    unsure_text = f", {unsure} unsure" if unsure else ""
     if result.passed:
-        out.append(f"gate: PASS ({len(result.rows)} task{'s' if len(result.rows) != 1 else ''} within tolerance)")
+        out.append(f"gate: PASS ({len(result.rows)} task{'s' if len(result.rows) != 1 else ''} within tolerance{unsure_text})")
     else:
-        out.append(f"gate: FAIL ({failed} failed, {missing} missing, of {len(result.rows)} gated)")
+        out.append(f"gate: FAIL ({failed} failed{unsure_text}, {missing} missing, of {len(result.rows)} gated)")
     return "\n".join(out)
 
 
@@ -631,6 +766,8 @@ def to_json(result: GateResult) -> dict[str, Any]:
         "exit_code": result.exit_code,
         "max_drop": result.max_drop,
         "relative": result.relative,
+        "confidence": result.confidence,
+        "unsure_passes": result.unsure_passes,
         "baseline": describe(result.baseline),
         "compressed": describe(result.compressed),
         "tasks": [
@@ -645,6 +782,10 @@ def to_json(result: GateResult) -> dict[str, Any]:
                 "max_drop": r.max_drop,
                 "verdict": r.verdict,
                 "note": r.note,
+                "stderr": None if r.noise is None else _json_number(r.noise.stderr),
+                "stderr_kind": None if r.noise is None else r.noise.kind,
+                "paired_documents": None if r.noise is None else r.noise.documents,
+                "bounds": None if r.interval is None else [_json_number(v) for v in r.interval],
             }
             for r in result.rows
         ],

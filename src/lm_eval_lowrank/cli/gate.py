@@ -26,8 +26,8 @@ class GateInputError(click.ClickException):
 @click.command(
     "gate",
     epilog=(
-        "Exit codes: 0 pass; 1 a task dropped more than the tolerance or is missing from a "
-        "file; 2 usage or input error.\n\n"
+        "Exit codes: 0 pass; 1 a task dropped more than the tolerance (with --confidence: FAIL, or UNSURE "
+        "unless --unsure pass) or is missing from a file; 2 usage or input error.\n\n"
         "Primary metric per task: --metric TASK=METRIC, else --metric METRIC where the task "
         "reports it, else the first of " + ", ".join(g.PREFERRED_METRICS) + ", else the task's "
         "first metric; filter 'none', else 'strict-match', else the first. For lower-is-better "
@@ -64,6 +64,24 @@ class GateInputError(click.ClickException):
 @click.option("--relative", is_flag=True, help="Measure the drop relative to the baseline value (0.05 = 5%).")
 @click.option("--subtasks", is_flag=True, help="Also gate every subtask of the selected groups.")
 @click.option(
+    "--confidence",
+    type=float,
+    default=None,
+    metavar="LEVEL",
+    help=(
+        "Gate each drop on its one-sided confidence bounds at LEVEL (e.g. 0.95): PASS when the upper bound is within "
+        "the tolerance, FAIL when the lower bound exceeds it, UNSURE between. The standard error is paired over "
+        "documents when both runs used --log_samples (the samples files beside the results), else lm-eval's stderr."
+    ),
+)
+@click.option(
+    "--unsure",
+    type=click.Choice(["fail", "pass"]),
+    default="fail",
+    show_default=True,
+    help="What an UNSURE verdict does to the exit code (with --confidence).",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON verdict on stdout; the table then goes to stderr."
 )
 def gate(
@@ -74,6 +92,8 @@ def gate(
     metric: tuple[str, ...],
     relative: bool,
     subtasks: bool,
+    confidence: float | None,
+    unsure: str,
     as_json: bool,
 ) -> None:
     """Compare RESULTS (compressed run) against --baseline (dense run).
@@ -95,6 +115,8 @@ def gate(
             task_metric=task_metric,
             relative=relative,
             subtasks=subtasks,
+            confidence=confidence,
+            unsure_passes=unsure == "pass",
         )
     except g.GateError as exc:
         raise GateInputError(str(exc)) from None
