@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lm_eval_lowrank.api import validate_against_config
@@ -165,3 +167,53 @@ def test_solver_tol_is_checked_and_defaults_to_the_krylov_bound():
     for bad in ("0", "1", "-0.1", "tight", True):
         with pytest.raises(SpecError, match=r"^solver_tol=.* is invalid: expected .* 0 < solver_tol < 1"):
             DecompositionSpec.from_args({"rank": 4, "solver_tol": bad})
+
+
+def test_tensor_patterns_stand_for_every_name_they_match():
+    """Experts kept in a list (transformers 4, remote code) are named one by one; a shell-style pattern names them
+    all, in tensors= and in per-tensor ranks (an exact name's rank first, then the first matching pattern's)."""
+    avail = ("q_proj", "k_proj", "experts.0.w1", "experts.0.w2", "experts.1.w1", "experts.1.w2")
+    spec = DecompositionSpec.from_args({"rank": "8|*.w1:4|experts.1.w1:3", "tensors": "*.w1|q_proj"})
+    assert spec.selected_tensors(avail) == ("experts.0.w1", "experts.1.w1", "q_proj")  # the order given
+    assert [spec.rank_for(t) for t in spec.selected_tensors(avail)] == [4, 3, 8]
+    only_overrides = DecompositionSpec.from_args({"rank": "experts.*:2"})
+    assert only_overrides.selected_tensors(avail) == avail[2:] and {only_overrides.rank_for(t) for t in avail[2:]} == {2}
+    for args, message in (
+        ({"rank": 8, "tensors": "*.w9"}, "tensors: matches no tensor '*.w9' for this architecture; valid: q_proj|k_proj|"),
+        ({"rank": "8|zz*:2"}, "rank: matches no tensor 'zz*' for this architecture; valid: q_proj|"),
+        ({"rank": 8, "tensors": "v_proj"}, "tensors: unknown tensor 'v_proj' for this architecture; valid: q_proj|"),
+    ):
+        with pytest.raises(SpecError, match="^" + re.escape(message)):
+            DecompositionSpec.from_args(args).selected_tensors(avail)
+
+
+def test_a_pattern_decomposes_every_expert_kept_in_a_list():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lm_eval_lowrank import compress_model
+    from lm_eval_lowrank.modules import LowRankLinear
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(8, 12)
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            self.experts = nn.ModuleList([Expert() for _ in range(6)])
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=2)
+            self.layers = nn.ModuleList([MoEBlock() for _ in range(2)])
+
+    model = Toy()
+    report = compress_model(model, {"rank": "1|*.w1:2", "tensors": "*.w1"}, progress=False)
+    assert [(t.layer, t.tensor, t.rank) for t in report.plan.targets] == [(layer, f"experts.{e}.w1", 2) for layer in (1, 2) for e in range(6)]
+    assert all(isinstance(block.experts[e].w1, LowRankLinear) for block in model.layers for e in range(6))
+    assert not isinstance(model.layers[0].q_proj, LowRankLinear)

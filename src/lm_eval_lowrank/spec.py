@@ -14,6 +14,8 @@ Everything here is pure Python (no torch), so bad input fails before any weight 
 
 from __future__ import annotations
 
+import fnmatch
+
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -167,6 +169,17 @@ def parse_tensors(value: Any) -> tuple[str, ...] | None:
     if dupes:
         raise _fail("tensors", value, f"duplicate tensor name(s) {dupes}")
     return tuple(parts)
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _tensor_matches(name: str, available: tuple[str, ...]) -> tuple[str, ...]:
+    """The available tensor names that ``name`` (a name or a shell-style pattern) stands for."""
+    if name in available:
+        return (name,)
+    return tuple(t for t in available if fnmatch.fnmatchcase(t, name)) if _is_pattern(name) else ()
 
 
 RANK_SYNTAX = "an int >= 1, optionally with per-tensor overrides like 8|q:4|gate:32"
@@ -329,27 +342,38 @@ class DecompositionSpec:
         return self.budget is None and self.rank is None and not self.rank_overrides
 
     def selected_tensors(self, available: Iterable[str]) -> tuple[str, ...]:
-        """The tensor short names to decompose, checked against what the architecture has."""
+        """The tensor short names to decompose, checked against what the architecture has. A name with a shell-style
+        wildcard (``*.w1``, ``block_sparse_moe.experts.*``) stands for every name it matches: experts kept in a list
+        are named one by one (``block_sparse_moe.experts.3.w1``)."""
         available = tuple(available)
+        for arg, names in (("tensors", self.tensors or ()), ("rank", tuple(self.rank_overrides))):
+            for name in names:
+                if not _tensor_matches(name, available):
+                    what = "matches no tensor" if _is_pattern(name) else "unknown tensor"
+                    raise SpecError(f"{arg}: {what} {name!r} for this architecture; valid: {'|'.join(available)}")
         if self.tensors is not None:
-            chosen = self.tensors
+            wanted = self.tensors
         elif self.rank is None and self.rank_overrides:
-            chosen = tuple(self.rank_overrides)
+            wanted = tuple(self.rank_overrides)
         else:
-            chosen = available
-        for name in list(chosen) + list(self.rank_overrides):
-            if name not in available:
-                arg = "tensors" if name in chosen else "rank"
-                raise SpecError(f"{arg}: unknown tensor {name!r} for this architecture; valid: {'|'.join(available)}")
-        if self.budget is None:
-            missing = [t for t in chosen if t not in self.rank_overrides and self.rank is None]
+            wanted = available
+        chosen = tuple(dict.fromkeys(t for name in wanted for t in _tensor_matches(name, available)))  # the order given
+        if self.budget is None and self.rank is None:
+            missing = [t for t in chosen if self._override_for(t) is None]
             if missing:
                 raise SpecError(f"rank: no rank for tensor(s) {'|'.join(missing)}; give a default rank (e.g. rank=8|q:4)")
-        return tuple(chosen)
+        return chosen
 
-    def rank_for(self, tensor: str) -> int:
+    def _override_for(self, tensor: str) -> int | None:
+        """The per-tensor rank: the exact name's, else the first matching pattern's, in the order given."""
         if tensor in self.rank_overrides:
             return self.rank_overrides[tensor]
+        return next((r for name, r in self.rank_overrides.items() if _is_pattern(name) and fnmatch.fnmatchcase(tensor, name)), None)
+
+    def rank_for(self, tensor: str) -> int:
+        override = self._override_for(tensor)
+        if override is not None:
+            return override
         if self.rank is None:
             raise SpecError(f"rank: no rank for tensor {tensor!r}")
         return self.rank
