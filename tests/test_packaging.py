@@ -109,3 +109,28 @@ def test_analyze_heatmap_without_matplotlib_fails_before_the_model_loads(monkeyp
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     result = CliRunner().invoke(analyze, [str(tmp_path), "--heatmap", str(tmp_path / "h.png")])
     assert "--heatmap needs the matplotlib package: pip install 'lm-eval-lowrank[plots]'" in str(result.exception)
+
+
+def test_the_cached_tokenizer_reads_under_transformers_4_and_5(tmp_path, smollm2_dir):
+    """transformers 5 saves the fast tokenizer as class TokenizersBackend, which transformers 4 cannot load; a
+    cache made before the fix is mended when it is next used, and tokenizes as before."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.assets import SMOLLM2_NAME, _DONE_MARKER, smollm2_path
+
+    cached = tmp_path / SMOLLM2_NAME
+    cached.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", _DONE_MARKER):
+        shutil.copy(smollm2_dir / name, cached / name)
+    config = json.loads((cached / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"  # as transformers 5 writes it
+    (cached / "tokenizer_config.json").write_text(json.dumps(config))
+    assert smollm2_path(tmp_path) == cached
+    assert json.loads((cached / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    text = "The decomposed layer keeps 7.87 % fewer parameters."
+    mended, original = AutoTokenizer.from_pretrained(cached), AutoTokenizer.from_pretrained(smollm2_dir)
+    assert mended(text)["input_ids"] == original(text)["input_ids"]
+    assert (mended.eos_token, mended.bos_token, len(mended)) == (original.eos_token, original.bos_token, len(original))

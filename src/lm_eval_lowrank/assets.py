@@ -7,6 +7,7 @@ It is converted once to a plain HF folder (fp32 safetensors) and cached.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,11 +50,31 @@ def _fetch_gguf(workdir: Path) -> Path:
     return target
 
 
+# transformers 5 saves a fast tokenizer under a class name transformers 4 does not know; this one both read alike.
+_PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _portable_tokenizer_config(folder: Path) -> None:
+    """Make a saved tokenizer loadable by transformers 4 and 5 (a cache outlives an upgrade or a downgrade)."""
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    portable = _PORTABLE_TOKENIZER_CLASS.get(config.get("tokenizer_class"))
+    if portable is not None:
+        config["tokenizer_class"] = portable
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the converted SmolLM2-135M-Instruct HF folder, converting it on first use."""
     root = Path(cache_dir) if cache_dir else cache_root() / "models"
     final = root / SMOLLM2_NAME
     if (final / _DONE_MARKER).exists():
+        _portable_tokenizer_config(final)  # caches converted before this was done at conversion
         return final
     from .optional import require_module
 
@@ -77,6 +98,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         out = tmp_path / "hf"
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        _portable_tokenizer_config(out)
         (out / _DONE_MARKER).write_text(SMOLLM2_PACKAGE + "\n")
         if final.exists():  # a half-written folder from a killed run
             shutil.rmtree(final)
