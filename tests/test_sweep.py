@@ -74,6 +74,9 @@ def test_grid_expansion(smollm2_dir: Path) -> None:
         expand_layer_sets("3|40", L)
     with pytest.raises(SpecError, match="tensor-groups"):
         expand_tensor_groups("qq", adapter)
+    assert expand_tensor_groups("[ud]*", adapter) == [("[ud]*", ("up", "down"))]  # a pattern, as in tensors=
+    with pytest.raises(SpecError, match=r"tensor-groups='x\*' is invalid: unknown tensor 'x\*'"):
+        expand_tensor_groups("x*", adapter)
 
 
 # -- the real harness on a tiny random Llama ---------------------------------------------

@@ -175,11 +175,26 @@ def _is_pattern(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 
-def _tensor_matches(name: str, available: tuple[str, ...]) -> tuple[str, ...]:
+def tensor_matches(name: str, available: Iterable[str]) -> tuple[str, ...]:
     """The available tensor names that ``name`` (a name or a shell-style pattern) stands for."""
+    available = tuple(available)
     if name in available:
         return (name,)
     return tuple(t for t in available if fnmatch.fnmatchcase(t, name)) if _is_pattern(name) else ()
+
+
+def expand_tensor_names(names: Iterable[str], available: Iterable[str], arg: str = "tensors") -> tuple[str, ...]:
+    """Names and patterns expanded to the tensor names they stand for, in the order given; a name or pattern
+    that matches nothing raises, naming ``arg`` and the valid names."""
+    available = tuple(available)
+    out: list[str] = []
+    for name in names:
+        found = tensor_matches(name, available)
+        if not found:
+            what = "matches no tensor" if _is_pattern(name) else "unknown tensor"
+            raise SpecError(f"{arg}: {what} {name!r} for this architecture; valid: {'|'.join(available)}")
+        out += [t for t in found if t not in out]
+    return tuple(out)
 
 
 RANK_SYNTAX = "an int >= 1, optionally with per-tensor overrides like 8|q:4|gate:32"
@@ -346,18 +361,14 @@ class DecompositionSpec:
         wildcard (``*.w1``, ``block_sparse_moe.experts.*``) stands for every name it matches: experts kept in a list
         are named one by one (``block_sparse_moe.experts.3.w1``)."""
         available = tuple(available)
-        for arg, names in (("tensors", self.tensors or ()), ("rank", tuple(self.rank_overrides))):
-            for name in names:
-                if not _tensor_matches(name, available):
-                    what = "matches no tensor" if _is_pattern(name) else "unknown tensor"
-                    raise SpecError(f"{arg}: {what} {name!r} for this architecture; valid: {'|'.join(available)}")
+        expand_tensor_names(self.tensors or (), available, "tensors")
+        overridden = expand_tensor_names(self.rank_overrides, available, "rank")
         if self.tensors is not None:
-            wanted = self.tensors
+            chosen = expand_tensor_names(self.tensors, available)
         elif self.rank is None and self.rank_overrides:
-            wanted = tuple(self.rank_overrides)
+            chosen = overridden
         else:
-            wanted = available
-        chosen = tuple(dict.fromkeys(t for name in wanted for t in _tensor_matches(name, available)))  # the order given
+            chosen = available
         if self.budget is None and self.rank is None:
             missing = [t for t in chosen if self._override_for(t) is None]
             if missing:

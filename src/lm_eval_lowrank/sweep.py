@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import SpecError, format_layers, parse_layers, parse_model_args, parse_tensors
+from .spec import SpecError, expand_tensor_names, format_layers, parse_layers, parse_model_args, parse_tensors, tensor_matches
 from .store import Store, row_key
 
 # Metrics that read as "accuracy" (higher is better), in order of preference per task.
@@ -158,10 +158,10 @@ def expand_tensor_groups(text: str, adapter: Any) -> list[tuple[str, tuple[str, 
             out.append((low, groups[low]))
         else:
             tensors = parse_tensors(entry)
-            bad = [t for t in tensors or () if t not in names]
+            bad = [t for t in tensors or () if not tensor_matches(t, names)]
             if bad:
                 raise SpecError(f"tensor-groups={text!r} is invalid: unknown tensor {bad[0]!r}; valid: {'|'.join(names)} or {TENSOR_GROUPS_SYNTAX}")
-            out.append(("|".join(tensors) if tensors else "all", tensors))
+            out.append(("|".join(tensors) if tensors else "all", expand_tensor_names(tensors, names) if tensors else None))
     return _dedupe(out)
 
 

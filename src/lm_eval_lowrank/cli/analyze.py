@@ -35,7 +35,7 @@ def analyze_model(
     from ..analysis import analyze_activation, analyze_weight
     from ..architectures import adapter_for_model
     from ..plan import Target
-    from ..spec import parse_layers, parse_tensors
+    from ..spec import expand_tensor_names, parse_layers, parse_tensors
 
     adapter = adapter_for_model(model)
     n_layers = adapter.num_layers(model.config)
@@ -46,12 +46,7 @@ def analyze_model(
 
         raise SpecError(f"layers={layers!r} is invalid: layer {bad[0]} is past the end; valid 1..{n_layers}")
     offered = adapter.tensor_names()
-    names = parse_tensors(tensors) or offered
-    unknown = [t for t in names if t not in offered]
-    if unknown:
-        from ..spec import SpecError
-
-        raise SpecError(f"tensors: unknown tensor {unknown[0]!r}; valid: {'|'.join(offered)}")
+    names = expand_tensor_names(parse_tensors(tensors) or offered, offered)
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for layer in chosen_layers:
         paths = {t: adapter.module_path(layer - 1, t) for t in names if layer in adapter.layers_of(t, n_layers)}
