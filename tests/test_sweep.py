@@ -186,6 +186,32 @@ def test_report_from_fixture_store(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "does not exist" in bad.output
 
 
+def test_report_without_matplotlib_writes_the_table_alone_unless_plots_are_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.sweep import report
+
+    store = Store.open(tmp_path / "s.jsonl")
+    for r in _fixture_rows():
+        store.append(r)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    res = CliRunner().invoke(report, [str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "r1 tensors[gate]" in md and "No plots: matplotlib is not installed" in md and ".png" not in md
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md"]
+    asked = CliRunner().invoke(report, [str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o2"), "--plots"])
+    assert asked.exit_code != 0 and "plotting needs the matplotlib package: pip install 'lm-eval-lowrank[plots]'" in str(asked.exception)
+    assert not (tmp_path / "o2").exists()  # refused before writing anything
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    declined = CliRunner().invoke(report, [str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o3"), "--no-plots"])
+    assert declined.exit_code == 0 and sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["report.md"]
+    assert "No plots" not in (tmp_path / "o3" / "report.md").read_text()
+
+
 def test_search_end_to_end_on_tiny_llama(tiny_model: Path, task_manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 

@@ -200,21 +200,32 @@ def _sensitivity_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Seque
     return True
 
 
-def write_report(store_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write ``report.md`` and the PNG plots into ``out_dir``; returns the files written."""
+def write_report(store_path: str | Path, out_dir: str | Path, plots: bool | None = None) -> list[Path]:
+    """Write ``report.md`` and the PNG plots into ``out_dir``; returns the files written.
+
+    ``plots``: True needs matplotlib; None (default) draws them when matplotlib is installed and otherwise writes
+    the table alone, saying so in the report."""
+    import importlib.util
+
     store = Store.open(store_path, create=False)
     rows = [r for r in store.rows() if r.get("accuracy") is not None]
     if not rows:
         raise ReportError(f"store {str(store_path)!r} holds no finished rows")
+    no_plots = None
+    if plots is None and importlib.util.find_spec("matplotlib") is None:
+        plots, no_plots = False, "No plots: matplotlib is not installed (pip install 'lm-eval-lowrank[plots]')."
+    plt = _plt() if plots is not False else None  # before any file is written: a missing matplotlib is one line
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
     written: list[Path] = []
     groups = _groups(rows)
     md = ["# Low-rank sweep report", "", f"Store: `{Path(store_path).name}`, {len(rows)} finished rows.", ""]
     md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; Δlatency is the change in seconds per token against the dense row of the same table. Energy is n/a where no counter is available (CPU).\n")
     md.append(markdown_table(rows))
-    for gi, ((tasks, limit), group) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))):
+    if no_plots:
+        md.append(no_plots + "\n")
+    plotted = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)) if plt is not None else []
+    for gi, ((tasks, limit), group) in enumerate(plotted):
         suffix = "" if len(groups) == 1 else f"_{gi + 1}"
         where = f"{', '.join(tasks)}; limit {limit}"
         files = []

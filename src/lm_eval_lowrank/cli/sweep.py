@@ -152,17 +152,20 @@ def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_s
 @click.command("report")
 @click.argument("store", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.md and the PNG plots.")
-def report(store: str, out_dir: str) -> None:
+@click.option("--plots/--no-plots", default=None, help="Draw the PNG plots (needs matplotlib). Default: when matplotlib is installed.")
+def report(store: str, out_dir: str, plots: bool | None) -> None:
     """Markdown table and PNG plots (accuracy, latency, energy, memory, sensitivity) from a store."""
     from ..report import ReportError, write_report
     from ..store import StoreError
 
     try:
-        files = write_report(store, out_dir)
+        files = write_report(store, out_dir, plots=plots)
     except (ReportError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
     for f in files:
         click.echo(str(f))
+    if plots is None and len(files) == 1:
+        click.echo("no plots: matplotlib is not installed (pip install 'lm-eval-lowrank[plots]')", err=True)
 
 
 @click.command("search")
