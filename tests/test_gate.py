@@ -654,3 +654,33 @@ def test_bad_confidence_options_are_one_line_usage_errors(tmp_path: Path, args: 
     comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [1, 0])
     r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.03", *args)
     assert r.exit_code == 2 and message in r.output
+
+
+def _mmlu_run(out: Path, date_id: str, stem: list[int], humanities: list[int], weighted: bool = True) -> Path:
+    """An mmlu_local group over two subtasks of 30 and 70 documents, each with its samples file; the group's
+    score is the mean over all documents (lm-eval's weight_by_size) or, with ``weighted=False``, of the two."""
+    means = [sum(stem) / len(stem), sum(humanities) / len(humanities)]
+    data = lm_eval_results(mmlu=tuple(means))
+    data["results"]["mmlu_local"]["acc,none"] = (sum(stem) + sum(humanities)) / 100 if weighted else sum(means) / 2
+    path = write_run(out, data, date_id)
+    for task, correct in zip(MMLU_SUBTASKS, (stem, humanities)):
+        lines = [{"doc_id": i, "doc_hash": f"{task}{i}", "filter": "none", "acc": float(v)} for i, v in enumerate(correct)]
+        (path.parent / f"samples_{task}_{date_id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_a_group_is_paired_over_every_document_of_its_subtasks(tmp_path: Path) -> None:
+    base = _mmlu_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1] * 15 + [0] * 15, [1] * 35 + [0] * 35)
+    comp = _mmlu_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [0] + [1] * 14 + [0] * 15, [0] + [1] * 34 + [0] * 35)
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.05", "--confidence", "0.95", "--tasks", "mmlu_local", "--json")
+    task = json.loads(r.stdout)["tasks"][0]
+    d = [1.0, 1.0] + [0.0] * 98  # one document lost in each subtask, the same ids in both: keyed by task too
+    mean = sum(d) / 100
+    assert (task["stderr_kind"], task["paired_documents"]) == ("paired", 100)
+    assert task["stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 99 / 100))
+    assert r.exit_code == 0 and task["verdict"] == "PASS"
+    # a group that averages its subtasks unweighted is not the mean over its documents: not paired
+    for name, stem, hum in (("base2", [1] * 15 + [0] * 15, [1] * 35 + [0] * 35), ("comp2", [0] + [1] * 14 + [0] * 15, [1] * 35 + [0] * 35)):
+        _mmlu_run(tmp_path / name, "2026-01-03T00-00-00.0", stem, hum, weighted=False)
+    r = run_cli(str(tmp_path / "comp2"), "--baseline", str(tmp_path / "base2"), "--max-drop", "0.05", "--confidence", "0.95", "--tasks", "mmlu_local", "--json")
+    assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired" and "acc,none is not a mean over documents" in r.stderr

@@ -406,12 +406,22 @@ def samples_path(results: ResultsFile, task: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def per_document_scores(results: ResultsFile, task: str, metric_key: str) -> dict[tuple[Any, Any], float] | None:
-    """(doc_id, doc_hash) -> the metric's value on that document, from the samples file; None when there is no
-    file or it does not hold exactly one number per document for this metric and filter."""
+def per_document_scores(results: ResultsFile, task: str, metric_key: str, _seen: frozenset[str] = frozenset()) -> dict[tuple[Any, ...], float] | None:
+    """(task, doc_id, doc_hash) -> the metric's value on that document, from the samples file; for a group, over
+    every document of its subtasks. None when a file is missing or does not hold exactly one number per document
+    for this metric and filter."""
     path = samples_path(results, task)
     if path is None:
-        return None
+        children = results.group_subtasks.get(task)
+        if not children or task in _seen:
+            return None
+        pooled: dict[tuple[Any, ...], float] = {}
+        for child in children:
+            scores = per_document_scores(results, child, metric_key, _seen | {task})
+            if scores is None:
+                return None
+            pooled.update(scores)
+        return pooled
     name, flt = metric_key.split(",", 1)
     scores: dict[tuple[Any, Any], float] = {}
     try:
@@ -423,7 +433,7 @@ def per_document_scores(results: ResultsFile, task: str, metric_key: str) -> dic
                 if sample.get("filter", "none") != flt:
                     continue
                 value = _number(sample.get(name))
-                key = (sample.get("doc_id"), sample.get("doc_hash"))
+                key = (task, sample.get("doc_id"), sample.get("doc_hash"))
                 if value is None or key in scores:
                     return None
                 scores[key] = value
@@ -434,7 +444,8 @@ def per_document_scores(results: ResultsFile, task: str, metric_key: str) -> dic
 
 def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
     """Whether the reported score is the mean of the per-document ones: only then is a paired standard error of
-    the mean difference valid (not for corpus-level metrics such as perplexity or BLEU)."""
+    the mean difference valid (not for corpus-level metrics such as perplexity or BLEU, nor for a group that
+    averages its subtasks unweighted)."""
     return abs(statistics.fmean(scores.values()) - reported) <= 1e-6 * max(1.0, abs(reported))
 
 
