@@ -664,7 +664,7 @@ def _mmlu_run(out: Path, date_id: str, stem: list[int], humanities: list[int], w
     data["results"]["mmlu_local"]["acc,none"] = (sum(stem) + sum(humanities)) / 100 if weighted else sum(means) / 2
     path = write_run(out, data, date_id)
     for task, correct in zip(MMLU_SUBTASKS, (stem, humanities)):
-        lines = [{"doc_id": i, "doc_hash": f"{task}{i}", "filter": "none", "acc": float(v)} for i, v in enumerate(correct)]
+        lines = [{"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "acc": float(v)} for i, v in enumerate(correct)]
         (path.parent / f"samples_{task}_{date_id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
@@ -674,7 +674,7 @@ def test_a_group_is_paired_over_every_document_of_its_subtasks(tmp_path: Path) -
     comp = _mmlu_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [0] + [1] * 14 + [0] * 15, [0] + [1] * 34 + [0] * 35)
     r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.05", "--confidence", "0.95", "--tasks", "mmlu_local", "--json")
     task = json.loads(r.stdout)["tasks"][0]
-    d = [1.0, 1.0] + [0.0] * 98  # one document lost in each subtask, the same ids in both: keyed by task too
+    d = [1.0, 1.0] + [0.0] * 98  # one lost in each subtask; ids and hashes repeat across subtasks: keyed by task too
     mean = sum(d) / 100
     assert (task["stderr_kind"], task["paired_documents"]) == ("paired", 100)
     assert task["stderr"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 99 / 100))
