@@ -97,3 +97,32 @@ def write_arc_task(directory, name):
 
     (directory / f"{name}.yaml").write_text(ARC_TASK_YAML.format(name=name, data=data_dir() / "arc_easy" / "test.jsonl"))
     return directory
+
+
+def list_experts_model(text_layers: int = 2, vision_layers: int = 0, experts: int = 6):
+    """A toy decoder whose layers keep their experts in a list, a router beside them (transformers 4's Mixtral,
+    DeepSeek's remote code), next to an optional vision tower's layer list; the config counts the text layers."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(8, 12)
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8)
+            self.router = nn.Linear(8, experts, bias=False)
+            self.experts = nn.ModuleList([Expert() for _ in range(experts)])
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=text_layers)
+            self.vision = nn.ModuleList([nn.Linear(8, 8) for _ in range(vision_layers)])
+            self.layers = nn.ModuleList([MoEBlock() for _ in range(text_layers)])
+
+    return Toy()

@@ -189,38 +189,17 @@ def test_generic_adapter_offers_each_linear_in_the_layers_that_hold_it_with_one_
 
 
 def test_generic_adapter_takes_the_outermost_layer_list_the_config_counts():
-    """Experts kept in a list (their router beside them) (transformers 4's Mixtral, DeepSeek's remote code) nest one list per layer, longer
+    """Experts kept in a list (transformers 4's Mixtral, DeepSeek's remote code) nest one list per layer, longer
     than the layer list; a vision tower's list can be longer than the language model's."""
-    from types import SimpleNamespace
-
-    from torch import nn
+    from conftest import list_experts_model
 
     from lm_eval_lowrank.architectures import GenericAdapter
 
-    class Expert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w1 = nn.Linear(8, 12)
-
-    class MoEBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = nn.Linear(8, 8)
-            self.router = nn.Linear(8, 6, bias=False)
-            self.experts = nn.ModuleList([Expert() for _ in range(6)])
-
-    class Toy(nn.Module):
-        def __init__(self, text_layers: int, vision_layers: int):
-            super().__init__()
-            self.config = SimpleNamespace(num_hidden_layers=text_layers)
-            self.vision = nn.ModuleList([nn.Linear(8, 8) for _ in range(vision_layers)])
-            self.layers = nn.ModuleList([MoEBlock() for _ in range(text_layers)])
-
     for text_layers, vision_layers in ((2, 0), (2, 4), (3, 5)):
-        adapter = GenericAdapter.from_model(Toy(text_layers, vision_layers))
+        adapter = GenericAdapter.from_model(list_experts_model(text_layers, vision_layers))
         assert (adapter.layers_path, adapter.num_layers(None)) == ("layers", text_layers)
         # the router is never offered; expert 0's w1 does not take the bare name "w1"
         assert list(adapter.tensor_paths) == ["q_proj"] + [f"experts.{e}.w1" for e in range(6)]
-    no_count = Toy(2, 4)
+    no_count = list_experts_model(2, 4)
     del no_count.config
     assert GenericAdapter.from_model(no_count).layers_path == "vision"  # without a config: the longest outer list

@@ -188,31 +188,12 @@ def test_tensor_patterns_stand_for_every_name_they_match():
 
 
 def test_a_pattern_decomposes_every_expert_kept_in_a_list():
-    from types import SimpleNamespace
-
-    from torch import nn
+    from conftest import list_experts_model
 
     from lm_eval_lowrank import compress_model
     from lm_eval_lowrank.modules import LowRankLinear
 
-    class Expert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w1 = nn.Linear(8, 12)
-
-    class MoEBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = nn.Linear(8, 8)
-            self.experts = nn.ModuleList([Expert() for _ in range(6)])
-
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = SimpleNamespace(num_hidden_layers=2)
-            self.layers = nn.ModuleList([MoEBlock() for _ in range(2)])
-
-    model = Toy()
+    model = list_experts_model()
     report = compress_model(model, {"rank": "1|*.w1:2", "tensors": "*.w1"}, progress=False)
     assert [(t.layer, t.tensor, t.rank) for t in report.plan.targets] == [(layer, f"experts.{e}.w1", 2) for layer in (1, 2) for e in range(6)]
     assert all(isinstance(block.experts[e].w1, LowRankLinear) for block in model.layers for e in range(6))
