@@ -15,7 +15,6 @@ Everything here is pure Python (no torch), so bad input fails before any weight 
 from __future__ import annotations
 
 import fnmatch
-
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -361,10 +360,10 @@ class DecompositionSpec:
         wildcard (``*.w1``, ``block_sparse_moe.experts.*``) stands for every name it matches: experts kept in a list
         are named one by one (``block_sparse_moe.experts.3.w1``)."""
         available = tuple(available)
-        expand_tensor_names(self.tensors or (), available, "tensors")
+        named = expand_tensor_names(self.tensors or (), available, "tensors")
         overridden = expand_tensor_names(self.rank_overrides, available, "rank")
         if self.tensors is not None:
-            chosen = expand_tensor_names(self.tensors, available)
+            chosen = named
         elif self.rank is None and self.rank_overrides:
             chosen = overridden
         else:

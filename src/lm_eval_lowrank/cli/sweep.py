@@ -164,7 +164,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
         raise click.ClickException(str(exc)) from None
     for f in files:
         click.echo(str(f))
-    if plots is None and len(files) == 1:
+    if plots is None and not any(f.suffix == ".png" for f in files):
         click.echo("no plots: matplotlib is not installed (pip install 'lm-eval-lowrank[plots]')", err=True)
 
 
