@@ -684,3 +684,22 @@ def test_a_group_is_paired_over_every_document_of_its_subtasks(tmp_path: Path) -
         _mmlu_run(tmp_path / name, "2026-01-03T00-00-00.0", stem, hum, weighted=False)
     r = run_cli(str(tmp_path / "comp2"), "--baseline", str(tmp_path / "base2"), "--max-drop", "0.05", "--confidence", "0.95", "--tasks", "mmlu_local", "--json")
     assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired" and "acc,none is not a mean over documents" in r.stderr
+
+
+def test_family_wise_spreads_the_level_over_every_gated_task(tmp_path: Path) -> None:
+    """Three bounds (the group and its two subtasks): each at 1 - 0.05 / 3, so all hold together at 0.95. A
+    subtask whose lower bound cleared the tolerance alone no longer does."""
+    b, c = pair(tmp_path, lm_eval_results(mmlu=(0.30, 0.26)), lm_eval_results(mmlu=(0.26, 0.22)))
+    args = [c, "--baseline", b, "--max-drop", "0.01", "--confidence", "0.95", "--subtasks", "--json"]
+    alone, family = run_cli(*args), run_cli(*args, "--family-wise")
+    verdicts = {name: {t["task"]: t["verdict"] for t in json.loads(r.stdout)["tasks"]} for name, r in (("alone", alone), ("family", family))}
+    assert verdicts["alone"] == {"mmlu_local": "FAIL", "mmlu_local_stem": "FAIL", "mmlu_local_humanities": "FAIL"}
+    assert verdicts["family"] == {"mmlu_local": "FAIL", "mmlu_local_stem": "UNSURE", "mmlu_local_humanities": "UNSURE"}
+    doc = json.loads(family.stdout)
+    assert (doc["confidence"], doc["row_confidence"]) == (0.95, pytest.approx(1 - 0.05 / 3))
+    z = 2.12805  # NormalDist().inv_cdf(1 - 0.05 / 3)
+    stem = next(t for t in doc["tasks"] if t["task"] == "mmlu_local_stem")
+    assert stem["bounds"] == pytest.approx([0.04 - z * math.sqrt(2) * 0.01, 0.04 + z * math.sqrt(2) * 0.01], abs=1e-5)
+    assert "family-wise: 0.9833 per bound" in family.stderr
+    bad = run_cli(c, "--baseline", b, "--max-drop", "0.01", "--family-wise")
+    assert bad.exit_code == 2 and "--family-wise needs --confidence" in bad.output

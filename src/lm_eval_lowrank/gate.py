@@ -528,6 +528,7 @@ class GateResult:
     warnings: list[str] = field(default_factory=list)
     confidence: float | None = None
     unsure_passes: bool = False
+    row_confidence: float | None = None  # each bound's own level (below ``confidence`` when family-wise)
 
     @property
     def passed(self) -> bool:
@@ -630,16 +631,20 @@ def run_gate(
     subtasks: bool = False,
     confidence: float | None = None,
     unsure_passes: bool = False,
+    family_wise: bool = False,
 ) -> GateResult:
     """Gate every selected task; raise :class:`GateError` for options that cannot apply.
 
     With ``confidence`` (e.g. 0.95) each drop is gated on its one-sided confidence bounds: PASS when the upper
     bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE in between (a failure unless
-    ``unsure_passes``). See :func:`drop_noise` for the standard error.
+    ``unsure_passes``). See :func:`drop_noise` for the standard error. With ``family_wise`` the level holds for
+    all the bounds together (Bonferroni), so gating many subtasks does not multiply the chance of a wrong FAIL.
     """
     confidence = parse_confidence(confidence)
     if unsure_passes and confidence is None:
         raise GateError("--unsure pass needs --confidence: without it no verdict is UNSURE")
+    if family_wise and confidence is None:
+        raise GateError("--family-wise needs --confidence: it spreads that level over the gated tasks")
     task_max_drop = dict(task_max_drop or {})
     task_metric = dict(task_metric or {})
     if baseline.path.resolve() == compressed.path.resolve():
@@ -666,14 +671,19 @@ def run_gate(
     if metric is not None and not any(r.metric and _matches(r.metric, metric) for r in rows):
         # Almost always a typo (acc-norm); silently falling back would gate the wrong thing.
         raise GateError(f"--metric {metric}: no gated task reports this metric")
+    per_row = None
     if confidence is not None:
-        z = statistics.NormalDist().inv_cdf(confidence)
-        for row in rows:
-            if row.verdict != "MISSING" and row.metric is not None and row.drop is not None and math.isfinite(row.drop):
-                _apply_confidence(row, *drop_noise(row.task, row.metric, baseline, compressed, row, relative), z)
+        scored = [r for r in rows if r.verdict != "MISSING" and r.metric is not None and r.drop is not None and math.isfinite(r.drop)]
+        noises = [drop_noise(r.task, r.metric, baseline, compressed, r, relative) for r in scored]
+        # Bonferroni: with k bounds at 1 - (1 - C) / k each, all k hold together with probability >= C.
+        k = sum(noise is not None for noise, _ in noises)
+        per_row = 1 - (1 - confidence) / k if family_wise and k > 1 else confidence
+        z = statistics.NormalDist().inv_cdf(per_row)
+        for row, (noise, note) in zip(scored, noises):
+            _apply_confidence(row, noise, note, z)
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
-    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes)
+    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row)
 
 
 # --------------------------------------------------------------------------- output
@@ -707,7 +717,7 @@ def format_table(result: GateResult) -> str:
     rel = result.relative
     tolerances = {r.max_drop for r in result.rows}
     per_task_tol = len(tolerances) > 1 or (result.max_drop is not None and tolerances != {result.max_drop})
-    bounds = f"{result.confidence:g} bounds" if result.confidence is not None else None
+    bounds = f"{result.row_confidence:.4g} bounds" if result.row_confidence is not None else None
     header = ["task", "metric", "baseline", "compressed", "drop"] + (["max"] if per_task_tol else [])
     header += [bounds, "stderr from"] if bounds else []
     header.append("verdict")
@@ -738,8 +748,9 @@ def format_table(result: GateResult) -> str:
     ]
     if result.confidence is not None:
         unsure = "passes" if result.unsure_passes else "fails"
+        family = f", family-wise: {result.row_confidence:.4g} per bound" if result.row_confidence != result.confidence else ""
         out.append(
-            f"confidence: {result.confidence:g}, one-sided: PASS when the upper bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE between ({unsure})"
+            f"confidence: {result.confidence:g}{family}, one-sided: PASS when the upper bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE between ({unsure})"
         )
     out += [
         "",
@@ -778,6 +789,7 @@ def to_json(result: GateResult) -> dict[str, Any]:
         "max_drop": result.max_drop,
         "relative": result.relative,
         "confidence": result.confidence,
+        "row_confidence": result.row_confidence,
         "unsure_passes": result.unsure_passes,
         "baseline": describe(result.baseline),
         "compressed": describe(result.compressed),

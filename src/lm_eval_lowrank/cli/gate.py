@@ -82,6 +82,11 @@ class GateInputError(click.ClickException):
     help="What an UNSURE verdict does to the exit code (with --confidence).",
 )
 @click.option(
+    "--family-wise",
+    is_flag=True,
+    help="With --confidence: make LEVEL hold for all gated tasks together (Bonferroni), e.g. with --subtasks.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON verdict on stdout; the table then goes to stderr."
 )
 def gate(
@@ -94,6 +99,7 @@ def gate(
     subtasks: bool,
     confidence: float | None,
     unsure: str,
+    family_wise: bool,
     as_json: bool,
 ) -> None:
     """Compare RESULTS (compressed run) against --baseline (dense run).
@@ -117,6 +123,7 @@ def gate(
             subtasks=subtasks,
             confidence=confidence,
             unsure_passes=unsure == "pass",
+            family_wise=family_wise,
         )
     except g.GateError as exc:
         raise GateInputError(str(exc)) from None
