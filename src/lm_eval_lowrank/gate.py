@@ -449,6 +449,18 @@ def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
     return abs(statistics.fmean(scores.values()) - reported) <= 1e-6 * max(1.0, abs(reported))
 
 
+def paired_drop_stderr(base: Mapping[Any, float], comp: Mapping[Any, float], base_value: float, comp_value: float, metric: str) -> tuple[float | None, str | None]:
+    """(standard error of mean(base) - mean(comp) over the documents both scored, None) when the pairing holds,
+    else (None, why): the same documents, at least two, and each reported score the mean of its documents'."""
+    if base.keys() != comp.keys():
+        return None, "the samples files cover different documents"
+    if len(base) < 2:
+        return None, "fewer than 2 documents in the samples files"
+    if not (_is_their_mean(base, base_value) and _is_their_mean(comp, comp_value)):
+        return None, f"{metric} is not a mean over documents"
+    return statistics.stdev(base[k] - comp[k] for k in base) / math.sqrt(len(base)), None
+
+
 def drop_noise(task: str, metric_key: str, baseline: ResultsFile, compressed: ResultsFile, row: Row, relative: bool) -> tuple[DropNoise | None, str | None]:
     """(the drop's standard error, a note): paired over documents when both runs logged their samples and the
     metric is a mean over documents, else from lm-eval's stderr of each score (as independent), else None."""
@@ -456,20 +468,14 @@ def drop_noise(task: str, metric_key: str, baseline: ResultsFile, compressed: Re
     if relative and row.baseline == 0:
         return None, "a relative drop from a zero baseline has no standard error"
     scale = abs(row.baseline) if relative else 1.0
-    sign = 1.0 if row.higher_is_better else -1.0
     note = None
     b = per_document_scores(baseline, task, metric_key)
     c = per_document_scores(compressed, task, metric_key)
     if b is not None and c is not None:
-        if b.keys() != c.keys():
-            note = "the samples files cover different documents: unpaired standard error"
-        elif len(b) < 2:
-            note = "fewer than 2 documents in the samples files: unpaired standard error"
-        elif not (_is_their_mean(b, row.baseline) and _is_their_mean(c, row.compressed)):
-            note = f"{metric_key} is not a mean over documents: unpaired standard error"
-        else:
-            d = [sign * (b[k] - c[k]) / scale for k in b]
-            return DropNoise(statistics.stdev(d) / math.sqrt(len(d)), "paired", len(d)), None
+        stderr, why = paired_drop_stderr(b, c, row.baseline, row.compressed, metric_key)
+        if stderr is not None:  # the sign of the drop does not change its standard error
+            return DropNoise(stderr / scale, "paired", len(b)), None
+        note = f"{why}: unpaired standard error"
     name, flt = metric_key.split(",", 1)
     errors = [_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
     if any(e is None for e in errors):
