@@ -137,3 +137,38 @@ def test_search_bad_arguments() -> None:
         search(_cands(), ev, -1)
     with pytest.raises(SpecError, match="eta"):
         search(_cands(), ev, 0.03, eta=1)
+
+
+def _paired_row(accuracy: float, scores: list[float], reduction: float) -> dict:
+    row = _row(accuracy, reduction, 0.01)
+    row["doc_scores"] = {"t": [[i, f"h{i}", v] for i, v in enumerate(scores)]}
+    return row
+
+
+def test_confidence_makes_feasibility_a_paired_upper_bound() -> None:
+    """Both candidates drop 0.02 on 200 documents. 'steady' loses 4 answers the dense model had right; 'shaky'
+    loses 24 and gains 20, so its paired bound is far wider. At 95 % only 'steady' is within 0.04."""
+    dense = [1.0] * 100 + [0.0] * 100
+    steady = [0.0] * 4 + [1.0] * 96 + [0.0] * 100
+    shaky = [0.0] * 24 + [1.0] * 76 + [1.0] * 20 + [0.0] * 80
+    rows = {"dense": _paired_row(0.5, dense, 0.0), "steady": _paired_row(0.48, steady, 0.05), "shaky": _paired_row(0.48, shaky, 0.10)}
+    bare = dict(rows["steady"], doc_scores=None)
+    rows["stored-bare"] = bare | {"param_reduction": 0.01}
+
+    def evaluate(spec, limit, phase="", label=""):
+        return rows[spec.get("name", "dense")]
+
+    cands = [Candidate(n, {"name": n}) for n in ("steady", "shaky", "stored-bare")]
+    plain = search(cands, evaluate, tolerance=0.04, limits=(50,), objective="params")
+    assert {e.candidate.name for e in plain.feasible} == {"steady", "shaky", "stored-bare"}
+    res = search(cands, evaluate, tolerance=0.04, limits=(50,), objective="params", confidence=0.95)
+    by_name = {e.candidate.name: e.row for e in res.final}
+    d = [1.0] * 4 + [0.0] * 196
+    se = math.sqrt(sum((x - 0.02) ** 2 for x in d) / 199 / 200)
+    assert by_name["steady"]["drop_stderr"] == pytest.approx(se) and by_name["steady"]["drop_upper"] == pytest.approx(0.02 + 1.6448536 * se)
+    assert by_name["steady"]["feasible"] and not by_name["shaky"]["feasible"]
+    assert by_name["stored-bare"]["feasible"] and "drop_upper" not in by_name["stored-bare"]
+    assert any(n.startswith("stored-bare: judged on its drop alone (t: no per-document scores") for n in res.notes)
+    assert res.best.candidate.name == "steady"  # shaky cuts more, but is not shown to be within tolerance
+    with pytest.raises(SpecError, match="confidence=1.5 is invalid"):
+        search(cands, evaluate, tolerance=0.04, limits=(50,), confidence=1.5)

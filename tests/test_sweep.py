@@ -269,3 +269,28 @@ def test_runner_names_the_evaluated_tasks_for_the_no_leak_check(tmp_path: Path, 
 
     assert EVAL_TASKS_ENV not in os.environ  # restored afterwards
     assert spec_label({"method": "whiten", "budget": "0.7", "layers": "3"}) == "whiten keep0.7 layers[3] tensors[all]"
+
+
+def test_runner_keeps_each_documents_score_for_the_paired_search(tiny_model: Path, task_manager, tmp_path: Path) -> None:
+    """Through the real simple_evaluate: the stored per-document scores are the primary metric's, one per
+    document, and their mean is the stored accuracy."""
+    runner = _runner(tiny_model, tmp_path / "s.jsonl", task_manager)
+    runner.keep_doc_scores = True
+    row = runner.evaluate({"rank": "1", "layers": "2"}, 6)
+    scores = row["doc_scores"]["tiny_arc"]
+    assert len(scores) == 6 and len({(d, h) for d, h, _ in scores}) == 6 and {v for _, _, v in scores} <= {0.0, 1.0}
+    assert sum(v for _, _, v in scores) / 6 == pytest.approx(row["accuracy"]["tiny_arc"])
+    assert "doc_scores" in Store.open(tmp_path / "s.jsonl").get(row["key"])
+
+
+def test_doc_scores_take_the_primary_metrics_filter_and_refuse_repeats() -> None:
+    from lm_eval_lowrank.sweep import doc_scores_from_samples
+
+    gsm = [
+        {"doc_id": i, "doc_hash": f"h{i}", "filter": flt, "exact_match": v}
+        for i, (strict, flexible) in enumerate([(1.0, 1.0), (0.0, 1.0)])
+        for flt, v in (("strict-match", strict), ("flexible-extract", flexible))
+    ]
+    arc = [{"doc_id": 0, "doc_hash": "a", "filter": "none", "acc": 1.0}, {"doc_id": 0, "doc_hash": "a", "filter": "none", "acc": 0.0}]
+    out = doc_scores_from_samples({"gsm": gsm, "arc": arc}, {"gsm": "exact_match,flexible-extract", "arc": "acc", "wiki": None})
+    assert out == {"gsm": [[0, "h0", 1.0], [1, "h1", 1.0]]}  # arc repeats a document: left out

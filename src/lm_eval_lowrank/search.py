@@ -15,6 +15,7 @@ that returns a store row, so it is tested without any model.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,38 @@ def accuracy_drop(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: s
     return max(drops) if aggregate == "max" else sum(drops) / len(drops)
 
 
+def _doc_scores(row: Mapping[str, Any], task: str) -> dict[tuple[Any, Any], float] | None:
+    listed = (row.get("doc_scores") or {}).get(task)
+    return {(doc_id, doc_hash): float(v) for doc_id, doc_hash, v in listed} if listed else None
+
+
+def paired_drop_bound(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: str, z: float) -> tuple[float | None, float | None, str | None]:
+    """(upper confidence bound of the drop, its standard error, None), paired over the documents both rows scored
+    (their ``doc_scores``); or (None, None, why) when they cannot be paired. ``mean``: the tasks' paired errors
+    added in quadrature over the mean; ``max``: the largest of the tasks' own bounds."""
+    from .gate import paired_drop_stderr
+
+    per_task = []
+    for task, a0 in (dense.get("accuracy") or {}).items():
+        a = (row.get("accuracy") or {}).get(task)
+        if a0 is None or a is None:
+            continue
+        b, c = _doc_scores(dense, task), _doc_scores(row, task)
+        if b is None or c is None:
+            return None, None, f"{task}: no per-document scores in the store row (rows stored without --confidence)"
+        stderr, why = paired_drop_stderr(b, c, a0, a, task)
+        if stderr is None:
+            return None, None, f"{task}: {why}"
+        per_task.append((a0 - a, stderr))
+    if not per_task:
+        return None, None, "no task reports an accuracy-like metric"
+    if aggregate == "max":
+        drop, stderr = max(per_task, key=lambda t: t[0] + z * t[1])
+        return drop + z * stderr, stderr, None
+    stderr = math.sqrt(sum(se * se for _, se in per_task)) / len(per_task)
+    return sum(d for d, _ in per_task) / len(per_task) + z * stderr, stderr, None
+
+
 def parse_objective(text: str) -> str:
     obj = str(text).replace(" ", "").lower()
     if obj in ("energy*latency", "latency×energy"):
@@ -183,6 +216,7 @@ def search(
     prune_margin: float = 0.1,
     aggregate: str = "mean",
     log: Callable[[str], None] = lambda s: None,
+    confidence: float | None = None,
 ) -> SearchResult:
     """Successive halving over ``limits``; the last rung decides feasibility (drop <= tolerance).
 
@@ -190,7 +224,14 @@ def search(
     pruned (small limits are noisy, hence the margin); of the rest, those within tolerance
     come first (cheapest first), then the near misses (smallest drop first), and the best
     ``ceil(n / eta)`` go on.
+
+    With ``confidence`` (e.g. 0.95) the last rung asks more: a candidate is feasible when the one-sided upper
+    confidence bound of its drop, paired over the documents it and the dense model both scored (the rows'
+    ``doc_scores``), is within the tolerance. A row that cannot be paired is judged on its drop, with a note.
     """
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise SpecError(f"confidence={confidence:g} is invalid: give a level in [0.5, 1), e.g. 0.95")
+    z = statistics.NormalDist().inv_cdf(confidence) if confidence is not None else None
     objective = parse_objective(objective)
     if tolerance < 0:
         raise SpecError(f"tolerance={tolerance} is invalid: expected a drop >= 0 (e.g. 0.03 for 3 points)")
@@ -226,10 +267,18 @@ def search(
             v, u = objective_value(row, objective)
             used.add(u)
             row["feasible"] = d <= tolerance + 1e-12
+            if rung == last and z is not None:
+                upper, stderr, why = paired_drop_bound(dense_row, row, aggregate, z)
+                if upper is None:
+                    notes.append(f"{cand.name}: judged on its drop alone ({why})")
+                else:
+                    row["drop_upper"], row["drop_stderr"] = upper, stderr
+                    row["feasible"] = upper <= tolerance + 1e-12
             ev = Evaluation(cand, limit, row, d, v, rung)
             scored.append(ev)
             history.append(ev)
-            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
+            upper = f" (upper bound {row['drop_upper']:+.3f})" if "drop_upper" in row else ""
+            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f}{upper} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
         if rung == last:
             final = [dense_eval, *scored]
             break
@@ -252,5 +301,6 @@ def search(
         best = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
     else:
         best = dense_eval
-        notes.append(f"no candidate stays within tolerance {tolerance:g}: keep the dense model")
+        shown = f" with confidence {confidence:g} (paired upper bounds)" if confidence is not None else ""
+        notes.append(f"no candidate stays within tolerance {tolerance:g}{shown}: keep the dense model")
     return SearchResult(best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes)

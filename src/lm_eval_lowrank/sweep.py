@@ -257,6 +257,7 @@ class Runner:
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
     task_manager_instance: Any = None  # a ready lm_eval TaskManager to share (built lazily otherwise)
     evaluated: int = 0  # configurations actually run (not served from the store)
+    keep_doc_scores: bool = False  # store each document's primary score (search --confidence pairs them)
 
     def __post_init__(self) -> None:
         self.model_id = os.path.realpath(self.model) if os.path.isdir(self.model) else self.model
@@ -327,7 +328,7 @@ class Runner:
                 device=self.device,
                 batch_size=self.batch_size,
                 verbosity="ERROR",
-                log_samples=False,
+                log_samples=self.keep_doc_scores,
             )
         except SpecError:
             raise
@@ -341,6 +342,8 @@ class Runner:
                 os.environ[EVAL_TASKS_ENV] = saved_env
         wall = time.perf_counter() - start
         row = {**base, **row_from_results(out, self.tasks), "wall_seconds": wall, "memory_reset": reset, "status": "ok"}
+        if self.keep_doc_scores:
+            row["doc_scores"] = doc_scores_from_samples(out.get("samples") or {}, row["primary_metric"])
         del out
         gc.collect()
         return row
@@ -352,6 +355,28 @@ def spec_label(spec_args: Mapping[str, Any]) -> str:
     size = f"keep{spec_args['budget']}" if spec_args.get("budget") is not None and spec_args.get("rank") is None else f"r{spec_args.get('rank')}"
     method = f"{spec_args['method']} " if spec_args.get("method") not in (None, "tucker") else ""
     return f"{method}{size} layers[{spec_args.get('layers', 'all')}] tensors[{spec_args.get('tensors', 'all')}]"
+
+
+def doc_scores_from_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], primary: Mapping[str, str | None]) -> dict[str, list[list[Any]]]:
+    """task -> [[doc_id, doc_hash, value], ...] of the task's primary metric, from ``simple_evaluate``'s samples
+    (``log_samples=True``); a task whose samples do not give one number per document is left out."""
+    out: dict[str, list[list[Any]]] = {}
+    for task, name in primary.items():
+        if name is None or task not in samples:
+            continue
+        metric, _, flt = name.partition(",")
+        rows: dict[tuple[Any, Any], float] = {}
+        for sample in samples[task]:
+            if sample.get("filter", "none") != (flt or "none"):
+                continue
+            value, key = _finite(sample.get(metric)), (sample.get("doc_id"), sample.get("doc_hash"))
+            if value is None or key in rows:
+                rows = {}
+                break
+            rows[key] = value
+        if rows:
+            out[task] = [[doc_id, doc_hash, value] for (doc_id, doc_hash), value in rows.items()]
+    return out
 
 
 def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:

@@ -182,8 +182,15 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option("--eta", type=float, default=3.0, show_default=True, help="Keep the best 1/eta of the candidates at each screening rung.")
 @click.option("--prune-margin", type=float, default=0.10, show_default=True, help="Prune at screening when the drop exceeds tolerance + this margin.")
 @click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True, help="Drop over tasks: mean, or the worst task.")
+@click.option(
+    "--confidence",
+    type=float,
+    default=None,
+    metavar="LEVEL",
+    help="At the last rung, feasible only when the one-sided LEVEL upper bound of the drop (paired over documents) is within the tolerance, e.g. 0.95.",
+)
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, confidence: float | None, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..search import default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
@@ -195,6 +202,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         raise OneLineBadParameter(f"{eta!r} is not > 1", param_hint="'--eta'")
     if max_k < 1:
         raise OneLineBadParameter(f"{max_k!r} is not an int >= 1", param_hint="'--max-k'")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise OneLineBadParameter(f"{confidence!r} is not a level in [0.5, 1), e.g. 0.95", param_hint="'--confidence'")
     try:
         objective = parse_objective(objective)
     except SpecError as exc:
@@ -213,8 +222,11 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     num_layers, _, _ = model_info(model)
     candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method)
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    runner.keep_doc_scores = confidence is not None  # the paired bound needs each document's score
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
-    res = run_search(candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True))
+    res = run_search(
+        candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence
+    )
     for note in res.notes:
         click.echo(f"note: {note}")
     best = res.best
@@ -222,12 +234,15 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     if best.candidate.is_dense:
         click.echo("chosen: dense (no decomposition)")
     else:
-        click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
+        bound = f" (upper {confidence:g} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
+        click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
     args = runner.model_args_string(best.candidate.spec)
     # always quoted: '|' in layers would otherwise be a shell pipe
     click.echo("--model_args " + (shlex.quote(args) if "'" in args else f"'{args}'"))
     click.echo(f"evaluations: {len(res.history)} ({runner.evaluated} run now, the rest from the store)")
     click.echo("Pareto front (parameter reduction vs accuracy drop, last rung):")
-    click.echo(f"  {'reduction':>9}  {'drop (pts)':>10}  {'objective':>10}  config")
+    upper = confidence is not None
+    click.echo(f"  {'reduction':>9}  {'drop (pts)':>10}  " + (f"{'upper bound':>11}  " if upper else "") + f"{'objective':>10}  config")
     for e in pareto_front(res.final):
-        click.echo(f"  {100 * e.row.get('param_reduction', 0):8.2f}%  {100 * e.drop:+10.1f}  {e.objective:10.4g}  {e.candidate.name}{'  (feasible)' if e.row.get('feasible') else ''}")
+        bound = (f"{100 * e.row['drop_upper']:+11.1f}  " if "drop_upper" in e.row else f"{'-':>11}  ") if upper else ""
+        click.echo(f"  {100 * e.row.get('param_reduction', 0):8.2f}%  {100 * e.drop:+10.1f}  {bound}{e.objective:10.4g}  {e.candidate.name}{'  (feasible)' if e.row.get('feasible') else ''}")
