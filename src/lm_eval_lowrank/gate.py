@@ -449,13 +449,16 @@ def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
     return abs(statistics.fmean(scores.values()) - reported) <= 1e-6 * max(1.0, abs(reported))
 
 
-def paired_drop_stderr(base: Mapping[Any, float], comp: Mapping[Any, float], base_value: float, comp_value: float, metric: str) -> tuple[float | None, str | None]:
+def paired_drop_stderr(
+    base: Mapping[Any, float], comp: Mapping[Any, float], base_value: float, comp_value: float, metric: str, source: str = "the samples files"
+) -> tuple[float | None, str | None]:
     """(standard error of mean(base) - mean(comp) over the documents both scored, None) when the pairing holds,
-    else (None, why): the same documents, at least two, and each reported score the mean of its documents'."""
+    else (None, why, naming ``source``): the same documents, at least two, and each reported score the mean of
+    its documents'."""
     if base.keys() != comp.keys():
-        return None, "the samples files cover different documents"
+        return None, f"{source} cover different documents"
     if len(base) < 2:
-        return None, "fewer than 2 documents in the samples files"
+        return None, f"fewer than 2 documents in {source}"
     if not (_is_their_mean(base, base_value) and _is_their_mean(comp, comp_value)):
         return None, f"{metric} is not a mean over documents"
     return statistics.stdev(base[k] - comp[k] for k in base) / math.sqrt(len(base)), None

@@ -124,7 +124,7 @@ def paired_drop_bound(dense: Mapping[str, Any], row: Mapping[str, Any], aggregat
         b, c = _doc_scores(dense, task), _doc_scores(row, task)
         if b is None or c is None:
             return None, None, f"{task}: no per-document scores in the store row (rows stored without --confidence)"
-        stderr, why = paired_drop_stderr(b, c, a0, a, task)
+        stderr, why = paired_drop_stderr(b, c, a0, a, task, source="the stored rows")
         if stderr is None:
             return None, None, f"{task}: {why}"
         per_task.append((a0 - a, stderr))
