@@ -60,7 +60,7 @@ def test_search_cli_rejects_bad_candidate_options(tmp_path) -> None:
     from lm_eval_lowrank.cli import cli
 
     store = str(tmp_path / "s.jsonl")
-    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks")):
+    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin")):
         res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, *args])
         assert res.exit_code == 2 and hint in res.output, res.output
 
@@ -172,3 +172,82 @@ def test_confidence_makes_feasibility_a_paired_upper_bound() -> None:
     assert res.best.candidate.name == "steady"  # shaky cuts more, but is not shown to be within tolerance
     with pytest.raises(SpecError, match="confidence=1.5 is invalid"):
         search(cands, evaluate, tolerance=0.04, limits=(50,), confidence=1.5)
+
+
+def _flip(dense: list[float], lose: int, gain: int) -> list[float]:
+    """The dense scores with the first ``lose`` right answers made wrong and the first ``gain`` wrong ones right."""
+    out, lost, gained = list(dense), 0, 0
+    for i, v in enumerate(dense):
+        if v == 1.0 and lost < lose:
+            out[i], lost = 0.0, lost + 1
+        elif v == 0.0 and gained < gain:
+            out[i], gained = 1.0, gained + 1
+    return out
+
+
+def test_confidence_screens_on_the_paired_lower_bound() -> None:
+    """Screening on 100 documents, deciding on 400, tolerance 0.03. 'noisy' screens at a 0.15 drop from 40 answers
+    lost and 25 gained, yet is exact at full fidelity; 'steady' screens at 0.10 from 10 answers lost and nothing
+    gained. The fixed margin (tau + 0.1) prunes the wrong one; the lower bound prunes the right one."""
+    rows: dict[tuple[str, int], dict] = {}
+    for limit in (100, 400):
+        dense = [float(i % 2 == 0) for i in range(limit)]
+        flips = {"noisy": (40, 25) if limit == 100 else (0, 0), "steady": (limit // 10, 0), "exact": (0, 0)}
+        rows["dense", limit] = _paired_row(sum(dense) / limit, dense, 0.0)
+        for name, (lose, gain) in flips.items():
+            scores = _flip(dense, lose, gain)
+            rows[name, limit] = _paired_row(sum(scores) / limit, scores, {"noisy": 0.10, "steady": 0.20, "exact": 0.05}[name])
+    calls: list[tuple[str, int]] = []
+
+    def evaluate(spec, limit, phase="", label=""):
+        calls.append((spec.get("name", "dense"), limit))
+        return rows[spec.get("name", "dense"), limit]
+
+    cands = [Candidate(n, {"name": n}) for n in ("noisy", "steady", "exact")]
+    plain = search(cands, evaluate, tolerance=0.03, limits=(100, 400), objective="params", eta=1.01)
+    assert {n for n, lim in calls if lim == 400} == {"dense", "steady", "exact"}  # noisy pruned on its point estimate
+    assert plain.best.candidate.name == "exact"
+
+    calls.clear()
+    logged: list[str] = []
+    res = search(cands, evaluate, tolerance=0.03, limits=(100, 400), objective="params", eta=1.01, confidence=0.95, log=logged.append)
+    assert {n for n, lim in calls if lim == 400} == {"dense", "noisy", "exact"}  # steady is surely beyond tau
+    screened = {e.candidate.name: e.row for e in res.history if e.limit == 100 and not e.candidate.is_dense}
+    d = [1.0] * 10 + [0.0] * 90
+    se = math.sqrt(sum((x - 0.1) ** 2 for x in d) / 99 / 100)
+    assert screened["steady"]["drop_lower"] == pytest.approx(0.1 - 1.6448536 * se)
+    assert screened["steady"]["drop_lower"] > 0.03 >= screened["noisy"]["drop_lower"]
+    assert res.best.candidate.name == "noisy"  # the most compressed, and within tau at 400 documents
+    assert any("1 pruned (lower 0.95 bound beyond tau+0)" in line for line in logged)
+    # an explicit margin is added to the lower bound
+    calls.clear()
+    search(cands, evaluate, tolerance=0.03, limits=(100, 400), objective="params", eta=1.01, confidence=0.95, prune_margin=0.05)
+    assert {n for n, lim in calls if lim == 400} == {"dense", "noisy", "steady", "exact"}
+    with pytest.raises(SpecError, match="prune_margin=-0.1 is invalid"):
+        search(cands, evaluate, tolerance=0.03, limits=(100, 400), prune_margin=-0.1)
+
+
+def test_paired_bounds_over_two_tasks_mean_and_max() -> None:
+    from lm_eval_lowrank.search import paired_drop_bounds
+
+    def row(scores: dict[str, list[float]]) -> dict:
+        return {"accuracy": {t: sum(s) / len(s) for t, s in scores.items()}, "doc_scores": {t: [[i, f"h{i}", v] for i, v in enumerate(s)] for t, s in scores.items()}}
+
+    dense = {"a": [1.0] * 50 + [0.0] * 50, "b": [1.0] * 50 + [0.0] * 50}
+    comp = {"a": _flip(dense["a"], 10, 0), "b": _flip(dense["b"], 20, 16)}  # drops 0.10 (steady) and 0.04 (noisy)
+
+    def se(lose: int, gain: int) -> float:
+        d = [1.0] * lose + [-1.0] * gain + [0.0] * (100 - lose - gain)
+        m = sum(d) / 100
+        return math.sqrt(sum((x - m) ** 2 for x in d) / 99 / 100)
+
+    z = 1.6448536
+    sa, sb = se(10, 0), se(20, 16)
+    (lo, up, s), why = paired_drop_bounds(row(dense), row(comp), "mean", z)
+    assert why is None and s == pytest.approx(math.hypot(sa, sb) / 2)
+    assert (lo, up) == (pytest.approx(0.07 - z * s), pytest.approx(0.07 + z * s))
+    (lo, up, s), _ = paired_drop_bounds(row(dense), row(comp), "max", z)
+    assert lo == pytest.approx(max(0.10 - z * sa, 0.04 - z * sb))
+    assert up == pytest.approx(max(0.10 + z * sa, 0.04 + z * sb)) and s == pytest.approx(sa if 0.10 + z * sa > 0.04 + z * sb else sb)
+    bounds, why = paired_drop_bounds(row(dense), {"accuracy": {"a": 0.4, "b": 0.46}}, "mean", z)
+    assert bounds is None and why.startswith("a: no per-document scores")

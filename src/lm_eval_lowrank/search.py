@@ -110,10 +110,12 @@ def _doc_scores(row: Mapping[str, Any], task: str) -> dict[tuple[Any, Any], floa
     return {(doc_id, doc_hash): float(v) for doc_id, doc_hash, v in listed} if listed else None
 
 
-def paired_drop_bound(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: str, z: float) -> tuple[float | None, float | None, str | None]:
-    """(upper confidence bound of the drop, its standard error, None), paired over the documents both rows scored
-    (their ``doc_scores``); or (None, None, why) when they cannot be paired. ``mean``: the tasks' paired errors
-    added in quadrature over the mean; ``max``: the largest of the tasks' own bounds."""
+def paired_drop_bounds(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: str, z: float) -> tuple[tuple[float, float, float] | None, str | None]:
+    """((lower, upper, standard error), None): one-sided confidence bounds of the drop at ``z``, paired over the
+    documents both rows scored (their ``doc_scores``); or (None, why) when they cannot be paired.
+    ``mean``: the tasks' paired errors added in quadrature over the mean. ``max``: each bound is the largest of
+    the tasks' own (the max of the drops is at least each task's lower bound, and at most the largest upper one);
+    the error is that of the task with the largest upper bound."""
     from .gate import paired_drop_stderr
 
     per_task = []
@@ -123,18 +125,19 @@ def paired_drop_bound(dense: Mapping[str, Any], row: Mapping[str, Any], aggregat
             continue
         b, c = _doc_scores(dense, task), _doc_scores(row, task)
         if b is None or c is None:
-            return None, None, f"{task}: no per-document scores in the store row (rows stored without --confidence)"
+            return None, f"{task}: no per-document scores in the store row (rows stored without --confidence)"
         stderr, why = paired_drop_stderr(b, c, a0, a, task, source="the stored rows")
         if stderr is None:
-            return None, None, f"{task}: {why}"
+            return None, f"{task}: {why}"
         per_task.append((a0 - a, stderr))
     if not per_task:
-        return None, None, "no task reports an accuracy-like metric"
+        return None, "no task reports an accuracy-like metric"
     if aggregate == "max":
         drop, stderr = max(per_task, key=lambda t: t[0] + z * t[1])
-        return drop + z * stderr, stderr, None
+        return (max(d - z * se for d, se in per_task), drop + z * stderr, stderr), None
     stderr = math.sqrt(sum(se * se for _, se in per_task)) / len(per_task)
-    return sum(d for d, _ in per_task) / len(per_task) + z * stderr, stderr, None
+    mean = sum(d for d, _ in per_task) / len(per_task)
+    return (mean - z * stderr, mean + z * stderr, stderr), None
 
 
 def parse_objective(text: str) -> str:
@@ -213,21 +216,25 @@ def search(
     limits: Sequence[int | None] = (10, 50),
     objective: str = "latency*energy",
     eta: float = 3.0,
-    prune_margin: float = 0.1,
+    prune_margin: float | None = None,
     aggregate: str = "mean",
     log: Callable[[str], None] = lambda s: None,
     confidence: float | None = None,
 ) -> SearchResult:
     """Successive halving over ``limits``; the last rung decides feasibility (drop <= tolerance).
 
-    At a screening rung, a candidate whose drop exceeds ``tolerance + prune_margin`` is
+    At a screening rung, a candidate whose drop exceeds ``tolerance + prune_margin`` (default 0.1) is
     pruned (small limits are noisy, hence the margin); of the rest, those within tolerance
     come first (cheapest first), then the near misses (smallest drop first), and the best
     ``ceil(n / eta)`` go on.
 
-    With ``confidence`` (e.g. 0.95) the last rung asks more: a candidate is feasible when the one-sided upper
-    confidence bound of its drop, paired over the documents it and the dense model both scored (the rows'
-    ``doc_scores``), is within the tolerance. A row that cannot be paired is judged on its drop, with a note.
+    With ``confidence`` (e.g. 0.95) both kinds of rung use the paired one-sided bounds of the drop, over the
+    documents the candidate and the dense model both scored (the rows' ``doc_scores``):
+    - screening prunes a candidate only when its lower bound exceeds ``tolerance + prune_margin`` (default 0),
+      so a candidate that is within tolerance is pruned with probability at most 1 - confidence, however few the
+      documents;
+    - the last rung calls a candidate feasible only when its upper bound is within the tolerance.
+    A row that cannot be paired is judged on its drop (screening with the 0.1 default margin), with a note.
     """
     if confidence is not None and not 0.5 <= confidence < 1:
         raise SpecError(f"confidence={confidence:g} is invalid: give a level in [0.5, 1), e.g. 0.95")
@@ -235,6 +242,10 @@ def search(
     objective = parse_objective(objective)
     if tolerance < 0:
         raise SpecError(f"tolerance={tolerance} is invalid: expected a drop >= 0 (e.g. 0.03 for 3 points)")
+    if prune_margin is not None and prune_margin < 0:
+        raise SpecError(f"prune_margin={prune_margin:g} is invalid: expected >= 0")
+    point_margin = 0.1 if prune_margin is None else prune_margin  # margin on the drop itself
+    bound_margin = 0.0 if prune_margin is None else prune_margin  # margin on the lower bound (confidence)
     if not limits:
         raise SpecError("limits: give at least one evaluation limit")
     if eta <= 1:
@@ -250,6 +261,7 @@ def search(
     dense_eval: Evaluation | None = None
     for rung, limit in enumerate(limits):
         phase = "full" if rung == last else f"screen{rung}"
+        pruned_names: set[str] = set()
         dense_row = dict(evaluate(dict(DENSE.spec), limit, phase=phase, label="dense"))
         if dense_row.get("status", "ok") != "ok":
             raise RuntimeError(f"the dense baseline failed at limit={limit}: {dense_row.get('error')}")
@@ -267,29 +279,35 @@ def search(
             v, u = objective_value(row, objective)
             used.add(u)
             row["feasible"] = d <= tolerance + 1e-12
-            if rung == last and z is not None:
-                upper, stderr, why = paired_drop_bound(dense_row, row, aggregate, z)
-                if upper is None:
-                    notes.append(f"{cand.name}: judged on its drop alone ({why})")
+            prune = d > tolerance + point_margin
+            if z is not None:
+                bounds, why = paired_drop_bounds(dense_row, row, aggregate, z)
+                if bounds is None:
+                    verb = "judged" if rung == last else f"screened at limit={limit}"
+                    notes.append(f"{cand.name}: {verb} on its drop alone ({why})")
                 else:
-                    row["drop_upper"], row["drop_stderr"] = upper, stderr
-                    row["feasible"] = upper <= tolerance + 1e-12
+                    row["drop_lower"], row["drop_upper"], row["drop_stderr"] = bounds
+                    prune = row["drop_lower"] > tolerance + bound_margin
+                    if rung == last:
+                        row["feasible"] = row["drop_upper"] <= tolerance + 1e-12
             ev = Evaluation(cand, limit, row, d, v, rung)
             scored.append(ev)
             history.append(ev)
-            upper = f" (upper bound {row['drop_upper']:+.3f})" if "drop_upper" in row else ""
-            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f}{upper} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
+            bounds_shown = f" (bounds {row['drop_lower']:+.3f} .. {row['drop_upper']:+.3f})" if "drop_upper" in row else ""
+            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f}{bounds_shown} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
+            if rung != last and prune:
+                pruned_names.add(cand.name)
         if rung == last:
             final = [dense_eval, *scored]
             break
-        kept = [e for e in scored if e.drop <= tolerance + prune_margin]
+        kept = [e for e in scored if e.candidate.name not in pruned_names]
         kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
         n_next = max(1, math.ceil(len(scored) / eta))
-        pruned = len(scored) - len(kept)
+        rule = f"lower {confidence:g} bound beyond tau+{bound_margin:g}" if z is not None else f"beyond tau+{point_margin:g}"
         alive = [e.candidate for e in kept[:n_next]]
-        log(f"rung {rung} (limit={limit}): {len(scored)} screened, {pruned} pruned beyond tau+{prune_margin:g}, {len(alive)} go on")
+        log(f"rung {rung} (limit={limit}): {len(scored)} screened, {len(scored) - len(kept)} pruned ({rule}), {len(alive)} go on")
         if not alive:
-            notes.append(f"every candidate screened beyond tolerance + {prune_margin:g} at limit={limit}")
+            notes.append(f"every candidate screened out at limit={limit} ({rule})")
             final = [dense_eval]
             break
     assert dense_eval is not None

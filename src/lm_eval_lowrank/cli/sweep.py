@@ -180,17 +180,22 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option("--no-table4", is_flag=True, help="Leave the Table 4 layer sets out of the candidates.")
 @click.option("--limits", default="10,50", show_default=True, help="Documents per task at each successive-halving rung, screening first, e.g. 10,50 or 8,24,100.")
 @click.option("--eta", type=float, default=3.0, show_default=True, help="Keep the best 1/eta of the candidates at each screening rung.")
-@click.option("--prune-margin", type=float, default=0.10, show_default=True, help="Prune at screening when the drop exceeds tolerance + this margin.")
+@click.option(
+    "--prune-margin",
+    type=float,
+    default=None,
+    help="Prune at screening when the drop exceeds tolerance + this margin [default: 0.1]; with --confidence, when the drop's lower bound does [default: 0].",
+)
 @click.option("--aggregate", type=click.Choice(["mean", "max"]), default="mean", show_default=True, help="Drop over tasks: mean, or the worst task.")
 @click.option(
     "--confidence",
     type=float,
     default=None,
     metavar="LEVEL",
-    help="At the last rung, feasible only when the one-sided LEVEL upper bound of the drop (paired over documents) is within the tolerance, e.g. 0.95.",
+    help="Paired one-sided LEVEL bounds of the drop, e.g. 0.95: the last rung calls a candidate feasible only when its upper bound is within the tolerance, and screening prunes only when its lower bound is not.",
 )
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float, aggregate: str, confidence: float | None, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..search import default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
@@ -204,6 +209,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         raise OneLineBadParameter(f"{max_k!r} is not an int >= 1", param_hint="'--max-k'")
     if confidence is not None and not 0.5 <= confidence < 1:
         raise OneLineBadParameter(f"{confidence!r} is not a level in [0.5, 1), e.g. 0.95", param_hint="'--confidence'")
+    if prune_margin is not None and prune_margin < 0:
+        raise OneLineBadParameter(f"{prune_margin!r} is not a margin >= 0 (fraction, e.g. 0.1)", param_hint="'--prune-margin'")
     try:
         objective = parse_objective(objective)
     except SpecError as exc:
