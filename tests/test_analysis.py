@@ -96,3 +96,18 @@ def test_analyze_cli(tiny_llama, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m"), "--layers", "9"])
     assert bad.exit_code != 0 and "layer 9 is past the end" in str(bad.exception or bad.output)
+
+
+def test_analyze_bad_options_are_one_line_usage_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli import cli
+
+    (tmp_path / "m").mkdir()  # never loaded: the options fail first
+    for args, line in (
+        (["--ranks", "1,x"], "Error: Invalid value for '--ranks': '1,x': expected ints joined by ',' (e.g. 1,8,32,128)"),
+        (["--metric", "rank"], "Error: Invalid value for '--metric': 'rank': valid r95_frac, r90_frac, r99_frac, effective_rank_frac, stable_rank, sparsity"),
+        (["--dtype", "fp8"], "Error: Invalid value for '--dtype': 'fp8': expected float32, bfloat16 or float16"),
+    ):
+        r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m"), *args])
+        assert r.exit_code == 2 and r.output.strip() == line, r.output

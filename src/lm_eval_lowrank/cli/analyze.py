@@ -9,14 +9,16 @@ from typing import Any
 
 import click
 
+from .errors import OneLineBadParameter
+
 
 def _parse_ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         out = tuple(int(x) for x in value.replace("|", ",").split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected ints joined by ',' (e.g. 1,8,32,128)") from None
+        raise OneLineBadParameter(f"{value!r}: expected ints joined by ',' (e.g. 1,8,32,128)") from None
     if not out or any(x < 1 for x in out):
-        raise click.BadParameter(f"{value!r}: expected ints >= 1")
+        raise OneLineBadParameter(f"{value!r}: expected ints >= 1")
     return out
 
 
@@ -156,7 +158,7 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
     from ..analysis import HEATMAP_METRICS, format_table, table_rows
 
     if metric not in HEATMAP_METRICS:
-        raise click.BadParameter(f"{metric!r}: valid {', '.join(HEATMAP_METRICS)}", param_hint="--metric")
+        raise OneLineBadParameter(f"{metric!r}: valid {', '.join(HEATMAP_METRICS)}", param_hint="'--metric'")
     if heatmap:
         from ..optional import require_module
 
@@ -167,7 +169,7 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         model = str(smollm2_path())
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise click.BadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="--dtype")
+        raise OneLineBadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="'--dtype'")
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
     provider = None
     if activations:

@@ -12,19 +12,13 @@ from typing import Any
 import click
 
 from ..spec import SpecError
+from .errors import OneLineBadParameter
 
 
 class SpaceError(click.ClickException):
     """A bad value: printed as one ``Error: ...`` line, exit code 2 (like SpecError in cli.main)."""
 
     exit_code = 2
-
-
-class OneLineBadParameter(click.BadParameter):
-    """A click usage error naming the option, printed as one line (no usage banner)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
 
 
 def _seq_len(value: str) -> int:

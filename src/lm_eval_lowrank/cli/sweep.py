@@ -21,13 +21,7 @@ from typing import Any
 import click
 
 from ..spec import SpecError
-
-
-class OneLineBadParameter(click.BadParameter):
-    """A usage error naming the option, printed as one line (no usage banner)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
+from .errors import OneLineBadParameter
 
 
 def _fraction_list(value: str, option: str) -> list[float]:
