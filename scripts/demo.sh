@@ -21,7 +21,7 @@ rm -rf "$OUT/dense" "$OUT/decomposed"
 run() {  # $1 = output folder, $2 = extra model_args
   lm_eval --model hf-tucker --model_args "pretrained=$MODEL,dtype=float32$2" \
     --tasks "$TASKS" --include_path "$TASKDIR" --limit "$LIMIT" \
-    --device cpu --batch_size 16 --output_path "$1" 2>&1 \
+    --device cpu --batch_size 16 --output_path "$1" --log_samples 2>&1 \
     | grep -E --line-buffered "Running|decomposing|it/s\]$|\|" >&2 || true
 }
 step 3 "dense baseline: $TASKS, --limit $LIMIT"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from click.testing import CliRunner
 
@@ -62,3 +63,63 @@ def test_compare_keeps_the_energy_reason_short(tmp_path):
     assert r.exit_code == 0, r.output
     row = {ln.split("|")[1].strip(): ln.split("|")[2].strip() for ln in r.output.splitlines()[2:]}
     assert row["energy"] == "n/a: no GPU in use, and no RAPL counters"  # the path stays in the JSON
+
+
+def _run_with_samples(folder, stamp: str, correct: list[int], stderr: float | None, low: dict, samples: bool = True):
+    """An lm-eval output folder: results_<stamp>.json whose acc_norm is the mean of ``correct``, and the
+    samples file ``--log_samples`` writes beside it (one 0/1 per document)."""
+    folder.mkdir(parents=True)
+    value = sum(correct) / len(correct)
+    entry = {"alias": "arc_easy_local", "acc_norm,none": value}
+    if stderr is not None:
+        entry["acc_norm_stderr,none"] = stderr
+    path = folder / f"results_{stamp}.json"
+    path.write_text(json.dumps({"results": {"arc_easy_local": entry}, "higher_is_better": {"arc_easy_local": {"acc_norm": True}}, "config": {"lowrank": low}}))
+    if samples:
+        lines = [{"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "acc_norm": float(v)} for i, v in enumerate(correct)]
+        (folder / f"samples_arc_easy_local_{stamp}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_compare_gives_each_drop_an_interval_paired_when_samples_were_logged(tmp_path):
+    """200 documents; the compressed run loses 4 the dense one had right: a drop of 0.02. With the samples files
+    the 95 % interval is paired over the documents; without them it comes from the two stderrs."""
+    dense_low = _low([], 0.0, 2.0, {"available": False, "reason": "no CUDA GPU visible"})
+    comp_low = _low(["m"], 0.0787, 1.8, {"available": False, "reason": "no CUDA GPU visible"})
+    dense = _run_with_samples(tmp_path / "dense", "2026-01-01T00-00-00.0", [1] * 100 + [0] * 100, 0.0354, dense_low)
+    comp = _run_with_samples(tmp_path / "comp", "2026-01-02T00-00-00.0", [0] * 4 + [1] * 96 + [0] * 100, 0.0353, comp_low)
+
+    def table(*extra: str) -> dict[str, list[str]]:
+        r = CliRunner().invoke(cli, ["compare", str(dense), str(comp), *extra])
+        assert r.exit_code == 0, r.output
+        return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in r.output.splitlines()[2:]}
+
+    d = [1.0] * 4 + [0.0] * 196
+    paired = math.sqrt(sum((x - 0.02) ** 2 for x in d) / 199 / 200)
+    rows = table()
+    assert rows["arc_easy_local acc_norm"] == ["0.5000 ± 0.0354", "0.4800 ± 0.0353"]
+    z = 1.959964
+    assert rows["drop, 95% interval"] == ["-", f"+0.0200 [{0.02 - z * paired:+.4f}, {0.02 + z * paired:+.4f}] (paired, 200 docs)"]
+    assert table("--confidence", "0.8")["drop, 80% interval"][1].startswith(f"+0.0200 [{0.02 - 1.281552 * paired:+.4f}")
+    for folder in (tmp_path / "dense", tmp_path / "comp"):
+        next(folder.glob("samples_*.jsonl")).unlink()
+    unpaired = math.hypot(0.0354, 0.0353)
+    assert table()["drop, 95% interval"][1] == f"+0.0200 [{0.02 - z * unpaired:+.4f}, {0.02 + z * unpaired:+.4f}] (unpaired)"
+
+
+def test_compare_drop_follows_the_metric_direction_and_bad_levels_are_usage_errors(tmp_path):
+    def run(folder, ppl: float):
+        folder.mkdir()
+        path = folder / "results.json"
+        entry = {"alias": "wikitext_local", "word_perplexity,none": ppl, "word_perplexity_stderr,none": "N/A"}
+        path.write_text(json.dumps({"results": {"wikitext_local": entry}, "higher_is_better": {"wikitext_local": {"word_perplexity": False}}, "config": {"lowrank": {}}}))
+        return path
+
+    dense, comp = run(tmp_path / "d", 20.0), run(tmp_path / "c", 25.0)
+    r = CliRunner().invoke(cli, ["compare", str(dense), str(comp)])
+    assert r.exit_code == 0, r.output
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in r.output.splitlines()[2:]}
+    assert rows["wikitext_local word_perplexity"] == ["20.0000", "25.0000"]  # "N/A" is no stderr
+    assert rows["drop, 95% interval"] == ["-", "+5.0000"]  # higher perplexity is worse; no stderr, no interval
+    bad = CliRunner().invoke(cli, ["compare", str(dense), str(comp), "--confidence", "1.5"])
+    assert bad.exit_code == 2 and bad.output.strip() == "Error: Invalid value for '--confidence': 1.5 is not a level in (0, 1), e.g. 0.95"

@@ -1,18 +1,20 @@
 """Side-by-side comparison of lm-eval results: accuracy and the efficiency block.
 
 Reads the results JSON (or output folders) that ``lm_eval --model hf-tucker`` wrote and
-lines up, for two or more runs: each task's primary metric (same rule as the gate),
+lines up, for two or more runs: each task's primary metric (same rule as the gate) with
+lm-eval's standard error, each later run's drop from the first with a confidence interval,
 parameter reduction, latency, tokens/s, energy (or "n/a: <reason>") and peak memory.
 Pure Python: no torch import.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .gate import choose_metric, load_results
+from .gate import ResultsFile, choose_metric, drop_noise, is_higher_better, load_results, metric_drop, metric_number
 
 
 def _lowrank(res: Any) -> dict[str, Any]:
@@ -58,22 +60,49 @@ def _label(res: Any) -> str:
     return f"{dec.get('method')} r={dec.get('rank') or 'budget'} L={','.join(map(str, dec.get('layers', [])))}"  # no '|': it splits Markdown cells
 
 
-def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of a side-by-side table for the given runs (the first is the reference)."""
+def _value_cell(run: ResultsFile, task: str, metric: str) -> str:
+    entry = run.entry(task) or {}
+    value = metric_number(entry.get(metric))
+    if value is None:
+        return "n/a"
+    name, flt = metric.split(",", 1)
+    stderr = metric_number(entry.get(f"{name}_stderr,{flt}"))
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
+def _drop_cell(reference: ResultsFile, run: ResultsFile, task: str, metric: str, z: float) -> str:
+    """The drop from the reference (positive: worse, whichever way the metric points) and its two-sided interval:
+    paired over documents when both runs logged their samples, else from lm-eval's two standard errors."""
+    base, comp = metric_number((reference.entry(task) or {}).get(metric)), metric_number((run.entry(task) or {}).get(metric))
+    if base is None or comp is None:
+        return "n/a"
+    drop = metric_drop(base, comp, is_higher_better(task, metric.split(",")[0], (reference, run)), relative=False)
+    noise, _ = drop_noise(task, metric, reference, run, base, comp)
+    if noise is None:
+        return f"{drop:+.4f}"
+    paired = f"paired, {noise.documents} docs" if noise.kind == "paired" else "unpaired"
+    return f"{drop:+.4f} [{drop - z * noise.stderr:+.4f}, {drop + z * noise.stderr:+.4f}] ({paired})"
+
+
+def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None, confidence: float = 0.95) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a side-by-side table for the given runs (the first is the reference). Each task's metric
+    shows lm-eval's standard error; with more than one run, a second row gives each later run's drop from the
+    reference with its two-sided ``confidence`` interval."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence:g} is invalid: give a level in (0, 1), e.g. 0.95")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     runs = [load_results(p) for p in paths]
     header = ["", *[_label(r) for r in runs]]
     names = list(tasks) if tasks else [t for t in runs[0].data.get("results", {})]
     rows: list[list[str]] = []
     for task in names:
-        entry = runs[0].data["results"].get(task)
+        entry = runs[0].entry(task)
         metric = choose_metric(entry) if entry else None
         if metric is None:
             continue
-        row = [f"{task} {metric.split(',')[0]}"]
-        for r in runs:
-            v = r.data.get("results", {}).get(task, {}).get(metric)
-            row.append(_fmt_num(v if isinstance(v, (int, float)) else None, ".4f"))
-        rows.append(row)
+        rows.append([f"{task} {metric.split(',')[0]}", *[_value_cell(r, task, metric) for r in runs]])
+        if len(runs) > 1:
+            rows.append([f"  drop, {confidence:.0%} interval", "-", *[_drop_cell(runs[0], r, task, metric, z) for r in runs[1:]]])
     lows = [_lowrank(r) for r in runs]
 
     def add(name: str, fn) -> None:

@@ -255,7 +255,9 @@ def choose_metric(entry: Mapping[str, Any], requested: str | None = None) -> str
     return _pick_filter([k for k in keys if k[1] == keys[0][1]]) if keys else None
 
 
-def _higher_is_better(task: str, metric: str, files: Iterable[ResultsFile]) -> bool:
+def is_higher_better(task: str, metric: str, files: Iterable[ResultsFile]) -> bool:
+    """Whether a higher ``metric`` (a name without its filter) is better for ``task``: the results' own
+    ``higher_is_better`` first, else known lower-is-better names (perplexity, ...)."""
     for f in files:
         value = f.higher_is_better.get(task, {})
         value = value.get(metric) if isinstance(value, Mapping) else None
@@ -264,7 +266,8 @@ def _higher_is_better(task: str, metric: str, files: Iterable[ResultsFile]) -> b
     return metric not in LOWER_IS_BETTER
 
 
-def _number(value: Any) -> float | None:
+def metric_number(value: Any) -> float | None:
+    """A metric value as a float, or None for anything that is not a number."""
     # bool is an int subclass but never a metric value; "N/A" and friends are not numbers.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -432,7 +435,7 @@ def per_document_scores(results: ResultsFile, task: str, metric_key: str, _seen:
                 sample = json.loads(line)
                 if sample.get("filter", "none") != flt:
                     continue
-                value = _number(sample.get(name))
+                value = metric_number(sample.get(name))
                 key = (task, sample.get("doc_id"), sample.get("doc_hash"))
                 if value is None or key in scores:
                     return None
@@ -464,23 +467,25 @@ def paired_drop_stderr(
     return statistics.stdev(base[k] - comp[k] for k in base) / math.sqrt(len(base)), None
 
 
-def drop_noise(task: str, metric_key: str, baseline: ResultsFile, compressed: ResultsFile, row: Row, relative: bool) -> tuple[DropNoise | None, str | None]:
-    """(the drop's standard error, a note): paired over documents when both runs logged their samples and the
-    metric is a mean over documents, else from lm-eval's stderr of each score (as independent), else None."""
-    assert row.baseline is not None and row.compressed is not None
-    if relative and row.baseline == 0:
+def drop_noise(
+    task: str, metric_key: str, baseline: ResultsFile, compressed: ResultsFile, base_value: float, comp_value: float, relative: bool = False
+) -> tuple[DropNoise | None, str | None]:
+    """(the standard error of the drop from ``base_value`` to ``comp_value``, a note): paired over documents when
+    both runs logged their samples and the metric is a mean over documents, else from lm-eval's stderr of each
+    score (as independent), else None."""
+    if relative and base_value == 0:
         return None, "a relative drop from a zero baseline has no standard error"
-    scale = abs(row.baseline) if relative else 1.0
+    scale = abs(base_value) if relative else 1.0
     note = None
     b = per_document_scores(baseline, task, metric_key)
     c = per_document_scores(compressed, task, metric_key)
     if b is not None and c is not None:
-        stderr, why = paired_drop_stderr(b, c, row.baseline, row.compressed, metric_key)
+        stderr, why = paired_drop_stderr(b, c, base_value, comp_value, metric_key)
         if stderr is not None:  # the sign of the drop does not change its standard error
             return DropNoise(stderr / scale, "paired", len(b)), None
         note = f"{why}: unpaired standard error"
     name, flt = metric_key.split(",", 1)
-    errors = [_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
+    errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
     if any(e is None for e in errors):
         return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone"
     return DropNoise(math.hypot(*errors) / scale, "unpaired"), note
@@ -548,7 +553,8 @@ class GateResult:
         return EXIT_OK if self.passed else EXIT_FAIL
 
 
-def _drop(base: float, comp: float, higher_is_better: bool, relative: bool) -> float:
+def metric_drop(base: float, comp: float, higher_is_better: bool, relative: bool) -> float:
+    """How much worse ``comp`` is than ``base`` (positive: worse), absolute or relative to ``base``."""
     diff = base - comp if higher_is_better else comp - base
     if not relative:
         return diff
@@ -584,8 +590,8 @@ def _gate_one(
         what = f"no metric {requested_metric!r}" if explicit else "no metric values"
         return missing(f"{what} in the baseline", requested_metric if explicit else None)
     metric_name = metric_key.split(",", 1)[0]
-    hib = _higher_is_better(task, metric_name, (baseline, compressed))
-    base = _number(b_entry.get(metric_key))
+    hib = is_higher_better(task, metric_name, (baseline, compressed))
+    base = metric_number(b_entry.get(metric_key))
     if c_entry is None:
         row = missing("not in the compressed results", metric_key)
         row.baseline, row.higher_is_better = base, hib
@@ -594,11 +600,11 @@ def _gate_one(
         row = missing(f"{metric_key} not in the compressed results", metric_key)
         row.baseline, row.higher_is_better = base, hib
         return row
-    comp = _number(c_entry.get(metric_key))
+    comp = metric_number(c_entry.get(metric_key))
     if base is None or comp is None:
         bad = "baseline" if base is None else "compressed"
         return Row(task, metric_key, base, comp, None, tolerance, hib, "MISSING", alias, f"{bad} value is not a number")
-    drop = _drop(base, comp, hib, relative)
+    drop = metric_drop(base, comp, hib, relative)
     if not math.isfinite(drop):
         # NaN compares False with everything, so without this a NaN score would pass.
         return Row(task, metric_key, base, comp, drop, tolerance, hib, "FAIL", alias, "non-finite score")
@@ -683,7 +689,7 @@ def run_gate(
     per_row = None
     if confidence is not None:
         scored = [r for r in rows if r.verdict != "MISSING" and r.metric is not None and r.drop is not None and math.isfinite(r.drop)]
-        noises = [drop_noise(r.task, r.metric, baseline, compressed, r, relative) for r in scored]
+        noises = [drop_noise(r.task, r.metric, baseline, compressed, r.baseline, r.compressed, relative) for r in scored]  # type: ignore[arg-type]
         # Bonferroni: with k bounds at 1 - (1 - C) / k each, all k hold together with probability >= C.
         k = sum(noise is not None for noise, _ in noises)
         per_row = 1 - (1 - confidence) / k if family_wise and k > 1 else confidence

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import click
 
+from .errors import OneLineBadParameter
+
 
 @click.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--tasks", default=None, help="Comma-separated tasks to show (default: all of the first run's).")
-def compare(runs: tuple[str, ...], tasks: str | None) -> None:
+@click.option(
+    "--confidence",
+    type=float,
+    default=0.95,
+    show_default=True,
+    metavar="LEVEL",
+    help="Two-sided level of each drop's interval against the first run: paired over documents when both runs used --log_samples, else from lm-eval's standard errors.",
+)
+def compare(runs: tuple[str, ...], tasks: str | None, confidence: float) -> None:
     """Compare lm-eval results (files or output folders); the first run is the reference."""
     from ..compare import comparison_rows, format_table
     from ..gate import GateError
 
+    if not 0 < confidence < 1:
+        raise OneLineBadParameter(f"{confidence!r} is not a level in (0, 1), e.g. 0.95", param_hint="'--confidence'")
     try:
-        header, rows = comparison_rows(runs, tasks.split(",") if tasks else None)
+        header, rows = comparison_rows(runs, tasks.split(",") if tasks else None, confidence)
     except GateError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_table(header, rows))
