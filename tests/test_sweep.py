@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,60 @@ def test_doc_scores_take_the_primary_metrics_filter_and_refuse_repeats() -> None
     arc = [{"doc_id": 0, "doc_hash": "a", "filter": "none", "acc": 1.0}, {"doc_id": 0, "doc_hash": "a", "filter": "none", "acc": 0.0}]
     out = doc_scores_from_samples({"gsm": gsm, "arc": arc}, {"gsm": "exact_match,flexible-extract", "arc": "acc", "wiki": None})
     assert out == {"gsm": [[0, "h0", 1.0], [1, "h1", 1.0]]}  # arc repeats a document: left out
+
+
+def test_keeping_doc_scores_evaluates_again_the_rows_stored_without_them(tiny_model: Path, task_manager, tmp_path: Path) -> None:
+    spec, store = {"rank": "1", "layers": "2"}, tmp_path / "s.jsonl"
+    plain = _runner(tiny_model, store, task_manager)
+    first = plain.evaluate(spec, 4)
+    assert "doc_scores" not in first and plain.evaluated == 1
+    keeper = _runner(tiny_model, store, task_manager)
+    keeper.keep_doc_scores = True
+    assert keeper.stored_row(first["key"]) is None and plain.stored_row(first["key"]) == first
+    again = keeper.evaluate(spec, 4)
+    assert keeper.evaluated == 1 and len(again["doc_scores"]["tiny_arc"]) == 4
+    assert again["accuracy"] == first["accuracy"]  # the same evaluation, now with its documents
+    assert Store.open(store).get(first["key"])["doc_scores"] == again["doc_scores"]  # the new row supersedes
+    for keep in (True, False):  # once stored with them, neither kind of runner evaluates again
+        runner = _runner(tiny_model, store, task_manager)
+        runner.keep_doc_scores = keep
+        assert runner.evaluate(spec, 4) == again and runner.evaluated == 0
+
+
+def test_report_gives_each_mean_drop_its_paired_interval(tmp_path: Path) -> None:
+    from lm_eval_lowrank.report import markdown_table
+
+    def row(label: str, spec: dict, arc: list[float], lam: list[float] | None, keep: bool = True) -> dict:
+        lam = lam if lam is not None else arc
+        r = {
+            "key": label, "status": "ok", "label": label, "spec": spec, "tasks": ["arc", "lam"], "limit": 16,
+            "accuracy": {"arc": sum(arc) / 16, "lam": sum(lam) / 16}, "primary_metric": {"arc": "acc", "lam": "acc"},
+            "param_reduction": 0.1 if spec else 0.0, "latency_seconds": 1.0, "seconds_per_token": 0.001, "energy_available": False,
+        }
+        if keep:
+            r["doc_scores"] = {t: [[i, f"h{i}", v] for i, v in enumerate(s)] for t, s in (("arc", arc), ("lam", lam))}
+        return r
+
+    dense_arc, dense_lam = [1.0] * 8 + [0.0] * 8, [1.0] * 6 + [0.0] * 10
+    comp_arc, comp_lam = [0.0] * 2 + [1.0] * 6 + [0.0] * 8, [0.0] + [1.0] * 5 + [0.0] * 10  # 2 and 1 answers lost
+    rows = [
+        row("dense", {}, dense_arc, dense_lam),
+        row("r1 kept", {"rank": "1", "layers": "3"}, comp_arc, comp_lam),
+        row("r1 bare", {"rank": "1", "layers": "4"}, comp_arc, comp_lam, keep=False),
+    ]
+
+    def se(lost: int) -> float:
+        d = [1.0] * lost + [0.0] * (16 - lost)
+        m = lost / 16
+        return math.sqrt(sum((x - m) ** 2 for x in d) / 15 / 16)
+
+    drop, err = (2 / 16 + 1 / 16) / 2, math.hypot(se(2), se(1)) / 2
+    table = markdown_table(rows)
+    cells = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in table.splitlines() if ln.startswith("| ")}
+    head = cells["config"]
+    col = head.index("95% interval (pts)")
+    assert head[col - 1] == "mean drop (pts)"
+    assert cells["r1 kept"][col] == f"{100 * (drop - 1.959964 * err):+.1f} .. {100 * (drop + 1.959964 * err):+.1f}"
+    assert cells["r1 bare"][col] == "n/a" and cells["dense"][col] == "-"
+    # no row kept its documents: no column
+    assert "interval" not in markdown_table([{k: v for k, v in r.items() if k != "doc_scores"} for r in rows])

@@ -8,12 +8,15 @@ tensor (in every layer) is decomposed.
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .store import Store
+
+INTERVAL_LEVEL = 0.95  # two-sided, for the paired interval of each drop
 
 
 class ReportError(ValueError):
@@ -54,15 +57,29 @@ def _spec_cols(row: Mapping[str, Any]) -> tuple[str, str, str]:
     return str(s.get("rank")), str(s.get("layers", "all")), str(s.get("tensors", "all"))
 
 
+def _interval(dense: Mapping[str, Any], row: Mapping[str, Any], z: float) -> str:
+    """The mean drop's two-sided interval in points, paired over the documents both rows scored."""
+    from .search import paired_drop_bounds
+
+    if row is dense:
+        return "-"
+    bounds, _ = paired_drop_bounds(dense, row, "mean", z)
+    return "n/a" if bounds is None else f"{100 * bounds[0]:+.1f} .. {100 * bounds[1]:+.1f}"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One table per (tasks, limit) group, dense first, then by parameter reduction."""
+    """One table per (tasks, limit) group, dense first, then by parameter reduction. Where the dense row and
+    others kept each document's score (``sweep --doc-scores``), each mean drop gets its paired interval."""
+    z = statistics.NormalDist().inv_cdf(0.5 + INTERVAL_LEVEL / 2)
     parts: list[str] = []
     for (tasks, limit), group in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         dense = _dense(group)
+        paired = dense is not None and "doc_scores" in dense and any("doc_scores" in r for r in group if r is not dense)
         parts.append(f"### tasks: {', '.join(tasks)}; limit: {limit if limit is not None else 'all'} documents per task\n")
         head = ["config", "rank", "layers", "tensors", "param cut"]
         head += [f"{t} ({(dense or group[0]).get('primary_metric', {}).get(t) or '-'})" for t in tasks]
-        head += ["mean drop (pts)", "latency (s)", "Δlatency", "tok/s", "energy (J)", "peak mem (MiB)", "decomp (s)"]
+        head += ["mean drop (pts)"] + ([f"{INTERVAL_LEVEL:.0%} interval (pts)"] if paired else [])
+        head += ["latency (s)", "Δlatency", "tok/s", "energy (J)", "peak mem (MiB)", "decomp (s)"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         ordered = sorted(group, key=lambda r: (bool(r.get("spec")), r.get("param_reduction") or 0.0, r.get("label", "")))
         for r in ordered:
@@ -82,6 +99,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 _pct(r.get("param_reduction")),
                 *accs,
                 _num(None if drop is None else 100 * drop, "{:+.1f}"),
+                *([_interval(dense, r, z)] if paired and dense is not None else []),
                 _num(r.get("latency_seconds"), "{:.1f}"),
                 _pct(_rel(r, dense, "seconds_per_token"), 1) if dense else "n/a",
                 _num(r.get("tokens_per_second"), "{:.1f}"),
@@ -220,7 +238,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, plots: bool | None
     written: list[Path] = []
     groups = _groups(rows)
     md = ["# Low-rank sweep report", "", f"Store: `{Path(store_path).name}`, {len(rows)} finished rows.", ""]
-    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; Δlatency is the change in seconds per token against the dense row of the same table. Energy is n/a where no counter is available (CPU).\n")
+    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; where the rows kept each document's score (`sweep --doc-scores`), its two-sided 95 % interval is paired over the documents both scored. Δlatency is the change in seconds per token against the dense row of the same table. Energy is n/a where no counter is available (CPU).\n")
     md.append(markdown_table(rows))
     if no_plots:
         md.append(no_plots + "\n")

@@ -257,7 +257,7 @@ class Runner:
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
     task_manager_instance: Any = None  # a ready lm_eval TaskManager to share (built lazily otherwise)
     evaluated: int = 0  # configurations actually run (not served from the store)
-    keep_doc_scores: bool = False  # store each document's primary score (search --confidence pairs them)
+    keep_doc_scores: bool = False  # store each document's primary score (paired intervals: search --confidence, report)
 
     def __post_init__(self) -> None:
         self.model_id = os.path.realpath(self.model) if os.path.isdir(self.model) else self.model
@@ -282,10 +282,19 @@ class Runner:
             self.task_manager_instance = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
         return self.task_manager_instance
 
+    def stored_row(self, key: str) -> dict[str, Any] | None:
+        """The stored row this runner reuses for ``key``: a finished one, and with per-document scores when it
+        keeps them; None when it would evaluate."""
+        row = self.store.get(key) if self.store.done(key) else None
+        return None if row is None or (self.keep_doc_scores and "doc_scores" not in row) else row
+
     def evaluate(self, spec_args: Mapping[str, Any], limit: int | None, label: str = "", phase: str = "sweep", meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         key = self.key(spec_args, limit)
-        if self.store.done(key):
-            return self.store.get(key)  # type: ignore[return-value]
+        stored = self.stored_row(key)
+        if stored is not None:
+            return stored
+        if self.store.done(key):  # the paired statistics need each document's score; the new row supersedes
+            self.log(f"  {label or spec_label(spec_args)}: stored without per-document scores; evaluating again to keep them")
         row = self._run(key, dict(spec_args), limit, label, phase, dict(meta or {}))
         self.evaluated += 1
         return self.store.append(row)
@@ -425,9 +434,10 @@ def run_sweep(runner: Runner, grid: Sequence[SweepConfig], limit: int | None) ->
     rows = []
     for i, cfg in enumerate(grid, 1):
         key = runner.key(cfg.spec_args(), limit)
-        if runner.store.done(key):
+        stored = runner.stored_row(key)
+        if stored is not None:
             runner.log(f"[{i}/{len(grid)}] {cfg.label}: in store, skipped")
-            rows.append(runner.store.get(key))
+            rows.append(stored)
             continue
         runner.log(f"[{i}/{len(grid)}] {cfg.label} ...")
         row = runner.evaluate(cfg.spec_args(), limit, label=cfg.label, phase="sweep", meta={"axis": cfg.axis, "layer_set": cfg.layer_set, "tensor_group": cfg.tensor_group})

@@ -117,8 +117,14 @@ def common(f: Any) -> Any:
 @click.option("--tensor-groups", "tensor_groups", default="all", show_default=True, help="','-separated: all | attn | mlp | single | q|k (explicit).")
 @click.option("--limit", type=int, default=None, help="Documents per task (lm-eval --limit); default: all.")
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines results store (created, or resumed).")
+@click.option(
+    "--doc-scores",
+    "doc_scores",
+    is_flag=True,
+    help="Keep each document's score in the store (lm-eval's log_samples), so that report gives each drop a paired 95% interval; stored rows without them are evaluated again.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the grid (and which rows are already stored) and exit.")
-def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, ranks: str, layer_sets: str, tensor_groups: str, limit: int | None, store: str, dry_run: bool) -> None:
+def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, ranks: str, layer_sets: str, tensor_groups: str, limit: int | None, store: str, doc_scores: bool, dry_run: bool) -> None:
     """Run ranks x layer sets x tensor groups (plus the dense baseline) through hf-tucker."""
     from ..sweep import build_grid, expand_layer_sets, expand_tensor_groups, model_info, run_sweep
 
@@ -127,9 +133,10 @@ def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_s
     num_layers, _, adapter = model_info(model)
     grid = build_grid(rank_list, expand_layer_sets(layer_sets, num_layers), expand_tensor_groups(tensor_groups, adapter))
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    runner.keep_doc_scores = doc_scores
     if dry_run:
         for cfg in grid:
-            state = "stored" if runner.store.done(runner.key(cfg.spec_args(), limit)) else "to run"
+            state = "to run" if runner.stored_row(runner.key(cfg.spec_args(), limit)) is None else "stored"
             click.echo(f"{state:7s} {cfg.label}  model_args='{runner.model_args_string(cfg.spec_args())}'")
         return
     if runner.store.repaired_bytes:
