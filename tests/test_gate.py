@@ -703,3 +703,42 @@ def test_family_wise_spreads_the_level_over_every_gated_task(tmp_path: Path) -> 
     assert "family-wise: 0.9833 per bound" in family.stderr
     bad = run_cli(c, "--baseline", b, "--max-drop", "0.01", "--family-wise")
     assert bad.exit_code == 2 and "--family-wise needs --confidence" in bad.output
+
+
+def test_unsure_says_how_many_documents_would_decide(tmp_path: Path) -> None:
+    """40 paired documents, 3 answers lost: a drop of 0.075 with bounds +0.006 .. +0.144 straddles 0.05. The bound
+    shrinks as 1/sqrt(n), so about 40 * (z * se / (0.075 - 0.05))^2 documents would make it FAIL."""
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", [1] * 20 + [0] * 20)
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", [0] * 3 + [1] * 17 + [0] * 20)
+    for run in (base, comp):
+        data = json.loads(run.read_text())
+        data["n-samples"]["arc_easy_local"] = {"original": 2376, "effective": 40}
+        run.write_text(json.dumps(data))
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.05", "--confidence", "0.95", "--json")
+    task = json.loads(r.stdout)["tasks"][0]
+    d = [1.0] * 3 + [0.0] * 37
+    se = math.sqrt(sum((x - 0.075) ** 2 for x in d) / 39 / 40)
+    expected = math.ceil(40 * (1.6448536 * se / 0.025) ** 2)
+    assert task["verdict"] == "UNSURE" and task["stderr"] == pytest.approx(se)
+    assert (task["documents_to_decide"], task["task_documents"]) == (expected, 2376) and 300 < expected < 320
+    text = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.05", "--confidence", "0.95").output
+    assert f"note: arc_easy_local: UNSURE at 40 documents: about {expected} would make it FAIL, if the drop and its spread per document hold (the task has 2376)" in text
+    # a tolerance as far above the drop: as many documents would make it PASS; beyond the task's size, it says so
+    text = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.1", "--confidence", "0.95").output
+    assert f"UNSURE at 40 documents: about {expected} would make it PASS" in text and "(the task has 2376)" in text
+    text = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.08", "--confidence", "0.95").output
+    assert "would make it PASS, if the drop and its spread per document hold (more than the 2376 the task has)" in text
+    # decided rows carry no such advice
+    task = json.loads(run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.2", "--confidence", "0.95", "--json").stdout)["tasks"][0]
+    assert task["verdict"] == "PASS" and task["documents_to_decide"] is None
+
+
+def test_sample_counts_sum_a_groups_subtasks(tmp_path: Path) -> None:
+    data = lm_eval_results(arc=ARC_BASE)
+    data["n-samples"][MMLU_SUBTASKS[0]] = {"original": 300, "effective": 20}
+    res = g.load_results(write(tmp_path / "r.json", data))
+    assert g.sample_counts(res, "arc_easy_local") == (200, 200)
+    assert g.sample_counts(res, "mmlu_local") == (20 + 100, 300 + 100)
+    assert g.sample_counts(res, "nope") is None
+    assert g.documents_to_decide(0.05, 0.01, 100, 0.05, 1.645) is None  # on the tolerance: nothing decides it
+    assert g.documents_to_decide(0.04, 0.01, 100, 0.05, 2.0) == 400  # the bound must move by 0.01 = 2 * se * sqrt(100 / n)

@@ -497,8 +497,39 @@ def parse_confidence(value: float | None) -> float | None:
     return value
 
 
-def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: float) -> None:
-    """PASS when the upper bound of the drop is within the tolerance, FAIL when the lower bound exceeds it."""
+def sample_counts(results: ResultsFile, task: str, _seen: frozenset[str] = frozenset()) -> tuple[int, int] | None:
+    """(documents evaluated, documents the task has), from the results' ``n-samples``; a group sums its
+    subtasks'. None where the results do not say."""
+    counts = results.data.get("n-samples")
+    entry = counts.get(task) if isinstance(counts, Mapping) else None
+    if isinstance(entry, Mapping):
+        effective, original = entry.get("effective"), entry.get("original")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (effective, original))
+        return (effective, original) if ok else None  # type: ignore[return-value]
+    children = results.group_subtasks.get(task)
+    if not children or task in _seen:
+        return None
+    total = (0, 0)
+    for child in children:
+        got = sample_counts(results, child, _seen | {task})
+        if got is None:
+            return None
+        total = (total[0] + got[0], total[1] + got[1])
+    return total
+
+
+def documents_to_decide(drop: float, stderr: float, documents: int, max_drop: float, z: float) -> int | None:
+    """How many documents would move the bound past the tolerance, were the drop and the spread per document to
+    hold: the standard error shrinks as 1/sqrt(n). None when the drop sits on the tolerance."""
+    gap = abs(max_drop - drop)
+    if gap <= _EPS or stderr <= 0:
+        return None
+    return math.ceil(documents * (z * stderr / gap) ** 2)
+
+
+def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: float, counts: tuple[int, int] | None = None) -> None:
+    """PASS when the upper bound of the drop is within the tolerance, FAIL when the lower bound exceeds it. An
+    UNSURE row says how many documents would decide it, where the documents evaluated are known."""
     row.noise = noise
     if note:
         row.note = note if row.note is None else f"{row.note}; {note}"
@@ -507,6 +538,20 @@ def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: fl
     lo, hi = row.drop - z * noise.stderr, row.drop + z * noise.stderr
     row.interval = (lo, hi)
     row.verdict = "PASS" if hi <= row.max_drop + _EPS else "FAIL" if lo > row.max_drop + _EPS else "UNSURE"
+    documents = noise.documents or (counts[0] if counts else None)
+    if row.verdict != "UNSURE" or documents is None:
+        return
+    row.task_documents = counts[1] if counts else None
+    row.documents_to_decide = documents_to_decide(row.drop, noise.stderr, documents, row.max_drop, z)
+    if row.documents_to_decide is None:
+        advice = "the drop sits on the tolerance: no number of documents decides it"
+    else:
+        would = "PASS" if row.drop < row.max_drop else "FAIL"
+        advice = f"about {row.documents_to_decide} would make it {would}, if the drop and its spread per document hold"
+        if row.task_documents is not None:
+            advice += f" (more than the {row.task_documents} the task has)" if row.documents_to_decide > row.task_documents else f" (the task has {row.task_documents})"
+    unsure = f"UNSURE at {documents} documents: {advice}"
+    row.note = unsure if row.note is None else f"{row.note}; {unsure}"
 
 
 # --------------------------------------------------------------------------- gate
@@ -528,6 +573,8 @@ class Row:
     note: str | None = None
     noise: DropNoise | None = None  # with a confidence level: the drop's standard error
     interval: tuple[float, float] | None = None  # the one-sided lower and upper confidence bounds of the drop
+    documents_to_decide: int | None = None  # UNSURE: the documents at which the bound would clear the tolerance
+    task_documents: int | None = None  # UNSURE: the documents the task has (n-samples' original)
 
 
 @dataclass
@@ -695,7 +742,7 @@ def run_gate(
         per_row = 1 - (1 - confidence) / k if family_wise and k > 1 else confidence
         z = statistics.NormalDist().inv_cdf(per_row)
         for row, (noise, note) in zip(scored, noises):
-            _apply_confidence(row, noise, note, z)
+            _apply_confidence(row, noise, note, z, sample_counts(baseline, row.task))
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
     return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row)
@@ -824,6 +871,8 @@ def to_json(result: GateResult) -> dict[str, Any]:
                 "stderr_kind": None if r.noise is None else r.noise.kind,
                 "paired_documents": None if r.noise is None else r.noise.documents,
                 "bounds": None if r.interval is None else [_json_number(v) for v in r.interval],
+                "documents_to_decide": r.documents_to_decide,
+                "task_documents": r.task_documents,
             }
             for r in result.rows
         ],
