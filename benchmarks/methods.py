@@ -1,4 +1,4 @@
-"""Compare tucker, rom and whiten on SmolLM2-135M-Instruct at budgets 0.9 / 0.8 and the research recipe.
+"""Compare tucker, rom, whiten and asvd on SmolLM2-135M-Instruct at budgets 0.9 / 0.8 and the research recipe.
 
 For each configuration: realised parameter cut (whole model), token-level perplexity on
 held-out wikitext (documents 0..49: calibration uses 50..61, see calibration.py),
@@ -36,15 +36,19 @@ CONFIGS: dict[str, dict] = {
     "research rank=1 L3|15|28 tucker": {"method": "tucker", "rank": 1, "layers": "3|15|28"},
     "research rank=1 L3|15|28 rom": {"method": "rom", "rank": 1, "layers": "3|15|28"},
     "research rank=1 L3|15|28 whiten": {"method": "whiten", "rank": 1, "layers": "3|15|28"},
+    "research rank=1 L3|15|28 asvd": {"method": "asvd", "rank": 1, "layers": "3|15|28"},
     "b0.9 uniform tucker": {"method": "tucker", "budget": 0.9},
     "b0.9 uniform rom": {"method": "rom", "budget": 0.9},
     "b0.9 uniform whiten": {"method": "whiten", "budget": 0.9},
+    "b0.9 uniform asvd": {"method": "asvd", "budget": 0.9},
+    "b0.9 uniform asvd alpha=1": {"method": "asvd", "budget": 0.9, "asvd_alpha": 1.0},
     "b0.9 tail whiten": {"method": "whiten", "budget": 0.9, "allocator": "tail"},
     "b0.9 output_error whiten": {"method": "whiten", "budget": 0.9, "allocator": "output_error"},
     "b0.9 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity"},
     "b0.8 uniform tucker": {"method": "tucker", "budget": 0.8},
     "b0.8 uniform rom": {"method": "rom", "budget": 0.8},
     "b0.8 uniform whiten": {"method": "whiten", "budget": 0.8},
+    "b0.8 uniform asvd": {"method": "asvd", "budget": 0.8},
     "b0.8 tail whiten": {"method": "whiten", "budget": 0.8, "allocator": "tail"},
     "b0.8 output_error whiten": {"method": "whiten", "budget": 0.8, "allocator": "output_error"},
     "b0.8 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.8, "allocator": "sensitivity"},

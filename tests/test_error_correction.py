@@ -336,3 +336,15 @@ def test_generic_architectures_are_staged_in_forward_order(kind, expected):
     prov2 = StagedRecorder(SequentialStatsProvider(model2, adapter_for_model(model2), _ids(), batch_size=4, record={"source": "test"}, spec=spec2))
     decompose_model(model2, spec2, stats_provider=prov2, progress=False)
     assert [c[0] for c in prov2.calls] == [1, 3]
+
+
+def test_every_spec_field_that_changes_the_factors_keys_the_cache():
+    """A field left out of the cache key would serve one setting's factors for another (asvd_alpha was nearly)."""
+    import dataclasses
+
+    from lm_eval_lowrank.checkpoint import _FACTOR_FIELDS
+
+    keyed_elsewhere = {"rank", "rank_overrides", "layers", "tensors", "layout"}  # through the plan's ranks and layout
+    no_effect = {"cache"}
+    fields = {f.name for f in dataclasses.fields(DecompositionSpec)}
+    assert fields - keyed_elsewhere - no_effect == set(_FACTOR_FIELDS)

@@ -570,3 +570,86 @@ def test_covariances_are_summed_in_place_with_the_bits_of_converting_first():
         _accumulate(sums, "m", product)
         reference = reference + product.to(torch.float64)
     assert sums["m"].dtype == torch.float64 and torch.equal(sums["m"], reference)
+
+
+# -- asvd ------------------------------------------------------------------------------------
+
+
+def test_asvd_spans_plain_svd_to_diagonal_whitening(aniso):
+    """alpha = 0 is plain SVD; alpha = 1 is whitening when the channels are uncorrelated (here: independent columns
+    of different scales, so the covariance is near-diagonal); between, the output error falls as alpha grows."""
+    W, X = aniso
+    st = _cov(X)
+    diag = LayerStats(torch.diag(torch.diagonal(st.input_cov)), st.tokens)  # exactly uncorrelated channels
+    asvd = get_method("asvd")
+    for r in (2, 8):
+        plain = get_method("tucker")(W, r, solver="exact").dense()
+        assert torch.allclose(asvd(W, r, st, solver="exact", asvd_alpha=0.0).dense(), plain, atol=1e-4)
+        whitened = get_method("whiten")(W, r, diag, solver="exact").dense()
+        assert torch.allclose(asvd(W, r, diag, solver="exact", asvd_alpha=1.0).dense(), whitened, atol=1e-4)
+        errors = [_out_err(W, asvd(W, r, st, solver="exact", asvd_alpha=a).dense(), X) for a in (0.0, 0.5, 1.0)]
+        assert errors[0] > 1.2 * errors[1] > 1.2 * errors[2]
+        assert errors[2] >= _optimal_err(W, X, r) * (1 - 1e-6)  # never better than the optimum (whiten's)
+    f = asvd(W, 4, st, seed=3)
+    assert f.left.shape == (48, 4) and f.right.shape == (32, 4) and f.info["asvd_alpha"] == 0.5
+    assert torch.equal(f.dense(), asvd(W, 4, st, seed=3).dense())
+
+
+def test_asvd_ignores_dead_channels_and_checks_its_inputs(aniso):
+    W, X = aniso
+    X = X.clone()
+    X[:, :5] = 0  # channels that never fire: their scale is 0, and D^-1 is never formed
+    st = _cov(X)
+    f = get_method("asvd")(W, 6, st, solver="exact")
+    assert torch.isfinite(f.right).all()
+    assert _out_err(W, f.dense(), X) < _out_err(W, get_method("tucker")(W, 6, solver="exact").dense(), X)
+    with pytest.raises(SpecError, match="method='asvd' needs calibration"):
+        get_method("asvd")(W, 2, None)
+    with pytest.raises(SpecError, match="all zero"):
+        get_method("asvd")(W, 2, LayerStats(torch.zeros(32, 32, dtype=torch.float64), 10))
+    with pytest.raises(SpecError, match="asvd_alpha=1.5 is invalid"):
+        get_method("asvd")(W, 2, st, asvd_alpha=1.5)
+
+
+def test_asvd_spec_and_its_error_curve(aniso):
+    from lm_eval_lowrank.allocation import error_curve
+
+    spec = DecompositionSpec.from_args({"method": "asvd", "rank": 4, "asvd_alpha": "0.25"})
+    assert spec.calib == "wikitext_local" and spec.method_options() == {"asvd_alpha": 0.25}
+    assert DecompositionSpec.from_args({"method": "whiten", "rank": 4}).method_options() == {}
+    for bad, match in (({"method": "asvd", "rank": 4, "asvd_alpha": "2"}, "asvd_alpha='2' is invalid: expected"), ({"rank": 4, "asvd_alpha": 0.5}, "applies to method=asvd only, not method=tucker")):
+        with pytest.raises(SpecError, match=match):
+            DecompositionSpec.from_args(bad)
+    W, X = aniso
+    st = _cov(X)
+    total = float((W.double() @ X.double().mT).norm()) ** 2
+    for alpha in (0.25, 1.0):
+        curve = error_curve(W, st.input_cov, "asvd", {"asvd_alpha": alpha})
+        assert curve[0] == pytest.approx(1.0) and curve[-1] == pytest.approx(0.0, abs=1e-9)
+        for r in (1, 5, 20):
+            real = _out_err(W, get_method("asvd")(W, r, st, solver="exact", asvd_alpha=alpha).dense(), X) ** 2 / total
+            assert float(curve[r]) == pytest.approx(real, rel=1e-3, abs=1e-7)
+
+
+def test_stats_cache_key_follows_every_option_of_the_earlier_decompositions(tiny_llama, tmp_path):
+    """Layer 2's statistics follow how layer 1 was decomposed: asvd_alpha and solver_tol move layer 1's factors, so
+    each must miss layer 2's cached statistics (both were once left out of the key), while layer 1's still hit."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank.decompose import decompose_model
+
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+
+    def run(**extra):
+        m = LlamaForCausalLM(tiny_llama_config()).eval()
+        m.load_state_dict(state)
+        spec = DecompositionSpec.from_args({"method": "asvd", "rank": 2, "layers": "1-2", "calib_staged": False, **extra})
+        p = _provider(m, cache_dir=tmp_path, spec=spec)
+        decompose_model(m, spec, stats_provider=p, progress=False)
+        return p.hits, p.misses
+
+    assert run() == (0, 2)
+    assert run() == (2, 0)
+    assert run(asvd_alpha=0.25) == (1, 1)
+    assert run(solver_tol=0.05) == (1, 1)

@@ -190,19 +190,21 @@ def allocate_tail(cands: list[Candidate], budget: float, multiple: int, layout: 
     return ranks, {"tail_layers": sorted(tail), "tail_keep": rho, "tail_min_keep": min_keep}
 
 
-def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> torch.Tensor:
+def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None) -> torch.Tensor:
     """err[k] = relative output error ||(W - W_k) X||^2 / ||W X||^2 of the method at rank k (k = 0..min).
 
     rom and whiten both reach the optimum: the tail sum of the eigenvalues of W C W^T.
     tucker truncates the plain SVD W = U S V^T: its error is sum_{i>k} s_i^2 v_i^T C v_i.
+    asvd truncates the SVD of W D = U S V^T (``options``: its asvd_alpha): its discarded terms are u_i u_i^T W,
+    so its error is sum_{i>k} u_i^T W C W^T u_i.
     Without statistics (cov None) the weight's own spectrum stands in (C = I).
     """
-    tail = error_tail(weight, cov, method)
+    tail = error_tail(weight, cov, method, options)
     total = float(tail[0])
     return tail / total if total > 0 else tail
 
 
-def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: str) -> torch.Tensor:
+def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: str, options: Mapping[str, Any] | None = None) -> torch.Tensor:
     """The relative output error of a stacked expert projection (E x out x in) with every expert at rank k: each
     expert's error on its routed tokens, summed over experts in proportion to their tokens, over the projection's
     whole output energy. Without statistics every expert counts alike (C = I)."""
@@ -211,14 +213,14 @@ def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: 
         s = stats[e] if stats is not None else None
         if stats is not None and s is None:
             continue  # no calibration token reached it: it adds no error on the calibration data
-        tail = error_tail(weights[e], None if s is None else s.input_cov, method) * (1 if s is None else s.tokens)
+        tail = error_tail(weights[e], None if s is None else s.input_cov, method, options) * (1 if s is None else s.tokens)
         total = tail if total is None else total + tail
     if total is None:
         return torch.zeros(min(weights.shape[-2:]) + 1, dtype=torch.float64)
     return total / float(total[0]) if float(total[0]) > 0 else total
 
 
-def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> torch.Tensor:
+def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None) -> torch.Tensor:
     """tail[k] = ||(W - W_k) X||^2 / N (k = 0..min): :func:`error_curve` before normalising."""
     W = weight.detach().to(torch.float64).cpu()
     if cov is None:
@@ -227,6 +229,13 @@ def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str) -> t
         from .methods.rom import output_spectrum
 
         e = output_spectrum(W, cov)
+    elif method == "asvd":
+        from .methods.asvd import DEFAULT_ALPHA, channel_scales
+
+        C = cov.to(torch.float64).cpu()
+        U = torch.linalg.svd(W * channel_scales(C, (options or {}).get("asvd_alpha", DEFAULT_ALPHA)), full_matrices=False)[0]
+        M = U.mT @ W  # row i: the weight that direction i carries, u_i^T W
+        e = ((M @ C) * M).sum(dim=1)
     else:
         _, s, Vh = torch.linalg.svd(W, full_matrices=False)
         C = cov.to(torch.float64).cpu()
@@ -321,12 +330,12 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
             stats = stats_provider.layer_stats(model, layer, targets)
         for c in group:
             if c.experts:
-                curves[c.path] = experts_error_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method)
+                curves[c.path] = experts_error_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method, spec.method_options())
                 continue
             mod = model.get_submodule(c.path)
             W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
             s = stats.get(c.path)
-            curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method)
+            curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method, spec.method_options())
     return curves
 
 
@@ -594,6 +603,7 @@ def measure_sensitivity(
         "solver": spec.solver,
         "seed": spec.seed,
         "hooi_iters": spec.hooi_iters,
+        **spec.method_options(),
         "layout": layout,
         "dtype": str(dtype),
         "batch": batch_size,
@@ -649,7 +659,7 @@ def measure_sensitivity(
                         per = stats.get(p) or [None] * W.shape[0]
                         fs = [
                             (method if s is not None or not calibrated else get_method("tucker"))(
-                                W[e].detach().float(), top, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{p}.{e}")
+                                W[e].detach().float(), top, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, f"{p}.{e}"), **spec.method_options()
                             )
                             for e, s in enumerate(per)
                         ]  # fmt: skip
@@ -660,7 +670,7 @@ def measure_sensitivity(
                         mpath, mod = f"{p}.base_layer", mod.base_layer
                     W, b = dense_weight_of(mod)
                     top = max(r[p] for r in group.values() if p in r)
-                    f = method(W.detach().float(), top, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p))
+                    f = method(W.detach().float(), top, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p), **spec.method_options())
                     factors[p] = (mpath, f, None if b is None else b.detach(), W)
                 done: dict[tuple, float] = {}
                 for rho, ranks in sorted(group.items()):
@@ -676,7 +686,7 @@ def measure_sensitivity(
                                     swapped.append((mpath, install_expert_weights(mod, name, new)))
                                     continue
                                 diag = torch.count_nonzero(f.core - torch.diag(torch.diagonal(f.core))) == 0
-                                fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p))
+                                fr = _truncate(f, r) if diag else method(W.detach().float(), r, stats.get(p), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, p), **spec.method_options())
                                 new = LowRankLinear.from_factors(fr, b, layout=layout, dtype=W.dtype, device=W.device)
                                 swapped.append((mpath, _set_submodule(model, mpath, new)))
                             done[sig] = _tail_loss(layers, index0, ev, head)

@@ -52,9 +52,10 @@ import torch.nn as nn
 
 from .methods import LayerStats
 from .modules import expert_projection, expert_projection_names, routed_pairs
-from .spec import DecompositionSpec, SpecError, parse_calib_target
+from .spec import FACTOR_FIELDS, DecompositionSpec, SpecError, parse_calib_target
 
 STATS_VERSION = "2"  # bump when the statistics computed here change meaning
+_CALIB_DATA_FIELDS = ("calib", "calib_n", "calib_len", "calib_batch")  # keyed by the data itself (record, batch)
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
 WIKITEXT_CALIB_DOCS = range(50, 62)  # held-out wikitext documents used for calibration
 WIKITEXT_EVAL_DOCS = range(0, 50)  # the ones benchmarks here may score
@@ -636,8 +637,9 @@ class SequentialStatsProvider:
         if self.cache_dir is None or self.model_key is None:
             return None
         key: dict[str, Any] = {"v": STATS_VERSION, "prefix": prefix, "dtype": str(next(model.parameters()).dtype)}
-        if prefix and self.spec is not None:  # how the earlier layers were decomposed
-            key.update(method=self.spec.method, solver=self.spec.solver, seed=self.spec.seed, target=self.target, staged=self.spec.calib_staged)
+        if prefix and self.spec is not None:  # how the earlier layers were decomposed: every option that moves their factors
+            spec_d = self.spec.to_dict()
+            key.update({k: spec_d[k] for k in FACTOR_FIELDS if k not in _CALIB_DATA_FIELDS}, target=self.target)
         if reference:
             key["reference"] = "dense"
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}

@@ -47,14 +47,13 @@ import torch.nn as nn
 from . import __version__
 from .methods import ALGORITHM_VERSION
 from .modules import FACTOR_NAMES, LowRankExpertWeights, LowRankLinear, factor_shapes, install_expert_weights, is_experts_module
+from .spec import FACTOR_FIELDS as _FACTOR_FIELDS
 
 FORMAT = "lm-eval-lowrank/compressed"
 FORMAT_VERSION = 2  # 2: modules may be mixture-of-experts factors (entries with "experts")
 MANIFEST_NAME = "lowrank_manifest.json"
 WEIGHTS_NAME = "lowrank_model.safetensors"
 CACHE_FORMAT_VERSION = 2  # 2: modules may be mixture-of-experts factors (entries with "experts")
-# Spec fields that change the factors (the ranks and targets are keyed through the plan).
-_FACTOR_FIELDS = ("method", "solver", "solver_tol", "seed", "hooi_iters", "calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged", "budget", "allocator", "rank_multiple")
 
 
 class CheckpointError(ValueError):

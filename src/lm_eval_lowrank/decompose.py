@@ -313,7 +313,7 @@ def _decompose_stage(
 
     def solve(t: Target, W: torch.Tensor) -> Factors:
         with torch.no_grad():
-            return method(W.detach().float(), t.rank, stats.get(t.path), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, t.path))
+            return method(W.detach().float(), t.rank, stats.get(t.path), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, t.path), **spec.method_options())
 
     parallel = spec.method == "tucker" and not stats  # data-free and known to be thread-safe
     solved = _solve_jobs([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget, shard)
@@ -371,7 +371,7 @@ def _decompose_experts(
         s = stats[expert_of[job.path]] if stats is not None else None
         fn = method if s is not None or not needs_calibration(spec.method) else get_method("tucker")
         with torch.no_grad():
-            f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, job.path))
+            f = fn(We.detach().float(), t.rank, s, solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, job.path), **spec.method_options())
         if fn is not method:
             f.info["solver"] = f"{f.info.get('solver', 'tucker')} (expert without calibration tokens)"
         return f

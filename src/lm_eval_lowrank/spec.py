@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-METHODS = ("tucker", "rom", "whiten")
+METHODS = ("tucker", "rom", "whiten", "asvd")
+CALIBRATED_METHODS = ("rom", "whiten", "asvd")  # they read calibration activations (calib= defaults to wikitext_local)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
 SOLVERS = ("auto", "exact", "gram", "krylov", "randomized")
@@ -50,6 +51,26 @@ SPEC_KEYS = (
     "calib_staged",
     "cache",
     "hooi_iters",
+    "asvd_alpha",
+)
+# The spec fields that change the factors, besides the ranks, targets and layout that a plan carries: the keys of
+# the decomposition cache, and of calibration statistics taken after earlier layers were decomposed.
+FACTOR_FIELDS = (
+    "method",
+    "solver",
+    "solver_tol",
+    "seed",
+    "hooi_iters",
+    "calib",
+    "calib_n",
+    "calib_len",
+    "calib_batch",
+    "calib_target",
+    "calib_staged",
+    "budget",
+    "allocator",
+    "rank_multiple",
+    "asvd_alpha",
 )
 
 
@@ -281,6 +302,7 @@ class DecompositionSpec:
     calib_staged: bool = True  # calibrate within a layer in forward order: q,k,v -> o -> gate,up -> down
     cache: bool = True
     hooi_iters: int = 10
+    asvd_alpha: float = 0.5  # method=asvd: input channels scaled by their RMS ** asvd_alpha (ASVD's paper: 0.5)
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -334,6 +356,17 @@ class DecompositionSpec:
             kw["calib"] = str(args["calib"]).strip()
         if args.get("calib_target") is not None:
             kw["calib_target"] = parse_calib_target(args["calib_target"])
+        if args.get("asvd_alpha") is not None:
+            valid = "expected the exponent of the input channels' scale, 0..1 (0: plain SVD; e.g. 0.5)"
+            try:
+                alpha = float(args["asvd_alpha"])
+            except (TypeError, ValueError):
+                raise _fail("asvd_alpha", args["asvd_alpha"], valid) from None
+            if isinstance(args["asvd_alpha"], bool) or not 0.0 <= alpha <= 1.0:
+                raise _fail("asvd_alpha", args["asvd_alpha"], valid)
+            if kw.get("method", "tucker") != "asvd":
+                raise _fail("asvd_alpha", args["asvd_alpha"], f"it applies to method=asvd only, not method={kw.get('method', 'tucker')}")
+            kw["asvd_alpha"] = alpha
         for key in ("cache", "calib_staged"):
             if args.get(key) is not None:
                 kw[key] = _as_bool(key, args[key])
@@ -347,13 +380,17 @@ class DecompositionSpec:
                 raise SpecError("rank is missing: give rank=N (or rank=q:N|...) or budget=F with layers/tensors")
         if self.budget is not None and (self.rank is not None or self.rank_overrides):
             raise SpecError(f"rank={format_rank(self.rank, self.rank_overrides)!r} and budget={self.budget} exclude each other; give one")
-        if self.method in ("rom", "whiten") and self.calib is None:
+        if self.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", "wikitext_local")
 
     @property
     def is_noop(self) -> bool:
         """True when nothing is to be decomposed (hf-tucker then behaves as plain hf)."""
         return self.budget is None and self.rank is None and not self.rank_overrides
+
+    def method_options(self) -> dict[str, Any]:
+        """The spec's options that its method takes, beyond the solver's (passed to every call of the method)."""
+        return {"asvd_alpha": self.asvd_alpha} if self.method == "asvd" else {}
 
     def selected_tensors(self, available: Iterable[str]) -> tuple[str, ...]:
         """The tensor short names to decompose, checked against what the architecture has. A name with a shell-style

@@ -175,7 +175,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
 @click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps).")
 @click.option("--keeps", default="", help="Candidate kept fractions of each chosen layer's parameters (budget=), e.g. 0.7,0.5.")
-@click.option("--method", default=None, help="Decomposition method of every candidate (tucker, whiten, rom); calibration options go in --model_args.")
+@click.option("--method", default=None, help="Decomposition method of every candidate (tucker, whiten, rom, asvd); calibration options go in --model_args.")
 @click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
 @click.option("--strides", default="", help="Also every s-th layer of the allowed band for each s, e.g. 2,3,4.")
 @click.option("--no-table4", is_flag=True, help="Leave the Table 4 layer sets out of the candidates.")

@@ -91,7 +91,7 @@ def uses_reference(name: str) -> bool:
     return name in USES_REFERENCE
 
 
-BUILTIN_MODULES = ("tucker", "rom", "whiten")
+BUILTIN_MODULES = ("tucker", "rom", "whiten", "asvd")
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,65 @@
+"""Activation-aware SVD (ASVD-like): scale the weight's input channels by their activation size first.
+
+Channels that carry large activations matter more to the output, but plain SVD of W treats every
+input channel alike. ASVD truncates the SVD of W D instead, D = diag(d) with d_j = a_j ** alpha
+and a_j the size of input channel j on calibration data, then folds D^-1 back in. It is a diagonal
+stand-in for whitening: with alpha = 1 and uncorrelated channels it is exactly ``whiten``; with
+alpha = 0 it is plain SVD.
+
+The channel size here is the RMS, a_j = sqrt(C_jj) from the input covariance the calibration
+keeps, where ASVD's paper takes the mean |x_j|. The two differ by a per-channel factor that is
+the same for Gaussian-like channels (and a common factor changes nothing), so they part only
+on heavy-tailed channels, which the RMS weighs more.
+
+As in ``whiten``, D^-1 is never applied: with W D = U S V^T, the right factor D^-1 V_r S_r is
+W^T U_r, so channels with no activation (d_j = 0) need no special case and the solver's rounding
+is not multiplied by D's condition number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import SpecError
+from . import Factors, LayerStats, register_method
+from .covariance import check_stats
+from .tucker import truncated_svd
+
+DEFAULT_ALPHA = 0.5  # ASVD's paper found 0.5 best on LLaMA
+
+
+def channel_scales(C: torch.Tensor, alpha: float) -> torch.Tensor:
+    """d_j = RMS_j ** alpha, RMS_j = sqrt(C_jj), from the input covariance ``C`` (in x in)."""
+    return torch.diagonal(C).clamp_min(0).sqrt() ** alpha
+
+
+@register_method("asvd", needs_calibration=True)
+def asvd_method(
+    weight: torch.Tensor,
+    rank: int,
+    stats: LayerStats | None = None,
+    solver: str = "auto",
+    seed: int = 0,
+    solver_tol: float | None = None,
+    asvd_alpha: float = DEFAULT_ALPHA,
+    **_: object,
+) -> Factors:
+    """Truncated SVD of W diag(d), d the input channels' RMS ** alpha; diag(d)^-1 folded into the right factor."""
+    C = check_stats("asvd", weight, stats, rank)
+    if not 0.0 <= asvd_alpha <= 1.0:
+        raise SpecError(f"asvd_alpha={asvd_alpha!r} is invalid: expected the exponent of the channel scale, 0..1 (e.g. 0.5)")
+    W = weight.float()
+    d = channel_scales(C.to(device=W.device, dtype=torch.float64), asvd_alpha).to(W.dtype)
+    if not bool(torch.isfinite(d).all()) or float(d.max()) <= 0:
+        raise SpecError("method='asvd': the calibration activations are all zero or non-finite for this module")
+    svd = truncated_svd(W * d, rank, solver=solver, seed=seed, tol=solver_tol)
+    live = svd.S > svd.S[0] * max(W.shape) * torch.finfo(svd.S.dtype).eps  # below: round-off, a null direction
+    inv_s = torch.where(live, 1.0 / svd.S.clamp_min(torch.finfo(svd.S.dtype).tiny), torch.zeros_like(svd.S))
+    right = (W.mT @ svd.U) * inv_s  # D^-1 V_r, since V_r = D W^T U_r / s
+    out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return Factors(
+        left=svd.U.to(out_dtype).contiguous(),
+        core=torch.diag(svd.S).to(out_dtype),
+        right=right.to(out_dtype).contiguous(),
+        info={"solver": f"asvd-{svd.solver}", "asvd_alpha": asvd_alpha, **({"sv_error_bound": svd.error_bound} if svd.error_bound is not None else {})},
+    )
