@@ -54,24 +54,9 @@ SPEC_KEYS = (
     "asvd_alpha",
 )
 # The spec fields that change the factors, besides the ranks, targets and layout that a plan carries: the keys of
-# the decomposition cache, and of calibration statistics taken after earlier layers were decomposed.
-FACTOR_FIELDS = (
-    "method",
-    "solver",
-    "solver_tol",
-    "seed",
-    "hooi_iters",
-    "calib",
-    "calib_n",
-    "calib_len",
-    "calib_batch",
-    "calib_target",
-    "calib_staged",
-    "budget",
-    "allocator",
-    "rank_multiple",
-    "asvd_alpha",
-)
+# the decomposition cache, and of calibration statistics taken after earlier layers were decomposed. Derived, so
+# that a new argument keys the caches unless it is named here as keyed elsewhere or without effect.
+FACTOR_FIELDS = tuple(k for k in SPEC_KEYS if k not in ("rank", "layers", "tensors", "layout", "cache"))
 
 
 class SpecError(ValueError):
