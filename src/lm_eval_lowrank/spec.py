@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -65,6 +65,17 @@ class SpecError(ValueError):
 
 def _fail(arg: str, value: Any, valid: str) -> SpecError:
     return SpecError(f"{arg}={value!r} is invalid: {valid}")
+
+
+def _as_float_in(arg: str, value: Any, ok: Callable[[float], bool], valid: str) -> float:
+    """``value`` as a float that ``ok`` accepts (never a bool), else the one-line error naming ``arg``."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _fail(arg, value, valid) from None
+    if isinstance(value, bool) or not ok(x):
+        raise _fail(arg, value, valid)
+    return x
 
 
 def _as_int(arg: str, text: Any, valid: str) -> int:
@@ -309,22 +320,10 @@ class DecompositionSpec:
         if "tensors" in args:
             kw["tensors"] = parse_tensors(args["tensors"])
         if args.get("budget") is not None:
-            try:
-                b = float(args["budget"])
-            except (TypeError, ValueError):
-                raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1") from None
-            if not 0.0 < b < 1.0:
-                raise _fail("budget", args["budget"], "expected the fraction of parameters to keep, 0 < budget < 1")
-            kw["budget"] = b
+            kw["budget"] = _as_float_in("budget", args["budget"], lambda x: 0.0 < x < 1.0, "expected the fraction of parameters to keep, 0 < budget < 1")
         if args.get("solver_tol") is not None:
             valid = "expected the certified relative error of each kept singular value (Krylov solver), 0 < solver_tol < 1"
-            try:
-                tol = float(args["solver_tol"])
-            except (TypeError, ValueError):
-                raise _fail("solver_tol", args["solver_tol"], valid) from None
-            if isinstance(args["solver_tol"], bool) or not 0.0 < tol < 1.0:
-                raise _fail("solver_tol", args["solver_tol"], valid)
-            kw["solver_tol"] = tol
+            kw["solver_tol"] = _as_float_in("solver_tol", args["solver_tol"], lambda x: 0.0 < x < 1.0, valid)
         for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS)):
             if args.get(key) is not None:
                 v = str(args[key]).strip().lower()
@@ -343,12 +342,7 @@ class DecompositionSpec:
             kw["calib_target"] = parse_calib_target(args["calib_target"])
         if args.get("asvd_alpha") is not None:
             valid = "expected the exponent of the input channels' scale, 0..1 (0: plain SVD; e.g. 0.5)"
-            try:
-                alpha = float(args["asvd_alpha"])
-            except (TypeError, ValueError):
-                raise _fail("asvd_alpha", args["asvd_alpha"], valid) from None
-            if isinstance(args["asvd_alpha"], bool) or not 0.0 <= alpha <= 1.0:
-                raise _fail("asvd_alpha", args["asvd_alpha"], valid)
+            alpha = _as_float_in("asvd_alpha", args["asvd_alpha"], lambda x: 0.0 <= x <= 1.0, valid)
             if kw.get("method", "tucker") != "asvd":
                 raise _fail("asvd_alpha", args["asvd_alpha"], f"it applies to method=asvd only, not method={kw.get('method', 'tucker')}")
             kw["asvd_alpha"] = alpha
