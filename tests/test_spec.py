@@ -198,3 +198,31 @@ def test_a_pattern_decomposes_every_expert_kept_in_a_list():
     assert [(t.layer, t.tensor, t.rank) for t in report.plan.targets] == [(layer, f"experts.{e}.w1", 2) for layer in (1, 2) for e in range(6)]
     assert all(isinstance(block.experts[e].w1, LowRankLinear) for block in model.layers for e in range(6))
     assert not isinstance(model.layers[0].q_proj, LowRankLinear)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"rank": 1, "layers": "3|15|28"},
+        {"rank": "8|q:4|*.w1:2", "tensors": "q|k|*.w1", "solver_tol": 0.05, "seed": 3, "layout": "tucker"},
+        {"method": "asvd", "budget": 0.7, "layers": "3-30:3", "asvd_alpha": 0.25, "allocator": "output_error"},
+        {"method": "whiten", "rank": 16, "calib": "arc_easy_local", "calib_n": 32, "calib_target": "dense", "calib_staged": False},
+    ],
+)
+def test_the_recorded_spec_rebuilds_the_same_spec(args):
+    """to_dict() is what the results JSON records (decomposition.spec): every argument, defaults included, and
+    from_args of it gives the same spec, so a run can be redone from its JSON."""
+    spec = DecompositionSpec.from_args(args)
+    recorded = spec.to_dict()
+    assert DecompositionSpec.from_args(recorded) == spec
+    assert ("asvd_alpha" in recorded) == (spec.method == "asvd")  # another method's option is not recorded
+    with pytest.raises(SpecError, match=r"^asvd_alpha=0\.5 is invalid: it applies to method=asvd only, not method=whiten$"):
+        DecompositionSpec.from_args({"method": "whiten", "rank": 4, "asvd_alpha": 0.5})
+
+
+def test_the_results_json_records_the_whole_spec(tiny_llama):
+    from lm_eval_lowrank.api import compress_model
+
+    d = compress_model(tiny_llama, {"rank": 2, "layers": "2", "solver_tol": 0.05}, progress=False).to_dict()
+    assert d["spec"]["solver_tol"] == 0.05 and d["spec"]["layers"] == "2" and d["spec"]["seed"] == 0
+    assert DecompositionSpec.from_args(d["spec"]) == DecompositionSpec.from_args({"rank": 2, "layers": "2", "solver_tol": 0.05})

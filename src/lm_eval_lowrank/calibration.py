@@ -639,7 +639,7 @@ class SequentialStatsProvider:
         key: dict[str, Any] = {"v": STATS_VERSION, "prefix": prefix, "dtype": str(next(model.parameters()).dtype)}
         if prefix and self.spec is not None:  # how the earlier layers were decomposed: every option that moves their factors
             spec_d = self.spec.to_dict()
-            key.update({k: spec_d[k] for k in FACTOR_FIELDS if k not in _CALIB_DATA_FIELDS}, target=self.target)
+            key.update({k: spec_d.get(k) for k in FACTOR_FIELDS if k not in _CALIB_DATA_FIELDS}, target=self.target)
         if reference:
             key["reference"] = "dense"
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}

@@ -109,6 +109,8 @@ class DecompositionReport:
             "calibration": self.calibration,
             "cache": self.cache,
             "shared_solves": self.shared_solves,
+            # every decomposition argument, defaults included (solver_tol, seed, asvd_alpha, ...): enough to redo it
+            "spec": spec,
         }
 
 

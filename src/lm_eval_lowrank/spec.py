@@ -23,6 +23,7 @@ from typing import Any
 
 METHODS = ("tucker", "rom", "whiten", "asvd")
 CALIBRATED_METHODS = ("rom", "whiten", "asvd")  # they read calibration activations (calib= defaults to wikitext_local)
+METHOD_OPTIONS = {"asvd_alpha": "asvd"}  # an option of one method -> that method (refused with any other)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
 SOLVERS = ("auto", "exact", "gram", "krylov", "randomized")
@@ -343,9 +344,10 @@ class DecompositionSpec:
         if args.get("asvd_alpha") is not None:
             valid = "expected the exponent of the input channels' scale, 0..1 (0: plain SVD; e.g. 0.5)"
             alpha = _as_float_in("asvd_alpha", args["asvd_alpha"], lambda x: 0.0 <= x <= 1.0, valid)
-            if kw.get("method", "tucker") != "asvd":
-                raise _fail("asvd_alpha", args["asvd_alpha"], f"it applies to method=asvd only, not method={kw.get('method', 'tucker')}")
             kw["asvd_alpha"] = alpha
+        for option, owner in METHOD_OPTIONS.items():
+            if option in kw and kw.get("method", "tucker") != owner:
+                raise _fail(option, args[option], f"it applies to method={owner} only, not method={kw.get('method', 'tucker')}")
         for key in ("cache", "calib_staged"):
             if args.get(key) is not None:
                 kw[key] = _as_bool(key, args[key])
@@ -369,7 +371,7 @@ class DecompositionSpec:
 
     def method_options(self) -> dict[str, Any]:
         """The spec's options that its method takes, beyond the solver's (passed to every call of the method)."""
-        return {"asvd_alpha": self.asvd_alpha} if self.method == "asvd" else {}
+        return {k: getattr(self, k) for k, owner in METHOD_OPTIONS.items() if owner == self.method}
 
     def selected_tensors(self, available: Iterable[str]) -> tuple[str, ...]:
         """The tensor short names to decompose, checked against what the architecture has. A name with a shell-style
@@ -421,6 +423,9 @@ class DecompositionSpec:
         d["tensors"] = "all" if self.tensors is None else "|".join(self.tensors)
         d["rank"] = self.rank if not self.rank_overrides else format_rank(self.rank, self.rank_overrides)
         d.pop("rank_overrides")
+        for option, owner in METHOD_OPTIONS.items():  # another method's option: absent, so that from_args(to_dict()) holds
+            if owner != self.method:
+                d.pop(option)
         return d
 
     def with_(self, **changes: Any) -> DecompositionSpec:
