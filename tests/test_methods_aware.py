@@ -12,7 +12,7 @@ from lm_eval_lowrank.spec import DecompositionSpec, SpecError
 
 
 def _cov(X: torch.Tensor) -> LayerStats:
-    return LayerStats((X.mT @ X / X.shape[0]).double(), X.shape[0])
+    return LayerStats((X.mT @ X / X.shape[0]).double(), X.shape[0], None, X.abs().mean(0).double())
 
 
 def _out_err(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
@@ -576,8 +576,8 @@ def test_covariances_are_summed_in_place_with_the_bits_of_converting_first():
 
 
 def test_asvd_spans_plain_svd_to_diagonal_whitening(aniso):
-    """alpha = 0 is plain SVD; alpha = 1 is whitening when the channels are uncorrelated (here: independent columns
-    of different scales, so the covariance is near-diagonal); between, the output error falls as alpha grows."""
+    """alpha = 0 is plain SVD; with the RMS as the channel size, alpha = 1 is whitening when the channels are
+    uncorrelated; between, the output error falls as alpha grows (independent columns of different scales)."""
     W, X = aniso
     st = _cov(X)
     diag = LayerStats(torch.diag(torch.diagonal(st.input_cov)), st.tokens)  # exactly uncorrelated channels
@@ -586,12 +586,20 @@ def test_asvd_spans_plain_svd_to_diagonal_whitening(aniso):
         plain = get_method("tucker")(W, r, solver="exact").dense()
         assert torch.allclose(asvd(W, r, st, solver="exact", asvd_alpha=0.0).dense(), plain, atol=1e-4)
         whitened = get_method("whiten")(W, r, diag, solver="exact").dense()
-        assert torch.allclose(asvd(W, r, diag, solver="exact", asvd_alpha=1.0).dense(), whitened, atol=1e-4)
-        errors = [_out_err(W, asvd(W, r, st, solver="exact", asvd_alpha=a).dense(), X) for a in (0.0, 0.5, 1.0)]
-        assert errors[0] > 1.2 * errors[1] > 1.2 * errors[2]
-        assert errors[2] >= _optimal_err(W, X, r) * (1 - 1e-6)  # never better than the optimum (whiten's)
+        assert torch.allclose(asvd(W, r, diag, solver="exact", asvd_alpha=1.0, asvd_stat="rms").dense(), whitened, atol=1e-4)
+        for stat in ("mean_abs", "rms"):
+            errors = [_out_err(W, asvd(W, r, st, solver="exact", asvd_alpha=a, asvd_stat=stat).dense(), X) for a in (0.0, 0.5, 1.0)]
+            assert errors[0] > 1.2 * errors[1] > 1.2 * errors[2]
+            assert errors[2] >= _optimal_err(W, X, r) * (1 - 1e-6)  # never better than the optimum (whiten's)
+    # mean |x| is ASVD's channel size: the scale of W's columns is that, to the power alpha
+    from lm_eval_lowrank.methods.asvd import channel_scales
+
+    assert torch.allclose(channel_scales(st, 0.5), X.abs().mean(0).double().sqrt())
+    assert torch.allclose(channel_scales(st, 0.5, "rms"), X.square().mean(0).double().sqrt().sqrt())
+    with pytest.raises(SpecError, match="no mean \\|x\\| per input channel; give asvd_stat=rms"):
+        asvd(W, 4, diag)
     f = asvd(W, 4, st, seed=3)
-    assert f.left.shape == (48, 4) and f.right.shape == (32, 4) and f.info["asvd_alpha"] == 0.5
+    assert f.left.shape == (48, 4) and f.right.shape == (32, 4) and (f.info["asvd_alpha"], f.info["asvd_stat"]) == (0.5, "mean_abs")
     assert torch.equal(f.dense(), asvd(W, 4, st, seed=3).dense())
 
 
@@ -606,7 +614,7 @@ def test_asvd_ignores_dead_channels_and_checks_its_inputs(aniso):
     with pytest.raises(SpecError, match="method='asvd' needs calibration"):
         get_method("asvd")(W, 2, None)
     with pytest.raises(SpecError, match="all zero"):
-        get_method("asvd")(W, 2, LayerStats(torch.zeros(32, 32, dtype=torch.float64), 10))
+        get_method("asvd")(W, 2, LayerStats(torch.zeros(32, 32, dtype=torch.float64), 10, None, torch.zeros(32, dtype=torch.float64)))
     with pytest.raises(SpecError, match="asvd_alpha=1.5 is invalid"):
         get_method("asvd")(W, 2, st, asvd_alpha=1.5)
 
@@ -615,7 +623,7 @@ def test_asvd_spec_and_its_error_curve(aniso):
     from lm_eval_lowrank.allocation import error_curve
 
     spec = DecompositionSpec.from_args({"method": "asvd", "rank": 4, "asvd_alpha": "0.25"})
-    assert spec.calib == "wikitext_local" and spec.method_options() == {"asvd_alpha": 0.25}
+    assert spec.calib == "wikitext_local" and spec.method_options() == {"asvd_alpha": 0.25, "asvd_stat": "mean_abs"}
     assert DecompositionSpec.from_args({"method": "whiten", "rank": 4}).method_options() == {}
     for bad, match in (({"method": "asvd", "rank": 4, "asvd_alpha": "2"}, "asvd_alpha='2' is invalid: expected"), ({"rank": 4, "asvd_alpha": 0.5}, "applies to method=asvd only, not method=tucker")):
         with pytest.raises(SpecError, match=match):
@@ -623,11 +631,11 @@ def test_asvd_spec_and_its_error_curve(aniso):
     W, X = aniso
     st = _cov(X)
     total = float((W.double() @ X.double().mT).norm()) ** 2
-    for alpha in (0.25, 1.0):
-        curve = error_curve(W, st.input_cov, "asvd", {"asvd_alpha": alpha})
+    for alpha, stat in ((0.25, "mean_abs"), (1.0, "mean_abs"), (0.5, "rms")):
+        curve = error_curve(W, st.input_cov, "asvd", {"asvd_alpha": alpha, "asvd_stat": stat}, st.input_abs_mean)
         assert curve[0] == pytest.approx(1.0) and curve[-1] == pytest.approx(0.0, abs=1e-9)
         for r in (1, 5, 20):
-            real = _out_err(W, get_method("asvd")(W, r, st, solver="exact", asvd_alpha=alpha).dense(), X) ** 2 / total
+            real = _out_err(W, get_method("asvd")(W, r, st, solver="exact", asvd_alpha=alpha, asvd_stat=stat).dense(), X) ** 2 / total
             assert float(curve[r]) == pytest.approx(real, rel=1e-3, abs=1e-7)
 
 
@@ -653,3 +661,35 @@ def test_stats_cache_key_follows_every_option_of_the_earlier_decompositions(tiny
     assert run() == (2, 0)
     assert run(asvd_alpha=0.25) == (1, 1)
     assert run(solver_tol=0.05) == (1, 1)
+
+
+def test_calibration_keeps_each_input_channels_mean_abs_through_the_cache(tiny_llama, tmp_path):
+    """asvd's channel size: the calibrator's mean |x| per input channel of layer 3's q_proj, after layers 1-2 were
+    compressed, equals that of the inputs the compressed model really feeds it; a cache hit gives it back."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank.decompose import decompose_model
+
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+
+    def run():
+        m = LlamaForCausalLM(tiny_llama_config()).eval()
+        m.load_state_dict(state)
+        spec = DecompositionSpec.from_args({"method": "asvd", "rank": 2, "layers": "1-3", "calib_staged": False})
+        prov = Recorder(_provider(m, cache_dir=tmp_path, spec=spec))
+        decompose_model(m, spec, stats_provider=prov, progress=False)
+        return m, prov
+
+    model, prov = run()
+    seen = []
+    hook = model.model.layers[2].self_attn.q_proj.register_forward_hook(lambda _m, a, _o: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        # layer 3's own modules are compressed now too, but its q input depends on layers 1-2 only
+        model(input_ids=prov.inner.input_ids, use_cache=False)
+    hook.remove()
+    got = prov.stats["model.layers.2.self_attn.q_proj"].input_abs_mean
+    assert got is not None and torch.allclose(got, torch.cat(seen).abs().mean(0), rtol=1e-4, atol=1e-7)
+    _, cached = run()
+    assert cached.inner.hits == 3
+    assert torch.equal(cached.stats["model.layers.2.self_attn.q_proj"].input_abs_mean.float(), got.float())

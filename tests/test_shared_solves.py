@@ -67,7 +67,7 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
         model, tok = _load(folder)
         # whiten fits a blend with the dense model's outputs (calib_target 0.25): the cross sums are split too
         budgets = {k: {**ROM, "budget": 0.6, "allocator": k, "rank": None} for k in ("output_error", "sensitivity")}
-        spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "cache_split": {**TUCKER, "cache": True}, **budgets}.get(scenario, TUCKER)
+        spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "asvd": {**ROM, "method": "asvd"}, "cache_split": {**TUCKER, "cache": True}, **budgets}.get(scenario, TUCKER)
         model_id = folder if scenario == "cache_split" else None
     report = compress_model(model, spec, tokenizer=tok, model_id=model_id, progress=False, shard=shard)
     products = {n: (m.last @ m.first).detach() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -89,8 +89,9 @@ def _sum_keys(rank: int, shard) -> dict:
 
     accum = {"x": torch.full((2, 2), 1.0 + rank, dtype=torch.float64), f"e#{rank}": torch.full((2, 2), 10.0 + rank, dtype=torch.float64)}
     experts, small = {f"e#{rank}": 3 + rank}, {"x": [1.0, 4.0 + rank]}
-    tokens = SequentialStatsProvider._sum_over_processes(SimpleNamespace(shard=shard), accum, None, 8 + rank, experts, small)
-    return {"tokens": tokens, "accum": accum, "experts": experts, "small": small}
+    absum = {"x": torch.full((2,), 0.5 + rank, dtype=torch.float64), f"e#{rank}": torch.full((2,), 5.0 + rank, dtype=torch.float64)}
+    tokens = SequentialStatsProvider._sum_over_processes(SimpleNamespace(shard=shard), accum, None, 8 + rank, experts, small, absum)
+    return {"tokens": tokens, "accum": accum, "experts": experts, "small": small, "absum": absum}
 
 
 def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> None:
@@ -104,7 +105,7 @@ def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> N
     from lm_eval_lowrank.decompose import ProcessShard
 
     results = {"sum_keys": _sum_keys(rank, ProcessShard.create())}
-    for scenario in ("tucker", "rom", "whiten", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "failure"):
+    for scenario in ("tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "failure"):
         os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only cache_split reads it: rank 0's holds the entry
         if scenario == "failure" and rank == 1:
             methods._load_builtin()
@@ -133,7 +134,7 @@ def two_processes(tmp_path_factory, smollm2_dir):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "experts", "experts_rom", "output_error", "sensitivity")}
+        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity")}
         import os
 
         old = os.environ.get("LM_EVAL_LOWRANK_CACHE")
@@ -166,7 +167,7 @@ def two_processes(tmp_path_factory, smollm2_dir):
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
 # output_error and sensitivity: budget allocators whose calibrated passes come before the decomposition
-@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "experts", "experts_rom", "output_error", "sensitivity"])
+@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity"])
 def test_shared_solves_give_one_process_factors(two_processes, scenario):
     solo, (r0, r1) = two_processes
     assert solo[scenario]["digest"] is not None
@@ -220,6 +221,10 @@ def test_calibration_sums_add_up_over_processes_whose_keys_differ(two_processes)
         torch.testing.assert_close(got["accum"]["e#1"], torch.full((2, 2), 11.0, dtype=torch.float64))
         assert got["experts"] == {"e#0": 3, "e#1": 4}
         assert got["small"] == {"x": [2.0, 9.0]}
+        # the mean |x| sums (asvd) follow the same keys, and are zero where a process had none
+        torch.testing.assert_close(got["absum"]["x"], torch.full((2,), 2.0, dtype=torch.float64))
+        torch.testing.assert_close(got["absum"]["e#0"], torch.full((2,), 5.0, dtype=torch.float64))
+        torch.testing.assert_close(got["absum"]["e#1"], torch.full((2,), 6.0, dtype=torch.float64))
 
 
 @pytest.mark.slow

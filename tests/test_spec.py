@@ -206,6 +206,7 @@ def test_a_pattern_decomposes_every_expert_kept_in_a_list():
         {"rank": 1, "layers": "3|15|28"},
         {"rank": "8|q:4|*.w1:2", "tensors": "q|k|*.w1", "solver_tol": 0.05, "seed": 3, "layout": "tucker"},
         {"method": "asvd", "budget": 0.7, "layers": "3-30:3", "asvd_alpha": 0.25, "allocator": "output_error"},
+        {"method": "asvd", "rank": 4, "asvd_stat": "rms"},
         {"method": "whiten", "rank": 16, "calib": "arc_easy_local", "calib_n": 32, "calib_target": "dense", "calib_staged": False},
     ],
 )
@@ -218,6 +219,8 @@ def test_the_recorded_spec_rebuilds_the_same_spec(args):
     assert ("asvd_alpha" in recorded) == (spec.method == "asvd")  # another method's option is not recorded
     with pytest.raises(SpecError, match=r"^asvd_alpha=0\.5 is invalid: it applies to method=asvd only, not method=whiten$"):
         DecompositionSpec.from_args({"method": "whiten", "rank": 4, "asvd_alpha": 0.5})
+    with pytest.raises(SpecError, match=r"^asvd_stat='max' is invalid: valid: mean_abs, rms$"):
+        DecompositionSpec.from_args({"method": "asvd", "rank": 4, "asvd_stat": "max"})
 
 
 def test_the_results_json_records_the_whole_spec(tiny_llama):

@@ -190,16 +190,18 @@ def allocate_tail(cands: list[Candidate], budget: float, multiple: int, layout: 
     return ranks, {"tail_layers": sorted(tail), "tail_keep": rho, "tail_min_keep": min_keep}
 
 
-def error_curve(weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+def error_curve(
+    weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None, abs_mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """err[k] = relative output error ||(W - W_k) X||^2 / ||W X||^2 of the method at rank k (k = 0..min).
 
     rom and whiten both reach the optimum: the tail sum of the eigenvalues of W C W^T.
     tucker truncates the plain SVD W = U S V^T: its error is sum_{i>k} s_i^2 v_i^T C v_i.
-    asvd truncates the SVD of W D = U S V^T (``options``: its asvd_alpha): its discarded terms are u_i u_i^T W,
-    so its error is sum_{i>k} u_i^T W C W^T u_i.
+    asvd truncates the SVD of W D = U S V^T (``options``: its asvd_alpha and asvd_stat; ``abs_mean``: the inputs'
+    mean |x| per channel): its discarded terms are u_i u_i^T W, so its error is sum_{i>k} u_i^T W C W^T u_i.
     Without statistics (cov None) the weight's own spectrum stands in (C = I).
     """
-    tail = error_tail(weight, cov, method, options)
+    tail = error_tail(weight, cov, method, options, abs_mean)
     total = float(tail[0])
     return tail / total if total > 0 else tail
 
@@ -213,14 +215,16 @@ def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: 
         s = stats[e] if stats is not None else None
         if stats is not None and s is None:
             continue  # no calibration token reached it: it adds no error on the calibration data
-        tail = error_tail(weights[e], None if s is None else s.input_cov, method, options) * (1 if s is None else s.tokens)
+        tail = error_tail(weights[e], None if s is None else s.input_cov, method, options, None if s is None else s.input_abs_mean) * (1 if s is None else s.tokens)
         total = tail if total is None else total + tail
     if total is None:
         return torch.zeros(min(weights.shape[-2:]) + 1, dtype=torch.float64)
     return total / float(total[0]) if float(total[0]) > 0 else total
 
 
-def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+def error_tail(
+    weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None, abs_mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """tail[k] = ||(W - W_k) X||^2 / N (k = 0..min): :func:`error_curve` before normalising."""
     W = weight.detach().to(torch.float64).cpu()
     if cov is None:
@@ -230,10 +234,13 @@ def error_tail(weight: torch.Tensor, cov: torch.Tensor | None, method: str, opti
 
         e = output_spectrum(W, cov)
     elif method == "asvd":
+        from .methods import LayerStats
         from .methods.asvd import DEFAULT_ALPHA, channel_scales
 
         C = cov.to(torch.float64).cpu()
-        U = torch.linalg.svd(W * channel_scales(C, (options or {}).get("asvd_alpha", DEFAULT_ALPHA)), full_matrices=False)[0]
+        opts = options or {}
+        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.cpu()), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
+        U = torch.linalg.svd(W * d, full_matrices=False)[0]
         M = U.mT @ W  # row i: the weight that direction i carries, u_i^T W
         e = ((M @ C) * M).sum(dim=1)
     else:
@@ -335,7 +342,7 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
             mod = model.get_submodule(c.path)
             W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
             s = stats.get(c.path)
-            curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method, spec.method_options())
+            curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method, spec.method_options(), None if s is None else s.input_abs_mean)
     return curves
 
 
@@ -483,6 +490,11 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
         owners.setdefault(p.rpartition(".")[0], []).append(p)
     expert_tokens: dict[tuple[str, int], int] = {}
     expert_sums: dict[tuple[str, int], torch.Tensor] = {}
+    abs_sums: dict[Any, torch.Tensor] = {}  # per input channel, sum |x| (asvd's scale); keyed like the products
+
+    def add_abs(key: Any, a: torch.Tensor) -> None:
+        s = a.abs().sum(0).to(torch.float64).cpu()
+        abs_sums[key] = abs_sums[key] + s if key in abs_sums else s
 
     def make_experts_hook(owner: str):
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -491,6 +503,7 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
                 a = a.float()
                 xtx = (a.mT @ a).to(torch.float64).cpu()
                 expert_sums[p, e] = expert_sums[p, e] + xtx if (p, e) in expert_sums else xtx
+                add_abs((p, e), a)
                 expert_tokens[p, e] = expert_tokens.get((p, e), 0) + n
 
         return hook
@@ -506,6 +519,7 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             xtx = (x2.mT @ x2).to(torch.float64).cpu()
             accum[path] = accum[path] + xtx if path in accum else xtx
+            add_abs(path, x2)
 
         return hook
 
@@ -520,11 +534,14 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
         for hd in handles:
             hd.remove()
         seen.clear()
-    stats: dict[str, Any] = {p: LayerStats(a / tokens, tokens) for p, a in accum.items()}
+    stats: dict[str, Any] = {p: LayerStats(a / tokens, tokens, None, abs_sums[p] / tokens) for p, a in accum.items()}
     out = {p: stats[alias.get(p, p)] for p in paths if alias.get(p, p) in stats}
     for p in experts:
         n_experts = stacked_expert(model, p)[0].num_experts
-        out[p] = [LayerStats(expert_sums[p, e] / expert_tokens[p, e], expert_tokens[p, e]) if (p, e) in expert_sums else None for e in range(n_experts)]
+        out[p] = [
+            LayerStats(expert_sums[p, e] / expert_tokens[p, e], expert_tokens[p, e], None, abs_sums[p, e] / expert_tokens[p, e]) if (p, e) in expert_sums else None
+            for e in range(n_experts)
+        ]
     return out
 
 

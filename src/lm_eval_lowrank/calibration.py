@@ -54,7 +54,7 @@ from .methods import LayerStats
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import FACTOR_FIELDS, DecompositionSpec, SpecError, parse_calib_target
 
-STATS_VERSION = "2"  # bump when the statistics computed here change meaning
+STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
 _CALIB_DATA_FIELDS = ("calib", "calib_n", "calib_len", "calib_batch")  # keyed by the data itself (record, batch)
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
 WIKITEXT_CALIB_DOCS = range(50, 62)  # held-out wikitext documents used for calibration
@@ -751,7 +751,7 @@ class SequentialStatsProvider:
         if cache is not None and cache.is_file() and self.track_sparsity is None:
             try:
                 blob = torch.load(cache, map_location="cpu", weights_only=True)
-                if all(p in blob["index"] for p in paths) and (not reference or blob.get("cross")):
+                if all(p in blob["index"] for p in paths) and "abs" in blob and (not reference or blob.get("cross")):
                     found = self._from_blob(blob, paths, reference)
             except Exception:  # a truncated or foreign file: recompute
                 pass
@@ -780,7 +780,7 @@ class SequentialStatsProvider:
         done: dict[int, LayerStats] = {}  # siblings keep sharing one object
         for p, s in stats.items():
             if s.cross_cov is not None and id(s) not in done:
-                done[id(s)] = LayerStats(s.input_cov, s.tokens, s.input_cov + self.target * (s.cross_cov - s.input_cov))
+                done[id(s)] = LayerStats(s.input_cov, s.tokens, s.input_cov + self.target * (s.cross_cov - s.input_cov), s.input_abs_mean)
         return {p: done.get(id(s), s) for p, s in stats.items()}
 
     def _compute(
@@ -792,6 +792,7 @@ class SequentialStatsProvider:
         layers = self.adapter.layers(model)
         accum: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
+        absum: dict[str, torch.Tensor] = {}  # per input channel, sum |x| (asvd's scale)
         groups: dict[str, int] = {}  # path -> index of a distinct input (q, k, v share one)
         seen_inputs: list[tuple[torch.Tensor, str]] = []
         fired: set[str] = set()
@@ -826,6 +827,7 @@ class SequentialStatsProvider:
                 groups.setdefault(path, len(groups))
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
                 _accumulate(accum, path, x2.mT @ x2)
+                _accumulate(absum, path, x2.abs().sum(0))
                 if reference:
                     r2 = ref_x[path].detach().reshape(-1, x.shape[-1]).float()
                     _accumulate(cross, path, x2.mT @ r2)
@@ -862,6 +864,7 @@ class SequentialStatsProvider:
                 for p, e, n, a in ours:
                     key, a = f"{p}#{e}", a.float()
                     _accumulate(accum, key, a.mT @ a)
+                    _accumulate(absum, key, a.abs().sum(0))
                     if reference:
                         _accumulate(cross, key, a.mT @ next(theirs)[3].float())
                     expert_tokens[key] = expert_tokens.get(key, 0) + n
@@ -895,17 +898,19 @@ class SequentialStatsProvider:
         ref_x.clear()
         ref_in.clear()
         if self._sharing():
-            tokens = self._sum_over_processes(accum, cross if reference else None, tokens, expert_tokens, small)
+            tokens = self._sum_over_processes(accum, cross if reference else None, tokens, expert_tokens, small, absum)
         # Distinct inputs, in a stable order; every path points at one of them.
         linear_paths = [p for p in paths if p not in experts]
         sources = {}
         for p in linear_paths:
             source = next((q for q in linear_paths if q in accum and groups.get(q) == groups.get(p)), p)
             sources[p] = source
-        stats_by_source = {q: LayerStats(accum[q] / tokens, tokens, cross[q] / tokens if reference else None) for q in dict.fromkeys(sources.values())}
+        stats_by_source = {
+            q: LayerStats(accum[q] / tokens, tokens, cross[q] / tokens if reference else None, absum[q] / tokens) for q in dict.fromkeys(sources.values())
+        }
         out = {p: stats_by_source[sources[p]] for p in linear_paths}
         for key, n in expert_tokens.items():
-            out[key] = LayerStats(accum[key] / n, n, cross[key] / n if reference else None)
+            out[key] = LayerStats(accum[key] / n, n, cross[key] / n if reference else None, absum[key] / n)
         for p, (a, b) in small.items():
             self.sparsity[p] = a / max(b, 1)
         for p in linear_paths:
@@ -914,7 +919,13 @@ class SequentialStatsProvider:
         return out, tokens
 
     def _sum_over_processes(
-        self, accum: dict[str, torch.Tensor], cross: dict[str, torch.Tensor] | None, tokens: int, expert_tokens: dict[str, int], small: dict[str, list[float]]
+        self,
+        accum: dict[str, torch.Tensor],
+        cross: dict[str, torch.Tensor] | None,
+        tokens: int,
+        expert_tokens: dict[str, int],
+        small: dict[str, list[float]],
+        absum: dict[str, torch.Tensor],
     ) -> int:
         """Add this process's sums to the others' in place (all-reduce over the shard's gloo group), in the same key
         order everywhere; a sum another process has and this one lacks (an expert no token of its share reached)
@@ -930,6 +941,9 @@ class SequentialStatsProvider:
                 if key not in sums:
                     sums[key] = torch.zeros(shapes[key], dtype=torch.float64)
                 dist.all_reduce(sums[key], group=self.shard.group)
+            if key not in absum:
+                absum[key] = torch.zeros(shapes[key][-1], dtype=torch.float64)
+            dist.all_reduce(absum[key], group=self.shard.group)
         for key in sorted({k for m in metas for k in m["experts"]}):
             expert_tokens[key] = sum(m["experts"].get(key, 0) for m in metas)
         for key in sorted({k for m in metas for k in m["small"]}):
@@ -945,26 +959,29 @@ class SequentialStatsProvider:
             i = blob["index"][p]
             if i not in by_index:
                 cross = blob["cross"][i].to(torch.float64) if reference else None
-                by_index[i] = LayerStats(blob["covs"][i].to(torch.float64), int(blob["tokens"]), cross)
+                by_index[i] = LayerStats(blob["covs"][i].to(torch.float64), int(blob["tokens"]), cross, blob["abs"][i].to(torch.float64))
             out[p] = by_index[i]
         return out
 
     def _store(self, cache: Path, stats: dict[str, LayerStats], tokens: int) -> None:
         covs: list[torch.Tensor] = []
         cross: list[torch.Tensor] = []
+        abs_means: list[torch.Tensor] = []
         index: dict[str, int] = {}
         seen: dict[int, int] = {}
         for p, s in stats.items():
             if id(s.input_cov) not in seen:
                 seen[id(s.input_cov)] = len(covs)
                 covs.append(s.input_cov.float())
+                assert s.input_abs_mean is not None
+                abs_means.append(s.input_abs_mean.float())
                 if s.cross_cov is not None:
                     cross.append(s.cross_cov.float())
             index[p] = seen[id(s.input_cov)]
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"covs": covs, "cross": cross, "index": index, "tokens": tokens}, tmp)
+            torch.save({"covs": covs, "cross": cross, "abs": abs_means, "index": index, "tokens": tokens}, tmp)
             os.replace(tmp, cache)
         except OSError:  # a read-only or full cache never breaks a run
             pass

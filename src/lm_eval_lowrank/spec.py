@@ -23,9 +23,10 @@ from typing import Any
 
 METHODS = ("tucker", "rom", "whiten", "asvd")
 CALIBRATED_METHODS = ("rom", "whiten", "asvd")  # they read calibration activations (calib= defaults to wikitext_local)
-METHOD_OPTIONS = {"asvd_alpha": "asvd"}  # an option of one method -> that method (refused with any other)
+METHOD_OPTIONS = {"asvd_alpha": "asvd", "asvd_stat": "asvd"}  # an option of one method -> that method (refused with any other)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
+ASVD_STATS = ("mean_abs", "rms")  # method=asvd: how a channel's size is measured
 SOLVERS = ("auto", "exact", "gram", "krylov", "randomized")
 # calib_target names: the weight of the dense model's outputs in what each layer is fitted to.
 CALIB_TARGETS = {"compressed": 0.0, "dense": 1.0}
@@ -53,6 +54,7 @@ SPEC_KEYS = (
     "cache",
     "hooi_iters",
     "asvd_alpha",
+    "asvd_stat",
 )
 # The spec fields that change the factors, besides the ranks, targets and layout that a plan carries: the keys of
 # the decomposition cache, and of calibration statistics taken after earlier layers were decomposed. Derived, so
@@ -299,7 +301,8 @@ class DecompositionSpec:
     calib_staged: bool = True  # calibrate within a layer in forward order: q,k,v -> o -> gate,up -> down
     cache: bool = True
     hooi_iters: int = 10
-    asvd_alpha: float = 0.5  # method=asvd: input channels scaled by their RMS ** asvd_alpha (ASVD's paper: 0.5)
+    asvd_alpha: float = 0.5  # method=asvd: input channels scaled by their size ** asvd_alpha (ASVD's paper: 0.5)
+    asvd_stat: str = "mean_abs"  # method=asvd: a channel's size, ASVD's mean |x| or the RMS (covariance diagonal)
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -325,7 +328,7 @@ class DecompositionSpec:
         if args.get("solver_tol") is not None:
             valid = "expected the certified relative error of each kept singular value (Krylov solver), 0 < solver_tol < 1"
             kw["solver_tol"] = _as_float_in("solver_tol", args["solver_tol"], lambda x: 0.0 < x < 1.0, valid)
-        for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS)):
+        for key, choices in (("allocator", ALLOCATORS), ("layout", LAYOUTS), ("solver", SOLVERS), ("asvd_stat", ASVD_STATS)):
             if args.get(key) is not None:
                 v = str(args[key]).strip().lower()
                 if v not in choices:

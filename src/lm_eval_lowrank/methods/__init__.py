@@ -44,11 +44,14 @@ class LayerStats:
     ``cross_cov`` (optional) is X^T X_ref / N, where X_ref are the same linear's inputs in
     the dense model on the same tokens: methods that use it fit the dense model's outputs
     X_ref W^T instead of X W^T. None means X_ref = X.
+
+    ``input_abs_mean`` (optional) is the mean |x_j| of each input channel over the N tokens (asvd's scale).
     """
 
     input_cov: torch.Tensor
     tokens: int
     cross_cov: torch.Tensor | None = None
+    input_abs_mean: torch.Tensor | None = None
     # Factorisations of input_cov, kept with the statistics: q, k and v (gate and up) share one
     # LayerStats, so its Cholesky is computed once for them (see methods.covariance.factor_of).
     derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
