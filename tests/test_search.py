@@ -251,3 +251,14 @@ def test_paired_bounds_over_two_tasks_mean_and_max() -> None:
     assert up == pytest.approx(max(0.10 + z * sa, 0.04 + z * sb)) and s == pytest.approx(sa if 0.10 + z * sa > 0.04 + z * sb else sb)
     bounds, why = paired_drop_bounds(row(dense), {"accuracy": {"a": 0.4, "b": 0.46}}, "mean", z)
     assert bounds is None and why.startswith("a: no per-document scores")
+
+
+def test_candidates_cross_several_methods_for_one_search() -> None:
+    one = default_candidates(30, ranks=(8,), max_k=2, table4=False)
+    both = default_candidates(30, ranks=(8,), max_k=2, table4=False, method=("tucker", "asvd", "tucker"))
+    assert len(both) == 2 * len(one) and len({c.name for c in both}) == len(both)  # tucker once, names distinct
+    assert [c.spec for c in both[: len(one)]] == [c.spec for c in one]  # tucker: no method argument at all
+    assert all(c.spec["method"] == "asvd" and c.name.startswith("asvd r8 ") for c in both[len(one):])
+    assert [c.name for c in default_candidates(30, ranks=(8,), max_k=2, table4=False, method="asvd")] == [c.name for c in both[len(one):]]
+    with pytest.raises(SpecError, match="at least one method"):
+        default_candidates(30, ranks=(8,), method=())

@@ -53,13 +53,14 @@ def default_candidates(
     table4: bool = True,
     keeps: Sequence[float] = (),
     strides: Sequence[int] = (),
-    method: str | None = None,
+    method: str | Sequence[str] | None = None,
 ) -> list[Candidate]:
-    """Whole layers, spread apart, avoiding the first two and the last, crossed with compressions.
+    """Whole layers, spread apart, avoiding the first two and the last, crossed with compressions and methods.
 
     Layer sets: k = 1..max_k spread layers, every ``stride``-th layer, and Table 4.
     Compressions: a pruned ``rank`` (the research's axis) or a kept fraction ``keep`` of
     each chosen layer's parameters (``budget=keep``, the activation-aware methods' axis).
+    Methods: one, or several to compare them in one search (``("tucker", "asvd", "whiten")``).
     """
     from .design_space import spread_layer_sets, table4_layer_sets
 
@@ -79,16 +80,20 @@ def default_candidates(
     for keep in keeps:
         if not 0 < keep < 1:
             raise SpecError(f"keep={keep!r} is invalid: a fraction of parameters kept, 0 < keep < 1")
-    extra = {"method": method} if method and method != "tucker" else {}
+    methods = [method] if method is None or isinstance(method, str) else list(dict.fromkeys(method))
+    if not methods:
+        raise SpecError("give at least one method")
     compressions = [(f"r{r}", {"rank": str(r)}) for r in ranks] + [(f"keep{k:g}", {"budget": f"{k:g}"}) for k in keeps]
     if not compressions:
         raise SpecError("give at least one rank or keep fraction")
     out = []
-    for tag, comp in compressions:
-        for layers, name in sets.items():
-            spec = {**comp, "layers": format_layers(layers), "tensors": "all", **extra}
-            prefix = f"{method} " if extra else ""
-            out.append(Candidate(f"{prefix}{tag} {name} [{format_layers(layers)}]", spec))
+    for m in methods:
+        extra = {"method": m} if m and m != "tucker" else {}
+        for tag, comp in compressions:
+            for layers, name in sets.items():
+                spec = {**comp, "layers": format_layers(layers), "tensors": "all", **extra}
+                prefix = f"{m} " if extra else ""
+                out.append(Candidate(f"{prefix}{tag} {name} [{format_layers(layers)}]", spec))
     return out
 
 

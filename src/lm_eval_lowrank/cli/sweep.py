@@ -175,7 +175,11 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
 @click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps).")
 @click.option("--keeps", default="", help="Candidate kept fractions of each chosen layer's parameters (budget=), e.g. 0.7,0.5.")
-@click.option("--method", default=None, help="Decomposition method of every candidate (tucker, whiten, rom, asvd); calibration options go in --model_args.")
+@click.option(
+    "--method",
+    default=None,
+    help="Decomposition method of the candidates (tucker, whiten, rom, asvd), or several joined by ',' to compare them in one search; calibration options go in --model_args.",
+)
 @click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
 @click.option("--strides", default="", help="Also every s-th layer of the allowed band for each s, e.g. 2,3,4.")
 @click.option("--no-table4", is_flag=True, help="Leave the Table 4 layer sets out of the candidates.")
@@ -220,15 +224,18 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     rank_list = [] if ranks.strip().lower() in ("none", "") else _int_list(ranks, "--ranks")
     keep_list = _fraction_list(keeps, "--keeps")
     stride_list = _int_list(strides, "--strides") if strides.strip() else []
+    method_list: list[str] | None = None
     if method is not None:
         from ..spec import METHODS
 
-        if method not in METHODS:
-            raise OneLineBadParameter(f"{method!r} is not a method; valid: {', '.join(METHODS)}", param_hint="'--method'")
+        method_list = [m.strip().lower() for m in method.split(",") if m.strip()]
+        bad = [m for m in method_list if m not in METHODS]
+        if bad or not method_list:
+            raise OneLineBadParameter(f"{method!r} is not a method or a ','-joined list of them; valid: {', '.join(METHODS)}", param_hint="'--method'")
     if not rank_list and not keep_list:
         raise OneLineBadParameter("no candidates: give --ranks and/or --keeps", param_hint="'--ranks'")
     num_layers, _, _ = model_info(model)
-    candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method)
+    candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method_list)
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
     runner.keep_doc_scores = confidence is not None  # the paired bound needs each document's score
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
