@@ -60,7 +60,7 @@ def test_search_cli_rejects_bad_candidate_options(tmp_path) -> None:
     from lm_eval_lowrank.cli import cli
 
     store = str(tmp_path / "s.jsonl")
-    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin")):
+    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin"), (["--family-wise"], "--family-wise")):
         res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, *args])
         assert res.exit_code == 2 and hint in res.output, res.output
 
@@ -262,3 +262,29 @@ def test_candidates_cross_several_methods_for_one_search() -> None:
     assert [c.name for c in default_candidates(30, ranks=(8,), max_k=2, table4=False, method="asvd")] == [c.name for c in both[len(one):]]
     with pytest.raises(SpecError, match="at least one method"):
         default_candidates(30, ranks=(8,), method=())
+
+
+def test_family_wise_spreads_the_level_over_a_rungs_candidates() -> None:
+    """Ten candidates, each 4 answers lost of 200: upper 95 % bound +0.036, within 0.04. Over ten of them, each bound
+    at 1 - 0.05 / 10 = 0.995 is +0.046: none is shown within tolerance for all ten at once."""
+    dense = [1.0] * 100 + [0.0] * 100
+    steady = [0.0] * 4 + [1.0] * 96 + [0.0] * 100
+    rows = {"dense": _paired_row(0.5, dense, 0.0), **{f"c{i}": _paired_row(0.48, steady, 0.01 * (i + 1)) for i in range(10)}}
+
+    def evaluate(spec, limit, phase="", label=""):
+        return rows[spec.get("name", "dense")]
+
+    cands = [Candidate(n, {"name": n}) for n in rows if n != "dense"]
+    plain = search(cands, evaluate, tolerance=0.04, limits=(200,), objective="params", confidence=0.95)
+    assert len(plain.feasible) == 10 and plain.best.candidate.name == "c9"
+    logged: list[str] = []
+    fw = search(cands, evaluate, tolerance=0.04, limits=(200,), objective="params", confidence=0.95, family_wise=True, log=logged.append)
+    assert fw.feasible == [] and fw.best.candidate is DENSE
+    se = fw.final[1].row["drop_stderr"]
+    assert fw.final[1].row["drop_upper"] == pytest.approx(0.02 + 2.5758293 * se)
+    assert "rung 0 (limit=200): 10 candidates, each bound at 0.995 (family-wise 0.95)" in logged
+    # one candidate: family-wise changes nothing
+    one = search(cands[:1], evaluate, tolerance=0.04, limits=(200,), objective="params", confidence=0.95, family_wise=True)
+    assert [e.candidate.name for e in one.feasible] == ["c0"]
+    with pytest.raises(SpecError, match="family_wise needs a confidence level"):
+        search(cands, evaluate, tolerance=0.04, limits=(200,), family_wise=True)

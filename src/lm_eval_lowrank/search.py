@@ -225,6 +225,7 @@ def search(
     aggregate: str = "mean",
     log: Callable[[str], None] = lambda s: None,
     confidence: float | None = None,
+    family_wise: bool = False,
 ) -> SearchResult:
     """Successive halving over ``limits``; the last rung decides feasibility (drop <= tolerance).
 
@@ -240,10 +241,16 @@ def search(
       documents;
     - the last rung calls a candidate feasible only when its upper bound is within the tolerance.
     A row that cannot be paired is judged on its drop (screening with the 0.1 default margin), with a note.
+    ``family_wise`` makes the level hold for all the candidates of a rung together (Bonferroni over the k
+    candidates: each bound at 1 - (1 - confidence) / k). Picking the cheapest of many candidates that each passed
+    at the plain level favours the ones whose bound came out too low; over k candidates at the tolerance, about
+    k (1 - confidence) of them pass by chance.
     """
     if confidence is not None and not 0.5 <= confidence < 1:
         raise SpecError(f"confidence={confidence:g} is invalid: give a level in [0.5, 1), e.g. 0.95")
-    z = statistics.NormalDist().inv_cdf(confidence) if confidence is not None else None
+    if family_wise and confidence is None:
+        raise SpecError("family_wise needs a confidence level: it spreads that level over each rung's candidates")
+    z: float | None = None
     objective = parse_objective(objective)
     if tolerance < 0:
         raise SpecError(f"tolerance={tolerance} is invalid: expected a drop >= 0 (e.g. 0.03 for 3 points)")
@@ -275,6 +282,11 @@ def search(
         dense_eval = Evaluation(DENSE, limit, dense_row, 0.0, dv, rung)
         history.append(dense_eval)
         scored: list[Evaluation] = []
+        if confidence is not None:  # per bound: Bonferroni over this rung's candidates when family-wise
+            level = 1 - (1 - confidence) / len(alive) if family_wise and len(alive) > 1 else confidence
+            z = statistics.NormalDist().inv_cdf(level)
+            if family_wise:
+                log(f"rung {rung} (limit={limit}): {len(alive)} candidates, each bound at {level:.4g} (family-wise {confidence:g})")
         for cand in alive:
             row = dict(evaluate(dict(cand.spec), limit, phase=phase, label=cand.name))
             if row.get("status", "ok") != "ok":

@@ -199,8 +199,14 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
     metavar="LEVEL",
     help="Paired one-sided LEVEL bounds of the drop, e.g. 0.95: the last rung calls a candidate feasible only when its upper bound is within the tolerance, and screening prunes only when its lower bound is not.",
 )
+@click.option(
+    "--family-wise",
+    "family_wise",
+    is_flag=True,
+    help="With --confidence: make LEVEL hold for all the candidates of a rung together (Bonferroni), so that picking the cheapest of many does not favour a bound that came out too low.",
+)
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..search import default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
@@ -216,6 +222,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         raise OneLineBadParameter(f"{confidence!r} is not a level in [0.5, 1), e.g. 0.95", param_hint="'--confidence'")
     if prune_margin is not None and prune_margin < 0:
         raise OneLineBadParameter(f"{prune_margin!r} is not a margin >= 0 (fraction, e.g. 0.1)", param_hint="'--prune-margin'")
+    if family_wise and confidence is None:
+        raise OneLineBadParameter("needs --confidence: it spreads that level over each rung's candidates", param_hint="'--family-wise'")
     try:
         objective = parse_objective(objective)
     except SpecError as exc:
@@ -240,7 +248,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     runner.keep_doc_scores = confidence is not None  # the paired bound needs each document's score
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
     res = run_search(
-        candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence
+        candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence,
+        family_wise=family_wise,
     )
     for note in res.notes:
         click.echo(f"note: {note}")
@@ -249,7 +258,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     if best.candidate.is_dense:
         click.echo("chosen: dense (no decomposition)")
     else:
-        bound = f" (upper {confidence:g} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
+        level = f"{confidence:g}{' family-wise' if family_wise else ''}"
+        bound = f" (upper {level} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
         click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
     args = runner.model_args_string(best.candidate.spec)
     # always quoted: '|' in layers would otherwise be a shell pipe
