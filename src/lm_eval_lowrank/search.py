@@ -282,6 +282,7 @@ def search(
         dense_eval = Evaluation(DENSE, limit, dense_row, 0.0, dv, rung)
         history.append(dense_eval)
         scored: list[Evaluation] = []
+        level = confidence
         if confidence is not None:  # per bound: Bonferroni over this rung's candidates when family-wise
             level = 1 - (1 - confidence) / len(alive) if family_wise and len(alive) > 1 else confidence
             z = statistics.NormalDist().inv_cdf(level)
@@ -320,7 +321,7 @@ def search(
         kept = [e for e in scored if e.candidate.name not in pruned_names]
         kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
         n_next = max(1, math.ceil(len(scored) / eta))
-        rule = f"lower {confidence:g} bound beyond tau+{bound_margin:g}" if z is not None else f"beyond tau+{point_margin:g}"
+        rule = f"lower {level:.4g} bound beyond tau+{bound_margin:g}" if confidence is not None else f"beyond tau+{point_margin:g}"
         alive = [e.candidate for e in kept[:n_next]]
         log(f"rung {rung} (limit={limit}): {len(scored)} screened, {len(scored) - len(kept)} pruned ({rule}), {len(alive)} go on")
         if not alive:
