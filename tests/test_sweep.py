@@ -352,3 +352,22 @@ def test_report_gives_each_mean_drop_its_paired_interval(tmp_path: Path) -> None
     assert cells["r1 bare"][col] == "n/a" and cells["dense"][col] == "-"
     # no row kept its documents: no column
     assert "interval" not in markdown_table([{k: v for k, v in r.items() if k != "doc_scores"} for r in rows])
+
+
+def test_search_cli_with_family_wise_bounds_on_tiny_llama(tiny_model: Path, task_manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI path with --confidence --family-wise: every document's score is stored, the log gives the per-bound
+    level, and the chosen configuration states its family-wise upper bound."""
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.sweep import search
+    from lm_eval_lowrank.sweep import Runner
+
+    monkeypatch.setattr(Runner, "task_manager", lambda self: task_manager)
+    store = tmp_path / "search.jsonl"
+    args = ["--model", str(tiny_model), "--tasks", "tiny_arc", "--tolerance", "1.0", "--objective", "params", "--ranks", "1", "--max-k", "2",
+            "--no-table4", "--limits", "4", "--confidence", "0.9", "--family-wise", "--batch-size", "4", "--store", str(store)]  # fmt: skip
+    res = CliRunner().invoke(search, args)
+    assert res.exit_code == 0, res.output
+    assert "rung 0 (limit=4): 2 candidates, each bound at 0.95 (family-wise 0.9)" in res.output
+    assert "(upper 0.9 family-wise bound " in res.output  # a tolerance of 1.0: a candidate is chosen
+    assert all(len(r["doc_scores"]["tiny_arc"]) == 4 for r in Store.open(store).rows())

@@ -258,7 +258,7 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     if best.candidate.is_dense:
         click.echo("chosen: dense (no decomposition)")
     else:
-        level = f"{confidence:g}{' family-wise' if family_wise else ''}"
+        level = f"{confidence}{' family-wise' if family_wise else ''}"
         bound = f" (upper {level} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
         click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
     args = runner.model_args_string(best.candidate.spec)
