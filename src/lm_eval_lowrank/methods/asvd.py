@@ -23,7 +23,7 @@ import torch
 from ..spec import ASVD_STATS, SpecError
 from . import Factors, LayerStats, register_method
 from .covariance import check_stats
-from .tucker import truncated_svd
+from .tucker import reciprocal_singular_values, truncated_svd
 
 DEFAULT_ALPHA = 0.5  # ASVD's paper found 0.5 best on LLaMA
 
@@ -65,8 +65,7 @@ def asvd_method(
     if not bool(torch.isfinite(d).all()) or float(d.max()) <= 0:
         raise SpecError("method='asvd': the calibration activations are all zero or non-finite for this module")
     svd = truncated_svd(W * d, rank, solver=solver, seed=seed, tol=solver_tol)
-    live = svd.S > svd.S[0] * max(W.shape) * torch.finfo(svd.S.dtype).eps  # below: round-off, a null direction
-    inv_s = torch.where(live, 1.0 / svd.S.clamp_min(torch.finfo(svd.S.dtype).tiny), torch.zeros_like(svd.S))
+    inv_s = reciprocal_singular_values(svd.S, tuple(W.shape))
     right = (W.mT @ svd.U) * inv_s  # D^-1 V_r, since V_r = D W^T U_r / s
     out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     return Factors(

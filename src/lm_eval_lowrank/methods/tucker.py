@@ -90,6 +90,13 @@ def choose_solver(shape: tuple[int, int], rank: int, solver: str = "auto", devic
     return "randomized" if k <= RANDOMIZED_MAX_FRACTION * min(shape) else "exact"
 
 
+def reciprocal_singular_values(S: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """1 / s for the singular values ``S`` of a matrix of ``shape``, and 0 for those below round-off (a null
+    direction): the right factor W^T U / s of a projection U U^T W then stays finite and exact."""
+    live = S > S[0] * max(shape) * torch.finfo(S.dtype).eps
+    return torch.where(live, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
+
+
 def truncated_svd(
     W: torch.Tensor,
     rank: int,

@@ -24,7 +24,7 @@ import torch
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
 from .covariance import WhiteningError, all_finite, check_stats, factor_of, times_lower, whitening_factor
-from .tucker import truncated_svd
+from .tucker import reciprocal_singular_values, truncated_svd
 
 # whitening_factor and WhiteningError live in .covariance (shared with rom); importable from here as before.
 __all__ = ["WhiteningError", "whiten_method", "whitened_target", "whitening_factor"]
@@ -57,8 +57,7 @@ def whiten_method(
     # a cross-covariance, target S^-1 = W: S^-1 is never applied, and rounding in the solver's
     # vectors is not multiplied by S's condition number (with V_r from the solver it was:
     # SmolLM2's perplexity moved from 69 to 85 between two roundings of the same vectors).
-    live = svd.S > svd.S[0] * max(target.shape) * torch.finfo(svd.S.dtype).eps  # below: round-off, a null direction
-    inv_s = torch.where(live, 1.0 / svd.S.clamp_min(torch.finfo(svd.S.dtype).tiny), torch.zeros_like(svd.S))
+    inv_s = reciprocal_singular_values(svd.S, tuple(target.shape))
     if P is None:
         right = (W.mT @ svd.U) * inv_s
     else:  # right^T = V^T S^-1 with V = target^T U_r / s, consistent with U_r; S^T upper triangular
