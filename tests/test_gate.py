@@ -742,3 +742,26 @@ def test_sample_counts_sum_a_groups_subtasks(tmp_path: Path) -> None:
     assert g.sample_counts(res, "nope") is None
     assert g.documents_to_decide(0.05, 0.01, 100, 0.05, 1.645) is None  # on the tolerance: nothing decides it
     assert g.documents_to_decide(0.04, 0.01, 100, 0.05, 2.0) == 400  # the bound must move by 0.01 = 2 * se * sqrt(100 / n)
+
+
+def test_no_answer_changed_is_not_certainty(tmp_path: Path) -> None:
+    """20 documents, the same answers in both runs: the sample spread is zero, which would call a 0.00 drop certain
+    and PASS a 3-point gate. Agresti and Min's half-document cells leave a standard error of 1/22, so 20 documents
+    read UNSURE, as they should (rule of three: no change in 20 still allows about 15 %)."""
+    answers = [1] * 12 + [0] * 8
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", answers)
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", answers)
+    task = json.loads(run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--json").stdout)["tasks"][0]
+    assert task["stderr_kind"] == "paired" and task["stderr"] == pytest.approx(1 / 22)
+    assert task["verdict"] == "UNSURE" and task["bounds"] == pytest.approx([-1.6448536 / 22, 1.6448536 / 22])
+    # every answer lost: the error stays positive and the verdict is FAIL
+    se, why = g.paired_drop_stderr({i: 1.0 for i in range(20)}, {i: 0.0 for i in range(20)}, 1.0, 0.0, "acc")
+    n, mean = 22, 20 / 22
+    assert why is None and se == pytest.approx(math.sqrt((21 / n - mean**2) / n))
+    # the usual case is untouched: 4 lost of 200
+    se, _ = g.paired_drop_stderr({i: float(i < 100) for i in range(200)}, {i: float(4 <= i < 100) for i in range(200)}, 0.5, 0.48, "acc")
+    d = [1.0] * 4 + [0.0] * 196
+    assert se == pytest.approx(math.sqrt(sum((x - 0.02) ** 2 for x in d) / 199 / 200))
+    # scores that are not 0/1 and all moved alike: no error from the pairing, and it says why
+    se, why = g.paired_drop_stderr({0: 0.5, 1: 0.7}, {0: 0.4, 1: 0.6}, 0.6, 0.5, "f1")
+    assert se is None and "moved by the same amount" in why

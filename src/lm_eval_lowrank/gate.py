@@ -457,14 +457,28 @@ def paired_drop_stderr(
 ) -> tuple[float | None, str | None]:
     """(standard error of mean(base) - mean(comp) over the documents both scored, None) when the pairing holds,
     else (None, why, naming ``source``): the same documents, at least two, and each reported score the mean of
-    its documents'."""
+    its documents'.
+
+    When every document moved the same way (most often: no answer changed), the sample spread is zero and would
+    claim certainty. For 0/1 scores the error is then Agresti and Min's: half a document added to each cell of
+    the 2x2 table of (base, comp) answers, so that n unchanged documents still leave about 1/(n+2). Other scores
+    have no standard error then."""
     if base.keys() != comp.keys():
         return None, f"{source} cover different documents"
     if len(base) < 2:
         return None, f"fewer than 2 documents in {source}"
     if not (_is_their_mean(base, base_value) and _is_their_mean(comp, comp_value)):
         return None, f"{metric} is not a mean over documents"
-    return statistics.stdev(base[k] - comp[k] for k in base) / math.sqrt(len(base)), None
+    diffs = [base[k] - comp[k] for k in base]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if stderr > 0:
+        return stderr, None
+    if not all(v in (0.0, 1.0) for scores in (base, comp) for v in scores.values()):
+        return None, f"every document's {metric} moved by the same amount: no spread to estimate an error from"
+    n = len(diffs) + 2.0
+    lost, gained = sum(d > 0 for d in diffs) + 0.5, sum(d < 0 for d in diffs) + 0.5  # Agresti-Min: +1/2 a cell
+    mean = (lost - gained) / n
+    return math.sqrt(((lost + gained) / n - mean * mean) / n), None
 
 
 def drop_noise(
