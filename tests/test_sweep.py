@@ -371,3 +371,41 @@ def test_search_cli_with_family_wise_bounds_on_tiny_llama(tiny_model: Path, task
     assert "rung 0 (limit=4): 2 candidates, each bound at 0.95 (family-wise 0.9)" in res.output
     assert "(upper 0.9 family-wise bound " in res.output  # a tolerance of 1.0: a candidate is chosen
     assert all(len(r["doc_scores"]["tiny_arc"]) == 4 for r in Store.open(store).rows())
+
+
+def test_report_plots_error_bars_from_the_documents_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """score_stderr is the standard error of a row's score over its documents; with it the accuracy plot draws
+    95 % error bars (one errorbar call per task and axis), and without document scores none."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    import matplotlib.pyplot as plt
+
+    from lm_eval_lowrank import report
+
+    scores = [1.0] * 6 + [0.0] * 10
+    row = {"doc_scores": {"arc": [[i, f"h{i}", v] for i, v in enumerate(scores)]}}
+    assert report.score_stderr(row, "arc") == pytest.approx(math.sqrt(sum((v - 6 / 16) ** 2 for v in scores) / 15 / 16))
+    assert report.score_stderr(row, "lam") is None and report.score_stderr({}, "arc") is None
+
+    rows = _fixture_rows()
+    for r in rows:
+        r["doc_scores"] = {t: [[i, f"h{i}", v] for i, v in enumerate(scores)] for t in ("arc", "lam")}
+    calls: list = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, *a, **k):
+        calls.append(k.get("yerr"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    report._accuracy_plot(plt, rows, ["arc", "lam"], tmp_path / "a.png", "t")
+    with_bars = len(calls)
+    se = report.score_stderr(row, "arc")
+    assert all(e == pytest.approx(100 * 1.959964 * se) for yerr in calls for e in yerr)  # every score has the same documents here
+    calls.clear()
+    report._accuracy_plot(plt, _fixture_rows(), ["arc", "lam"], tmp_path / "b.png", "t")
+    assert with_bars == 2 * 3 and calls == []  # arc and lam x (single-layer, single-tensor, layer-set)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,6 +8,7 @@ tensor (in every layer) is decomposed.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -124,16 +125,31 @@ def _plt() -> Any:
     return plt
 
 
+def score_stderr(row: Mapping[str, Any], task: str) -> float | None:
+    """The standard error of a row's score on ``task`` from its documents' scores (``sweep --doc-scores``)."""
+    listed = (row.get("doc_scores") or {}).get(task)
+    if not listed or len(listed) < 2:
+        return None
+    return statistics.stdev(float(v) for _, _, v in listed) / math.sqrt(len(listed))
+
+
 def _accuracy_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Sequence[str], path: Path, title: str) -> None:
+    """Accuracy against parameter reduction; where the rows kept their documents' scores, 95 % error bars."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"single-layer": "o", "single-tensor": "s", "layer-set": "^", "tensor-group": "D", "mixed": "x"}
+    z = statistics.NormalDist().inv_cdf(0.5 + INTERVAL_LEVEL / 2)
     for i, task in enumerate(tasks):
         color = f"C{i}"
         for axis, marker in markers.items():
-            pts = [(100 * r["param_reduction"], 100 * r["accuracy"][task]) for r in group if r.get("spec") and r.get("axis", "mixed") == axis and r["accuracy"].get(task) is not None]
-            if pts:
-                xs, ys = zip(*pts)
+            chosen = [r for r in group if r.get("spec") and r.get("axis", "mixed") == axis and r["accuracy"].get(task) is not None]
+            if chosen:
+                xs = [100 * r["param_reduction"] for r in chosen]
+                ys = [100 * r["accuracy"][task] for r in chosen]
                 ax.scatter(xs, ys, color=color, marker=marker, alpha=0.75, label=f"{task}: {axis}")
+                bars = [(x, y, 100 * z * se) for x, y, se in zip(xs, ys, (score_stderr(r, task) for r in chosen)) if se is not None]
+                if bars:
+                    bx, by, err = zip(*bars)
+                    ax.errorbar(bx, by, yerr=err, fmt="none", ecolor=color, alpha=0.4, capsize=2)
         dense = _dense(group)
         if dense and dense["accuracy"].get(task) is not None:
             ax.axhline(100 * dense["accuracy"][task], color=color, ls="--", lw=1, label=f"{task}: dense")
