@@ -37,6 +37,9 @@ OUT="${OUT:-lm-eval-gate}"          # results, gate.json; upload it as a CI arti
 # e.g. 0.95: gate on confidence bounds of each drop, paired over documents (both runs
 # log their samples); a drop the documents cannot tell from the tolerance is UNSURE and fails.
 CONFIDENCE="${CONFIDENCE:-}"
+# e.g. 0.05: also fail unless the compressed run cut at least 5 % of the parameters, so that a
+# COMPRESSION that decomposes nothing (or less than meant) cannot pass on accuracy alone.
+MIN_REDUCTION="${MIN_REDUCTION:-}"
 
 # Folder of the offline task YAMLs (arc_easy_local, ...); see `lm-eval-lowrank tasks --help`.
 INCLUDE_PATH="$(lm-eval-lowrank tasks)"
@@ -49,6 +52,9 @@ gate_noise=()
 if [[ -n "$CONFIDENCE" ]]; then
     common+=(--log_samples)
     gate_noise=(--confidence "$CONFIDENCE")
+fi
+if [[ -n "$MIN_REDUCTION" ]]; then
+    gate_noise+=(--min-reduction "$MIN_REDUCTION")
 fi
 
 # One --output_path per run: lm-eval names the results subfolder after pretrained=,

@@ -765,3 +765,25 @@ def test_no_answer_changed_is_not_certainty(tmp_path: Path) -> None:
     # scores that are not 0/1 and all moved alike: no error from the pairing, and it says why
     se, why = g.paired_drop_stderr({0: 0.5, 1: 0.7}, {0: 0.4, 1: 0.6}, 0.6, 0.5, "f1")
     assert se is None and "moved by the same amount" in why
+
+
+def test_min_reduction_fails_a_run_that_was_not_compressed_enough(tmp_path: Path) -> None:
+    """Accuracy alone passes a model that was never compressed (a layers= typo, a rank=0 default): --min-reduction
+    makes the gate read the compressed run's own parameter cut too."""
+    base_data = lm_eval_results(arc=ARC_BASE)
+    comp_data = lm_eval_results(arc=ARC_BASE)
+    comp_data.setdefault("config", {})["lowrank"] = {"decomposition": {"param_reduction": 0.0787}}
+    base, comp = pair(tmp_path, base_data, comp_data)
+    args = [comp, "--baseline", base, "--max-drop", "0.03", "--tasks", "arc_easy_local"]
+    r = run_cli(*args, "--min-reduction", "0.05", "--json")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and (doc["param_reduction"], doc["min_reduction"], doc["reduction_passed"]) == (0.0787, 0.05, True)
+    assert "reduction: 7.87 % of the parameters, at least 5 % asked: PASS" in r.stderr
+    r = run_cli(*args, "--min-reduction", "0.1")
+    assert r.exit_code == 1 and "parameter reduction below the minimum" in r.output
+    assert run_cli(*args).exit_code == 0  # without the option, accuracy alone decides
+    # the dense run as "compressed": not an hf-tucker run at all
+    r = run_cli(base, "--baseline", comp, "--max-drop", "0.03", "--tasks", "arc_easy_local", "--min-reduction", "0.05")
+    assert r.exit_code == 1 and "not an hf-tucker run (no config.lowrank block)" in r.output
+    bad = run_cli(*args, "--min-reduction", "1.5")
+    assert bad.exit_code == 2 and "--min-reduction 1.5 is invalid" in bad.output

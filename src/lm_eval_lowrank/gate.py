@@ -604,10 +604,17 @@ class GateResult:
     confidence: float | None = None
     unsure_passes: bool = False
     row_confidence: float | None = None  # each bound's own level (below ``confidence`` when family-wise)
+    min_reduction: float | None = None  # the compressed run must cut at least this fraction of the parameters
+    reduction: float | None = None  # the fraction it cut (config.lowrank.decomposition.param_reduction)
+
+    @property
+    def reduction_passed(self) -> bool:
+        return self.min_reduction is None or (self.reduction is not None and self.reduction >= self.min_reduction - _EPS)
 
     @property
     def passed(self) -> bool:
-        return all(r.verdict == "PASS" or (r.verdict == "UNSURE" and self.unsure_passes) for r in self.rows)
+        rows = all(r.verdict == "PASS" or (r.verdict == "UNSURE" and self.unsure_passes) for r in self.rows)
+        return rows and self.reduction_passed
 
     @property
     def exit_code(self) -> int:
@@ -708,6 +715,7 @@ def run_gate(
     confidence: float | None = None,
     unsure_passes: bool = False,
     family_wise: bool = False,
+    min_reduction: float | None = None,
 ) -> GateResult:
     """Gate every selected task; raise :class:`GateError` for options that cannot apply.
 
@@ -715,8 +723,12 @@ def run_gate(
     bound is within the tolerance, FAIL when the lower bound exceeds it, UNSURE in between (a failure unless
     ``unsure_passes``). See :func:`drop_noise` for the standard error. With ``family_wise`` the level holds for
     all the bounds together (Bonferroni), so gating many subtasks does not multiply the chance of a wrong FAIL.
+    With ``min_reduction`` the compressed run must also have cut at least that fraction of the model's parameters
+    (its ``config.lowrank`` block), so that a change that leaves the model dense cannot pass.
     """
     confidence = parse_confidence(confidence)
+    if min_reduction is not None and not 0.0 <= min_reduction < 1.0:
+        raise GateError(f"--min-reduction {min_reduction:g} is invalid: give the fraction of parameters the compressed run must cut, 0 <= x < 1 (e.g. 0.05)")
     if unsure_passes and confidence is None:
         raise GateError("--unsure pass needs --confidence: without it no verdict is UNSURE")
     if family_wise and confidence is None:
@@ -759,7 +771,17 @@ def run_gate(
             _apply_confidence(row, noise, note, z, sample_counts(baseline, row.task))
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
-    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row)
+    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row, min_reduction, parameter_reduction(compressed))
+
+
+def parameter_reduction(results: ResultsFile) -> float | None:
+    """The fraction of parameters an hf-tucker run cut (``config.lowrank.decomposition.param_reduction``); 0.0 for
+    an hf-tucker run that decomposed nothing, None for a run that is not hf-tucker's."""
+    lowrank = (results.data.get("config") or {}).get("lowrank")
+    if not isinstance(lowrank, Mapping):
+        return None
+    decomposition = lowrank.get("decomposition") or {}
+    return metric_number(decomposition.get("param_reduction")) or 0.0
 
 
 # --------------------------------------------------------------------------- output
@@ -837,14 +859,18 @@ def format_table(result: GateResult) -> str:
     ]
     out += [f"note: {r.task}: {r.note}" for r in result.rows if r.note]
     out += [f"warning: {w}" for w in result.warnings]
+    if result.min_reduction is not None:
+        cut = "not an hf-tucker run (no config.lowrank block)" if result.reduction is None else f"{100 * result.reduction:.2f} % of the parameters"
+        out.append(f"reduction: {cut}, at least {100 * result.min_reduction:g} % asked: {'PASS' if result.reduction_passed else 'FAIL'}")
     failed = sum(r.verdict == "FAIL" for r in result.rows)
     missing = sum(r.verdict == "MISSING" for r in result.rows)
     unsure = sum(r.verdict == "UNSURE" for r in result.rows)
     unsure_text = f", {unsure} unsure" if unsure else ""
+    reduction_text = "" if result.reduction_passed else ", parameter reduction below the minimum"
     if result.passed:
         out.append(f"gate: PASS ({len(result.rows)} task{'s' if len(result.rows) != 1 else ''} within tolerance{unsure_text})")
     else:
-        out.append(f"gate: FAIL ({failed} failed{unsure_text}, {missing} missing, of {len(result.rows)} gated)")
+        out.append(f"gate: FAIL ({failed} failed{unsure_text}, {missing} missing, of {len(result.rows)} gated{reduction_text})")
     return "\n".join(out)
 
 
@@ -867,6 +893,9 @@ def to_json(result: GateResult) -> dict[str, Any]:
         "confidence": result.confidence,
         "row_confidence": result.row_confidence,
         "unsure_passes": result.unsure_passes,
+        "min_reduction": result.min_reduction,
+        "param_reduction": result.reduction,
+        "reduction_passed": result.reduction_passed,
         "baseline": describe(result.baseline),
         "compressed": describe(result.compressed),
         "tasks": [

@@ -3,7 +3,7 @@
 Thin wrapper over :mod:`lm_eval_lowrank.gate`; no torch import.
 
 Exit codes: 0 every gated task within tolerance; 1 a task dropped too far or is
-missing from either file; 2 usage or input error (missing/unreadable file, bad JSON,
+missing from either file, or the compressed run cut less than --min-reduction; 2 usage or input error (missing/unreadable file, bad JSON,
 not an lm-eval results file, bad option).
 """
 
@@ -27,7 +27,7 @@ class GateInputError(click.ClickException):
     "gate",
     epilog=(
         "Exit codes: 0 pass; 1 a task dropped more than the tolerance (with --confidence: FAIL, or UNSURE "
-        "unless --unsure pass) or is missing from a file; 2 usage or input error.\n\n"
+        "unless --unsure pass) or is missing from a file, or the run cut less than --min-reduction; 2 usage or input error.\n\n"
         "Primary metric per task: --metric TASK=METRIC, else --metric METRIC where the task "
         "reports it, else the first of " + ", ".join(g.PREFERRED_METRICS) + ", else the task's "
         "first metric; filter 'none', else 'strict-match', else the first. For lower-is-better "
@@ -87,6 +87,13 @@ class GateInputError(click.ClickException):
     help="With --confidence: make LEVEL hold for all gated tasks together (Bonferroni), e.g. with --subtasks.",
 )
 @click.option(
+    "--min-reduction",
+    type=float,
+    default=None,
+    metavar="FRACTION",
+    help="Also fail unless the compressed run cut at least this fraction of the parameters (e.g. 0.05), so that a change that leaves the model dense cannot pass.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON verdict on stdout; the table then goes to stderr."
 )
 def gate(
@@ -100,6 +107,7 @@ def gate(
     confidence: float | None,
     unsure: str,
     family_wise: bool,
+    min_reduction: float | None,
     as_json: bool,
 ) -> None:
     """Compare RESULTS (compressed run) against --baseline (dense run).
@@ -124,6 +132,7 @@ def gate(
             confidence=confidence,
             unsure_passes=unsure == "pass",
             family_wise=family_wise,
+            min_reduction=min_reduction,
         )
     except g.GateError as exc:
         raise GateInputError(str(exc)) from None
