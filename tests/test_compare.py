@@ -123,3 +123,35 @@ def test_compare_drop_follows_the_metric_direction_and_bad_levels_are_usage_erro
     assert rows["drop, 95% interval"] == ["-", "+5.0000"]  # higher perplexity is worse; no stderr, no interval
     bad = CliRunner().invoke(cli, ["compare", str(dense), str(comp), "--confidence", "1.5"])
     assert bad.exit_code == 2 and bad.output.strip() == "Error: Invalid value for '--confidence': 1.5 is not a level in (0, 1), e.g. 0.95"
+
+
+def test_compare_gives_the_mean_drop_of_the_top_level_accuracies(tmp_path):
+    """Two accuracies and a perplexity, plus a group with its subtasks: the mean is over the top-level accuracies
+    only (the group counts once, its subtasks are in it; a perplexity is not an accuracy), with their errors added
+    in quadrature."""
+
+    def run(name: str, arc: float, boolq: float, mmlu: tuple[float, float], ppl: float):
+        results = {
+            "arc": {"alias": "arc", "acc,none": arc, "acc_stderr,none": 0.03},
+            "boolq": {"alias": "boolq", "acc,none": boolq, "acc_stderr,none": 0.04},
+            "mmlu": {"alias": "mmlu", "acc,none": sum(mmlu) / 2, "acc_stderr,none": 0.02},
+            "mmlu_a": {"alias": "a", "acc,none": mmlu[0], "acc_stderr,none": 0.05},
+            "mmlu_b": {"alias": "b", "acc,none": mmlu[1], "acc_stderr,none": 0.05},
+            "wiki": {"alias": "wiki", "word_perplexity,none": ppl, "word_perplexity_stderr,none": "N/A"},
+        }
+        hib = {"arc": {"acc": True}, "boolq": {"acc": True}, "mmlu": {"acc": True}, "wiki": {"word_perplexity": False}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"results": results, "group_subtasks": {"mmlu": ["mmlu_a", "mmlu_b"]}, "higher_is_better": hib, "config": {}}))
+        return str(path)
+
+    dense, comp = run("d", 0.60, 0.70, (0.40, 0.50), 20.0), run("c", 0.50, 0.66, (0.30, 0.40), 30.0)
+    r = CliRunner().invoke(cli, ["compare", dense, comp])
+    assert r.exit_code == 0, r.output
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in r.output.splitlines()[2:]}
+    mean = (0.10 + 0.04 + 0.10) / 3
+    se = math.sqrt(2 * 0.03**2 + 2 * 0.04**2 + 2 * 0.02**2) / 3
+    z = 1.959964
+    assert rows["mean drop of the accuracies, 95% interval"] == ["-", f"{mean:+.4f} [{mean - z * se:+.4f}, {mean + z * se:+.4f}] (3 tasks, unpaired)"]
+    # a single run: no drops, no mean
+    alone = CliRunner().invoke(cli, ["compare", dense])
+    assert "mean drop" not in alone.output

@@ -9,12 +9,13 @@ Pure Python: no torch import.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .gate import ResultsFile, choose_metric, drop_noise, is_higher_better, load_results, metric_drop, metric_number
+from .gate import DropNoise, ResultsFile, choose_metric, drop_noise, is_higher_better, load_results, metric_drop, metric_number
 
 
 def _lowrank(res: Any) -> dict[str, Any]:
@@ -70,18 +71,44 @@ def _value_cell(run: ResultsFile, task: str, metric: str) -> str:
     return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
-def _drop_cell(reference: ResultsFile, run: ResultsFile, task: str, metric: str, z: float) -> str:
-    """The drop from the reference (positive: worse, whichever way the metric points) and its two-sided interval:
+def _task_drop(reference: ResultsFile, run: ResultsFile, task: str, metric: str) -> tuple[float, DropNoise | None, bool] | None:
+    """(drop, its standard error or None, whether the metric is an accuracy: higher is better, in 0..1), or None
+    without both values. The drop is positive when the run is worse, whichever way the metric points; its error is
     paired over documents when both runs logged their samples, else from lm-eval's two standard errors."""
     base, comp = metric_number((reference.entry(task) or {}).get(metric)), metric_number((run.entry(task) or {}).get(metric))
     if base is None or comp is None:
-        return "n/a"
-    drop = metric_drop(base, comp, is_higher_better(task, metric.split(",")[0], (reference, run)), relative=False)
+        return None
+    higher = is_higher_better(task, metric.split(",")[0], (reference, run))
     noise, _ = drop_noise(task, metric, reference, run, base, comp)
-    if noise is None:
+    return metric_drop(base, comp, higher, relative=False), noise, higher and 0.0 <= min(base, comp) <= max(base, comp) <= 1.0
+
+
+def _interval_cell(drop: float, stderr: float | None, z: float, source: str) -> str:
+    if stderr is None:
         return f"{drop:+.4f}"
-    paired = f"paired, {noise.documents} docs" if noise.kind == "paired" else "unpaired"
-    return f"{drop:+.4f} [{drop - z * noise.stderr:+.4f}, {drop + z * noise.stderr:+.4f}] ({paired})"
+    return f"{drop:+.4f} [{drop - z * stderr:+.4f}, {drop + z * stderr:+.4f}] ({source})"
+
+
+def _drop_cell(reference: ResultsFile, run: ResultsFile, task: str, metric: str, z: float) -> str:
+    got = _task_drop(reference, run, task, metric)
+    if got is None:
+        return "n/a"
+    drop, noise, _ = got
+    source = "" if noise is None else f"paired, {noise.documents} docs" if noise.kind == "paired" else "unpaired"
+    return _interval_cell(drop, None if noise is None else noise.stderr, z, source)
+
+
+def _mean_drop_cell(drops: list[tuple[float, DropNoise | None, bool]], z: float) -> str:
+    """The mean of the accuracy-like tasks' drops; its error adds theirs in quadrature (the tasks' documents differ)."""
+    acc = [(d, n) for d, n, accuracy in drops if accuracy]
+    if len(acc) < 2:
+        return "n/a"
+    mean = sum(d for d, _ in acc) / len(acc)
+    if any(n is None for _, n in acc):
+        return f"{mean:+.4f}"
+    stderr = math.sqrt(sum(n.stderr**2 for _, n in acc if n is not None)) / len(acc)
+    kinds = {n.kind for _, n in acc if n is not None}
+    return _interval_cell(mean, stderr, z, f"{len(acc)} tasks, {'/'.join(sorted(kinds))}")
 
 
 def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None, confidence: float = 0.95) -> tuple[list[str], list[list[str]]]:
@@ -95,6 +122,8 @@ def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = N
     header = ["", *[_label(r) for r in runs]]
     names = list(tasks) if tasks else [t for t in runs[0].data.get("results", {})]
     rows: list[list[str]] = []
+    subtasks = {child for children in runs[0].group_subtasks.values() for child in children}
+    top_drops: list[list[tuple[float, DropNoise | None, bool]]] = [[] for _ in runs[1:]]  # per later run
     for task in names:
         entry = runs[0].entry(task)
         metric = choose_metric(entry) if entry else None
@@ -103,6 +132,13 @@ def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = N
         rows.append([f"{task} {metric.split(',')[0]}", *[_value_cell(r, task, metric) for r in runs]])
         if len(runs) > 1:
             rows.append([f"  drop, {confidence:.0%} interval", "-", *[_drop_cell(runs[0], r, task, metric, z) for r in runs[1:]]])
+            if task not in subtasks:  # a group's subtasks are in its own score already
+                for acc, r in zip(top_drops, runs[1:]):
+                    got = _task_drop(runs[0], r, task, metric)
+                    if got is not None:
+                        acc.append(got)
+    if len(runs) > 1 and any(sum(a for _, _, a in d) >= 2 for d in top_drops):
+        rows.append([f"mean drop of the accuracies, {confidence:.0%} interval", "-", *[_mean_drop_cell(d, z) for d in top_drops]])
     lows = [_lowrank(r) for r in runs]
 
     def add(name: str, fn) -> None:
