@@ -3,8 +3,9 @@
 Thin wrapper over :mod:`lm_eval_lowrank.gate`; no torch import.
 
 Exit codes: 0 every gated task within tolerance; 1 a task dropped too far or is
-missing from either file, or the compressed run cut less than --min-reduction; 2 usage or input error (missing/unreadable file, bad JSON,
-not an lm-eval results file, bad option).
+missing from either file, or the compressed run cut less than --min-reduction;
+2 usage or input error (missing/unreadable file, bad JSON, not an lm-eval results
+file, bad option).
 """
 
 from __future__ import annotations
