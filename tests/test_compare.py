@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from click.testing import CliRunner
 
@@ -155,3 +156,64 @@ def test_compare_gives_the_mean_drop_of_the_top_level_accuracies(tmp_path):
     # a single run: no drops, no mean
     alone = CliRunner().invoke(cli, ["compare", dense])
     assert "mean drop" not in alone.output
+
+
+def _ar1_run(rng, base, ratio, phi, sd):
+    """Per-call times: the batch's own cost, times the run's ratio, times slow stretches (AR(1) in log time)."""
+    e, out = 0.0, []
+    for b in base:
+        e = phi * e + math.sqrt(1 - phi * phi) * rng.gauss(0, sd)
+        out.append(b * ratio * math.exp(e))
+    return out
+
+
+def test_latency_ratio_interval_covers_the_true_ratio_under_slow_stretches():
+    """400 batches whose noise is correlated over ~9 calls (lag-1 correlation 0.8), as on a shared machine.
+    Taking the calls as independent, the 95 % interval covers the true 0.9 in under half of the runs."""
+    import random
+
+    from lm_eval_lowrank.compare import latency_ratio
+
+    rng = random.Random(1)
+    hits, widths = 0, []
+    for _ in range(200):
+        base = sorted((rng.uniform(0.05, 0.5) for _ in range(400)), reverse=True)  # lm-eval runs the longest first
+        tokens = list(range(400))
+        ref = {"per_call_seconds": _ar1_run(rng, base, 1.0, 0.8, 0.15), "per_call_tokens": tokens}
+        run = {"per_call_seconds": _ar1_run(rng, base, 0.9, 0.8, 0.15), "per_call_tokens": tokens}
+        got = latency_ratio(ref, run, 0.95)
+        assert got.calls == 400 and got.blocks == 7 and got.lower < got.ratio < got.upper
+        hits += got.lower <= 0.9 <= got.upper
+        widths.append(got.upper - got.lower)
+    assert hits / 200 >= 0.88
+    assert statistics.median(widths) < 0.2  # and still says something: 0.9 is told apart from 1
+
+
+def test_latency_ratio_needs_the_same_batches_and_enough_of_them():
+    from lm_eval_lowrank.compare import latency_ratio, t_quantile
+
+    same = {"per_call_seconds": [1.0] * 9, "per_call_tokens": [5] * 9}
+    assert "different batches (9 and 9 calls)" in latency_ratio(same, {**same, "per_call_tokens": [5] * 8 + [6]})
+    assert "too few" in latency_ratio({"per_call_seconds": [1.0] * 8, "per_call_tokens": [5] * 8}, {"per_call_seconds": [1.0] * 8, "per_call_tokens": [5] * 8})
+    assert "no per-call timings" in latency_ratio({"total_seconds": 2.0}, same)
+    exact = latency_ratio(same, {**same, "per_call_seconds": [0.5] * 9})
+    assert (exact.ratio, exact.lower, exact.upper, exact.blocks) == (0.5, 0.5, 0.5, 3)
+    # Student's t, exactly: the tabulated 97.5 % points for 1, 2 and 10 degrees of freedom.
+    assert [round(t_quantile(0.95, df), 3) for df in (1, 2, 10)] == [12.706, 4.303, 2.228]
+
+
+def test_compare_shows_percentiles_and_the_paired_latency_ratio(tmp_path):
+    dense_low = _low([], 0.0, 2.0, {"available": False, "reason": "no CUDA GPU visible"})
+    comp_low = _low(["m"], 0.0787, 1.8, {"available": False, "reason": "no CUDA GPU visible"})
+    dense_low["latency"].update(per_call_seconds=[0.1 + 0.01 * (i % 3) for i in range(27)], per_call_tokens=list(range(27)), seconds_per_batch_percentiles={"p50": 0.11, "p90": 0.12, "p99": 0.12, "max": 0.12})
+    comp_low["latency"].update(per_call_seconds=[0.9 * t * (1 + 0.02 * ((7 * i) % 5 - 2)) for i, t in enumerate(dense_low["latency"]["per_call_seconds"])], per_call_tokens=list(range(27)))
+    ratio = sum(comp_low["latency"]["per_call_seconds"]) / sum(dense_low["latency"]["per_call_seconds"])
+    dense, comp = _write(tmp_path / "d.json", 0.5, dense_low), _write(tmp_path / "c.json", 0.4, comp_low)
+    r = CliRunner().invoke(cli, ["compare", str(dense), str(comp)])
+    assert r.exit_code == 0, r.output
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in r.output.splitlines()[2:]}
+    assert row["latency p50 / p90 per batch"] == ["110.0 / 120.0 ms", "n/a"]
+    cell = row["latency ratio, 95% interval"][1]
+    assert cell.startswith(f"{ratio:.3f} [") and cell.endswith("(paired, 27 batches)")
+    lower, upper = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
+    assert 0.8 < lower < ratio < upper < 1.0

@@ -348,3 +348,26 @@ def test_a_cpu_run_reports_rapl_energy_in_the_results(tiny_model_dir, tmp_path, 
     assert list(e["per_rapl_zone"].values())[0]["name"] == "package-0"
     assert e["total_joules"] >= 5.0  # >= 0.15 s at 100 W, less the writer's oversleeping
     assert e["joules_per_token"] == e["total_joules"] / low["latency"]["tokens"] and low["latency"]["tokens"] == 96
+
+
+def test_two_runs_time_the_same_batches_so_compare_pairs_them(tiny_model_dir, arc_task_dir):
+    """lm-eval orders its requests the same way each run: a dense and a decomposed run time the same batches,
+    call by call, which is what the paired latency ratio in ``compare`` needs."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_lowrank.compare import LatencyRatio, latency_ratio
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    tm = TaskManager(include_path=str(arc_task_dir))
+    blocks = []
+    for extra in ({}, {"rank": 2, "layers": "2|5"}):
+        lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=2, **extra)
+        simple_evaluate(model=lm, tasks=["arc_tiny"], task_manager=tm, limit=6, bootstrap_iters=0)
+        blocks.append(lm.get_model_info()["lowrank"]["latency"])
+    dense, low = blocks
+    assert dense["calls"] == low["calls"] >= 9  # 24 requests (6 documents x 4 choices), up to 2 per batch
+    assert dense["per_call_tokens"] == low["per_call_tokens"] and sum(low["per_call_tokens"]) == low["tokens"]
+    got = latency_ratio(dense, low)
+    assert isinstance(got, LatencyRatio) and got.calls == low["calls"] and got.lower <= got.ratio <= got.upper
+    assert abs(got.ratio - low["total_seconds"] / dense["total_seconds"]) < 1e-5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 
 from lm_eval_lowrank.measure import Meter, aggregate
@@ -373,3 +374,23 @@ def test_env_says_what_a_run_here_will_measure(tmp_path, monkeypatch):
     cpu = info["cpu"]["energy"]
     assert cpu["available"] and cpu["method"] == "rapl_energy_counter"
     assert sorted(c["name"] for c in cpu["counters"].values()) == ["dram", "package-0"]
+
+
+def test_every_call_is_kept_in_order_with_percentiles_and_processes_concatenate():
+    from lm_eval_lowrank.measure import Meter, aggregate, percentiles
+
+    m = Meter.create("cpu", measure_energy=False)
+    for tokens, pause in ((30, 0.002), (10, 0.02), (20, 0.0)):
+        with m.measure("model_call", tokens):
+            time.sleep(pause)
+    lat = m.summary()["latency"]
+    assert lat["per_call_tokens"] == [30, 10, 20]
+    assert len(lat["per_call_seconds"]) == 3 and lat["per_call_seconds"][1] >= 0.02 > lat["per_call_seconds"][0]
+    assert abs(sum(lat["per_call_seconds"]) - lat["total_seconds"]) < 1e-6
+    p = lat["seconds_per_batch_percentiles"]
+    assert p["max"] == max(lat["per_call_seconds"]) and p["p50"] == sorted(lat["per_call_seconds"])[1]
+    # Linear interpolation between order statistics, as numpy's default.
+    assert percentiles([5.0, 1.0, 4.0, 2.0, 3.0]) == pytest.approx({"p50": 3.0, "p90": 4.6, "p99": 4.96, "max": 5.0})
+    assert percentiles([]) is None
+    two = aggregate([m.summary(), m.summary()])["latency"]
+    assert two["per_call_tokens"] == [30, 10, 20, 30, 10, 20] and two["seconds_per_batch_percentiles"]["max"] == p["max"]
