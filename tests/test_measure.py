@@ -374,6 +374,14 @@ def test_env_says_what_a_run_here_will_measure(tmp_path, monkeypatch):
     cpu = info["cpu"]["energy"]
     assert cpu["available"] and cpu["method"] == "rapl_energy_counter"
     assert sorted(c["name"] for c in cpu["counters"].values()) == ["dram", "package-0"]
+    # The methods with their own options, which read calibration data, and the architectures with an adapter.
+    from lm_eval_lowrank.methods import get_method, needs_calibration
+
+    assert info["methods"]["asvd"] == {"calibrated": True, "options": ["asvd_alpha", "asvd_stat"]}
+    for name, m in info["methods"].items():
+        assert get_method(name) and m["calibrated"] == needs_calibration(name)
+    assert {"llama", "qwen2", "gpt2"} <= set(info["architectures"])
+    assert "methods               data-free: tucker; calibrated (calib=): " in r.output
 
 
 def test_every_call_is_kept_in_order_with_percentiles_and_processes_concatenate():

@@ -2,7 +2,7 @@
 
 Versions, whether lm-eval resolves both ``hf`` and ``hf-tucker``, the timer, the energy counters
 (NVML for a model on a GPU, RAPL for one on the CPU) and the reason where there are none, the
-solvers ``auto`` takes, and where the data and caches are.
+solvers ``auto`` takes, the methods and architectures, and where the data and caches are.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def environment() -> dict[str, Any]:
     import torch
 
     from ..api import versions
+    from ..architectures import known_architectures
     from ..assets import cache_root
     from ..measure import energy_readiness
+    from ..spec import CALIBRATED_METHODS, METHOD_OPTIONS, METHODS
     from ..methods.tucker import _scipy_linalg
     from ..tasks import DataDirError, data_dir
 
@@ -50,6 +52,8 @@ def environment() -> dict[str, Any]:
             "cpu": "krylov / gram (scipy syrk + syevr)" if _scipy_linalg() is not None else "krylov / gram (torch eigh: scipy missing)",
             "cuda": "randomized / exact",
         },
+        "methods": {m: {"calibrated": m in CALIBRATED_METHODS, "options": sorted(o for o, owner in METHOD_OPTIONS.items() if owner == m)} for m in METHODS},
+        "architectures": known_architectures(),
         "data": data,
         "cache": str(cache_root()),
     }
@@ -60,6 +64,15 @@ def _energy_line(e: dict[str, Any]) -> str:
         return f"n/a: {e.get('reason')}"
     names = ", ".join(str(c.get("name")) for c in e["counters"].values())
     return f"{e['method']} ({names})"
+
+
+def _methods_line(methods: dict[str, Any]) -> str:
+    def one(name: str, m: dict[str, Any]) -> str:
+        return name + (f" ({', '.join(m['options'])})" if m["options"] else "")
+
+    free = [one(n, m) for n, m in methods.items() if not m["calibrated"]]
+    calibrated = [one(n, m) for n, m in methods.items() if m["calibrated"]]
+    return f"data-free: {', '.join(free)}; calibrated (calib=): {', '.join(calibrated)}"
 
 
 @click.command("env")
@@ -80,6 +93,8 @@ def env(as_json: bool) -> None:
         ("energy, model on CPU", _energy_line(info["cpu"]["energy"])),
         ("energy, model on GPU", _energy_line(info["cuda"]["energy"])),
         ("solvers (auto)", f"CPU: {info['solvers']['cpu']}; GPU: {info['solvers']['cuda']}"),
+        ("methods", _methods_line(info["methods"])),
+        ("architectures", ", ".join(info["architectures"]) + "; others read off the model: nn.Linear projections by leaf name, stacked experts as <module>.<parameter>"),
         ("benchmark data", info["data"]["dir"] or f"not found: {info['data']['error']}"),
         ("cache", info["cache"]),
     ]
