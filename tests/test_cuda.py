@@ -142,7 +142,7 @@ def test_decompose_cli_with_two_processes_on_the_gpu_writes_one_process_factors(
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("method", ["asvd", "whiten", "rom"])
+@pytest.mark.parametrize("method", ["asvd", "whiten", "rom", "fwsvd"])
 def test_calibrated_methods_on_a_gpu_weight_give_the_cpus_factors(method):
     """A weight on the GPU with its statistics on the CPU (as decompose-on-load holds them): the same product as the
     CPU's, and the factors stay on the weight's device."""
@@ -151,7 +151,7 @@ def test_calibrated_methods_on_a_gpu_weight_give_the_cpus_factors(method):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(96, 64, generator=g)
     X = torch.randn(500, 64, generator=g) * torch.logspace(1, -1, 64)
-    stats = LayerStats((X.mT @ X / 500).double(), 500, None, X.abs().mean(0).double())
+    stats = LayerStats((X.mT @ X / 500).double(), 500, None, X.abs().mean(0).double(), output_fisher=torch.logspace(1, -2, 96).double())
     cpu = get_method(method)(W, 8, stats, solver="exact")
     gpu = get_method(method)(W.to("cuda"), 8, stats, solver="exact")
     assert gpu.left.device.type == gpu.right.device.type == "cuda"

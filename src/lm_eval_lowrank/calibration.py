@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .methods import LayerStats
 from .modules import expert_projection, expert_projection_names, routed_pairs
-from .spec import FACTOR_FIELDS, DecompositionSpec, SpecError, parse_calib_target
+from .spec import FACTOR_FIELDS, GRADIENT_METHODS, DecompositionSpec, SpecError, parse_calib_target
 
 STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
 _CALIB_DATA_FIELDS = ("calib", "calib_n", "calib_len", "calib_batch")  # keyed by the data itself (record, batch)
@@ -1010,6 +1010,109 @@ class SequentialStatsProvider:
         self._last = -1
 
 
+def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """({path: f}, tokens): f_i = sum over the sequences of sum_j (dL/dW_ij)^2, W the (out x in) weight of the
+    linear at path and L the sequence's language-model loss (mean next-token cross-entropy), one forward and
+    backward per sequence so that each squared gradient is one sample's (the empirical Fisher). Only the
+    weights at ``paths`` take gradients, each reduced to its row sums as soon as it is complete: the memory beyond
+    inference is one sequence's activations and their backward, and one weight's gradient."""
+    from .modules import dense_weight_of
+
+    if not paths:
+        return {}, 0
+    modules = {p: _lookup(model, p) for p in paths}
+    for p, m in modules.items():
+        if not isinstance(m, nn.Module):
+            raise SpecError(f"method='fwsvd': {p} is not a linear module (stacked expert projections are not supported yet)")
+    weights = {p: (m.weight, dense_weight_of(m)[0] is not m.weight) for p, m in modules.items()}  # (param, stored in x out)
+    saved = [(q, q.requires_grad, q.grad) for q in model.parameters()]  # put back as they were, grads included
+    was_training = model.training
+    device = next(model.parameters()).device
+    sums = {p: torch.zeros(w.shape[1] if transposed else w.shape[0], dtype=torch.float64, device=w.device) for p, (w, transposed) in weights.items()}
+
+    def take(path: str, transposed: bool):
+        def hook(w: torch.Tensor) -> None:
+            # Squared and summed as soon as each weight's gradient is complete, then dropped: the backward holds
+            # one weight's gradient at a time, not all of them (at 7B with every layer targeted, 13 GB in bf16).
+            g = w.grad.float().square()
+            sums[path] += g.sum(dim=0, dtype=torch.float64) if transposed else g.sum(dim=1, dtype=torch.float64)
+            w.grad = None
+
+        return hook
+
+    handles = []
+    try:
+        for q, _, _ in saved:
+            q.requires_grad_(False)
+            q.grad = None
+        for p, (w, transposed) in weights.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(take(p, transposed)))
+        model.eval()  # no dropout: the Fisher of the model as it is evaluated
+        with torch.enable_grad():
+            for i in range(input_ids.shape[0]):
+                ids = input_ids[i : i + 1].to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # a weight the loss does not reach keeps 0
+    finally:
+        for h in handles:
+            h.remove()
+        for q, flag, grad in saved:
+            q.requires_grad_(flag)
+            q.grad = grad
+        model.train(was_training)
+    return {p: f.cpu() for p, f in sums.items()}, int(input_ids.numel())
+
+
+class FisherStatsProvider:
+    """fwsvd's statistics: each target's Fisher row sums, from one gradient pass over the dense model.
+
+    The pass runs at the first request, before any module is replaced, for every target of the plan at once
+    (a pass per layer would cost a forward and backward of the whole model each). Data-parallel processes each
+    run the whole pass and get the same sums; it is not cached.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor, spec: DecompositionSpec, record: dict[str, Any] | None = None, model_key: str | None = None) -> None:
+        self.adapter = adapter
+        self.input_ids = input_ids
+        self.spec = spec
+        self.record = dict(record or {})
+        self.model_key = model_key
+        self.allocation: dict[str, Any] | None = None
+        self.seconds = 0.0
+        self._fisher: dict[str, torch.Tensor] | None = None
+        self._tokens = 0
+
+    def _compute(self, model: nn.Module) -> None:
+        from .plan import candidate_paths
+
+        paths = candidate_paths(self.spec, model.config, adapter=self.adapter)  # a budget's too, before its ranks
+        experts = [p for p, e in paths if e]
+        if experts:
+            raise SpecError(f"method='fwsvd' does not decompose stacked expert projections yet ({experts[0]}); choose tensors without them, or another method")
+        start = time.perf_counter()
+        self._fisher, self._tokens = fisher_row_sums(model, [p for p, _ in paths], self.input_ids)
+        self.seconds = time.perf_counter() - start
+
+    def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
+        if self._fisher is None:
+            self._compute(model)
+        assert self._fisher is not None
+        return {t.path: LayerStats(None, self._tokens, output_fisher=self._fisher[t.path]) for t in targets if t.path in self._fisher}
+
+    def unshare(self) -> None:  # every process computes the whole pass: nothing is split
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        out = dict(self.record)
+        out.update(statistics="Fisher row sums: squared gradients of the LM loss per sequence, dense model", batch=1, sequential=False, seconds=round(self.seconds, 3))
+        if self.allocation is not None:
+            out["allocation"] = self.allocation
+        return out
+
+    def release(self) -> None:
+        self._fisher = None
+
+
 def build_stats_provider(
     spec: DecompositionSpec,
     model: nn.Module,
@@ -1018,7 +1121,7 @@ def build_stats_provider(
     model_id: str | None = None,
     eval_tasks: Iterable[str] | None = None,
     shard: Any = None,
-) -> SequentialStatsProvider:
+) -> SequentialStatsProvider | FisherStatsProvider:
     """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them. With ``shard``
     (data-parallel processes holding the same model) each process runs its share of the batches."""
     from .architectures import adapter_for_model
@@ -1035,6 +1138,8 @@ def build_stats_provider(
     ids, record = calibration_tokens(spec, tokenizer, root)
     record["leak_check"] = leak
     record["data_dir"] = str(root)
+    if spec.method in GRADIENT_METHODS:
+        return FisherStatsProvider(model, adapter, ids, spec, record=record)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs

@@ -115,26 +115,22 @@ def make_plan(
                     f"rank={r} is invalid for tensor {t!r} ({out_f}x{in_f}): valid 1..{min(out_f, in_f)}, "
                     f"and only ranks below {breakeven_rank(out_f, in_f, layout)} save parameters"
                 )
-    for layer in layers:
-        for t in tensors:
-            if layer not in held[t]:
-                continue  # e.g. the experts of a layer that is dense (DeepSeek's first layers)
-            out_f, in_f = shapes[t]
-            path = adapter.module_path(layer - 1, t)
-            if ranks is not None:
-                if path not in ranks:
-                    continue
-                r = ranks[path]
-            elif spec.budget is not None:
-                continue  # the allocator fills ranks
-            else:
-                r = spec.rank_for(t)
-            if r >= breakeven_rank(out_f, in_f, layout):
-                plan.skipped.append(
-                    {"path": path, "rank": r, "reason": f"rank {r} saves no parameters for {out_f}x{in_f} (break-even {breakeven_rank(out_f, in_f, layout)})"}
-                )
+    for layer, t, path in _candidates(adapter, layers, tensors, held):
+        out_f, in_f = shapes[t]
+        if ranks is not None:
+            if path not in ranks:
                 continue
-            plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False)), adapter.experts_of(t)))
+            r = ranks[path]
+        elif spec.budget is not None:
+            continue  # the allocator fills ranks
+        else:
+            r = spec.rank_for(t)
+        if r >= breakeven_rank(out_f, in_f, layout):
+            plan.skipped.append(
+                {"path": path, "rank": r, "reason": f"rank {r} saves no parameters for {out_f}x{in_f} (break-even {breakeven_rank(out_f, in_f, layout)})"}
+            )
+            continue
+        plan.targets.append(Target(layer, t, path, out_f, in_f, r, bool(bias.get(t, False)), adapter.experts_of(t)))
     if plan.skipped:
         warnings.warn(
             f"{len(plan.skipped)} module(s) kept dense: their rank saves no parameters "
@@ -142,6 +138,26 @@ def make_plan(
             stacklevel=2,
         )
     return plan
+
+
+def _candidates(adapter: ArchitectureAdapter, layers: list[int], tensors: tuple[str, ...], held: dict[str, set[int]]) -> list[tuple[int, str, str]]:
+    """(layer, tensor, module path) of every selected tensor in every selected layer that holds it."""
+    # A layer may not hold a tensor: e.g. the experts of a layer that is dense (DeepSeek's first layers).
+    return [(layer, t, adapter.module_path(layer - 1, t)) for layer in layers for t in tensors if layer in held[t]]
+
+
+def candidate_paths(spec: DecompositionSpec, config: Any, adapter: ArchitectureAdapter | None = None) -> list[tuple[str, int]]:
+    """(module path, experts) of every module that ``spec``'s layers and tensors select, whatever its rank will be
+    (a budget's allocator has not chosen them yet; a rank that saves nothing is still listed)."""
+    adapter = adapter or adapter_for_config(config)
+    if adapter is None:
+        raise SpecError(f"architecture {getattr(config, 'model_type', '?')!r} has no config-level adapter")
+    if spec.is_noop:
+        return []
+    n_layers = adapter.num_layers(config)
+    tensors = spec.selected_tensors(adapter.tensor_names())
+    held = {t: set(adapter.layers_of(t, n_layers)) for t in tensors}
+    return [(path, adapter.experts_of(t)) for _, t, path in _candidates(adapter, spec.selected_layers(n_layers), tensors, held)]
 
 
 def _span(layers: list[int]) -> str:

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-METHODS = ("tucker", "rom", "whiten", "asvd")
-CALIBRATED_METHODS = ("rom", "whiten", "asvd")  # they read calibration activations (calib= defaults to wikitext_local)
+METHODS = ("tucker", "rom", "whiten", "asvd", "fwsvd")
+CALIBRATED_METHODS = ("rom", "whiten", "asvd", "fwsvd")  # they read calibration data (calib= defaults to wikitext_local)
+GRADIENT_METHODS = ("fwsvd",)  # their statistics are gradients of the LM loss, not a layer's activations
 METHOD_OPTIONS = {"asvd_alpha": "asvd", "asvd_stat": "asvd"}  # an option of one method -> that method (refused with any other)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
@@ -366,6 +367,8 @@ class DecompositionSpec:
             raise SpecError(f"rank={format_rank(self.rank, self.rank_overrides)!r} and budget={self.budget} exclude each other; give one")
         if self.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", "wikitext_local")
+        if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator in ("sensitivity", "output_error"):
+            raise SpecError(f"allocator={self.allocator!r} is invalid with method={self.method!r}: its statistics are gradients, not the activations these allocators measure; valid: uniform, tail")
 
     @property
     def is_noop(self) -> bool:

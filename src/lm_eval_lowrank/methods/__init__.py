@@ -46,12 +46,16 @@ class LayerStats:
     X_ref W^T instead of X W^T. None means X_ref = X.
 
     ``input_abs_mean`` (optional) is the mean |x_j| of each input channel over the N tokens (asvd's scale).
+
+    ``output_fisher`` (optional; fwsvd's) is the Fisher information of each output row, sum_j E[(dL/dW_ij)^2]
+    over the calibration sequences. Statistics from gradients alone hold no ``input_cov`` (None).
     """
 
-    input_cov: torch.Tensor
+    input_cov: torch.Tensor | None
     tokens: int
     cross_cov: torch.Tensor | None = None
     input_abs_mean: torch.Tensor | None = None
+    output_fisher: torch.Tensor | None = None
     # Factorisations of input_cov, kept with the statistics: q, k and v (gate and up) share one
     # LayerStats, so its Cholesky is computed once for them (see methods.covariance.factor_of).
     derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -94,7 +98,7 @@ def uses_reference(name: str) -> bool:
     return name in USES_REFERENCE
 
 
-BUILTIN_MODULES = ("tucker", "rom", "whiten", "asvd")
+BUILTIN_MODULES = ("tucker", "rom", "whiten", "asvd", "fwsvd")
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,184 @@
+"""Fisher-weighted SVD: the method as a tensor function, the gradient statistics, and the whole path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lm_eval_lowrank.methods import LayerStats, get_method
+from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+
+def _fisher(f: torch.Tensor) -> LayerStats:
+    return LayerStats(None, 100, output_fisher=f.double())
+
+
+def _weighted_err(W: torch.Tensor, W_hat: torch.Tensor, f: torch.Tensor) -> float:
+    return float((f.double().sqrt()[:, None] * (W.double() - W_hat.double())).square().sum())
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_fwsvd_with_equal_row_weights_is_plain_svd(weight):
+    fw, tucker = get_method("fwsvd"), get_method("tucker")
+    for r in (1, 5, 16):
+        assert torch.allclose(fw(weight, r, _fisher(torch.full((48,), 3.0)), solver="exact").dense(), tucker(weight, r, solver="exact").dense(), atol=1e-4)
+
+
+def test_fwsvd_is_the_best_rank_r_fit_in_the_fisher_norm(weight):
+    """||diag(sqrt f) (W - W_hat)||_F^2 is the tail of the weighted weight's spectrum (Eckart-Young), below plain
+    SVD's; rows the loss ignores (f = 0) need no special case."""
+    fw, tucker = get_method("fwsvd"), get_method("tucker")
+    f = torch.logspace(2, -2, 48)
+    f[40:] = 0.0  # dead outputs
+    for r in (2, 8):
+        got = fw(weight, r, _fisher(f), solver="exact")
+        assert all(bool(torch.isfinite(t).all()) for t in (got.left, got.core, got.right))
+        optimum = float(torch.linalg.svdvals(f.double().sqrt()[:, None] * weight.double())[r:].square().sum())
+        assert _weighted_err(weight, got.dense(), f) == pytest.approx(optimum, rel=1e-4)
+        assert _weighted_err(weight, got.dense(), f) < 0.8 * _weighted_err(weight, tucker(weight, r, solver="exact").dense(), f)
+        V = got.right.double()
+        assert torch.allclose(got.dense().double(), weight.double() @ V @ V.mT, atol=1e-4)  # W V_r V_r^T, dead rows too
+    # The default (truncated) solver finds the same subspace.
+    assert torch.allclose(fw(weight, 4, _fisher(f)).dense(), fw(weight, 4, _fisher(f), solver="exact").dense(), atol=1e-3)
+
+
+def test_fwsvd_refuses_statistics_without_a_gradient(weight):
+    fw = get_method("fwsvd")
+    with pytest.raises(SpecError, match="needs the Fisher information of each output row"):
+        fw(weight, 2, None)
+    with pytest.raises(SpecError, match="needs the Fisher information"):
+        fw(weight, 2, LayerStats(torch.eye(32, dtype=torch.float64), 10))  # activations only
+    with pytest.raises(SpecError, match="zero, negative or non-finite"):
+        fw(weight, 2, _fisher(torch.zeros(48)))
+    with pytest.raises(SpecError, match=r"shape \(32,\), expected \(48,\)"):
+        fw(weight, 2, _fisher(torch.ones(32)))
+
+
+def test_fwsvd_spec(tmp_path):
+    spec = DecompositionSpec.from_args({"method": "fwsvd", "rank": 4})
+    assert spec.calib == "wikitext_local" and spec.method_options() == {}
+    assert DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "tail"}).allocator == "tail"
+    with pytest.raises(SpecError, match="allocator='output_error' is invalid with method='fwsvd'.*valid: uniform, tail"):
+        DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "output_error"})
+
+
+def _reference_fisher(model, path: str, ids: torch.Tensor) -> torch.Tensor:
+    """From the layer's own input X and output gradient G of each sequence: dL/dW = G^T X."""
+    linear = model.get_submodule(path)
+    seen = {}
+
+    def grab(_m, args, out):
+        seen["x"] = args[0].detach()
+        out.register_hook(lambda g: seen.__setitem__("g", g.detach()))
+
+    handle = linear.register_forward_hook(grab)
+    linear.weight.requires_grad_(True)
+    total = torch.zeros(linear.out_features, dtype=torch.float64)
+    try:
+        for i in range(ids.shape[0]):
+            model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss.backward()
+            grad = seen["g"][0].double().mT @ seen["x"][0].double()  # out x in
+            total += grad.square().sum(dim=1)
+            model.zero_grad(set_to_none=True)
+    finally:
+        handle.remove()
+    return total
+
+
+def test_fisher_row_sums_are_each_sequences_squared_gradient(tiny_llama):
+    from lm_eval_lowrank.calibration import fisher_row_sums
+
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
+    paths = ["model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"]
+    # What the caller had is put back: a gradient in progress, a frozen weight, training mode.
+    mine = torch.full_like(tiny_llama.model.layers[3].mlp.down_proj.weight, 0.5)
+    tiny_llama.model.layers[3].mlp.down_proj.weight.grad = mine
+    tiny_llama.model.norm.weight.requires_grad_(False)
+    tiny_llama.train()
+    got, tokens = fisher_row_sums(tiny_llama, paths, ids)
+    assert tokens == 36 and got["model.layers.0.self_attn.k_proj"].shape == (32,)  # k: 2 heads of 16
+    assert tiny_llama.model.layers[3].mlp.down_proj.weight.grad is mine and tiny_llama.training
+    assert not tiny_llama.model.norm.weight.requires_grad and tiny_llama.model.embed_tokens.weight.requires_grad
+    assert sum(p.grad is not None for p in tiny_llama.parameters()) == 1
+    tiny_llama.eval()
+    for p in tiny_llama.parameters():
+        p.requires_grad_(False)
+    for path in paths:
+        assert torch.allclose(got[path], _reference_fisher(tiny_llama, path, ids), rtol=1e-5)
+    # The sum of per-sequence squares, not the square of the summed gradient.
+    one_by_one = sum(fisher_row_sums(tiny_llama, paths[:1], ids[i : i + 1])[0][paths[0]] for i in range(3))
+    assert torch.allclose(got[paths[0]], one_by_one, rtol=1e-6)
+
+
+def test_fisher_row_sums_of_a_conv1d_are_per_output():
+    """GPT-2 stores c_attn as in x out; its rows are the columns of the stored weight."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lm_eval_lowrank.calibration import fisher_row_sums
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32)).eval()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(2))
+    got, _ = fisher_row_sums(m, ["transformer.h.1.attn.c_attn"], ids)
+    weight = m.transformer.h[1].attn.c_attn.weight  # 32 x 96
+    weight.requires_grad_(True)
+    expected = torch.zeros(96, dtype=torch.float64)
+    for i in range(2):
+        m(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss.backward()
+        expected += weight.grad.double().square().sum(dim=0)
+        weight.grad = None
+    assert got["transformer.h.1.attn.c_attn"].shape == (96,) and torch.allclose(got["transformer.h.1.attn.c_attn"], expected, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    from conftest import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=4, max_position_embeddings=256)
+
+
+def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir):
+    """The whole path: calibration tokens from the shared data, one gradient pass, factors in place, and the
+    report says what the statistics were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.calibration import data_root
+    from lm_eval_lowrank.modules import LowRankLinear
+
+    try:
+        data_root()
+    except SpecError:
+        pytest.skip("benchmark data folder not available")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    report = compress_model(model, {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "cache": False}, tokenizer=tok, progress=False)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear) and isinstance(model.model.layers[2].mlp.down_proj, LowRankLinear)
+    assert report.solvers and all(name.startswith("fwsvd-") for name in report.solvers)
+    assert report.calibration["statistics"].startswith("Fisher row sums") and report.calibration["seconds"] > 0
+    assert all(p.grad is None for p in model.parameters()) and model.model.embed_tokens.weight.requires_grad  # the pass left no trace
+    with torch.no_grad():
+        assert math.isfinite(float(model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss))
+
+
+def test_fwsvd_under_a_budget_gets_the_statistics_of_every_candidate(tiny_llama):
+    """A budget's ranks are chosen after the provider is made: the gradient pass must cover every module the
+    layers and tensors select (it once covered none, and the backward found nothing to differentiate)."""
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.calibration import FisherStatsProvider
+    from lm_eval_lowrank.decompose import decompose_model
+
+    spec = DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "layers": "2-3", "tensors": "q|up"})
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    provider = FisherStatsProvider(tiny_llama, adapter_for_model(tiny_llama), ids, spec)
+    from lm_eval_lowrank.allocation import allocate_ranks
+
+    ranks = allocate_ranks(spec, tiny_llama, stats_provider=provider)
+    report = decompose_model(tiny_llama, spec, ranks=ranks, stats_provider=provider, progress=False)
+    assert len(report.plan.targets) == 4 and all(name.startswith("fwsvd-") for name in report.solvers)
