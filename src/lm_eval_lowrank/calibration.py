@@ -1066,9 +1066,10 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
 class FisherStatsProvider:
     """fwsvd's statistics: each target's Fisher row sums, from one gradient pass over the dense model.
 
-    The pass runs at the first request, before any module is replaced, for every target of the plan at once
-    (a pass per layer would cost a forward and backward of the whole model each). Data-parallel processes each
-    run the whole pass and get the same sums; it is not cached.
+    The pass runs at the first request, before any module is replaced, for every module the spec's layers and
+    tensors select, at once (a pass per layer would cost a forward and backward of the whole model each; under a
+    budget the ranks are not chosen yet). Data-parallel processes each run the whole pass and get the same sums;
+    it is not cached.
     """
 
     def __init__(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor, spec: DecompositionSpec, record: dict[str, Any] | None = None, model_key: str | None = None) -> None:
