@@ -3,7 +3,8 @@
 Reads the results JSON (or output folders) that ``lm_eval --model hf-tucker`` wrote and
 lines up, for two or more runs: each task's primary metric (same rule as the gate) with
 lm-eval's standard error, each later run's drop from the first with a confidence interval,
-parameter reduction, latency, tokens/s, energy (or "n/a: <reason>") and peak memory.
+parameter reduction, latency (with p50 / p90 per batch, and each later run's latency ratio to the first with a
+confidence interval, paired over batches), tokens/s, energy (or "n/a: <reason>") and peak memory.
 Pure Python: no torch import.
 """
 

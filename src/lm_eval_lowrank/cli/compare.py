@@ -16,7 +16,7 @@ from .errors import OneLineBadParameter
     default=0.95,
     show_default=True,
     metavar="LEVEL",
-    help="Two-sided level of each drop's interval against the first run: paired over documents when both runs used --log_samples, else from lm-eval's standard errors.",
+    help="Two-sided level of each drop's interval against the first run (paired over documents when both runs used --log_samples, else from lm-eval's standard errors), and of each latency ratio's (paired over batches when both runs timed the same ones).",
 )
 def compare(runs: tuple[str, ...], tasks: str | None, confidence: float) -> None:
     """Compare lm-eval results (files or output folders); the first run is the reference."""
