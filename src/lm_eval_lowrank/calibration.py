@@ -1072,12 +1072,11 @@ class FisherStatsProvider:
     it is not cached.
     """
 
-    def __init__(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor, spec: DecompositionSpec, record: dict[str, Any] | None = None, model_key: str | None = None) -> None:
+    def __init__(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor, spec: DecompositionSpec, record: dict[str, Any] | None = None) -> None:
         self.adapter = adapter
         self.input_ids = input_ids
         self.spec = spec
         self.record = dict(record or {})
-        self.model_key = model_key
         self.allocation: dict[str, Any] | None = None
         self.seconds = 0.0
         self._fisher: dict[str, torch.Tensor] | None = None
