@@ -172,7 +172,7 @@ def test_latency_ratio_interval_covers_the_true_ratio_under_slow_stretches():
     Taking the calls as independent, the 95 % interval covers the true 0.9 in under half of the runs."""
     import random
 
-    from lm_eval_lowrank.compare import latency_ratio
+    from lm_eval_lowrank.latency_stats import latency_ratio
 
     rng = random.Random(1)
     hits, widths = 0, []
@@ -190,7 +190,7 @@ def test_latency_ratio_interval_covers_the_true_ratio_under_slow_stretches():
 
 
 def test_latency_ratio_needs_the_same_batches_and_enough_of_them():
-    from lm_eval_lowrank.compare import latency_ratio, t_quantile
+    from lm_eval_lowrank.latency_stats import latency_ratio, t_quantile
 
     same = {"per_call_seconds": [1.0] * 9, "per_call_tokens": [5] * 9}
     assert "different batches (9 and 9 calls)" in latency_ratio(same, {**same, "per_call_tokens": [5] * 8 + [6]})

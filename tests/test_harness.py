@@ -356,7 +356,7 @@ def test_two_runs_time_the_same_batches_so_compare_pairs_them(tiny_model_dir, ar
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_lowrank.compare import LatencyRatio, latency_ratio
+    from lm_eval_lowrank.latency_stats import LatencyRatio, latency_ratio
     from lm_eval_lowrank.harness import HFTuckerLM
 
     tm = TaskManager(include_path=str(arc_task_dir))
