@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
+from lm_eval_lowrank.latency_stats import LatencyRatio
 from lm_eval_lowrank.search import (
     DENSE,
     Candidate,
@@ -288,3 +290,48 @@ def test_family_wise_spreads_the_level_over_a_rungs_candidates() -> None:
     assert [e.candidate.name for e in one.feasible] == ["c0"]
     with pytest.raises(SpecError, match="family_wise needs a confidence level"):
         search(cands, evaluate, tolerance=0.04, limits=(200,), family_wise=True)
+
+
+def _timed_row(reduction: float, factor: float, rng: random.Random, calls: int = 60) -> dict:
+    """A feasible row whose 60 timed calls run ``factor`` times a shared base, each with 5 % noise of its own."""
+    base = [0.1 * (1 + 0.3 * math.sin(i)) for i in range(calls)]
+    seconds = [b * factor * (1 + rng.gauss(0, 0.05)) for b in base]
+    row = _row(0.6, reduction, sum(seconds) / (100 * calls))
+    row["latency_calls"] = {"per_call_seconds": seconds, "per_call_tokens": [100] * calls}
+    return row
+
+
+def test_latency_ties_are_paired_and_params_breaks_them() -> None:
+    """A and B differ by 1 % of latency in 5 %-noisy calls: tied, whichever reads faster. C is 40 % slower: not
+    tied. The default keeps the fastest reading; tie_break=params takes B, more compressed and within the noise,
+    never C."""
+    rng = random.Random(7)
+    rows = {"dense": _timed_row(0.0, 1.0, rng), "a": _timed_row(0.05, 0.90, rng), "b": _timed_row(0.10, 0.91, rng), "c": _timed_row(0.20, 1.26, rng)}
+
+    def evaluate(spec, limit, phase="", label=""):
+        return rows[spec.get("name", "dense")]
+
+    cands = [Candidate(n, {"name": n}) for n in ("a", "b", "c")]
+    res = search(cands, evaluate, tolerance=0.01, limits=(50,), objective="latency")
+    assert res.fastest is not None and res.best is res.fastest
+    assert res.fastest.row["seconds_per_token"] == min(rows[n]["seconds_per_token"] for n in "abc")
+    assert {res.fastest.candidate.name, *(e.candidate.name for e, _ in res.latency_ties)} == {"a", "b"}
+    (_, tie), = res.latency_ties
+    assert tie.lower <= 1.0 <= tie.upper and tie.ratio >= 1.0 and tie.calls == 60
+    vs = res.latency_vs_dense
+    assert isinstance(vs, LatencyRatio) and vs.upper < 1.0 and vs.lower <= 0.91 and vs.upper >= 0.90
+    by_params = search(cands, evaluate, tolerance=0.01, limits=(50,), objective="latency", tie_break="params")
+    assert by_params.best.candidate.name == "b" and by_params.fastest is not None
+    assert isinstance(by_params.latency_vs_dense, LatencyRatio)
+    # ties and the tie-break are about timings: another objective leaves the choice alone, and says so
+    on_params = search(cands, evaluate, tolerance=0.01, limits=(50,), objective="params", tie_break="params")
+    assert on_params.best.candidate.name == "c" and not on_params.latency_ties
+    assert any("tie_break=params applies to the latency objective" in n for n in on_params.notes)
+    # rows stored before the per-call timings: no ties, and a note saying why
+    for r in rows.values():
+        r["latency_calls"] = None
+    old = search(cands, evaluate, tolerance=0.01, limits=(50,), objective="latency", tie_break="params")
+    assert old.best is old.fastest and not old.latency_ties and isinstance(old.latency_vs_dense, str)
+    assert any("latency ties not checked for 2 candidate(s)" in n and "no per-call timings" in n for n in old.notes)
+    with pytest.raises(SpecError, match="tie_break='fast' is invalid: valid: objective, params"):
+        search(cands, evaluate, tolerance=0.01, tie_break="fast")

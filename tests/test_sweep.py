@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -226,7 +227,7 @@ def test_search_end_to_end_on_tiny_llama(tiny_model: Path, task_manager, tmp_pat
     store = tmp_path / "search.jsonl"
     args = ["--model", str(tiny_model), "--tasks", "tiny_arc", "--tolerance", "0.03", "--objective", "latency*energy",
             "--ranks", "1", "--max-k", "2", "--no-table4", "--limits", "2,4", "--eta", "2", "--prune-margin", "1.0",
-            "--batch-size", "4", "--store", str(store)]
+            "--batch-size", "1", "--store", str(store)]
     res = CliRunner().invoke(search, args)
     assert res.exit_code == 0, res.output
     out = res.output
@@ -238,6 +239,17 @@ def test_search_end_to_end_on_tiny_llama(tiny_model: Path, task_manager, tmp_pat
     assert phases == {"screen0", "full"}
     assert sum(1 for r in rows if r["phase"] == "screen0") == 3  # dense + k=1 + k=2
     assert sum(1 for r in rows if r["phase"] == "full") == 2  # dense + the best half
+    # the rows keep every timed call, and rows at one limit and batch size time the same batches: they pair
+    full = [r for r in rows if r["phase"] == "full"]
+    assert all(len(r["latency_calls"]["per_call_seconds"]) == len(r["latency_calls"]["per_call_tokens"]) > 0 for r in rows)
+    assert full[0]["latency_calls"]["per_call_tokens"] == full[1]["latency_calls"]["per_call_tokens"]
+    assert sum(full[1]["latency_calls"]["per_call_seconds"]) == pytest.approx(full[1]["latency_seconds"], abs=1e-5)
+    ratio = re.search(r"latency vs dense: ([\d.]+) \[([\d.]+), ([\d.]+)\] \(95% interval, paired over (\d+) batches\)", out)
+    assert ratio is not None, out
+    assert int(ratio[4]) == len(full[0]["latency_calls"]["per_call_tokens"]) >= 9
+    lower, point, upper = float(ratio[2]), float(ratio[1]), float(ratio[3])
+    assert lower <= point <= upper
+    assert point == pytest.approx(sum(full[1]["latency_calls"]["per_call_seconds"]) / sum(full[0]["latency_calls"]["per_call_seconds"]), abs=1e-3)
     # resumable: a second run evaluates nothing new and chooses the same
     res2 = CliRunner().invoke(search, args)
     assert res2.exit_code == 0 and "(0 run now" in res2.output
@@ -409,3 +421,4 @@ def test_report_plots_error_bars_from_the_documents_scores(tmp_path: Path, monke
     report._accuracy_plot(plt, _fixture_rows(), ["arc", "lam"], tmp_path / "b.png", "t")
     assert with_bars == 2 * 3 and calls == []  # arc and lam x (single-layer, single-tensor, layer-set)
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+

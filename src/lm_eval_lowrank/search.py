@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .latency_stats import LatencyRatio, latency_ratio
 from .spec import SpecError, format_layers
 
 OBJECTIVES = ("latency", "energy", "latency*energy", "memory", "params")
+TIE_BREAKS = ("objective", "params")
+TIE_LEVEL = 0.95  # the latency intervals' level when the search has no --confidence
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,10 +192,35 @@ class SearchResult:
     history: list[Evaluation] = field(default_factory=list)
     objective_used: str = ""
     notes: list[str] = field(default_factory=list)
+    # the chosen candidate's latency over dense's, paired call by call (or why there is none)
+    latency_vs_dense: LatencyRatio | str | None = None
+    # feasible candidates whose latency is not distinguishably above the fastest's: (candidate, its ratio to it)
+    latency_ties: list[tuple[Evaluation, LatencyRatio]] = field(default_factory=list)
+    fastest: Evaluation | None = None  # the feasible candidate with the lowest objective (best unless a tie-break)
 
     @property
     def feasible(self) -> list[Evaluation]:
         return [e for e in self.final if not e.candidate.is_dense and e.row.get("feasible")]
+
+
+def _calls(e: Evaluation) -> Mapping[str, Any]:
+    return e.row.get("latency_calls") or {}
+
+
+def latency_ties(fastest: Evaluation, others: Sequence[Evaluation], level: float) -> tuple[list[tuple[Evaluation, LatencyRatio]], list[str]]:
+    """The candidates in ``others`` whose latency is not distinguishably above ``fastest``'s: the ``level``
+    interval of their paired latency ratio to it reaches 1. Also the reasons some could not be paired."""
+    ties, why = [], []
+    for e in others:
+        if e is fastest:
+            continue
+        got = latency_ratio(_calls(fastest), _calls(e), level)
+        if isinstance(got, str):
+            why.append(f"{e.candidate.name}: {got}")
+        elif got.lower <= 1.0:
+            ties.append((e, got))
+    ties.sort(key=lambda t: t[1].ratio)
+    return ties, why
 
 
 def pareto_front(evals: Iterable[Evaluation]) -> list[Evaluation]:
@@ -226,6 +254,7 @@ def search(
     log: Callable[[str], None] = lambda s: None,
     confidence: float | None = None,
     family_wise: bool = False,
+    tie_break: str = "objective",
 ) -> SearchResult:
     """Successive halving over ``limits``; the last rung decides feasibility (drop <= tolerance).
 
@@ -245,7 +274,16 @@ def search(
     candidates: each bound at 1 - (1 - confidence) / k). Picking the cheapest of many candidates that each passed
     at the plain level favours the ones whose bound came out too low; over k candidates at the tolerance, about
     k (1 - confidence) of them pass by chance.
+
+    Latency is one noisy reading per candidate, so with the latency objective the result also lists the feasible
+    candidates whose latency is within the noise of the fastest's: the interval of their paired latency ratio to it
+    (at ``confidence``, else 0.95; rows at the same limit and batch size time the same batches) reaches 1.
+    ``tie_break="params"`` then picks the most compressed of those tied with the fastest, which a re-run would
+    not reverse by chance; the default keeps the fastest reading. ``latency_vs_dense`` is the chosen candidate's
+    paired latency ratio to the dense baseline.
     """
+    if tie_break not in TIE_BREAKS:
+        raise SpecError(f"tie_break={tie_break!r} is invalid: valid: {', '.join(TIE_BREAKS)}")
     if confidence is not None and not 0.5 <= confidence < 1:
         raise SpecError(f"confidence={confidence:g} is invalid: give a level in [0.5, 1), e.g. 0.95")
     if family_wise and confidence is None:
@@ -333,10 +371,26 @@ def search(
         reason = dense_eval.row.get("energy_reason") or "no energy counter"
         notes.append(f"energy unavailable ({reason}): the objective falls back to latency (seconds per token)")
     feasible = [e for e in final if not e.candidate.is_dense and e.row.get("feasible")]
+    ties: list[tuple[Evaluation, LatencyRatio]] = []
+    fastest: Evaluation | None = None
+    vs_dense: LatencyRatio | str | None = None
+    level = confidence if confidence is not None else TIE_LEVEL
     if feasible:
-        best = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
+        best = fastest = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
+        if used == {"latency"}:
+            ties, unpaired = latency_ties(fastest, feasible, level)
+            if unpaired:
+                notes.append(f"latency ties not checked for {len(unpaired)} candidate(s): {unpaired[0]}")
+            if tie_break == "params" and ties:
+                best = max([fastest, *(e for e, _ in ties)], key=lambda e: (e.row.get("param_reduction", 0), -e.objective))
+        elif tie_break == "params":
+            notes.append(f"tie_break=params applies to the latency objective (per-call timings); the objective here is {'/'.join(sorted(used))}")
+        vs_dense = latency_ratio(_calls(dense_eval), _calls(best), level)
     else:
         best = dense_eval
         shown = f" with confidence {confidence:g} (paired upper bounds)" if confidence is not None else ""
         notes.append(f"no candidate stays within tolerance {tolerance:g}{shown}: keep the dense model")
-    return SearchResult(best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes)
+    return SearchResult(
+        best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes,
+        latency_vs_dense=vs_dense, latency_ties=ties, fastest=fastest,
+    )

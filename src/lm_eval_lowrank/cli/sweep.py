@@ -178,7 +178,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option(
     "--method",
     default=None,
-    help="Decomposition method of the candidates (tucker, whiten, rom, asvd), or several joined by ',' to compare them in one search; calibration options go in --model_args.",
+    help="Decomposition method of the candidates (tucker, whiten, rom, asvd, fwsvd), or several joined by ',' to compare them in one search; calibration options go in --model_args.",
 )
 @click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
 @click.option("--strides", default="", help="Also every s-th layer of the allowed band for each s, e.g. 2,3,4.")
@@ -205,10 +205,19 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
     is_flag=True,
     help="With --confidence: make LEVEL hold for all the candidates of a rung together (Bonferroni), so that picking the cheapest of many does not favour a bound that came out too low.",
 )
+@click.option(
+    "--tie-break",
+    "tie_break",
+    type=click.Choice(["objective", "params"]),
+    default="objective",
+    show_default=True,
+    help="With the latency objective: 'params' picks the most compressed of the feasible candidates whose paired latency interval against the fastest reaches 1 (tied within the timing noise); 'objective' keeps the fastest reading.",
+)
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, tie_break: str, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
-    from ..search import default_candidates, parse_objective, pareto_front
+    from ..latency_stats import LatencyRatio
+    from ..search import TIE_LEVEL, default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
     from ..sweep import model_info
 
@@ -249,7 +258,7 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
     res = run_search(
         candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence,
-        family_wise=family_wise,
+        family_wise=family_wise, tie_break=tie_break,
     )
     for note in res.notes:
         click.echo(f"note: {note}")
@@ -261,6 +270,21 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         level = f"{confidence}{' family-wise' if family_wise else ''}"
         bound = f" (upper {level} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
         click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
+        pct = f"{(confidence if confidence is not None else TIE_LEVEL):.0%}"
+        vs = res.latency_vs_dense
+        if isinstance(vs, LatencyRatio):
+            click.echo(f"latency vs dense: {vs.ratio:.3f} [{vs.lower:.3f}, {vs.upper:.3f}] ({pct} interval, paired over {vs.calls} batches)")
+        elif vs is not None:
+            click.echo(f"latency vs dense: n/a: {vs}")
+        if res.latency_ties:
+            fastest = res.fastest
+            assert fastest is not None
+            tied = "; ".join(f"{e.candidate.name} {r.ratio:.3f} [{r.lower:.3f}, {r.upper:.3f}]" for e, r in res.latency_ties)
+            click.echo(f"within the timing noise of the fastest, {fastest.candidate.name} (latency ratio to it, {pct} paired interval reaching 1): {tied}")
+            if best is not fastest:
+                click.echo(f"tie-break params: chose the most compressed of these over {fastest.candidate.name}")
+            elif any(e.row.get("param_reduction", 0) > fastest.row.get("param_reduction", 0) for e, _ in res.latency_ties):
+                click.echo("these timings do not separate them: --tie-break params would pick the most compressed")
     args = runner.model_args_string(best.candidate.spec)
     # always quoted: '|' in layers would otherwise be a shell pipe
     click.echo("--model_args " + (shlex.quote(args) if "'" in args else f"'{args}'"))
