@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from pathlib import Path
 
@@ -422,3 +423,34 @@ def test_report_plots_error_bars_from_the_documents_scores(tmp_path: Path, monke
     assert with_bars == 2 * 3 and calls == []  # arc and lam x (single-layer, single-tensor, layer-set)
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
+
+def test_report_gives_the_latency_change_its_paired_interval() -> None:
+    """Δlatency carries the paired interval of the rows' timed calls: one that ran 20 % slower on every batch
+    (in 3 %-noisy calls) gets an interval around +20 % that excludes 0; rows without the calls, or with other
+    batches, keep the bare change."""
+    from lm_eval_lowrank.report import markdown_table
+
+    rng = random.Random(3)
+    base = [0.05 * (1 + 0.5 * math.sin(i)) for i in range(40)]
+
+    def row(label: str, spec: dict, factor: float, tokens: list[int] | None = None, keep: bool = True) -> dict:
+        calls = [b * factor * (1 + rng.gauss(0, 0.03)) for b in base]
+        total = sum(calls)
+        r = {
+            "key": label, "status": "ok", "label": label, "spec": spec, "tasks": ["arc"], "limit": 16, "accuracy": {"arc": 0.5},
+            "primary_metric": {"arc": "acc"}, "param_reduction": 0.1 if spec else 0.0, "latency_seconds": total,
+            "seconds_per_token": total / 4000, "energy_available": False,
+        }
+        if keep:
+            r["latency_calls"] = {"per_call_seconds": calls, "per_call_tokens": tokens or [100] * 40}
+        return r
+
+    rows = [row("dense", {}, 1.0), row("slow", {"rank": "1", "layers": "3"}, 1.2), row("bare", {"rank": "1", "layers": "4"}, 1.2, keep=False),
+            row("other", {"rank": "1", "layers": "5"}, 1.2, tokens=[90] * 40)]  # fmt: skip
+    cells = {line.split("|")[1].strip(): line.split("|")[-6].strip() for line in markdown_table(rows).splitlines() if line.startswith("| ") and "config" not in line}
+    got = re.fullmatch(r"(\S+)% \[([+-][\d.]+), ([+-][\d.]+)\]", cells["slow"])
+    assert got is not None, cells
+    change, lower, upper = (float(x) for x in got.groups())
+    assert change == pytest.approx(100 * (rows[1]["seconds_per_token"] / rows[0]["seconds_per_token"] - 1), abs=0.05)
+    assert 0 < lower < change < upper and lower < 20 < upper
+    assert re.fullmatch(r"\S+%", cells["bare"]) and re.fullmatch(r"\S+%", cells["other"]) and cells["dense"] == "0.0%"

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .latency_stats import LatencyRatio, latency_ratio
 from .store import Store
 
 INTERVAL_LEVEL = 0.95  # two-sided, for the paired interval of each drop
@@ -68,6 +69,16 @@ def _interval(dense: Mapping[str, Any], row: Mapping[str, Any], z: float) -> str
     return "n/a" if bounds is None else f"{100 * bounds[0]:+.1f} .. {100 * bounds[1]:+.1f}"
 
 
+def _latency_change(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
+    """The change in seconds per token against dense, with its paired interval where both rows kept their timed
+    calls and timed the same batches."""
+    cell = _pct(_rel(row, dense, "seconds_per_token"), 1)
+    if row is dense or cell == "n/a" or not (row.get("latency_calls") and dense.get("latency_calls")):
+        return cell
+    got = latency_ratio(dense["latency_calls"], row["latency_calls"], INTERVAL_LEVEL)
+    return f"{cell} [{100 * (got.lower - 1):+.1f}, {100 * (got.upper - 1):+.1f}]" if isinstance(got, LatencyRatio) else cell
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One table per (tasks, limit) group, dense first, then by parameter reduction. Where the dense row and
     others kept each document's score (``sweep --doc-scores``), each mean drop gets its paired interval."""
@@ -102,7 +113,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 _num(None if drop is None else 100 * drop, "{:+.1f}"),
                 *([_interval(dense, r, z)] if paired and dense is not None else []),
                 _num(r.get("latency_seconds"), "{:.1f}"),
-                _pct(_rel(r, dense, "seconds_per_token"), 1) if dense else "n/a",
+                _latency_change(r, dense) if dense else "n/a",
                 _num(r.get("tokens_per_second"), "{:.1f}"),
                 energy,
                 _num(None if mem is None else mem / 2**20, "{:.0f}"),
@@ -254,7 +265,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, plots: bool | None
     written: list[Path] = []
     groups = _groups(rows)
     md = ["# Low-rank sweep report", "", f"Store: `{Path(store_path).name}`, {len(rows)} finished rows.", ""]
-    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; where the rows kept each document's score (`sweep --doc-scores`), its two-sided 95 % interval is paired over the documents both scored. Δlatency is the change in seconds per token against the dense row of the same table. Energy is n/a where no counter is available (CPU).\n")
+    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; where the rows kept each document's score (`sweep --doc-scores`), its two-sided 95 % interval is paired over the documents both scored. Δlatency is the change in seconds per token against the dense row of the same table; where the rows kept their timed calls, its 95 % interval (in %) is paired over the batches both timed, from blocks of consecutive calls. Energy is n/a where no counter is available (CPU).\n")
     md.append(markdown_table(rows))
     if no_plots:
         md.append(no_plots + "\n")
