@@ -182,3 +182,44 @@ def test_fwsvd_under_a_budget_gets_the_statistics_of_every_candidate(tiny_llama)
     ranks = allocate_ranks(spec, tiny_llama, stats_provider=provider)
     report = decompose_model(tiny_llama, spec, ranks=ranks, stats_provider=provider, progress=False)
     assert len(report.plan.targets) == 4 and all(name.startswith("fwsvd-") for name in report.solvers)
+
+
+def test_fisher_cache_computes_each_module_once_across_configurations(tiny_llama, tmp_path, monkeypatch):
+    """A module's row sums depend on the dense weights and the data only: a later configuration takes the modules
+    it shares with an earlier one from the cache and computes the rest, with the same values as a pass without
+    the cache. Other data, or a torn file, computes again."""
+    from types import SimpleNamespace
+
+    from lm_eval_lowrank import calibration
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.calibration import FisherStatsProvider
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    adapter = adapter_for_model(tiny_llama)
+
+    def stats(layers: str, cache: bool = True, seed: int = 0) -> tuple[FisherStatsProvider, dict[str, torch.Tensor]]:
+        spec = DecompositionSpec.from_args({"method": "fwsvd", "rank": 2, "layers": layers, "tensors": "q|down"})
+        record = {"source": "wikitext_local", "n": 2, "len": 12, "seed": seed}
+        provider = FisherStatsProvider(tiny_llama, adapter, ids, spec, record=record, cache_dir=tmp_path if cache else None, model_key="m")
+        paths = [f"model.layers.{i - 1}.{t}" for i in map(int, layers.split("|")) for t in ("self_attn.q_proj", "mlp.down_proj")]
+        got = provider.layer_stats(tiny_llama, 0, [SimpleNamespace(path=p) for p in paths])
+        return provider, {p: s.output_fisher for p, s in got.items()}
+
+    first, _ = stats("2|3")
+    assert (first.hits, first.misses) == (0, 4) and len(list(tmp_path.glob("m/fisher-*.pt"))) == 1
+    second, cached = stats("3|4")
+    assert (second.hits, second.misses) == (2, 2)
+    _, fresh = stats("3|4", cache=False)
+    assert cached.keys() == fresh.keys() and all(torch.allclose(cached[p], fresh[p], rtol=1e-9, atol=0) for p in fresh)
+    assert second.describe()["cache"] == {"dir": str(tmp_path), "hits": 2, "misses": 2}
+
+    def no_pass(*_a, **_k):
+        raise AssertionError("every module is cached: no gradient pass")
+
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "fisher_row_sums", no_pass)
+        third, _ = stats("2|3|4")
+        assert (third.hits, third.misses) == (6, 0)
+    assert stats("2", seed=1)[0].misses == 2  # other calibration data
+    next(tmp_path.glob("m/fisher-*.pt")).write_bytes(b"torn")
+    assert stats("2")[0].misses == 2

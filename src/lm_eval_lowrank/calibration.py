@@ -54,6 +54,7 @@ from .methods import LayerStats
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import FACTOR_FIELDS, GRADIENT_METHODS, DecompositionSpec, SpecError, parse_calib_target
 
+FISHER_VERSION = "1"  # bump when fisher_row_sums changes meaning
 STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
 _CALIB_DATA_FIELDS = ("calib", "calib_n", "calib_len", "calib_batch")  # keyed by the data itself (record, batch)
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
@@ -1068,19 +1069,64 @@ class FisherStatsProvider:
 
     The pass runs at the first request, before any module is replaced, for every module the spec's layers and
     tensors select, at once (a pass per layer would cost a forward and backward of the whole model each; under a
-    budget the ranks are not chosen yet). Data-parallel processes each run the whole pass and get the same sums;
-    it is not cached.
+    budget the ranks are not chosen yet). Data-parallel processes each run the whole pass and get the same sums.
+
+    A module's row sums depend only on the dense weights and the calibration sequences, not on which other modules
+    are targeted, so the cache holds them per module under (model, data, dtype): a later configuration computes
+    only the modules it has not seen, and a sweep over layer sets pays for each layer's gradients once.
     """
 
-    def __init__(self, model: nn.Module, adapter: Any, input_ids: torch.Tensor, spec: DecompositionSpec, record: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Any,
+        input_ids: torch.Tensor,
+        spec: DecompositionSpec,
+        record: dict[str, Any] | None = None,
+        cache_dir: Path | None = None,
+        model_key: str | None = None,
+    ) -> None:
         self.adapter = adapter
         self.input_ids = input_ids
         self.spec = spec
         self.record = dict(record or {})
         self.allocation: dict[str, Any] | None = None
         self.seconds = 0.0
+        self.cache_dir = cache_dir
+        self.model_key = model_key
+        self.hits = 0  # modules served from the cache
+        self.misses = 0  # modules whose gradients were computed
         self._fisher: dict[str, torch.Tensor] | None = None
         self._tokens = 0
+
+    def _cache_path(self, model: nn.Module) -> Path | None:
+        if self.cache_dir is None or self.model_key is None:
+            return None
+        data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
+        key = {"v": FISHER_VERSION, "data": data, "dtype": str(next(model.parameters()).dtype)}
+        return self.cache_dir / self.model_key / f"fisher-{_sha(key)}.pt"
+
+    def _read_cache(self, cache: Path | None) -> tuple[dict[str, torch.Tensor], int]:
+        if cache is None or not cache.is_file():
+            return {}, 0
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            return dict(blob["fisher"]), int(blob["tokens"])
+        except Exception:  # a torn or foreign file is recomputed, never fatal
+            return {}, 0
+
+    def _write_cache(self, cache: Path, fisher: dict[str, torch.Tensor], tokens: int) -> None:
+        merged, old_tokens = self._read_cache(cache)  # another process may have added modules meanwhile
+        if old_tokens not in (0, tokens):
+            merged = {}
+        merged.update(fisher)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"fisher": merged, "tokens": tokens}, tmp)
+            os.replace(tmp, cache)
+        except OSError:  # a read-only or full cache never breaks a run
+            pass
 
     def _compute(self, model: nn.Module) -> None:
         from .plan import candidate_paths
@@ -1090,7 +1136,18 @@ class FisherStatsProvider:
         if experts:
             raise SpecError(f"method='fwsvd' does not decompose stacked expert projections yet ({experts[0]}); choose tensors without them, or another method")
         start = time.perf_counter()
-        self._fisher, self._tokens = fisher_row_sums(model, [p for p, _ in paths], self.input_ids)
+        cache = self._cache_path(model)
+        stored, tokens = self._read_cache(cache)
+        wanted = [p for p, _ in paths]
+        missing = [p for p in wanted if p not in stored]
+        fisher = {p: stored[p] for p in wanted if p in stored}
+        self.hits, self.misses = len(fisher), len(missing)
+        if missing:
+            fresh, tokens = fisher_row_sums(model, missing, self.input_ids)
+            fisher.update(fresh)
+            if cache is not None:
+                self._write_cache(cache, fresh, tokens)
+        self._fisher, self._tokens = fisher, tokens
         self.seconds = time.perf_counter() - start
 
     def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
@@ -1104,7 +1161,13 @@ class FisherStatsProvider:
 
     def describe(self) -> dict[str, Any]:
         out = dict(self.record)
-        out.update(statistics="Fisher row sums: squared gradients of the LM loss per sequence, dense model", batch=1, sequential=False, seconds=round(self.seconds, 3))
+        out.update(
+            statistics="Fisher row sums: squared gradients of the LM loss per sequence, dense model",
+            batch=1,
+            sequential=False,
+            cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
+            seconds=round(self.seconds, 3),
+        )
         if self.allocation is not None:
             out["allocation"] = self.allocation
         return out
@@ -1138,10 +1201,10 @@ def build_stats_provider(
     ids, record = calibration_tokens(spec, tokenizer, root)
     record["leak_check"] = leak
     record["data_dir"] = str(root)
-    if spec.method in GRADIENT_METHODS:
-        return FisherStatsProvider(model, adapter, ids, spec, record=record)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
+    if spec.method in GRADIENT_METHODS:
+        return FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key)
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
     return SequentialStatsProvider(
         model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target, shard=shard
