@@ -272,6 +272,55 @@ def test_an_expert_no_calibration_token_reached_is_solved_without_data():
     assert isinstance(experts.down_proj, LowRankExpertWeights)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])  # stored (E, out, in), and transposed (E, in, out)
+def test_fwsvd_weighs_each_expert_by_its_own_fisher_rows(smollm2_dir, model_type):
+    """Each expert's Fisher row sums are its slice of the stacked parameter's per-sequence squared gradient,
+    summed over its inputs, as plain autograd gives them; the whole fwsvd path then factors every expert."""
+    model = _model(model_type, vocab_size=49152)
+    spec, tokenizer, provider = _calibration(model, smollm2_dir, method="fwsvd", tensors=EXPERTS, calib_batch=None)
+    plan = make_plan(spec, model.config, adapter=adapter_for_model(model))
+    flags = [p.requires_grad for p in model.parameters()]
+    stats = provider.layer_stats(model, 1, plan.targets)
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())  # no trace
+    experts = _experts(model, 1)
+    want = {name: torch.zeros(4, getattr(experts, name).shape[-1 if experts.is_transposed else -2], dtype=torch.float64) for name in ("gate_up_proj", "down_proj")}
+    params = {name: getattr(experts, name) for name in want}
+    ids = provider.input_ids
+    for i in range(ids.shape[0]):
+        loss = model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], use_cache=False).loss
+        for (name, g) in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            want[name] += g.double().square().sum(dim=-2 if experts.is_transposed else -1)
+    for name, w in want.items():
+        got = stats[f"model.layers.1.mlp.experts.{name}"]
+        assert len(got) == 4 and all(s is not None for s in got)  # every expert was routed some token
+        torch.testing.assert_close(torch.stack([s.output_fisher for s in got]), w, rtol=1e-5, atol=0)
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert isinstance(experts.gate_up_proj, LowRankExpertWeights) and isinstance(_experts(model, 0).down_proj, LowRankExpertWeights)
+    assert sum(n for name, n in report.solvers.items() if name.startswith("fwsvd-")) == 2 * 2 * 4
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 49152, (1, 8))).logits).all()
+
+
+def test_fwsvd_solves_an_expert_no_gradient_reached_without_data(smollm2_dir, monkeypatch):
+    """An expert the router never chose has zero Fisher rows: it is solved data-free, and its solver says so."""
+    from lm_eval_lowrank import calibration
+
+    real = calibration.fisher_row_sums
+
+    def expert_2_unrouted(*args, **kwargs):
+        sums, tokens = real(*args, **kwargs)
+        for f in sums.values():
+            f[2] = 0.0
+        return sums, tokens
+
+    monkeypatch.setattr(calibration, "fisher_row_sums", expert_2_unrouted)
+    model = _model("mixtral", vocab_size=49152)
+    spec, tokenizer, _ = _calibration(model, smollm2_dir, method="fwsvd", tensors="experts.down_proj", layers="2", calib_batch=None)
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert sum(n for name, n in report.solvers.items() if "without calibration tokens" in name) == 1
+    assert sum(n for name, n in report.solvers.items() if name.startswith("fwsvd-")) == 3
+
+
 def test_an_experts_class_with_another_forward_is_refused_before_anything_changes():
     model = _model("mixtral")
     experts = _experts(model)

@@ -1016,27 +1016,36 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
     linear at path and L the sequence's language-model loss (mean next-token cross-entropy), one forward and
     backward per sequence so that each squared gradient is one sample's (the empirical Fisher). Only the
     weights at ``paths`` take gradients, each reduced to its row sums as soon as it is complete: the memory beyond
-    inference is one sequence's activations and their backward, and one weight's gradient."""
-    from .modules import dense_weight_of
+    inference is one sequence's activations and their backward, and one weight's gradient.
+
+    A stacked expert projection (E x out x in, in either stored orientation) gives f of shape (E, out): each
+    expert's slice of the gradient is nonzero only through the tokens the router sent to it."""
+    from .modules import dense_weight_of, is_experts_module
 
     if not paths:
         return {}, 0
-    modules = {p: _lookup(model, p) for p in paths}
-    for p, m in modules.items():
-        if not isinstance(m, nn.Module):
-            raise SpecError(f"method='fwsvd': {p} is not a linear module (stacked expert projections are not supported yet)")
-    weights = {p: (m.weight, dense_weight_of(m)[0] is not m.weight) for p, m in modules.items()}  # (param, stored in x out)
+    weights: dict[str, tuple[torch.Tensor, bool]] = {}  # (param, stored in x out)
+    for p in paths:
+        found = _lookup(model, p)
+        owner = model.get_submodule(p.rpartition(".")[0]) if isinstance(found, nn.Parameter) else None
+        if isinstance(found, nn.Module):
+            weights[p] = (found.weight, dense_weight_of(found)[0] is not found.weight)
+        elif owner is not None and found.dim() == 3 and is_experts_module(owner):
+            weights[p] = (found, bool(owner.is_transposed))
+        else:
+            raise SpecError(f"method='fwsvd': {p} is neither a linear module nor a stacked expert projection")
     saved = [(q, q.requires_grad, q.grad) for q in model.parameters()]  # put back as they were, grads included
     was_training = model.training
     device = next(model.parameters()).device
-    sums = {p: torch.zeros(w.shape[1] if transposed else w.shape[0], dtype=torch.float64, device=w.device) for p, (w, transposed) in weights.items()}
+    # the input dimension, summed over: the last of (..., out, in), or the one before it when stored (..., in, out)
+    in_dim = {p: -2 if transposed else -1 for p, (_, transposed) in weights.items()}
+    sums = {p: torch.zeros(w.sum(dim=in_dim[p]).shape, dtype=torch.float64, device=w.device) for p, (w, _) in weights.items()}
 
     def take(path: str, transposed: bool):
         def hook(w: torch.Tensor) -> None:
             # Squared and summed as soon as each weight's gradient is complete, then dropped: the backward holds
             # one weight's gradient at a time, not all of them (at 7B with every layer targeted, 13 GB in bf16).
-            g = w.grad.float().square()
-            sums[path] += g.sum(dim=0, dtype=torch.float64) if transposed else g.sum(dim=1, dtype=torch.float64)
+            sums[path] += w.grad.float().square().sum(dim=in_dim[path], dtype=torch.float64)
             w.grad = None
 
         return hook
@@ -1132,9 +1141,6 @@ class FisherStatsProvider:
         from .plan import candidate_paths
 
         paths = candidate_paths(self.spec, model.config, adapter=self.adapter)  # a budget's too, before its ranks
-        experts = [p for p, e in paths if e]
-        if experts:
-            raise SpecError(f"method='fwsvd' does not decompose stacked expert projections yet ({experts[0]}); choose tensors without them, or another method")
         start = time.perf_counter()
         cache = self._cache_path(model)
         stored, tokens = self._read_cache(cache)
@@ -1154,7 +1160,16 @@ class FisherStatsProvider:
         if self._fisher is None:
             self._compute(model)
         assert self._fisher is not None
-        return {t.path: LayerStats(None, self._tokens, output_fisher=self._fisher[t.path]) for t in targets if t.path in self._fisher}
+        out: dict[str, Any] = {}
+        for t in targets:
+            f = self._fisher.get(t.path)
+            if f is None:
+                continue
+            if f.dim() == 1:
+                out[t.path] = LayerStats(None, self._tokens, output_fisher=f)
+            else:  # per expert; one that no calibration token reached has no gradient, and is solved data-free
+                out[t.path] = [LayerStats(None, self._tokens, output_fisher=fe) if float(fe.max()) > 0 else None for fe in f]
+        return out
 
     def unshare(self) -> None:  # every process computes the whole pass: nothing is split
         pass
