@@ -142,7 +142,7 @@ def test_decompose_cli_with_two_processes_on_the_gpu_writes_one_process_factors(
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("method", ["asvd", "whiten", "rom", "fwsvd"])
+@pytest.mark.parametrize("method", ["asvd", "whiten", "rom", "fwsvd", "fwhiten"])
 def test_calibrated_methods_on_a_gpu_weight_give_the_cpus_factors(method):
     """A weight on the GPU with its statistics on the CPU (as decompose-on-load holds them): the same product as the
     CPU's, and the factors stay on the weight's device."""

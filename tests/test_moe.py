@@ -239,7 +239,7 @@ def test_whiten_beats_plain_svd_on_each_experts_own_inputs(smollm2_dir):
     assert max(ratios) <= 1 + 1e-6 and min(ratios) < 0.99, ratios
 
 
-@pytest.mark.parametrize("method,target", [("whiten", "0.25"), ("rom", "compressed"), ("asvd", "compressed")])
+@pytest.mark.parametrize("method,target", [("whiten", "0.25"), ("rom", "compressed"), ("asvd", "compressed"), ("fwhiten", "0.25")])
 def test_calibrated_methods_decompose_experts_staged_in_forward_order(smollm2_dir, method, target):
     model = _model("mixtral", vocab_size=49152)
     spec, tokenizer, provider = _calibration(model, smollm2_dir, method=method, calib_target=target)

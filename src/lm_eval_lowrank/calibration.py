@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .methods import LayerStats
 from .modules import expert_projection, expert_projection_names, routed_pairs
-from .spec import FACTOR_FIELDS, GRADIENT_METHODS, DecompositionSpec, SpecError, parse_calib_target
+from .spec import FACTOR_FIELDS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
 
 FISHER_VERSION = "1"  # bump when fisher_row_sums changes meaning
 STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
@@ -496,8 +496,12 @@ class SequentialStatsProvider:
         track_sparsity: float | None = None,
         target: float | str = 0.0,
         shard: Any = None,
+        fisher: FisherStatsProvider | None = None,
     ) -> None:
         self.adapter = adapter
+        # the rows' Fisher sums, attached to every request's statistics (fwhiten); computed at the first request,
+        # before any module is replaced
+        self.fisher = fisher
         # data-parallel processes (decompose.ProcessShard) that split the calibration batches and add up the sums
         self.shard = shard
         self.input_ids = input_ids
@@ -761,7 +765,7 @@ class SequentialStatsProvider:
         if found is not None:
             self.hits += 1
             self.seconds += time.perf_counter() - start
-            return self._blend(found)
+            return self._with_fisher(model, layer, targets, self._blend(found))
         self.misses += 1
         self._advance(model, index0)
         out, tokens = self._compute(model, index0, paths, reference, experts)
@@ -772,7 +776,22 @@ class SequentialStatsProvider:
         blended = self._blend(out)
         for p, n in experts.items():  # one entry per expert, None for an expert no calibration token reached
             blended[p] = [blended.pop(f"{p}#{e}", None) for e in range(n)]
-        return blended
+        return self._with_fisher(model, layer, targets, blended)
+
+    def _with_fisher(self, model: nn.Module, layer: int, targets: list[Any], stats: dict[str, Any]) -> dict[str, Any]:
+        """Each entry with its rows' Fisher sums (a copy: siblings that share inputs have different outputs). An
+        expert with inputs but no gradient is solved data-free (None), like one no token reached."""
+        if self.fisher is None:
+            return stats
+        fisher = self.fisher.layer_stats(model, layer, targets)
+        out: dict[str, Any] = {}
+        for p, s in stats.items():
+            f = fisher.get(p)
+            if isinstance(s, list):
+                out[p] = [None if se is None or fe is None else replace(se, output_fisher=fe.output_fisher) for se, fe in zip(s, f or [None] * len(s))]
+            else:
+                out[p] = replace(s, output_fisher=f.output_fisher) if f is not None else s
+        return out
 
     def _blend(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """cross_cov = C + target * (P - C): the cross-covariance against the blended reference input."""
@@ -1003,12 +1022,17 @@ class SequentialStatsProvider:
             out["shared"] = {"processes": self.shard.world, "batches_per_process": [len(self._batch_starts(r)) for r in range(self.shard.world)]}
         if self.allocation is not None:
             out["allocation"] = self.allocation
+        if self.fisher is not None:
+            fisher = self.fisher.describe()
+            out["fisher"] = {"statistics": fisher["statistics"], "cache": fisher["cache"], "seconds": fisher["seconds"]}
         return out
 
     def release(self) -> None:
         """Drop the held hidden states and dense modules (call after decomposition to return their memory)."""
         self._reset()
         self._last = -1
+        if self.fisher is not None:
+            self.fisher.release()
 
 
 def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
@@ -1218,9 +1242,10 @@ def build_stats_provider(
     record["data_dir"] = str(root)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
-    if spec.method in GRADIENT_METHODS:
-        return FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key)
+    fisher = FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key) if spec.method in GRADIENT_METHODS else None
+    if spec.method in GRADIENT_ONLY_METHODS:
+        return fisher
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
     return SequentialStatsProvider(
-        model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target, shard=shard
+        model, adapter, ids, batch_size=spec.calib_batch, record=record, cache_dir=cache_dir, model_key=key, spec=spec, target=target, shard=shard, fisher=fisher
     )

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-METHODS = ("tucker", "rom", "whiten", "asvd", "fwsvd")
-CALIBRATED_METHODS = ("rom", "whiten", "asvd", "fwsvd")  # they read calibration data (calib= defaults to wikitext_local)
-GRADIENT_METHODS = ("fwsvd",)  # their statistics are gradients of the LM loss, not a layer's activations
+METHODS = ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten")
+CALIBRATED_METHODS = ("rom", "whiten", "asvd", "fwsvd", "fwhiten")  # they read calibration data (calib= defaults to wikitext_local)
+GRADIENT_METHODS = ("fwsvd", "fwhiten")  # their statistics include gradients of the LM loss (the rows' Fisher sums)
+GRADIENT_ONLY_METHODS = ("fwsvd",)  # and nothing else: no layer's activations
 METHOD_OPTIONS = {"asvd_alpha": "asvd", "asvd_stat": "asvd"}  # an option of one method -> that method (refused with any other)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
 LAYOUTS = ("auto", "folded", "tucker")
@@ -368,7 +369,7 @@ class DecompositionSpec:
         if self.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", "wikitext_local")
         if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator in ("sensitivity", "output_error"):
-            raise SpecError(f"allocator={self.allocator!r} is invalid with method={self.method!r}: its statistics are gradients, not the activations these allocators measure; valid: uniform, tail")
+            raise SpecError(f"allocator={self.allocator!r} is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which these allocators do not measure; valid: uniform, tail")
 
     @property
     def is_noop(self) -> bool:

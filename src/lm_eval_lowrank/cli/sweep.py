@@ -178,7 +178,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option(
     "--method",
     default=None,
-    help="Decomposition method of the candidates (tucker, whiten, rom, asvd, fwsvd), or several joined by ',' to compare them in one search; calibration options go in --model_args.",
+    help="Decomposition method of the candidates (tucker, whiten, rom, asvd, fwsvd, fwhiten), or several joined by ',' to compare them in one search; calibration options go in --model_args.",
 )
 @click.option("--max-k", "max_k", type=int, default=4, show_default=True, help="Spread sets of k = 1..max-k whole layers.")
 @click.option("--strides", default="", help="Also every s-th layer of the allowed band for each s, e.g. 2,3,4.")

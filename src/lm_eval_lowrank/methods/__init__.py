@@ -47,7 +47,7 @@ class LayerStats:
 
     ``input_abs_mean`` (optional) is the mean |x_j| of each input channel over the N tokens (asvd's scale).
 
-    ``output_fisher`` (optional; fwsvd's) is the Fisher information of each output row, sum_j E[(dL/dW_ij)^2]
+    ``output_fisher`` (optional; fwsvd's and fwhiten's) is the Fisher information of each output row, sum_j E[(dL/dW_ij)^2]
     over the calibration sequences. Statistics from gradients alone hold no ``input_cov`` (None).
     """
 
@@ -98,7 +98,7 @@ def uses_reference(name: str) -> bool:
     return name in USES_REFERENCE
 
 
-BUILTIN_MODULES = ("tucker", "rom", "whiten", "asvd", "fwsvd")
+BUILTIN_MODULES = ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten")
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,85 @@
+"""Fisher-weighted whitening: whiten the inputs and weigh the outputs by what the loss does with them.
+
+whiten minimises the output error ||(W - W_hat) X||_F, every output alike; fwsvd weighs the output rows by
+their Fisher information but ignores the inputs. A second-order expansion of the loss with the Fisher of W
+Kronecker-factored (K-FAC), F ~ E[x x^T] (x) E[g g^T], g the gradient at the outputs, gives both at once:
+
+    dL ~ 1/2 tr(dW C_x dW^T G),  C_x = S S^T,
+
+and with G taken diagonal, G ~ diag(f) for the rows' Fisher sums f_i (their scale does not move the optimum),
+the error to minimise is ||D (W - W_hat) S||_F with D = diag(sqrt f). Its rank-r optimum: with D W S = U Σ V^T,
+W_hat S = D^-1 U_r U_r^T D W S, so
+
+    W_hat = D^-1 U_r U_r^T D W      (left D^-1 U_r, core diag(s_r), right W^T D U_r / s_r).
+
+S^-1 is never applied (as in whiten), and D^-1 only to the left factor. Rows with f_i = 0 (outputs the loss
+never sees on these data) get a floor, f_i >= floor * mean(f), so D^-1 stays finite; the weighted error is then
+exact for the floored weights. With a cross-covariance P (calib_target > 0) the target is D W P^T S^-T and the
+right factor takes S^-1 back, as in whiten. With equal f it is whiten (tested).
+
+Statistics: the input covariances from the sequential calibration, and the rows' Fisher sums from one gradient
+pass over the dense model (``calibration.FisherStatsProvider``), attached to each layer's statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import SpecError
+from . import Factors, LayerStats, register_method
+from .covariance import WhiteningError, all_finite, check_stats, factor_of
+from .tucker import reciprocal_singular_values, truncated_svd
+from .whiten import whitened_target
+
+FISHER_FLOOR = 1e-6  # of the mean row sum: keeps D^-1 finite for rows no gradient reached
+
+
+def fisher_row_weights(weight: torch.Tensor, stats: LayerStats | None, dtype: torch.dtype) -> torch.Tensor:
+    """d_i = sqrt(max(f_i, floor * mean f)) for the output rows of ``weight``."""
+    f = None if stats is None else stats.output_fisher
+    if f is None:
+        raise SpecError("method='fwhiten' needs the Fisher information of each output row (calibration with gradients); these statistics hold none")
+    if f.shape != (weight.shape[0],):
+        raise SpecError(f"method='fwhiten': the Fisher row sums have shape {tuple(f.shape)}, expected ({weight.shape[0]},)")
+    f = f.to(device=weight.device, dtype=dtype)
+    if not all_finite(f) or float(f.min()) < 0 or float(f.max()) <= 0:
+        raise SpecError("method='fwhiten': the Fisher row sums of this module are zero, negative or non-finite (no gradient reached it)")
+    return f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
+
+
+@register_method("fwhiten", needs_calibration=True, uses_reference=True)
+def fwhiten_method(
+    weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
+) -> Factors:
+    """Truncated SVD of D W S (or D W P^T S^-T), D^-1 folded into the left factor and S^-1 never applied
+    without a cross-covariance."""
+    C = check_stats("fwhiten", weight, stats, rank)
+    P = stats.cross_cov if stats is not None else None
+    if P is not None and (P.shape != C.shape or not all_finite(P)):
+        raise SpecError(f"method='fwhiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite {tuple(C.shape)}")
+    S, lam, dtype = factor_of(stats, device=weight.device)
+    W = weight.to(dtype)
+    d = fisher_row_weights(W, stats, dtype)
+    target = d[:, None] * whitened_target(W, S, P)
+    svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype, tol=solver_tol)
+    inv_s = reciprocal_singular_values(svd.S, tuple(target.shape))
+    if P is None:  # right^T = diag(1/s) U_r^T D W: target S^-1 = D W
+        right = (W.mT @ (d[:, None] * svd.U)) * inv_s
+    else:  # right^T = diag(1/s) U_r^T target S^-1
+        right = torch.linalg.solve_triangular(S.mT, (target.mT @ svd.U) * inv_s, upper=True)
+    left = svd.U / d[:, None]
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):  # pragma: no cover - excluded by the floor and the pivot check
+        raise WhiteningError("calib: Fisher-weighted whitening produced non-finite factors; use method=whiten")
+    out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return Factors(
+        left=left.to(out_dtype).contiguous(),
+        core=torch.diag(svd.S).to(out_dtype),
+        right=right.to(out_dtype).contiguous(),
+        info={
+            "solver": f"fwhiten-{svd.solver}",
+            "whiten_lambda": lam,
+            "whiten_dtype": str(dtype).removeprefix("torch."),
+            "whiten_target": "compressed" if P is None else "dense",
+            **({"sv_error_bound": svd.error_bound} if svd.error_bound is not None else {}),
+        },
+    )
