@@ -59,13 +59,18 @@ def _layers_of(ranks) -> set[int]:
     return {int(p.split(".")[2]) + 1 for p in ranks}
 
 
-@pytest.mark.parametrize("method", ["whiten", "tucker"])
+@pytest.mark.parametrize("method", ["whiten", "tucker", "fwhiten"])
 def test_the_sensitive_layer_is_avoided(constructed, method):
     from lm_eval_lowrank.allocation import allocate_ranks
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.calibration import FisherStatsProvider
 
     model, ids = constructed
     spec = DecompositionSpec.from_args({"method": method, "budget": 0.7, "allocator": "sensitivity", "rank_multiple": 4})
-    ranks = allocate_ranks(spec, model, stats_provider=_provider(model, ids))
+    provider = _provider(model, ids)
+    if method == "fwhiten":  # as build_stats_provider makes it: the sequential statistics carry a gradient pass
+        provider.fisher = FisherStatsProvider(model, adapter_for_model(model), ids, spec)
+    ranks = allocate_ranks(spec, model, stats_provider=provider)
     inc = ranks.info["measured"]["loss_increase"]
     assert min(inc["2"].values()) > 0.01  # full rank: every option costs
     assert max(abs(v) for L in ("1", "3", "4") for v in inc[L].values()) < 1e-4  # rank 4: lossless
@@ -111,11 +116,13 @@ def test_dense_modules_are_restored_exactly(constructed):
     assert not model.training
 
 
-@pytest.mark.parametrize("method", ["whiten", "tucker"])
+@pytest.mark.parametrize("method", ["whiten", "tucker", "fwhiten", "fwsvd"])
 def test_measured_loss_is_the_compressed_models_loss(constructed, method):
-    """One (layer, fraction) entry equals the whole model's loss with that layer decomposed the ordinary way."""
+    """One (layer, fraction) entry equals the whole model's loss with that layer decomposed the ordinary way (for
+    the gradient methods, with the same rows' Fisher sums)."""
     from lm_eval_lowrank.allocation import SENSITIVITY_SCORE_STRIDE, candidates, layer_options, measure_sensitivity
     from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.calibration import FisherStatsProvider
     from lm_eval_lowrank.decompose import decompose_model
 
     model, ids = constructed
@@ -123,13 +130,19 @@ def test_measured_loss_is_the_compressed_models_loss(constructed, method):
     spec = DecompositionSpec.from_args({"method": method, "budget": 0.7, "layers": "2", "rank_multiple": 4, "calib_staged": False, "calib_target": "compressed"})
     adapter = adapter_for_model(model)
     options = layer_options(candidates(spec, model.config, adapter), (0.5, 0.7), 4, "folded")
-    table = measure_sensitivity(spec, model, adapter, options, ids, "folded", batch_size=8)
+    gradients = method in ("fwhiten", "fwsvd")
+    fisher = FisherStatsProvider(model, adapter, ids, spec).row_sums(model) if gradients else None
+    table = measure_sensitivity(spec, model, adapter, options, ids, "folded", batch_size=8, fisher=fisher)
     n_eval, n_stats = table["eval_sequences"], table["stats_sequences"]
-    assert table["held_out"] and n_eval == 4 and n_stats == (12 if method == "whiten" else 0)
+    assert table["held_out"] and n_eval == 4 and n_stats == (0 if method == "tucker" else 12)
     stats_ids, eval_ids = ids[:12], ids[12:]
     for rho in (0.5, 0.7):
         other = copy.deepcopy(model)
-        provider = _provider(other, stats_ids) if method == "whiten" else None
+        provider = _provider(other, stats_ids) if method != "tucker" else None
+        if gradients:
+            provider.fisher = FisherStatsProvider(other, adapter, ids, spec)
+        if method == "fwsvd":
+            provider = provider.fisher
         decompose_model(other, spec, ranks=options[2][rho], stats_provider=provider, progress=False)
         with torch.no_grad():
             z = other(input_ids=eval_ids).logits.float()

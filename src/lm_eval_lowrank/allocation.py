@@ -573,11 +573,15 @@ def measure_sensitivity(
     stride: int = SENSITIVITY_SCORE_STRIDE,
     cache_dir: Any = None,
     experts: Mapping[str, int] | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The mean next-token loss with one layer compressed at a time, for every (layer, kept fraction) of ``options``.
 
     ``experts``: the paths among the options that are stacked expert projections (path -> number of experts);
     each expert is factored on its own routed tokens, all at the option's rank.
+
+    ``fisher``: the rows' Fisher sums per path (E x out for experts) of a method that weighs its outputs by them
+    (fwsvd, fwhiten), attached to each module's statistics.
 
     Data: the last ``eval_tokens`` worth of calibration sequences (at most a quarter of
     them) are scored and never enter the statistics; the measurement fits whiten/rom to the
@@ -594,7 +598,7 @@ def measure_sensitivity(
     dense ones (the same objects) put back. ``cache_dir`` keeps the result as JSON.
     """
     from .decompose import _module_seed, _set_submodule, check_experts_contract
-    from .methods import get_method, needs_calibration
+    from .methods import get_method, needs_calibration, with_output_fisher
     from .modules import LowRankExpertWeights, LowRankLinear, dense_weight_of, expert_matrices, install_expert_weights, restore_expert_weights, stacked_expert
 
     start = time.perf_counter()
@@ -665,6 +669,8 @@ def measure_sensitivity(
             group = options.get(index0 + 1)
             paths = sorted({p for r in (group or {}).values() for p in r})
             stats = _run_collect(model, layer, st, paths, [p for p in paths if p in experts]) if calibrated else {}  # also moves st past this (dense) layer
+            if fisher is not None:
+                stats = with_output_fisher(stats, fisher)
             if group:
                 factors = {}
                 for p in paths:
@@ -747,9 +753,13 @@ def allocate_measured(
         from .assets import cache_root
 
         cache_dir = cache_root() / "sensitivity" / stats_provider.model_key
+    from .calibration import FisherStatsProvider
+
+    # fwsvd's provider is the gradient pass itself; fwhiten's sequential provider carries one
+    gradients = stats_provider if isinstance(stats_provider, FisherStatsProvider) else getattr(stats_provider, "fisher", None)
     table = measure_sensitivity(
         spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir,
-        experts={c.path: c.experts for c in cands if c.experts},
+        experts={c.path: c.experts for c in cands if c.experts}, fisher=None if gradients is None else gradients.row_sums(model),
     )  # fmt: skip
     by_path = {c.path: c for c in cands}
     increase = {L: {rho: v - table["dense_loss"] for rho, v in row.items()} for L, row in table["loss"].items()}

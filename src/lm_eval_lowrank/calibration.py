@@ -43,14 +43,14 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .methods import LayerStats
+from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import FACTOR_FIELDS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
 
@@ -765,7 +765,7 @@ class SequentialStatsProvider:
         if found is not None:
             self.hits += 1
             self.seconds += time.perf_counter() - start
-            return self._with_fisher(model, layer, targets, self._blend(found))
+            return self._with_fisher(model, self._blend(found))
         self.misses += 1
         self._advance(model, index0)
         out, tokens = self._compute(model, index0, paths, reference, experts)
@@ -776,22 +776,11 @@ class SequentialStatsProvider:
         blended = self._blend(out)
         for p, n in experts.items():  # one entry per expert, None for an expert no calibration token reached
             blended[p] = [blended.pop(f"{p}#{e}", None) for e in range(n)]
-        return self._with_fisher(model, layer, targets, blended)
+        return self._with_fisher(model, blended)
 
-    def _with_fisher(self, model: nn.Module, layer: int, targets: list[Any], stats: dict[str, Any]) -> dict[str, Any]:
-        """Each entry with its rows' Fisher sums (a copy: siblings that share inputs have different outputs). An
-        expert with inputs but no gradient is solved data-free (None), like one no token reached."""
-        if self.fisher is None:
-            return stats
-        fisher = self.fisher.layer_stats(model, layer, targets)
-        out: dict[str, Any] = {}
-        for p, s in stats.items():
-            f = fisher.get(p)
-            if isinstance(s, list):
-                out[p] = [None if se is None or fe is None else replace(se, output_fisher=fe.output_fisher) for se, fe in zip(s, f or [None] * len(s))]
-            else:
-                out[p] = replace(s, output_fisher=f.output_fisher) if f is not None else s
-        return out
+    def _with_fisher(self, model: nn.Module, stats: dict[str, Any]) -> dict[str, Any]:
+        """Each entry with its rows' Fisher sums, when this provider carries a gradient pass (fwhiten)."""
+        return stats if self.fisher is None else with_output_fisher(stats, self.fisher.row_sums(model))
 
     def _blend(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """cross_cov = C + target * (P - C): the cross-covariance against the blended reference input."""
@@ -1180,9 +1169,16 @@ class FisherStatsProvider:
         self._fisher, self._tokens = fisher, tokens
         self.seconds = time.perf_counter() - start
 
-    def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
+    def row_sums(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{path: f} for every candidate module (E x out for stacked experts); the pass runs at the first call,
+        which must come before any module is replaced."""
         if self._fisher is None:
             self._compute(model)
+        assert self._fisher is not None
+        return self._fisher
+
+    def layer_stats(self, model: nn.Module, layer: int, targets: list[Any]) -> dict[str, LayerStats]:
+        self.row_sums(model)
         assert self._fisher is not None
         out: dict[str, Any] = {}
         for t in targets:

@@ -368,8 +368,8 @@ class DecompositionSpec:
             raise SpecError(f"rank={format_rank(self.rank, self.rank_overrides)!r} and budget={self.budget} exclude each other; give one")
         if self.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", "wikitext_local")
-        if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator in ("sensitivity", "output_error"):
-            raise SpecError(f"allocator={self.allocator!r} is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which these allocators do not measure; valid: uniform, tail")
+        if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator == "output_error":
+            raise SpecError(f"allocator='output_error' is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which that proxy does not; valid: uniform, tail, sensitivity")
 
     @property
     def is_noop(self) -> bool:

@@ -7,8 +7,8 @@ Every method maps a weight W (out x in) plus optional calibration statistics to
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,21 @@ class LayerStats:
     # Factorisations of input_cov, kept with the statistics: q, k and v (gate and up) share one
     # LayerStats, so its Cholesky is computed once for them (see methods.covariance.factor_of).
     derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def with_output_fisher(stats: Mapping[str, Any], fisher: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Each entry of ``stats`` (a list per expert for stacked experts) with its rows' Fisher sums, as a copy:
+    modules that share inputs share one entry, but not their outputs. An expert without inputs or without a
+    gradient gets None (solved data-free)."""
+    out: dict[str, Any] = {}
+    for p, s in stats.items():
+        f = fisher.get(p)
+        if isinstance(s, list):
+            rows = list(f) if f is not None else [None] * len(s)
+            out[p] = [None if se is None or fe is None or float(fe.max()) <= 0 else replace(se, output_fisher=fe) for se, fe in zip(s, rows)]
+        else:
+            out[p] = s if f is None else replace(s, output_fisher=f)
+    return out
 
 
 # name -> fn(weight, rank, stats, **options) -> Factors
