@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict] = {
     "b0.9 tail whiten": {"method": "whiten", "budget": 0.9, "allocator": "tail"},
     "b0.9 output_error whiten": {"method": "whiten", "budget": 0.9, "allocator": "output_error"},
     "b0.9 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity"},
+    "b0.9 sensitivity(measured) fwhiten": {"method": "fwhiten", "budget": 0.9, "allocator": "sensitivity"},
     "b0.8 uniform tucker": {"method": "tucker", "budget": 0.8},
     "b0.8 uniform rom": {"method": "rom", "budget": 0.8},
     "b0.8 uniform whiten": {"method": "whiten", "budget": 0.8},
