@@ -1019,9 +1019,7 @@ class SequentialStatsProvider:
     def release(self) -> None:
         """Drop the held hidden states and dense modules (call after decomposition to return their memory)."""
         self._reset()
-        self._last = -1
-        if self.fisher is not None:
-            self.fisher.release()
+        self._last = -1  # the Fisher row sums stay: small, and taken from the dense model, which is gone by now
 
 
 def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
@@ -1046,7 +1044,7 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
         elif owner is not None and found.dim() == 3 and is_experts_module(owner):
             weights[p] = (found, bool(owner.is_transposed))
         else:
-            raise SpecError(f"method='fwsvd': {p} is neither a linear module nor a stacked expert projection")
+            raise SpecError(f"the gradient pass (fwsvd, fwhiten): {p} is neither a linear module nor a stacked expert projection")
     saved = [(q, q.requires_grad, q.grad) for q in model.parameters()]  # put back as they were, grads included
     was_training = model.training
     device = next(model.parameters()).device
@@ -1095,7 +1093,7 @@ class FisherStatsProvider:
 
     A module's row sums depend only on the dense weights and the calibration sequences, not on which other modules
     are targeted, so the cache holds them per module under (model, data, dtype): a later configuration computes
-    only the modules it has not seen, and a sweep over layer sets pays for each layer's gradients once.
+    only the modules it has not seen, and a sweep over ranks on the same layers pays for the gradients once.
     """
 
     def __init__(
