@@ -424,7 +424,7 @@ def test_report_plots_error_bars_from_the_documents_scores(tmp_path: Path, monke
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_gives_the_latency_change_its_paired_interval() -> None:
+def test_report_gives_the_latency_change_its_paired_interval(tmp_path: Path) -> None:
     """Δlatency carries the paired interval of the rows' timed calls: one that ran 20 % slower on every batch
     (in 3 %-noisy calls) gets an interval around +20 % that excludes 0; rows without the calls, or with other
     batches, keep the bare change."""
@@ -454,3 +454,25 @@ def test_report_gives_the_latency_change_its_paired_interval() -> None:
     assert change == pytest.approx(100 * (rows[1]["seconds_per_token"] / rows[0]["seconds_per_token"] - 1), abs=0.05)
     assert 0 < lower < change < upper and lower < 20 < upper
     assert re.fullmatch(r"\S+%", cells["bare"]) and re.fullmatch(r"\S+%", cells["other"]) and cells["dense"] == "0.0%"
+
+    # the efficiency plot draws the same interval as an error bar, for the one row that has it
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    import matplotlib.pyplot as plt
+
+    from lm_eval_lowrank import report
+
+    calls: list = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, *a, **k):
+        calls.append((a, k.get("yerr")))
+        return real(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(matplotlib.axes.Axes, "errorbar", spy)
+        report._efficiency_plot(plt, rows, tmp_path / "e.png", "t")
+    ((xs, ys), (below, above)), = calls
+    assert xs == (10.0,) and ys[0] == pytest.approx(change, abs=0.05)
+    assert ys[0] - below[0] == pytest.approx(lower, abs=0.05) and ys[0] + above[0] == pytest.approx(upper, abs=0.05)

@@ -69,14 +69,20 @@ def _interval(dense: Mapping[str, Any], row: Mapping[str, Any], z: float) -> str
     return "n/a" if bounds is None else f"{100 * bounds[0]:+.1f} .. {100 * bounds[1]:+.1f}"
 
 
-def _latency_change(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
-    """The change in seconds per token against dense, with its paired interval where both rows kept their timed
-    calls and timed the same batches."""
-    cell = _pct(_rel(row, dense, "seconds_per_token"), 1)
-    if row is dense or cell == "n/a" or not (row.get("latency_calls") and dense.get("latency_calls")):
-        return cell
+def latency_interval(row: Mapping[str, Any], dense: Mapping[str, Any]) -> LatencyRatio | None:
+    """The row's latency ratio to dense with its paired interval, where both kept their timed calls and timed the
+    same batches."""
+    if row is dense or not (row.get("latency_calls") and dense.get("latency_calls")):
+        return None
     got = latency_ratio(dense["latency_calls"], row["latency_calls"], INTERVAL_LEVEL)
-    return f"{cell} [{100 * (got.lower - 1):+.1f}, {100 * (got.upper - 1):+.1f}]" if isinstance(got, LatencyRatio) else cell
+    return got if isinstance(got, LatencyRatio) else None
+
+
+def _latency_change(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
+    """The change in seconds per token against dense, with its paired interval where there is one."""
+    cell = _pct(_rel(row, dense, "seconds_per_token"), 1)
+    got = latency_interval(row, dense) if cell != "n/a" else None
+    return cell if got is None else f"{cell} [{100 * (got.lower - 1):+.1f}, {100 * (got.upper - 1):+.1f}]"
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -177,6 +183,8 @@ def _accuracy_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Sequence
 
 
 def _efficiency_plot(plt: Any, group: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Latency, energy and memory change against parameter reduction; latency with its paired 95 % error bars
+    where the rows kept their timed calls."""
     dense = _dense(group)
     comp = [r for r in group if r.get("spec")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -188,10 +196,15 @@ def _efficiency_plot(plt: Any, group: Sequence[Mapping[str, Any]], path: Path, t
                 continue
             rel = _rel(r, dense, key) if dense else None
             if rel is not None:
-                pts.append((100 * r["param_reduction"], 100 * rel))
+                interval = latency_interval(r, dense) if key == "seconds_per_token" and dense else None
+                pts.append((100 * r["param_reduction"], 100 * rel, interval))
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys, _ = zip(*pts)
             ax.scatter(xs, ys, alpha=0.75)
+            bars = [(x, y, 100 * (i.ratio - i.lower), 100 * (i.upper - i.ratio)) for x, y, i in pts if i is not None]
+            if bars:
+                bx, by, below, above = zip(*bars)
+                ax.errorbar(bx, by, yerr=[below, above], fmt="none", ecolor="C0", alpha=0.4, capsize=2)
             hi = max(xs)
             ax.plot([0, hi], [0, -0.5 * hi], ls=":", color="grey", label="paper: -0.5% per 1% params")
             ax.plot([0, hi], [0, -hi], ls="--", color="lightgrey", label="proportional: -1% per 1%")
