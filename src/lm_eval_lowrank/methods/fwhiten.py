@@ -27,9 +27,8 @@ import torch
 
 from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import WhiteningError, all_finite, check_stats, factor_of
-from .tucker import reciprocal_singular_values, truncated_svd
-from .whiten import whitened_target
+from .covariance import all_finite
+from .whiten import whitened_factors
 
 FISHER_FLOOR = 1e-6  # of the mean row sum: keeps D^-1 finite for rows no gradient reached
 
@@ -51,35 +50,6 @@ def fisher_row_weights(weight: torch.Tensor, stats: LayerStats | None, dtype: to
 def fwhiten_method(
     weight: torch.Tensor, rank: int, stats: LayerStats | None = None, solver: str = "auto", seed: int = 0, solver_tol: float | None = None, **_: object
 ) -> Factors:
-    """Truncated SVD of D W S (or D W P^T S^-T), D^-1 folded into the left factor and S^-1 never applied
-    without a cross-covariance."""
-    C = check_stats("fwhiten", weight, stats, rank)
-    P = stats.cross_cov if stats is not None else None
-    if P is not None and (P.shape != C.shape or not all_finite(P)):
-        raise SpecError(f"method='fwhiten': cross-covariance has shape {tuple(P.shape)} or non-finite entries, expected finite {tuple(C.shape)}")
-    S, lam, dtype = factor_of(stats, device=weight.device)
-    W = weight.to(dtype)
-    d = fisher_row_weights(W, stats, dtype)
-    target = d[:, None] * whitened_target(W, S, P)
-    svd = truncated_svd(target, rank, solver=solver, seed=seed, dtype=dtype, tol=solver_tol)
-    inv_s = reciprocal_singular_values(svd.S, tuple(target.shape))
-    if P is None:  # right^T = diag(1/s) U_r^T D W: target S^-1 = D W
-        right = (W.mT @ (d[:, None] * svd.U)) * inv_s
-    else:  # right^T = diag(1/s) U_r^T target S^-1
-        right = torch.linalg.solve_triangular(S.mT, (target.mT @ svd.U) * inv_s, upper=True)
-    left = svd.U / d[:, None]
-    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):  # pragma: no cover - excluded by the floor and the pivot check
-        raise WhiteningError("calib: Fisher-weighted whitening produced non-finite factors; use method=whiten")
-    out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    return Factors(
-        left=left.to(out_dtype).contiguous(),
-        core=torch.diag(svd.S).to(out_dtype),
-        right=right.to(out_dtype).contiguous(),
-        info={
-            "solver": f"fwhiten-{svd.solver}",
-            "whiten_lambda": lam,
-            "whiten_dtype": str(dtype).removeprefix("torch."),
-            "whiten_target": "compressed" if P is None else "dense",
-            **({"sv_error_bound": svd.error_bound} if svd.error_bound is not None else {}),
-        },
-    )
+    """Truncated SVD of D W S (or D W P^T S^-T), D^-1 folded into the left factor; S^-1 is never applied without a
+    cross-covariance."""
+    return whitened_factors("fwhiten", weight, rank, stats, lambda W, dtype: fisher_row_weights(W, stats, dtype), solver=solver, seed=seed, solver_tol=solver_tol)
