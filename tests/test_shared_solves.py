@@ -67,7 +67,8 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
         model, tok = _load(folder)
         # whiten fits a blend with the dense model's outputs (calib_target 0.25): the cross sums are split too
         budgets = {k: {**ROM, "budget": 0.6, "allocator": k, "rank": None} for k in ("output_error", "sensitivity")}
-        spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "asvd": {**ROM, "method": "asvd"}, "cache_split": {**TUCKER, "cache": True}, **budgets}.get(scenario, TUCKER)
+        gradients = {m: {**ROM, "method": m} for m in ("fwsvd", "fwhiten")}  # the gradient pass's sequences are split too
+        spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "asvd": {**ROM, "method": "asvd"}, "cache_split": {**TUCKER, "cache": True}, **budgets, **gradients}.get(scenario, TUCKER)
         model_id = folder if scenario == "cache_split" else None
     report = compress_model(model, spec, tokenizer=tok, model_id=model_id, progress=False, shard=shard)
     products = {n: (m.last @ m.first).detach() for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -77,6 +78,7 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
         "shared": report.shared_solves,
         "cache_hit": bool((report.cache or {}).get("hit")),
         "calibration_shared": (report.calibration or {}).get("shared"),
+        "fisher_shared": ((report.calibration or {}).get("fisher") or {}).get("shared"),
         "products": products,
     }
 
@@ -105,7 +107,7 @@ def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> N
     from lm_eval_lowrank.decompose import ProcessShard
 
     results = {"sum_keys": _sum_keys(rank, ProcessShard.create())}
-    for scenario in ("tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "failure"):
+    for scenario in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "failure"):
         os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only cache_split reads it: rank 0's holds the entry
         if scenario == "failure" and rank == 1:
             methods._load_builtin()
@@ -134,7 +136,7 @@ def two_processes(tmp_path_factory, smollm2_dir):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity")}
+        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity")}
         import os
 
         old = os.environ.get("LM_EVAL_LOWRANK_CACHE")
@@ -167,13 +169,16 @@ def two_processes(tmp_path_factory, smollm2_dir):
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
 # output_error and sensitivity: budget allocators whose calibrated passes come before the decomposition
-@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "asvd", "experts", "experts_rom", "output_error", "sensitivity"])
+@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity"])
 def test_shared_solves_give_one_process_factors(two_processes, scenario):
     solo, (r0, r1) = two_processes
     assert solo[scenario]["digest"] is not None
     assert r0[scenario]["digest"] == r1[scenario]["digest"]  # every process holds the same factors
+    # the gradient pass runs one sequence at a time: 16 of the 32 in each process
+    by_sequence = {"processes": 2, "batches_per_process": [16, 16]}
+    assert r0[scenario]["fisher_shared"] == (by_sequence if scenario == "fwhiten" else None)
     if scenario != "tucker" and scenario != "experts":  # calibration batches split: the sums differ from one process's in round-off only
-        assert r0[scenario]["calibration_shared"] == {"processes": 2, "batches_per_process": [2, 2]}
+        assert r0[scenario]["calibration_shared"] == (by_sequence if scenario == "fwsvd" else {"processes": 2, "batches_per_process": [2, 2]})
         assert r0[scenario]["products"].keys() == solo[scenario]["products"].keys()
         for name, product in solo[scenario]["products"].items():
             torch.testing.assert_close(r0[scenario]["products"][name], product, rtol=1e-4, atol=1e-5, msg=name)

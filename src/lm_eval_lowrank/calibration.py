@@ -542,6 +542,8 @@ class SequentialStatsProvider:
     def unshare(self) -> None:
         """Calibrate on every batch in this process alone from now on (the others stopped calibrating)."""
         self.shard = None
+        if self.fisher is not None:
+            self.fisher.unshare()
         self.release()
 
     def _capture(self, model: nn.Module) -> None:
@@ -1013,7 +1015,7 @@ class SequentialStatsProvider:
             out["allocation"] = self.allocation
         if self.fisher is not None:
             fisher = self.fisher.describe()
-            out["fisher"] = {"statistics": fisher["statistics"], "cache": fisher["cache"], "seconds": fisher["seconds"]}
+            out["fisher"] = {k: fisher[k] for k in ("statistics", "cache", "seconds", "shared") if k in fisher}
         return out
 
     def release(self) -> None:
@@ -1089,7 +1091,8 @@ class FisherStatsProvider:
 
     The pass runs at the first request, before any module is replaced, for every module the spec's layers and
     tensors select, at once (a pass per layer would cost a forward and backward of the whole model each; under a
-    budget the ranks are not chosen yet). Data-parallel processes each run the whole pass and get the same sums.
+    budget the ranks are not chosen yet). Data-parallel processes (``shard``) split the sequences round robin and
+    add up their sums (all-reduce over gloo): every process ends with the same bits.
 
     A module's row sums depend only on the dense weights and the calibration sequences, not on which other modules
     are targeted, so the cache holds them per module under (model, data, dtype): a later configuration computes
@@ -1105,10 +1108,13 @@ class FisherStatsProvider:
         record: dict[str, Any] | None = None,
         cache_dir: Path | None = None,
         model_key: str | None = None,
+        shard: Any = None,
     ) -> None:
         self.adapter = adapter
         self.input_ids = input_ids
         self.spec = spec
+        self.shard = shard  # data-parallel processes (decompose.ProcessShard) that split the sequences
+        self.sequences_per_process: list[int] | None = None  # set when the pass was split
         self.record = dict(record or {})
         self.allocation: dict[str, Any] | None = None
         self.seconds = 0.0
@@ -1157,10 +1163,23 @@ class FisherStatsProvider:
         stored, tokens = self._read_cache(cache)
         wanted = [p for p, _ in paths]
         missing = [p for p in wanted if p not in stored]
-        fisher = {p: stored[p] for p in wanted if p in stored}
+        if self.shard is not None:  # the processes compute the same modules, whatever each one's cache held
+            union = set().union(*self.shard.all_gather(missing))
+            missing = [p for p in wanted if p in union]
+        fisher = {p: stored[p] for p in wanted if p in stored and p not in missing}
         self.hits, self.misses = len(fisher), len(missing)
         if missing:
-            fresh, tokens = fisher_row_sums(model, missing, self.input_ids)
+            n, world = self.input_ids.shape[0], self.shard.world if self.shard is not None else 1
+            split = self.shard is not None and n >= world
+            ids = self.input_ids[self.shard.rank :: world] if split else self.input_ids
+            fresh, _ = fisher_row_sums(model, missing, ids)
+            if split:
+                import torch.distributed as dist
+
+                for p in missing:  # the same order in every process
+                    dist.all_reduce(fresh[p], group=self.shard.group)
+                self.sequences_per_process = [len(range(r, n, world)) for r in range(world)]
+            tokens = int(self.input_ids.numel())
             fisher.update(fresh)
             if cache is not None:
                 self._write_cache(cache, fresh, tokens)
@@ -1189,8 +1208,9 @@ class FisherStatsProvider:
                 out[t.path] = [LayerStats(None, self._tokens, output_fisher=fe) if float(fe.max()) > 0 else None for fe in f]
         return out
 
-    def unshare(self) -> None:  # every process computes the whole pass: nothing is split
-        pass
+    def unshare(self) -> None:
+        """Run the whole pass in this process alone (the others stopped calibrating)."""
+        self.shard = None
 
     def describe(self) -> dict[str, Any]:
         out = dict(self.record)
@@ -1201,6 +1221,8 @@ class FisherStatsProvider:
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),
         )
+        if self.sequences_per_process is not None:
+            out["shared"] = {"processes": len(self.sequences_per_process), "batches_per_process": self.sequences_per_process}
         if self.allocation is not None:
             out["allocation"] = self.allocation
         return out
@@ -1236,7 +1258,7 @@ def build_stats_provider(
     record["data_dir"] = str(root)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
-    fisher = FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key) if spec.method in GRADIENT_METHODS else None
+    fisher = FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key, shard=shard) if spec.method in GRADIENT_METHODS else None
     if spec.method in GRADIENT_ONLY_METHODS:
         return fisher
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
