@@ -739,6 +739,8 @@ class SequentialStatsProvider:
         With ``target`` > 0 and anything compressed upstream of these inputs, each also
         carries ``cross_cov`` (see the class) against the dense model's inputs.
         """
+        if self.fisher is not None:  # first, while nothing is compressed and no hidden states are held: the peaks do not add
+            self.fisher.row_sums(model)
         start = time.perf_counter()
         index0 = layer - 1
         if index0 < self._last:
