@@ -753,10 +753,7 @@ def allocate_measured(
         from .assets import cache_root
 
         cache_dir = cache_root() / "sensitivity" / stats_provider.model_key
-    from .calibration import FisherStatsProvider
-
-    # fwsvd's provider is the gradient pass itself; fwhiten's sequential provider carries one
-    gradients = stats_provider if isinstance(stats_provider, FisherStatsProvider) else getattr(stats_provider, "fisher", None)
+    gradients = getattr(stats_provider, "fisher", None)  # the gradient pass of fwsvd and fwhiten
     table = measure_sensitivity(
         spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir,
         experts={c.path: c.experts for c in cands if c.experts}, fisher=None if gradients is None else gradients.row_sums(model),

@@ -1188,6 +1188,11 @@ class FisherStatsProvider:
         self._fisher, self._tokens = fisher, tokens
         self.seconds = time.perf_counter() - start
 
+    @property
+    def fisher(self) -> FisherStatsProvider:
+        """The gradient pass, as a sequential provider carrying one names it (fwsvd's provider is the pass itself)."""
+        return self
+
     def row_sums(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """{path: f} for every candidate module (E x out for stacked experts); the pass runs at the first call,
         which must come before any module is replaced."""

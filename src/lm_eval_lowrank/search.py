@@ -197,6 +197,7 @@ class SearchResult:
     # feasible candidates whose latency is not distinguishably above the fastest's: (candidate, its ratio to it)
     latency_ties: list[tuple[Evaluation, LatencyRatio]] = field(default_factory=list)
     fastest: Evaluation | None = None  # the feasible candidate with the lowest objective (best unless a tie-break)
+    latency_level: float = 0.95  # the level of the latency intervals
 
     @property
     def feasible(self) -> list[Evaluation]:
@@ -392,5 +393,5 @@ def search(
         notes.append(f"no candidate stays within tolerance {tolerance:g}{shown}: keep the dense model")
     return SearchResult(
         best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes,
-        latency_vs_dense=vs_dense, latency_ties=ties, fastest=fastest,
+        latency_vs_dense=vs_dense, latency_ties=ties, fastest=fastest, latency_level=level,
     )

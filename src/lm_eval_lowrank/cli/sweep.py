@@ -217,7 +217,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, tie_break: str, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..latency_stats import LatencyRatio
-    from ..search import TIE_LEVEL, default_candidates, parse_objective, pareto_front
+    from ..search import default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
     from ..sweep import model_info
 
@@ -270,7 +270,7 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         level = f"{confidence}{' family-wise' if family_wise else ''}"
         bound = f" (upper {level} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
         click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
-        pct = f"{(confidence if confidence is not None else TIE_LEVEL):.0%}"
+        pct = f"{res.latency_level:.0%}"
         vs = res.latency_vs_dense
         if isinstance(vs, LatencyRatio):
             click.echo(f"latency vs dense: {vs.ratio:.3f} [{vs.lower:.3f}, {vs.upper:.3f}] ({pct} interval, paired over {vs.calls} batches)")
