@@ -68,6 +68,9 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
         # whiten fits a blend with the dense model's outputs (calib_target 0.25): the cross sums are split too
         budgets = {k: {**ROM, "budget": 0.6, "allocator": k, "rank": None} for k in ("output_error", "sensitivity")}
         gradients = {m: {**ROM, "method": m} for m in ("fwsvd", "fwhiten")}  # the gradient pass's sequences are split too
+        # the Fisher row-sum cache: seeded with layer 2's modules in rank 0's cache only, then layers 2 and 4
+        gradients["fisher_cache_seed"] = {**ROM, "method": "fwsvd", "cache": True, "layers": "2"}
+        gradients["fisher_cache_split"] = {**ROM, "method": "fwsvd", "cache": True}
         spec = {"rom": ROM, "whiten": {**ROM, "method": "whiten"}, "asvd": {**ROM, "method": "asvd"}, "cache_split": {**TUCKER, "cache": True}, **budgets, **gradients}.get(scenario, TUCKER)
         model_id = folder if scenario == "cache_split" else None
     report = compress_model(model, spec, tokenizer=tok, model_id=model_id, progress=False, shard=shard)
@@ -79,6 +82,7 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
         "cache_hit": bool((report.cache or {}).get("hit")),
         "calibration_shared": (report.calibration or {}).get("shared"),
         "fisher_shared": ((report.calibration or {}).get("fisher") or {}).get("shared"),
+        "calibration_cache": (report.calibration or {}).get("cache"),
         "products": products,
     }
 
@@ -107,8 +111,8 @@ def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> N
     from lm_eval_lowrank.decompose import ProcessShard
 
     results = {"sum_keys": _sum_keys(rank, ProcessShard.create())}
-    for scenario in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "failure"):
-        os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only cache_split reads it: rank 0's holds the entry
+    for scenario in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "fisher_cache_split", "failure"):
+        os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only the *cache_split scenarios read it: rank 0's holds entries
         if scenario == "failure" and rank == 1:
             methods._load_builtin()
             tucker = methods._REGISTRY["tucker"]
@@ -143,6 +147,7 @@ def two_processes(tmp_path_factory, smollm2_dir):
         os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[0]
         try:
             solo["cache_split"] = _decompose("cache_split", folder, None)  # writes rank 0's cache entry
+            solo["fisher_cache_seed"] = _decompose("fisher_cache_seed", folder, None)  # layer 2's row sums, rank 0's only
         finally:
             if old is None:
                 os.environ.pop("LM_EVAL_LOWRANK_CACHE")
@@ -255,3 +260,20 @@ def test_decompose_cli_under_torchrun_writes_the_one_process_checkpoint(tmp_path
     assert two.stdout.count("saved ") == 1 and "solves shared by 2 processes" in two.stdout, two.stdout
     name = "lowrank_model.safetensors"
     assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
+def test_processes_whose_fisher_caches_differ_compute_the_same_modules(two_processes):
+    """Rank 0's cache holds layer 2's row sums, rank 1's none: both compute every module of layers 2 and 4 together
+    (the union of what each lacks), or their all-reduces would not match."""
+    solo, (r0, r1) = two_processes
+    assert solo["fisher_cache_seed"]["calibration_cache"]["misses"] == 7
+    a, b = r0["fisher_cache_split"], r1["fisher_cache_split"]
+    assert "error" not in a and "error" not in b, (a, b)
+    assert a["digest"] == b["digest"]
+    assert a["calibration_cache"]["misses"] == b["calibration_cache"]["misses"] == 14 and a["calibration_cache"]["hits"] == 0
+    assert a["calibration_shared"] == {"processes": 2, "batches_per_process": [16, 16]}
+    for name, product in solo["fwsvd"]["products"].items():
+        torch.testing.assert_close(a["products"][name], product, rtol=1e-4, atol=1e-5, msg=name)
