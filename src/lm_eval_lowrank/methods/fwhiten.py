@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import SpecError
 from . import Factors, LayerStats, register_method
-from .covariance import all_finite
+from .fwsvd import checked_fisher
 from .whiten import whitened_factors
 
 FISHER_FLOOR = 1e-6  # of the mean row sum: keeps D^-1 finite for rows no gradient reached
@@ -35,14 +34,7 @@ FISHER_FLOOR = 1e-6  # of the mean row sum: keeps D^-1 finite for rows no gradie
 
 def fisher_row_weights(weight: torch.Tensor, stats: LayerStats | None, dtype: torch.dtype) -> torch.Tensor:
     """d_i = sqrt(max(f_i, floor * mean f)) for the output rows of ``weight``."""
-    f = None if stats is None else stats.output_fisher
-    if f is None:
-        raise SpecError("method='fwhiten' needs the Fisher information of each output row (calibration with gradients); these statistics hold none")
-    if f.shape != (weight.shape[0],):
-        raise SpecError(f"method='fwhiten': the Fisher row sums have shape {tuple(f.shape)}, expected ({weight.shape[0]},)")
-    f = f.to(device=weight.device, dtype=dtype)
-    if not all_finite(f) or float(f.min()) < 0 or float(f.max()) <= 0:
-        raise SpecError("method='fwhiten': the Fisher row sums of this module are zero, negative or non-finite (no gradient reached it)")
+    f = checked_fisher("fwhiten", weight, stats).to(device=weight.device, dtype=dtype)
     return f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
 
 

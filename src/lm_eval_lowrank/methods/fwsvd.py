@@ -23,17 +23,22 @@ from . import Factors, LayerStats, register_method
 from .tucker import reciprocal_singular_values, truncated_svd
 
 
-def row_scales(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
-    """d_i = sqrt(f_i) (fp64), f_i the Fisher information of output row i summed over its inputs."""
+def checked_fisher(name: str, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    """The rows' Fisher sums f of ``stats`` (fp64), checked against ``weight`` (one-line errors naming the method)."""
     f = None if stats is None else stats.output_fisher
     if f is None:
-        raise SpecError("method='fwsvd' needs the Fisher information of each output row (calibration with gradients); these statistics hold none")
+        raise SpecError(f"method={name!r} needs the Fisher information of each output row (calibration with gradients); these statistics hold none")
     if f.shape != (weight.shape[0],):
-        raise SpecError(f"method='fwsvd': the Fisher row sums have shape {tuple(f.shape)}, expected ({weight.shape[0]},)")
+        raise SpecError(f"method={name!r}: the Fisher row sums have shape {tuple(f.shape)}, expected ({weight.shape[0]},)")
     f = f.to(torch.float64)
     if not bool(torch.isfinite(f).all()) or float(f.min()) < 0 or float(f.max()) <= 0:
-        raise SpecError("method='fwsvd': the Fisher row sums of this module are zero, negative or non-finite (no gradient reached it)")
-    return f.sqrt()
+        raise SpecError(f"method={name!r}: the Fisher row sums of this module are zero, negative or non-finite (no gradient reached it)")
+    return f
+
+
+def row_scales(weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    """d_i = sqrt(f_i) (fp64), f_i the Fisher information of output row i summed over its inputs."""
+    return checked_fisher("fwsvd", weight, stats).sqrt()
 
 
 @register_method("fwsvd", needs_calibration=True)
