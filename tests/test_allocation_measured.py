@@ -218,7 +218,7 @@ def test_errors_are_one_line(constructed):
     model, ids = constructed
     with pytest.raises(SpecError) as err:
         DecompositionSpec.from_args({"budget": 0.8, "allocator": "measured"})
-    assert str(err.value) == "allocator='measured' is invalid: valid: uniform, tail, sensitivity, output_error"
+    assert str(err.value) == "allocator='measured' is invalid: valid: uniform, tail, sensitivity, output_error, fisher"
     spec = DecompositionSpec.from_args({"method": "tucker", "budget": 0.8, "allocator": "sensitivity"})
     with pytest.raises(SpecError, match="allocator=sensitivity needs calibration tokens"):
         allocate_ranks(spec, model)

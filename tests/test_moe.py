@@ -917,6 +917,37 @@ def test_output_error_budget_ranks_experts_on_their_own_curves(smollm2_dir):
     assert report.params_before - report.params_after == report.plan.params_removed
 
 
+def test_fisher_curve_of_experts_sums_each_experts_own_estimate():
+    """Each expert's estimate uses its own tokens' covariance and its own rows' Fisher sums (which already carry how
+    often the router chose it); an expert without statistics adds nothing."""
+    from lm_eval_lowrank.allocation import experts_fisher_loss_curve, fisher_error_tail
+    from lm_eval_lowrank.methods import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    covs = [(lambda x: x.mT @ x / 40)(torch.randn(40, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+    rows = [torch.rand(6, generator=g, dtype=torch.float64) for _ in range(2)]
+    stats = [LayerStats(covs[0], 40, output_fisher=rows[0]), None, LayerStats(covs[1], 10, output_fisher=rows[1])]
+    curve = experts_fisher_loss_curve(W, stats, "whiten", None, 0.5)
+    expected = sum(0.5 * fisher_error_tail(W[e], c, f, "whiten") / float(torch.trace(c)) for e, c, f in ((0, covs[0], rows[0]), (2, covs[1], rows[1])))
+    torch.testing.assert_close(curve, expected)
+    assert float(curve[-1]) == 0 and float(curve[0]) > 0
+    with pytest.raises(SpecError, match="allocator=fisher needs statistics for every expert projection"):
+        experts_fisher_loss_curve(W, None, "whiten", None, 0.5)
+
+
+def test_fisher_budget_ranks_experts_on_their_loss_estimates(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    model = _model("mixtral", vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    spec = {"budget": 0.6, "allocator": "fisher", "method": "whiten", "calib_n": 6, "calib_len": 16, "cache": False, "tensors": f"q_proj|{EXPERTS}"}
+    report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
+    assert report.allocation["realised_keep"] <= 0.6 and report.allocation["predicted_loss_increase"] > 0
+    assert any(t.experts for t in report.plan.targets)
+    assert report.params_before - report.params_after == report.plan.params_removed
+
+
 def test_bf16_experts_sum_a_tokens_experts_in_fp32_like_transformers_default():
     """Top-8 routing in bf16: summing the eight experts' outputs in bf16 (index_add_) drifted 0.6 % of the output's
     scale from transformers' default grouped forward, which sums in fp32; summed in fp32 it matches."""

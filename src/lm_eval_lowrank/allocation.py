@@ -253,6 +253,59 @@ def error_tail(
     return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
 
 
+def _suffix_block_sums(M: torch.Tensor) -> torch.Tensor:
+    """t[k] = sum of M[i, j] over i, j >= k (k = 0..n), for a square M."""
+    rows = M.flip(0).cumsum(0).flip(0)  # rows[i, j] = sum_{i' >= i} M[i', j]
+    both = rows.flip(1).cumsum(1).flip(1)
+    return torch.cat([both.diagonal(), torch.zeros(1, dtype=M.dtype)])
+
+
+def fisher_error_tail(
+    weight: torch.Tensor, cov: torch.Tensor, fisher: torch.Tensor, method: str, options: Mapping[str, Any] | None = None, abs_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """tail[k] = tr(diag(f) dW_k C dW_k^T) (k = 0..min), dW_k = W - W_k the method's rank-k truncation error, f the
+    rows' Fisher sums: the output error weighed row by row by what the loss does with each output.
+
+    Every method's W_k is a projection of W: P_k W with P_k = U_k U_k^T (rom, whiten: U the eigenvectors of
+    W C W^T; asvd: the left singular vectors of W diag(s)), W V_k V_k^T (fwsvd: V the right singular vectors of
+    D W, D = diag(sqrt f)), D^-1 U_k U_k^T D W (fwhiten: U those of D W C W^T D) or U_k S_k V_k^T (tucker). The
+    tail is then a sum over the dropped directions of an M[i, j] (cross terms included, since D is no
+    multiple of I): for fwsvd and fwhiten it is diagonal, for the others it is (U^T D^2 U) * (U^T W C W^T U).
+    """
+    from .methods.fwhiten import FISHER_FLOOR
+    from .methods.rom import output_principal_basis
+
+    W = weight.detach().to(torch.float64).cpu()
+    C = cov.to(torch.float64).cpu()
+    f = fisher.to(torch.float64).cpu().clamp_min(0)
+    k = min(W.shape)
+    if method == "fwsvd":
+        _, s, Vh = torch.linalg.svd(f.sqrt()[:, None] * W, full_matrices=False)
+        e = s.square() * ((Vh @ C) * Vh).sum(dim=1)
+        return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
+    if method == "fwhiten":  # the floored rows the method weighs by (see methods.fwhiten)
+        d = f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
+        _, e = output_principal_basis(d[:, None] * W, C, 1)
+        e = e[:k]
+        return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
+    if method in ("rom", "whiten"):
+        U, _ = output_principal_basis(W, C, k)
+        M = U.mT @ W
+    elif method == "asvd":
+        from .methods import LayerStats
+        from .methods.asvd import DEFAULT_ALPHA, channel_scales
+
+        opts = options or {}
+        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.to(torch.float64).cpu()), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
+        U = torch.linalg.svd(W * d, full_matrices=False)[0]
+        M = U.mT @ W  # row i: the weight that direction i carries, u_i^T W
+    else:  # tucker: the plain truncated SVD
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        M = s[:, None] * Vh
+    pair = (U.mT * f) @ U * (M @ C @ M.mT)  # (u_i^T D^2 u_j) (m_i^T C m_j)
+    return _suffix_block_sums(pair).clamp_min(0)
+
+
 def _hull_next(c: Candidate, err: torch.Tensor, state: int, adm: list[int], layout: str) -> tuple[float, int] | None:
     """From rank ``state`` (0 = dense), the cheapest error per parameter saved over any lower rank."""
     cur_params = c.params(state, layout)
@@ -320,8 +373,34 @@ def allocate_by_error(cands: list[Candidate], curves: dict[str, torch.Tensor], b
     return ranks, {"proxy": "relative output error on calibration data", "proxy_error_sum": proxy}
 
 
-def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Candidate], stats_provider: Any) -> dict[str, torch.Tensor]:
-    """Per-module error curves from one dense, layer-by-layer calibration pass."""
+def fisher_loss_curve(weight: torch.Tensor, stats: Any, method: str, options: Mapping[str, Any] | None, scale: float) -> torch.Tensor:
+    """loss[k]: the K-FAC estimate of the mean next-token loss increase (nats) when only this module is truncated to
+    rank k. With F ~ (C / tr C) (x) diag(f / N) (its diagonal sums to the rows' Fisher sums per sequence) and the
+    per-token Fisher ~ (T - 1) times the per-sequence one, dL ~ (T - 1) / (2N) tr(diag(f) dW C dW^T) / tr(C);
+    ``scale`` = (T - 1) / (2N)."""
+    if stats is None or stats.input_cov is None or stats.output_fisher is None:
+        raise SpecError("allocator=fisher needs each module's input covariance and its rows' Fisher sums; these statistics lack one")
+    C = stats.input_cov
+    trace = float(C.diagonal().sum())
+    tail = fisher_error_tail(weight, C, stats.output_fisher, method, options, stats.input_abs_mean)
+    return tail * (scale / trace) if trace > 0 else torch.zeros_like(tail)
+
+
+def experts_fisher_loss_curve(weights: torch.Tensor, stats: list[Any] | None, method: str, options: Mapping[str, Any] | None, scale: float) -> torch.Tensor:
+    """The summed estimate over the experts of a stacked projection, each at rank k on its own routed tokens and
+    gradients; an expert that no calibration token reached (or whose gradient is zero) adds nothing."""
+    if stats is None:
+        raise SpecError("allocator=fisher needs statistics for every expert projection")
+    total = torch.zeros(min(weights.shape[-2:]) + 1, dtype=torch.float64)
+    for e, s in enumerate(stats):
+        if s is not None:
+            total += fisher_loss_curve(weights[e], s, method, options, scale)
+    return total
+
+
+def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Candidate], stats_provider: Any, fisher_scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Per-module error curves from one dense, layer-by-layer calibration pass: the relative output error, or with
+    ``fisher_scale`` the K-FAC estimate of the loss increase (:func:`fisher_loss_curve`)."""
     from .modules import dense_weight_of, expert_matrices, stacked_expert
     from .plan import Target
 
@@ -336,6 +415,14 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
             targets = [Target(c.layer, c.tensor, c.path, c.out_features, c.in_features, 1, experts=c.experts) for c in group]
             stats = stats_provider.layer_stats(model, layer, targets)
         for c in group:
+            if fisher_scale is not None:
+                if c.experts:
+                    curves[c.path] = experts_fisher_loss_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method, spec.method_options(), fisher_scale)
+                else:
+                    mod = model.get_submodule(c.path)
+                    W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
+                    curves[c.path] = fisher_loss_curve(W, stats.get(c.path), spec.method, spec.method_options(), fisher_scale)
+                continue
             if c.experts:
                 curves[c.path] = experts_error_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method, spec.method_options())
                 continue
@@ -776,6 +863,27 @@ def allocate_measured(
     }
 
 
+def allocate_by_fisher(
+    spec: DecompositionSpec, model: nn.Module, cands: list[Candidate], stats_provider: Any, multiple: int, layout: str
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Ranks where the summed K-FAC loss estimate is least (the greedy hull of :func:`allocate_by_error`), from one
+    gradient pass (the rows' Fisher sums) and one dense calibration pass (the input covariances)."""
+    gradients = getattr(stats_provider, "fisher", None)
+    if gradients is None or getattr(stats_provider, "layer_stats", None) is None:
+        raise SpecError("allocator=fisher needs calibration data with gradients (a tokenizer and calib=...)")
+    n, length = gradients.input_ids.shape
+    start = time.perf_counter()
+    curves = sensitivity_curves(spec, model, cands, stats_provider, fisher_scale=(length - 1) / (2 * n))
+    ranks, extra = allocate_by_error(cands, curves, spec.budget, multiple, layout)
+    extra.pop("proxy_error_sum")
+    extra.update(
+        proxy="K-FAC estimate of the mean next-token loss increase (nats), each module alone, summed",
+        predicted_loss_increase=round(sum(float(curves[p][r]) for p, r in ranks.items()), 6),
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    return ranks, extra
+
+
 def allocate_ranks(
     spec: DecompositionSpec,
     model: nn.Module,
@@ -805,6 +913,8 @@ def allocate_ranks(
         curves = sensitivity_curves(spec, model, cands, stats_provider)
         ranks, extra = allocate_by_error(cands, curves, spec.budget, m, layout)
         extra["calibrated"] = stats_provider is not None
+    elif spec.allocator == "fisher":
+        ranks, extra = allocate_by_fisher(spec, model, cands, stats_provider, m, layout)
     else:
         raise SpecError(f"allocator={spec.allocator!r} is invalid: valid {', '.join(ALLOCATORS)}")
     info = realised(cands, ranks, spec, layout, count_parameters(model))

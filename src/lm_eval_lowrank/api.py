@@ -18,7 +18,7 @@ import torch.nn as nn
 from .architectures import adapter_for_model, config_side_adapter
 from .decompose import DecompositionReport, ProcessShard, decompose_model
 from .plan import make_plan
-from .spec import DecompositionSpec, SpecError
+from .spec import CALIBRATED_ALLOCATORS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError
 
 
 def as_spec(spec: DecompositionSpec | Mapping[str, Any] | None = None, **kwargs: Any) -> DecompositionSpec:
@@ -113,9 +113,10 @@ def compress_model(
     stats_provider = None
     from .methods import needs_calibration
 
-    if needs_calibration(spec.method) or spec.allocator in ("sensitivity", "output_error") and spec.budget is not None:
+    if needs_calibration(spec.method) or spec.allocator in CALIBRATED_ALLOCATORS and spec.budget is not None:
         if tokenizer is None:
-            raise SpecError(f"method={spec.method!r} needs a tokenizer for its calibration data")
+            who = f"method={spec.method!r}" if needs_calibration(spec.method) else f"allocator={spec.allocator!r}"
+            raise SpecError(f"{who} needs a tokenizer for its calibration data")
         from .calibration import build_stats_provider
 
         stats_provider = build_stats_provider(spec, model, tokenizer, adapter=adapter, model_id=model_id, shard=shard)
@@ -141,11 +142,18 @@ def compress_model(
     if hit is not None:
         hit.allocation = getattr(ranks, "info", None)
         return hit
+    solve_stats = stats_provider  # what the method itself reads
+    if stats_provider is not None and not needs_calibration(spec.method):
+        solve_stats = None  # the statistics served the allocator only: a data-free method needs no second pass
+    elif stats_provider is not None and spec.method in GRADIENT_ONLY_METHODS:
+        solve_stats = stats_provider.fisher  # fwsvd reads the gradient pass, not the allocator's covariances
     try:
-        report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=stats_provider, progress=progress, shard=shard)
+        report = decompose_model(model, spec, adapter=adapter, ranks=ranks, stats_provider=solve_stats, progress=progress, shard=shard)
     finally:
         if stats_provider is not None and hasattr(stats_provider, "release"):
             stats_provider.release()  # drop the held calibration hidden states
+    if stats_provider is not None:
+        report.calibration = stats_provider.describe()  # the allocator's data too
     report.allocation = getattr(ranks, "info", None)
     if cache is not None:
         cache.store(model, report)

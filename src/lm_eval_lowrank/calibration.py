@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
-from .spec import FACTOR_FIELDS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
+from .spec import FACTOR_FIELDS, GRADIENT_ALLOCATORS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
 
 FISHER_VERSION = "1"  # bump when fisher_row_sums changes meaning
 STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
@@ -1265,8 +1265,10 @@ def build_stats_provider(
     record["data_dir"] = str(root)
     cache_dir = cache_root() / "calib" if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
-    fisher = FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key, shard=shard) if spec.method in GRADIENT_METHODS else None
-    if spec.method in GRADIENT_ONLY_METHODS:
+    by_allocator = spec.budget is not None and spec.allocator in GRADIENT_ALLOCATORS  # allocator=fisher: any method
+    gradients = spec.method in GRADIENT_METHODS or by_allocator
+    fisher = FisherStatsProvider(model, adapter, ids, spec, record=record, cache_dir=cache_dir, model_key=key, shard=shard) if gradients else None
+    if spec.method in GRADIENT_ONLY_METHODS and not by_allocator:  # allocator=fisher reads the covariances too
         return fisher
     target = spec.calib_target if uses_reference(spec.method) else 0.0  # rom fits the compressed model's inputs
     return SequentialStatsProvider(

@@ -26,7 +26,9 @@ CALIBRATED_METHODS = ("rom", "whiten", "asvd", "fwsvd", "fwhiten")  # they read 
 GRADIENT_METHODS = ("fwsvd", "fwhiten")  # their statistics include gradients of the LM loss (the rows' Fisher sums)
 GRADIENT_ONLY_METHODS = ("fwsvd",)  # and nothing else: no layer's activations
 METHOD_OPTIONS = {"asvd_alpha": "asvd", "asvd_stat": "asvd"}  # an option of one method -> that method (refused with any other)
-ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error")
+ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error", "fisher")
+CALIBRATED_ALLOCATORS = ("sensitivity", "output_error", "fisher")  # they read calibration data, whatever the method
+GRADIENT_ALLOCATORS = ("fisher",)  # and the gradient pass (the rows' Fisher sums), whatever the method
 LAYOUTS = ("auto", "folded", "tucker")
 ASVD_STATS = ("mean_abs", "rms")  # method=asvd: how a channel's size is measured
 SOLVERS = ("auto", "exact", "gram", "krylov", "randomized")
@@ -369,7 +371,7 @@ class DecompositionSpec:
         if self.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", "wikitext_local")
         if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator == "output_error":
-            raise SpecError(f"allocator='output_error' is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which that proxy does not; valid: uniform, tail, sensitivity")
+            raise SpecError(f"allocator='output_error' is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which that proxy does not; valid: uniform, tail, sensitivity, fisher (the loss-weighted one)")
 
     @property
     def is_noop(self) -> bool:
