@@ -54,6 +54,13 @@ CONFIGS: dict[str, dict] = {
     "b0.9 output_error whiten": {"method": "whiten", "budget": 0.9, "allocator": "output_error"},
     "b0.9 sensitivity(measured) whiten": {"method": "whiten", "budget": 0.9, "allocator": "sensitivity"},
     "b0.9 sensitivity(measured) fwhiten": {"method": "fwhiten", "budget": 0.9, "allocator": "sensitivity"},
+    # The K-FAC loss estimate: one gradient pass and one dense calibration pass, no per-layer measurement.
+    "b0.9 fisher whiten": {"method": "whiten", "budget": 0.9, "allocator": "fisher"},
+    "b0.9 fisher fwhiten": {"method": "fwhiten", "budget": 0.9, "allocator": "fisher"},
+    "b0.9 fisher tucker": {"method": "tucker", "budget": 0.9, "allocator": "fisher"},
+    "b0.9 fisher asvd": {"method": "asvd", "budget": 0.9, "allocator": "fisher"},
+    "b0.9 fisher fwsvd": {"method": "fwsvd", "budget": 0.9, "allocator": "fisher"},
+    "b0.8 fisher whiten": {"method": "whiten", "budget": 0.8, "allocator": "fisher"},
     "b0.8 uniform tucker": {"method": "tucker", "budget": 0.8},
     "b0.8 uniform rom": {"method": "rom", "budget": 0.8},
     "b0.8 uniform whiten": {"method": "whiten", "budget": 0.8},
@@ -184,6 +191,7 @@ def main() -> None:
 
     from lm_eval_lowrank.api import compress_model
     from lm_eval_lowrank.assets import smollm2_path
+    from lm_eval_lowrank.spec import CALIBRATED_ALLOCATORS
 
     path = smollm2_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -203,7 +211,7 @@ def main() -> None:
             if spec:
                 spec.setdefault("calib_n", args.calib_n)
                 spec.setdefault("calib_len", args.calib_len)
-                if spec.get("method") != "tucker" or spec.get("allocator") in ("sensitivity", "output_error"):
+                if spec.get("method") != "tucker" or spec.get("allocator") in CALIBRATED_ALLOCATORS:
                     spec.setdefault("calib", args.calib)
                 if "budget" in spec:
                     spec.setdefault("rank_multiple", args.rank_multiple)
