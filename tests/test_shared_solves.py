@@ -66,7 +66,7 @@ def _decompose(scenario: str, folder: str, shard) -> dict:
     else:
         model, tok = _load(folder)
         # whiten fits a blend with the dense model's outputs (calib_target 0.25): the cross sums are split too
-        budgets = {k: {**ROM, "budget": 0.6, "allocator": k, "rank": None} for k in ("output_error", "sensitivity")}
+        budgets = {k: {**ROM, "budget": 0.6, "allocator": k, "rank": None} for k in ("output_error", "sensitivity", "fisher")}
         gradients = {m: {**ROM, "method": m} for m in ("fwsvd", "fwhiten")}  # the gradient pass's sequences are split too
         # the Fisher row-sum cache: seeded with layer 2's modules in rank 0's cache only, then layers 2 and 4
         gradients["fisher_cache_seed"] = {**ROM, "method": "fwsvd", "cache": True, "layers": "2"}
@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, folder: str, caches: list[str], out: str) -> N
     from lm_eval_lowrank.decompose import ProcessShard
 
     results = {"sum_keys": _sum_keys(rank, ProcessShard.create())}
-    for scenario in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "cache_split", "fisher_cache_split", "failure"):
+    for scenario in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "fisher", "cache_split", "fisher_cache_split", "failure"):
         os.environ["LM_EVAL_LOWRANK_CACHE"] = caches[rank]  # only the *cache_split scenarios read it: rank 0's holds entries
         if scenario == "failure" and rank == 1:
             methods._load_builtin()
@@ -140,7 +140,7 @@ def two_processes(tmp_path_factory, smollm2_dir):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity")}
+        solo = {s: _decompose(s, folder, None) for s in ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "fisher")}
         import os
 
         old = os.environ.get("LM_EVAL_LOWRANK_CACHE")
@@ -173,15 +173,15 @@ def two_processes(tmp_path_factory, smollm2_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo over TCP on localhost")
-# output_error and sensitivity: budget allocators whose calibrated passes come before the decomposition
-@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity"])
+# output_error, sensitivity and fisher: budget allocators whose calibrated passes come before the decomposition
+@pytest.mark.parametrize("scenario", ["tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten", "experts", "experts_rom", "output_error", "sensitivity", "fisher"])
 def test_shared_solves_give_one_process_factors(two_processes, scenario):
     solo, (r0, r1) = two_processes
     assert solo[scenario]["digest"] is not None
     assert r0[scenario]["digest"] == r1[scenario]["digest"]  # every process holds the same factors
     # the gradient pass runs one sequence at a time: 16 of the 32 in each process
     by_sequence = {"processes": 2, "batches_per_process": [16, 16]}
-    assert r0[scenario]["fisher_shared"] == (by_sequence if scenario == "fwhiten" else None)
+    assert r0[scenario]["fisher_shared"] == (by_sequence if scenario in ("fwhiten", "fisher") else None)
     if scenario != "tucker" and scenario != "experts":  # calibration batches split: the sums differ from one process's in round-off only
         assert r0[scenario]["calibration_shared"] == (by_sequence if scenario == "fwsvd" else {"processes": 2, "batches_per_process": [2, 2]})
         assert r0[scenario]["products"].keys() == solo[scenario]["products"].keys()
