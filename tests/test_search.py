@@ -62,9 +62,31 @@ def test_search_cli_rejects_bad_candidate_options(tmp_path) -> None:
     from lm_eval_lowrank.cli import cli
 
     store = str(tmp_path / "s.jsonl")
-    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin"), (["--family-wise"], "--family-wise")):
+    for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin"), (["--family-wise"], "--family-wise"), (["--budgets", "0.9,1"], "--budgets"), (["--budgets", "0.9", "--allocator", "measured"], "--allocator")):
         res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, *args])
-        assert res.exit_code == 2 and hint in res.output, res.output
+        assert res.exit_code == 2 and hint in res.output and "Usage:" not in res.output, res.output
+
+
+def test_budget_candidates_let_the_allocator_place_the_cut() -> None:
+    """A --budgets candidate names no layers of ours: the whole model's matrices, with a rank per module from the
+    allocator; alone they are enough for a search."""
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    cands = default_candidates(30, ranks=(), table4=False, budgets=(0.95, 0.9), method=("tucker", "whiten"))
+    assert {c.name: c.spec for c in cands} == {
+        "budget0.95 fisher [all]": {"budget": "0.95", "allocator": "fisher", "layers": "all", "tensors": "all"},
+        "budget0.9 fisher [all]": {"budget": "0.9", "allocator": "fisher", "layers": "all", "tensors": "all"},
+        "whiten budget0.95 fisher [all]": {"budget": "0.95", "allocator": "fisher", "layers": "all", "tensors": "all", "method": "whiten"},
+        "whiten budget0.9 fisher [all]": {"budget": "0.9", "allocator": "fisher", "layers": "all", "tensors": "all", "method": "whiten"},
+    }
+    for c in cands:
+        spec = DecompositionSpec.from_args(c.spec)
+        assert spec.allocator == "fisher" and spec.budget in (0.95, 0.9) and spec.layers is None
+    assert len(default_candidates(30, ranks=(8,), max_k=2, table4=False, budgets=(0.9,), allocator="sensitivity")) == 3
+    with pytest.raises(SpecError, match="budget=1.0 is invalid"):
+        default_candidates(30, ranks=(), budgets=(1.0,))
+    with pytest.raises(SpecError, match="allocator='measured' is invalid"):
+        default_candidates(30, ranks=(), budgets=(0.9,), allocator="measured")
 
 
 def _row(acc: float, red: float, spt: float, energy: float | None = None) -> dict:

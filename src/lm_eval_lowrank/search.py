@@ -57,14 +57,20 @@ def default_candidates(
     keeps: Sequence[float] = (),
     strides: Sequence[int] = (),
     method: str | Sequence[str] | None = None,
+    budgets: Sequence[float] = (),
+    allocator: str = "fisher",
 ) -> list[Candidate]:
     """Whole layers, spread apart, avoiding the first two and the last, crossed with compressions and methods.
 
     Layer sets: k = 1..max_k spread layers, every ``stride``-th layer, and Table 4.
     Compressions: a pruned ``rank`` (the research's axis) or a kept fraction ``keep`` of
     each chosen layer's parameters (``budget=keep``, the activation-aware methods' axis).
+    Besides those, ``budgets``: a kept fraction of every decoder matrix, placed by ``allocator`` (any
+    layers, any tensors, a rank per module; ``fisher`` by default, the loss estimate).
     Methods: one, or several to compare them in one search (``("tucker", "asvd", "whiten")``).
     """
+    from .spec import ALLOCATORS
+
     from .design_space import spread_layer_sets, table4_layer_sets
 
     band = max(num_layers - 3, 0)
@@ -83,20 +89,27 @@ def default_candidates(
     for keep in keeps:
         if not 0 < keep < 1:
             raise SpecError(f"keep={keep!r} is invalid: a fraction of parameters kept, 0 < keep < 1")
+    for budget in budgets:
+        if not 0 < budget < 1:
+            raise SpecError(f"budget={budget!r} is invalid: a fraction of parameters kept, 0 < budget < 1")
+    if budgets and allocator not in ALLOCATORS:
+        raise SpecError(f"allocator={allocator!r} is invalid: valid: {', '.join(ALLOCATORS)}")
     methods = [method] if method is None or isinstance(method, str) else list(dict.fromkeys(method))
     if not methods:
         raise SpecError("give at least one method")
     compressions = [(f"r{r}", {"rank": str(r)}) for r in ranks] + [(f"keep{k:g}", {"budget": f"{k:g}"}) for k in keeps]
-    if not compressions:
-        raise SpecError("give at least one rank or keep fraction")
+    if not compressions and not budgets:
+        raise SpecError("give at least one rank, keep fraction or budget")
     out = []
     for m in methods:
         extra = {"method": m} if m and m != "tucker" else {}
+        prefix = f"{m} " if extra else ""
         for tag, comp in compressions:
             for layers, name in sets.items():
                 spec = {**comp, "layers": format_layers(layers), "tensors": "all", **extra}
-                prefix = f"{m} " if extra else ""
                 out.append(Candidate(f"{prefix}{tag} {name} [{format_layers(layers)}]", spec))
+        for budget in budgets:  # the allocator places the cut: no layer set of ours
+            out.append(Candidate(f"{prefix}budget{budget:g} {allocator} [all]", {"budget": f"{budget:g}", "allocator": allocator, "layers": "all", "tensors": "all", **extra}))
     return out
 
 

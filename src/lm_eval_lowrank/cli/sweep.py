@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from ..spec import SpecError
+from ..spec import ALLOCATORS, SpecError
 from .errors import OneLineBadParameter
 
 
@@ -175,6 +175,13 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
 @click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps).")
 @click.option("--keeps", default="", help="Candidate kept fractions of each chosen layer's parameters (budget=), e.g. 0.7,0.5.")
+@click.option("--budgets", default="", help="Candidate kept fractions of every decoder matrix, placed by --allocator over any layers and tensors, e.g. 0.95,0.9.")
+@click.option(
+    "--allocator",
+    default="fisher",
+    show_default=True,
+    help="What places the cut of a --budgets candidate: fisher (the K-FAC loss estimate), sensitivity (measured per layer), output_error, tail or uniform.",
+)
 @click.option(
     "--method",
     default=None,
@@ -214,7 +221,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
     help="With the latency objective: 'params' picks the most compressed of the feasible candidates whose paired latency interval against the fastest reaches 1 (tied within the timing noise); 'objective' keeps the fastest reading.",
 )
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="JSON Lines store; every evaluation is recorded (resumable).")
-def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, tie_break: str, store: str) -> None:
+def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, budgets: str, allocator: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, tie_break: str, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..latency_stats import LatencyRatio
     from ..search import default_candidates, parse_objective, pareto_front
@@ -240,6 +247,10 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     limit_list = _int_list(limits, "--limits")
     rank_list = [] if ranks.strip().lower() in ("none", "") else _int_list(ranks, "--ranks")
     keep_list = _fraction_list(keeps, "--keeps")
+    budget_list = _fraction_list(budgets, "--budgets")
+    allocator = allocator.strip().lower()
+    if allocator not in ALLOCATORS:
+        raise OneLineBadParameter(f"{allocator!r} is not an allocator; valid: {', '.join(ALLOCATORS)}", param_hint="'--allocator'")
     stride_list = _int_list(strides, "--strides") if strides.strip() else []
     method_list: list[str] | None = None
     if method is not None:
@@ -249,10 +260,10 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         bad = [m for m in method_list if m not in METHODS]
         if bad or not method_list:
             raise OneLineBadParameter(f"{method!r} is not a method or a ','-joined list of them; valid: {', '.join(METHODS)}", param_hint="'--method'")
-    if not rank_list and not keep_list:
-        raise OneLineBadParameter("no candidates: give --ranks and/or --keeps", param_hint="'--ranks'")
+    if not rank_list and not keep_list and not budget_list:
+        raise OneLineBadParameter("no candidates: give --ranks, --keeps and/or --budgets", param_hint="'--ranks'")
     num_layers, _, _ = model_info(model)
-    candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method_list)
+    candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method_list, budgets=budget_list, allocator=allocator)
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
     runner.keep_doc_scores = confidence is not None  # the paired bound needs each document's score
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
