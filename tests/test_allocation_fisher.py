@@ -165,3 +165,51 @@ def test_an_allocator_that_reads_data_needs_a_tokenizer(tiny_llama):
     with pytest.raises(SpecError, match="^allocator='fisher' needs a tokenizer for its calibration data$"):
         compress_model(tiny_llama, {"method": "tucker", "budget": 0.8, "allocator": "fisher"}, tokenizer=None, progress=False)
     assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())  # nothing was touched
+
+
+def _greedy_by_scanning(cands, curves, budget, multiple, layout):
+    """The greedy descent written the slow way, as an oracle: from each module's current rank, scan every lower
+    admissible rank for the least error per parameter saved (ties to the lowest rank), and take the cheapest
+    step over all modules until the budget is met."""
+    target = budget * sum(c.dense for c in cands)
+    state = {c.path: 0 for c in cands}
+    cur = sum(c.dense for c in cands)
+    while cur > target:
+        best = None
+        for c in cands:
+            s, cur_err = state[c.path], 0.0 if state[c.path] == 0 else float(curves[c.path][state[c.path]])
+            for r in c.ranks(multiple, layout):
+                if s and r >= s:
+                    break
+                saved = c.params(s, layout) - c.params(r, layout)
+                slope = (float(curves[c.path][r]) - cur_err) / saved
+                if best is None or slope < best[0]:
+                    best = (slope, c, r)
+        if best is None:
+            break
+        _, c, r = best
+        cur -= c.params(state[c.path], layout) - c.params(r, layout)
+        state[c.path] = r
+    return state
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.6, 0.3])
+def test_hull_descent_takes_the_scanning_greedys_steps(budget):
+    """Each module's steps are precomputed as its lower convex hull (linear in its ranks, where scanning every
+    lower rank at each step was quadratic): before the final give-back, the states equal the slow scan's, on
+    convex, concave, flat-tailed and noisy curves."""
+    from lm_eval_lowrank.allocation import Candidate, _descend_hulls
+
+    g = torch.Generator().manual_seed(0)
+    cands, curves = [], {}
+    for i, (o, n) in enumerate([(48, 32), (32, 32), (16, 40), (40, 24), (24, 24)]):
+        c = Candidate(layer=i + 1, tensor="t", path=f"m{i}", out_features=o, in_features=n)
+        k = min(o, n)
+        x = torch.arange(k + 1, dtype=torch.float64)
+        shape = [(1 - x / k) ** 2, (1 - x / k) ** 0.5, torch.where(x < 5, 1 - x / 5, 0.0), torch.rand(k + 1, generator=g).sort(descending=True).values][i % 4]
+        curves[c.path] = (shape * (i + 1)).clamp_min(0)
+        curves[c.path][k] = 0.0
+        cands.append(c)
+    for multiple in (1, 4):
+        expected = _greedy_by_scanning(cands, curves, budget, multiple, "folded")
+        assert _descend_hulls(cands, curves, budget, multiple, "folded") == expected

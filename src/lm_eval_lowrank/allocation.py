@@ -306,47 +306,62 @@ def fisher_error_tail(
     return _suffix_block_sums(pair).clamp_min(0)
 
 
-def _hull_next(c: Candidate, err: torch.Tensor, state: int, adm: list[int], layout: str) -> tuple[float, int] | None:
-    """From rank ``state`` (0 = dense), the cheapest error per parameter saved over any lower rank."""
-    cur_params = c.params(state, layout)
-    cur_err = 0.0 if state == 0 else float(err[state])
-    best: tuple[float, int] | None = None
-    for r in adm:
-        if state and r >= state:
-            break
-        saved = cur_params - c.params(r, layout)
-        if saved <= 0:
-            continue
-        slope = (float(err[r]) - cur_err) / saved
-        if best is None or slope < best[0]:
-            best = (slope, r)
-    return best
+def _hull_path(c: Candidate, err: torch.Tensor, adm: list[int], layout: str) -> list[int]:
+    """The ranks the greedy visits in this module, from dense: the vertices of the lower convex hull of
+    (parameters, error) over its admissible ranks and the dense point, toward fewer parameters. From each vertex
+    the next is the rank with the least error per parameter saved (of collinear ones, the farthest). One pass over
+    the ranks (a monotone chain): scanning every lower rank at every step was quadratic in them."""
+    chain: list[tuple[int, float, int]] = [(c.dense, 0.0, 0)]  # (parameters, error, rank), dense first
+    for r in reversed(adm):  # descending rank: fewer parameters at each point
+        point = (c.params(r, layout), float(err[r]), r)
+        if point[0] >= c.dense:
+            continue  # saves nothing
+        while len(chain) >= 2:
+            (x1, y1, _), (x2, y2, _) = chain[-2], chain[-1]
+            # drop the middle point unless its slope from chain[-2] is strictly below the new point's
+            if (y2 - y1) * (x1 - point[0]) >= (point[1] - y1) * (x1 - x2):
+                chain.pop()
+            else:
+                break
+        chain.append(point)
+    return [r for _, _, r in chain[1:]]
+
+
+def _descend_hulls(cands: list[Candidate], curves: dict[str, torch.Tensor], budget: float, multiple: int, layout: str) -> dict[str, int]:
+    """Greedy on the convex hulls: take the step with the least error per removed parameter over all modules until
+    the budget is met (the last step may overshoot). path -> rank, 0 for dense."""
+    target = budget * sum(c.dense for c in cands)
+    paths = {c.path: _hull_path(c, curves[c.path], c.ranks(multiple, layout), layout) for c in cands}
+    by_path = {c.path: c for c in cands}
+    state = {c.path: 0 for c in cands}
+    step = {c.path: 0 for c in cands}  # index of each module's next hull vertex
+    cur = sum(c.dense for c in cands)
+
+    def slope(p: str) -> float:
+        c, r, s = by_path[p], paths[p][step[p]], state[p]
+        return (float(curves[p][r]) - (0.0 if s == 0 else float(curves[p][s]))) / (c.params(s, layout) - c.params(r, layout))
+
+    heap = [(slope(c.path), i, c.path) for i, c in enumerate(cands) if paths[c.path]]
+    heapq.heapify(heap)
+    tick = len(cands)
+    while cur > target and heap:
+        _, _, p = heapq.heappop(heap)
+        c, r = by_path[p], paths[p][step[p]]
+        cur -= c.params(state[p], layout) - c.params(r, layout)
+        state[p], step[p] = r, step[p] + 1
+        if step[p] < len(paths[p]):
+            heapq.heappush(heap, (slope(p), tick, p))
+            tick += 1
+    return state
 
 
 def allocate_by_error(cands: list[Candidate], curves: dict[str, torch.Tensor], budget: float, multiple: int, layout: str) -> tuple[dict[str, int], dict[str, Any]]:
     """Greedy on the convex hull: lower ranks where error per removed parameter is least."""
     total = sum(c.dense for c in cands)
     target = budget * total
-    state = {c.path: 0 for c in cands}
-    adm = {c.path: c.ranks(multiple, layout) for c in cands}
     by_path = {c.path: c for c in cands}
-    cur = total
-    heap: list[tuple[float, int, str, int]] = []
-    tick = 0
-    for c in cands:
-        nxt = _hull_next(c, curves[c.path], 0, adm[c.path], layout)
-        if nxt is not None:
-            heapq.heappush(heap, (nxt[0], tick, c.path, nxt[1]))
-            tick += 1
-    while cur > target and heap:
-        _, _, p, r = heapq.heappop(heap)
-        c = by_path[p]
-        cur -= c.params(state[p], layout) - c.params(r, layout)
-        state[p] = r
-        nxt = _hull_next(c, curves[p], r, adm[p], layout)
-        if nxt is not None:
-            heapq.heappush(heap, (nxt[0], tick, p, nxt[1]))
-            tick += 1
+    state = _descend_hulls(cands, curves, budget, multiple, layout)
+    cur = sum(c.params(state[c.path], layout) for c in cands)
     # A hull jump can overshoot: give back single steps where they cost the most error, while they fit.
     while True:
         best = None
