@@ -69,9 +69,8 @@ def default_candidates(
     layers, any tensors, a rank per module; ``fisher`` by default, the loss estimate).
     Methods: one, or several to compare them in one search (``("tucker", "asvd", "whiten")``).
     """
-    from .spec import ALLOCATORS
-
     from .design_space import spread_layer_sets, table4_layer_sets
+    from .spec import ALLOCATORS
 
     band = max(num_layers - 3, 0)
     sets: dict[tuple[int, ...], str] = {}

@@ -173,7 +173,7 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 @common
 @click.option("--tolerance", type=float, default=0.03, show_default=True, help="Largest accuracy drop allowed (fraction: 0.03 = 3 points).")
 @click.option("--objective", default="latency*energy", show_default=True, help="latency | energy | latency*energy | memory | params (energy falls back to latency where unavailable).")
-@click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps).")
+@click.option("--ranks", default="1,8", show_default=True, help="Candidate ranks ('none': only --keeps and --budgets).")
 @click.option("--keeps", default="", help="Candidate kept fractions of each chosen layer's parameters (budget=), e.g. 0.7,0.5.")
 @click.option("--budgets", default="", help="Candidate kept fractions of every decoder matrix, placed by --allocator over any layers and tensors, e.g. 0.95,0.9.")
 @click.option(
