@@ -357,3 +357,29 @@ def test_latency_ties_are_paired_and_params_breaks_them() -> None:
     assert any("latency ties not checked for 2 candidate(s)" in n and "no per-call timings" in n for n in old.notes)
     with pytest.raises(SpecError, match="tie_break='fast' is invalid: valid: objective, params"):
         search(cands, evaluate, tolerance=0.01, tie_break="fast")
+
+
+def test_screening_lets_candidates_tied_with_the_cut_go_on() -> None:
+    """Four feasible candidates, eta 2: two go on by their readings. A third within 1 % of the cut (5 %-noisy
+    calls) goes on too, at most doubling the rung; one 40 % slower does not. Latencies far apart prune as before."""
+    rng = random.Random(3)
+    rows = {"dense": _timed_row(0.0, 1.0, rng), "a": _timed_row(0.05, 0.90, rng), "b": _timed_row(0.06, 0.905, rng), "c": _timed_row(0.07, 0.91, rng), "d": _timed_row(0.2, 1.26, rng)}
+    seen: dict[int, list[str]] = {}
+
+    def evaluate(spec, limit, phase="", label=""):
+        seen.setdefault(limit, []).append(spec.get("name", "dense"))
+        return rows[spec.get("name", "dense")]
+
+    cands = [Candidate(n, {"name": n}) for n in "abcd"]
+    logged: list[str] = []
+    search(cands, evaluate, tolerance=0.01, limits=(10, 50), objective="latency", eta=2, log=logged.append)
+    assert sorted(seen[50]) == ["a", "b", "c", "dense"]
+    assert any("1 of them read slower than the cut" in line for line in logged), logged
+    spread = {"dense": rows["dense"], "a": _timed_row(0.05, 0.6, rng), "b": _timed_row(0.06, 0.8, rng), "c": _timed_row(0.07, 1.0, rng), "d": _timed_row(0.2, 1.2, rng)}
+    rows.update(spread)
+    seen.clear()
+    search(cands, evaluate, tolerance=0.01, limits=(10, 50), objective="latency", eta=2)
+    assert sorted(seen[50]) == ["a", "b", "dense"]
+    seen.clear()
+    search(cands, evaluate, tolerance=0.01, limits=(10, 50), objective="params", eta=2)  # no timings in the ranking
+    assert len(seen[50]) == 3

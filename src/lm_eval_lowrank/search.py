@@ -236,6 +236,16 @@ def latency_ties(fastest: Evaluation, others: Sequence[Evaluation], level: float
     return ties, why
 
 
+def _tied_at_the_cut(going: list[Evaluation], rest: list[Evaluation], level: float) -> list[Evaluation]:
+    """The feasible candidates just below a screening rung's cut whose latency is not distinguishably above that of
+    the last one going on (their paired ratio's interval reaches 1), at most as many as go on already: one noisy
+    reading at a few documents should not end a candidate that the next rung may find faster."""
+    if not going or not going[-1].row.get("feasible"):
+        return []
+    ties, _ = latency_ties(going[-1], [e for e in rest if e.row.get("feasible")], level)
+    return [e for e, _ in ties][: len(going)]
+
+
 def pareto_front(evals: Iterable[Evaluation]) -> list[Evaluation]:
     """Points not dominated in (higher parameter reduction, lower accuracy drop), by reduction."""
     pts = list(evals)
@@ -373,8 +383,12 @@ def search(
         kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
         n_next = max(1, math.ceil(len(scored) / eta))
         rule = f"lower {level:.4g} bound beyond tau+{bound_margin:g}" if confidence is not None else f"beyond tau+{point_margin:g}"
-        alive = [e.candidate for e in kept[:n_next]]
+        going = kept[:n_next]
+        tied = _tied_at_the_cut(going, kept[n_next:], confidence if confidence is not None else TIE_LEVEL) if used == {"latency"} else []
+        alive = [e.candidate for e in going + tied]
         log(f"rung {rung} (limit={limit}): {len(scored)} screened, {len(scored) - len(kept)} pruned ({rule}), {len(alive)} go on")
+        if tied:
+            log(f"  {len(tied)} of them read slower than the cut ({going[-1].candidate.name}) by no more than the timing noise: {', '.join(e.candidate.name for e in tied)}")
         if not alive:
             notes.append(f"every candidate screened out at limit={limit} ({rule})")
             final = [dense_eval]
