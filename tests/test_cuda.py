@@ -156,3 +156,21 @@ def test_calibrated_methods_on_a_gpu_weight_give_the_cpus_factors(method):
     gpu = get_method(method)(W.to("cuda"), 8, stats, solver="exact")
     assert gpu.left.device.type == gpu.right.device.type == "cuda"
     torch.testing.assert_close(gpu.dense().cpu(), cpu.dense(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["tucker", "whiten", "asvd", "fwsvd", "fwhiten"])
+def test_allocator_curves_on_a_gpu_weight_equal_the_cpus(method):
+    """output_error's and fisher's curves run on the weight's device (a 7B model's full decompositions take hours on
+    a CPU) and come back on the CPU, equal to the CPU's."""
+    from lm_eval_lowrank.allocation import error_tail, fisher_error_tail
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 64, generator=g)
+    X = torch.randn(400, 64, generator=g)
+    C, f, abs_mean = (X.T @ X / 400).double(), torch.rand(96, generator=g).double() + 0.1, X.abs().mean(0)
+    on_cpu = fisher_error_tail(W, C, f, method, None, abs_mean)
+    on_gpu = fisher_error_tail(W.cuda(), C, f, method, None, abs_mean)
+    assert on_gpu.device.type == "cpu"
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-8, atol=1e-10 * float(on_cpu[0]))
+    if method != "fwsvd" and method != "fwhiten":
+        torch.testing.assert_close(error_tail(W.cuda(), C, method, None, abs_mean), error_tail(W, C, method, None, abs_mean), rtol=1e-8, atol=1e-10)

@@ -225,8 +225,10 @@ def experts_error_curve(weights: torch.Tensor, stats: list[Any] | None, method: 
 def error_tail(
     weight: torch.Tensor, cov: torch.Tensor | None, method: str, options: Mapping[str, Any] | None = None, abs_mean: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """tail[k] = ||(W - W_k) X||^2 / N (k = 0..min): :func:`error_curve` before normalising."""
-    W = weight.detach().to(torch.float64).cpu()
+    """tail[k] = ||(W - W_k) X||^2 / N (k = 0..min): :func:`error_curve` before normalising. Computed in fp64 on the
+    weight's device (a GPU's solvers take minutes where a CPU's take hours at 7B), returned on the CPU."""
+    W = weight.detach().to(torch.float64)
+    device = W.device
     if cov is None:
         e = torch.linalg.svdvals(W).square()
     elif method in ("rom", "whiten"):
@@ -237,17 +239,17 @@ def error_tail(
         from .methods import LayerStats
         from .methods.asvd import DEFAULT_ALPHA, channel_scales
 
-        C = cov.to(torch.float64).cpu()
+        C = cov.to(device=device, dtype=torch.float64)
         opts = options or {}
-        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.cpu()), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
+        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.to(device)), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
         U = torch.linalg.svd(W * d, full_matrices=False)[0]
         M = U.mT @ W  # row i: the weight that direction i carries, u_i^T W
         e = ((M @ C) * M).sum(dim=1)
     else:
         _, s, Vh = torch.linalg.svd(W, full_matrices=False)
-        C = cov.to(torch.float64).cpu()
+        C = cov.to(device=device, dtype=torch.float64)
         e = s.square() * ((Vh @ C) * Vh).sum(dim=1)
-    e = e.clamp_min(0)
+    e = e.clamp_min(0).cpu()
     k = min(W.shape)
     e = e[:k]
     return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
@@ -271,22 +273,23 @@ def fisher_error_tail(
     D W, D = diag(sqrt f)), D^-1 U_k U_k^T D W (fwhiten: U those of D W C W^T D) or U_k S_k V_k^T (tucker). The
     tail is then a sum over the dropped directions of an M[i, j] (cross terms included, since D is no
     multiple of I): for fwsvd and fwhiten it is diagonal, for the others it is (U^T D^2 U) * (U^T W C W^T U).
+    Computed in fp64 on the weight's device, returned on the CPU.
     """
     from .methods.fwhiten import FISHER_FLOOR
     from .methods.rom import output_principal_basis
 
-    W = weight.detach().to(torch.float64).cpu()
-    C = cov.to(torch.float64).cpu()
-    f = fisher.to(torch.float64).cpu().clamp_min(0)
+    W = weight.detach().to(torch.float64)
+    C = cov.to(device=W.device, dtype=torch.float64)
+    f = fisher.to(device=W.device, dtype=torch.float64).clamp_min(0)
     k = min(W.shape)
-    if method == "fwsvd":
-        _, s, Vh = torch.linalg.svd(f.sqrt()[:, None] * W, full_matrices=False)
-        e = s.square() * ((Vh @ C) * Vh).sum(dim=1)
-        return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
-    if method == "fwhiten":  # the floored rows the method weighs by (see methods.fwhiten)
-        d = f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
-        _, e = output_principal_basis(d[:, None] * W, C, 1)
-        e = e[:k]
+    if method in ("fwsvd", "fwhiten"):  # diagonal: the tail of one spectrum
+        if method == "fwsvd":
+            _, s, Vh = torch.linalg.svd(f.sqrt()[:, None] * W, full_matrices=False)
+            e = s.square() * ((Vh @ C) * Vh).sum(dim=1)
+        else:  # the floored rows the method weighs by (see methods.fwhiten)
+            d = f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
+            e = output_principal_basis(d[:, None] * W, C, 1)[1][:k]
+        e = e.cpu()
         return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
     if method in ("rom", "whiten"):
         U, _ = output_principal_basis(W, C, k)
@@ -296,14 +299,14 @@ def fisher_error_tail(
         from .methods.asvd import DEFAULT_ALPHA, channel_scales
 
         opts = options or {}
-        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.to(torch.float64).cpu()), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
+        d = channel_scales(LayerStats(C, 1, None, None if abs_mean is None else abs_mean.to(device=W.device, dtype=torch.float64)), opts.get("asvd_alpha", DEFAULT_ALPHA), opts.get("asvd_stat", "mean_abs"))
         U = torch.linalg.svd(W * d, full_matrices=False)[0]
         M = U.mT @ W  # row i: the weight that direction i carries, u_i^T W
     else:  # tucker: the plain truncated SVD
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
         M = s[:, None] * Vh
     pair = (U.mT * f) @ U * (M @ C @ M.mT)  # (u_i^T D^2 u_j) (m_i^T C m_j)
-    return _suffix_block_sums(pair).clamp_min(0)
+    return _suffix_block_sums(pair.cpu()).clamp_min(0)
 
 
 def _hull_path(c: Candidate, err: torch.Tensor, adm: list[int], layout: str) -> list[int]:
