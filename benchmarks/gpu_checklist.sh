@@ -12,7 +12,8 @@
 #   1  decompose-on-load / load at 7B shapes (rank 1, 64); randomized vs exact on the GPU
 #   2  forward latency cut / parameter cut at 7B shapes; rom's solve with weights on the GPU
 #   3  the real harness at 7B shapes: latency, energy per token (NVML), memory, dense vs decomposed
-#   4  cache-hit and checkpoint loads at 7B shapes; rom, whiten, asvd, fwsvd and fwhiten through lm_eval on the GPU
+#   4  cache-hit and checkpoint loads at 7B shapes; rom, whiten, asvd, fwsvd and fwhiten through lm_eval on the GPU,
+#      and allocator=fisher (its curves on the GPU)
 #   5  experts blocks (Mixtral-8x7B, Qwen3-30B-A3B shapes; prefill and decoding): decomposed experts against
 #      transformers' grouped_mm, bf16, and the factored forward's grouped GEMMs against its loop
 #   6  decomposing 128 Qwen3-30B-A3B-shaped experts at rank 8 and 64 against their full SVD (one solve per expert:
@@ -129,7 +130,8 @@ case "$stage" in
     item 380 $py benchmarks/reload.py --synthetic llama-2-7b "${reload_layers[@]}" --device $dev --dtype bfloat16 --rank 16 --repeats 2 --workdir /tmp/rl
     item 200 $py benchmarks/harness_efficiency.py --shape smollm2-135m --device $dev --dtype float32 --limit 20 --batch-size 16 \
         --tokenizer .devcarry/tok --arc-file .devcarry/data/arc_easy/test.jsonl \
-        --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28' 'method=asvd,rank=8,layers=3|15|28' 'method=fwsvd,rank=8,layers=3|15|28' 'method=fwhiten,rank=8,layers=3|15|28'
+        --configs 'method=rom,rank=8,layers=3|15|28' 'method=whiten,rank=8,layers=3|15|28' 'method=asvd,rank=8,layers=3|15|28' 'method=fwsvd,rank=8,layers=3|15|28' 'method=fwhiten,rank=8,layers=3|15|28' \
+        'method=whiten,budget=0.95,allocator=fisher'
     ;;
 5)
     item 240 $py benchmarks/moe.py --device $dev "${moe_shape[@]}" --cuts 0.1,0.3,0.5 --reps 7
