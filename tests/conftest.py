@@ -60,6 +60,24 @@ def smollm2_dir():
     return smollm2_path()
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A 4-layer random Llama with SmolLM2's tokenizer, saved once for the session (tests only read it)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=4, max_position_embeddings=256)
+
+
+@pytest.fixture
+def benchmark_data():
+    """The shared benchmark data folder (calibration reads it), or a skip where it is absent."""
+    from lm_eval_lowrank.calibration import data_root
+    from lm_eval_lowrank.spec import SpecError
+
+    try:
+        return data_root()
+    except SpecError:
+        pytest.skip("benchmark data folder not available")
+
+
 def save_tiny_llama(out, tokenizer_dir, **overrides):
     """A random-weight tiny Llama with SmolLM2's real tokenizer (49152 tokens), saved as an HF folder."""
     import torch

@@ -123,26 +123,14 @@ def test_fisher_allocator_without_gradients_says_so(constructed):
             allocate_ranks(spec, model, stats_provider=provider)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir):
-    from conftest import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=4, max_position_embeddings=256)
-
-
 @pytest.mark.parametrize("method,allocator", [("tucker", "fisher"), ("tucker", "output_error"), ("fwsvd", "fisher"), ("whiten", "fisher")])
-def test_compress_model_reads_the_calibration_data_once_per_purpose(tiny_llama_dir, method, allocator):
+def test_compress_model_reads_the_calibration_data_once_per_purpose(tiny_llama_dir, benchmark_data, method, allocator):
     """The allocator's dense pass serves a data-free method's budget alone (the solves take no second pass), fwsvd
     solves from its gradient pass only, and the results JSON records the allocator's data and estimate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_lowrank.api import compress_model
-    from lm_eval_lowrank.calibration import data_root
 
-    try:
-        data_root()
-    except SpecError:
-        pytest.skip("benchmark data folder not available")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     spec = {"method": method, "budget": 0.7, "allocator": allocator, "calib_n": 4, "calib_len": 32, "cache": False}

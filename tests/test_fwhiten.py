@@ -104,28 +104,16 @@ def test_fwhiten_refuses_missing_or_broken_statistics(weight):
     assert DecompositionSpec.from_args({"method": "fwhiten", "rank": 2}).calib == "wikitext_local"
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir):
-    from conftest import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=4, max_position_embeddings=256)
-
-
-def test_fwhiten_through_compress_model_attaches_each_modules_own_fisher(tiny_llama_dir, monkeypatch):
+def test_fwhiten_through_compress_model_attaches_each_modules_own_fisher(tiny_llama_dir, benchmark_data, monkeypatch):
     """The whole path: the sequential covariances with the gradient pass's row sums attached per module (q, k and
     v share their inputs but not their outputs: GQA gives k and v fewer rows), factors in place, and the report
     gives both statistics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_lowrank.api import compress_model
-    from lm_eval_lowrank.calibration import data_root
     from lm_eval_lowrank.methods import fwhiten as fwhiten_module
     from lm_eval_lowrank.modules import LowRankLinear
 
-    try:
-        data_root()
-    except SpecError:
-        pytest.skip("benchmark data folder not available")
     seen: dict[tuple[int, int], LayerStats] = {}
     real = fwhiten_module.fwhiten_method
 

@@ -136,26 +136,14 @@ def test_fisher_row_sums_of_a_conv1d_are_per_output():
     assert got["transformer.h.1.attn.c_attn"].shape == (96,) and torch.allclose(got["transformer.h.1.attn.c_attn"], expected, rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir):
-    from conftest import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2_dir, num_hidden_layers=4, max_position_embeddings=256)
-
-
-def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir):
+def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir, benchmark_data):
     """The whole path: calibration tokens from the shared data, one gradient pass, factors in place, and the
     report says what the statistics were."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_lowrank.api import compress_model
-    from lm_eval_lowrank.calibration import data_root
     from lm_eval_lowrank.modules import LowRankLinear
 
-    try:
-        data_root()
-    except SpecError:
-        pytest.skip("benchmark data folder not available")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     report = compress_model(model, {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "cache": False}, tokenizer=tok, progress=False)
