@@ -887,7 +887,7 @@ def allocate_by_fisher(
     """Ranks where the summed K-FAC loss estimate is least (the greedy hull of :func:`allocate_by_error`), from one
     gradient pass (the rows' Fisher sums) and one dense calibration pass (the input covariances)."""
     gradients = getattr(stats_provider, "fisher", None)
-    if gradients is None or getattr(stats_provider, "layer_stats", None) is None:
+    if gradients is None:
         raise SpecError("allocator=fisher needs calibration data with gradients (a tokenizer and calib=...)")
     n, length = gradients.input_ids.shape
     start = time.perf_counter()
