@@ -198,6 +198,9 @@ def test_latency_ratio_needs_the_same_batches_and_enough_of_them():
     assert "no per-call timings" in latency_ratio({"total_seconds": 2.0}, same)
     exact = latency_ratio(same, {**same, "per_call_seconds": [0.5] * 9})
     assert (exact.ratio, exact.lower, exact.upper, exact.blocks) == (0.5, 0.5, 0.5, 3)
+    # a run whose blocks swing wildly (a busy machine): the interval stays on ratios a time can have, >= 0
+    wild = latency_ratio(same, {**same, "per_call_seconds": [0.1, 0.1, 0.1, 30.0, 30.0, 30.0, 0.1, 0.1, 0.1]})
+    assert wild.lower == 0.0 and wild.upper > wild.ratio > 1
     # Student's t, exactly: the tabulated 97.5 % points for 1, 2 and 10 degrees of freedom.
     assert [round(t_quantile(0.95, df), 3) for df in (1, 2, 10)] == [12.706, 4.303, 2.228]
 

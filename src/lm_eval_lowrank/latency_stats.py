@@ -88,4 +88,5 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     residual_ss = sum((cb - ratio * db) ** 2 for cb, db in zip(C, D))
     stderr = math.sqrt(blocks / (blocks - 1) * residual_ss) / total_d
     half = t_quantile(confidence, blocks - 1) * stderr
-    return LatencyRatio(ratio, ratio - half, ratio + half, n, blocks)
+    # a ratio of times is >= 0: a symmetric interval crosses zero only under noise larger than the ratio itself
+    return LatencyRatio(ratio, max(0.0, ratio - half), ratio + half, n, blocks)
