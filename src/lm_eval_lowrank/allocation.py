@@ -249,9 +249,11 @@ def error_tail(
         _, s, Vh = torch.linalg.svd(W, full_matrices=False)
         C = cov.to(device=device, dtype=torch.float64)
         e = s.square() * ((Vh @ C) * Vh).sum(dim=1)
-    e = e.clamp_min(0).cpu()
-    k = min(W.shape)
-    e = e[:k]
+    return _tail_sums(e.clamp_min(0).cpu()[: min(W.shape)])
+
+
+def _tail_sums(e: torch.Tensor) -> torch.Tensor:
+    """t[k] = sum of e[i] over i >= k (k = 0..n): the error left by keeping the first k directions."""
     return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
 
 
@@ -289,8 +291,7 @@ def fisher_error_tail(
         else:  # the floored rows the method weighs by (see methods.fwhiten)
             d = f.clamp_min(FISHER_FLOOR * float(f.mean())).sqrt()
             e = output_principal_basis(d[:, None] * W, C, 1)[1][:k]
-        e = e.cpu()
-        return torch.cat([e.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=e.dtype)])
+        return _tail_sums(e.cpu())
     if method in ("rom", "whiten"):
         U, _ = output_principal_basis(W, C, k)
         M = U.mT @ W
@@ -433,21 +434,20 @@ def sensitivity_curves(spec: DecompositionSpec, model: nn.Module, cands: list[Ca
             targets = [Target(c.layer, c.tensor, c.path, c.out_features, c.in_features, 1, experts=c.experts) for c in group]
             stats = stats_provider.layer_stats(model, layer, targets)
         for c in group:
-            if fisher_scale is not None:
-                if c.experts:
-                    curves[c.path] = experts_fisher_loss_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method, spec.method_options(), fisher_scale)
-                else:
-                    mod = model.get_submodule(c.path)
-                    W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
-                    curves[c.path] = fisher_loss_curve(W, stats.get(c.path), spec.method, spec.method_options(), fisher_scale)
-                continue
+            s, options = stats.get(c.path), spec.method_options()
             if c.experts:
-                curves[c.path] = experts_error_curve(expert_matrices(*stacked_expert(model, c.path)), stats.get(c.path), spec.method, spec.method_options())
+                weights = expert_matrices(*stacked_expert(model, c.path))
+                if fisher_scale is not None:
+                    curves[c.path] = experts_fisher_loss_curve(weights, s, spec.method, options, fisher_scale)
+                else:
+                    curves[c.path] = experts_error_curve(weights, s, spec.method, options)
                 continue
             mod = model.get_submodule(c.path)
             W, _ = dense_weight_of(getattr(mod, "base_layer", mod))
-            s = stats.get(c.path)
-            curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method, spec.method_options(), None if s is None else s.input_abs_mean)
+            if fisher_scale is not None:
+                curves[c.path] = fisher_loss_curve(W, s, spec.method, options, fisher_scale)
+            else:
+                curves[c.path] = error_curve(W, None if s is None else s.input_cov, spec.method, options, None if s is None else s.input_abs_mean)
     return curves
 
 
