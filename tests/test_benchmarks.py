@@ -31,7 +31,7 @@ def _checklist_commands() -> dict[str, set[str]]:
 
 def test_the_checklist_runs_every_stage_through_known_scripts():
     commands = _checklist_commands()
-    assert set(commands) == {"decompose", "forward", "rom", "harness_efficiency", "reload", "moe"}
+    assert set(commands) == {"decompose", "forward", "rom", "harness_efficiency", "reload", "moe", "gradient_pass"}
     assert "--layers" in commands["forward"] and "--synthetic-layers" in commands["reload"]  # the smoke mode's arrays
     r = subprocess.run(["bash", str(CHECKLIST), "9"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown stage 9" in r.stderr
@@ -80,3 +80,17 @@ def test_shared_solves_benchmark_runs_at_toy_size():
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"^shared solves 'rank=1,layers=1\|2': shared [\d.]+ s .* shared / alone \d+\.\d+ .*same factors both ways: True$", r.stdout, re.M), r.stdout
+
+
+def test_gradient_pass_benchmark_runs_on_a_tiny_model_and_both_passes_agree(tiny_llama_dir, benchmark_data):
+    """benchmarks/gradient_pass.py times the batched gradient pass against the per-sequence one; the figure it
+    prints after the timings is how far apart their Fisher sums are."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gradient_pass.py"), "--model", str(tiny_llama_dir), "--n", "5", "--len", "16", "--batch", "2", "3",
+         "--repeats", "1", "--threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^gradient pass per sequence: [\d.]+ s", r.stdout, re.M), r.stdout
+    differences = [float(d) for d in re.findall(r"^gradient pass batch [23]: [\d.]+ s, speedup [\d.]+x over per sequence; largest relative difference of f ([\d.e+-]+)$", r.stdout, re.M)]
+    assert len(differences) == 2 and max(differences) < 1e-4, r.stdout

@@ -63,6 +63,9 @@ def test_fwsvd_refuses_statistics_without_a_gradient(weight):
 def test_fwsvd_spec(tmp_path):
     spec = DecompositionSpec.from_args({"method": "fwsvd", "rank": 4})
     assert spec.calib == "wikitext_local" and spec.method_options() == {}
+    assert spec.grad_batch == 2 and DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "2"}).grad_batch == 2
+    with pytest.raises(SpecError, match="grad_batch='0'.*expected an int >= 1"):
+        DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "0"})
     assert DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "tail"}).allocator == "tail"
     with pytest.raises(SpecError, match="allocator='output_error' is invalid with method='fwsvd'.*valid: uniform, tail"):
         DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "output_error"})
@@ -116,6 +119,47 @@ def test_fisher_row_sums_are_each_sequences_squared_gradient(tiny_llama):
     assert torch.allclose(got[paths[0]], one_by_one, rtol=1e-6)
 
 
+def test_gradient_row_sums_reader_both_ways_are_the_squared_gradients():
+    """Through the inputs' T x T kernel (short sequences, shared by modules with the same input) or the explicit
+    G^T X (long ones), the same sums."""
+    from lm_eval_lowrank.calibration import _gradient_row_sums_reader
+
+    gen = torch.Generator().manual_seed(3)
+    for t, n_in, n_out, kernel_way in ((6, 16, 24, True), (40, 8, 6, False)):
+        x, g = torch.randn(3, t, n_in, generator=gen), torch.randn(3, t, n_out, generator=gen)
+        expected = sum((g[n].double().mT @ x[n].double()).square().sum(dim=1) for n in range(3))
+        read, kernel = _gradient_row_sums_reader(x, n_out)
+        assert (kernel is not None) == kernel_way
+        got = read(g)
+        assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-5)
+        if kernel_way:  # a second module on the same inputs reuses the kernel
+            g2 = torch.randn(3, t, 12, generator=gen)
+            read2, kernel2 = _gradient_row_sums_reader(x, 12, kernel)
+            assert kernel2 is kernel and torch.allclose(read2(g2), sum((g2[n].double().mT @ x[n].double()).square().sum(dim=1) for n in range(3)), rtol=1e-5)
+
+
+def test_batched_gradient_pass_equals_the_per_sequence_one(tiny_llama):
+    """Batches of 2 over 5 sequences (a short last batch) give the per-sequence weight-gradient pass's sums; the
+    backward stops at the first targeted layer."""
+    from lm_eval_lowrank.calibration import fisher_row_sums
+
+    ids = torch.randint(0, 128, (5, 10), generator=torch.Generator().manual_seed(4))
+    paths = [f"model.layers.2.{t}" for t in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj")]
+    paths.append("model.layers.3.mlp.down_proj")
+    reached = []
+    handle = tiny_llama.model.layers[1].register_full_backward_hook(lambda *_: reached.append(1))
+    try:
+        batched, tokens = fisher_row_sums(tiny_llama, paths, ids, batch_size=2)
+    finally:
+        handle.remove()
+    per_sequence, _ = fisher_row_sums(tiny_llama, paths, ids, batch_size=1)
+    assert tokens == 50 and not reached
+    for p in paths:
+        assert float(batched[p].min()) > 0 and torch.allclose(batched[p], per_sequence[p], rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_size=0 is invalid"):
+        fisher_row_sums(tiny_llama, paths, ids, batch_size=0)
+
+
 def test_fisher_row_sums_of_a_conv1d_are_per_output():
     """GPT-2 stores c_attn as in x out; its rows are the columns of the stored weight."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -136,17 +180,27 @@ def test_fisher_row_sums_of_a_conv1d_are_per_output():
     assert got["transformer.h.1.attn.c_attn"].shape == (96,) and torch.allclose(got["transformer.h.1.attn.c_attn"], expected, rtol=1e-6)
 
 
-def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir, benchmark_data):
-    """The whole path: calibration tokens from the shared data, one gradient pass, factors in place, and the
-    report says what the statistics were."""
+def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir, benchmark_data, monkeypatch):
+    """The whole path: calibration tokens from the shared data, one gradient pass in batches of grad_batch, factors
+    in place, and the report says what the statistics were."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lm_eval_lowrank import calibration
     from lm_eval_lowrank.api import compress_model
     from lm_eval_lowrank.modules import LowRankLinear
 
+    real, batches = calibration.fisher_row_sums, []
+
+    def spy(*args, batch_size=2, **kwargs):
+        batches.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(calibration, "fisher_row_sums", spy)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    report = compress_model(model, {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "cache": False}, tokenizer=tok, progress=False)
+    args = {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "grad_batch": 3, "cache": False}
+    report = compress_model(model, args, tokenizer=tok, progress=False)
+    assert batches == [3] and report.calibration["batch"] == 3
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear) and isinstance(model.model.layers[2].mlp.down_proj, LowRankLinear)
     assert report.solvers and all(name.startswith("fwsvd-") for name in report.solvers)
     assert report.calibration["statistics"].startswith("Fisher row sums") and report.calibration["seconds"] > 0

@@ -282,6 +282,7 @@ def test_fwsvd_weighs_each_expert_by_its_own_fisher_rows(smollm2_dir, model_type
     flags = [p.requires_grad for p in model.parameters()]
     stats = provider.layer_stats(model, 1, plan.targets)
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())  # no trace
+    assert provider.describe()["batch"] == 1  # stacked experts: each sequence's weight gradient, one at a time
     experts = _experts(model, 1)
     want = {name: torch.zeros(4, getattr(experts, name).shape[-1 if experts.is_transposed else -2], dtype=torch.float64) for name in ("gate_up_proj", "down_proj")}
     params = {name: getattr(experts, name) for name in want}

@@ -1,0 +1,101 @@
+"""The gradient pass (fwsvd, fwhiten, allocator=fisher): batched against one sequence at a time, same model and tokens.
+
+Both compute every targeted linear's Fisher row sums f_i = sum_n sum_j (dL_n/dW_ij)^2 over the calibration
+sequences. The per-sequence pass (the way before session 18, still the way for stacked experts) runs a forward and
+backward per sequence and squares each weight's gradient (grad_batch=1); the batched pass runs ``--batch`` sequences at once, takes
+no weight gradient, and reads each sequence's squared gradient from the module's inputs and output gradients
+(calibration._sequence_gradient_row_sums). The passes alternate, the median is kept, and the line after the
+timings gives the largest relative difference of f between the two over all modules.
+
+  python benchmarks/gradient_pass.py                          # SmolLM2, 7 tensors x 30 layers, 32 x 128 wikitext tokens
+  python benchmarks/gradient_pass.py --batch 2 4 8 16 --n 32 --repeats 5
+  python benchmarks/gradient_pass.py --device cuda --synthetic llama-2-7b --synthetic-layers 8 --dtype bfloat16 \
+      --tokenizer DIR --batch 2 8 16                          # random weights of that shape, SmolLM2's vocabulary
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lm_eval_lowrank import calibration  # noqa: E402
+from _synthetic import save_random_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _timing import timed  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="an HF folder (default: the cached SmolLM2)")
+    ap.add_argument("--synthetic", default=None, help="instead of --model: random weights of this shape (e.g. llama-2-7b)")
+    ap.add_argument("--synthetic-layers", type=int, default=None, help="keep only the first N decoder layers of --synthetic")
+    ap.add_argument("--tokenizer", default=None, help="--synthetic's vocabulary and the calibration tokens' (default: SmolLM2's)")
+    ap.add_argument("--workdir", default=None, help="where --synthetic saves its model (reused when there)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n", type=int, default=32, help="calibration sequences")
+    ap.add_argument("--len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, nargs="+", default=[2, 4, 8], help="batch sizes (>= 2) of the batched pass")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if min(args.batch) < 2:
+        ap.error("--batch: each size must be >= 2 (1 is the per-sequence pass, always measured)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_lowrank.architectures import adapter_for_model
+    from lm_eval_lowrank.assets import smollm2_path
+    from lm_eval_lowrank.plan import candidate_paths
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    device = torch.device(args.device)
+    if args.synthetic:
+        folder = Path(args.workdir or tempfile.mkdtemp(prefix="lowrank-grad-")) / f"{args.synthetic}-random-{args.dtype}-{args.synthetic_layers or 'all'}"
+        if not (folder / "config.json").is_file():
+            tokenizer = Path(args.tokenizer) if args.tokenizer else smollm2_path()
+            save_random_model(args.synthetic, folder, device=args.device, dtype=args.dtype, tokenizer_dir=tokenizer, layers=args.synthetic_layers)
+    else:
+        folder = Path(args.model) if args.model else smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device).eval()
+    spec = DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "calib_n": args.n, "calib_len": args.len})
+    ids, _ = calibration.calibration_tokens(spec, AutoTokenizer.from_pretrained(folder))
+    paths = [p for p, _ in candidate_paths(spec, model.config, adapter=adapter_for_model(model))]
+    print(f"# {folder.name}: {len(paths)} linears, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+
+    def per_sequence() -> None:
+        found["seq"] = calibration.fisher_row_sums(model, paths, ids, batch_size=1)[0]
+
+    def batched(b: int):
+        def run() -> None:
+            found[f"b{b}"] = calibration.fisher_row_sums(model, paths, ids, batch_size=b)[0]
+
+        return run
+
+    times: dict[str, list[float]] = {"seq": [], **{f"b{b}": [] for b in args.batch}}
+    runs = {"seq": per_sequence, **{f"b{b}": batched(b) for b in args.batch}}
+    for _ in range(args.repeats):
+        for key, fn in runs.items():
+            times[key].append(timed(fn, device, collect=True))
+    seq = statistics.median(times["seq"])
+    print(f"gradient pass per sequence: {seq:.2f} s ({seq / ids.shape[0] * 1e3:.0f} ms a sequence)")
+    for b in args.batch:
+        t = statistics.median(times[f"b{b}"])
+        worst = max(float(((found[f"b{b}"][p] - found["seq"][p]).abs() / found["seq"][p].abs().clamp_min(1e-30)).max()) for p in paths)
+        print(f"gradient pass batch {b}: {t:.2f} s, speedup {seq / t:.2f}x over per sequence; largest relative difference of f {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
