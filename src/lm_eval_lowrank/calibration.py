@@ -1032,8 +1032,9 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
     gradient one sequence's (the empirical Fisher).
 
     With ``batch_size`` >= 2, linear modules are read in batches of that many sequences (_batched_fisher_pass),
-    with no weight gradient at all: 1.4-1.5x faster than one sequence at a time on SmolLM2 (2, 4 and 8 alike),
-    for a memory beyond inference of one batch's activations and their backward. At 1 the pass runs one sequence
+    with no weight gradient at all: on the CPU 1.3-1.6x faster than one sequence at a time on SmolLM2 and 2.4x at
+    Llama-2-7B's shapes (benchmarks/gradient_pass.py), for a memory beyond inference of one batch's activations
+    and their backward. At 1 the pass runs one sequence
     at a time and squares each weight's gradient (_per_sequence_fisher_pass), the least memory; so it does for a
     stacked expert projection (E x out x in, in either stored orientation), whose f has shape (E, out), each
     expert's slice of the gradient nonzero only through the tokens the router sent to it."""
