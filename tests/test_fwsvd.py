@@ -63,7 +63,7 @@ def test_fwsvd_refuses_statistics_without_a_gradient(weight):
 def test_fwsvd_spec(tmp_path):
     spec = DecompositionSpec.from_args({"method": "fwsvd", "rank": 4})
     assert spec.calib == "wikitext_local" and spec.method_options() == {}
-    assert spec.grad_batch == 2 and DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "2"}).grad_batch == 2
+    assert spec.grad_batch == 2 and DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "3"}).grad_batch == 3
     with pytest.raises(SpecError, match="grad_batch='0'.*expected an int >= 1"):
         DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "0"})
     assert DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "tail"}).allocator == "tail"
