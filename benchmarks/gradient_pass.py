@@ -72,27 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p, _ in candidate_paths(spec, model.config, adapter=adapter_for_model(model))]
     print(f"# {folder.name}: {len(paths)} linears, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
 
-    found: dict[str, dict[str, torch.Tensor]] = {}
+    found: dict[int, dict[str, torch.Tensor]] = {}  # batch size (1: per sequence) -> the sums
 
-    def per_sequence() -> None:
-        found["seq"] = calibration.fisher_row_sums(model, paths, ids, batch_size=1)[0]
+    def run(b: int):
+        return lambda: found.__setitem__(b, calibration.fisher_row_sums(model, paths, ids, batch_size=b)[0])
 
-    def batched(b: int):
-        def run() -> None:
-            found[f"b{b}"] = calibration.fisher_row_sums(model, paths, ids, batch_size=b)[0]
-
-        return run
-
-    times: dict[str, list[float]] = {"seq": [], **{f"b{b}": [] for b in args.batch}}
-    runs = {"seq": per_sequence, **{f"b{b}": batched(b) for b in args.batch}}
+    times: dict[int, list[float]] = {b: [] for b in [1, *args.batch]}
     for _ in range(args.repeats):
-        for key, fn in runs.items():
-            times[key].append(timed(fn, device, collect=True))
-    seq = statistics.median(times["seq"])
+        for b in times:
+            times[b].append(timed(run(b), device, collect=True))
+    seq = statistics.median(times[1])
     print(f"gradient pass per sequence: {seq:.2f} s ({seq / ids.shape[0] * 1e3:.0f} ms a sequence)")
     for b in args.batch:
-        t = statistics.median(times[f"b{b}"])
-        worst = max(float(((found[f"b{b}"][p] - found["seq"][p]).abs() / found["seq"][p].abs().clamp_min(1e-30)).max()) for p in paths)
+        t = statistics.median(times[b])
+        worst = max(float(((found[b][p] - found[1][p]).abs() / found[1][p].abs().clamp_min(1e-30)).max()) for p in paths)
         print(f"gradient pass batch {b}: {t:.2f} s, speedup {seq / t:.2f}x over per sequence; largest relative difference of f {worst:.1e}")
     return 0
 
