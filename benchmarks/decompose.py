@@ -152,7 +152,7 @@ def bench_floor(args: argparse.Namespace, device: torch.device) -> None:
         tall = [W if W.shape[0] >= W.shape[1] else W.mT for _, W in mats]
         grams = [tk._gram(A) for A in tall]
         t_syrk = timed(lambda: [tk._gram(A) for A in tall], device)
-        t_eig = timed(lambda: [tk._top_eigh(G.clone(), min(r, G.shape[0]), upper) for G, upper in grams], device)
+        t_eig = timed(lambda: [tk._top_eigh(G.clone(), min(r, G.shape[0]), triangle) for G, triangle in grams], device)
         print(f"floor smollm2 rank={r}: Gram solver's syrk {t_syrk:.2f} s + top-r eigensolve {t_eig:.2f} s alone, full SVD {full:.2f} s, at most {full / (t_syrk + t_eig):.1f}x", flush=True)
 
 

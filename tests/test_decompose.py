@@ -278,15 +278,26 @@ def test_page_release_waits_for_every_module_that_holds_a_storage():
     assert len(advised) == 2 and pages.released == sum(advised)
 
 
-def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(solve_pools):
+@pytest.mark.parametrize("rank,solver", [(2, "krylov"), (24, "gram")])
+def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(solve_pools, monkeypatch, rank, solver):
+    import threading
+
     from transformers import LlamaForCausalLM
 
+    from lm_eval_lowrank.methods import tucker as tk
+
+    if solver == "gram" and not tk.gram_solves_release_gil():
+        pytest.skip("the Gram solver holds the GIL here (no scipy): it is not pooled")
+    gram_threads = []
+    gram_svd = tk._gram_svd
+    monkeypatch.setattr(tk, "_gram_svd", lambda A, r: gram_threads.append(threading.current_thread()) or gram_svd(A, r))
     cfg = tiny_llama_config(hidden_size=128, intermediate_size=320)
-    spec = DecompositionSpec.from_args({"rank": 2, "layers": "all", "cache": False})
+    spec = DecompositionSpec.from_args({"rank": rank, "layers": "all", "cache": False})
     before = torch.get_num_threads()
     states = {}
     try:
         for threads in (1, 2):
+            gram_threads.clear()
             torch.set_num_threads(threads)
             torch.manual_seed(0)
             m = LlamaForCausalLM(cfg).eval()
@@ -295,8 +306,10 @@ def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(sol
             states[threads] = m.state_dict()
     finally:
         torch.set_num_threads(before)
-    assert report.solvers.get("krylov", 0) > 0
+    assert report.solvers == {solver: sum(report.solvers.values())}
     assert solve_pools == [2]  # the 2-thread run: one pool of 2 for the whole (data-free) model
+    if solver == "gram":  # the GIL-free Gram solves ran in the pool's threads, not the caller's
+        assert gram_threads and threading.main_thread() not in gram_threads
     for k in states[1]:
         assert torch.equal(states[1][k], states[2][k]), k
 

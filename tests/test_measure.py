@@ -382,6 +382,9 @@ def test_env_says_what_a_run_here_will_measure(tmp_path, monkeypatch):
         assert get_method(name) and m["calibrated"] == needs_calibration(name)
     assert {"llama", "qwen2", "gpt2"} <= set(info["architectures"])
     assert "methods               data-free: tucker; calibrated (calib=): " in r.output
+    from lm_eval_lowrank.methods.tucker import gram_solves_release_gil
+
+    assert ("without the GIL" in info["solvers"]["cpu"]) == gram_solves_release_gil()
 
 
 def test_every_call_is_kept_in_order_with_percentiles_and_processes_concatenate():

@@ -283,3 +283,105 @@ def test_scipy_thread_limit_holds_in_a_fresh_process():
         "assert all(n == 1 for _, n in libs), libs\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gil_free_syrk_and_syevr_match_numpy(dtype):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("scipy.linalg")
+    from lm_eval_lowrank.methods import _lapack
+
+    assert _lapack.available(np.float32) and _lapack.available(np.float64) and not _lapack.available(np.float16)
+    A = _rand(90, 40, seed=3).to(dtype).numpy()
+    G = A.T @ A
+    C = _lapack.gram_lower(A)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert np.allclose(np.tril(C), np.tril(G), rtol=tol, atol=tol * np.abs(G).max())
+    exact_w, exact_V = np.linalg.eigh(G.astype(np.float64))
+    for triangle, filled in (("lower", np.tril(G)), ("upper", np.triu(G)), ("lower", np.asfortranarray(np.tril(G)))):
+        w, Z = _lapack.top_eigh(filled.copy(order="K"), 6, triangle)  # the other triangle is zero: it must go unread
+        assert np.allclose(w, exact_w[-6:], rtol=10 * tol)
+        overlap = np.abs(np.sum(Z * exact_V[:, -6:].T, axis=1))
+        assert np.allclose(overlap, 1, atol=100 * tol)
+
+
+def test_gram_eigensolve_releases_the_gil():
+    # While one thread is inside the eigensolve, another must keep running Python; scipy's own wrapper blocks it for the whole call.
+    pytest.importorskip("scipy.linalg")
+    import threading
+    import time
+
+    from lm_eval_lowrank.methods import tucker as tk
+
+    A = _rand(900, 900, seed=4)
+    G0, triangle = tk._gram(A)
+    assert triangle == "lower"
+    start, done, spans = threading.Event(), threading.Event(), []
+
+    def solve():
+        start.set()
+        t0 = time.perf_counter()
+        tk._top_eigh(G0.clone(), 450, triangle)
+        spans.append(time.perf_counter() - t0)
+        done.set()
+
+    worker = threading.Thread(target=solve)
+    worker.start()
+    start.wait()
+    ticks = [time.perf_counter()]
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+    worker.join()
+    longest_gap = max(b - a for a, b in zip(ticks, ticks[1:]))
+    assert spans[0] > 0.02  # long enough to tell the two apart
+    assert longest_gap < 0.5 * spans[0], (longest_gap, spans[0])
+
+
+def test_gram_solver_falls_back_to_scipy_wrappers_then_torch(monkeypatch):
+    from lm_eval_lowrank.methods import _lapack
+    from lm_eval_lowrank.methods import tucker as tk
+
+    W = _rand(120, 50, seed=5, decay=0.93)
+    exact = torch.linalg.svdvals(W.double())[:10]
+    answers = {}
+    for case in ("gil-free", "scipy wrappers", "torch"):
+        if case != "gil-free":
+            monkeypatch.setattr(_lapack, "gram_lower", lambda A: None)
+            monkeypatch.setattr(_lapack, "top_eigh", lambda G, r, t="lower": None)
+        if case == "torch":
+            monkeypatch.setattr(tk, "_scipy_linalg", lambda: None)
+        G, triangle = tk._gram(W)
+        assert triangle == {"gil-free": "lower", "scipy wrappers": "upper", "torch": "full"}[case]
+        res = truncated_svd(W, 10, solver="gram")
+        assert res.solver == "gram"
+        assert torch.allclose(res.S.double(), exact, rtol=1e-4)
+        answers[case] = res.U @ torch.diag(res.S) @ res.V.mT
+    assert torch.allclose(answers["gil-free"], answers["scipy wrappers"], atol=1e-4)
+    assert torch.allclose(answers["gil-free"], answers["torch"], atol=1e-4)
+    # torch's eigh is told which triangle holds the matrix
+    G = (W.mT @ W).double()
+    e = torch.linalg.eigvalsh(G)[-3:].flip(0)
+    for triangle, half in (("lower", G.tril()), ("upper", G.triu())):
+        assert torch.allclose(tk._top_eigh(half.clone(), 3, triangle)[0], e)
+
+
+def test_blas_held_at_one_thread_for_a_pool_and_left_alone_inside_it():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pytest.importorskip("scipy.linalg")
+    from lm_eval_lowrank.methods import tucker as tk
+
+    def openblas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas" and i["internal_api"] == "openblas"}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with tk.blas_single_threaded():
+            assert openblas_threads() == {1}
+            with tk._scipy_threads(4096):  # would ask for 2 outside a pool
+                assert openblas_threads() == {1}
+            assert openblas_threads() == {1}  # and restores nothing under the other workers
+        with tk._scipy_threads(4096):
+            assert openblas_threads() == {2}
+    finally:
+        torch.set_num_threads(before)

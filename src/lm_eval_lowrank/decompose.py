@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .architectures import ArchitectureAdapter, adapter_for_model
 from .methods import Factors, LayerStats, get_method, needs_calibration
-from .methods.tucker import choose_solver
+from .methods.tucker import blas_single_threaded, choose_solver, gram_solves_release_gil
 from .modules import (
     LowRankExperts,
     LowRankExpertWeights,
@@ -430,8 +430,9 @@ def _follows_experts_contract(module: nn.Module) -> bool:
 # Solves run in parallel threads, one torch thread each, where that was measured to pay: the Krylov solver
 # spends a third of its time in small ops that one core dispatches while the other multiplies, and its narrow
 # GEMMs gain little from a second thread. decompose_model on all 210 SmolLM2 matrices at 2 threads: rank 1
-# 0.67 -> 0.54 s, rank 8 1.27 -> 0.99 s. The Gram solver calls scipy, which holds the GIL (no gain at rank 64),
-# and methods with calibration statistics share factorisations between siblings, so both stay serial.
+# 0.67 -> 0.54 s, rank 8 1.27 -> 0.99 s. The Gram solver joins them where its syrk and eigensolve run without the
+# GIL (tucker.gram_solves_release_gil; scipy's own wrappers hold it, which gained nothing). Methods with calibration
+# statistics share factorisations between siblings, so they stay serial.
 # Workers convert weights that are not fp32 to fp32 copies; together these may add at most this fraction of the
 # model's bytes to the peak (fp32 weights are used in place).
 POOL_COPY_BUDGET = 0.02
@@ -455,20 +456,21 @@ def _solve_in_parallel(
     copy_budget: float,
 ) -> Iterator[Factors | None]:
     """The factors of each job, in order, as they come: solved in parallel for ``parallel`` (a data-free
-    method) CPU weights that the Krylov solver takes; None for the others, which the caller solves at the
+    method) CPU weights that the Krylov solver, or a GIL-free Gram solver, takes; None for the others, which the caller solves at the
     moment (one torch thread while the parallel solves run). Each solve is seeded per module and runs on one
     thread, so the results are those of a one-thread run. A job is dropped once its factors are handed out."""
     threads = torch.get_num_threads()
+    overlapping = {"krylov", "gram"} if gram_solves_release_gil() else {"krylov"}
     pooled = [
         i for i, (t, W) in enumerate(jobs)
-        if parallel and W.device.type == "cpu" and choose_solver(tuple(W.shape), t.rank, spec.solver, W.device) == "krylov"
+        if parallel and W.device.type == "cpu" and choose_solver(tuple(W.shape), t.rank, spec.solver, W.device) in overlapping
     ]  # fmt: skip
     copies = max((4 * jobs[i][1].numel() for i in pooled if jobs[i][1].dtype != torch.float32), default=0)
     workers = min(threads, len(pooled), max(1, int(copy_budget // copies)) if copies else threads)
     if workers < 2:
         yield from [None] * len(jobs)
         return
-    with _torch_threads(1):
+    with _torch_threads(1), blas_single_threaded():
         pool = ThreadPoolExecutor(workers)
         try:
             futures = {i: pool.submit(solve, *jobs[i]) for i in pooled}

@@ -25,6 +25,16 @@ def _registry() -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _cpu_solvers() -> str:
+    from ..methods.tucker import _scipy_linalg, gram_solves_release_gil
+
+    if gram_solves_release_gil():
+        return "krylov / gram (syrk + syevr from scipy's C exports, without the GIL: solves run in parallel threads)"
+    if _scipy_linalg() is not None:
+        return "krylov / gram (scipy syrk + syevr, holding the GIL: Gram solves run one at a time)"
+    return "krylov / gram (torch eigh: scipy missing)"
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -33,7 +43,6 @@ def environment() -> dict[str, Any]:
     from ..assets import cache_root
     from ..measure import energy_readiness
     from ..spec import CALIBRATED_METHODS, METHOD_OPTIONS, METHODS
-    from ..methods.tucker import _scipy_linalg
     from ..tasks import DataDirError, data_dir
 
     cuda = torch.cuda.is_available()
@@ -49,7 +58,7 @@ def environment() -> dict[str, Any]:
         "cuda": {"available": cuda, "gpus": gpus, "energy": energy_readiness("cuda") if cuda else {"available": False, "reason": "no CUDA GPU"}},
         "timer": "cuda_events on a GPU, perf_counter on the CPU",
         "solvers": {
-            "cpu": "krylov / gram (scipy syrk + syevr)" if _scipy_linalg() is not None else "krylov / gram (torch eigh: scipy missing)",
+            "cpu": _cpu_solvers(),
             "cuda": "randomized / exact",
         },
         "methods": {m: {"calibrated": m in CALIBRATED_METHODS, "options": sorted(o for o, owner in METHOD_OPTIONS.items() if owner == m)} for m in METHODS},

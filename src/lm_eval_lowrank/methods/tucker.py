@@ -26,9 +26,10 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from . import Factors, LayerStats, register_method
+from . import Factors, LayerStats, _lapack, register_method
 
 # Randomized is used while (rank + oversampling) <= RANDOMIZED_MAX_FRACTION * min(m, n).
 # Measured by `benchmarks/decompose.py --switch --large`: randomized stops winning at
@@ -372,47 +373,80 @@ def scipy_blas_threads(n: int) -> int:
     return torch.get_num_threads() if n >= SCIPY_THREADS_MIN_ORDER else 1
 
 
+# > 0 while a pool of solver threads holds scipy's OpenBLAS at one thread (blas_single_threaded).
+_blas_pinned = 0
+
+
+@contextlib.contextmanager
+def blas_single_threaded() -> Iterator[None]:
+    """scipy's OpenBLAS at one thread while solver threads run in a pool (entered by the thread that starts the
+    pool). Meanwhile _scipy_threads leaves the setting alone: a limit set and restored inside one worker would
+    change it under another worker's running call."""
+    global _blas_pinned
+    controller = _blas_controller()
+    with controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext():
+        _blas_pinned += 1
+        try:
+            yield
+        finally:
+            _blas_pinned -= 1
+
+
 @contextlib.contextmanager
 def _scipy_threads(n: int) -> Iterator[None]:
     """Hold scipy's OpenBLAS at ``scipy_blas_threads(n)``: left alone, it sizes its pool to the machine,
     whatever torch.set_num_threads says."""
     controller = _blas_controller()
-    if controller is None:
+    if controller is None or _blas_pinned:
         yield
         return
     with controller.limit(limits=scipy_blas_threads(n), user_api="blas"):
         yield
 
 
-def _gram(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(A^T A, upper_only) for a tall A. On a CPU with scipy, BLAS syrk: half the flops of a GEMM, with
-    only the upper triangle filled (the eigensolver is told so)."""
-    sla = _scipy_linalg() if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) else None
-    if sla is None:
-        return A.mT @ A, False
-    syrk = sla.blas.ssyrk if A.dtype == torch.float32 else sla.blas.dsyrk
-    # A (m x n, C order) is A^T in Fortran order: trans=0 gives (A^T)(A^T)^T = A^T A, no copy.
-    with _scipy_threads(A.shape[1]):
-        return torch.from_numpy(syrk(1.0, A.contiguous().numpy().T, trans=0)), True
+def gram_solves_release_gil(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the Gram solver's syrk and eigensolve run without the GIL on a CPU (scipy's C exports through
+    ctypes), so that solves in parallel threads overlap."""
+    return dtype in (torch.float32, torch.float64) and _lapack.available(np.float32 if dtype == torch.float32 else np.float64)
 
 
-def _top_eigh(G: torch.Tensor, rank: int, upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``rank`` largest eigenpairs of a symmetric matrix, descending.
+def _gram(A: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """(A^T A, the triangle that holds it: "lower", "upper" or "full") for a tall A. On a CPU, BLAS syrk: half
+    the flops of a GEMM, one triangle filled (the eigensolver is told which); without the GIL when it can."""
+    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64):
+        with _scipy_threads(A.shape[1]):
+            G = _lapack.gram_lower(A.detach().contiguous().numpy())
+            if G is not None:
+                return torch.from_numpy(G), "lower"
+            sla = _scipy_linalg()
+            if sla is not None:
+                syrk = sla.blas.ssyrk if A.dtype == torch.float32 else sla.blas.dsyrk
+                # A (m x n, C order) is A^T in Fortran order: trans=0 gives (A^T)(A^T)^T = A^T A, no copy.
+                return torch.from_numpy(syrk(1.0, A.contiguous().numpy().T, trans=0)), "upper"
+    return A.mT @ A, "full"
+
+
+def _top_eigh(G: torch.Tensor, rank: int, triangle: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest eigenpairs of a symmetric matrix, descending; only ``triangle`` ("lower", "upper"
+    or "full") of ``G`` is read, and ``G`` may be overwritten.
 
     LAPACK's MRRR driver (syevr, through scipy, which lm-eval's scikit-learn dependency
     brings) computes only the wanted eigenvectors: after the O(n^3) tridiagonal reduction
-    the rest costs O(n r) instead of O(n^2) per vector. Without scipy, or off the CPU,
-    torch's full eigh.
+    the rest costs O(n r) instead of O(n^2) per vector. It is called without the GIL where scipy
+    exports it to C, else through scipy's wrapper. Without scipy, or off the CPU, torch's full eigh.
     """
     n = G.shape[0]
-    sla = _scipy_linalg() if G.device.type == "cpu" else None
-    if sla is not None:
+    if G.device.type == "cpu" and G.dtype in (torch.float32, torch.float64):
         with _scipy_threads(n):
-            e, V = sla.eigh(G.numpy(), lower=not upper_only, subset_by_index=(n - rank, n - 1), driver="evr", overwrite_a=True, check_finite=False)
-        return torch.from_numpy(e[::-1].copy()).to(G.dtype), torch.from_numpy(V[:, ::-1].copy()).to(G.dtype)
-    if upper_only:
-        G = G.triu() + G.triu(1).mT
-    e, V = torch.linalg.eigh(G)
+            found = _lapack.top_eigh(G.numpy(), rank, triangle)
+            if found is not None:
+                w, Z = found
+                return torch.from_numpy(w[::-1].copy()), torch.from_numpy(Z[::-1].copy()).mT
+            sla = _scipy_linalg()
+            if sla is not None:
+                e, V = sla.eigh(G.numpy(), lower=triangle != "upper", subset_by_index=(n - rank, n - 1), driver="evr", overwrite_a=True, check_finite=False)
+                return torch.from_numpy(e[::-1].copy()).to(G.dtype), torch.from_numpy(V[:, ::-1].copy()).to(G.dtype)
+    e, V = torch.linalg.eigh(G, UPLO="U" if triangle == "upper" else "L")  # reads that triangle alone
     return e[-rank:].flip(0), V[:, -rank:].flip(1)
 
 
@@ -430,8 +464,8 @@ def _gram_svd(A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
         A = A.mT
         m, n = n, m
     dtype = A.dtype
-    G, upper_only = _gram(A)
-    evals, V = _top_eigh(G, rank, upper_only)
+    G, triangle = _gram(A)
+    evals, V = _top_eigh(G, rank, triangle)
     S = evals.clamp_min(0).sqrt()
     # Below this a singular value is round-off of the squared problem: a null direction.
     live = S > S[0] * math.sqrt(n * torch.finfo(dtype).eps)
