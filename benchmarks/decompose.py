@@ -4,6 +4,7 @@ Every figure is a ratio of two timings taken in this one run, repetitions interl
 the median kept, so a shared, noisy machine slows both sides alike.
 
   python benchmarks/decompose.py                       # SmolLM2: 7 tensors x 30 layers, ranks 1 8 64 128
+  python benchmarks/decompose.py --serial-gram         # + the Gram solves one at a time against in parallel threads
   python benchmarks/decompose.py --floor               # + the passes alone at hindsight and certified Krylov dimensions
   python benchmarks/decompose.py --switch              # + krylov-vs-gram (CPU) / randomized-vs-exact (GPU) sweep
   python benchmarks/decompose.py --switch --large      # + 4096x4096 and 4096x11008 random matrices
@@ -13,6 +14,7 @@ the median kept, so a shared, noisy machine slows both sides alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -52,10 +54,13 @@ def load_smollm2(folder: Path, device: torch.device, layers: int | None) -> list
     return out
 
 
-def our_pass(mats: list[tuple[str, torch.Tensor]], rank: int) -> dict[str, int]:
-    """Every matrix as decompose-on-load does it: Krylov solves in parallel threads when torch has more
-    than one (decompose._solve_in_parallel), the others one at a time."""
-    from lm_eval_lowrank.decompose import _solve_in_parallel
+def our_pass(mats: list[tuple[str, torch.Tensor]], rank: int, serial_gram: bool = False) -> dict[str, int]:
+    """Every matrix as decompose-on-load does it: Krylov and GIL-free Gram solves in parallel threads when torch
+    has more than one (decompose._solve_in_parallel), the others one at a time. ``serial_gram``: the Gram solves
+    one at a time, as before they ran without the GIL (the comparison of --serial-gram)."""
+    from unittest import mock
+
+    import lm_eval_lowrank.decompose as dec
     from lm_eval_lowrank.plan import Target
     from lm_eval_lowrank.spec import DecompositionSpec
 
@@ -65,9 +70,10 @@ def our_pass(mats: list[tuple[str, torch.Tensor]], rank: int) -> dict[str, int]:
     jobs = [(Target(layer=1, tensor=name, path=name, out_features=W.shape[0], in_features=W.shape[1], rank=min(rank, min(W.shape))), W) for name, W in mats]
     solvers: dict[str, int] = {}
     spec = DecompositionSpec.from_args({"rank": rank, "cache": False})
-    for (t, W), f in zip(list(jobs), _solve_in_parallel(jobs, solve, spec, True, copy_budget=float("inf"))):
-        f = f if f is not None else solve(t, W)
-        solvers[f.info["solver"]] = solvers.get(f.info["solver"], 0) + 1
+    with mock.patch.object(dec, "gram_solves_release_gil", lambda: False) if serial_gram else contextlib.nullcontext():
+        for (t, W), f in zip(list(jobs), dec._solve_in_parallel(jobs, solve, spec, True, copy_budget=float("inf"))):
+            f = f if f is not None else solve(t, W)
+            solvers[f.info["solver"]] = solvers.get(f.info["solver"], 0) + 1
     return solvers
 
 
@@ -85,6 +91,7 @@ def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
     full_svd_pass(mats[:7])
     full: list[float] = []
     ours: dict[int, list[float]] = {r: [] for r in args.ranks}
+    serial: dict[int, list[float]] = {r: [] for r in args.ranks}
     solvers: dict[int, dict[str, int]] = {}
     for _ in range(args.reps):  # interleaved: full SVD, then ours at each rank, each repetition
         full.append(timed(lambda: full_svd_pass(mats), device))
@@ -92,12 +99,17 @@ def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
             box: dict[str, dict[str, int]] = {}
             ours[r].append(timed(lambda r=r: box.setdefault("s", our_pass(mats, r)), device))
             solvers[r] = box["s"]
+            if args.serial_gram and "gram" in solvers[r]:
+                serial[r].append(timed(lambda r=r: our_pass(mats, r, serial_gram=True), device))
     full_med = statistics.median(full)
     for r in args.ranks:
         med = statistics.median(ours[r])
         target = 20.0 if r <= 8 else 6.0 if r == 64 else None
         used = ",".join(f"{k}:{v}" for k, v in sorted(solvers[r].items()))
         print(f"decompose smollm2 rank={r}: ours {med:.2f} s, full SVD {full_med:.2f} s, speedup {full_med / med:.1f}x{verdict(full_med / med, target)} [solvers {used}]", flush=True)
+        if serial[r]:
+            one = statistics.median(serial[r])
+            print(f"decompose smollm2 rank={r}: Gram solves in parallel threads {med:.2f} s, one at a time {one:.2f} s, speedup {one / med:.2f}x", flush=True)
 
 
 def _hindsight_dims(A: torch.Tensor, rank: int, block: int, exact: torch.Tensor, tol: float = 1e-2, seed: int = 0) -> tuple[int, int]:
@@ -153,7 +165,20 @@ def bench_floor(args: argparse.Namespace, device: torch.device) -> None:
         grams = [tk._gram(A) for A in tall]
         t_syrk = timed(lambda: [tk._gram(A) for A in tall], device)
         t_eig = timed(lambda: [tk._top_eigh(G.clone(), min(r, G.shape[0]), triangle) for G, triangle in grams], device)
-        print(f"floor smollm2 rank={r}: Gram solver's syrk {t_syrk:.2f} s + top-r eigensolve {t_eig:.2f} s alone, full SVD {full:.2f} s, at most {full / (t_syrk + t_eig):.1f}x", flush=True)
+        print(f"floor smollm2 rank={r}: Gram solver's syrk {t_syrk:.2f} s + top-r eigensolve {t_eig:.2f} s alone, one at a time, full SVD {full:.2f} s, at most {full / (t_syrk + t_eig):.1f}x", flush=True)
+        workers = torch.get_num_threads()
+        if device.type == "cpu" and workers > 1 and tk.gram_solves_release_gil():  # as decompose-on-load runs them
+            from concurrent.futures import ThreadPoolExecutor
+
+            from lm_eval_lowrank.decompose import _torch_threads
+
+            def gram_and_eigh(A: torch.Tensor) -> None:
+                G, triangle = tk._gram(A)
+                tk._top_eigh(G, min(r, G.shape[0]), triangle)
+
+            with _torch_threads(1), tk.blas_single_threaded(), ThreadPoolExecutor(workers) as pool:
+                t_both = timed(lambda: list(pool.map(gram_and_eigh, tall)), device)
+            print(f"floor smollm2 rank={r}: the same in {workers} threads {t_both:.2f} s, at most {full / t_both:.1f}x", flush=True)
 
 
 def _sweep_shape(W: torch.Tensor, ranks: list[int], reps: int, device: torch.device, label: str, solver: str, baseline: str) -> float | None:
@@ -290,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="only the first N layers")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--serial-gram", action="store_true", help="also time each rank that uses the Gram solver with its solves one at a time (interleaved)")
     p.add_argument("--switch", action="store_true", help="also sweep the small-rank solver against the large-rank one over ranks")
     p.add_argument("--switch-only", action="store_true")
     p.add_argument("--solver", choices=["krylov", "randomized", "gram"], default=None, help="--switch: the small-rank solver to sweep (default: auto's choice for --device)")

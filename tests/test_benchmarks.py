@@ -94,3 +94,16 @@ def test_gradient_pass_benchmark_runs_on_a_tiny_model_and_both_passes_agree(tiny
     assert re.search(r"^gradient pass per sequence: [\d.]+ s", r.stdout, re.M), r.stdout
     differences = [float(d) for d in re.findall(r"^gradient pass batch [23]: [\d.]+ s, speedup [\d.]+x over per sequence; largest relative difference of f ([\d.e+-]+)$", r.stdout, re.M)]
     assert len(differences) == 2 and max(differences) < 1e-4, r.stdout
+
+
+def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):
+    """benchmarks/decompose.py reaches into the solver pool and the Gram solver's parts: run it small."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decompose.py"), "--model", str(smollm2_dir), "--layers", "1", "--ranks", "64",
+         "--reps", "1", "--threads", "2", "--serial-gram", "--floor"],
+        capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^decompose smollm2 rank=64: ours [\d.]+ s, full SVD [\d.]+ s, speedup [\d.]+x .*\[solvers gram:7\]$", r.stdout, re.M), r.stdout
+    assert re.search(r"^decompose smollm2 rank=64: Gram solves in parallel threads [\d.]+ s, one at a time [\d.]+ s", r.stdout, re.M), r.stdout
+    assert re.search(r"^floor smollm2 rank=64: the same in 2 threads [\d.]+ s", r.stdout, re.M), r.stdout
