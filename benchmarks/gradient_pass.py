@@ -1,16 +1,19 @@
 """The gradient pass (fwsvd, fwhiten, allocator=fisher): batched against one sequence at a time, same model and tokens.
 
-Both compute every targeted linear's Fisher row sums f_i = sum_n sum_j (dL_n/dW_ij)^2 over the calibration
-sequences. The per-sequence pass (the way before session 18, still the way for stacked experts) runs a forward and
-backward per sequence and squares each weight's gradient (grad_batch=1); the batched pass runs ``--batch`` sequences at once, takes
-no weight gradient, and reads each sequence's squared gradient from the module's inputs and output gradients
-(calibration._sequence_gradient_row_sums). The passes alternate, the median is kept, and the line after the
-timings gives the largest relative difference of f between the two over all modules.
+Both compute every targeted linear's (and stacked expert projection's) Fisher row sums
+f_i = sum_n sum_j (dL_n/dW_ij)^2 over the calibration sequences. The per-sequence pass (the way before session 18;
+for stacked experts, before session 19) runs a forward and backward per sequence and squares each weight's gradient
+(grad_batch=1); the batched pass runs ``--batch`` sequences at once, takes no weight gradient, and reads each
+sequence's squared gradient from the module's inputs and output gradients (calibration._gradient_row_sums_reader,
+and _routed_gradient_row_sums_reader for each expert's routed tokens). The passes alternate, the median is kept,
+and the line after the timings gives the largest relative difference of f between the two over all modules.
 
   python benchmarks/gradient_pass.py                          # SmolLM2, 7 tensors x 30 layers, 32 x 128 wikitext tokens
   python benchmarks/gradient_pass.py --batch 2 4 8 16 --n 32 --repeats 5
   python benchmarks/gradient_pass.py --device cuda --synthetic llama-2-7b --synthetic-layers 8 --dtype bfloat16 \
       --tokenizer DIR --batch 2 8 16                          # random weights of that shape, SmolLM2's vocabulary
+  python benchmarks/gradient_pass.py --synthetic olmoe-1b-7b --synthetic-layers 1 \
+      --tensors 'experts.gate_up_proj|experts.down_proj'      # the experts of one OLMoE layer
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="--synthetic's vocabulary and the calibration tokens' (default: SmolLM2's)")
     ap.add_argument("--workdir", default=None, help="where --synthetic saves its model (reused when there)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tensors", default="all", help="the spec's tensors (e.g. 'experts.gate_up_proj|experts.down_proj')")
     ap.add_argument("--n", type=int, default=32, help="calibration sequences")
     ap.add_argument("--len", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 4, 8], help="batch sizes (>= 2) of the batched pass")
@@ -67,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         folder = Path(args.model) if args.model else smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device).eval()
-    spec = DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "calib_n": args.n, "calib_len": args.len})
+    spec = DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "calib_n": args.n, "calib_len": args.len, "tensors": args.tensors, "layers": "all"})
     ids, _ = calibration.calibration_tokens(spec, AutoTokenizer.from_pretrained(folder))
     paths = [p for p, _ in candidate_paths(spec, model.config, adapter=adapter_for_model(model))]
-    print(f"# {folder.name}: {len(paths)} linears, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
+    print(f"# {folder.name}: {len(paths)} targets, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
 
     found: dict[int, dict[str, torch.Tensor]] = {}  # batch size (1: per sequence) -> the sums
 

@@ -282,7 +282,7 @@ def test_fwsvd_weighs_each_expert_by_its_own_fisher_rows(smollm2_dir, model_type
     flags = [p.requires_grad for p in model.parameters()]
     stats = provider.layer_stats(model, 1, plan.targets)
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())  # no trace
-    assert provider.describe()["batch"] == 1  # stacked experts: each sequence's weight gradient, one at a time
+    assert provider.describe()["batch"] == 2  # stacked experts too take grad_batch: each expert sees its routed tokens
     experts = _experts(model, 1)
     want = {name: torch.zeros(4, getattr(experts, name).shape[-1 if experts.is_transposed else -2], dtype=torch.float64) for name in ("gate_up_proj", "down_proj")}
     params = {name: getattr(experts, name) for name in want}
@@ -1015,3 +1015,40 @@ def test_sensitivity_allocator_measures_expert_truncations_and_puts_the_dense_ex
     report = compress_model(model, spec, tokenizer=tokenizer, progress=False)
     assert report.allocation["allocator"] == "sensitivity" and any(t.experts for t in report.plan.targets)
     assert report.params_before - report.params_after == report.plan.params_removed
+
+
+def test_routed_gradient_row_sums_reader_both_ways_are_each_sequences_squared_gradient():
+    """One expert's tokens come from several sequences at once: through the kernel masked to same-sequence pairs
+    (few tokens) or the explicit products (many), the sum of each sequence's own squared weight gradient."""
+    from lm_eval_lowrank.calibration import _routed_gradient_row_sums_reader
+
+    gen = torch.Generator().manual_seed(5)
+    for tokens, n_in, n_out in ((9, 16, 24), (60, 8, 6)):
+        x, g = torch.randn(tokens, n_in, generator=gen), torch.randn(tokens, n_out, generator=gen)
+        sequence = torch.randint(0, 3, (tokens,), generator=gen)
+        expected = sum((g[sequence == n].double().mT @ x[sequence == n].double()).square().sum(dim=1) for n in range(3))
+        got = _routed_gradient_row_sums_reader(x, sequence, n_out)(g)
+        assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-5)
+        pooled = (g.double().mT @ x.double()).square().sum(dim=1)  # one gradient for the whole batch: not the Fisher
+        assert not torch.allclose(got, pooled, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", sorted(_CONFIGS))
+def test_batched_gradient_pass_of_experts_equals_the_per_sequence_one(model_type):
+    """Experts take grad_batch like linears: batches of 2 and 4 over 5 sequences (short last batches) give the
+    per-sequence weight-gradient pass's sums, for both projections beside a linear, and the experts module's own
+    forward is back afterwards."""
+    from lm_eval_lowrank.calibration import fisher_row_sums
+
+    model = _model(model_type)
+    experts = _experts(model, 1)
+    forward = experts.forward
+    ids = torch.randint(0, model.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(6))
+    paths = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    per_sequence, _ = fisher_row_sums(model, paths, ids, batch_size=1)
+    for batch in (2, 4):
+        batched, tokens = fisher_row_sums(model, paths, ids, batch_size=batch)
+        assert tokens == 60 and "forward" not in experts.__dict__ and experts.forward == forward
+        for p in paths:
+            assert batched[p].shape == per_sequence[p].shape and float(batched[p].min()) > 0
+            torch.testing.assert_close(batched[p], per_sequence[p], rtol=1e-5, atol=0)

@@ -1031,13 +1031,13 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
     linear at path and L the sequence's language-model loss (mean next-token cross-entropy), each squared
     gradient one sequence's (the empirical Fisher).
 
-    With ``batch_size`` >= 2, linear modules are read in batches of that many sequences (_batched_fisher_pass),
+    With ``batch_size`` >= 2, the targets are read in batches of that many sequences (_batched_fisher_pass),
     with no weight gradient at all: on the CPU 1.3-1.6x faster than one sequence at a time on SmolLM2 and 2.4x at
     Llama-2-7B's shapes (benchmarks/gradient_pass.py), for a memory beyond inference of one batch's activations
-    and their backward. At 1 the pass runs one sequence
-    at a time and squares each weight's gradient (_per_sequence_fisher_pass), the least memory; so it does for a
-    stacked expert projection (E x out x in, in either stored orientation), whose f has shape (E, out), each
-    expert's slice of the gradient nonzero only through the tokens the router sent to it."""
+    and their backward. At 1 the pass runs one sequence at a time and squares each weight's gradient
+    (_per_sequence_fisher_pass), the least memory. A stacked expert projection (E x out x in, in either stored
+    orientation) has f of shape (E, out), each expert's slice of the gradient nonzero only through the tokens the
+    router sent to it."""
     from .modules import dense_weight_of, is_experts_module
 
     if not paths:
@@ -1046,6 +1046,7 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
         raise ValueError(f"batch_size={batch_size} is invalid: expected an int >= 1")
     weights: dict[str, tuple[torch.Tensor, bool]] = {}  # (param, stored in x out)
     modules: dict[str, nn.Module] = {}
+    experts: dict[str, tuple[nn.Module, str]] = {}  # path -> (experts module, projection name)
     for p in paths:
         found = _lookup(model, p)
         owner = model.get_submodule(p.rpartition(".")[0]) if isinstance(found, nn.Parameter) else None
@@ -1054,6 +1055,7 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
             modules[p] = found
         elif owner is not None and found.dim() == 3 and is_experts_module(owner):
             weights[p] = (found, bool(owner.is_transposed))
+            experts[p] = (owner, p.rpartition(".")[2])
         else:
             raise SpecError(f"the gradient pass (fwsvd, fwhiten, fisher): {p} is neither a linear module nor a stacked expert projection")
     saved = [(q, q.requires_grad, q.grad) for q in model.parameters()]  # put back as they were, grads included
@@ -1063,8 +1065,8 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
             q.requires_grad_(False)
             q.grad = None
         model.eval()  # no dropout: the Fisher of the model as it is evaluated
-        if batch_size > 1 and len(modules) == len(weights):
-            sums = _batched_fisher_pass(model, modules, input_ids, batch_size)
+        if batch_size > 1:
+            sums = _batched_fisher_pass(model, modules, input_ids, batch_size, experts)
         else:
             sums = _per_sequence_fisher_pass(model, weights, input_ids)
     finally:
@@ -1137,15 +1139,75 @@ def _gradient_row_sums_reader(x: torch.Tensor, n_out: int, kernel: torch.Tensor 
     return read_explicit, None
 
 
-def _batched_fisher_pass(model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """Fisher row sums of linear modules from a batched forward and backward: the loss is the sum of each
-    sequence's mean cross-entropy, so a module's output gradient in sequence n is that sequence's own (nothing
-    mixes across the batch), and forward hooks pair it with the module's input. No weight takes a gradient, and
-    the backward goes no further up than the first targeted module."""
-    from .modules import dense_weight_of
+def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_out: int) -> Any:
+    """``read(g)``: the sum over sequences n of the row sums of (G_n^T X_n)^2 for one expert's projection, ``x``
+    (tokens x in) the tokens the router sent it from a whole batch, ``sequence`` each token's sequence and ``g``
+    the output gradients. The tokens of several sequences mix in one expert's call, so the input kernel X X^T is
+    masked to pairs from the same sequence; many tokens through a small projection take the explicit products."""
+    x = x.detach()
+    n_in = x.shape[-1]
+    if x.shape[0] * (n_in + n_out) <= n_in * n_out:
+        xf = x.float()
+        kernel = (xf @ xf.mT).masked_fill_(sequence[:, None] != sequence[None, :], 0)
+
+        def read(g: torch.Tensor) -> torch.Tensor:
+            g = g.float()
+            return (kernel @ g).mul_(g).sum(dim=0, dtype=torch.float64)
+
+        return read
+
+    def read_explicit(g: torch.Tensor) -> torch.Tensor:
+        g = g.float()
+        return sum((g[sel].mT @ x[sel].float()).square().sum(dim=1, dtype=torch.float64) for sel in (sequence == n for n in sequence.unique()))
+
+    return read_explicit
+
+
+def _batched_fisher_pass(
+    model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, batch_size: int, experts: dict[str, tuple[nn.Module, str]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Fisher row sums of linear modules and stacked expert projections (``experts``: path -> (experts module,
+    projection name)) from a batched forward and backward: the loss is the sum of each sequence's mean
+    cross-entropy, so a module's output gradient in sequence n is that sequence's own (nothing mixes across the
+    batch), and forward hooks pair it with the module's input. An experts module runs the loop of
+    :func:`~lm_eval_lowrank.modules.experts_forward` for the pass, which shows each expert's projection its tokens.
+    No weight takes a gradient, and the backward goes no further up than the first targeted module."""
+    from .modules import dense_weight_of, experts_forward
 
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
+    experts = experts or {}
+    shape = {"batch": 0, "length": 0}  # of the batch in flight: an experts module sees its tokens flattened
+    for p, (owner, name) in experts.items():
+        w = getattr(owner, name)
+        sums[p] = torch.zeros(w.sum(dim=-2 if owner.is_transposed else -1).shape, dtype=torch.float64, device=w.device)
+    owned: dict[nn.Module, dict[str, str]] = {}
+    for p, (owner, name) in experts.items():
+        owned.setdefault(owner, {})[name] = p
+
+    def routed_forward(mod: nn.Module, names: dict[str, str]):
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+            if hidden_states.shape[0] != shape["batch"] * shape["length"]:
+                raise RuntimeError(
+                    f"the gradient pass: {next(iter(names.values()))} saw {hidden_states.shape[0]} tokens for a batch of {shape['batch']}x{shape['length']}; grad_batch=1 reads its weight's gradient instead"
+                )
+            if not hidden_states.requires_grad:  # the graph starts here, as for linears
+                hidden_states = hidden_states.detach().requires_grad_(True)
+
+            def seen(name: str, expert: int, token_idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+                path = names.get(name)
+                if path is None or not y.requires_grad:
+                    return
+                read = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
+
+                def take(g: torch.Tensor) -> None:
+                    sums[path][expert] += read(g)
+
+                y.register_hook(take)
+
+            return experts_forward(mod, hidden_states, top_k_index, top_k_weights, on_projection=seen)
+
+        return forward
 
     last: list[Any] = [None, None]  # (input, its kernel): modules that share an input, back to back, share the kernel
 
@@ -1176,10 +1238,14 @@ def _batched_fisher_pass(model: nn.Module, modules: dict[str, nn.Module], input_
 
     handles = [mod.register_forward_pre_hook(start_graph) for mod in modules.values()]
     handles += [mod.register_forward_hook(watch(p)) for p, mod in modules.items()]
+    replaced = [(mod, mod.__dict__.get("forward")) for mod in owned]  # an instance's own forward (a hook's wrapper) is put back
     try:
+        for mod, names in owned.items():
+            mod.forward = routed_forward(mod, names)
         with torch.enable_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 ids = input_ids[start : start + batch_size].to(device)
+                shape["batch"], shape["length"] = ids.shape
                 labels = ids.roll(-1, dims=1)
                 labels[:, -1] = -100  # the last position predicts nothing (no slice of the logits: no copy of them)
                 logits = model(input_ids=ids, use_cache=False).logits
@@ -1190,7 +1256,13 @@ def _batched_fisher_pass(model: nn.Module, modules: dict[str, nn.Module], input_
     finally:
         for h in handles:
             h.remove()
-    return {p: sums[p] if p in sums else torch.zeros(dense_weight_of(m)[0].shape[0], dtype=torch.float64, device=device) for p, m in modules.items()}
+        for mod, own in replaced:
+            if own is None:
+                del mod.forward
+            else:
+                mod.forward = own
+    linears = {p: sums[p] if p in sums else torch.zeros(dense_weight_of(m)[0].shape[0], dtype=torch.float64, device=device) for p, m in modules.items()}
+    return {**linears, **{p: sums[p] for p in experts}}
 
 
 class FisherStatsProvider:
@@ -1280,9 +1352,7 @@ class FisherStatsProvider:
             n, world = self.input_ids.shape[0], self.shard.world if self.shard is not None else 1
             split = self.shard is not None and n >= world
             ids = self.input_ids[self.shard.rank :: world] if split else self.input_ids
-            # stacked experts need each sequence's weight gradient (fisher_row_sums), linears take grad_batch
-            experts = any(isinstance(_lookup(model, p), nn.Parameter) for p in missing)
-            self.batch = 1 if experts else self.spec.grad_batch
+            self.batch = self.spec.grad_batch
             fresh, _ = fisher_row_sums(model, missing, ids, batch_size=self.batch)
             if split:
                 import torch.distributed as dist

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -572,14 +572,23 @@ def experts_forward_path(model: nn.Module) -> dict[str, Any] | None:
 
 
 def experts_forward(
-    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, grouped: bool | None = None
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    grouped: bool | None = None,
+    on_projection: Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The experts contract, reading each projection as it is (dense or factored): as grouped GEMMs over all
     experts or expert by expert (``grouped``; by default :func:`use_grouped_experts` decides).
 
     Only the experts some token was routed to run; indices >= num_experts (expert-parallel sentinels) are skipped.
+    ``on_projection(name, expert, token_idx, x, y)`` sees each projection's input and output, expert by expert (the
+    gradient pass pairs them); it implies the loop.
     """
     weights = projection_weights(module)
+    if on_projection is not None:
+        grouped = False
     if grouped is None:
         # weights that rest elsewhere (offloaded) are checked where they run, at their first forward there
         grouped = grouped_experts_checked(module, hidden_states, weights)
@@ -593,9 +602,14 @@ def experts_forward(
     up_name, down_name = expert_projection_names(module)
     for expert, pairs in routed_pairs(top_k_index, module.num_experts):
         token_idx = pairs // top_k
-        h = expert_projection(module, up_name, hidden_states[token_idx], expert, weights[up_name])
-        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
-        y = expert_projection(module, down_name, h, expert, weights[down_name])
+        x = hidden_states[token_idx]
+        h = expert_projection(module, up_name, x, expert, weights[up_name])
+        if on_projection is not None:
+            on_projection(up_name, expert, token_idx, x, h)
+        x = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = expert_projection(module, down_name, x, expert, weights[down_name])
+        if on_projection is not None:
+            on_projection(down_name, expert, token_idx, x, y)
         if getattr(module, "has_post_expert_norm", False):
             y = module.post_expert_norm(y)
         y = y * top_k_weights.reshape(-1)[pairs, None]
