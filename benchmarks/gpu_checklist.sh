@@ -20,7 +20,8 @@
 #      is a batched solve over the experts needed on a GPU?)
 #   7  tests/test_cuda.py, the paths only a GPU takes, run for real: the grouped experts GEMMs against the loop
 #      (fp32, bf16; greedy decoding), experts offloaded to the CPU and run on the GPU, a checkpoint dispatched over
-#      the GPU and the CPU; then the gradient pass batched against one sequence at a time (8 layers of 7B shapes, bf16)
+#      the GPU and the CPU; then the gradient pass batched against one sequence at a time (8 layers of 7B shapes, bf16;
+#      the experts of 4 OLMoE-1B-7B-shaped layers, bf16)
 #
 # GPU_CHECKLIST_SMOKE=1 runs the same commands on this CPU at toy sizes (one layer, a few documents),
 # so that a broken argument shows up here and not in device minutes.
@@ -86,6 +87,7 @@ if [ "$smoke" = 1 ]; then
     moe_many=(--hidden 64 --inter 32 --experts 16 --top-k 4 --tokens 64 --dtype float32)
     moe_ranks=(2 8)
     grad_layers=(--synthetic-layers 1 --n 4)
+    moe_grad=(--synthetic-layers 1 --n 2 --len 32)
 else
     dev=cuda
     py=python3
@@ -97,6 +99,7 @@ else
     moe_many=(--hidden 2048 --inter 768 --experts 128 --top-k 8 --tokens 8192 --dtype bfloat16)  # Qwen3-30B-A3B's
     moe_ranks=(8 64)
     grad_layers=(--synthetic-layers 8 --n 32)
+    moe_grad=(--synthetic-layers 4 --n 32)
     # the wheels go into the image's own environment, so lm_eval finds the hf-tucker hook (.pth) and
     # the console scripts; the tree's sources come first, so the code is this checkout's
     $py -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1
@@ -147,6 +150,8 @@ case "$stage" in
     item 300 $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py  # all skipped on a machine without CUDA
     item 240 $py benchmarks/gradient_pass.py --device $dev --synthetic llama-2-7b "${grad_layers[@]}" --dtype bfloat16 \
         --tokenizer .devcarry/tok --workdir /tmp/gp --batch 2 8 16 --repeats 3
+    item 240 $py benchmarks/gradient_pass.py --device $dev --synthetic olmoe-1b-7b "${moe_grad[@]}" --dtype bfloat16 \
+        --tensors 'experts.gate_up_proj|experts.down_proj' --tokenizer .devcarry/tok --workdir /tmp/gp --batch 2 8 --repeats 3
     ;;
 esac
 echo "log: $log"
