@@ -294,18 +294,21 @@ def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(sol
     cfg = tiny_llama_config(hidden_size=128, intermediate_size=320)
     spec = DecompositionSpec.from_args({"rank": rank, "layers": "all", "cache": False})
     before = torch.get_num_threads()
-    states = {}
+    states, reports = {}, {}
     try:
         for threads in (1, 2):
             gram_threads.clear()
             torch.set_num_threads(threads)
             torch.manual_seed(0)
             m = LlamaForCausalLM(cfg).eval()
-            report = decompose_model(m, spec, progress=False)
+            report = reports[threads] = decompose_model(m, spec, progress=False)
             assert torch.get_num_threads() == threads
             states[threads] = m.state_dict()
     finally:
         torch.set_num_threads(before)
+    # the JSON says how the solves ran: every one in the pool of 2, none at one thread
+    assert reports[2].to_dict()["solve_threads"] == {"torch_threads": 2, "pooled_solves": len(report.plan.targets), "pool_workers": 2}
+    assert reports[1].to_dict()["solve_threads"] == {"torch_threads": 1, "pooled_solves": 0, "pool_workers": 0}
     assert report.solvers == {solver: sum(report.solvers.values())}
     assert solve_pools == [2]  # the 2-thread run: one pool of 2 for the whole (data-free) model
     if solver == "gram":  # the GIL-free Gram solves ran in the pool's threads, not the caller's

@@ -73,6 +73,8 @@ class DecompositionReport:
     cache: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None  # budget allocators: realised budget, rounding
     shared_solves: dict[str, Any] | None = None  # data-parallel processes that split the solves (ProcessShard.describe)
+    # How the solves ran: torch's thread count, and the solves run in parallel threads with the most workers at once.
+    solve_threads: dict[str, int] | None = None
 
     @property
     def param_reduction(self) -> float:
@@ -109,6 +111,7 @@ class DecompositionReport:
             "calibration": self.calibration,
             "cache": self.cache,
             "shared_solves": self.shared_solves,
+            "solve_threads": self.solve_threads,
             # every decomposition argument, defaults included (solver_tol, seed, asvd_alpha, ...): enough to redo it
             "spec": spec,
         }
@@ -238,6 +241,7 @@ def decompose_model(
         pages.watch(model)
     staged = stats_provider is not None and spec.calib_staged and needs_calibration(spec.method)
     copy_budget = POOL_COPY_BUDGET * sum(p.numel() * p.element_size() for p in model.parameters())
+    threads = {"torch_threads": torch.get_num_threads(), "pooled_solves": 0, "pool_workers": 0}
     if stats_provider is None:  # data-free: one stage in layer order, so that parallel solves balance
         stages = [(0, [t for layer in sorted(by_layer) for t in by_layer[layer]])]
     else:  # calibrated: layer by layer (stage by stage), each on the outputs of the layers before it
@@ -252,7 +256,7 @@ def decompose_model(
         # A generator: a layer's stages are found when the decomposition reaches it, on the stream as it is then.
         stages = ((layer, ts) for layer in sorted(by_layer) for ts in layer_stages(layer))
     for layer, targets in stages:
-        _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar, copy_budget, shard)
+        _decompose_stage(model, spec, plan, method, targets, layer, stats_provider, solvers, bounds, pages, on_module, bar, copy_budget, shard, threads)
     # No gc.collect()/empty_cache() between stages: each dense weight's last reference is dropped as it is
     # replaced, so its memory returns to the (caching) allocator at once; a full GC per layer costs ~0.1 s on a
     # 7B model for nothing.
@@ -260,6 +264,7 @@ def decompose_model(
     seconds = time.perf_counter() - start
     report = DecompositionReport(spec, plan, params_before, count_parameters(model), seconds, solvers)
     report.sv_error_bound, report.sv_error_bound_modules = (max(bounds) if bounds else None), len(bounds)
+    report.solve_threads = threads
     if stats_provider is not None and hasattr(stats_provider, "describe"):
         report.calibration = stats_provider.describe()
     if shard is not None:
@@ -290,6 +295,7 @@ def _decompose_stage(
     bar: _progress,
     copy_budget: float = 0.0,
     shard: ProcessShard | None = None,
+    threads: dict[str, int] | None = None,
 ) -> None:
     """Calibrate ``targets`` (one layer's, or one stage of them; all of them for a data-free method) on the model
     as it is now, then replace them in order."""
@@ -298,7 +304,7 @@ def _decompose_stage(
             check_experts_contract(owner)
     stats = stats_provider.layer_stats(model, layer, targets) if stats_provider is not None else {}
     for t in [t for t in targets if t.experts]:  # stacked expert projections: one solve per expert
-        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages, copy_budget, shard)
+        _decompose_experts(model, spec, plan, method, t, stats.get(t.path), solvers, bounds, pages, copy_budget, shard, threads)
         bar.update()
     targets = [t for t in targets if not t.experts]
     if not targets:
@@ -318,7 +324,7 @@ def _decompose_stage(
             return method(W.detach().float(), t.rank, stats.get(t.path), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, t.path), **spec.method_options())
 
     parallel = spec.method == "tucker" and not stats  # data-free and known to be thread-safe
-    solved = _solve_jobs([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget, shard)
+    solved = _solve_jobs([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget, shard, threads)
     for i, factors in enumerate(solved):  # in order, each replaced as soon as its factors are in
         (t, path, old, W, b), found[i] = found[i], None  # nothing else holds the dense weight now
         dtype, device = W.dtype, W.device
@@ -352,6 +358,7 @@ def _decompose_experts(
     pages: _PageReleaser,
     copy_budget: float = 0.0,
     shard: ProcessShard | None = None,
+    threads: dict[str, int] | None = None,
 ) -> None:
     """Factor every expert's matrix of one stacked projection (seeded per expert; in parallel threads like the
     linears' solves where those pay) and put the factors in place.
@@ -381,7 +388,7 @@ def _decompose_experts(
     parallel = spec.method == "tucker" and stats is None  # as for linears: data-free and thread-safe
     factors = []
     with torch.no_grad():
-        for job, f in zip(list(jobs), _solve_jobs(jobs, solve, spec, parallel, copy_budget, shard)):
+        for job, f in zip(list(jobs), _solve_jobs(jobs, solve, spec, parallel, copy_budget, shard, threads)):
             f = solve(*job) if f is None else f
             solver = f.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1
@@ -454,11 +461,13 @@ def _solve_in_parallel(
     spec: DecompositionSpec,
     parallel: bool,
     copy_budget: float,
+    record: dict[str, int] | None = None,
 ) -> Iterator[Factors | None]:
     """The factors of each job, in order, as they come: solved in parallel for ``parallel`` (a data-free
     method) CPU weights that the Krylov solver, or a GIL-free Gram solver, takes; None for the others, which the caller solves at the
     moment (one torch thread while the parallel solves run). Each solve is seeded per module and runs on one
-    thread, so the results are those of a one-thread run. A job is dropped once its factors are handed out."""
+    thread, so the results are those of a one-thread run. A job is dropped once its factors are handed out.
+    ``record`` (the report's ``solve_threads``) counts the pooled solves and keeps the most workers."""
     threads = torch.get_num_threads()
     overlapping = {"krylov", "gram"} if gram_solves_release_gil() else {"krylov"}
     pooled = [
@@ -470,6 +479,9 @@ def _solve_in_parallel(
     if workers < 2:
         yield from [None] * len(jobs)
         return
+    if record is not None:
+        record["pooled_solves"] += len(pooled)
+        record["pool_workers"] = max(record["pool_workers"], workers)
     with _torch_threads(1), blas_single_threaded():
         pool = ThreadPoolExecutor(workers)
         try:
@@ -589,12 +601,13 @@ def _solve_jobs(
     parallel: bool,
     copy_budget: float,
     shard: ProcessShard | None,
+    threads: dict[str, int] | None = None,
 ) -> Iterator[Factors | None]:
     """The factors of each job, in order: shared between processes with ``shard``, else as _solve_in_parallel."""
     if shard is None:
-        yield from _solve_in_parallel(jobs, solve, spec, parallel, copy_budget)
+        yield from _solve_in_parallel(jobs, solve, spec, parallel, copy_budget, threads)
     else:
-        yield from _solve_shared(jobs, solve, spec, parallel, copy_budget, shard)
+        yield from _solve_shared(jobs, solve, spec, parallel, copy_budget, shard, threads)
 
 
 def _solve_shared(
@@ -604,6 +617,7 @@ def _solve_shared(
     parallel: bool,
     copy_budget: float,
     shard: ProcessShard,
+    threads: dict[str, int] | None = None,
 ) -> Iterator[Factors]:
     per_round = SHARD_ROUND_JOBS * shard.world
     for lo in range(0, len(jobs), per_round):
@@ -613,7 +627,7 @@ def _solve_shared(
         local: dict[int, Factors] = {}
         error: Exception | None = None
         try:
-            for i, f in zip(mine, _solve_in_parallel([jobs[i] for i in mine], solve, spec, parallel, copy_budget)):
+            for i, f in zip(mine, _solve_in_parallel([jobs[i] for i in mine], solve, spec, parallel, copy_budget, threads)):
                 local[i] = f if f is not None else solve(*jobs[i])
         except Exception as exc:  # sent to the others as a description: they raise it too instead of waiting
             error = exc
