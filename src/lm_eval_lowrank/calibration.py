@@ -1178,11 +1178,10 @@ def _batched_fisher_pass(
     sums: dict[str, torch.Tensor] = {}
     experts = experts or {}
     shape = {"batch": 0, "length": 0}  # of the batch in flight: an experts module sees its tokens flattened
+    owned: dict[nn.Module, dict[str, str]] = {}  # experts module -> {projection name: path}
     for p, (owner, name) in experts.items():
         w = getattr(owner, name)
         sums[p] = torch.zeros(w.sum(dim=-2 if owner.is_transposed else -1).shape, dtype=torch.float64, device=w.device)
-    owned: dict[nn.Module, dict[str, str]] = {}
-    for p, (owner, name) in experts.items():
         owned.setdefault(owner, {})[name] = p
 
     def routed_forward(mod: nn.Module, names: dict[str, str]):

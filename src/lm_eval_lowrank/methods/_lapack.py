@@ -26,10 +26,10 @@ def _capsule_function(module_name: str, name: str, n_args: int):
         capsule = importlib.import_module(module_name).__pyx_capi__[name]
     except (ImportError, AttributeError, KeyError):
         return None
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # Prototypes of our own: setting restype/argtypes on ctypes.pythonapi's shared functions would change them for
+    # every other user in the process.
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", ctypes.pythonapi))
     address = get_pointer(capsule, get_name(capsule))
     # CFUNCTYPE, not PYFUNCTYPE: ctypes releases the GIL for the call.
     return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * n_args))(address) if address else None
