@@ -596,6 +596,13 @@ def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
     )  # fmt: skip
     assert r.returncode != 0
     assert "batch_size" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # A dtype torch does not have: one line before the weights load, not transformers' AttributeError.
+    r = subprocess.run(
+        [str(BIN / "lm-eval-lowrank"), "decompose", "--model_args", f"pretrained={tiny_dir},rank=4,dtype=float17", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["Error: dtype='float17' is invalid: valid auto, float32, float16, bfloat16 (or another torch dtype name)"]
 
 
 # -- end to end through lm_eval ----------------------------------------------------------------------

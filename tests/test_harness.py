@@ -144,6 +144,11 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         # typos would otherwise reach from_pretrained as keyword arguments and fail after the load
         "near miss": ({"rank": 1, "layer": 3}, r"^layer=3 is not an argument of hf-tucker: did you mean 'layers'\? its arguments are method, rank"),
         "calib_ prefix": ({"rank": 1, "method": "rom", "calib_samples": 16}, r"^calib_samples=16 is not an argument of hf-tucker: its arguments are"),
+        # HFLM's own dtype arguments: lm-eval reads mixed_precision_dtype only after the load
+        "dtype": ({"rank": 1, "dtype": "float17"}, r"^dtype='float17' is invalid: valid auto, float32, float16, bfloat16 \(or another torch dtype name\)$"),
+        "not a dtype": ({"rank": 1, "dtype": "nn"}, r"^dtype='nn' is invalid"),
+        "mixed_precision_dtype": ({"rank": 1, "mixed_precision_dtype": "bf16"}, r"^mixed_precision_dtype='bf16' is invalid: valid float32"),
+        "softmax_dtype": ({"softmax_dtype": "auto"}, r"^softmax_dtype='auto' is invalid: valid float32"),
     }
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):

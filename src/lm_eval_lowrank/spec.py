@@ -454,6 +454,24 @@ def split_model_args(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     return ours, rest
 
 
+# HFLM's dtype arguments, which lm-eval and transformers read by name off torch: a typo raised AttributeError from
+# inside from_pretrained, and for softmax_dtype / mixed_precision_dtype only after the weights had loaded.
+DTYPE_ARGS = ("dtype", "softmax_dtype", "mixed_precision_dtype")
+
+
+def check_dtype_args(args: Mapping[str, Any]) -> None:
+    """Refuse a dtype argument that names no torch dtype, before any weights load ("auto" is valid for dtype)."""
+    import torch
+
+    for key in DTYPE_ARGS:
+        value = args.get(key)
+        if value is None or isinstance(value, torch.dtype) or (key == "dtype" and value == "auto"):
+            continue
+        if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            auto = "auto, " if key == "dtype" else ""
+            raise SpecError(f"{key}={value!r} is invalid: valid {auto}float32, float16, bfloat16 (or another torch dtype name)")
+
+
 def parse_model_args(text: str) -> dict[str, Any]:
     """Parse a ``k=v,k=v`` model_args string the way lm-eval does (ints and floats typed)."""
     out: dict[str, Any] = {}
