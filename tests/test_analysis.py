@@ -111,3 +111,6 @@ def test_analyze_bad_options_are_one_line_usage_errors(tmp_path):
     ):
         r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "m"), *args])
         assert r.exit_code == 2 and r.output.strip() == line, r.output
+    # A missing local folder: one line, not transformers' "Repo id must use alphanumeric chars".
+    r = CliRunner().invoke(cli, ["analyze", str(tmp_path / "missing")])
+    assert r.exit_code != 0 and f"MODEL='{tmp_path / 'missing'}' is invalid: no such local file or folder" in str(r.exception or r.output)

@@ -590,6 +590,10 @@ def test_cli_decompose_refuses_a_taken_out_folder_before_decomposing(tiny_dir, t
 
 
 def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import decompose
+
     r = subprocess.run(
         [str(BIN / "lm-eval-lowrank"), "decompose", "--model_args", f"pretrained={tiny_dir},rank=4,batch_size=2", "--out", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=300,
@@ -603,6 +607,8 @@ def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
     )  # fmt: skip
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["Error: dtype='float17' is invalid: valid auto, float32, float16, bfloat16 (or another torch dtype name)"]
+    r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir / 'missing'},rank=4", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and str(r.exception).startswith(f"pretrained='{tiny_dir / 'missing'}' is invalid: no such local file or folder")
 
 
 # -- end to end through lm_eval ----------------------------------------------------------------------

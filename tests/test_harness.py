@@ -149,10 +149,15 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         "not a dtype": ({"rank": 1, "dtype": "nn"}, r"^dtype='nn' is invalid"),
         "mixed_precision_dtype": ({"rank": 1, "mixed_precision_dtype": "bf16"}, r"^mixed_precision_dtype='bf16' is invalid: valid float32"),
         "softmax_dtype": ({"softmax_dtype": "auto"}, r"^softmax_dtype='auto' is invalid: valid float32"),
+        # a missing local path: transformers' "Repo id must use alphanumeric chars", for peft after the load
+        "peft path": ({"rank": 1, "peft": "/no/such/adapter"}, r"^peft='/no/such/adapter' is invalid: no such local file or folder"),
+        "tokenizer path": ({"rank": 1, "tokenizer": "./no-tokenizer"}, r"^tokenizer='./no-tokenizer' is invalid: no such local file or folder"),
     }
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):
             HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", **args)
+    with pytest.raises(SpecError, match=r"^pretrained='/no/such/model' is invalid: no such local file or folder; give an existing path or a Hub id"):
+        HFTuckerLM(pretrained="/no/such/model", device="cpu", rank=1)
 
 
 def test_quantized_weights_are_refused_before_the_load_and_where_they_lie(monkeypatch, tiny_model_dir, tmp_path):

@@ -229,3 +229,22 @@ def test_the_results_json_records_the_whole_spec(tiny_llama):
     d = compress_model(tiny_llama, {"rank": 2, "layers": "2", "solver_tol": 0.05}, progress=False).to_dict()
     assert d["spec"]["solver_tol"] == 0.05 and d["spec"]["layers"] == "2" and d["spec"]["seed"] == 0
     assert DecompositionSpec.from_args(d["spec"]) == DecompositionSpec.from_args({"rank": 2, "layers": "2", "solver_tol": 0.05})
+
+
+def test_missing_local_paths_are_refused_and_hub_ids_pass(tmp_path, monkeypatch):
+    from lm_eval_lowrank.spec import check_local_paths
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # Hub ids, existing paths and non-strings are left to transformers.
+    for ok in ("meta-llama/Llama-2-7b-hf", "gpt2", str(tmp_path / "model"), "./model", "model", None, 3):
+        check_local_paths({"pretrained": ok, "tokenizer": ok, "peft": ok, "delta": ok})
+    for key in ("pretrained", "tokenizer", "peft", "delta"):
+        for missing in ("/no/such/model", "./nope", "../nope", "a/b/c"):
+            with pytest.raises(SpecError, match=rf"^{key}='{re.escape(missing)}' is invalid: no such local file or folder; give an existing path or a Hub id such as org/name$"):
+                check_local_paths({key: missing})
+    # "~" reaches transformers unexpanded inside quoted model_args: the message says what to write.
+    expanded = re.escape(str(tmp_path / "model"))
+    with pytest.raises(SpecError, match=rf"^pretrained='~/model' is invalid: no such local file or folder \('~' is not expanded inside quotes: write '{expanded}'\)"):
+        check_local_paths({"pretrained": "~/model"})

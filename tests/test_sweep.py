@@ -285,6 +285,21 @@ def test_runner_names_the_evaluated_tasks_for_the_no_leak_check(tmp_path: Path, 
     assert spec_label({"method": "whiten", "budget": "0.7", "layers": "3"}) == "whiten keep0.7 layers[3] tensors[all]"
 
 
+def test_runner_refuses_bad_extra_model_args_before_any_row(tmp_path: Path) -> None:
+    from lm_eval_lowrank.spec import SpecError
+    from lm_eval_lowrank.sweep import Runner
+
+    store = Store.open(tmp_path / "s.jsonl")
+    for extra, match in (
+        ("pretrained=x", r"^model-args='pretrained=x' is invalid: \['pretrained'\] are set by the sweep itself"),
+        ("dtype=float17", r"^dtype='float17' is invalid: valid auto, float32"),
+        ("peft=/no/such/adapter", r"^peft='/no/such/adapter' is invalid: no such local file or folder"),
+    ):
+        with pytest.raises(SpecError, match=match):
+            Runner(model="m", tasks=("arc_easy_local",), store=store, model_args=extra, log=lambda s: None)
+    Runner(model="m", tasks=("arc_easy_local",), store=store, model_args="dtype=bfloat16", log=lambda s: None)
+
+
 def test_runner_keeps_each_documents_score_for_the_paired_search(tiny_model: Path, task_manager, tmp_path: Path) -> None:
     """Through the real simple_evaluate: the stored per-document scores are the primary metric's, one per
     document, and their mean is the stored accuracy."""

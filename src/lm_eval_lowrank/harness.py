@@ -23,7 +23,7 @@ from .api import compress_model, validate_against_config, versions
 from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
-from .spec import SPEC_KEYS, DecompositionSpec, SpecError, check_dtype_args, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, check_dtype_args, check_local_paths, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -136,6 +136,7 @@ class HFTuckerLM(HFLM):
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
         check_dtype_args(rest)
+        check_local_paths({**rest, "pretrained": pretrained})
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
         if rest.get("tp_plan") and not spec.is_noop:
             raise SpecError(

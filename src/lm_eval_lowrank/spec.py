@@ -9,13 +9,14 @@ One value syntax serves the lm-eval ``model_args`` string, the CLI options and t
   ``1-4|10``, ``all``; an int (``layers=18`` arrives from lm-eval's CLI as an int).
 - ``tensors``: short names joined by ``|`` (``q|k|v|o|gate|up|down``) or ``all``.
 
-Everything here is pure Python (no torch), so bad input fails before any weight loads.
+Everything here is pure Python (torch is imported only to name dtypes), so bad input fails before any weight loads.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -470,6 +471,32 @@ def check_dtype_args(args: Mapping[str, Any]) -> None:
         if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
             auto = "auto, " if key == "dtype" else ""
             raise SpecError(f"{key}={value!r} is invalid: valid {auto}float32, float16, bfloat16 (or another torch dtype name)")
+
+
+# Arguments that name a model, tokenizer or adapter: a Hub id ("org/name") or a local path. transformers answers a
+# missing local path with "Repo id must use alphanumeric chars ..." (and peft / delta only after the weights load).
+PATH_ARGS = ("pretrained", "tokenizer", "peft", "delta")
+
+
+def _looks_local(value: str) -> bool:
+    # A Hub id has at most one "/" and never starts with one, ".", or "~".
+    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def check_local_path(arg: str, value: Any) -> None:
+    """Refuse ``value`` when it is a local path (not a Hub id) that does not exist, before any weights load."""
+    if not isinstance(value, str) or not value or not _looks_local(value) or os.path.exists(value):
+        return
+    hint = ""
+    if value.startswith("~") and os.path.exists(os.path.expanduser(value)):
+        hint = f" ('~' is not expanded inside quotes: write {os.path.expanduser(value)!r})"
+    raise SpecError(f"{arg}={value!r} is invalid: no such local file or folder{hint}; give an existing path or a Hub id such as org/name")
+
+
+def check_local_paths(args: Mapping[str, Any]) -> None:
+    """check_local_path for each of ``PATH_ARGS`` in ``args``."""
+    for key in PATH_ARGS:
+        check_local_path(key, args.get(key))
 
 
 def parse_model_args(text: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import SpecError, expand_tensor_names, format_layers, parse_layers, parse_model_args, parse_tensors, tensor_matches
+from .spec import SpecError, check_dtype_args, check_local_paths, expand_tensor_names, format_layers, parse_layers, parse_model_args, parse_tensors, tensor_matches
 from .store import Store, row_key
 
 # Metrics that read as "accuracy" (higher is better), in order of preference per task.
@@ -265,6 +265,8 @@ class Runner:
         clash = {"pretrained", "rank", "layers", "tensors"} & set(self._extra)
         if clash:
             raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set by the sweep itself")
+        check_dtype_args(self._extra)  # before the first row, not in every row's lm_eval run
+        check_local_paths(self._extra)
 
     def key(self, spec_args: Mapping[str, Any], limit: int | None) -> str:
         return row_key(self.model_id, {**self._extra, **spec_args}, self.tasks, limit)

@@ -167,6 +167,9 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         from ..assets import smollm2_path
 
         model = str(smollm2_path())
+    from ..spec import check_local_path
+
+    check_local_path("MODEL", model)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise OneLineBadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="'--dtype'")

@@ -25,7 +25,7 @@ LOAD_KEYS = ("pretrained", "dtype", "revision", "device", "tokenizer", "subfolde
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     """Decompose a model and save a compressed checkpoint (factors, config, tokenizer, manifest)."""
-    from ..spec import DecompositionSpec, SpecError, check_dtype_args, parse_model_args, split_model_args
+    from ..spec import DecompositionSpec, SpecError, check_dtype_args, check_local_paths, parse_model_args, split_model_args
 
     args = parse_model_args(model_args)
     ours, rest = split_model_args(args)
@@ -34,6 +34,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     if unknown:
         raise SpecError(f"model_args: unknown key(s) {unknown} for decompose; valid: {', '.join(LOAD_KEYS)} and the decomposition arguments")
     check_dtype_args(rest)
+    check_local_paths(rest)
     pretrained = rest.get("pretrained")
     if not pretrained:
         raise SpecError("model_args: pretrained is required, e.g. pretrained=PATH_OR_ID,rank=1,layers=3|15|28")
