@@ -152,6 +152,10 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         # a missing local path: transformers' "Repo id must use alphanumeric chars", for peft after the load
         "peft path": ({"rank": 1, "peft": "/no/such/adapter"}, r"^peft='/no/such/adapter' is invalid: no such local file or folder"),
         "tokenizer path": ({"rank": 1, "tokenizer": "./no-tokenizer"}, r"^tokenizer='./no-tokenizer' is invalid: no such local file or folder"),
+        # HFLM's typed arguments: any string is true to it, and max_length is compared only when it evaluates
+        "bool": ({"rank": 1, "parallelize": "maybe"}, r"^parallelize='maybe' is invalid: expected true or false$"),
+        "int": ({"rank": 1, "max_length": "abc"}, r"^max_length='abc' is invalid: expected an int$"),
+        "literal": ({"rank": 1, "backend": "encoder"}, r"^backend='encoder' is invalid: valid default, causal, seq2seq$"),
     }
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):

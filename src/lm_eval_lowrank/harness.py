@@ -63,6 +63,30 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             raise SpecError(f"{key}={rest[key]!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
 
 
+def _check_passthrough_types(rest: dict[str, Any]) -> None:
+    """HFLM's bool, int and Literal arguments, checked against its signature before anything loads: HFLM takes any
+    string as true (``parallelize=maybe`` shards the model) and compares ``max_length=abc`` only when it evaluates,
+    after the load and the decomposition."""
+    import inspect
+    import re
+
+    params = inspect.signature(HFLM.__init__).parameters
+    for key, value in rest.items():
+        annotation = params[key].annotation if key in params else None
+        if not isinstance(annotation, str) or value is None:
+            continue  # an annotation that is not a string comes from another lm-eval: left to HFLM
+        kinds = {part.strip() for part in annotation.split("|")} - {"None"}
+        if kinds == {"bool"} and not isinstance(value, bool):
+            raise SpecError(f"{key}={value!r} is invalid: expected true or false")
+        if kinds == {"int"} and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SpecError(f"{key}={value!r} is invalid: expected an int")
+        literal = re.fullmatch(r"Literal\[(.*)\]", annotation)
+        if literal:
+            choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
+            if value not in choices:
+                raise SpecError(f"{key}={value!r} is invalid: valid {', '.join(choices)}")
+
+
 # HFLM arguments that change how a dense model is read from the Hub; a compressed checkpoint is a local folder
 # of factors, so they cannot apply to it.
 _DENSE_ONLY_ARGS = ("revision", "subfolder", "gguf_file", "peft", "delta", "autogptq", "gptqmodel", "tp_plan", "quantization_config")
@@ -135,6 +159,7 @@ class HFTuckerLM(HFLM):
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
+        _check_passthrough_types(rest)
         check_dtype_args(rest)
         check_local_paths({**rest, "pretrained": pretrained})
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
