@@ -118,6 +118,27 @@ def test_lm_eval_command_ends_a_bad_argument_with_one_line(tiny_model_dir, arc_t
     # The traceback stays one variable away.
     r = subprocess.run(args, cwd=tmp_path, env={**ENV, "LM_EVAL_LOWRANK_TRACEBACK": "1"}, capture_output=True, text=True, timeout=600)
     assert "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr
+    # device in model_args and no --device: lm_eval passes device='cuda:0' anyway (with hf a TypeError).
+    dup = [a.replace(",layers=7", ",device=cpu") for a in args if a not in ("--device", "cpu")]
+    r = _run(dup, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    expected = "Error: device is given twice, 'cpu' in model_args and 'cuda:0' as --device (lm_eval passes 'cuda:0' when --device is left out): give it once, as --device cpu"
+    assert r.stderr.strip().splitlines()[-1] == expected
+
+
+def test_an_argument_given_in_model_args_and_as_an_option_is_one_when_they_agree(monkeypatch, tiny_model_dir):
+    """lm-eval calls the model with model_args and the command's options (device, batch_size) as keyword arguments
+    side by side: one given both ways was a TypeError even when the two agreed."""
+    import transformers
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    lm = HFTuckerLM.create_from_arg_string(f"pretrained={tiny_model_dir},batch_size=2,device=cpu", {"batch_size": 2, "device": "cpu", "max_batch_size": None})
+    assert lm.batch_size_per_gpu == 2 and lm.device.type == "cpu"
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SpecError, match=r"^batch_size is given twice, 4 in model_args and 8 as --batch_size: give it once, as --batch_size 4$"):
+        HFTuckerLM.create_from_arg_obj({"pretrained": str(tiny_model_dir), "batch_size": 4}, {"batch_size": 8, "device": "cpu"})
 
 
 def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):

@@ -294,6 +294,8 @@ def test_runner_refuses_bad_extra_model_args_before_any_row(tmp_path: Path) -> N
         ("pretrained=x", r"^model-args='pretrained=x' is invalid: \['pretrained'\] are set by the sweep itself"),
         ("dtype=float17", r"^dtype='float17' is invalid: valid auto, float32"),
         ("peft=/no/such/adapter", r"^peft='/no/such/adapter' is invalid: no such local file or folder"),
+        ("device=cuda:1", r"^model-args='device=cuda:1' is invalid: device is an option of its own, --device$"),
+        ("dtype=float32,batch_size=4", r"^model-args='dtype=float32,batch_size=4' is invalid: batch_size is an option of its own, --batch-size$"),
     ):
         with pytest.raises(SpecError, match=match):
             Runner(model="m", tasks=("arc_easy_local",), store=store, model_args=extra, log=lambda s: None)

@@ -150,9 +150,37 @@ def _print_user_errors_in_one_line() -> None:
     sys.excepthook = hook
 
 
+# What lm_eval's command passes for these options when they are left out (lm-eval 0.4.13's EvaluatorConfig).
+_COMMAND_DEFAULTS = {"device": "cuda:0", "batch_size": 1}
+
+
 @register_model("hf-tucker")
 class HFTuckerLM(HFLM):
     """HFLM whose chosen linears are decomposed to low rank as the model loads."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> HFTuckerLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> HFTuckerLM:
+        """As lm-eval's, but an argument given both in model_args and as the command's option (``device``,
+        ``batch_size``) is one when the values agree, and a one-line error when they differ. lm-eval calls the
+        constructor with both, a ``TypeError: got multiple values``, and its command always passes both options:
+        ``device=cpu`` in model_args failed even with no ``--device``."""
+        _print_user_errors_in_one_line()
+        merged = dict(arg_dict)
+        for key, value in (additional_config or {}).items():
+            if value is None:
+                continue
+            if key in merged and str(merged[key]) != str(value):
+                default = _COMMAND_DEFAULTS.get(key)
+                hint = f" (lm_eval passes {default!r} when --{key} is left out)" if str(default) == str(value) else ""
+                raise SpecError(f"{key} is given twice, {merged[key]!r} in model_args and {value!r} as --{key}{hint}: give it once, as --{key} {merged[key]}")
+            merged[key] = value
+        return cls(**merged)
 
     def __init__(self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, **kwargs: Any) -> None:
         _print_user_errors_in_one_line()

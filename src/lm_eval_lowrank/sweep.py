@@ -265,6 +265,10 @@ class Runner:
         clash = {"pretrained", "rank", "layers", "tensors"} & set(self._extra)
         if clash:
             raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set by the sweep itself")
+        options = {"device", "batch_size"} & set(self._extra)  # its own --device and --batch-size
+        if options:
+            key = sorted(options)[0]
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {key} is an option of its own, --{key.replace('_', '-')}")
         check_dtype_args(self._extra)  # before the first row, not in every row's lm_eval run
         check_local_paths(self._extra)
 
