@@ -47,32 +47,25 @@ def _load_config(pretrained: Any, kwargs: dict[str, Any]) -> Any:
 
 
 def _check_passthrough_args(rest: dict[str, Any]) -> None:
-    """Arguments that are not ours go to HFLM and on to ``from_pretrained``, which fails late and obscurely on a
-    typo (``TypeError: ...__init__() got an unexpected keyword argument``) after the weights load. Names that look
-    like one of ours (``calib_*``, ``solver*``, or a near miss) are refused before anything loads."""
+    """Arguments that are not ours go to HFLM and on to ``from_pretrained``, which fail late and obscurely, after
+    the weights load, so they are checked against HFLM's signature before anything loads:
+    - a name HFLM does not take that looks like one of ours (``calib_*``, ``solver*``, or a near miss): a typo
+      would be ``TypeError: ...__init__() got an unexpected keyword argument``;
+    - a value of HFLM's bool, int or Literal arguments: HFLM takes any string as true (``parallelize=maybe`` shards
+      the model), and compares ``max_length=abc`` only when it evaluates."""
     import difflib
-    import inspect
-
-    hflm_params = set(inspect.signature(HFLM.__init__).parameters)
-    for key in rest:
-        if key in hflm_params:
-            continue
-        close = difflib.get_close_matches(key, SPEC_KEYS, n=1, cutoff=0.8)
-        if close or key.startswith(("calib", "solver")):
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise SpecError(f"{key}={rest[key]!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
-
-
-def _check_passthrough_types(rest: dict[str, Any]) -> None:
-    """HFLM's bool, int and Literal arguments, checked against its signature before anything loads: HFLM takes any
-    string as true (``parallelize=maybe`` shards the model) and compares ``max_length=abc`` only when it evaluates,
-    after the load and the decomposition."""
     import inspect
     import re
 
     params = inspect.signature(HFLM.__init__).parameters
     for key, value in rest.items():
-        annotation = params[key].annotation if key in params else None
+        if key not in params:
+            close = difflib.get_close_matches(key, SPEC_KEYS, n=1, cutoff=0.8)
+            if close or key.startswith(("calib", "solver")):
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise SpecError(f"{key}={value!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
+            continue
+        annotation = params[key].annotation
         if not isinstance(annotation, str) or value is None:
             continue  # an annotation that is not a string comes from another lm-eval: left to HFLM
         kinds = {part.strip() for part in annotation.split("|")} - {"None"}
@@ -187,7 +180,6 @@ class HFTuckerLM(HFLM):
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
-        _check_passthrough_types(rest)
         check_dtype_args(rest)
         check_local_paths({**rest, "pretrained": pretrained})
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
