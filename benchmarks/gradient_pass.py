@@ -14,6 +14,14 @@ and the line after the timings gives the largest relative difference of f betwee
       --tokenizer DIR --batch 2 8 16                          # random weights of that shape, SmolLM2's vocabulary
   python benchmarks/gradient_pass.py --synthetic olmoe-1b-7b --synthetic-layers 1 \
       --tensors 'experts.gate_up_proj|experts.down_proj'      # the experts of one OLMoE layer
+  python benchmarks/gradient_pass.py --batch 2 4 --checkpoint # also each pass with its layers recomputed
+                                                              # (grad_checkpoint=true): time ratio, same bits
+
+The peak memory of each way is measured by benchmarks/memory.py, in processes of their own (a process's peak RSS
+cannot be split between passes run in it):
+
+  python benchmarks/memory.py --repeats 3 --configs 'method=fwhiten,rank=8,layers=3|15|28,cache=false' \
+      'method=fwhiten,rank=8,layers=3|15|28,cache=false,grad_checkpoint=true'
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--checkpoint", action="store_true", help="also time every pass with its decoder layers recomputed in the backward")
     args = ap.parse_args(argv)
     if min(args.batch) < 2:
         ap.error("--batch: each size must be >= 2 (1 is the per-sequence pass, always measured)")
@@ -76,21 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p, _ in candidate_paths(spec, model.config, adapter=adapter_for_model(model))]
     print(f"# {folder.name}: {len(paths)} targets, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
 
-    found: dict[int, dict[str, torch.Tensor]] = {}  # batch size (1: per sequence) -> the sums
+    found: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}  # (batch size (1: per sequence), checkpointed) -> the sums
 
-    def run(b: int):
-        return lambda: found.__setitem__(b, calibration.fisher_row_sums(model, paths, ids, batch_size=b)[0])
+    def run(b: int, ckpt: bool):
+        return lambda: found.__setitem__((b, ckpt), calibration.fisher_row_sums(model, paths, ids, batch_size=b, checkpoint_layers=ckpt)[0])
 
-    times: dict[int, list[float]] = {b: [] for b in [1, *args.batch]}
-    for _ in range(args.repeats):
-        for b in times:
-            times[b].append(timed(run(b), device, collect=True))
-    seq = statistics.median(times[1])
+    ways = [(b, ckpt) for b in [1, *args.batch] for ckpt in ((False, True) if args.checkpoint else (False,))]
+    times: dict[tuple[int, bool], list[float]] = {w: [] for w in ways}
+    for r in range(args.repeats):
+        for w in ways if r % 2 == 0 else ways[::-1]:  # alternate the order: a drift lands on both sides
+            times[w].append(timed(run(*w), device, collect=True))
+    seq = statistics.median(times[1, False])
     print(f"gradient pass per sequence: {seq:.2f} s ({seq / ids.shape[0] * 1e3:.0f} ms a sequence)")
     for b in args.batch:
-        t = statistics.median(times[b])
-        worst = max(float(((found[b][p] - found[1][p]).abs() / found[1][p].abs().clamp_min(1e-30)).max()) for p in paths)
+        t = statistics.median(times[b, False])
+        worst = max(float(((found[b, False][p] - found[1, False][p]).abs() / found[1, False][p].abs().clamp_min(1e-30)).max()) for p in paths)
         print(f"gradient pass batch {b}: {t:.2f} s, speedup {seq / t:.2f}x over per sequence; largest relative difference of f {worst:.1e}")
+    if args.checkpoint:
+        for b in [1, *args.batch]:
+            plain, ckpt = times[b, False], times[b, True]
+            ratios = sorted(c / p for p, c in zip(plain, ckpt))
+            same = all(torch.equal(found[b, True][p], found[b, False][p]) for p in paths)
+            print(f"gradient pass batch {b} with layers recomputed: {statistics.median(ckpt):.2f} s, {statistics.median(ratios):.2f}x "
+                  f"[{ratios[0]:.2f}..{ratios[-1]:.2f}] the plain pass's time (per round); the same sums bit for bit: {'yes' if same else 'NO'}")  # fmt: skip
     return 0
 
 

@@ -84,16 +84,19 @@ def test_shared_solves_benchmark_runs_at_toy_size():
 
 def test_gradient_pass_benchmark_runs_on_a_tiny_model_and_both_passes_agree(tiny_llama_dir, benchmark_data):
     """benchmarks/gradient_pass.py times the batched gradient pass against the per-sequence one; the figure it
-    prints after the timings is how far apart their Fisher sums are."""
+    prints after the timings is how far apart their Fisher sums are. With --checkpoint each pass also runs with its
+    layers recomputed, and says whether the sums came out the same."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gradient_pass.py"), "--model", str(tiny_llama_dir), "--n", "5", "--len", "16", "--batch", "2", "3",
-         "--repeats", "1", "--threads", "1"],
+         "--repeats", "2", "--threads", "1", "--checkpoint"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"^gradient pass per sequence: [\d.]+ s", r.stdout, re.M), r.stdout
     differences = [float(d) for d in re.findall(r"^gradient pass batch [23]: [\d.]+ s, speedup [\d.]+x over per sequence; largest relative difference of f ([\d.e+-]+)$", r.stdout, re.M)]
     assert len(differences) == 2 and max(differences) < 1e-4, r.stdout
+    recomputed = re.findall(r"^gradient pass batch ([123]) with layers recomputed: [\d.]+ s, [\d.]+x \[[\d.]+\.\.[\d.]+\] the plain pass's time \(per round\); the same sums bit for bit: (\w+)$", r.stdout, re.M)
+    assert recomputed == [("1", "yes"), ("2", "yes"), ("3", "yes")], r.stdout
 
 
 def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):

@@ -345,6 +345,6 @@ def test_every_spec_field_that_changes_the_factors_keys_the_cache():
     from lm_eval_lowrank.checkpoint import _FACTOR_FIELDS
 
     keyed_elsewhere = {"rank", "rank_overrides", "layers", "tensors", "layout"}  # through the plan's ranks and layout
-    no_effect = {"cache", "grad_batch"}  # grad_batch: the same Fisher sums, batched otherwise (round-off)
+    no_effect = {"cache", "grad_batch", "grad_checkpoint"}  # the same Fisher sums: batched otherwise (round-off), recomputed (bitwise)
     fields = {f.name for f in dataclasses.fields(DecompositionSpec)}
     assert fields - keyed_elsewhere - no_effect == set(_FACTOR_FIELDS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm_eval_lowrank.methods import LayerStats, get_method
-from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+from lm_eval_lowrank.spec import FACTOR_FIELDS, DecompositionSpec, SpecError
 
 
 def _fisher(f: torch.Tensor) -> LayerStats:
@@ -66,6 +66,10 @@ def test_fwsvd_spec(tmp_path):
     assert spec.grad_batch == 2 and DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "3"}).grad_batch == 3
     with pytest.raises(SpecError, match="grad_batch='0'.*expected an int >= 1"):
         DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "0"})
+    assert not spec.grad_checkpoint and DecompositionSpec.from_args({"method": "fwsvd", "grad_checkpoint": "True"}).grad_checkpoint
+    with pytest.raises(SpecError, match="grad_checkpoint='yes please'"):
+        DecompositionSpec.from_args({"method": "fwsvd", "grad_checkpoint": "yes please"})
+    assert "grad_checkpoint" not in FACTOR_FIELDS and "grad_batch" not in FACTOR_FIELDS  # the same sums: caches shared
     assert DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "tail"}).allocator == "tail"
     with pytest.raises(SpecError, match="allocator='output_error' is invalid with method='fwsvd'.*valid: uniform, tail"):
         DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "output_error"})
@@ -160,6 +164,79 @@ def test_batched_gradient_pass_equals_the_per_sequence_one(tiny_llama):
         fisher_row_sums(tiny_llama, paths, ids, batch_size=0)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_gradient_pass_memory_savers_keep_the_sums(tiny_llama, monkeypatch, batch_size):
+    """The head's gradient in chunks of positions (the logits never whole) gives autograd's sums to round-off, and
+    checkpointed layers the same bits, with the layers behind the first target run twice and only their inputs
+    held by the graph."""
+    from lm_eval_lowrank import calibration
+
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(5))
+    paths = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.gate_proj", "model.layers.3.self_attn.o_proj"]
+    real_probe = calibration._head_returns_logits
+    monkeypatch.setattr(calibration, "_head_returns_logits", lambda *a: False)
+    autograd_head, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size)
+    monkeypatch.setattr(calibration, "_head_returns_logits", real_probe)
+    monkeypatch.setattr(calibration, "_HEAD_CHUNK_ELEMENTS", 128 * 7)  # 7 positions a chunk: chunks cross sequences
+
+    widths: list[int] = []
+    handle = tiny_llama.lm_head.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[-1]))
+    try:
+        fused, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size)
+    finally:
+        handle.remove()
+    assert widths[0] == 128 and set(widths[1:]) == {0}  # the probe's logits, then never the batch's
+    for p in paths:
+        assert float(fused[p].min()) > 0 and torch.allclose(fused[p], autograd_head[p], rtol=1e-5)
+
+    def held_by_graph(checkpoint_layers: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+        """(sums, bytes the graph saved outside checkpointed layers, forwards of layer 3's MLP)"""
+        params = {q.untyped_storage().data_ptr() for q in tiny_llama.parameters()}
+        held, runs = [0], [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                held[0] += t.untyped_storage().nbytes()
+            return t
+
+        # A pre-hook: the recomputation stops once it has what the backward needs, before the MLP returns.
+        h = tiny_llama.model.layers[2].mlp.register_forward_pre_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                sums, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size, checkpoint_layers=checkpoint_layers)
+        finally:
+            h.remove()
+        return sums, held[0], runs[0]
+
+    plain, plain_held, plain_runs = held_by_graph(False)
+    ckpt, ckpt_held, ckpt_runs = held_by_graph(True)
+    assert all(torch.equal(ckpt[p], plain[p]) and torch.equal(plain[p], fused[p]) for p in paths)
+    assert plain_runs == 1 + len(range(0, 3, batch_size)) and ckpt_runs == 1 + 2 * len(range(0, 3, batch_size))  # 1: the probe
+    # Checkpointed, the graph keeps per token the inputs of layers 3 and 4 (layer 2's needs no gradient) and the
+    # final norm's four vectors: 6 of width 64, against 8x as much without.
+    assert ckpt_held < 7 * 33 * 64 * 4 and plain_held > 5 * ckpt_held
+
+
+def test_gradient_pass_keeps_a_models_logit_transform(monkeypatch):
+    """A head whose logits the model transforms (Gemma 2's soft-capping) is not replaced: the sums are those of the
+    model's own loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from lm_eval_lowrank import calibration
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, vocab_size=96, final_logit_softcapping=0.5)  # fmt: skip
+    m = Gemma2ForCausalLM(cfg).eval()
+    assert not calibration._head_returns_logits(m, m.lm_head, torch.device("cpu"))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(6))
+    path = "model.layers.1.mlp.down_proj"
+    got, _ = calibration.fisher_row_sums(m, [path], ids, batch_size=2, checkpoint_layers=True)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    assert torch.allclose(got[path], _reference_fisher(m, path, ids), rtol=1e-5)
+
+
 def test_fisher_row_sums_of_a_conv1d_are_per_output():
     """GPT-2 stores c_attn as in x out; its rows are the columns of the stored weight."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -191,16 +268,16 @@ def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir, benchm
 
     real, batches = calibration.fisher_row_sums, []
 
-    def spy(*args, batch_size=2, **kwargs):
-        batches.append(batch_size)
-        return real(*args, batch_size=batch_size, **kwargs)
+    def spy(*args, batch_size=2, checkpoint_layers=False, **kwargs):
+        batches.append((batch_size, checkpoint_layers))
+        return real(*args, batch_size=batch_size, checkpoint_layers=checkpoint_layers, **kwargs)
 
     monkeypatch.setattr(calibration, "fisher_row_sums", spy)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    args = {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "grad_batch": 3, "cache": False}
+    args = {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "grad_batch": 3, "grad_checkpoint": "true", "cache": False}
     report = compress_model(model, args, tokenizer=tok, progress=False)
-    assert batches == [3] and report.calibration["batch"] == 3
+    assert batches == [(3, True)] and report.calibration["batch"] == 3 and report.calibration["checkpoint_layers"] is True
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear) and isinstance(model.model.layers[2].mlp.down_proj, LowRankLinear)
     assert report.solvers and all(name.startswith("fwsvd-") for name in report.solvers)
     assert report.calibration["statistics"].startswith("Fisher row sums") and report.calibration["seconds"] > 0

@@ -1052,3 +1052,8 @@ def test_batched_gradient_pass_of_experts_equals_the_per_sequence_one(model_type
         for p in paths:
             assert batched[p].shape == per_sequence[p].shape and float(batched[p].min()) > 0
             torch.testing.assert_close(batched[p], per_sequence[p], rtol=1e-5, atol=0)
+    # Layers recomputed in the backward (grad_checkpoint) route the same tokens again: the same bits, both ways.
+    for batch, expected in ((1, per_sequence), (2, fisher_row_sums(model, paths, ids, batch_size=2)[0])):
+        checkpointed, _ = fisher_row_sums(model, paths, ids, batch_size=batch, checkpoint_layers=True)
+        assert "forward" not in experts.__dict__ and "forward" not in model.model.layers[1].__dict__
+        assert all(torch.equal(checkpointed[p], expected[p]) for p in paths)

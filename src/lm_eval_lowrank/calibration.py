@@ -1026,7 +1026,129 @@ class SequentialStatsProvider:
         self._last = -1  # the Fisher row sums stay: small, and taken from the dense model, which is gone by now
 
 
-def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor, batch_size: int = 2) -> tuple[dict[str, torch.Tensor], int]:
+_HEAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the fused head: 32 MiB in fp32 (smaller chunks ran slower on the CPU)
+
+
+def _sequence_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Next-token labels of each sequence; the last position predicts nothing (-100)."""
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    return labels
+
+
+def _head_gradient(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """d(scale * sum of the cross-entropies)/d(hidden) for logits = head(hidden), computed in chunks of positions
+    so that the batch's logits, their softmax and their gradient never exist whole (3 x B x T x vocab floats at
+    once in autograd's way). The rounding follows autograd's: logits in the head's dtype, softmax in fp32, the
+    gradient cast back to the head's dtype before the product with its weight (the softmax as exp(z - logsumexp z),
+    as the cross-entropy's backward forms it, in place)."""
+    flat = hidden.detach().flatten(0, -2)
+    targets = labels.flatten().to(flat.device)
+    out = torch.empty_like(flat)
+    step = max(1, _HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    for s in range(0, flat.shape[0], step):
+        p = torch.nn.functional.linear(flat[s : s + step], head.weight, head.bias).float()
+        p.sub_(torch.logsumexp(p, dim=-1, keepdim=True)).exp_()
+        t = targets[s : s + step]
+        rows = (t >= 0).nonzero().squeeze(1)
+        p[rows, t[rows]] -= 1.0
+        p[t < 0] = 0.0
+        out[s : s + step] = p.mul_(scale).to(head.weight.dtype) @ head.weight
+    return out.view_as(hidden)
+
+
+def _head_returns_logits(model: nn.Module, head: nn.Module, device: torch.device) -> bool:
+    """Whether the model returns its output head's result as its logits, untouched (no soft-capping or scaling
+    after it), probed with a two-token forward."""
+    seen: list[Any] = []
+    handle = head.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False).logits
+    finally:
+        handle.remove()
+    return len(seen) == 1 and logits is seen[0]
+
+
+def _decoder_layers(model: nn.Module, paths: Iterable[str]) -> list[nn.Module]:
+    """Every block of the outermost module lists that hold the targets (the decoder layers): the backward runs
+    through all of them behind the first target."""
+    lists: dict[int, nn.ModuleList] = {}
+    for path in paths:
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            owner = model.get_submodule(".".join(parts[:i]))
+            if parts[i].isdigit() and isinstance(owner, nn.ModuleList):
+                lists[id(owner)] = owner
+                break
+    return [block for blocks in lists.values() for block in blocks]
+
+
+@contextmanager
+def _loss_backward(model: nn.Module, paths: Sequence[str], checkpoint_layers: bool) -> Iterator[Any]:
+    """Yields ``step(ids)``: a forward of a batch and the backward of the sum of each sequence's mean next-token
+    cross-entropy, with as little of the graph held as the model allows:
+
+    - a plain linear head whose output the model returns as its logits is replaced, for the pass, by the hidden
+      states' gradient computed in chunks (_head_gradient): the logits are never held whole;
+    - with ``checkpoint_layers`` each decoder layer keeps only its input and is run again when the backward reaches
+      it (one more forward of the layers behind the first target), so the graph holds one layer's activations,
+      not every layer's. The recomputation is deterministic: the sums are the same bits as without it.
+
+    Forward hooks inside a layer run again in the recomputation; tensor hooks they register there never fire (the
+    backward runs on the first forward's graph)."""
+    from torch.utils.checkpoint import checkpoint
+
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # A head under accelerate's hook (sharded or offloaded) keeps its own forward: the hook places its weight.
+    fused = type(head) is nn.Linear and not hasattr(head, "_hf_hook") and _head_returns_logits(model, head, device)
+    layers = _decoder_layers(model, paths) if checkpoint_layers else []
+    replaced = [(m, m.__dict__.get("forward")) for m in [*layers, *([head] if fused else [])]]
+    hidden: list[torch.Tensor] = []
+
+    def checkpointed(block: nn.Module):
+        inner = block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+        return forward
+
+    def head_forward(x: torch.Tensor) -> torch.Tensor:
+        hidden.append(x)
+        return x.new_empty(*x.shape[:-1], 0)  # the model passes it through untouched (probed)
+
+    def step(ids: torch.Tensor) -> None:
+        labels = _sequence_labels(ids)
+        scale = 1.0 / (ids.shape[1] - 1)  # each sequence's mean: every one has the same T - 1 predicted tokens
+        with torch.enable_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            if fused:
+                h = hidden.pop()
+                if h.requires_grad:  # the graph starts at the first target, upstream of the head
+                    h.backward(_head_gradient(h, head, labels, scale))
+            else:
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                (nll / (ids.shape[1] - 1)).backward()
+
+    try:
+        for block in layers:
+            block.forward = checkpointed(block)
+        if fused:
+            head.forward = head_forward
+        yield step
+    finally:
+        for m, own in replaced:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def fisher_row_sums(
+    model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor, batch_size: int = 2, checkpoint_layers: bool = False
+) -> tuple[dict[str, torch.Tensor], int]:
     """({path: f}, tokens): f_i = sum over the sequences of sum_j (dL/dW_ij)^2, W the (out x in) weight of the
     linear at path and L the sequence's language-model loss (mean next-token cross-entropy), each squared
     gradient one sequence's (the empirical Fisher).
@@ -1035,9 +1157,10 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
     with no weight gradient at all: on the CPU 1.3-1.6x faster than one sequence at a time on SmolLM2 and 2.4x at
     Llama-2-7B's shapes (benchmarks/gradient_pass.py), for a memory beyond inference of one batch's activations
     and their backward. At 1 the pass runs one sequence at a time and squares each weight's gradient
-    (_per_sequence_fisher_pass), the least memory. A stacked expert projection (E x out x in, in either stored
-    orientation) has f of shape (E, out), each expert's slice of the gradient nonzero only through the tokens the
-    router sent to it."""
+    (_per_sequence_fisher_pass), the least memory. ``checkpoint_layers`` recomputes each decoder layer in the
+    backward instead of holding its activations (_loss_backward). A stacked expert projection (E x out x in, in
+    either stored orientation) has f of shape (E, out), each expert's slice of the gradient nonzero only through the
+    tokens the router sent to it."""
     from .modules import dense_weight_of, is_experts_module
 
     if not paths:
@@ -1065,10 +1188,11 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
             q.requires_grad_(False)
             q.grad = None
         model.eval()  # no dropout: the Fisher of the model as it is evaluated
-        if batch_size > 1:
-            sums = _batched_fisher_pass(model, modules, input_ids, batch_size, experts)
-        else:
-            sums = _per_sequence_fisher_pass(model, weights, input_ids)
+        with _loss_backward(model, list(paths), checkpoint_layers) as step:
+            if batch_size > 1:
+                sums = _batched_fisher_pass(model, modules, input_ids, batch_size, step, experts)
+            else:
+                sums = _per_sequence_fisher_pass(model, weights, input_ids, step)
     finally:
         for q, flag, grad in saved:
             q.requires_grad_(flag)
@@ -1077,7 +1201,7 @@ def fisher_row_sums(model: nn.Module, paths: Sequence[str], input_ids: torch.Ten
     return {p: f.cpu() for p, f in sums.items()}, int(input_ids.numel())
 
 
-def _per_sequence_fisher_pass(model: nn.Module, weights: dict[str, tuple[torch.Tensor, bool]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def _per_sequence_fisher_pass(model: nn.Module, weights: dict[str, tuple[torch.Tensor, bool]], input_ids: torch.Tensor, step: Any) -> dict[str, torch.Tensor]:
     """Fisher row sums from one forward and backward per sequence, with each targeted weight's gradient squared
     as soon as it is complete (the way for stacked experts, whose slices see only their tokens)."""
     device = next(model.parameters()).device
@@ -1099,10 +1223,8 @@ def _per_sequence_fisher_pass(model: nn.Module, weights: dict[str, tuple[torch.T
         for p, (w, _) in weights.items():
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(take(p)))
-        with torch.enable_grad():
-            for i in range(input_ids.shape[0]):
-                ids = input_ids[i : i + 1].to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # a weight the loss does not reach keeps 0
+        for i in range(input_ids.shape[0]):
+            step(input_ids[i : i + 1].to(device))  # a weight the loss does not reach keeps 0
     finally:
         for h in handles:
             h.remove()
@@ -1164,7 +1286,7 @@ def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_
 
 
 def _batched_fisher_pass(
-    model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, batch_size: int, experts: dict[str, tuple[nn.Module, str]] | None = None
+    model: nn.Module, modules: dict[str, nn.Module], input_ids: torch.Tensor, batch_size: int, step: Any, experts: dict[str, tuple[nn.Module, str]] | None = None
 ) -> dict[str, torch.Tensor]:
     """Fisher row sums of linear modules and stacked expert projections (``experts``: path -> (experts module,
     projection name)) from a batched forward and backward: the loss is the sum of each sequence's mean
@@ -1241,16 +1363,10 @@ def _batched_fisher_pass(
     try:
         for mod, names in owned.items():
             mod.forward = routed_forward(mod, names)
-        with torch.enable_grad():
-            for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start : start + batch_size].to(device)
-                shape["batch"], shape["length"] = ids.shape
-                labels = ids.roll(-1, dims=1)
-                labels[:, -1] = -100  # the last position predicts nothing (no slice of the logits: no copy of them)
-                logits = model(input_ids=ids, use_cache=False).logits
-                # the sum of each sequence's mean loss: every sequence has the same T - 1 predicted tokens
-                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                (nll / (ids.shape[1] - 1)).backward()
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            shape["batch"], shape["length"] = ids.shape
+            step(ids)
             last[:] = [None, None]
     finally:
         for h in handles:
@@ -1352,7 +1468,7 @@ class FisherStatsProvider:
             split = self.shard is not None and n >= world
             ids = self.input_ids[self.shard.rank :: world] if split else self.input_ids
             self.batch = self.spec.grad_batch
-            fresh, _ = fisher_row_sums(model, missing, ids, batch_size=self.batch)
+            fresh, _ = fisher_row_sums(model, missing, ids, batch_size=self.batch, checkpoint_layers=self.spec.grad_checkpoint)
             if split:
                 import torch.distributed as dist
 
@@ -1402,6 +1518,7 @@ class FisherStatsProvider:
         out.update(
             statistics="Fisher row sums: squared gradients of the LM loss per sequence, dense model",
             batch=self.batch,
+            checkpoint_layers=self.spec.grad_checkpoint,
             sequential=False,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),

@@ -55,6 +55,7 @@ SPEC_KEYS = (
     "calib_len",
     "calib_batch",
     "grad_batch",
+    "grad_checkpoint",
     "calib_target",
     "calib_staged",
     "cache",
@@ -65,8 +66,8 @@ SPEC_KEYS = (
 # The spec fields that change the factors, besides the ranks, targets and layout that a plan carries: the keys of
 # the decomposition cache, and of calibration statistics taken after earlier layers were decomposed. Derived, so
 # that a new argument keys the caches unless it is named here as keyed elsewhere or without effect.
-# grad_batch changes the Fisher sums only at round-off (the same sums, batched otherwise).
-FACTOR_FIELDS = tuple(k for k in SPEC_KEYS if k not in ("rank", "layers", "tensors", "layout", "cache", "grad_batch"))
+# grad_batch changes the Fisher sums only at round-off (the same sums, batched otherwise); grad_checkpoint not at all.
+FACTOR_FIELDS = tuple(k for k in SPEC_KEYS if k not in ("rank", "layers", "tensors", "layout", "cache", "grad_batch", "grad_checkpoint"))
 
 
 class SpecError(ValueError):
@@ -306,6 +307,9 @@ class DecompositionSpec:
     # every layer's activations, so memory grows with it. On the CPU 2 was 1.3-1.5x faster than 1 (which takes each
     # weight's gradient, the least memory) on SmolLM2 and 2.4x at Llama-2-7B's shapes; 4 and 8 little faster.
     grad_batch: int = 2
+    # The gradient pass keeps only each decoder layer's input and recomputes the layer in the backward: the graph
+    # holds one layer's activations instead of every layer's, for ~1.3x the pass's time (the same sums, bit for bit).
+    grad_checkpoint: bool = False
     # What each layer is fitted to: weight of the dense model's outputs (error correction) against the
     # compressed model's own (0 = compressed, 1 = dense); 0.25 measured best on SmolLM2 (README).
     calib_target: float = 0.25
@@ -362,7 +366,7 @@ class DecompositionSpec:
         for option, owner in METHOD_OPTIONS.items():
             if option in kw and kw.get("method", "tucker") != owner:
                 raise _fail(option, args[option], f"it applies to method={owner} only, not method={kw.get('method', 'tucker')}")
-        for key in ("cache", "calib_staged"):
+        for key in ("cache", "calib_staged", "grad_checkpoint"):
             if args.get(key) is not None:
                 kw[key] = _as_bool(key, args[key])
         spec = cls(**kw)
