@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,6 +238,41 @@ def test_gradient_pass_keeps_a_models_logit_transform(monkeypatch):
     for p in m.parameters():
         p.requires_grad_(False)
     assert torch.allclose(got[path], _reference_fisher(m, path, ids), rtol=1e-5)
+
+
+_FREED_HEAP = r"""
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from lm_eval_lowrank import calibration
+
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128)).eval()
+big = torch.ones(4 << 20)  # 16 MiB, mapped on its own; freeing it raises glibc's mmap threshold to 16 MiB
+del big
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 256 MiB in 4 MiB blocks, now taken from the heap
+pin = torch.ones(1 << 20)  # above them: free() alone cannot shrink the heap
+del blocks
+before = rss_mib()
+if sys.argv[1] == "pass":
+    calibration.fisher_row_sums(model, ["model.layers.1.mlp.down_proj"], torch.randint(0, 128, (2, 8)))
+else:
+    assert calibration.return_freed_heap()
+print(before - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+@pytest.mark.parametrize("how", ["direct", "pass"])
+def test_freed_heap_goes_back_to_the_os_after_the_gradient_pass(how):
+    """glibc keeps freed heap blocks mapped, so a pass's peak would stay in RSS under whatever runs next; the pass
+    ends by handing them back. Here 256 MiB freed before the pass: gone after it (a fresh process each)."""
+    r = subprocess.run([sys.executable, "-c", _FREED_HEAP, how], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) > 200
 
 
 def test_fisher_row_sums_of_a_conv1d_are_per_output():
