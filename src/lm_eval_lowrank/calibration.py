@@ -1113,8 +1113,8 @@ def _loss_backward(model: nn.Module, paths: Sequence[str], checkpoint_layers: bo
       it (one more forward of the layers behind the first target), so the graph holds one layer's activations,
       not every layer's. The recomputation is deterministic: the sums are the same bits as without it.
 
-    Forward hooks inside a layer run again in the recomputation; tensor hooks they register there never fire (the
-    backward runs on the first forward's graph)."""
+    Forward hooks inside a layer may run again in the recomputation (torch stops it once it has what the backward
+    needs); tensor hooks they register there never fire (the backward runs on the first forward's graph)."""
     from torch.utils.checkpoint import checkpoint
 
     device = next(model.parameters()).device
@@ -1139,16 +1139,16 @@ def _loss_backward(model: nn.Module, paths: Sequence[str], checkpoint_layers: bo
 
     def step(ids: torch.Tensor) -> None:
         labels = _sequence_labels(ids)
-        scale = 1.0 / (ids.shape[1] - 1)  # each sequence's mean: every one has the same T - 1 predicted tokens
+        predicted = ids.shape[1] - 1  # each sequence's mean: every one has the same T - 1 predicted tokens
         with torch.enable_grad():
             logits = model(input_ids=ids, use_cache=False).logits
             if fused:
                 h = hidden.pop()
                 if h.requires_grad:  # the graph starts at the first target, upstream of the head
-                    h.backward(_head_gradient(h, head, labels, scale))
+                    h.backward(_head_gradient(h, head, labels, 1.0 / predicted))
             else:
                 nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                (nll / (ids.shape[1] - 1)).backward()
+                (nll / predicted).backward()
 
     try:
         for block in layers:
