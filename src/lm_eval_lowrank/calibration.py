@@ -1027,7 +1027,7 @@ class SequentialStatsProvider:
         self._last = -1  # the Fisher row sums stay: small, and taken from the dense model, which is gone by now
 
 
-_HEAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the fused head: 32 MiB in fp32 (smaller chunks ran slower on the CPU)
+_HEAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the fused head: two 32 MiB fp32 buffers at once (smaller chunks ran slower on the CPU)
 
 
 def _sequence_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -1041,15 +1041,14 @@ def _head_gradient(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, 
     """d(scale * sum of the cross-entropies)/d(hidden) for logits = head(hidden), computed in chunks of positions
     so that the batch's logits, their softmax and their gradient never exist whole (3 x B x T x vocab floats at
     once in autograd's way). The rounding follows autograd's: logits in the head's dtype, softmax in fp32, the
-    gradient cast back to the head's dtype before the product with its weight (the softmax as exp(z - logsumexp z),
-    as the cross-entropy's backward forms it, in place)."""
+    gradient cast back to the head's dtype before the product with its weight, and the softmax formed as the
+    cross-entropy's backward forms it, exp(log_softmax z)."""
     flat = hidden.detach().flatten(0, -2)
     targets = labels.flatten().to(flat.device)
     out = torch.empty_like(flat)
     step = max(1, _HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     for s in range(0, flat.shape[0], step):
-        p = torch.nn.functional.linear(flat[s : s + step], head.weight, head.bias).float()
-        p.sub_(torch.logsumexp(p, dim=-1, keepdim=True)).exp_()
+        p = torch.log_softmax(torch.nn.functional.linear(flat[s : s + step], head.weight, head.bias).float(), dim=-1).exp_()
         t = targets[s : s + step]
         rows = (t >= 0).nonzero().squeeze(1)
         p[rows, t[rows]] -= 1.0
