@@ -1070,20 +1070,6 @@ def _head_returns_logits(model: nn.Module, head: nn.Module, device: torch.device
     return len(seen) == 1 and logits is seen[0]
 
 
-def _decoder_layers(model: nn.Module, paths: Iterable[str]) -> list[nn.Module]:
-    """Every block of the outermost module lists that hold the targets (the decoder layers): the backward runs
-    through all of them behind the first target."""
-    lists: dict[int, nn.ModuleList] = {}
-    for path in paths:
-        parts = path.split(".")
-        for i in range(1, len(parts)):
-            owner = model.get_submodule(".".join(parts[:i]))
-            if parts[i].isdigit() and isinstance(owner, nn.ModuleList):
-                lists[id(owner)] = owner
-                break
-    return [block for blocks in lists.values() for block in blocks]
-
-
 def return_freed_heap() -> bool:
     """Hand the free memory of the C heap back to the OS (glibc's ``malloc_trim``); False where there is none.
 
@@ -1102,7 +1088,7 @@ def return_freed_heap() -> bool:
 
 
 @contextmanager
-def _loss_backward(model: nn.Module, paths: Sequence[str], checkpoint_layers: bool) -> Iterator[Any]:
+def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
     """Yields ``step(ids)``: a forward of a batch and the backward of the sum of each sequence's mean next-token
     cross-entropy, with as little of the graph held as the model allows:
 
@@ -1116,11 +1102,13 @@ def _loss_backward(model: nn.Module, paths: Sequence[str], checkpoint_layers: bo
     needs); tensor hooks they register there never fire (the backward runs on the first forward's graph)."""
     from torch.utils.checkpoint import checkpoint
 
+    from .architectures import adapter_for_model
+
     device = next(model.parameters()).device
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # A head under accelerate's hook (sharded or offloaded) keeps its own forward: the hook places its weight.
     fused = type(head) is nn.Linear and not hasattr(head, "_hf_hook") and _head_returns_logits(model, head, device)
-    layers = _decoder_layers(model, paths) if checkpoint_layers else []
+    layers = list(adapter_for_model(model).layers(model)) if checkpoint_layers else []  # the backward runs through all behind the first target
     replaced = [(m, m.__dict__.get("forward")) for m in [*layers, *([head] if fused else [])]]
     hidden: list[torch.Tensor] = []
 
@@ -1205,7 +1193,7 @@ def fisher_row_sums(
             q.requires_grad_(False)
             q.grad = None
         model.eval()  # no dropout: the Fisher of the model as it is evaluated
-        with _loss_backward(model, list(paths), checkpoint_layers) as step:
+        with _loss_backward(model, checkpoint_layers) as step:
             if batch_size > 1:
                 sums = _batched_fisher_pass(model, modules, input_ids, batch_size, step, experts)
             else:
