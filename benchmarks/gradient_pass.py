@@ -16,6 +16,9 @@ and the line after the timings gives the largest relative difference of f betwee
       --tensors 'experts.gate_up_proj|experts.down_proj'      # the experts of one OLMoE layer
   python benchmarks/gradient_pass.py --batch 2 4 --checkpoint # also each pass with its layers recomputed
                                                               # (grad_checkpoint=true): time ratio, same bits
+  python benchmarks/gradient_pass.py --synthetic llama-2-7b --synthetic-layers 2 --dtype bfloat16 --len 128 512 \
+      --batch 2 --repeats 0 --held                            # what the first batch holds for its backward
+                                                              # (grad_checkpoint=auto's count), per token and layer
 
 The peak memory of each way is measured by benchmarks/memory.py, in processes of their own (a process's peak RSS
 cannot be split between passes run in it):
@@ -53,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tensors", default="all", help="the spec's tensors (e.g. 'experts.gate_up_proj|experts.down_proj')")
     ap.add_argument("--n", type=int, default=32, help="calibration sequences")
-    ap.add_argument("--len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--len", type=int, nargs="+", default=[128], help="tokens per sequence (several: --held only; the timings take the first)")
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 4, 8], help="batch sizes (>= 2) of the batched pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpoint", action="store_true", help="also time every pass with its decoder layers recomputed in the backward")
+    ap.add_argument("--held", action="store_true", help="also count what one batch of each size and length holds for its backward")
     args = ap.parse_args(argv)
     if min(args.batch) < 2:
         ap.error("--batch: each size must be >= 2 (1 is the per-sequence pass, always measured)")
@@ -80,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         folder = Path(args.model) if args.model else smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(device).eval()
-    spec = DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "calib_n": args.n, "calib_len": args.len, "tensors": args.tensors, "layers": "all"})
-    ids, _ = calibration.calibration_tokens(spec, AutoTokenizer.from_pretrained(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "calib_n": args.n, "calib_len": args.len[0], "tensors": args.tensors, "layers": "all"})
+    ids, _ = calibration.calibration_tokens(spec, tokenizer)
     paths = [p for p, _ in candidate_paths(spec, model.config, adapter=adapter_for_model(model))]
     print(f"# {folder.name}: {len(paths)} targets, {ids.shape[0]} x {ids.shape[1]} tokens, {args.dtype}, device {device}, torch threads {torch.get_num_threads()}")
 
@@ -95,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for w in ways if r % 2 == 0 else ways[::-1]:  # alternate the order: a drift lands on both sides
             times[w].append(timed(run(*w), device, collect=True))
+    if args.repeats > 0:
+        timings(args, ids, paths, found, times)
+    if args.held:
+        held(model, paths, spec, tokenizer, args, device)
+    return 0
+
+
+def timings(args: argparse.Namespace, ids: torch.Tensor, paths: list[str], found: dict, times: dict) -> None:
     seq = statistics.median(times[1, False])
     print(f"gradient pass per sequence: {seq:.2f} s ({seq / ids.shape[0] * 1e3:.0f} ms a sequence)")
     for b in args.batch:
@@ -108,7 +121,31 @@ def main(argv: list[str] | None = None) -> int:
             same = all(torch.equal(found[b, True][p], found[b, False][p]) for p in paths)
             print(f"gradient pass batch {b} with layers recomputed: {statistics.median(ckpt):.2f} s, {statistics.median(ratios):.2f}x "
                   f"[{ratios[0]:.2f}..{ratios[-1]:.2f}] the plain pass's time (per round); the same sums bit for bit: {'yes' if same else 'NO'}")  # fmt: skip
-    return 0
+
+
+def held(model, paths: list[str], spec, tokenizer, args: argparse.Namespace, device: torch.device) -> None:
+    """One batch per (length, size): the bytes grad_checkpoint=auto counts as held for the backward (the graph's
+    saved tensors and the gradient readers' kernels), per token and decoder layer (the targets start in layer 1,
+    so the graph spans every layer); on CUDA beside the device memory the pass allocated at its peak."""
+    from lm_eval_lowrank.architectures import adapter_for_model
+
+    layers = len(adapter_for_model(model).layers(model))
+    for length in args.len:
+        ids, _ = calibration.calibration_tokens(spec.with_(calib_len=length, calib_n=max(args.batch)), tokenizer)
+        for b in sorted({1, *args.batch}):
+            report: dict = {}
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            calibration.fisher_row_sums(model, paths, ids[:b], batch_size=b, checkpoint_layers=None, report=report)
+            n = report["held_bytes_first_batch"]
+            line = f"held for the backward, {length} tokens, batch {b}: {n / 2**20:.1f} MiB, {n / (b * length * layers) / 1024:.1f} KiB a token a layer"
+            if device.type == "cuda":
+                line += f"; the pass's peak allocation {(torch.cuda.max_memory_allocated(device) - base) / 2**20:.1f} MiB"
+            if report["checkpoint_layers"]:  # the count stopped where it passed the budget
+                line += f"; at least that: the budget ({report['held_budget_bytes'] / 2**30:.1f} GiB) was passed and the layers checkpointed"
+            print(line)
 
 
 if __name__ == "__main__":

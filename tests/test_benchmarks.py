@@ -99,6 +99,24 @@ def test_gradient_pass_benchmark_runs_on_a_tiny_model_and_both_passes_agree(tiny
     assert recomputed == [("1", "yes"), ("2", "yes"), ("3", "yes")], r.stdout
 
 
+def test_gradient_pass_benchmark_counts_what_a_batch_holds(tiny_llama_dir, benchmark_data):
+    """--held prints grad_checkpoint=auto's count for one batch of each size and length; with no timings asked
+    for (--repeats 0) it prints only that. What a batch holds grows with its tokens."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gradient_pass.py"), "--model", str(tiny_llama_dir), "--n", "2", "--len", "16", "32",
+         "--batch", "2", "--repeats", "0", "--threads", "1", "--held"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "gradient pass per sequence" not in r.stdout
+    held = re.findall(r"^held for the backward, (\d+) tokens, batch (\d): ([\d.]+) MiB, ([\d.]+) KiB a token a layer$", r.stdout, re.M)
+    assert [(t, b) for t, b, _, _ in held] == [("16", "1"), ("16", "2"), ("32", "1"), ("32", "2")], r.stdout
+    mib = [float(m) for _, _, m, _ in held]
+    assert 0 < mib[0] < mib[1] < mib[3] and mib[0] < mib[2] < mib[3], r.stdout
+    # per token and layer, a tiny model (64 wide) holds some tens of vectors of 64 floats: 2.5-10 KiB
+    assert all(2.5 < float(k) < 10 for _, _, _, k in held), r.stdout
+
+
 def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):
     """benchmarks/decompose.py reaches into the solver pool and the Gram solver's parts: run it small."""
     r = subprocess.run(

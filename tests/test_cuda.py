@@ -174,3 +174,36 @@ def test_allocator_curves_on_a_gpu_weight_equal_the_cpus(method):
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-8, atol=1e-10 * float(on_cpu[0]))
     if method != "fwsvd" and method != "fwhiten":
         torch.testing.assert_close(error_tail(W.cuda(), C, method, None, abs_mean), error_tail(W, C, method, None, abs_mean), rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_pass_on_this_gpu_counts_what_it_holds_and_checkpoints_past_its_budget(monkeypatch):
+    """The GPU's free memory moves with an allocation; the first batch's held bytes are real memory (at most what
+    the pass allocated on the device); with no room grad_checkpoint=auto checkpoints and gives the same bits."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank import calibration
+
+    device = torch.device("cuda")
+    free = calibration.free_memory_bytes(device)
+    assert 0 < free <= torch.cuda.get_device_properties(device).total_memory
+    block = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    assert abs(free - calibration.free_memory_bytes(device) - (256 << 20)) <= 8 << 20
+    del block
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=256, intermediate_size=640)).to(device).eval()
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(5))
+    paths = ["model.layers.1.self_attn.v_proj", "model.layers.3.mlp.down_proj"]
+    plain, _ = calibration.fisher_row_sums(model, paths, ids, batch_size=2, checkpoint_layers=False)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    report: dict = {}
+    auto, _ = calibration.fisher_row_sums(model, paths, ids, batch_size=2, report=report)
+    assert report["checkpoint_layers"] is False and 0 < report["held_bytes_first_batch"] <= torch.cuda.max_memory_allocated(device) - base
+    monkeypatch.setattr(calibration, "free_memory_bytes", lambda device: 2 * 4096)
+    tight: dict = {}
+    switched, _ = calibration.fisher_row_sums(model, paths, ids, batch_size=2, report=tight)
+    assert tight["checkpoint_layers"] is True
+    assert all(torch.equal(auto[p], plain[p]) and torch.equal(switched[p], plain[p]) for p in paths)

@@ -69,8 +69,11 @@ def test_fwsvd_spec(tmp_path):
     assert spec.grad_batch == 2 and DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "3"}).grad_batch == 3
     with pytest.raises(SpecError, match="grad_batch='0'.*expected an int >= 1"):
         DecompositionSpec.from_args({"method": "fwsvd", "grad_batch": "0"})
-    assert not spec.grad_checkpoint and DecompositionSpec.from_args({"method": "fwsvd", "grad_checkpoint": "True"}).grad_checkpoint
-    with pytest.raises(SpecError, match="grad_checkpoint='yes please'"):
+    assert spec.grad_checkpoint is None and spec.to_dict()["grad_checkpoint"] == "auto"  # auto: by the memory free
+    for given, parsed in (("True", True), ("false", False), (" Auto", None), (False, False)):
+        got = DecompositionSpec.from_args({"method": "fwsvd", "grad_checkpoint": given})
+        assert got.grad_checkpoint is parsed and DecompositionSpec.from_args(got.to_dict()) == got
+    with pytest.raises(SpecError, match="grad_checkpoint='yes please' is invalid: expected auto, true or false"):
         DecompositionSpec.from_args({"method": "fwsvd", "grad_checkpoint": "yes please"})
     assert "grad_checkpoint" not in FACTOR_FIELDS and "grad_batch" not in FACTOR_FIELDS  # the same sums: caches shared
     assert DecompositionSpec.from_args({"method": "fwsvd", "budget": 0.8, "allocator": "tail"}).allocator == "tail"
@@ -220,6 +223,86 @@ def test_gradient_pass_memory_savers_keep_the_sums(tiny_llama, monkeypatch, batc
     assert ckpt_held < 7 * 33 * 64 * 4 and plain_held > 5 * ckpt_held
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_budget(tiny_llama, monkeypatch, batch_size):
+    """grad_checkpoint=auto: the first batch runs plain while what it holds for the backward is counted. Past half
+    the free memory its forward stops, the layers are checkpointed and the batch runs again: the same bits as a
+    plain pass. Under the budget it stays plain and says how much it held."""
+    from lm_eval_lowrank import calibration
+
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(5))
+    paths = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.gate_proj", "model.layers.3.self_attn.o_proj"]
+    plain, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size, checkpoint_layers=False)
+    runs, counted = [0], []
+    hook = tiny_llama.model.layers[3].mlp.register_forward_pre_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
+    real_hold = calibration._HeldBytes.hold
+    monkeypatch.setattr(calibration._HeldBytes, "hold", lambda self, t: (counted.append(tuple(t.shape)), real_hold(self, t))[1])
+
+    def auto_pass(free: int | None) -> tuple[dict[str, torch.Tensor], dict[str, object], int]:
+        monkeypatch.setattr(calibration, "free_memory_bytes", lambda device: free)
+        runs[0], report = 0, {}
+        sums, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size, report=report)
+        return sums, report, runs[0]
+
+    try:
+        roomy, roomy_report, roomy_runs = auto_pass(1 << 40)
+        kernels = counted.count((batch_size, 11, 11))
+        unknown, unknown_report, _ = auto_pass(None)
+        # a budget of 6000 bytes: the first batch holds ~110 kB (batch 1) or ~220 kB (2), so its forward stops early
+        tight, tight_report, tight_runs = auto_pass(12000)
+    finally:
+        hook.remove()
+    batches = len(range(0, 3, batch_size))
+    held = roomy_report["held_bytes_first_batch"]
+    assert roomy_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": 1 << 39}
+    assert roomy_runs == 1 + batches  # the probe, then one forward a batch
+    # grad_batch=2 reads the targets' gradients through their inputs' T x T kernels, which are counted too
+    assert kernels == (3 if batch_size == 2 else 0)
+    # Held (fp32): the graph's saved tensors and the readers' kernels in layers 2-4, per token at least each
+    # layer's three MLP vectors of width 160 and two norm inputs of 64, and under 16 vectors of 64 a layer.
+    tokens = ids.shape[1] * batch_size
+    assert 3 * (3 * 160 + 2 * 64) * 4 * tokens < held < 3 * 16 * 64 * 4 * tokens
+    assert unknown_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": None}
+    assert tight_report["checkpoint_layers"] is True and tight_report["held_budget_bytes"] == 6000
+    assert 6000 < tight_report["held_bytes_first_batch"] < held  # stopped where it passed the budget
+    # The probe, then a forward and a recomputation a batch (the stopped forward ended in layer 2, before layer 4)
+    assert tight_runs == 1 + 2 * batches
+    assert all(torch.equal(s[p], plain[p]) for s in (roomy, unknown, tight) for p in paths)
+    assert all("forward" not in layer.__dict__ for layer in tiny_llama.model.layers) and "forward" not in tiny_llama.lm_head.__dict__
+
+
+def test_free_memory_is_bounded_by_the_memory_cgroup(tmp_path, monkeypatch):
+    """The CPU's free memory is MemAvailable, or the memory cgroup's headroom where that is smaller (a container's
+    limit less its use, reclaimable page cache not counted as used); a cgroup without a limit bounds nothing."""
+    from lm_eval_lowrank import calibration
+
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.current").write_text("600\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("600\n")
+    assert calibration._cgroup_headroom(str(v2)) is None and calibration._cgroup_headroom(str(v1)) is None
+    (v2 / "memory.max").write_text("1000\n")
+    (v2 / "memory.stat").write_text("anon 500\ninactive_file 150\nactive_file 50\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2000\n")
+    (v1 / "memory" / "memory.stat").write_text("inactive_file 7\ntotal_inactive_file 100\n")
+    assert calibration._cgroup_headroom(str(v2)) == 1000 - 600 + 150
+    assert calibration._cgroup_headroom(str(v1)) == 2000 - 600 + 100
+    (v2 / "memory.current").write_text("5000\n")
+    assert calibration._cgroup_headroom(str(v2)) == 0  # over its limit: nothing left
+
+    cpu = torch.device("cpu")
+    mem_total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda root="/sys/fs/cgroup": None)
+    free = calibration.free_memory_bytes(cpu)
+    assert 0 < free <= mem_total
+    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda root="/sys/fs/cgroup": 12345)
+    assert calibration.free_memory_bytes(cpu) == 12345
+    assert calibration.free_memory_bytes(torch.device("meta")) is None
+
+
 def test_gradient_pass_keeps_a_models_logit_transform(monkeypatch):
     """A head whose logits the model transforms (Gemma 2's soft-capping) is not replaced: the sums are those of the
     model's own loss."""
@@ -316,6 +399,7 @@ def test_fwsvd_through_compress_model_on_calibration_data(tiny_llama_dir, benchm
     args = {"method": "fwsvd", "rank": 4, "layers": "2|3", "tensors": "q|down", "calib_n": 4, "calib_len": 32, "grad_batch": 3, "grad_checkpoint": "true", "cache": False}
     report = compress_model(model, args, tokenizer=tok, progress=False)
     assert batches == [(3, True)] and report.calibration["batch"] == 3 and report.calibration["checkpoint_layers"] is True
+    assert report.calibration["grad_checkpoint"] is True and report.calibration["held_bytes_first_batch"] is None  # not counted when asked for
     assert isinstance(model.model.layers[1].self_attn.q_proj, LowRankLinear) and isinstance(model.model.layers[2].mlp.down_proj, LowRankLinear)
     assert report.solvers and all(name.startswith("fwsvd-") for name in report.solvers)
     assert report.calibration["statistics"].startswith("Fisher row sums") and report.calibration["seconds"] > 0

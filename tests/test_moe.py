@@ -1027,7 +1027,9 @@ def test_routed_gradient_row_sums_reader_both_ways_are_each_sequences_squared_gr
         x, g = torch.randn(tokens, n_in, generator=gen), torch.randn(tokens, n_out, generator=gen)
         sequence = torch.randint(0, 3, (tokens,), generator=gen)
         expected = sum((g[sequence == n].double().mT @ x[sequence == n].double()).square().sum(dim=1) for n in range(3))
-        got = _routed_gradient_row_sums_reader(x, sequence, n_out)(g)
+        read, kept = _routed_gradient_row_sums_reader(x, sequence, n_out)
+        got = read(g)
+        assert kept.shape == ((tokens, tokens) if tokens * (n_in + n_out) <= n_in * n_out else x.shape)  # the kernel, or the inputs
         assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-5)
         pooled = (g.double().mT @ x.double()).square().sum(dim=1)  # one gradient for the whole batch: not the Fisher
         assert not torch.allclose(got, pooled, rtol=1e-3)
@@ -1038,6 +1040,7 @@ def test_batched_gradient_pass_of_experts_equals_the_per_sequence_one(model_type
     """Experts take grad_batch like linears: batches of 2 and 4 over 5 sequences (short last batches) give the
     per-sequence weight-gradient pass's sums, for both projections beside a linear, and the experts module's own
     forward is back afterwards."""
+    from lm_eval_lowrank import calibration
     from lm_eval_lowrank.calibration import fisher_row_sums
 
     model = _model(model_type)
@@ -1057,3 +1060,25 @@ def test_batched_gradient_pass_of_experts_equals_the_per_sequence_one(model_type
         checkpointed, _ = fisher_row_sums(model, paths, ids, batch_size=batch, checkpoint_layers=True)
         assert "forward" not in experts.__dict__ and "forward" not in model.model.layers[1].__dict__
         assert all(torch.equal(checkpointed[p], expected[p]) for p in paths)
+        # auto, with no room: the first batch's forward stops in layer 2's experts and the pass checkpoints instead
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(calibration, "free_memory_bytes", lambda device: 2000)
+            report: dict = {}
+            switched, _ = fisher_row_sums(model, paths, ids, batch_size=batch, report=report)
+        assert report["checkpoint_layers"] is True and 1000 < report["held_bytes_first_batch"]
+        assert "forward" not in experts.__dict__ and all(torch.equal(switched[p], expected[p]) for p in paths)
+    # What each expert's reader keeps until the backward (its kernel or its tokens) is counted as held.
+    kept: list[torch.Tensor] = []
+    counted: set[int] = set()
+    real_reader, real_hold = calibration._routed_gradient_row_sums_reader, calibration._HeldBytes.hold
+
+    def reader(*args):
+        read, tensor = real_reader(*args)
+        kept.append(tensor)
+        return read, tensor
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibration, "_routed_gradient_row_sums_reader", reader)
+        mp.setattr(calibration._HeldBytes, "hold", lambda self, t: (counted.add(id(t)), real_hold(self, t))[1])
+        fisher_row_sums(model, paths, ids[:2], batch_size=2)
+    assert kept and all(id(t) in counted for t in kept)

@@ -1018,7 +1018,8 @@ class SequentialStatsProvider:
             out["allocation"] = self.allocation
         if self.fisher is not None:
             fisher = self.fisher.describe()
-            out["fisher"] = {k: fisher[k] for k in ("statistics", "batch", "cache", "seconds", "shared") if k in fisher}
+            kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes", "cache", "seconds", "shared")
+            out["fisher"] = {k: fisher[k] for k in kept if k in fisher}
         return out
 
     def release(self) -> None:
@@ -1087,16 +1088,145 @@ def return_freed_heap() -> bool:
     return True
 
 
+# The plain pass may hold this share of the memory free when it starts; past it, the layers are checkpointed. The
+# rest is left for the backward's own gradients, the readers' products and the chunked head.
+_HELD_SHARE = 0.5
+_UNLIMITED = 1 << 60  # a cgroup's "no limit" (v1 writes 2**63 rounded down to a page)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup may still take (its limit less what it uses, page cache that can be
+    reclaimed not counted as used); None without a limit. A container's limit is often far below MemAvailable."""
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),  # v1
+    ):
+        limit, usage = _read_int(f"{root}/{limit_file}"), _read_int(f"{root}/{usage_file}")
+        if limit is None or usage is None or limit >= _UNLIMITED:
+            continue
+        try:
+            stat = dict(line.split() for line in Path(f"{root}/{stat_file}").read_text().splitlines() if line.count(" ") == 1)
+        except (OSError, ValueError):
+            stat = {}
+        reclaimable = int(stat[inactive]) if stat.get(inactive, "").isdigit() else 0
+        return max(0, limit - usage + reclaimable)
+    return None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take now; None where that is not known. CUDA: the driver's free
+    memory plus what torch's caching allocator holds unused. CPU: the kernel's MemAvailable, bounded by the memory
+    cgroup's headroom (Linux; elsewhere None)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
+
+
+class _OverHeldBudget(Exception):
+    """Raised inside a forward of the gradient pass once it holds more than its budget (caught by _GradientStep)."""
+
+
+class _HeldBytes:
+    """What a forward of the gradient pass leaves held for its backward: the tensors the graph saves and those
+    the gradient readers keep, each storage once, the model's own parameters and buffers not counted. Past
+    ``budget`` it raises _OverHeldBudget, which stops the forward where it is."""
+
+    def __init__(self, model: nn.Module, budget: int | None) -> None:
+        self.own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.seen: set[int] = set()
+        self.bytes = 0
+        self.budget = budget
+
+    def hold(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without one: not counted
+            return
+        ptr = storage.data_ptr()
+        if ptr in self.own or ptr in self.seen:
+            return
+        self.seen.add(ptr)
+        self.bytes += storage.nbytes()
+        if self.budget is not None and self.bytes > self.budget:
+            raise _OverHeldBudget
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.hold(t)
+        return t
+
+
+class _GradientStep:
+    """``step(ids)``: one forward and backward of the gradient pass (made by _loss_backward); ``step.hold(t)``
+    counts a tensor a gradient reader keeps until the backward.
+
+    With ``checkpointing`` None (auto) the first batch runs plain while its held bytes are counted. If they pass
+    ``budget`` the forward stops there, the decoder layers are checkpointed from then on, and the batch runs again:
+    the same sums (recomputation is deterministic), in bounded memory. Later batches are no larger than the first,
+    so only it is counted. ``held_bytes`` is that count (where it stopped, if it did)."""
+
+    def __init__(self, model: nn.Module, run: Any, checkpoint_on: Any, checkpointing: bool | None, budget: int | None) -> None:
+        self._run = run
+        self._checkpoint_on = checkpoint_on
+        self.requested = checkpointing
+        self.checkpointing = bool(checkpointing)
+        self.budget = budget
+        self.held_bytes: int | None = None
+        self._meter = _HeldBytes(model, budget) if checkpointing is None else None
+        if checkpointing:
+            checkpoint_on()
+
+    def hold(self, t: torch.Tensor) -> None:
+        if self._meter is not None:
+            self._meter.hold(t)
+
+    def __call__(self, ids: torch.Tensor) -> None:
+        meter = self._meter
+        if meter is None:
+            self._run(ids)
+            return
+        over = False
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+                self._run(ids)
+        except _OverHeldBudget:
+            over = True  # the stopped forward's graph goes with the exception
+        self._meter, self.held_bytes = None, meter.bytes
+        if over:
+            self._checkpoint_on()
+            self.checkpointing = True
+            self._run(ids)
+
+    def describe(self) -> dict[str, Any]:
+        return {"checkpoint_layers": self.checkpointing, "held_bytes_first_batch": self.held_bytes, "held_budget_bytes": self.budget}
+
+
 @contextmanager
-def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
-    """Yields ``step(ids)``: a forward of a batch and the backward of the sum of each sequence's mean next-token
-    cross-entropy, with as little of the graph held as the model allows:
+def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator[_GradientStep]:
+    """Yields ``step(ids)`` (a _GradientStep): a forward of a batch and the backward of the sum of each sequence's
+    mean next-token cross-entropy, with as little of the graph held as the model allows:
 
     - a plain linear head whose output the model returns as its logits is replaced, for the pass, by the hidden
       states' gradient computed in chunks (_head_gradient): the logits are never held whole;
     - with ``checkpoint_layers`` each decoder layer keeps only its input and is run again when the backward reaches
       it (one more forward of the layers behind the first target), so the graph holds one layer's activations,
-      not every layer's. The recomputation is deterministic: the sums are the same bits as without it.
+      not every layer's. The recomputation is deterministic: the sums are the same bits as without it. None
+      (auto) checkpoints only once the first batch would hold more than _HELD_SHARE of the memory free now.
 
     Forward hooks inside a layer may run again in the recomputation (torch stops it once it has what the backward
     needs); tensor hooks they register there never fire (the backward runs on the first forward's graph)."""
@@ -1108,8 +1238,7 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # A head under accelerate's hook (sharded or offloaded) keeps its own forward: the hook places its weight.
     fused = type(head) is nn.Linear and not hasattr(head, "_hf_hook") and _head_returns_logits(model, head, device)
-    layers = list(adapter_for_model(model).layers(model)) if checkpoint_layers else []  # the backward runs through all behind the first target
-    replaced = [(m, m.__dict__.get("forward")) for m in [*layers, *([head] if fused else [])]]
+    replaced: list[tuple[nn.Module, Any]] = []  # (module, its instance's own forward or None), put back at the end
     hidden: list[torch.Tensor] = []
 
     def checkpointed(block: nn.Module):
@@ -1120,11 +1249,16 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
 
         return forward
 
+    def checkpoint_on() -> None:
+        for block in adapter_for_model(model).layers(model):  # the backward runs through all behind the first target
+            replaced.append((block, block.__dict__.get("forward")))
+            block.forward = checkpointed(block)
+
     def head_forward(x: torch.Tensor) -> torch.Tensor:
         hidden.append(x)
         return x.new_empty(*x.shape[:-1], 0)  # the model passes it through untouched (probed)
 
-    def step(ids: torch.Tensor) -> None:
+    def run(ids: torch.Tensor) -> None:
         labels = _sequence_labels(ids)
         predicted = ids.shape[1] - 1  # each sequence's mean: every one has the same T - 1 predicted tokens
         with torch.enable_grad():
@@ -1138,13 +1272,14 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
                 (nll / predicted).backward()
 
     try:
-        for block in layers:
-            block.forward = checkpointed(block)
         if fused:
+            replaced.append((head, head.__dict__.get("forward")))
             head.forward = head_forward
-        yield step
+        free = free_memory_bytes(device) if checkpoint_layers is None else None
+        budget = int(free * _HELD_SHARE) if free is not None else None
+        yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget)
     finally:
-        for m, own in replaced:
+        for m, own in reversed(replaced):
             if own is None:
                 del m.forward
             else:
@@ -1152,7 +1287,12 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool) -> Iterator[Any]:
 
 
 def fisher_row_sums(
-    model: nn.Module, paths: Sequence[str], input_ids: torch.Tensor, batch_size: int = 2, checkpoint_layers: bool = False
+    model: nn.Module,
+    paths: Sequence[str],
+    input_ids: torch.Tensor,
+    batch_size: int = 2,
+    checkpoint_layers: bool | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """({path: f}, tokens): f_i = sum over the sequences of sum_j (dL/dW_ij)^2, W the (out x in) weight of the
     linear at path and L the sequence's language-model loss (mean next-token cross-entropy), each squared
@@ -1163,7 +1303,9 @@ def fisher_row_sums(
     Llama-2-7B's shapes (benchmarks/gradient_pass.py), for a memory beyond inference of one batch's activations
     and their backward. At 1 the pass runs one sequence at a time and squares each weight's gradient
     (_per_sequence_fisher_pass), the least memory. ``checkpoint_layers`` recomputes each decoder layer in the
-    backward instead of holding its activations (_loss_backward). A stacked expert projection (E x out x in, in
+    backward instead of holding its activations (_loss_backward); None does so only when the first batch would
+    hold more than _HELD_SHARE of the free memory. ``report``, if given, receives how the pass ran
+    (_GradientStep.describe: whether it checkpointed, the first batch's held bytes, the budget). A stacked expert projection (E x out x in, in
     either stored orientation) has f of shape (E, out), each expert's slice of the gradient nonzero only through the
     tokens the router sent to it."""
     from .modules import dense_weight_of, is_experts_module
@@ -1198,6 +1340,8 @@ def fisher_row_sums(
                 sums = _batched_fisher_pass(model, modules, input_ids, batch_size, step, experts)
             else:
                 sums = _per_sequence_fisher_pass(model, weights, input_ids, step)
+        if report is not None:
+            report.update(step.describe())
     finally:
         for q, flag, grad in saved:
             q.requires_grad_(flag)
@@ -1267,8 +1411,8 @@ def _gradient_row_sums_reader(x: torch.Tensor, n_out: int, kernel: torch.Tensor 
     return read_explicit, None
 
 
-def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_out: int) -> Any:
-    """``read(g)``: the sum over sequences n of the row sums of (G_n^T X_n)^2 for one expert's projection, ``x``
+def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_out: int) -> tuple[Any, torch.Tensor]:
+    """(read, kept): ``read(g)`` is the sum over sequences n of the row sums of (G_n^T X_n)^2 for one expert's projection, ``x``
     (tokens x in) the tokens the router sent it from a whole batch, ``sequence`` each token's sequence and ``g``
     the output gradients. The tokens of several sequences mix in one expert's call, so the input kernel X X^T is
     masked to pairs from the same sequence; many tokens through a small projection take the explicit products."""
@@ -1282,13 +1426,13 @@ def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_
             g = g.float()
             return (kernel @ g).mul_(g).sum(dim=0, dtype=torch.float64)
 
-        return read
+        return read, kernel
 
     def read_explicit(g: torch.Tensor) -> torch.Tensor:
         g = g.float()
         return sum((g[sel].mT @ x[sel].float()).square().sum(dim=1, dtype=torch.float64) for sel in (sequence == n for n in sequence.unique()))
 
-    return read_explicit
+    return read_explicit, x
 
 
 def _batched_fisher_pass(
@@ -1325,7 +1469,8 @@ def _batched_fisher_pass(
                 path = names.get(name)
                 if path is None or not y.requires_grad:
                     return
-                read = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
+                read, kept = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
+                step.hold(kept)
 
                 def take(g: torch.Tensor) -> None:
                     sums[path][expert] += read(g)
@@ -1347,6 +1492,7 @@ def _batched_fisher_pass(
             x = args[0]
             read, kernel = _gradient_row_sums_reader(x, out.shape[-1], last[1] if x is last[0] else None)
             last[:] = [x, kernel] if kernel is not None else [None, None]
+            step.hold(x if kernel is None else kernel)  # what the reader keeps until the backward
 
             def take(g: torch.Tensor) -> None:
                 f = read(g)
@@ -1423,6 +1569,7 @@ class FisherStatsProvider:
         self.hits = 0  # modules served from the cache
         self.misses = 0  # modules whose gradients were computed
         self.batch: int | None = None  # sequences per backward, once the pass ran
+        self.pass_report: dict[str, Any] = {}  # how the pass ran (checkpointed or not, held bytes), once it ran
         self._fisher: dict[str, torch.Tensor] | None = None
         self._tokens = 0
 
@@ -1474,7 +1621,7 @@ class FisherStatsProvider:
             split = self.shard is not None and n >= world
             ids = self.input_ids[self.shard.rank :: world] if split else self.input_ids
             self.batch = self.spec.grad_batch
-            fresh, _ = fisher_row_sums(model, missing, ids, batch_size=self.batch, checkpoint_layers=self.spec.grad_checkpoint)
+            fresh, _ = fisher_row_sums(model, missing, ids, batch_size=self.batch, checkpoint_layers=self.spec.grad_checkpoint, report=self.pass_report)
             if split:
                 import torch.distributed as dist
 
@@ -1524,7 +1671,10 @@ class FisherStatsProvider:
         out.update(
             statistics="Fisher row sums: squared gradients of the LM loss per sequence, dense model",
             batch=self.batch,
-            checkpoint_layers=self.spec.grad_checkpoint,
+            grad_checkpoint="auto" if self.spec.grad_checkpoint is None else self.spec.grad_checkpoint,
+            checkpoint_layers=self.pass_report.get("checkpoint_layers"),  # None: no pass ran (every module cached)
+            held_bytes_first_batch=self.pass_report.get("held_bytes_first_batch"),
+            held_budget_bytes=self.pass_report.get("held_budget_bytes"),
             sequential=False,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),

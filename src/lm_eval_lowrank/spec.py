@@ -102,7 +102,7 @@ def _as_int(arg: str, text: Any, valid: str) -> int:
     return int(s)
 
 
-def _as_bool(arg: str, value: Any) -> bool:
+def _as_bool(arg: str, value: Any, valid: str = "expected true or false") -> bool:
     if isinstance(value, bool):
         return value
     s = str(value).strip().lower()
@@ -110,7 +110,7 @@ def _as_bool(arg: str, value: Any) -> bool:
         return True
     if s in ("0", "false", "no", "off"):
         return False
-    raise _fail(arg, value, "expected true or false")
+    raise _fail(arg, value, valid)
 
 
 def _split(value: Any) -> list[str]:
@@ -309,7 +309,8 @@ class DecompositionSpec:
     grad_batch: int = 2
     # The gradient pass keeps only each decoder layer's input and recomputes the layer in the backward: the graph
     # holds one layer's activations instead of every layer's, for ~1.3x the pass's time (the same sums, bit for bit).
-    grad_checkpoint: bool = False
+    # None (auto): only when the first batch would hold more than half the memory free when the pass starts.
+    grad_checkpoint: bool | None = None
     # What each layer is fitted to: weight of the dense model's outputs (error correction) against the
     # compressed model's own (0 = compressed, 1 = dense); 0.25 measured best on SmolLM2 (README).
     calib_target: float = 0.25
@@ -366,9 +367,13 @@ class DecompositionSpec:
         for option, owner in METHOD_OPTIONS.items():
             if option in kw and kw.get("method", "tucker") != owner:
                 raise _fail(option, args[option], f"it applies to method={owner} only, not method={kw.get('method', 'tucker')}")
-        for key in ("cache", "calib_staged", "grad_checkpoint"):
+        for key in ("cache", "calib_staged"):
             if args.get(key) is not None:
                 kw[key] = _as_bool(key, args[key])
+        if args.get("grad_checkpoint") is not None:
+            v = args["grad_checkpoint"]
+            auto = isinstance(v, str) and v.strip().lower() == "auto"
+            kw["grad_checkpoint"] = None if auto else _as_bool("grad_checkpoint", v, "expected auto, true or false")
         spec = cls(**kw)
         spec._check_consistency()
         return spec
@@ -443,6 +448,7 @@ class DecompositionSpec:
         d["tensors"] = "all" if self.tensors is None else "|".join(self.tensors)
         d["rank"] = self.rank if not self.rank_overrides else format_rank(self.rank, self.rank_overrides)
         d.pop("rank_overrides")
+        d["grad_checkpoint"] = "auto" if self.grad_checkpoint is None else self.grad_checkpoint
         for option, owner in METHOD_OPTIONS.items():  # another method's option: absent, so that from_args(to_dict()) holds
             if owner != self.method:
                 d.pop(option)
