@@ -19,6 +19,9 @@ and the line after the timings gives the largest relative difference of f betwee
   python benchmarks/gradient_pass.py --synthetic llama-2-7b --synthetic-layers 2 --dtype bfloat16 --len 128 512 \
       --batch 2 --repeats 0 --held                            # what the first batch holds for its backward
                                                               # (grad_checkpoint=auto's count), per token and layer
+  python benchmarks/gradient_pass.py --dtype bfloat16 --n 4 --batch 2 --repeats 1 --native-half
+                                                              # also torch's own bf16 kernels, which CPUs without
+                                                              # native half GEMM run slowly (half_backward.py)
 
 The peak memory of each way is measured by benchmarks/memory.py, in processes of their own (a process's peak RSS
 cannot be split between passes run in it):
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpoint", action="store_true", help="also time every pass with its decoder layers recomputed in the backward")
     ap.add_argument("--held", action="store_true", help="also count what one batch of each size and length holds for its backward")
+    ap.add_argument("--native-half", action="store_true", help="--dtype bfloat16/float16 on a CPU: also time every pass with torch's own half-precision kernels")
     args = ap.parse_args(argv)
     if min(args.batch) < 2:
         ap.error("--batch: each size must be >= 2 (1 is the per-sequence pass, always measured)")
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             times[w].append(timed(run(*w), device, collect=True))
     if args.repeats > 0:
         timings(args, ids, paths, found, times)
+    if args.native_half:
+        native_half(model, paths, ids, args, device)
     if args.held:
         held(model, paths, spec, tokenizer, args, device)
     return 0
@@ -121,6 +127,39 @@ def timings(args: argparse.Namespace, ids: torch.Tensor, paths: list[str], found
             same = all(torch.equal(found[b, True][p], found[b, False][p]) for p in paths)
             print(f"gradient pass batch {b} with layers recomputed: {statistics.median(ckpt):.2f} s, {statistics.median(ratios):.2f}x "
                   f"[{ratios[0]:.2f}..{ratios[-1]:.2f}] the plain pass's time (per round); the same sums bit for bit: {'yes' if same else 'NO'}")  # fmt: skip
+
+
+def native_half(model, paths: list[str], ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
+    """Each pass with the linears in fp32 (half_backward.linears_in_fp32, what this CPU gets) against torch's own
+    half-precision kernels, alternating per round; the largest relative difference of f between the two."""
+    from lm_eval_lowrank import half_backward
+
+    dtype = next(model.parameters()).dtype
+    if device.type != "cpu" or not half_backward.slow_half_products(dtype):
+        print(f"# --native-half: {dtype} on {device.type} already runs torch's own kernels (nothing to compare)")
+        return
+    found: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
+
+    def run(b: int, native: bool):
+        def go() -> None:
+            half_backward._SLOW[dtype] = not native  # the probe's answer, overridden for the native side
+            try:
+                found[b, native] = calibration.fisher_row_sums(model, paths, ids, batch_size=b, checkpoint_layers=False)[0]
+            finally:
+                half_backward._SLOW[dtype] = True
+
+        return go
+
+    ways = [(b, native) for b in [1, *args.batch] for native in (False, True)]
+    times: dict[tuple[int, bool], list[float]] = {w: [] for w in ways}
+    for r in range(max(1, args.repeats)):
+        for w in ways if r % 2 == 0 else ways[::-1]:
+            times[w].append(timed(run(*w), device, collect=True))
+    for b in [1, *args.batch]:
+        ours, native = statistics.median(times[b, False]), statistics.median(times[b, True])
+        worst = max(float(((found[b, False][p] - found[b, True][p]).abs() / found[b, True][p].abs().clamp_min(1e-30)).max()) for p in paths)
+        print(f"gradient pass batch {b} in {str(dtype).removeprefix('torch.')}: linears in fp32 {ours:.2f} s, torch's own kernels {native:.2f} s, "
+              f"speedup {native / ours:.1f}x; largest relative difference of f {worst:.1e}")  # fmt: skip
 
 
 def held(model, paths: list[str], spec, tokenizer, args: argparse.Namespace, device: torch.device) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKLIST = ROOT / "benchmarks" / "gpu_checklist.sh"
@@ -97,6 +98,24 @@ def test_gradient_pass_benchmark_runs_on_a_tiny_model_and_both_passes_agree(tiny
     assert len(differences) == 2 and max(differences) < 1e-4, r.stdout
     recomputed = re.findall(r"^gradient pass batch ([123]) with layers recomputed: [\d.]+ s, [\d.]+x \[[\d.]+\.\.[\d.]+\] the plain pass's time \(per round\); the same sums bit for bit: (\w+)$", r.stdout, re.M)
     assert recomputed == [("1", "yes"), ("2", "yes"), ("3", "yes")], r.stdout
+
+
+def test_gradient_pass_benchmark_compares_torchs_half_kernels(tiny_llama_dir, benchmark_data):
+    """--native-half times the pass of a bf16 model with its linears in fp32 against torch's own bf16 kernels on a
+    CPU that runs those slowly, with how far apart the sums are; elsewhere it says there is nothing to compare."""
+    from lm_eval_lowrank.half_backward import slow_half_products
+
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gradient_pass.py"), "--model", str(tiny_llama_dir), "--n", "3", "--len", "16", "--batch", "2",
+         "--repeats", "1", "--threads", "1", "--dtype", "bfloat16", "--native-half"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    if not slow_half_products(torch.bfloat16):
+        assert "already runs torch's own kernels (nothing to compare)" in r.stdout, r.stdout
+        return
+    found = re.findall(r"^gradient pass batch ([12]) in bfloat16: linears in fp32 [\d.]+ s, torch's own kernels [\d.]+ s, speedup [\d.]+x; largest relative difference of f ([\d.e+-]+)$", r.stdout, re.M)
+    assert [b for b, _ in found] == ["1", "2"] and all(float(d) < 0.1 for _, d in found), r.stdout
 
 
 def test_gradient_pass_benchmark_counts_what_a_batch_holds(tiny_llama_dir, benchmark_data):

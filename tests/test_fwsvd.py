@@ -254,7 +254,7 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
         hook.remove()
     batches = len(range(0, 3, batch_size))
     held = roomy_report["held_bytes_first_batch"]
-    assert roomy_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": 1 << 39}
+    assert roomy_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": 1 << 39, "linears_in_fp32": False}
     assert roomy_runs == 1 + batches  # the probe, then one forward a batch
     # grad_batch=2 reads the targets' gradients through their inputs' T x T kernels, which are counted too
     assert kernels == (3 if batch_size == 2 else 0)
@@ -262,7 +262,7 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
     # layer's three MLP vectors of width 160 and two norm inputs of 64, and under 16 vectors of 64 a layer.
     tokens = ids.shape[1] * batch_size
     assert 3 * (3 * 160 + 2 * 64) * 4 * tokens < held < 3 * 16 * 64 * 4 * tokens
-    assert unknown_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": None}
+    assert unknown_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": None, "linears_in_fp32": False}
     assert tight_report["checkpoint_layers"] is True and tight_report["held_budget_bytes"] == 6000
     assert 6000 < tight_report["held_bytes_first_batch"] < held  # stopped where it passed the budget
     # The probe, then a forward and a recomputation a batch (the stopped forward ended in layer 2, before layer 4)
@@ -271,34 +271,48 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
     assert all("forward" not in layer.__dict__ for layer in tiny_llama.model.layers) and "forward" not in tiny_llama.lm_head.__dict__
 
 
-def test_free_memory_is_bounded_by_the_memory_cgroup(tmp_path, monkeypatch):
-    """The CPU's free memory is MemAvailable, or the memory cgroup's headroom where that is smaller (a container's
-    limit less its use, reclaimable page cache not counted as used); a cgroup without a limit bounds nothing."""
+def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):
+    """The CPU's free memory is MemAvailable, or less where this process's memory cgroups allow less: the least
+    headroom (limit less use, reclaimable page cache not counted as used) over its own cgroup and every parent
+    with a limit, v2 or v1; cgroups without a limit bound nothing."""
     from lm_eval_lowrank import calibration
 
-    v2, v1 = tmp_path / "v2", tmp_path / "v1"
-    (v1 / "memory").mkdir(parents=True)
-    v2.mkdir()
-    (v2 / "memory.max").write_text("max\n")
-    (v2 / "memory.current").write_text("600\n")
-    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    (v1 / "memory" / "memory.usage_in_bytes").write_text("600\n")
-    assert calibration._cgroup_headroom(str(v2)) is None and calibration._cgroup_headroom(str(v1)) is None
-    (v2 / "memory.max").write_text("1000\n")
-    (v2 / "memory.stat").write_text("anon 500\ninactive_file 150\nactive_file 50\n")
-    (v1 / "memory" / "memory.limit_in_bytes").write_text("2000\n")
-    (v1 / "memory" / "memory.stat").write_text("inactive_file 7\ntotal_inactive_file 100\n")
-    assert calibration._cgroup_headroom(str(v2)) == 1000 - 600 + 150
-    assert calibration._cgroup_headroom(str(v1)) == 2000 - 600 + 100
-    (v2 / "memory.current").write_text("5000\n")
-    assert calibration._cgroup_headroom(str(v2)) == 0  # over its limit: nothing left
+    def write(folder, **files):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name.replace("_", ".", 1) if name.startswith("memory_") else folder / name).write_text(text + "\n")
+
+    def headroom(root, proc_line: str):
+        (tmp_path / "cgroup").write_text(proc_line + "\n")
+        return calibration._cgroup_headroom(str(root), str(tmp_path / "cgroup"))
+
+    v2 = tmp_path / "v2"  # a batch job's step inside its job: the job's limit binds
+    write(v2, memory_max="max", memory_current="9000")
+    write(v2 / "job", memory_max="1000", memory_current="600", memory_stat="anon 500\ninactive_file 150\nactive_file 50")
+    write(v2 / "job" / "step", memory_max="max", memory_current="600")
+    assert headroom(v2, "0::/job/step") == 1000 - 600 + 150
+    write(v2 / "job" / "step", memory_max="500", memory_current="450")  # now the step's own is tighter
+    assert headroom(v2, "0::/job/step") == 50
+    write(v2 / "job" / "step", memory_max="5000", memory_current="600")  # a limit of its own, the job's tighter
+    assert headroom(v2, "0::/job/step") == 1000 - 600 + 150
+    write(v2 / "job" / "step", memory_current="6000")
+    assert headroom(v2, "0::/job/step") == 0  # over its limit: nothing left
+    assert headroom(v2, "0::/") is None  # a namespaced container sees its own cgroup at the root: unlimited here
+
+    v1 = tmp_path / "v1"
+    unlimited = "9223372036854771712"  # v1's "no limit"
+    write(v1 / "memory", memory_limit_in_bytes=unlimited, memory_usage_in_bytes="600")
+    write(v1 / "memory" / "a", memory_limit_in_bytes=unlimited, memory_usage_in_bytes="600")
+    assert headroom(v1, "5:cpu,cpuacct:/a\n4:memory:/a\n0::/") is None
+    write(v1 / "memory" / "a", memory_limit_in_bytes="2000", memory_stat="inactive_file 7\ntotal_inactive_file 100")
+    assert headroom(v1, "5:cpu,cpuacct:/elsewhere\n4:memory:/a\n0::/") == 2000 - 600 + 100
 
     cpu = torch.device("cpu")
     mem_total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
-    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda root="/sys/fs/cgroup": None)
+    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda *a: None)
     free = calibration.free_memory_bytes(cpu)
     assert 0 < free <= mem_total
-    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda root="/sys/fs/cgroup": 12345)
+    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda *a: 12345)
     assert calibration.free_memory_bytes(cpu) == 12345
     assert calibration.free_memory_bytes(torch.device("meta")) is None
 

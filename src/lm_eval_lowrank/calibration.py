@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .half_backward import linears_in_fp32, slow_half_products_on
 from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import FACTOR_FIELDS, GRADIENT_ALLOCATORS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
@@ -1018,7 +1019,7 @@ class SequentialStatsProvider:
             out["allocation"] = self.allocation
         if self.fisher is not None:
             fisher = self.fisher.describe()
-            kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes", "cache", "seconds", "shared")
+            kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes", "linears_in_fp32", "cache", "seconds", "shared")
             out["fisher"] = {k: fisher[k] for k in kept if k in fisher}
         return out
 
@@ -1047,14 +1048,18 @@ def _head_gradient(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, 
     flat = hidden.detach().flatten(0, -2)
     targets = labels.flatten().to(flat.device)
     out = torch.empty_like(flat)
+    dtype = head.weight.dtype
+    # A CPU that multiplies half precision slowly gets the products in fp32, rounded where autograd's are.
+    weight, bias = (head.weight, head.bias) if not slow_half_products_on(head.weight) else (head.weight.float(), None if head.bias is None else head.bias.float())
     step = max(1, _HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     for s in range(0, flat.shape[0], step):
-        p = torch.log_softmax(torch.nn.functional.linear(flat[s : s + step], head.weight, head.bias).float(), dim=-1).exp_()
+        logits = torch.nn.functional.linear(flat[s : s + step].to(weight.dtype), weight, bias).to(dtype)
+        p = torch.log_softmax(logits.float(), dim=-1).exp_()
         t = targets[s : s + step]
         rows = (t >= 0).nonzero().squeeze(1)
         p[rows, t[rows]] -= 1.0
         p[t < 0] = 0.0
-        out[s : s + step] = p.mul_(scale).to(head.weight.dtype) @ head.weight
+        out[s : s + step] = p.mul_(scale).to(dtype).to(weight.dtype) @ weight
     return out.view_as(hidden)
 
 
@@ -1102,23 +1107,45 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes this process's memory cgroup may still take (its limit less what it uses, page cache that can be
-    reclaimed not counted as used); None without a limit. A container's limit is often far below MemAvailable."""
-    for limit_file, usage_file, stat_file, inactive in (
-        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),  # v1
-    ):
-        limit, usage = _read_int(f"{root}/{limit_file}"), _read_int(f"{root}/{usage_file}")
-        if limit is None or usage is None or limit >= _UNLIMITED:
+def _own_cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
+    """The memory cgroup folders that bound this process, its own first, then each parent up to the mount's root
+    (which is the process's own cgroup inside a container's namespace). v2 folders and v1's ``memory`` controller."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    dirs: list[str] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        mount = root if controllers == "" else f"{root}/memory" if "memory" in controllers.split(",") else None
+        if mount is None:
             continue
-        try:
-            stat = dict(line.split() for line in Path(f"{root}/{stat_file}").read_text().splitlines() if line.count(" ") == 1)
-        except (OSError, ValueError):
-            stat = {}
-        reclaimable = int(stat[inactive]) if stat.get(inactive, "").isdigit() else 0
-        return max(0, limit - usage + reclaimable)
-    return None
+        parts = [p for p in path.split("/") if p]
+        dirs += [f"{mount}/{'/'.join(parts[:k])}".rstrip("/") for k in range(len(parts), 0, -1)]
+        dirs.append(mount)
+    return dirs or [root, f"{root}/memory"]
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's memory cgroups may still take: the least, over its own cgroup and every parent with a
+    limit, of that limit less what the cgroup uses (page cache that can be reclaimed not counted as used); None
+    without a limit. A container's or a batch job's limit is often far below MemAvailable."""
+    headrooms = []
+    for folder in _own_cgroup_dirs(root, proc_cgroup):
+        for limit_file, usage_file, inactive in (
+            ("memory.max", "memory.current", "inactive_file"),  # cgroup v2
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),  # v1
+        ):
+            limit, usage = _read_int(f"{folder}/{limit_file}"), _read_int(f"{folder}/{usage_file}")
+            if limit is None or usage is None or limit >= _UNLIMITED:
+                continue
+            try:
+                stat = dict(line.split() for line in Path(f"{folder}/memory.stat").read_text().splitlines() if line.count(" ") == 1)
+            except (OSError, ValueError):
+                stat = {}
+            reclaimable = int(stat[inactive]) if stat.get(inactive, "").isdigit() else 0
+            headrooms.append(max(0, limit - usage + reclaimable))
+    return min(headrooms) if headrooms else None
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -1187,6 +1214,7 @@ class _GradientStep:
         self.checkpointing = bool(checkpointing)
         self.budget = budget
         self.held_bytes: int | None = None
+        self.linears_in_fp32 = False  # set by _loss_backward: half-precision linears formed in fp32 (half_backward)
         self._meter = _HeldBytes(model, budget) if checkpointing is None else None
         if checkpointing:
             checkpoint_on()
@@ -1213,7 +1241,12 @@ class _GradientStep:
             self._run(ids)
 
     def describe(self) -> dict[str, Any]:
-        return {"checkpoint_layers": self.checkpointing, "held_bytes_first_batch": self.held_bytes, "held_budget_bytes": self.budget}
+        return {
+            "checkpoint_layers": self.checkpointing,
+            "held_bytes_first_batch": self.held_bytes,
+            "held_budget_bytes": self.budget,
+            "linears_in_fp32": self.linears_in_fp32,
+        }
 
 
 @contextmanager
@@ -1277,7 +1310,10 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
             head.forward = head_forward
         free = free_memory_bytes(device) if checkpoint_layers is None else None
         budget = int(free * _HELD_SHARE) if free is not None else None
-        yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget)
+        with linears_in_fp32(model) as in_fp32:
+            step = _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget)
+            step.linears_in_fp32 = in_fp32
+            yield step
     finally:
         for m, own in reversed(replaced):
             if own is None:
@@ -1675,6 +1711,7 @@ class FisherStatsProvider:
             checkpoint_layers=self.pass_report.get("checkpoint_layers"),  # None: no pass ran (every module cached)
             held_bytes_first_batch=self.pass_report.get("held_bytes_first_batch"),
             held_budget_bytes=self.pass_report.get("held_budget_bytes"),
+            linears_in_fp32=self.pass_report.get("linears_in_fp32"),  # half precision on a CPU slow at it (half_backward)
             sequential=False,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),
