@@ -6,6 +6,7 @@ import math
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -233,10 +234,11 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(5))
     paths = ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.gate_proj", "model.layers.3.self_attn.o_proj"]
     plain, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=batch_size, checkpoint_layers=False)
-    runs, counted = [0], []
+    runs, counted, saved = [0], [], []
     hook = tiny_llama.model.layers[3].mlp.register_forward_pre_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
-    real_hold = calibration._HeldBytes.hold
+    real_hold, real_pack = calibration._HeldBytes.hold, calibration._HeldBytes.pack
     monkeypatch.setattr(calibration._HeldBytes, "hold", lambda self, t: (counted.append(tuple(t.shape)), real_hold(self, t))[1])
+    monkeypatch.setattr(calibration._HeldBytes, "pack", lambda self, t: (saved.append(weakref.ref(t)), real_pack(self, t))[1])
 
     def auto_pass(free: int | None) -> tuple[dict[str, torch.Tensor], dict[str, object], int]:
         monkeypatch.setattr(calibration, "free_memory_bytes", lambda device: free)
@@ -248,8 +250,10 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
         roomy, roomy_report, roomy_runs = auto_pass(1 << 40)
         kernels = counted.count((batch_size, 11, 11))
         unknown, unknown_report, _ = auto_pass(None)
-        # a budget of 6000 bytes: the first batch holds ~110 kB (batch 1) or ~220 kB (2), so its forward stops early
-        tight, tight_report, tight_runs = auto_pass(12000)
+        # half of what the first batch holds: its forward stops midway, in layer 3
+        saved.clear()
+        tight, tight_report, tight_runs = auto_pass(roomy_report["held_bytes_first_batch"])
+        stopped_forward = [r for r in saved]
     finally:
         hook.remove()
     batches = len(range(0, 3, batch_size))
@@ -263,9 +267,11 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
     tokens = ids.shape[1] * batch_size
     assert 3 * (3 * 160 + 2 * 64) * 4 * tokens < held < 3 * 16 * 64 * 4 * tokens
     assert unknown_report == {"checkpoint_layers": False, "held_bytes_first_batch": held, "held_budget_bytes": None, "linears_in_fp32": False}
-    assert tight_report["checkpoint_layers"] is True and tight_report["held_budget_bytes"] == 6000
-    assert 6000 < tight_report["held_bytes_first_batch"] < held  # stopped where it passed the budget
-    # The probe, then a forward and a recomputation a batch (the stopped forward ended in layer 2, before layer 4)
+    assert tight_report["checkpoint_layers"] is True and tight_report["held_budget_bytes"] == held // 2
+    assert held // 2 < tight_report["held_bytes_first_batch"] < held  # stopped where it passed the budget
+    # Nothing of the stopped forward outlives it (no garbage collection needed): its graph was not leaked.
+    assert stopped_forward and all(r() is None for r in stopped_forward)
+    # The probe, then a forward and a recomputation a batch (the stopped forward ended before layer 4's MLP)
     assert tight_runs == 1 + 2 * batches
     assert all(torch.equal(s[p], plain[p]) for s in (roomy, unknown, tight) for p in paths)
     assert all("forward" not in layer.__dict__ for layer in tiny_llama.model.layers) and "forward" not in tiny_llama.lm_head.__dict__
