@@ -1019,7 +1019,8 @@ class SequentialStatsProvider:
             out["allocation"] = self.allocation
         if self.fisher is not None:
             fisher = self.fisher.describe()
-            kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes", "linears_in_fp32", "cache", "seconds", "shared")
+            kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes",
+                    "linears_in_fp32", "cache", "seconds", "shared")  # fmt: skip
             out["fisher"] = {k: fisher[k] for k in kept if k in fisher}
         return out
 
@@ -1050,7 +1051,9 @@ def _head_gradient(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, 
     out = torch.empty_like(flat)
     dtype = head.weight.dtype
     # A CPU that multiplies half precision slowly gets the products in fp32, rounded where autograd's are.
-    weight, bias = (head.weight, head.bias) if not slow_half_products_on(head.weight) else (head.weight.float(), None if head.bias is None else head.bias.float())
+    weight, bias = head.weight, head.bias
+    if slow_half_products_on(weight):
+        weight, bias = weight.float(), None if bias is None else bias.float()
     step = max(1, _HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     for s in range(0, flat.shape[0], step):
         logits = torch.nn.functional.linear(flat[s : s + step].to(weight.dtype), weight, bias).to(dtype)
@@ -1150,8 +1153,8 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/sel
 
 def free_memory_bytes(device: torch.device) -> int | None:
     """Bytes a new allocation on ``device`` can take now; None where that is not known. CUDA: the driver's free
-    memory plus what torch's caching allocator holds unused. CPU: the kernel's MemAvailable, bounded by the memory
-    cgroup's headroom (Linux; elsewhere None)."""
+    memory plus what torch's caching allocator holds unused. CPU: the kernel's MemAvailable, bounded by the headroom
+    of this process's memory cgroups (Linux; elsewhere None)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
@@ -1213,7 +1216,6 @@ class _GradientStep:
     def __init__(self, model: nn.Module, run: Any, checkpoint_on: Any, checkpointing: bool | None, budget: int | None) -> None:
         self._run = run
         self._checkpoint_on = checkpoint_on
-        self.requested = checkpointing
         self.checkpointing = bool(checkpointing)
         self.budget = budget
         self.held_bytes: int | None = None
@@ -1345,9 +1347,10 @@ def fisher_row_sums(
     (_per_sequence_fisher_pass), the least memory. ``checkpoint_layers`` recomputes each decoder layer in the
     backward instead of holding its activations (_loss_backward); None does so only when the first batch would
     hold more than _HELD_SHARE of the free memory. ``report``, if given, receives how the pass ran
-    (_GradientStep.describe: whether it checkpointed, the first batch's held bytes, the budget). A stacked expert projection (E x out x in, in
-    either stored orientation) has f of shape (E, out), each expert's slice of the gradient nonzero only through the
-    tokens the router sent to it."""
+    (_GradientStep.describe: whether it checkpointed, the first batch's held bytes, the budget, fp32 linears).
+
+    A stacked expert projection (E x out x in, in either stored orientation) has f of shape (E, out), each expert's
+    slice of the gradient nonzero only through the tokens the router sent to it."""
     from .modules import dense_weight_of, is_experts_module
 
     if not paths:
@@ -1452,10 +1455,11 @@ def _gradient_row_sums_reader(x: torch.Tensor, n_out: int, kernel: torch.Tensor 
 
 
 def _routed_gradient_row_sums_reader(x: torch.Tensor, sequence: torch.Tensor, n_out: int) -> tuple[Any, torch.Tensor]:
-    """(read, kept): ``read(g)`` is the sum over sequences n of the row sums of (G_n^T X_n)^2 for one expert's projection, ``x``
-    (tokens x in) the tokens the router sent it from a whole batch, ``sequence`` each token's sequence and ``g``
-    the output gradients. The tokens of several sequences mix in one expert's call, so the input kernel X X^T is
-    masked to pairs from the same sequence; many tokens through a small projection take the explicit products."""
+    """(read, kept): ``read(g)`` is the sum over sequences n of the row sums of (G_n^T X_n)^2 for one expert's
+    projection, ``x`` (tokens x in) the tokens the router sent it from a whole batch, ``sequence`` each token's
+    sequence and ``g`` the output gradients; ``kept`` is what ``read`` holds until then (the kernel or ``x``). The
+    tokens of several sequences mix in one expert's call, so the input kernel X X^T is masked to pairs from the same
+    sequence; many tokens through a small projection take the explicit products."""
     x = x.detach()
     n_in = x.shape[-1]
     if x.shape[0] * (n_in + n_out) <= n_in * n_out:
