@@ -150,6 +150,9 @@ case "$stage" in
     item 300 $py -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py  # all skipped on a machine without CUDA
     item 240 $py benchmarks/gradient_pass.py --device $dev --synthetic llama-2-7b "${grad_layers[@]}" --dtype bfloat16 \
         --tokenizer .devcarry/tok --workdir /tmp/gp --batch 2 8 16 --repeats 3
+    # what grad_checkpoint=auto counts against what the pass allocated, up to 2048-token sequences
+    item 240 $py benchmarks/gradient_pass.py --device $dev --synthetic llama-2-7b "${grad_layers[@]}" --dtype bfloat16 \
+        --tokenizer .devcarry/tok --workdir /tmp/gp --len 128 512 2048 --batch 2 8 --repeats 0 --held
     item 240 $py benchmarks/gradient_pass.py --device $dev --synthetic olmoe-1b-7b "${moe_grad[@]}" --dtype bfloat16 \
         --tensors 'experts.gate_up_proj|experts.down_proj' --tokenizer .devcarry/tok --workdir /tmp/gp --batch 2 8 --repeats 3
     ;;

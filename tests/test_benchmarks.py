@@ -147,3 +147,31 @@ def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):
     assert re.search(r"^decompose smollm2 rank=64: ours [\d.]+ s, full SVD [\d.]+ s, speedup [\d.]+x .*\[solvers gram:7\]$", r.stdout, re.M), r.stdout
     assert re.search(r"^decompose smollm2 rank=64: Gram solves in parallel threads [\d.]+ s, one at a time [\d.]+ s", r.stdout, re.M), r.stdout
     assert re.search(r"^floor smollm2 rank=64: the same in 2 threads [\d.]+ s", r.stdout, re.M), r.stdout
+
+
+def _cgroup_writable() -> bool:
+    v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+    if (v1 / "memory.limit_in_bytes").exists():
+        return os.access(v1, os.W_OK)
+    control = v2 / "cgroup.subtree_control"
+    return control.exists() and "memory" in control.read_text().split() and os.access(v2, os.W_OK)
+
+
+@pytest.mark.skipif(not _cgroup_writable(), reason="needs a writable memory cgroup tree (root)")
+def test_memory_limit_benchmark_kills_or_finishes_in_a_cgroup(tiny_llama_dir):
+    """benchmarks/memory_limit.py runs each way in a fresh memory cgroup: under a limit below what python and torch
+    need, the plain pass is killed; under a roomy one, auto finishes plain with the unlimited run's sums."""
+    def run(limit: str, mode: str) -> str:
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "memory_limit.py"), "--model", str(tiny_llama_dir), "--len", "32", "--limit-gib", limit, "--modes", mode],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert re.search(r"^no limit \[false\]: [\d.]+ s, peak RSS \d+ MiB$", r.stdout, re.M), r.stdout
+        return r.stdout
+
+    assert re.search(r"^memory limit 0.15 GiB \[false\]: killed \(out of memory\)$", run("0.15", "false"), re.M)
+    roomy = run("4", "auto")
+    assert re.search(r"^memory limit 4 GiB \[auto\]: finished in [\d.]+ s, peak RSS \d+ MiB, layers checkpointed: False, counted [\d.]+ GiB held "
+                     r"against a budget of [\d.]+ GiB; the same sums as without a limit, bit for bit: yes$", roomy, re.M), roomy  # fmt: skip
+    assert not list(Path("/sys/fs/cgroup/memory" if Path("/sys/fs/cgroup/memory").exists() else "/sys/fs/cgroup").glob("lowrank-bench-*"))  # removed
