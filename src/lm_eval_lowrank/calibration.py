@@ -1200,7 +1200,7 @@ class _HeldBytes:
         self.hold(t)
         # Not t itself: a node's saved output holding its grad_fn is a reference cycle (in C++, which Python's
         # collector cannot see) that only the backward breaks, so a forward stopped over budget leaked its whole
-        # graph (SmolLM2, 2 x 2048 tokens: 1.7 GiB, and a peak above the plain pass's).
+        # graph (SmolLM2, 2 x 2048 tokens: the 2.5 GiB it held, and a peak above the plain pass's).
         return t.detach()
 
 
