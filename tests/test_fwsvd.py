@@ -288,7 +288,7 @@ def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):
     """The CPU's free memory is MemAvailable, or less where this process's memory cgroups allow less: the least
     headroom (limit less use, reclaimable page cache not counted as used) over its own cgroup and every parent
     with a limit, v2 or v1; cgroups without a limit bound nothing."""
-    from lm_eval_lowrank import calibration
+    from lm_eval_lowrank import measure
 
     def write(folder, **files):
         folder.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):
 
     def headroom(root, proc_line: str):
         (tmp_path / "cgroup").write_text(proc_line + "\n")
-        return calibration._cgroup_headroom(str(root), str(tmp_path / "cgroup"))
+        return measure._cgroup_headroom(str(root), str(tmp_path / "cgroup"))
 
     v2 = tmp_path / "v2"  # a batch job's step inside its job: the job's limit binds
     write(v2, memory_max="max", memory_current="9000")
@@ -322,12 +322,12 @@ def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):
 
     cpu = torch.device("cpu")
     mem_total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
-    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda *a: None)
-    free = calibration.free_memory_bytes(cpu)
+    monkeypatch.setattr(measure, "_cgroup_headroom", lambda *a: None)
+    free = measure.free_memory_bytes(cpu)
     assert 0 < free <= mem_total
-    monkeypatch.setattr(calibration, "_cgroup_headroom", lambda *a: 12345)
-    assert calibration.free_memory_bytes(cpu) == 12345
-    assert calibration.free_memory_bytes(torch.device("meta")) is None
+    monkeypatch.setattr(measure, "_cgroup_headroom", lambda *a: 12345)
+    assert measure.free_memory_bytes(cpu) == 12345
+    assert measure.free_memory_bytes(torch.device("meta")) is None
 
 
 def test_gradient_pass_keeps_a_models_logit_transform(monkeypatch):

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from .half_backward import linears_in_fp32, slow_half_products_on
+from .measure import free_memory_bytes
 from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import FACTOR_FIELDS, GRADIENT_ALLOCATORS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
@@ -1099,75 +1100,6 @@ def return_freed_heap() -> bool:
 # The plain pass may hold this share of the memory free when it starts; past it, the layers are checkpointed. The
 # rest is left for the backward's own gradients, the readers' products and the chunked head.
 _HELD_SHARE = 0.5
-_UNLIMITED = 1 << 60  # a cgroup's "no limit" (v1 writes 2**63 rounded down to a page)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _own_cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
-    """The memory cgroup folders that bound this process, its own first, then each parent up to the mount's root
-    (which is the process's own cgroup inside a container's namespace). v2 folders and v1's ``memory`` controller."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        lines = []
-    dirs: list[str] = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        mount = root if controllers == "" else f"{root}/memory" if "memory" in controllers.split(",") else None
-        if mount is None:
-            continue
-        parts = [p for p in path.split("/") if p]
-        dirs += [f"{mount}/{'/'.join(parts[:k])}".rstrip("/") for k in range(len(parts), 0, -1)]
-        dirs.append(mount)
-    return dirs or [root, f"{root}/memory"]
-
-
-def _cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
-    """Bytes this process's memory cgroups may still take: the least, over its own cgroup and every parent with a
-    limit, of that limit less what the cgroup uses (page cache that can be reclaimed not counted as used); None
-    without a limit. A container's or a batch job's limit is often far below MemAvailable."""
-    headrooms = []
-    for folder in _own_cgroup_dirs(root, proc_cgroup):
-        for limit_file, usage_file, inactive in (
-            ("memory.max", "memory.current", "inactive_file"),  # cgroup v2
-            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),  # v1
-        ):
-            limit, usage = _read_int(f"{folder}/{limit_file}"), _read_int(f"{folder}/{usage_file}")
-            if limit is None or usage is None or limit >= _UNLIMITED:
-                continue
-            try:
-                stat = dict(line.split() for line in Path(f"{folder}/memory.stat").read_text().splitlines() if line.count(" ") == 1)
-            except (OSError, ValueError):
-                stat = {}
-            reclaimable = int(stat[inactive]) if stat.get(inactive, "").isdigit() else 0
-            headrooms.append(max(0, limit - usage + reclaimable))
-    return min(headrooms) if headrooms else None
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Bytes a new allocation on ``device`` can take now; None where that is not known. CUDA: the driver's free
-    memory plus what torch's caching allocator holds unused. CPU: the kernel's MemAvailable, bounded by the headroom
-    of this process's memory cgroups (Linux; elsewhere None)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type != "cpu":
-        return None
-    try:
-        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    headroom = _cgroup_headroom()
-    return available if headroom is None else min(available, headroom)
-
-
 class _OverHeldBudget(Exception):
     """Raised inside a forward of the gradient pass once it holds more than its budget (caught by _GradientStep)."""
 
@@ -1213,13 +1145,15 @@ class _GradientStep:
     the same sums (recomputation is deterministic), in bounded memory. Later batches are no larger than the first,
     so only it is counted. ``held_bytes`` is that count (where it stopped, if it did)."""
 
-    def __init__(self, model: nn.Module, run: Any, checkpoint_on: Any, checkpointing: bool | None, budget: int | None) -> None:
+    def __init__(
+        self, model: nn.Module, run: Any, checkpoint_on: Any, checkpointing: bool | None, budget: int | None, linears_in_fp32: bool = False
+    ) -> None:
         self._run = run
         self._checkpoint_on = checkpoint_on
         self.checkpointing = bool(checkpointing)
         self.budget = budget
         self.held_bytes: int | None = None
-        self.linears_in_fp32 = False  # set by _loss_backward: half-precision linears formed in fp32 (half_backward)
+        self.linears_in_fp32 = linears_in_fp32  # half-precision linears formed in fp32 (half_backward)
         self._meter = _HeldBytes(model, budget) if checkpointing is None else None
         if checkpointing:
             checkpoint_on()
@@ -1317,9 +1251,7 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
         free = free_memory_bytes(device) if checkpoint_layers is None else None
         budget = int(free * _HELD_SHARE) if free is not None else None
         with linears_in_fp32(model) as in_fp32:
-            step = _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget)
-            step.linears_in_fp32 = in_fp32
-            yield step
+            yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget, in_fp32)
     finally:
         for m, own in reversed(replaced):
             if own is None:

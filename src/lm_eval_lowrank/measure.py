@@ -8,7 +8,8 @@
   the RAPL counters of every CPU package and its DRAM (Linux powercap), polled often enough
   to see every wrap. An idle baseline (mean power over a short window before the
   evaluation) gives the energy above idle.
-- Memory: the CUDA allocator's peak per device, or the process's peak RSS on a CPU.
+- Memory: the CUDA allocator's peak per device, or the process's peak RSS on a CPU; and the memory a device has
+  free now (free_memory_bytes: CUDA's free plus torch's cache, or MemAvailable within this process's cgroups).
 
 Every reading that cannot be taken is ``None`` with a reason string.
 """
@@ -34,6 +35,77 @@ import torch
 def _peak_rss_bytes() -> int:
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru if sys.platform == "darwin" else ru * 1024  # Linux reports KiB
+
+
+# -- free memory ----------------------------------------------------------------------
+
+_UNLIMITED = 1 << 60  # a cgroup's "no limit" (v1 writes 2**63 rounded down to a page)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _own_cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
+    """The memory cgroup folders that bound this process, its own first, then each parent up to the mount's root
+    (which is the process's own cgroup inside a container's namespace). v2 folders and v1's ``memory`` controller."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    dirs: list[str] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        mount = root if controllers == "" else f"{root}/memory" if "memory" in controllers.split(",") else None
+        if mount is None:
+            continue
+        parts = [p for p in path.split("/") if p]
+        dirs += [f"{mount}/{'/'.join(parts[:k])}".rstrip("/") for k in range(len(parts), 0, -1)]
+        dirs.append(mount)
+    return dirs or [root, f"{root}/memory"]
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's memory cgroups may still take: the least, over its own cgroup and every parent with a
+    limit, of that limit less what the cgroup uses (page cache that can be reclaimed not counted as used); None
+    without a limit. A container's or a batch job's limit is often far below MemAvailable."""
+    headrooms = []
+    for folder in _own_cgroup_dirs(root, proc_cgroup):
+        for limit_file, usage_file, inactive in (
+            ("memory.max", "memory.current", "inactive_file"),  # cgroup v2
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),  # v1
+        ):
+            limit, usage = _read_int(f"{folder}/{limit_file}"), _read_int(f"{folder}/{usage_file}")
+            if limit is None or usage is None or limit >= _UNLIMITED:
+                continue
+            try:
+                stat = dict(line.split() for line in Path(f"{folder}/memory.stat").read_text().splitlines() if line.count(" ") == 1)
+            except (OSError, ValueError):
+                stat = {}
+            reclaimable = int(stat[inactive]) if stat.get(inactive, "").isdigit() else 0
+            headrooms.append(max(0, limit - usage + reclaimable))
+    return min(headrooms) if headrooms else None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take now; None where that is not known. CUDA: the driver's free
+    memory plus what torch's caching allocator holds unused. CPU: the kernel's MemAvailable, bounded by the headroom
+    of this process's memory cgroups (Linux; elsewhere None)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 # -- energy --------------------------------------------------------------------------
