@@ -206,7 +206,7 @@ def test_gradient_pass_memory_savers_keep_the_sums(tiny_llama, monkeypatch, batc
                 held[0] += t.untyped_storage().nbytes()
             return t
 
-        # A pre-hook: the recomputation stops once it has what the backward needs, before the MLP returns.
+        # A pre-hook counts each run of the MLP: the forward, and the backward's recomputation when checkpointed.
         h = tiny_llama.model.layers[2].mlp.register_forward_pre_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -282,6 +282,91 @@ def test_gradient_pass_checkpoints_by_itself_once_the_first_batch_passes_its_bud
     assert tight_runs == 1 + 2 * batches
     assert all(torch.equal(s[p], plain[p]) for s in (roomy, unknown, tight) for p in paths)
     assert all("forward" not in layer.__dict__ for layer in tiny_llama.model.layers) and "forward" not in tiny_llama.lm_head.__dict__
+
+
+@pytest.mark.parametrize("long_inputs", [False, True])
+def test_checkpointed_readers_hold_one_layer_at_a_time(tiny_llama, monkeypatch, long_inputs):
+    """Checkpointed, the gradient readers are made in the backward's recomputation of each layer, not in the first
+    forward: what they keep (the inputs' T x T kernels, or the inputs themselves for long sequences) is one layer's
+    at a time instead of every targeted layer's, each reader is made once, and the sums are the same bits."""
+    from lm_eval_lowrank import calibration
+
+    # 40 tokens: T (in + out) > in out for q, k, v and o, whose readers take the explicit products and keep the inputs
+    ids = torch.randint(0, 128, (4, 40 if long_inputs else 11), generator=torch.Generator().manual_seed(3))
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    paths = [f"model.layers.{i}.{n}" for i in (1, 2, 3) for n in names]
+    real = calibration._gradient_row_sums_reader
+    kept: list[weakref.ref] = []
+    live_peak, made = [0], [0]
+
+    def count_live() -> None:
+        live_peak[0] = max(live_peak[0], len({t.untyped_storage().data_ptr() for t in (r() for r in kept) if t is not None}))
+
+    def reader(x, n_out, kernel=None):
+        count_live()
+        read, own = real(x, n_out, kernel)
+        made[0] += 1
+        # the explicit reader keeps (a view of) the input: the tensor in its closure
+        held = own if own is not None else next(c.cell_contents for c in read.__closure__ if isinstance(c.cell_contents, torch.Tensor))
+        kept.append(weakref.ref(held))
+
+        def counted_read(g):
+            count_live()
+            return read(g)
+
+        return counted_read, own
+
+    monkeypatch.setattr(calibration, "_gradient_row_sums_reader", reader)
+
+    def run(checkpoint_layers: bool) -> tuple[dict[str, torch.Tensor], int, int]:
+        kept.clear()
+        live_peak[0] = made[0] = 0
+        sums, _ = calibration.fisher_row_sums(tiny_llama, paths, ids, batch_size=2, checkpoint_layers=checkpoint_layers)
+        return sums, live_peak[0], made[0]
+
+    plain, plain_live, plain_made = run(False)
+    ckpt, ckpt_live, ckpt_made = run(True)
+    assert all(torch.equal(ckpt[p], plain[p]) and float(plain[p].min()) > 0 for p in paths)
+    assert plain_made == ckpt_made == len(paths) * 2  # each reader made once a batch, checkpointed or not
+    # Four kept storages a layer (q, k and v share one input, gate and up another). Plain, all three layers'
+    # are held before the backward starts; checkpointed, at most one layer's, and the last one the layer before
+    # made (kept for sharing with the next module until that module's reader replaces it).
+    assert plain_live == 3 * 4 and ckpt_live <= 4 + 1
+
+
+def test_reads_across_recomputation_pair_a_gradient_with_its_reader_in_either_order():
+    """A target's gradient meets the reader made in its layer's recomputation whichever comes first (a layer's last
+    target sends its gradient before the recomputation); calls are told apart by their checkpoint call and their
+    place among that name's calls; a reader that never gets a gradient adds nothing, a gradient that never gets a
+    reader is an error."""
+    from lm_eval_lowrank.calibration import _CheckpointSite, _ReadsAcrossRecomputation
+
+    reads = _ReadsAcrossRecomputation()
+    got: list[tuple[str, float]] = []
+    first, second = object(), object()
+    outs = {}
+    for token in (first, second):
+        for call in range(2):  # the same module twice in one checkpointed layer
+            out = torch.zeros(2, requires_grad=True) * 1.0
+            outs[token, call] = out
+            reads.forward(_CheckpointSite(token, False), "m", out, lambda read, g, tag=f"{'ab'[token is second]}{call}": got.append((tag, read(g))))
+    # the second layer's recomputation comes first; its first call's gradient arrives before it, the second's after
+    outs[second, 0].backward(torch.full((2,), 1.0), retain_graph=True)
+    for call in range(2):
+        reads.recomputed(_CheckpointSite(second, True), "m", lambda g, k=call: float(g.sum()) + 10 * k)
+    outs[second, 1].backward(torch.full((2,), 2.0))
+    for call in range(2):
+        reads.recomputed(_CheckpointSite(first, True), "m", lambda g, k=call: float(g.sum()) + 10 * k)
+    outs[first, 1].backward(torch.full((2,), 3.0))
+    assert got == [("b0", 2.0), ("b1", 14.0), ("a1", 16.0)]
+    reads.finish()  # first's call 0 made a reader but had no gradient: nothing to add, no error
+
+    lost = _ReadsAcrossRecomputation()
+    out = torch.zeros(2, requires_grad=True) * 1.0
+    lost.forward(_CheckpointSite(first, False), "model.layers.3.mlp.down_proj", out, lambda read, g: None)
+    out.backward(torch.ones(2))
+    with pytest.raises(RuntimeError, match="the checkpointed recomputation never reached model.layers.3.mlp.down_proj; grad_checkpoint=false"):
+        lost.finish()
 
 
 def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):

@@ -1136,6 +1136,64 @@ class _HeldBytes:
         return t.detach()
 
 
+@dataclass(frozen=True)
+class _CheckpointSite:
+    """Where a forward hook runs inside a checkpointed decoder layer: which checkpoint call (``token``, the same
+    object in the backward's recomputation of that call) and whether this is that recomputation."""
+
+    token: object
+    recomputing: bool
+
+
+class _ReadsAcrossRecomputation:
+    """Pairs the output gradient of each target inside a checkpointed layer with a reader of its input.
+
+    The layer's first forward keeps nothing for the readers: each reader is made from the input that the
+    backward's recomputation of the layer produces, so the readers hold one layer's inputs (or kernels) at a time
+    instead of every layer's (SmolLM2, 2 x 2048 tokens: 1.6 GB). A call is known by its checkpoint call, its name
+    and its place among that name's calls there, which the recomputation repeats in order. The gradient of a
+    layer's last target arrives before the recomputation (its node runs before it unpacks a saved tensor), so
+    whichever of the two comes first waits for the other."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[Any, ...], tuple[bool, Any]] = {}  # key -> (is a reader, the reader or gradient)
+        self._consume: dict[tuple[Any, ...], Any] = {}  # key -> consume(read, g)
+        self._calls: dict[tuple[Any, ...], int] = {}
+
+    def _key(self, site: _CheckpointSite, name: Any) -> tuple[Any, ...]:
+        counted = (site.token, site.recomputing, name)
+        n = self._calls.get(counted, 0)
+        self._calls[counted] = n + 1
+        return (site.token, name, n)
+
+    def forward(self, site: _CheckpointSite, name: Any, out: torch.Tensor, consume: Any) -> None:
+        """The first forward: ``consume(read, g)`` runs once both the gradient of ``out`` and the reader are in."""
+        key = self._key(site, name)
+        self._consume[key] = consume
+        out.register_hook(lambda g: self._meet(key, False, g))
+
+    def recomputed(self, site: _CheckpointSite, name: Any, read: Any) -> None:
+        self._meet(self._key(site, name), True, read)
+
+    def _meet(self, key: tuple[Any, ...], is_reader: bool, value: Any) -> None:
+        other = self._waiting.pop(key, None)
+        if other is None:
+            self._waiting[key] = (is_reader, value)
+            return
+        read, g = (value, other[1]) if is_reader else (other[1], value)
+        self._consume.pop(key)(read, g)
+
+    def finish(self) -> None:
+        """After a backward. A reader left waiting had no gradient (its output does not reach the loss: nothing to
+        add); a gradient left waiting would be a lost read, so it is an error."""
+        lost = [key[1] for key, (is_reader, _) in self._waiting.items() if not is_reader]
+        self._waiting.clear()
+        self._consume.clear()
+        self._calls.clear()
+        if lost:
+            raise RuntimeError(f"the gradient pass: the checkpointed recomputation never reached {lost[0]}; grad_checkpoint=false avoids it")
+
+
 class _GradientStep:
     """``step(ids)``: one forward and backward of the gradient pass (made by _loss_backward); ``step.hold(t)``
     counts a tensor a gradient reader keeps until the backward.
@@ -1146,10 +1204,19 @@ class _GradientStep:
     so only it is counted. ``held_bytes`` is that count (where it stopped, if it did)."""
 
     def __init__(
-        self, model: nn.Module, run: Any, checkpoint_on: Any, checkpointing: bool | None, budget: int | None, linears_in_fp32: bool = False
+        self,
+        model: nn.Module,
+        run: Any,
+        checkpoint_on: Any,
+        checkpointing: bool | None,
+        budget: int | None,
+        linears_in_fp32: bool = False,
+        sites: list[_CheckpointSite] | None = None,
     ) -> None:
         self._run = run
         self._checkpoint_on = checkpoint_on
+        self._sites = sites if sites is not None else []  # innermost last, kept by _loss_backward's checkpointed layers
+        self.reads = _ReadsAcrossRecomputation()
         self.checkpointing = bool(checkpointing)
         self.budget = budget
         self.held_bytes: int | None = None
@@ -1162,10 +1229,16 @@ class _GradientStep:
         if self._meter is not None:
             self._meter.hold(t)
 
+    def site(self) -> _CheckpointSite | None:
+        """The checkpointed layer a forward hook runs in now (None outside one): readers there go through
+        ``self.reads``."""
+        return self._sites[-1] if self._sites else None
+
     def __call__(self, ids: torch.Tensor) -> None:
         meter = self._meter
         if meter is None:
             self._run(ids)
+            self.reads.finish()
             return
         over = False
         try:
@@ -1174,11 +1247,13 @@ class _GradientStep:
         except _OverHeldBudget:
             over = True
         self._meter, self.held_bytes = None, meter.bytes
+        self.reads.finish()
         if over:
             return_freed_heap()  # the stopped forward's graph is gone; glibc would keep its pages (1.7 GiB measured)
             self._checkpoint_on()
             self.checkpointing = True
             self._run(ids)
+            self.reads.finish()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -1201,9 +1276,10 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
       not every layer's. The recomputation is deterministic: the sums are the same bits as without it. None
       (auto) checkpoints only once the first batch would hold more than _HELD_SHARE of the memory free now.
 
-    Forward hooks inside a layer may run again in the recomputation (torch stops it once it has what the backward
-    needs); tensor hooks they register there never fire (the backward runs on the first forward's graph)."""
-    from torch.utils.checkpoint import checkpoint
+    Forward hooks inside a checkpointed layer run again in the recomputation (the whole layer: no early stop);
+    tensor hooks they register there never fire (the backward runs on the first forward's graph). ``step.site()``
+    tells a hook which of the two runs it is in, and ``step.reads`` pairs what each run has (_ReadsAcrossRecomputation)."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     from .architectures import adapter_for_model
 
@@ -1214,11 +1290,25 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
     replaced: list[tuple[nn.Module, Any]] = []  # (module, its instance's own forward or None), put back at the end
     hidden: list[torch.Tensor] = []
 
+    sites: list[_CheckpointSite] = []
+    in_backward = [False]
+
     def checkpointed(block: nn.Module):
         inner = block.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return checkpoint(inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+            token = object()
+
+            def body(*a: Any, **kw: Any) -> Any:  # run twice: the forward, then the backward's recomputation
+                sites.append(_CheckpointSite(token, in_backward[0]))
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    sites.pop()
+
+            # The whole layer is recomputed (no early stop): the readers need every target's forward hook there.
+            with set_checkpoint_early_stop(False):
+                return checkpoint(body, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
         return forward
 
@@ -1236,13 +1326,17 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
         predicted = ids.shape[1] - 1  # each sequence's mean: every one has the same T - 1 predicted tokens
         with torch.enable_grad():
             logits = model(input_ids=ids, use_cache=False).logits
-            if fused:
-                h = hidden.pop()
-                if h.requires_grad:  # the graph starts at the first target, upstream of the head
-                    h.backward(_head_gradient(h, head, labels, 1.0 / predicted))
-            else:
-                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                (nll / predicted).backward()
+            in_backward[0] = True
+            try:
+                if fused:
+                    h = hidden.pop()
+                    if h.requires_grad:  # the graph starts at the first target, upstream of the head
+                        h.backward(_head_gradient(h, head, labels, 1.0 / predicted))
+                else:
+                    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                    (nll / predicted).backward()
+            finally:
+                in_backward[0] = False
 
     try:
         if fused:
@@ -1251,7 +1345,7 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
         free = free_memory_bytes(device) if checkpoint_layers is None else None
         budget = int(free * _HELD_SHARE) if free is not None else None
         with linears_in_fp32(model) as in_fp32:
-            yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget, in_fp32)
+            yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget, in_fp32, sites)
     finally:
         for m, own in reversed(replaced):
             if own is None:
@@ -1445,13 +1539,20 @@ def _batched_fisher_pass(
                 path = names.get(name)
                 if path is None or not y.requires_grad:
                     return
-                read, kept = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
-                step.hold(kept)
 
-                def take(g: torch.Tensor) -> None:
+                def consume(read: Any, g: torch.Tensor) -> None:
                     sums[path][expert] += read(g)
 
-                y.register_hook(take)
+                site = step.site()
+                if site is not None and not site.recomputing:  # read in the recomputation instead (_ReadsAcrossRecomputation)
+                    step.reads.forward(site, (path, expert), y, consume)
+                    return
+                read, kept = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
+                if site is not None:
+                    step.reads.recomputed(site, (path, expert), read)
+                    return
+                step.hold(kept)
+                y.register_hook(lambda g: consume(read, g))
 
             return experts_forward(mod, hidden_states, top_k_index, top_k_weights, on_projection=seen)
 
@@ -1465,24 +1566,35 @@ def _batched_fisher_pass(
                 raise RuntimeError(f"the gradient pass: {path} was called without a positional input; grad_batch=1 reads its weight's gradient instead")
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 return
-            x = args[0]
-            read, kernel = _gradient_row_sums_reader(x, out.shape[-1], last[1] if x is last[0] else None)
-            last[:] = [x, kernel] if kernel is not None else [None, None]
-            step.hold(x if kernel is None else kernel)  # what the reader keeps until the backward
 
-            def take(g: torch.Tensor) -> None:
+            def consume(read: Any, g: torch.Tensor) -> None:
                 f = read(g)
                 sums[path] = f if path not in sums else sums[path] + f
 
-            out.register_hook(take)
+            site = step.site()
+            if site is not None and not site.recomputing:  # read in the recomputation instead (_ReadsAcrossRecomputation)
+                step.reads.forward(site, path, out, consume)
+                return
+            x = args[0]
+            read, kernel = _gradient_row_sums_reader(x, out.shape[-1], last[1] if x is last[0] else None)
+            last[:] = [x, kernel] if kernel is not None else [None, None]
+            if site is not None:
+                step.reads.recomputed(site, path, read)
+                return
+            step.hold(x if kernel is None else kernel)  # what the reader keeps until the backward
+            out.register_hook(lambda g: consume(read, g))
 
         return forward_hook
+
+    started: list[Any] = [None, None]  # (an input, the graph's start made from it): q, k and v share theirs
 
     def start_graph(_mod: nn.Module, args: tuple) -> tuple | None:
         # The graph starts at the targets' own inputs: the backward stops at the first targeted layer (a module's
         # output gradient does not depend on what lies upstream of it).
         if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad:
-            return (args[0].detach().requires_grad_(True), *args[1:])
+            if args[0] is not started[0]:  # one start per input, so that the readers share its kernel
+                started[:] = [args[0], args[0].detach().requires_grad_(True)]
+            return (started[1], *args[1:])
         return None
 
     handles = [mod.register_forward_pre_hook(start_graph) for mod in modules.values()]
@@ -1495,7 +1607,7 @@ def _batched_fisher_pass(
             ids = input_ids[start : start + batch_size].to(device)
             shape["batch"], shape["length"] = ids.shape
             step(ids)
-            last[:] = [None, None]
+            last[:] = started[:] = [None, None]
     finally:
         for h in handles:
             h.remove()
