@@ -369,6 +369,51 @@ def test_reads_across_recomputation_pair_a_gradient_with_its_reader_in_either_or
         lost.finish()
 
 
+def test_held_budget_is_per_device_for_a_sharded_model(tiny_llama, monkeypatch):
+    """grad_checkpoint=auto on a model sharded over several devices: each device's held bytes are counted against
+    half of that device's own free memory (its layers' activations live there), not against the first device's; a
+    device whose free memory is unknown bounds nothing. The JSON's fields then say what each device held."""
+    from lm_eval_lowrank import calibration
+
+    assert calibration._model_devices(tiny_llama) == [torch.device("cpu")]
+    offloaded = torch.nn.Linear(2, 2)
+    offloaded.register_buffer("on_disk", torch.empty(3, device="meta"))  # accelerate's offloaded weights sit on meta
+    assert calibration._model_devices(offloaded) == [torch.device("cpu")]
+    devices = [torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)]
+    free = {"cpu": None, "cuda:0": 1000, "cuda:1": 4001}
+    asked: list[str] = []
+    monkeypatch.setattr(calibration, "_model_devices", lambda model: devices)
+    monkeypatch.setattr(calibration, "free_memory_bytes", lambda device: (asked.append(str(device)), free[str(device)])[1])
+    budgets = calibration._held_budgets(tiny_llama)
+    assert asked == ["cpu", "cuda:0", "cuda:1"] and budgets == {"cpu": None, "cuda:0": 500, "cuda:1": 2000}
+
+    # Only the charged device's budget counts: 3 x 400 bytes on the CPU stay within a CPU budget of 1000 only
+    # twice, however small or large the other devices' budgets are.
+    for others in (10, 10**9):
+        meter = calibration._HeldBytes(tiny_llama, {"cuda:0": others, "cpu": 1000})
+        meter.hold(torch.zeros(100))
+        meter.hold(torch.zeros(100))
+        meter.hold(tiny_llama.model.embed_tokens.weight)  # the model's own: not counted
+        with pytest.raises(calibration._OverHeldBudget):
+            meter.hold(torch.zeros(100))
+        assert meter.by_device == {"cpu": 1200} and meter.bytes == 1200
+    unbounded = calibration._HeldBytes(tiny_llama, {"cpu": None})
+    unbounded.hold(torch.zeros(10**6))
+    assert unbounded.bytes == 4 * 10**6
+
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(5))
+    report: dict[str, object] = {}
+    calibration.fisher_row_sums(tiny_llama, ["model.layers.2.mlp.up_proj"], ids, batch_size=2, report=report)
+    held = report["held_bytes_first_batch"]
+    assert 0 < held and report["checkpoint_layers"] is False and report["held_budget_bytes"] == 2500  # the known ones
+    assert report["held_by_device"] == {"cpu": {"held_bytes": held, "budget_bytes": None}, "cuda:0": {"held_bytes": 0, "budget_bytes": 500}, "cuda:1": {"held_bytes": 0, "budget_bytes": 2000}}
+    one: dict[str, object] = {}
+    monkeypatch.setattr(calibration, "_model_devices", lambda model: devices[:1])
+    monkeypatch.setattr(calibration, "free_memory_bytes", lambda device: 1 << 40)
+    calibration.fisher_row_sums(tiny_llama, ["model.layers.2.mlp.up_proj"], ids, batch_size=2, report=one)
+    assert "held_by_device" not in one and one["held_budget_bytes"] == 1 << 39  # one device: the fields as before
+
+
 def test_free_memory_is_bounded_by_the_memory_cgroups(tmp_path, monkeypatch):
     """The CPU's free memory is MemAvailable, or less where this process's memory cgroups allow less: the least
     headroom (limit less use, reclaimable page cache not counted as used) over its own cgroup and every parent

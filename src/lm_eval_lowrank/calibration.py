@@ -1021,7 +1021,7 @@ class SequentialStatsProvider:
         if self.fisher is not None:
             fisher = self.fisher.describe()
             kept = ("statistics", "batch", "grad_checkpoint", "checkpoint_layers", "held_bytes_first_batch", "held_budget_bytes",
-                    "linears_in_fp32", "cache", "seconds", "shared")  # fmt: skip
+                    "held_by_device", "linears_in_fp32", "cache", "seconds", "shared")  # fmt: skip
             out["fisher"] = {k: fisher[k] for k in kept if k in fisher}
         return out
 
@@ -1104,28 +1104,49 @@ class _OverHeldBudget(Exception):
     """Raised inside a forward of the gradient pass once it holds more than its budget (caught by _GradientStep)."""
 
 
+def _model_devices(model: nn.Module) -> list[torch.device]:
+    """The devices that hold the model's weights (a sharded model's every GPU; offloaded "meta" ones not counted)."""
+    found = {t.device for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    return sorted(found, key=str)
+
+
+def _held_budgets(model: nn.Module) -> dict[str, int | None]:
+    """{device: the bytes the first batch may hold there}: _HELD_SHARE of the memory free on each of the model's
+    devices (each GPU of a sharded model holds its own layers' activations), None where that is not known."""
+    budgets: dict[str, int | None] = {}
+    for device in _model_devices(model):
+        free = free_memory_bytes(device)
+        budgets[str(device)] = int(free * _HELD_SHARE) if free is not None else None
+    return budgets
+
+
 class _HeldBytes:
     """What a forward of the gradient pass leaves held for its backward: the tensors the graph saves and those
-    the gradient readers keep, each storage once, the model's own parameters and buffers not counted. Past
-    ``budget`` it raises _OverHeldBudget, which stops the forward where it is."""
+    the gradient readers keep, each storage once, the model's own parameters and buffers not counted, per device.
+    Once a device passes its budget (``budgets``: {device: bytes or None}) it raises _OverHeldBudget, which stops
+    the forward where it is."""
 
-    def __init__(self, model: nn.Module, budget: int | None) -> None:
-        self.own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-        self.seen: set[int] = set()
+    def __init__(self, model: nn.Module, budgets: dict[str, int | None]) -> None:
+        self.own = {(t.device, t.untyped_storage().data_ptr()) for t in [*model.parameters(), *model.buffers()]}
+        self.seen: set[tuple[torch.device, int]] = set()
+        self.by_device: dict[str, int] = {}
         self.bytes = 0
-        self.budget = budget
+        self.budgets = budgets
 
     def hold(self, t: torch.Tensor) -> None:
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # a tensor subclass without one: not counted
             return
-        ptr = storage.data_ptr()
-        if ptr in self.own or ptr in self.seen:
+        key = (t.device, storage.data_ptr())
+        if key in self.own or key in self.seen:
             return
-        self.seen.add(ptr)
+        self.seen.add(key)
+        device = str(t.device)
         self.bytes += storage.nbytes()
-        if self.budget is not None and self.bytes > self.budget:
+        held = self.by_device[device] = self.by_device.get(device, 0) + storage.nbytes()
+        budget = self.budgets.get(device)
+        if budget is not None and held > budget:
             raise _OverHeldBudget
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -1198,8 +1219,8 @@ class _GradientStep:
     """``step(ids)``: one forward and backward of the gradient pass (made by _loss_backward); ``step.hold(t)``
     counts a tensor a gradient reader keeps until the backward.
 
-    With ``checkpointing`` None (auto) the first batch runs plain while its held bytes are counted. If they pass
-    ``budget`` the forward stops there, the decoder layers are checkpointed from then on, and the batch runs again:
+    With ``checkpointing`` None (auto) the first batch runs plain while its held bytes are counted per device. If
+    they pass a device's budget (``budgets``) the forward stops there, the decoder layers are checkpointed from then on, and the batch runs again:
     the same sums (recomputation is deterministic), in bounded memory. Later batches are no larger than the first,
     so only it is counted. ``held_bytes`` is that count (where it stopped, if it did)."""
 
@@ -1209,7 +1230,7 @@ class _GradientStep:
         run: Any,
         checkpoint_on: Any,
         checkpointing: bool | None,
-        budget: int | None,
+        budgets: dict[str, int | None],
         linears_in_fp32: bool = False,
         sites: list[_CheckpointSite] | None = None,
     ) -> None:
@@ -1218,10 +1239,11 @@ class _GradientStep:
         self._sites = sites if sites is not None else []  # innermost last, kept by _loss_backward's checkpointed layers
         self.reads = _ReadsAcrossRecomputation()
         self.checkpointing = bool(checkpointing)
-        self.budget = budget
+        self.budgets = budgets
         self.held_bytes: int | None = None
+        self.held_by_device: dict[str, int] = {}
         self.linears_in_fp32 = linears_in_fp32  # half-precision linears formed in fp32 (half_backward)
-        self._meter = _HeldBytes(model, budget) if checkpointing is None else None
+        self._meter = _HeldBytes(model, budgets) if checkpointing is None else None
         if checkpointing:
             checkpoint_on()
 
@@ -1246,7 +1268,7 @@ class _GradientStep:
                 self._run(ids)
         except _OverHeldBudget:
             over = True
-        self._meter, self.held_bytes = None, meter.bytes
+        self._meter, self.held_bytes, self.held_by_device = None, meter.bytes, meter.by_device
         self.reads.finish()
         if over:
             return_freed_heap()  # the stopped forward's graph is gone; glibc would keep its pages (1.7 GiB measured)
@@ -1256,12 +1278,16 @@ class _GradientStep:
             self.reads.finish()
 
     def describe(self) -> dict[str, Any]:
-        return {
+        known = [b for b in self.budgets.values() if b is not None]
+        out = {
             "checkpoint_layers": self.checkpointing,
             "held_bytes_first_batch": self.held_bytes,
-            "held_budget_bytes": self.budget,
+            "held_budget_bytes": sum(known) if known else None,  # over every device; each has its own (held_by_device)
             "linears_in_fp32": self.linears_in_fp32,
         }
+        if len(self.budgets) > 1:
+            out["held_by_device"] = {d: {"held_bytes": self.held_by_device.get(d, 0), "budget_bytes": b} for d, b in self.budgets.items()}
+        return out
 
 
 @contextmanager
@@ -1342,10 +1368,9 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
         if fused:
             replaced.append((head, head.__dict__.get("forward")))
             head.forward = head_forward
-        free = free_memory_bytes(device) if checkpoint_layers is None else None
-        budget = int(free * _HELD_SHARE) if free is not None else None
+        budgets = _held_budgets(model) if checkpoint_layers is None else {}
         with linears_in_fp32(model) as in_fp32:
-            yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budget, in_fp32, sites)
+            yield _GradientStep(model, run, checkpoint_on, checkpoint_layers, budgets, in_fp32, sites)
     finally:
         for m, own in reversed(replaced):
             if own is None:
@@ -1763,6 +1788,7 @@ class FisherStatsProvider:
             checkpoint_layers=self.pass_report.get("checkpoint_layers"),  # None: no pass ran (every module cached)
             held_bytes_first_batch=self.pass_report.get("held_bytes_first_batch"),
             held_budget_bytes=self.pass_report.get("held_budget_bytes"),
+            **({"held_by_device": self.pass_report["held_by_device"]} if "held_by_device" in self.pass_report else {}),
             linears_in_fp32=self.pass_report.get("linears_in_fp32"),  # half precision on a CPU slow at it (half_backward)
             sequential=False,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
