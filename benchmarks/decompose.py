@@ -5,7 +5,7 @@ the median kept, so a shared, noisy machine slows both sides alike.
 
   python benchmarks/decompose.py                       # SmolLM2: 7 tensors x 30 layers, ranks 1 8 64 128
   python benchmarks/decompose.py --serial-gram         # + the Gram solves one at a time against in parallel threads
-  python benchmarks/decompose.py --floor               # + the passes alone at hindsight and certified Krylov dimensions
+  python benchmarks/decompose.py --floor               # + the passes alone at hindsight, certified and gap-certified Krylov dimensions
   python benchmarks/decompose.py --switch              # + krylov-vs-gram (CPU) / randomized-vs-exact (GPU) sweep
   python benchmarks/decompose.py --switch --large      # + 4096x4096 and 4096x11008 random matrices
   python benchmarks/decompose.py --device cuda --synthetic llama-2-7b --workdir /tmp/l2
@@ -112,31 +112,55 @@ def bench_smollm2(args: argparse.Namespace, device: torch.device) -> None:
             print(f"decompose smollm2 rank={r}: Gram solves in parallel threads {med:.2f} s, one at a time {one:.2f} s, speedup {one / med:.2f}x", flush=True)
 
 
-def _hindsight_dims(A: torch.Tensor, rank: int, block: int, exact: torch.Tensor, tol: float = 1e-2, seed: int = 0) -> tuple[int, int]:
-    """Two block-Krylov dimensions for the top ``rank`` singular values: the fewest at which the Ritz values are
-    within ``tol`` of ``exact`` (a stop that only knowing the answer allows), and the fewest at which the residual
-    certificate the solver stops on, ||r_i|| / (2 s_i^2) <= tol, holds (the solver's own stop, checked every block)."""
+def _gap_bound(theta: torch.Tensor, residual: torch.Tensor, R: torch.Tensor, rank: int) -> float:
+    """The largest relative error bound of the top ``rank`` singular values when each takes the least of three
+    bounds on lambda_i - theta_i for A^T A (each assuming, as the solver's own, that the Ritz values converged to
+    the top eigenvalues in order, so that lambda_{i+1} <= theta_{i+1} + ||r_{i+1}||): the residual ||r_i||;
+    Kato-Temple's ||r_i||^2 / (theta_i - theta_{i+1} - ||r_{i+1}||); and the cluster's ||R||^2 / (theta_r -
+    theta_{r+1} - ||r_{r+1}||), R the residual block of the top r Ritz vectors (rows)."""
+    best = residual[:rank].clone()
+    for i in range(rank):
+        gap = float(theta[i] - theta[i + 1] - residual[i + 1])
+        if gap > 0:
+            best[i] = min(float(best[i]), float(residual[i]) ** 2 / gap)
+    delta = float(theta[rank - 1] - theta[rank] - residual[rank])
+    if delta > 0:
+        best = best.clamp_max(float(torch.linalg.matrix_norm(R[:rank], ord=2)) ** 2 / delta)
+    return float((best / (2 * theta[:rank].clamp_min(1e-30))).max())
+
+
+def _hindsight_dims(A: torch.Tensor, rank: int, block: int, exact: torch.Tensor, tol: float = 1e-2, seed: int = 0) -> tuple[int, int, int]:
+    """Three block-Krylov dimensions for the top ``rank`` singular values: the fewest at which the Ritz values are
+    within ``tol`` of ``exact`` (a stop that only knowing the answer allows); the fewest at which the residual
+    certificate the solver stops on, ||r_i|| / (2 s_i^2) <= tol, holds (the solver's own stop, checked every block);
+    and the fewest at which the gap-aware bounds of _gap_bound do (quadratic in the residual where the top values
+    are apart)."""
     m, n = A.shape
     if m < n:
         A, (m, n) = A.mT, (n, m)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(n, block, generator=gen, dtype=A.dtype).to(A.device))[0].mT
-    hindsight = None
+    hindsight = certified = gap_certified = None
     while True:
         Y = (basis[-block:] @ A.mT) @ A
         for _ in range(2):
             Y -= (Y @ basis.mT) @ basis
         AV = A @ basis.mT
         theta, E = torch.linalg.eigh(AV.mT @ AV)
-        theta, E = theta.flip(0)[:rank].clamp_min(0), E.flip(1)[:, :rank]
-        s = theta.sqrt()
+        theta, E = theta.flip(0)[: rank + 1].clamp_min(0), E.flip(1)[:, : rank + 1]
+        s = theta[:rank].sqrt()
+        d = basis.shape[0]
         if hindsight is None and len(s) == rank and float(((exact - s).abs() / exact).max()) < tol:
-            hindsight = basis.shape[0]
+            hindsight = d
         X = E.mT @ basis  # Ritz vectors as rows
-        residual = ((X @ A.mT) @ A - theta[:, None] * X).norm(dim=1)
-        certified = len(s) == rank and float((residual / (2 * theta.clamp_min(1e-30))).max()) <= tol
-        if (hindsight is not None and certified) or basis.shape[0] + block > n:
-            return hindsight or basis.shape[0], basis.shape[0]
+        R = (X @ A.mT) @ A - theta[:, None] * X
+        residual = R.norm(dim=1)
+        if certified is None and len(s) == rank and float((residual[:rank] / (2 * theta[:rank].clamp_min(1e-30))).max()) <= tol:
+            certified = d
+        if gap_certified is None and len(theta) > rank and _gap_bound(theta, residual, R, rank) <= tol:
+            gap_certified = d
+        if None not in (hindsight, certified, gap_certified) or d + block > n:
+            return hindsight or d, certified or d, gap_certified or d
         basis = torch.cat([basis, torch.linalg.qr(Y.mT)[0].mT])
 
 
@@ -149,7 +173,7 @@ def bench_floor(args: argparse.Namespace, device: torch.device) -> None:
     exact = [torch.linalg.svdvals(W) for _, W in mats]
     for r in [r for r in args.ranks if r <= 16]:
         b = tk.krylov_block_size(r)
-        both = [_hindsight_dims(W, r, b, s[:r]) for (_, W), s in zip(mats, exact)]
+        found = [_hindsight_dims(W, r, b, s[:r]) for (_, W), s in zip(mats, exact)]
         tall = [(W if W.shape[0] >= W.shape[1] else W.mT, torch.randn(b, min(W.shape), device=device)) for _, W in mats]
 
         def passes(dims: list[int]) -> None:
@@ -157,7 +181,7 @@ def bench_floor(args: argparse.Namespace, device: torch.device) -> None:
                 for _ in range(d // b):
                     (V @ A.mT) @ A
 
-        for label, dims in (("hindsight", [h for h, _ in both]), ("certified", [c for _, c in both])):
+        for label, dims in (("hindsight", [h for h, _, _ in found]), ("certified", [c for _, c, _ in found]), ("gap-certified", [g for _, _, g in found])):
             t = timed(lambda dims=dims: passes(dims), device)
             print(f"floor smollm2 rank={r}: passes alone at the {label} Krylov dimension (mean {sum(dims) / len(dims):.0f}) {t:.2f} s, full SVD {full:.2f} s, at most {full / t:.1f}x", flush=True)
     for r in [r for r in args.ranks if r > 16]:  # where auto takes the Gram solver: its syrk and partial eigensolve

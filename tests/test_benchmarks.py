@@ -139,7 +139,7 @@ def test_gradient_pass_benchmark_counts_what_a_batch_holds(tiny_llama_dir, bench
 def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):
     """benchmarks/decompose.py reaches into the solver pool and the Gram solver's parts: run it small."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "decompose.py"), "--model", str(smollm2_dir), "--layers", "1", "--ranks", "64",
+        [sys.executable, str(ROOT / "benchmarks" / "decompose.py"), "--model", str(smollm2_dir), "--layers", "1", "--ranks", "1", "64",
          "--reps", "1", "--threads", "2", "--serial-gram", "--floor"],
         capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=300,
     )  # fmt: skip
@@ -147,6 +147,11 @@ def test_decompose_benchmark_runs_on_one_smollm2_layer(smollm2_dir):
     assert re.search(r"^decompose smollm2 rank=64: ours [\d.]+ s, full SVD [\d.]+ s, speedup [\d.]+x .*\[solvers gram:7\]$", r.stdout, re.M), r.stdout
     assert re.search(r"^decompose smollm2 rank=64: Gram solves in parallel threads [\d.]+ s, one at a time [\d.]+ s", r.stdout, re.M), r.stdout
     assert re.search(r"^floor smollm2 rank=64: the same in 2 threads [\d.]+ s", r.stdout, re.M), r.stdout
+    # The Krylov stops at rank 1: knowing the answer stops first, the gap-aware bounds (the least of three, one of
+    # them the solver's own residual bound) no later than the solver's certificate.
+    dims = dict(re.findall(r"^floor smollm2 rank=1: passes alone at the ([\w-]+) Krylov dimension \(mean (\d+)\)", r.stdout, re.M))
+    assert set(dims) == {"hindsight", "certified", "gap-certified"}, r.stdout
+    assert 0 < int(dims["hindsight"]) <= int(dims["gap-certified"]) <= int(dims["certified"]), r.stdout
 
 
 def _cgroup_writable() -> bool:
