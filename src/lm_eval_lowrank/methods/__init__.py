@@ -19,7 +19,8 @@ import torch
 # 3: rom takes its principal directions from the truncated solvers on W S (S a Cholesky factor).
 # 4: Krylov checks its certificate from 3 blocks on (a stop at 2 blocks became one at 3).
 # 5: calibrated methods on architectures without an adapter are staged in forward order (were one stage).
-ALGORITHM_VERSION = 5
+# 6: Krylov's certificate also takes Kato-Temple's gap bound (it stops earlier where the top values stand apart).
+ALGORITHM_VERSION = 6
 
 
 @dataclass
