@@ -1216,13 +1216,15 @@ class _ReadsAcrossRecomputation:
 
 
 class _GradientStep:
-    """``step(ids)``: one forward and backward of the gradient pass (made by _loss_backward); ``step.hold(t)``
-    counts a tensor a gradient reader keeps until the backward.
+    """``step(ids)``: one forward and backward of the gradient pass (made by _loss_backward); ``step.read_gradient``
+    pairs a target's output gradient with a reader of its input, and ``step.hold(t)`` counts a tensor kept until
+    the backward.
 
     With ``checkpointing`` None (auto) the first batch runs plain while its held bytes are counted per device. If
-    they pass a device's budget (``budgets``) the forward stops there, the decoder layers are checkpointed from then on, and the batch runs again:
-    the same sums (recomputation is deterministic), in bounded memory. Later batches are no larger than the first,
-    so only it is counted. ``held_bytes`` is that count (where it stopped, if it did)."""
+    they pass a device's budget (``budgets``) the forward stops there, the decoder layers are checkpointed from
+    then on, and the batch runs again: the same sums (recomputation is deterministic), in bounded memory. Later
+    batches are no larger than the first, so only it is counted. ``held_bytes`` is that count (where it stopped,
+    if it did)."""
 
     def __init__(
         self,
@@ -1251,10 +1253,21 @@ class _GradientStep:
         if self._meter is not None:
             self._meter.hold(t)
 
-    def site(self) -> _CheckpointSite | None:
-        """The checkpointed layer a forward hook runs in now (None outside one): readers there go through
-        ``self.reads``."""
-        return self._sites[-1] if self._sites else None
+    def read_gradient(self, name: Any, out: torch.Tensor, make_reader: Any, consume: Any) -> None:
+        """From a forward hook: ``consume(read, g)`` once the gradient ``g`` of ``out`` is in, ``read`` from
+        ``make_reader()`` -> (read, the tensor it keeps). Outside a checkpointed layer the reader is made now and
+        counted as held; inside one it is made in the backward's recomputation of the layer instead
+        (_ReadsAcrossRecomputation), and the first forward only hooks ``out``."""
+        site = self._sites[-1] if self._sites else None
+        if site is not None and not site.recomputing:
+            self.reads.forward(site, name, out, consume)
+            return
+        read, kept = make_reader()
+        if site is not None:
+            self.reads.recomputed(site, name, read)
+            return
+        self.hold(kept)
+        out.register_hook(lambda g: consume(read, g))
 
     def __call__(self, ids: torch.Tensor) -> None:
         meter = self._meter
@@ -1303,8 +1316,8 @@ def _loss_backward(model: nn.Module, checkpoint_layers: bool | None) -> Iterator
       (auto) checkpoints only once the first batch would hold more than _HELD_SHARE of the memory free now.
 
     Forward hooks inside a checkpointed layer run again in the recomputation (the whole layer: no early stop);
-    tensor hooks they register there never fire (the backward runs on the first forward's graph). ``step.site()``
-    tells a hook which of the two runs it is in, and ``step.reads`` pairs what each run has (_ReadsAcrossRecomputation)."""
+    tensor hooks they register there never fire (the backward runs on the first forward's graph).
+    ``step.read_gradient`` takes a gradient reader in whichever of the two runs it belongs (_ReadsAcrossRecomputation)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     from .architectures import adapter_for_model
@@ -1568,16 +1581,7 @@ def _batched_fisher_pass(
                 def consume(read: Any, g: torch.Tensor) -> None:
                     sums[path][expert] += read(g)
 
-                site = step.site()
-                if site is not None and not site.recomputing:  # read in the recomputation instead (_ReadsAcrossRecomputation)
-                    step.reads.forward(site, (path, expert), y, consume)
-                    return
-                read, kept = _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1])
-                if site is not None:
-                    step.reads.recomputed(site, (path, expert), read)
-                    return
-                step.hold(kept)
-                y.register_hook(lambda g: consume(read, g))
+                step.read_gradient((path, expert), y, lambda: _routed_gradient_row_sums_reader(x, token_idx // shape["length"], y.shape[-1]), consume)
 
             return experts_forward(mod, hidden_states, top_k_index, top_k_weights, on_projection=seen)
 
@@ -1596,18 +1600,13 @@ def _batched_fisher_pass(
                 f = read(g)
                 sums[path] = f if path not in sums else sums[path] + f
 
-            site = step.site()
-            if site is not None and not site.recomputing:  # read in the recomputation instead (_ReadsAcrossRecomputation)
-                step.reads.forward(site, path, out, consume)
-                return
-            x = args[0]
-            read, kernel = _gradient_row_sums_reader(x, out.shape[-1], last[1] if x is last[0] else None)
-            last[:] = [x, kernel] if kernel is not None else [None, None]
-            if site is not None:
-                step.reads.recomputed(site, path, read)
-                return
-            step.hold(x if kernel is None else kernel)  # what the reader keeps until the backward
-            out.register_hook(lambda g: consume(read, g))
+            def make_reader() -> tuple[Any, torch.Tensor]:
+                x = args[0]
+                read, kernel = _gradient_row_sums_reader(x, out.shape[-1], last[1] if x is last[0] else None)
+                last[:] = [x, kernel] if kernel is not None else [None, None]
+                return read, x if kernel is None else kernel  # what the reader keeps until the backward
+
+            step.read_gradient(path, out, make_reader, consume)
 
         return forward_hook
 
