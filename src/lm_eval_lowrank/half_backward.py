@@ -66,10 +66,11 @@ class _LinearInFp32(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        rows = g.reshape(-1, g.shape[-1]).float()
+        g32 = g.float()  # cast once; the Fisher pass needs grad_x alone (its weights take no gradient)
+        rows = g32.reshape(-1, g.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g.float() @ weight.float()).to(g.dtype)
+            grad_x = (g32 @ weight.float()).to(g.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (rows.mT @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
         if ctx.needs_input_grad[2]:
