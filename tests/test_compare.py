@@ -220,3 +220,17 @@ def test_compare_shows_percentiles_and_the_paired_latency_ratio(tmp_path):
     assert cell.startswith(f"{ratio:.3f} [") and cell.endswith("(paired, 27 batches)")
     lower, upper = (float(x) for x in cell.split("[")[1].split("]")[0].split(", "))
     assert 0.8 < lower < ratio < upper < 1.0
+
+
+def test_compare_shows_a_missing_figure_as_na_not_zero(tmp_path):
+    dense = _write(tmp_path / "d.json", 0.5, _low([], 0.0, 2.0, {"available": False, "reason": "no CUDA GPU visible"}))
+    bare = _low(["m"], 0.0787, 1.8, {"available": False, "reason": "no CUDA GPU visible"})
+    bare["latency"], bare["memory"] = {}, {}
+    bare["decomposition"].pop("param_reduction")
+    r = CliRunner().invoke(cli, ["compare", str(dense), str(_write(tmp_path / "c.json", 0.4, bare))])
+    assert r.exit_code == 0, r.output
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:4]] for ln in r.output.splitlines()[2:]}
+    assert row["latency per batch"] == ["500.0 ms", "n/a"]
+    assert row["forward latency (total)"] == ["2.00 s", "n/a"]
+    assert row["peak memory"] == ["1024 MiB (process_peak_rss)", "n/a"]
+    assert row["param reduction"] == ["0.00 %", "n/a"]

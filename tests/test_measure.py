@@ -405,3 +405,121 @@ def test_every_call_is_kept_in_order_with_percentiles_and_processes_concatenate(
     assert percentiles([]) is None
     two = aggregate([m.summary(), m.summary()])["latency"]
     assert two["per_call_tokens"] == [30, 10, 20, 30, 10, 20] and two["seconds_per_batch_percentiles"]["max"] == p["max"]
+
+
+def test_cuda_events_time_the_stream_of_the_models_gpu_not_the_current_one(monkeypatch):
+    """HFLM puts a model on cuda:1 without making cuda:1 the current device: events recorded on the current
+    device's stream would time cuda:0's idle stream. Fake torch.cuda with torch's semantics: record() without a
+    stream takes the current device's."""
+    current = 0
+    recorded, waited = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.stream = None
+
+        def record(self, stream=None):
+            self.stream = f"stream of cuda:{current}" if stream is None else stream
+            recorded.append(self.stream)
+
+        def synchronize(self):
+            waited.append(self.stream)
+
+        def elapsed_time(self, end):
+            return 250.0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of cuda:{torch.device(device).index if device is not None else current}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(f"device {device}"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: 7)
+    m = Meter.create("cuda:1", measure_energy=False, model_devices=[torch.device("cuda:1")])
+    assert m.timer == "cuda_events"
+    for _ in range(3):
+        with m.measure("model_call", tokens=4):
+            pass
+    s = m.summary()
+    assert recorded == ["stream of cuda:1"] * 6
+    assert waited == ["stream of cuda:1"]  # the last event of that stream, once: the earlier ones are done then
+    assert s["latency"]["per_call_seconds"] == [0.25] * 3 and s["memory"]["per_device"] == {"1": 7}
+
+
+def test_the_energy_of_a_gpu_is_found_by_uuid_among_every_gpu_nvml_numbers(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=1 names CUDA's second GPU (fastest first), which here is NVML's first (PCI order):
+    the UUID is searched among all of NVML's GPUs, not only those at NVML's positions named in the variable."""
+    import sys
+    from types import SimpleNamespace
+
+    from lm_eval_lowrank.measure import EnergyMeter
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=["a"][i]))
+    assert [g.uuid for g in EnergyMeter(idle_seconds=0, device="cuda:0", cuda_devices=[0]).sources] == ["GPU-a"]
+
+
+def test_an_energy_counter_that_fails_mid_run_ends_the_energy_figures_not_the_evaluation(monkeypatch):
+    import sys
+
+    from lm_eval_lowrank.measure import EnergyMeter
+
+    class LostGPU(_FakeNvml):
+        lost_at = None  # the read number from which the counter raises
+
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def nvmlDeviceGetTotalEnergyConsumption(self, h):
+            if h == 0:
+                self.reads += 1
+                if self.lost_at is not None and self.reads >= self.lost_at:
+                    raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+            return super().nvmlDeviceGetTotalEnergyConsumption(h)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a")
+    for lost_at, when in ((2, "at the first measured call"), (3, "at the end")):  # read 1 is the counter probe
+        fake = LostGPU()
+        fake.lost_at = lost_at
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        meter = EnergyMeter(idle_seconds=0, device="cuda:0")
+        assert meter.available
+        meter.start()
+        e = meter.read()
+        meter.close()
+        assert e == {"available": False, "reason": f"energy counter failed {when}: RuntimeError: NVML_ERROR_GPU_IS_LOST"}
+        assert meter.read() == e  # and stays so
+
+
+
+def test_a_rapl_counter_that_vanishes_while_idle_power_is_measured_ends_the_energy_figures(tmp_path, monkeypatch):
+    from lm_eval_lowrank import measure
+
+    root, pkg, _ = _fake_powercap(tmp_path)
+    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    m = Meter.create("cpu", idle_seconds=0.02)
+    assert m.energy.available
+    (pkg / "energy_uj").unlink()
+    m.energy.measure_idle()
+    with m.measure("model_call", tokens=10):
+        pass
+    e = aggregate([m.summary()])["energy"]
+    m.energy.close()
+    assert e["available"] is False and e["reason"].startswith("energy counter failed measuring idle power: FileNotFoundError")
+
+
+def test_aggregate_does_not_pass_a_partial_energy_sum_off_as_the_total():
+    g0 = {"GPU-a": {"index": 0, "name": "x", "joules": 50.0, "idle_watts": None, "joules_above_idle": None}}
+    lost = _summary(1.0, 100, {})
+    lost["energy"] = {"available": False, "reason": "energy counter failed at the end: RuntimeError: lost"}
+    out = aggregate([_summary(1.0, 100, g0), lost])
+    assert out["energy"]["available"] is False and out["energy"]["total_joules"] is None
+    assert out["energy"]["reason"] == "energy read by 1 of 2 processes; one that ran without it: energy counter failed at the end: RuntimeError: lost"
+    idle = _summary(0.0, 0, {})  # a process given no requests measured nothing, and spent nothing on them
+    idle["latency"]["calls"] = 0
+    idle["energy"] = {"available": False, "reason": "no measured forward ran"}
+    out = aggregate([_summary(1.0, 100, g0), idle])
+    assert out["energy"]["available"] is True and out["energy"]["total_joules"] == 50.0

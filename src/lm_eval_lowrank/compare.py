@@ -24,8 +24,9 @@ def _lowrank(res: Any) -> dict[str, Any]:
     return (res.data.get("config") or {}).get("lowrank") or {}
 
 
-def _fmt_num(v: Any, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
+def _fmt_num(v: Any, fmt: str, unit: str = "", scale: float = 1.0) -> str:
+    """``v * scale`` formatted, then ``unit``; "n/a" alone for a missing value (not 0, not "n/a s")."""
+    return "n/a" if v is None else format(v * scale, fmt) + unit
 
 
 ENERGY_SOURCES = {"nvml_energy_counter": "GPU, NVML", "nvml_power_sampling": "GPU, NVML sampled", "rapl_energy_counter": "CPU, RAPL"}
@@ -39,7 +40,7 @@ def _energy(low: dict[str, Any]) -> tuple[str, str]:
         return f"n/a: {str(e.get('reason') or 'unavailable').split(' (')[0]}", "n/a"  # the details stay in the JSON
     source = ENERGY_SOURCES.get(str(e.get("method")), "")  # GPU and CPU-package energy are not comparable
     suffix = f" ({source})" if source else ""
-    return f"{e['total_joules']:.1f} J{suffix}", _fmt_num(e.get("joules_per_token"), ".4f") + " J" + suffix
+    return f"{e['total_joules']:.1f} J{suffix}", _fmt_num(e.get("joules_per_token"), ".4f", " J" + suffix)
 
 
 def _decomposition_time(low: dict[str, Any]) -> str:
@@ -152,17 +153,17 @@ def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = N
         rows.append([name, *[fn(low) for low in lows]])
 
     add("params", lambda low: _fmt_num((low.get("decomposition") or {}).get("params_after"), ","))
-    add("param reduction", lambda low: _fmt_num(100 * (low.get("decomposition") or {}).get("param_reduction", 0.0), ".2f") + " %")
+    add("param reduction", lambda low: _fmt_num((low.get("decomposition") or {}).get("param_reduction"), ".2f", " %", 100))
     add("decomposition time", _decomposition_time)
-    add("forward latency (total)", lambda low: _fmt_num((low.get("latency") or {}).get("total_seconds"), ".2f") + " s")
-    add("latency per batch", lambda low: _fmt_num(1000 * ((low.get("latency") or {}).get("mean_seconds_per_batch") or 0), ".1f") + " ms")
+    add("forward latency (total)", lambda low: _fmt_num((low.get("latency") or {}).get("total_seconds"), ".2f", " s"))
+    add("latency per batch", lambda low: _fmt_num((low.get("latency") or {}).get("mean_seconds_per_batch"), ".1f", " ms", 1000))
     add("latency p50 / p90 per batch", _percentile_cell)
     if len(runs) > 1:
         rows.append([f"  latency ratio, {confidence:.0%} interval", "-", *[_latency_ratio_cell(lows[0], low, confidence) for low in lows[1:]]])
     add("tokens/s", lambda low: _fmt_num((low.get("latency") or {}).get("tokens_per_second"), ".1f"))
     add("energy", lambda low: _energy(low)[0])
     add("energy per token", lambda low: _energy(low)[1])
-    add("peak memory", lambda low: _fmt_num(((low.get("memory") or {}).get("bytes") or 0) / 2**20, ".0f") + f" MiB ({(low.get('memory') or {}).get('kind', 'n/a')})")
+    add("peak memory", lambda low: _fmt_num((low.get("memory") or {}).get("bytes"), ".0f", f" MiB ({(low.get('memory') or {}).get('kind')})", 2**-20))
     return header, rows
 
 

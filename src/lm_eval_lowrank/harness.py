@@ -241,12 +241,14 @@ class HFTuckerLM(HFLM):
             self._lowrank_report = {"method": None, "modules": [], "params_before": n, "params_after": n, "params_removed": 0, "param_reduction": 0.0, "decomposition_seconds": 0.0}
         self._lowrank_report["load_seconds"] = load_seconds
         self._lowrank_report["factors_sha256"] = factors_digest(self._model)
+        model_devices = {p.device for p in self._model.parameters() if not p.is_meta} | hook_execution_devices(self._model)
         if self.device.type == "cuda" and torch.cuda.is_available():
-            # Load + decomposition peak; the meter then measures the evaluation's own peak.
-            self._lowrank_report["load_peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+            # Load + decomposition peak over the GPUs the model occupies (summed, as the meter's peak of a sharded
+            # model); the meter then measures the evaluation's own peak.
+            gpus = sorted({d.index or 0 for d in model_devices if d.type == "cuda"}) or [self.device.index or 0]
+            self._lowrank_report["load_peak_memory_bytes"] = int(sum(torch.cuda.max_memory_allocated(i) for i in gpus))
         if (path := experts_forward_path(self._model)) is not None:  # checks the grouped forward before any is timed
             self._lowrank_report["experts_forward"] = path
-        model_devices = {p.device for p in self._model.parameters() if not p.is_meta} | hook_execution_devices(self._model)
         self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
         self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds, model_devices=model_devices)
         if self._meter.energy is not None and self._meter.energy.available:

@@ -161,15 +161,16 @@ def _visible_gpu_indices(nvml: Any) -> list[int]:
     return out
 
 
-def _nvml_gpu_of(cuda_index: int, visible: list[_NvmlGPU]) -> _NvmlGPU | None:
-    """The NVML GPU behind a CUDA device index, by UUID: CUDA orders devices fastest first and NVML by
-    PCI bus, so positions can differ. Without a UUID from torch, the position among the visible GPUs."""
+def _nvml_gpu_of(cuda_index: int, visible: list[_NvmlGPU], every: list[_NvmlGPU] | None = None) -> _NvmlGPU | None:
+    """The NVML GPU behind a CUDA device index, by UUID among ``every`` GPU NVML numbers: CUDA orders devices
+    fastest first and NVML by PCI bus, so positions can differ, and CUDA_VISIBLE_DEVICES=1 names CUDA's second
+    GPU, which need not be NVML's. Without a UUID from torch, the position among the ``visible`` GPUs."""
     try:
         uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
     except Exception:
         uuid = ""
     if uuid:
-        for g in visible:
+        for g in every if every is not None else visible:
             if g.uuid.removeprefix("GPU-").lower() == uuid.removeprefix("GPU-").lower():
                 return g
     return visible[cuda_index] if 0 <= cuda_index < len(visible) else None
@@ -286,14 +287,15 @@ class EnergyMeter:
             return [], "pynvml not installed (pip install nvidia-ml-py)"
         try:
             nvml.nvmlInit()
-            gpus = [_NvmlGPU(nvml, i) for i in _visible_gpu_indices(nvml)]
+            every = [_NvmlGPU(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
+            gpus = [every[i] for i in _visible_gpu_indices(nvml)]
         except Exception as exc:  # driver without NVML, containers, ...
             return [], f"NVML unavailable: {exc}"
         if not gpus:
             return [], "NVML sees no visible GPU"
         if cuda_devices is None:
             return gpus, None
-        used = [g for g in (_nvml_gpu_of(i, gpus) for i in sorted(set(cuda_devices))) if g is not None]
+        used = [g for g in (_nvml_gpu_of(i, gpus, every) for i in sorted(set(cuda_devices))) if g is not None]
         return used, None if used else f"NVML finds none of the GPUs in use (CUDA devices {sorted(set(cuda_devices))})"
 
     @property
@@ -304,10 +306,21 @@ class EnergyMeter:
             return "rapl_energy_counter"
         return "nvml_energy_counter" if all(g.has_counter for g in self.sources) else "nvml_power_sampling"
 
+    def _fail(self, when: str, exc: Exception) -> None:
+        """A counter that fails mid-run (a lost GPU, a driver error) ends the energy figures, not the evaluation."""
+        self.available = False
+        self.reason = f"energy counter failed {when}: {exc.__class__.__name__}: {exc}"
+
     def measure_idle(self) -> None:
         """Mean power over a short idle window, per counter (subtracted to give energy above idle)."""
         if not self.available or self.idle_seconds <= 0:
             return
+        try:
+            self._measure_idle()
+        except Exception as exc:
+            self._fail("measuring idle power", exc)
+
+    def _measure_idle(self) -> None:
         samples: dict[str, list[float]] = {g.uuid: [] for g in self.sources if g.instant_power}
         t0 = time.perf_counter()
         before = {g.uuid: g.energy_j() for g in self.sources if not g.instant_power}
@@ -330,12 +343,15 @@ class EnergyMeter:
     def start(self) -> None:
         if not self.available or self._t_start is not None:
             return
-        self._t_start = time.perf_counter()
-        for g in self.sources:
-            if g.has_counter:
-                self._start_j[g.uuid] = g.energy_j()
-            else:
-                self._sampled_j[g.uuid] = 0.0
+        t_start = time.perf_counter()
+        try:
+            start_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
+        except Exception as exc:
+            self._fail("at the first measured call", exc)
+            return
+        self._t_start = t_start
+        self._start_j = start_j
+        self._sampled_j = {g.uuid: 0.0 for g in self.sources if not g.has_counter}
         sampled = any(not g.has_counter for g in self.sources)
         if sampled or any(not g.instant_power for g in self.sources):
             interval = self.sample_interval if sampled else RAPL_POLL_SECONDS
@@ -365,8 +381,13 @@ class EnergyMeter:
             return {"available": False, "reason": "no measured forward ran"}
         elapsed = time.perf_counter() - self._t_start
         parts: dict[str, dict[str, Any]] = {}
+        try:
+            now_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
+        except Exception as exc:
+            self._fail("at the end", exc)
+            return {"available": False, "reason": self.reason}
         for g in self.sources:
-            joules = g.energy_j() - self._start_j[g.uuid] if g.has_counter else self._sampled_j.get(g.uuid, 0.0)
+            joules = now_j[g.uuid] - self._start_j[g.uuid] if g.has_counter else self._sampled_j.get(g.uuid, 0.0)
             idle_w = self.idle_power_w.get(g.uuid)
             parts[g.uuid] = {
                 **g.describe(),
@@ -482,10 +503,13 @@ class Meter:
         if self.energy is not None:
             self.energy.start()
         if self.uses_cuda_events:
+            # The model's device's stream, not the current device's: HFLM puts a model on cuda:1 without making
+            # it the current device, and events on cuda:0's idle stream would time only the launches.
+            stream = torch.cuda.current_stream(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             yield rec
-            end.record()
+            end.record(stream)
             rec._events = (start, end)
             self._pending.append(rec)
             if len(self._pending) >= 256:  # bound the number of live events
@@ -503,7 +527,7 @@ class Meter:
     def _resolve(self) -> None:
         if not self._pending:
             return
-        torch.cuda.synchronize()
+        self._pending[-1]._events[1].synchronize()  # one stream: the last event done, every earlier one is
         for rec in self._pending:
             start, end = rec._events
             rec.seconds = start.elapsed_time(end) / 1000.0
@@ -605,18 +629,27 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     lat["per_process_seconds"] = [s["latency"]["total_seconds"] for s in summaries]
     gpus: dict[str, dict[str, Any]] = {}
     reasons = []
+    unmeasured = []  # processes that ran measured calls without an energy reading
     method = None
     for s in summaries:
         e = s["energy"]
         if not e.get("available"):
             reasons.append(e.get("reason"))
+            if s["latency"]["calls"]:
+                unmeasured.append(e.get("reason"))
             continue
         method = e.get("method")
         parts_key, parts = _energy_parts(e)
         for uuid, g in parts.items():
             if uuid not in gpus or g["joules"] > gpus[uuid]["joules"]:
                 gpus[uuid] = g
-    energy = {"available": True, "method": method, parts_key: gpus} if gpus else {"available": False, "reason": reasons[0] if reasons else "unknown"}
+    if gpus and unmeasured:  # a partial sum read as the total would make the run look cheaper than it was
+        measured = len(summaries) - len(unmeasured)
+        energy = {"available": False, "reason": f"energy read by {measured} of {len(summaries)} processes; one that ran without it: {unmeasured[0]}"}
+    elif gpus:
+        energy = {"available": True, "method": method, parts_key: gpus}
+    else:
+        energy = {"available": False, "reason": reasons[0] if reasons else "unknown"}
     mem_bytes = [s["memory"]["bytes"] for s in summaries]
     memory = {"kind": summaries[0]["memory"]["kind"], "bytes": max(mem_bytes), "per_process_bytes": mem_bytes}
     return _finish({"latency": lat, "energy": energy, "memory": memory, "processes": len(summaries)})
