@@ -787,3 +787,103 @@ def test_min_reduction_fails_a_run_that_was_not_compressed_enough(tmp_path: Path
     assert r.exit_code == 1 and "not an hf-tucker run (no config.lowrank block)" in r.output
     bad = run_cli(*args, "--min-reduction", "1.5")
     assert bad.exit_code == 2 and "--min-reduction 1.5 is invalid" in bad.output
+
+
+def test_a_group_evaluated_on_other_documents_warns_like_a_task(tmp_path: Path) -> None:
+    """lm-eval writes n-samples for leaf tasks only, so a group run at another --limit must be caught from its
+    subtasks' counts (summed), as a plain task is from its own."""
+    comp = lm_eval_results(arc=ARC_BASE)
+    for counts in comp["n-samples"].values():
+        counts["effective"] = 50  # --limit 50 on every task
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), comp)
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert "warning: arc_easy_local: evaluated samples differs (baseline 200, compressed 50)" in r.output
+    assert "warning: mmlu_local: evaluated samples differs (baseline 200, compressed 100); the runs are not comparable" in r.output
+    # the same documents: no warning for the group
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    assert "warning" not in run_cli(c, "--baseline", b, "--max-drop", "0.03").output
+
+
+def _with_documents(run: Path, evaluated: int, original: int = 2376) -> Path:
+    """Set the run's n-samples for arc_easy_local, as ``--limit evaluated`` on a task of ``original`` documents."""
+    data = json.loads(run.read_text())
+    data["n-samples"]["arc_easy_local"] = {"original": original, "effective": evaluated}
+    run.write_text(json.dumps(data))
+    return run
+
+
+def _gate_json(tmp_path: Path, name: str, base: list[int], comp: list[int], *args: str, samples: bool = True, stderr: float | str = 0.01) -> dict[str, Any]:
+    """The arc_easy_local row of ``gate --json`` on two runs of the given 0/1 answers (n-samples: their length)."""
+    runs = [
+        _with_documents(_arc_run(tmp_path / name / side, stamp, answers, stderr=stderr, samples=samples), len(answers))
+        for side, stamp, answers in (("base", "2026-01-01T00-00-00.0", base), ("comp", "2026-01-02T00-00-00.0", comp))
+    ]
+    r = run_cli(str(runs[1]), "--baseline", str(runs[0]), "--confidence", "0.95", "--json", *args)
+    return {**json.loads(r.stdout)["tasks"][0], "exit_code": r.exit_code, "output": r.stderr}
+
+
+def test_unsure_advice_when_no_answer_changed_shrinks_as_one_over_n(tmp_path: Path) -> None:
+    """No answer changed: the Agresti-Min error is 1/(n+2), not spread/sqrt(n), so the documents that decide are
+    about z / gap - 2 (53 at a 3-point gate), not 20 * (z * se / gap)^2 = 125. Checked on the gate's own verdict."""
+    z = 1.6448536
+    answers = [i % 2 for i in range(20)]
+    task = _gate_json(tmp_path, "n20", answers, answers, "--max-drop", "0.03")
+    assert (task["verdict"], task["stderr"]) == ("UNSURE", pytest.approx(1 / 22))
+    advised = task["documents_to_decide"]
+    assert advised == math.ceil(z / 0.03) - 2 == 53
+    assert "UNSURE at 20 documents: about 53 would make it PASS" in task["output"]
+    # the gate itself: the advised count of unchanged documents passes, one fewer does not
+    assert _gate_json(tmp_path, "m", [1] * advised, [1] * advised, "--max-drop", "0.03")["verdict"] == "PASS"
+    assert _gate_json(tmp_path, "m-1", [1] * (advised - 1), [1] * (advised - 1), "--max-drop", "0.03")["verdict"] == "UNSURE"
+    # a relative drop's error is divided by the baseline (0.5): a 6 % relative gate is the same 3-point one
+    assert _gate_json(tmp_path, "rel", answers, answers, "--max-drop", "0.06", "--relative")["documents_to_decide"] == 53
+    # every answer lost (the other zero-spread case): 4 documents, drop 1.0, UNSURE at a 0.7 tolerance
+    lost = _gate_json(tmp_path, "lost", [1] * 4, [0] * 4, "--max-drop", "0.7")
+    assert lost["verdict"] == "UNSURE" and lost["stderr"] == pytest.approx(g.agresti_min_stderr(4, 0, 4))
+    m = lost["documents_to_decide"]
+    assert m < math.ceil(4 * (z * lost["stderr"] / 0.3) ** 2)  # the 1/sqrt(n) rule overstates it
+    assert _gate_json(tmp_path, "lost_m", [1] * m, [0] * m, "--max-drop", "0.7")["verdict"] == "FAIL"
+    assert _gate_json(tmp_path, "lost_m-1", [1] * (m - 1), [0] * (m - 1), "--max-drop", "0.7")["verdict"] == "UNSURE"
+    # an ordinary paired error keeps the 1/sqrt(n) rule
+    assert g.documents_to_decide(0.04, 0.01, 100, 0.05, 2.0) == 400
+
+
+def test_zero_lm_eval_stderrs_are_not_certainty(tmp_path: Path) -> None:
+    """lm-eval writes a stderr of 0 for a score of 0 or 1. Two of them would put both bounds on the drop and PASS
+    20 documents all right in both runs at any level; each is floored at the error of (x+1)/(n+2) instead."""
+    z = 1.6448536
+    task = _gate_json(tmp_path, "n20", [1] * 20, [1] * 20, "--max-drop", "0.03", samples=False, stderr=0.0)
+    floor = math.sqrt(21 / 22 * (1 / 22) / 22)  # p = 21/22 over 20 documents
+    assert (task["stderr_kind"], task["stderr"]) == ("unpaired", pytest.approx(math.hypot(floor, floor)))
+    assert task["verdict"] == "UNSURE" and task["exit_code"] == 1
+    assert task["bounds"] == pytest.approx([-z * math.hypot(floor, floor), z * math.hypot(floor, floor)])
+    assert "stderr of acc_norm,none is 0 in both runs (a score of 0 or 1)" in task["note"]
+    # the advice solves on the floor too, and the gate agrees with it
+    m = task["documents_to_decide"]
+    assert _gate_json(tmp_path, "m", [1] * m, [1] * m, "--max-drop", "0.03", samples=False, stderr=0.0)["verdict"] == "PASS"
+    assert _gate_json(tmp_path, "m-1", [1] * (m - 1), [1] * (m - 1), "--max-drop", "0.03", samples=False, stderr=0.0)["verdict"] == "UNSURE"
+    # a score of 0 in both runs is floored alike
+    assert _gate_json(tmp_path, "zero", [0] * 20, [0] * 20, "--max-drop", "0.03", samples=False, stderr=0.0)["stderr"] == pytest.approx(math.hypot(floor, floor))
+    # without n-samples the document count is unknown: no bound, UNSURE with the reason, not PASS
+    def without_counts(name: str, base: list[int], comp: list[int]) -> tuple[str, str]:
+        runs = []
+        for side, stamp, answers in (("base", "2026-01-01T00-00-00.0", base), ("comp", "2026-01-02T00-00-00.0", comp)):
+            run = _arc_run(tmp_path / name / side, stamp, answers, stderr=0.0, samples=False)
+            data = json.loads(run.read_text())
+            del data["n-samples"]
+            run.write_text(json.dumps(data))
+            runs.append(str(run))
+        return runs[0], runs[1]
+
+    base, comp = without_counts("unknown", [1] * 20, [1] * 20)
+    r = run_cli(comp, "--baseline", base, "--max-drop", "0.03", "--confidence", "0.95", "--json")
+    task = json.loads(r.stdout)["tasks"][0]
+    assert r.exit_code == 1 and (task["verdict"], task["stderr"], task["bounds"]) == ("UNSURE", None, None)
+    assert "is 0 in both runs, which would claim certainty" in task["note"] and "no bound" in task["note"]
+    # compare (drop_noise) gives no interval then, rather than a zero-width one
+    noise, note = g.drop_noise("arc_easy_local", "acc_norm,none", g.load_results(base), g.load_results(comp), 1.0, 1.0)
+    assert noise is None and "no bound" in (note or "")
+    # a drop beyond the tolerance still FAILs on its own, so that --unsure pass cannot pass a broken model
+    base, comp = without_counts("broken", [1] * 20, [0] * 20)
+    r = run_cli(comp, "--baseline", base, "--max-drop", "0.03", "--confidence", "0.95", "--unsure", "pass", "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["tasks"][0]["verdict"] == "FAIL"

@@ -33,7 +33,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -398,6 +398,9 @@ class DropNoise:
     stderr: float
     kind: str  # "paired": over the documents both runs scored; "unpaired": from lm-eval's stderr of each score
     documents: int | None = None  # paired documents
+    # The error were the runs m documents long, where it does not shrink as 1/sqrt(m): the zero-spread errors
+    # (Agresti and Min's, or two lm-eval stderrs of 0 floored) shrink about as 1/m. documents_to_decide solves on it.
+    error_at: Callable[[int], float] | None = field(default=None, compare=False, repr=False)
 
 
 def samples_path(results: ResultsFile, task: str) -> Path | None:
@@ -452,6 +455,36 @@ def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
     return abs(statistics.fmean(scores.values()) - reported) <= 1e-6 * max(1.0, abs(reported))
 
 
+def agresti_min_stderr(lost: float, gained: float, documents: float) -> float:
+    """Agresti and Min's standard error of the mean paired 0/1 difference: half a document added to each cell of the
+    2x2 table of (base, comp) answers, ``lost`` (1 -> 0) and ``gained`` (0 -> 1) of ``documents``. Counts may be
+    fractional (scaled to another number of documents)."""
+    n = documents + 2.0
+    lost, gained = lost + 0.5, gained + 0.5
+    mean = (lost - gained) / n
+    return math.sqrt(((lost + gained) / n - mean * mean) / n)
+
+
+def _paired_noise(
+    base: Mapping[Any, float], comp: Mapping[Any, float], base_value: float, comp_value: float, metric: str, source: str
+) -> tuple[float | None, str | None, tuple[int, int] | None]:
+    """:func:`paired_drop_stderr`, plus (lost, gained) when the error came from the Agresti-Min branch."""
+    if base.keys() != comp.keys():
+        return None, f"{source} cover different documents", None
+    if len(base) < 2:
+        return None, f"fewer than 2 documents in {source}", None
+    if not (_is_their_mean(base, base_value) and _is_their_mean(comp, comp_value)):
+        return None, f"{metric} is not a mean over documents", None
+    diffs = [base[k] - comp[k] for k in base]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if stderr > 0:
+        return stderr, None, None
+    if not all(v in (0.0, 1.0) for scores in (base, comp) for v in scores.values()):
+        return None, f"every document's {metric} moved by the same amount: no spread to estimate an error from", None
+    lost, gained = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return agresti_min_stderr(lost, gained, len(diffs)), None, (lost, gained)
+
+
 def paired_drop_stderr(
     base: Mapping[Any, float], comp: Mapping[Any, float], base_value: float, comp_value: float, metric: str, source: str = "the samples files"
 ) -> tuple[float | None, str | None]:
@@ -460,25 +493,74 @@ def paired_drop_stderr(
     its documents'.
 
     When every document moved the same way (most often: no answer changed), the sample spread is zero and would
-    claim certainty. For 0/1 scores the error is then Agresti and Min's: half a document added to each cell of
-    the 2x2 table of (base, comp) answers, so that n unchanged documents still leave about 1/(n+2). Other scores
-    have no standard error then."""
-    if base.keys() != comp.keys():
-        return None, f"{source} cover different documents"
-    if len(base) < 2:
-        return None, f"fewer than 2 documents in {source}"
-    if not (_is_their_mean(base, base_value) and _is_their_mean(comp, comp_value)):
-        return None, f"{metric} is not a mean over documents"
-    diffs = [base[k] - comp[k] for k in base]
-    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    if stderr > 0:
-        return stderr, None
-    if not all(v in (0.0, 1.0) for scores in (base, comp) for v in scores.values()):
-        return None, f"every document's {metric} moved by the same amount: no spread to estimate an error from"
-    n = len(diffs) + 2.0
-    lost, gained = sum(d > 0 for d in diffs) + 0.5, sum(d < 0 for d in diffs) + 0.5  # Agresti-Min: +1/2 a cell
-    mean = (lost - gained) / n
-    return math.sqrt(((lost + gained) / n - mean * mean) / n), None
+    claim certainty. For 0/1 scores the error is then Agresti and Min's (:func:`agresti_min_stderr`): half a
+    document added to each cell of the 2x2 table of (base, comp) answers, so that n unchanged documents still leave
+    about 1/(n+2). Other scores have no standard error then."""
+    stderr, why, _ = _paired_noise(base, comp, base_value, comp_value, metric, source)
+    return stderr, why
+
+
+def zero_stderr_floor(score: float, documents: float) -> float:
+    """The standard error of a 0/1 mean ``score`` over ``documents`` whose sample spread is zero (lm-eval writes a
+    stderr of 0 for a score of 0 or 1): that of (x+1)/(n+2), x = score * n right answers, half a document added to
+    each side as the paired Agresti-Min error does."""
+    p = (score * documents + 1) / (documents + 2)
+    return math.sqrt(p * (1 - p) / (documents + 2))
+
+
+def _evaluated_documents(results: ResultsFile, task: str, score: float) -> int | None:
+    """The documents a 0/1 mean ``score`` was taken over (n-samples' effective), or None when the results do not
+    say or the score is no count of right answers over them."""
+    counts = sample_counts(results, task)
+    if counts is None or not 0.0 <= score <= 1.0:
+        return None
+    correct = score * counts[0]
+    return counts[0] if abs(correct - round(correct)) <= 1e-6 * counts[0] else None
+
+
+def _drop_noise(
+    task: str, metric_key: str, baseline: ResultsFile, compressed: ResultsFile, base_value: float, comp_value: float, relative: bool
+) -> tuple[DropNoise | None, str | None, bool]:
+    """:func:`drop_noise`, plus whether a missing error means "no bound can be given" (zero stderrs that would claim
+    certainty) rather than "gate on the drop alone"."""
+    if relative and base_value == 0:
+        return None, "a relative drop from a zero baseline has no standard error", False
+    scale = abs(base_value) if relative else 1.0
+    note = None
+    b = per_document_scores(baseline, task, metric_key)
+    c = per_document_scores(compressed, task, metric_key)
+    if b is not None and c is not None:
+        stderr, why, agresti = _paired_noise(b, c, base_value, comp_value, metric_key, "the samples files")
+        if stderr is not None:  # the sign of the drop does not change its standard error
+            error_at: Callable[[int], float] | None = None
+            if agresti is not None:
+                n, (lost, gained) = len(b), agresti
+
+                def agresti_at(m: int) -> float:  # as many answers lost and gained per document, over m documents
+                    return agresti_min_stderr(lost * m / n, gained * m / n, m) / scale
+
+                error_at = agresti_at
+            return DropNoise(stderr / scale, "paired", len(b), error_at), None, False
+        note = f"{why}: unpaired standard error"
+    name, flt = metric_key.split(",", 1)
+    errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
+    if any(e is None for e in errors):
+        return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone", False
+    if all(e == 0 for e in errors):
+        # lm-eval writes a stderr of 0 for a score of 0 or 1; taken as is, the bounds would collapse onto the drop.
+        documents = [_evaluated_documents(f, task, v) for f, v in ((baseline, base_value), (compressed, comp_value))]
+        if any(n is None for n in documents):
+            why = f"lm-eval's stderr of {metric_key} is 0 in both runs, which would claim certainty, and the results do not give each score as a 0/1 mean over a known number of documents (n-samples): no bound"
+            return None, why if note is None else f"{note}; {why}", True
+        floor_note = f"lm-eval's stderr of {metric_key} is 0 in both runs (a score of 0 or 1): each taken as that of (x+1)/(n+2) over its documents"
+        note = floor_note if note is None else f"{note}; {floor_note}"
+        stderr = math.hypot(*(zero_stderr_floor(v, n) for v, n in zip((base_value, comp_value), documents))) / scale  # type: ignore[arg-type]
+
+        def floor_at(m: int) -> float:  # the same scores over m documents in each run
+            return math.hypot(zero_stderr_floor(base_value, m), zero_stderr_floor(comp_value, m)) / scale
+
+        return DropNoise(stderr, "unpaired", None, floor_at), note, False
+    return DropNoise(math.hypot(*errors) / scale, "unpaired"), note, False
 
 
 def drop_noise(
@@ -486,23 +568,10 @@ def drop_noise(
 ) -> tuple[DropNoise | None, str | None]:
     """(the standard error of the drop from ``base_value`` to ``comp_value``, a note): paired over documents when
     both runs logged their samples and the metric is a mean over documents, else from lm-eval's stderr of each
-    score (as independent), else None."""
-    if relative and base_value == 0:
-        return None, "a relative drop from a zero baseline has no standard error"
-    scale = abs(base_value) if relative else 1.0
-    note = None
-    b = per_document_scores(baseline, task, metric_key)
-    c = per_document_scores(compressed, task, metric_key)
-    if b is not None and c is not None:
-        stderr, why = paired_drop_stderr(b, c, base_value, comp_value, metric_key)
-        if stderr is not None:  # the sign of the drop does not change its standard error
-            return DropNoise(stderr / scale, "paired", len(b)), None
-        note = f"{why}: unpaired standard error"
-    name, flt = metric_key.split(",", 1)
-    errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
-    if any(e is None for e in errors):
-        return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone"
-    return DropNoise(math.hypot(*errors) / scale, "unpaired"), note
+    score (as independent), else None. Two stderrs of 0 (lm-eval's for a score of 0 or 1) would claim certainty:
+    each is then that of (x+1)/(n+2) over the run's n documents, or, where n is unknown, there is no error (None)."""
+    noise, note, _ = _drop_noise(task, metric_key, baseline, compressed, base_value, comp_value, relative)
+    return noise, note
 
 
 def parse_confidence(value: float | None) -> float | None:
@@ -532,21 +601,46 @@ def sample_counts(results: ResultsFile, task: str, _seen: frozenset[str] = froze
     return total
 
 
-def documents_to_decide(drop: float, stderr: float, documents: int, max_drop: float, z: float) -> int | None:
+def documents_to_decide(
+    drop: float, stderr: float, documents: int, max_drop: float, z: float, error_at: Callable[[int], float] | None = None
+) -> int | None:
     """How many documents would move the bound past the tolerance, were the drop and the spread per document to
-    hold: the standard error shrinks as 1/sqrt(n). None when the drop sits on the tolerance."""
+    hold: the standard error shrinks as 1/sqrt(n). With ``error_at`` (the error at m documents, for the zero-spread
+    errors that shrink about as 1/m) it is the smallest m at which the gate's own verdict is decided. None when the
+    drop sits on the tolerance."""
     gap = abs(max_drop - drop)
     if gap <= _EPS or stderr <= 0:
         return None
-    return math.ceil(documents * (z * stderr / gap) ** 2)
+    if error_at is None:
+        return math.ceil(documents * (z * stderr / gap) ** 2)
+
+    def decides(m: int) -> bool:  # the same comparisons as _apply_confidence's verdict
+        bound = z * error_at(m)
+        return drop + bound <= max_drop + _EPS if drop < max_drop else drop - bound > max_drop + _EPS
+
+    # The zero-spread errors fall monotonically in m (none changed: 1/(m+2); all lost: sqrt(3m+2)/(m+2)^1.5), so
+    # bracket the answer by doubling, then bisect.
+    low = high = max(documents, 1)
+    while not decides(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if decides(middle) else (middle, high)
+    return high
 
 
-def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: float, counts: tuple[int, int] | None = None) -> None:
+def _apply_confidence(
+    row: Row, noise: DropNoise | None, note: str | None, z: float, counts: tuple[int, int] | None = None, unbounded: bool = False
+) -> None:
     """PASS when the upper bound of the drop is within the tolerance, FAIL when the lower bound exceeds it. An
-    UNSURE row says how many documents would decide it, where the documents evaluated are known."""
+    UNSURE row says how many documents would decide it, where the documents evaluated are known. ``unbounded``:
+    there is no error because the one there was would claim certainty, so a drop within the tolerance cannot PASS
+    (one beyond it still FAILs, as on the drop alone)."""
     row.noise = noise
     if note:
         row.note = note if row.note is None else f"{row.note}; {note}"
+    if noise is None and unbounded and row.verdict == "PASS":
+        row.verdict = "UNSURE"
     if noise is None or row.drop is None or not math.isfinite(row.drop):
         return
     lo, hi = row.drop - z * noise.stderr, row.drop + z * noise.stderr
@@ -556,7 +650,7 @@ def _apply_confidence(row: Row, noise: DropNoise | None, note: str | None, z: fl
     if row.verdict != "UNSURE" or documents is None:
         return
     row.task_documents = counts[1] if counts else None
-    row.documents_to_decide = documents_to_decide(row.drop, noise.stderr, documents, row.max_drop, z)
+    row.documents_to_decide = documents_to_decide(row.drop, noise.stderr, documents, row.max_drop, z, noise.error_at)
     if row.documents_to_decide is None:
         advice = "the drop sits on the tolerance: no number of documents decides it"
     else:
@@ -687,17 +781,17 @@ def _matches(key: str, requested: str) -> bool:
 def _comparability_warnings(tasks: Sequence[str], baseline: ResultsFile, compressed: ResultsFile) -> list[str]:
     """Settings that make the two runs incomparable; reported, not failed on."""
     out = []
-    for key, label in (("n-shot", "num_fewshot"), ("n-samples", "evaluated samples")):
-        b_map, c_map = baseline.data.get(key), compressed.data.get(key)
-        if not isinstance(b_map, Mapping) or not isinstance(c_map, Mapping):
-            continue
-        for task in tasks:
-            b, c = b_map.get(task), c_map.get(task)
-            if key == "n-samples":
-                b = b.get("effective") if isinstance(b, Mapping) else None
-                c = c.get("effective") if isinstance(c, Mapping) else None
+    b_shots, c_shots = baseline.data.get("n-shot"), compressed.data.get("n-shot")
+    for task in tasks:
+        if isinstance(b_shots, Mapping) and isinstance(c_shots, Mapping):
+            b, c = b_shots.get(task), c_shots.get(task)
             if b is not None and c is not None and b != c:
-                out.append(f"{task}: {label} differs (baseline {b}, compressed {c}); the runs are not comparable")
+                out.append(f"{task}: num_fewshot differs (baseline {b}, compressed {c}); the runs are not comparable")
+        # lm-eval writes n-samples for leaf tasks only: sample_counts sums a group's subtasks, so a group run at
+        # another --limit is caught too.
+        b_counts, c_counts = sample_counts(baseline, task), sample_counts(compressed, task)
+        if b_counts is not None and c_counts is not None and b_counts[0] != c_counts[0]:
+            out.append(f"{task}: evaluated samples differs (baseline {b_counts[0]}, compressed {c_counts[0]}); the runs are not comparable")
     return out
 
 
@@ -762,13 +856,13 @@ def run_gate(
     per_row = None
     if confidence is not None:
         scored = [r for r in rows if r.verdict != "MISSING" and r.metric is not None and r.drop is not None and math.isfinite(r.drop)]
-        noises = [drop_noise(r.task, r.metric, baseline, compressed, r.baseline, r.compressed, relative) for r in scored]  # type: ignore[arg-type]
+        noises = [_drop_noise(r.task, r.metric, baseline, compressed, r.baseline, r.compressed, relative) for r in scored]  # type: ignore[arg-type]
         # Bonferroni: with k bounds at 1 - (1 - C) / k each, all k hold together with probability >= C.
-        k = sum(noise is not None for noise, _ in noises)
+        k = sum(noise is not None for noise, _, _ in noises)
         per_row = 1 - (1 - confidence) / k if family_wise and k > 1 else confidence
         z = statistics.NormalDist().inv_cdf(per_row)
-        for row, (noise, note) in zip(scored, noises):
-            _apply_confidence(row, noise, note, z, sample_counts(baseline, row.task))
+        for row, (noise, note, unbounded) in zip(scored, noises):
+            _apply_confidence(row, noise, note, z, sample_counts(baseline, row.task), unbounded)
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
     return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row, min_reduction, parameter_reduction(compressed))
