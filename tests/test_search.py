@@ -271,7 +271,8 @@ def test_paired_bounds_over_two_tasks_mean_and_max() -> None:
     assert why is None and s == pytest.approx(math.hypot(sa, sb) / 2)
     assert (lo, up) == (pytest.approx(0.07 - z * s), pytest.approx(0.07 + z * s))
     (lo, up, s), _ = paired_drop_bounds(row(dense), row(comp), "max", z)
-    assert lo == pytest.approx(max(0.10 - z * sa, 0.04 - z * sb))
+    z2 = 1.9599640  # the lower bound is a union over the 2 tasks: each at 1 - 0.05/2 (Bonferroni)
+    assert lo == pytest.approx(max(0.10 - z2 * sa, 0.04 - z2 * sb))
     assert up == pytest.approx(max(0.10 + z * sa, 0.04 + z * sb)) and s == pytest.approx(sa if 0.10 + z * sa > 0.04 + z * sb else sb)
     bounds, why = paired_drop_bounds(row(dense), {"accuracy": {"a": 0.4, "b": 0.46}}, "mean", z)
     assert bounds is None and why.startswith("a: no per-document scores")
@@ -383,3 +384,65 @@ def test_screening_lets_candidates_tied_with_the_cut_go_on() -> None:
     seen.clear()
     search(cands, evaluate, tolerance=0.01, limits=(10, 50), objective="params", eta=2)  # no timings in the ranking
     assert len(seen[50]) == 3
+
+
+def test_max_aggregate_screening_prunes_a_feasible_candidate_at_most_one_minus_level() -> None:
+    """With aggregate=max any task's lower bound beyond tau prunes: a union over the tasks. A candidate losing
+    exactly tau on each of 6 tasks is within tolerance, so at 95 % it must be pruned in at most about 5 % of
+    searches (bounds at the plain level per task pruned about 23 %)."""
+    rng = random.Random(1234)
+    tasks, docs, tau, trials = 6, 200, 0.10, 300
+
+    def one_search() -> bool:
+        dense: dict = {"status": "ok", "accuracy": {}, "doc_scores": {}, "seconds_per_token": 1.0}
+        cand: dict = {"status": "ok", "accuracy": {}, "doc_scores": {}, "seconds_per_token": 0.5, "param_reduction": 0.1}
+        for t in range(tasks):
+            b = [1.0 if rng.random() < 0.7 else 0.0 for _ in range(docs)]
+            c = [0.0 if x == 1.0 and rng.random() < tau / 0.7 else x for x in b]  # expected drop: exactly tau
+            for row, scores in ((dense, b), (cand, c)):
+                row["accuracy"][f"t{t}"] = sum(scores) / docs
+                row["doc_scores"][f"t{t}"] = [[i, f"h{i}", v] for i, v in enumerate(scores)]
+        res = search([Candidate("c", {"rank": "8"})], lambda spec, limit, **kw: cand if spec else dense, tolerance=tau, limits=(docs, docs), objective="latency", aggregate="max", confidence=0.95)
+        return not any(e.candidate.name == "c" and e.rung == 1 for e in res.history)  # pruned at screening
+
+    rate = sum(one_search() for _ in range(trials)) / trials
+    assert rate <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials), rate  # the promise, with room for the draw
+
+
+def test_a_missing_cost_never_makes_a_candidate_win() -> None:
+    """A row without params_after or memory_bytes costs inf, as one without latency does, not 0."""
+    for objective, field in (("params", "params_after"), ("memory", "memory_bytes"), ("latency", "seconds_per_token")):
+        assert objective_value({**_row(0.5, 0.1, 2.0), field: None}, objective) == (math.inf, objective)
+    assert objective_value({**_row(0.5, 0.1, 2.0), "memory_bytes": 0}, "memory") == (0.0, "memory")  # 0 is a value
+    rows = {"dense": _row(0.60, 0.0, 1.0), "measured": _row(0.60, 0.05, 1.0), "unmeasured": _row(0.60, 0.02, 1.0)}
+    for objective, field in (("params", "params_after"), ("memory", "memory_bytes")):
+        rows["unmeasured"] = {**_row(0.60, 0.02, 1.0), field: None}
+        cands = [Candidate(n, {"name": n}) for n in ("unmeasured", "measured")]
+        res = search(cands, lambda spec, limit, **kw: rows[spec.get("name", "dense")], tolerance=0.01, limits=(50,), objective=objective)
+        assert res.best.candidate.name == "measured", objective
+
+
+def test_limits_must_ascend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Screening on 50 documents and deciding feasibility on 10 is upside down: refused by the core and the CLI."""
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank import sweep as sweep_mod
+    from lm_eval_lowrank.cli import cli
+
+    ev = _evaluator([])
+    with pytest.raises(SpecError, match=r"limits=\[50, 10\] is invalid: give documents per rung in ascending order"):
+        search(_cands(), ev, 0.03, limits=(50, 10))
+    with pytest.raises(SpecError, match="ascending"):
+        search(_cands(), ev, 0.03, limits=(None, 10))  # None = every document
+    assert search(_cands(), ev, 0.03, limits=(10, 50)).best.limit == 50  # ascending: fine
+    store = str(tmp_path / "s.jsonl")
+    res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, "--limits", "50,10"])
+    assert res.exit_code == 2 and "'--limits'" in res.output and "ascend" in res.output and "10,50" in res.output, res.output
+    assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
+
+    def reached(model: str):  # an ascending list gets past the check, to the model
+        raise RuntimeError("reached model_info")
+
+    monkeypatch.setattr(sweep_mod, "model_info", reached)
+    ok = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,10,50"])
+    assert isinstance(ok.exception, RuntimeError) and str(ok.exception) == "reached model_info", ok.output

@@ -493,3 +493,48 @@ def test_report_gives_the_latency_change_its_paired_interval(tmp_path: Path) -> 
     ((xs, ys), (below, above)), = calls
     assert xs == (10.0,) and ys[0] == pytest.approx(change, abs=0.05)
     assert ys[0] - below[0] == pytest.approx(lower, abs=0.05) and ys[0] + above[0] == pytest.approx(upper, abs=0.05)
+
+
+def test_a_row_stored_on_another_device_or_batch_size_is_evaluated_again(tmp_path: Path) -> None:
+    """The key leaves out device and batch size (old stores still resume), but a cpu/batch-1 row's latency is not a
+    cuda/batch-8 run's: the runner evaluates again, says why, and the new row supersedes the old."""
+    from lm_eval_lowrank.sweep import Runner, build_grid, run_sweep
+
+    path, spec = tmp_path / "s.jsonl", {"rank": "8", "layers": "16", "tensors": "all"}
+
+    def runner(device: str, batch_size: str | int) -> tuple[Runner, list[str]]:
+        logged: list[str] = []
+        r = Runner(model="m", tasks=("arc_easy_local",), store=Store.open(path), device=device, batch_size=batch_size, log=logged.append)
+
+        def fake_run(key, spec_args, limit, label, phase, meta):  # no model: the row a real run would store
+            return {"key": key, "status": "ok", "device": r.device, "batch_size": str(r.batch_size), "seconds_per_token": 0.001,
+                    "accuracy": {"arc_easy_local": 0.5}, "param_reduction": 0.01, "wall_seconds": 1.0}
+
+        r._run = fake_run  # type: ignore[method-assign]
+        return r, logged
+
+    cpu, _ = runner("cpu", 1)
+    old = cpu.store.append({"key": cpu.key(spec, 20), "status": "ok", "device": "cpu", "batch_size": "1", "seconds_per_token": 0.05})
+    assert cpu.evaluate(spec, 20) == old and cpu.evaluated == 0  # its own row: reused
+
+    gpu, logged = runner("cuda", 8)
+    assert gpu.key(spec, 20) == old["key"] and gpu.stored_row(old["key"]) is None
+    row = gpu.evaluate(spec, 20, label="r8 [16]")
+    assert gpu.evaluated == 1 and (row["device"], row["batch_size"], row["seconds_per_token"]) == ("cuda", "8", 0.001)
+    assert logged == ["  r8 [16]: stored with --device cpu, not cuda; evaluating again"]
+    assert Store.open(path).get(old["key"])["device"] == "cuda"  # the new row supersedes
+    again, _ = runner("cuda", 8)
+    assert again.evaluate(spec, 20) == row and again.evaluated == 0  # and is reused by a run like it
+
+    batch4, logged4 = runner("cuda", 4)  # the batch size alone differs
+    assert batch4.evaluate(spec, 20, label="r8 [16]")["batch_size"] == "4" and batch4.evaluated == 1
+    assert logged4 == ["  r8 [16]: stored with --batch-size 8, not 4; evaluating again"]
+
+    sweeper, _ = runner("cpu", 1)  # run_sweep goes through the same check
+    grid = build_grid([8], [("16", (16,))], [("all", None)], dense=False)
+    assert run_sweep(sweeper, grid, 20)[0]["device"] == "cpu" and sweeper.evaluated == 1
+    assert sweeper.stored_row(sweeper.key(spec, 20)) is not None
+
+    unrecorded, _ = runner("cuda", 8)  # a row that records neither (written by hand) is taken as it is
+    bare = unrecorded.store.append({"key": unrecorded.key(spec, 40), "status": "ok", "seconds_per_token": 0.02})
+    assert unrecorded.evaluate(spec, 40) == bare and unrecorded.evaluated == 0

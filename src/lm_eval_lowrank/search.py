@@ -130,12 +130,22 @@ def _doc_scores(row: Mapping[str, Any], task: str) -> dict[tuple[Any, Any], floa
     return {(doc_id, doc_hash): float(v) for doc_id, doc_hash, v in listed} if listed else None
 
 
+def bonferroni_z(z: float, k: int) -> float:
+    """The one-sided z whose tail is ``z``'s tail over ``k``: k bounds at it all hold together at ``z``'s level."""
+    if k <= 1:
+        return z
+    nd = statistics.NormalDist()
+    return nd.inv_cdf(1 - (1 - nd.cdf(z)) / k)
+
+
 def paired_drop_bounds(dense: Mapping[str, Any], row: Mapping[str, Any], aggregate: str, z: float) -> tuple[tuple[float, float, float] | None, str | None]:
     """((lower, upper, standard error), None): one-sided confidence bounds of the drop at ``z``, paired over the
     documents both rows scored (their ``doc_scores``); or (None, why) when they cannot be paired.
     ``mean``: the tasks' paired errors added in quadrature over the mean. ``max``: each bound is the largest of
-    the tasks' own (the max of the drops is at least each task's lower bound, and at most the largest upper one);
-    the error is that of the task with the largest upper bound."""
+    the tasks' own; the error is that of the task with the largest upper bound. The upper bound holds at ``z``'s
+    level as it is (the worst task alone must exceed it), but the lower one is a union over the T tasks (any
+    task's bound above tau prunes), so each task's lower bound is taken at the Bonferroni level 1 - (1 - level)/T:
+    a candidate with every task truly within tau is then pruned with probability at most 1 - level."""
     from .gate import paired_drop_stderr
 
     per_task = []
@@ -154,7 +164,8 @@ def paired_drop_bounds(dense: Mapping[str, Any], row: Mapping[str, Any], aggrega
         return None, "no task reports an accuracy-like metric"
     if aggregate == "max":
         drop, stderr = max(per_task, key=lambda t: t[0] + z * t[1])
-        return (max(d - z * se for d, se in per_task), drop + z * stderr, stderr), None
+        z_low = bonferroni_z(z, len(per_task))
+        return (max(d - z_low * se for d, se in per_task), drop + z * stderr, stderr), None
     stderr = math.sqrt(sum(se * se for _, se in per_task)) / len(per_task)
     mean = sum(d for d, _ in per_task) / len(per_task)
     return (mean - z * stderr, mean + z * stderr, stderr), None
@@ -169,13 +180,18 @@ def parse_objective(text: str) -> str:
     return obj
 
 
+def _or_inf(value: Any) -> float:
+    return math.inf if value is None else float(value)
+
+
 def objective_value(row: Mapping[str, Any], objective: str) -> tuple[float, str]:
-    """(value, objective actually used). Energy falls back to latency where it is unavailable."""
+    """(value, objective actually used). Energy falls back to latency where it is unavailable. A missing value
+    is inf, never 0: the search minimises, so a row that did not report its cost must not win by it."""
     lat = row.get("seconds_per_token")
     if objective == "params":
-        return float(row.get("params_after") or 0), "params"
+        return _or_inf(row.get("params_after")), "params"
     if objective == "memory":
-        return float(row.get("memory_bytes") or 0), "memory"
+        return _or_inf(row.get("memory_bytes")), "memory"
     energy = row.get("joules_per_token") if row.get("energy_available") else None
     if objective in ("energy", "latency*energy") and energy is None:
         objective = "latency"
@@ -290,7 +306,8 @@ def search(
     documents the candidate and the dense model both scored (the rows' ``doc_scores``):
     - screening prunes a candidate only when its lower bound exceeds ``tolerance + prune_margin`` (default 0),
       so a candidate that is within tolerance is pruned with probability at most 1 - confidence, however few the
-      documents;
+      documents (with ``aggregate="max"`` each task's lower bound is at 1 - (1 - confidence) / T over the T tasks,
+      since any one of them prunes);
     - the last rung calls a candidate feasible only when its upper bound is within the tolerance.
     A row that cannot be paired is judged on its drop (screening with the 0.1 default margin), with a note.
     ``family_wise`` makes the level hold for all the candidates of a rung together (Bonferroni over the k
@@ -321,6 +338,11 @@ def search(
     bound_margin = 0.0 if prune_margin is None else prune_margin  # margin on the lower bound (confidence)
     if not limits:
         raise SpecError("limits: give at least one evaluation limit")
+    # later rungs must see at least the documents of earlier ones (None = all): screening on many and
+    # deciding feasibility on few would turn successive halving upside down
+    sizes = [math.inf if n is None else n for n in limits]
+    if any(b < a for a, b in zip(sizes, sizes[1:])):
+        raise SpecError(f"limits={list(limits)!r} is invalid: give documents per rung in ascending order, screening first, e.g. 10,50")
     if eta <= 1:
         raise SpecError(f"eta={eta} is invalid: expected > 1")
     if aggregate not in ("mean", "max"):
@@ -383,6 +405,8 @@ def search(
         kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
         n_next = max(1, math.ceil(len(scored) / eta))
         rule = f"lower {level:.4g} bound beyond tau+{bound_margin:g}" if confidence is not None else f"beyond tau+{point_margin:g}"
+        if confidence is not None and aggregate == "max":
+            rule += ", each task's at Bonferroni over the tasks"
         going = kept[:n_next]
         tied = _tied_at_the_cut(going, kept[n_next:], confidence if confidence is not None else TIE_LEVEL) if used == {"latency"} else []
         alive = [e.candidate for e in going + tied]

@@ -288,19 +288,35 @@ class Runner:
             self.task_manager_instance = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
         return self.task_manager_instance
 
+    def stale_reason(self, row: Mapping[str, Any]) -> str | None:
+        """Why this runner cannot reuse a finished stored ``row`` of its key, or None when it can.
+
+        The key leaves out device and batch size (old stores must still resume), but latency, energy and memory
+        are properties of both, so a row measured on another device or batch size is not this runner's. A row
+        that does not record them (written by hand) is taken as it is."""
+        for field_name, mine in (("device", str(self.device)), ("batch_size", str(self.batch_size))):
+            theirs = row.get(field_name)
+            if theirs is not None and str(theirs) != mine:
+                option = "--" + field_name.replace("_", "-")
+                return f"stored with {option} {theirs}, not {mine}"
+        if self.keep_doc_scores and "doc_scores" not in row:  # the paired statistics need each document's score
+            return "stored without per-document scores"
+        return None
+
     def stored_row(self, key: str) -> dict[str, Any] | None:
-        """The stored row this runner reuses for ``key``: a finished one, and with per-document scores when it
-        keeps them; None when it would evaluate."""
+        """The stored row this runner reuses for ``key``: a finished one, measured on this device and batch size,
+        and with per-document scores when it keeps them; None when it would evaluate."""
         row = self.store.get(key) if self.store.done(key) else None
-        return None if row is None or (self.keep_doc_scores and "doc_scores" not in row) else row
+        return None if row is None or self.stale_reason(row) is not None else row
 
     def evaluate(self, spec_args: Mapping[str, Any], limit: int | None, label: str = "", phase: str = "sweep", meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
         key = self.key(spec_args, limit)
         stored = self.stored_row(key)
         if stored is not None:
             return stored
-        if self.store.done(key):  # the paired statistics need each document's score; the new row supersedes
-            self.log(f"  {label or spec_label(spec_args)}: stored without per-document scores; evaluating again to keep them")
+        old = self.store.get(key) if self.store.done(key) else None
+        if old is not None:  # the new row supersedes it
+            self.log(f"  {label or spec_label(spec_args)}: {self.stale_reason(old)}; evaluating again")
         row = self._run(key, dict(spec_args), limit, label, phase, dict(meta or {}))
         self.evaluated += 1
         return self.store.append(row)

@@ -245,6 +245,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     except SpecError as exc:
         raise OneLineBadParameter(str(exc), param_hint="'--objective'") from None
     limit_list = _int_list(limits, "--limits")
+    if limit_list != sorted(limit_list):  # screening on many documents and deciding on few would be upside down
+        raise OneLineBadParameter(f"{limits!r}: the rungs' documents per task must ascend, screening first, like 10,50 or 8,24,100", param_hint="'--limits'")
     rank_list = [] if ranks.strip().lower() in ("none", "") else _int_list(ranks, "--ranks")
     keep_list = _fraction_list(keeps, "--keeps")
     budget_list = _fraction_list(budgets, "--budgets")
