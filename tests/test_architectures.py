@@ -203,3 +203,59 @@ def test_generic_adapter_takes_the_outermost_layer_list_the_config_counts():
     no_count = list_experts_model(2, 4)
     del no_count.config
     assert GenericAdapter.from_model(no_count).layers_path == "vision"  # without a config: the longest outer list
+
+
+# -- tie_word_embeddings left out of a config.json: transformers' default for the model_type -------------------
+def _count_built(model_type: str, model_cls=transformers.AutoModelForCausalLM, **fields) -> int:
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    model = model_cls.from_config(config) if model_cls is transformers.AutoModelForCausalLM else model_cls(config)
+    return count_parameters(model)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+def test_gemma_config_json_without_the_tie_key_counts_the_head_once(model_type):
+    """Gemma's published config.json files leave tie_word_embeddings out and transformers ties them; an explicit
+    false is still an untied head."""
+    from lm_eval_lowrank.design_space import calculate
+
+    fields = dict(_DECODER, head_dim=16)
+    head = 120 * 64
+    for tie in (None, False, True):
+        config_json = {"model_type": model_type, **fields, **({} if tie is None else {"tie_word_embeddings": tie})}
+        built = _count_built(model_type, **{k: v for k, v in config_json.items() if k != "model_type"})
+        assert adapter_for_config(config_json).param_count(config_json) == built, tie
+        assert calculate(config_json).params_total == built, tie
+        if tie is None:
+            tied_total = built
+    assert _count_built(model_type, **fields, tie_word_embeddings=False) == tied_total + head  # the cases differ
+
+
+def test_multimodal_gemma3_config_json_ties_by_its_top_level_flag():
+    """The wrapper's own flag decides, as in transformers; left out it is Gemma-3's default (tied), whatever the
+    text config says."""
+    text = dict(_DECODER, head_dim=16, model_type="gemma3_text")
+    for outer, inner in ((None, None), (False, None), (None, False)):
+        text_json = dict(text, **({} if inner is None else {"tie_word_embeddings": inner}))
+        config_json = {"model_type": "gemma3", "text_config": text_json, "vision_config": dict(_SIGLIP, vision_use_head=False), "mm_tokens_per_image": 4}
+        if outer is not None:
+            config_json["tie_word_embeddings"] = outer
+        built = _count_built("gemma3", transformers.Gemma3ForConditionalGeneration, **{k: v for k, v in config_json.items() if k != "model_type"})
+        assert adapter_for_config(config_json).param_count(config_json) == built, (outer, inner)
+
+
+def test_gpt2_with_an_untied_head_counts_it():
+    fields = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64)
+    for tie in (None, False):
+        config_json = {"model_type": "gpt2", **fields, **({} if tie is None else {"tie_word_embeddings": tie})}
+        built = _count_built("gpt2", transformers.GPT2LMHeadModel, **{k: v for k, v in config_json.items() if k != "model_type"})
+        assert adapter_for_config(config_json).param_count(config_json) == built, tie
+    assert built == _count_built("gpt2", transformers.GPT2LMHeadModel, **fields) + 120 * 64
+
+
+def test_tie_default_of_an_unknown_model_type_is_untied():
+    from lm_eval_lowrank.architectures import tied_word_embeddings
+
+    assert tied_word_embeddings({"model_type": "not_a_model"}) is False
+    assert tied_word_embeddings({}) is False
+    assert tied_word_embeddings({"model_type": "gemma2"}) is True and tied_word_embeddings({"model_type": "llama"}) is False

@@ -237,6 +237,74 @@ def test_single_layers_and_tensor_groups() -> None:
     assert bert["attn"] == ("q", "k", "v", "o") and bert["mlp"] == ("up", "down")
 
 
+
+# Tiny configs (as config.json dicts) of every architecture an adapter knows and of the generic ones people sweep,
+# each with its attention projections, its MLP/expert projections and the tensors that are neither.
+_TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LLAMA = (("q", "k", "v", "o"), ("gate", "up", "down"), ())
+_NEOX = (("query_key_value", "dense"), ("dense_h_to_4h", "dense_4h_to_h"), ())
+_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+_GROUP_CASES: dict[str, tuple[dict, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]] = {
+    **{mt: (dict(_TINY, model_type=mt, head_dim=8), _LLAMA) for mt in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "smollm3", "gemma", "gemma2", "gemma3_text")},
+    "gemma3": ({"model_type": "gemma3", "text_config": dict(_TINY, model_type="gemma3_text", head_dim=8), "vision_config": {"hidden_size": 16}}, _LLAMA),
+    "gpt2": (dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=64), (("qkv", "o"), ("up", "down"), ())),
+    "bert": (dict(_TINY, model_type="bert"), (("q", "k", "v", "o"), ("up", "down"), ())),
+    # generic: read off an empty model; GPT-NeoX, Bloom and Falcon keep attention under attention./self_attention.
+    "gpt_neox": (dict(_TINY, model_type="gpt_neox"), _NEOX),
+    "bloom": (dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=64), _NEOX),
+    "falcon": (dict(_TINY, model_type="falcon"), _NEOX),
+    "gptj": (dict(model_type="gptj", n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=64, rotary_dim=4), (("k_proj", "v_proj", "q_proj", "out_proj"), ("fc_in", "fc_out"), ())),
+    "opt": (dict(_TINY, model_type="opt", ffn_dim=48, word_embed_proj_dim=32), (("k_proj", "v_proj", "q_proj", "out_proj"), ("fc1", "fc2"), ())),  # fc1/fc2 sit in the layer itself
+    "phi": (dict(_TINY, model_type="phi"), (("q_proj", "k_proj", "v_proj", "dense"), ("fc1", "fc2"), ())),
+    "phi3": (dict(_TINY, model_type="phi3", pad_token_id=0), (("o_proj", "qkv_proj"), ("gate_up_proj", "down_proj"), ())),
+    "mixtral": (dict(_TINY, model_type="mixtral", num_local_experts=4), (_QKVO, _EXPERTS, ())),
+    "olmoe": (dict(_TINY, model_type="olmoe", num_experts=4), (_QKVO, _EXPERTS, ())),
+    "qwen2_moe": (
+        dict(_TINY, model_type="qwen2_moe", moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4),
+        (_QKVO, (*_EXPERTS, "gate_proj", "up_proj", "down_proj", "shared_expert_gate"), ()),
+    ),
+    "deepseek_v3": (
+        dict(_TINY, model_type="deepseek_v3", moe_intermediate_size=24, n_routed_experts=4, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+        (
+            ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+            ("gate_proj", "up_proj", "down_proj", *_EXPERTS, "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"),
+            (),
+        ),
+    ),
+    # a hybrid: the Mamba mixer's projections are neither attention nor MLP
+    "jamba": (
+        dict(_TINY, model_type="jamba", num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4),
+        (_QKVO, ("gate_proj", "up_proj", "down_proj"), ("in_proj", "x_proj", "dt_proj", "out_proj")),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_GROUP_CASES))
+def test_attn_and_mlp_groups_hold_exactly_their_projections(model_type: str) -> None:
+    from lm_eval_lowrank.architectures import known_architectures
+
+    assert set(known_architectures()) <= set(_GROUP_CASES)  # a new adapter needs its case here
+    config, (attn, mlp, neither) = _GROUP_CASES[model_type]
+    adapter = ds.config_adapter(config)
+    groups = ds.tensor_groups(adapter)
+    # compared as sets (the group keeps the adapter's order); the three parts cover every tensor once
+    assert set(groups["attn"]) == set(attn) and len(groups["attn"]) == len(attn)
+    assert set(groups["mlp"]) == set(mlp) and len(groups["mlp"]) == len(mlp)
+    assert sorted(groups["all"]) == sorted((*attn, *mlp, *neither))
+
+
+def test_sweep_mlp_group_on_gpt_neox_leaves_attention_dense() -> None:
+    """The reported bug: ``--tensor-groups mlp`` on Pythia decomposed attention too, and ``attn`` was unknown."""
+    from lm_eval_lowrank.sweep import expand_tensor_groups
+
+    config = _GROUP_CASES["gpt_neox"][0]
+    adapter = ds.config_adapter(config)
+    assert expand_tensor_groups("attn,mlp", adapter) == [("attn", ("query_key_value", "dense")), ("mlp", ("dense_h_to_4h", "dense_4h_to_h"))]
+    r = ds.calculate(config, {"rank": 2, "tensors": "|".join(ds.tensor_groups(adapter)["mlp"])}, per_module=True)
+    assert {m["path"].split(".")[-2] for m in r.modules} == {"mlp"} and r.decomposed_modules == 2 * 2
+
 def test_generated_candidates_are_valid_specs() -> None:
     cfg = ds.load_config("smollm2-135m")
     groups = ds.tensor_groups(adapter_for_config(cfg))

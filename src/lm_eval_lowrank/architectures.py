@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .spec import SpecError
@@ -35,6 +36,40 @@ def text_config(config: Any) -> Any:
     """Multimodal configs (e.g. Gemma-3) keep the language model's fields in ``text_config``."""
     sub = config_value(config, "text_config")
     return sub if sub is not None else config
+
+
+def tied_word_embeddings(config: Any) -> bool:
+    """Whether the LM head shares the input embeddings' matrix (counted once).
+
+    The top-level config decides, as in transformers (a multimodal wrapper's own flag, not its text config's). A
+    config.json without the key gets its model_type's default: Gemma, Gemma-2 and Gemma-3 tie by default and their
+    published configs leave the key out.
+    """
+    value = config_value(config, "tie_word_embeddings")
+    return bool(value) if value is not None else _default_tie(model_type_of(config))
+
+
+@lru_cache(maxsize=None)
+def _default_tie(model_type: str) -> bool:
+    """transformers' default ``tie_word_embeddings`` for ``model_type``; False when it cannot say."""
+    if not model_type:
+        return False
+    import logging
+    import warnings
+
+    log = logging.getLogger("transformers")
+    level = log.level
+    try:
+        import transformers
+
+        log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(getattr(transformers.AutoConfig.for_model(model_type), "tie_word_embeddings", False))
+    except Exception:  # transformers missing, or a model_type it does not know
+        return False
+    finally:
+        log.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -123,7 +158,7 @@ class LlamaAdapter(ArchitectureAdapter):
         mt = model_type_of(c)
         h = int(config_value(c, "hidden_size"))
         vocab = int(config_value(c, "vocab_size"))
-        tied = bool(config_value(c, "tie_word_embeddings", default=False))
+        tied = tied_word_embeddings(config)  # the top-level config's flag, or its model_type's default
         shapes = self.tensor_shapes(c)
         per_layer = self.layer_linear_params(c)  # projections (+ the adapter's fixed biases)
         if not self.has_bias and config_value(c, "attention_bias", default=False):
@@ -175,7 +210,8 @@ class GPT2Adapter(ArchitectureAdapter):
         vocab = int(config_value(config, "vocab_size"))
         pos = int(config_value(config, "n_positions", "max_position_embeddings"))
         per_layer = self.layer_linear_params(config) + 4 * h  # two LayerNorms (weight + bias)
-        return vocab * h + pos * h + self.num_layers(config) * per_layer + 2 * h
+        head = 0 if tied_word_embeddings(config) else vocab * h  # GPT-2 ties by default
+        return vocab * h + head + pos * h + self.num_layers(config) * per_layer + 2 * h
 
 
 class BertAdapter(ArchitectureAdapter):

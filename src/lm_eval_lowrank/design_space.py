@@ -149,6 +149,7 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "n_positions": 1024,
         "vocab_size": 50257,
         "n_inner": None,
+        "tie_word_embeddings": True,  # said here, so no transformers lookup of the default
     },
 }
 
@@ -482,14 +483,52 @@ def single_layers(num_layers: int) -> list[tuple[int]]:
 
 _ATTN = {"q", "k", "v", "o", "qkv"}
 _MLP = {"gate", "up", "down"}
+# Words of the module-path segments (split at "_") that hold attention: self_attn (Llama), attn (GPT-2, GPT-J),
+# attention (GPT-NeoX, BERT, RWKV), self_attention (Bloom, Falcon), encoder_attn / cross_attn, linear_attn
+# (Qwen3-Next), multi_head_attention (CTRL), self_att (CPM-Ant). "attn" is no substring of "attention", so words.
+_ATTN_WORDS = frozenset({"attn", "attention", "attentions", "att"})
+# ... and the MLP or mixture-of-experts block: mlp, feed_forward, ffn, experts, shared_expert(s), block_sparse_moe,
+# mlp_block; BERT's FFN is intermediate.dense then output.dense (its attention's output sits under attention.).
+_MLP_WORDS = frozenset({"mlp", "mlps", "ffn", "ff", "feed", "forward", "moe", "expert", "experts", "intermediate", "output"})
+# Leaf names for tensors whose path names no block: OPT/BioGPT keep fc1/fc2 in the layer itself, Nemotron-H and
+# RecurrentGemma keep attention in a generic "mixer"/"temporal_block" beside their SSM/recurrence projections.
+_ATTN_LEAF = re.compile(r"(q|k|v|o|qk|qkv|query|key|value|query_key_value|wqkv|c_attn)(_proj|_lin)?", re.IGNORECASE)
+_MLP_LEAF = re.compile(r"(gate|up|down|gate_up|fc\d*|fc_in|fc_out|c_fc|w[123]|dense_h_to_4h|dense_4h_to_h)(_proj)?", re.IGNORECASE)
+
+
+def tensor_kind(adapter: ArchitectureAdapter, tensor: str) -> str | None:
+    """``"attn"``, ``"mlp"`` or ``None`` (neither: an SSM mixer's, a recurrence's projections) for one tensor.
+
+    The blocks the module path passes through decide first; a path that names none falls back on the leaf name.
+    """
+    *blocks, leaf = adapter.tensor_paths[tensor].split(".")
+    words: set[str] = set()
+    for block in blocks:
+        block_words = set(block.lower().split("_"))
+        # a norm's name says where it sits, not what it holds (AXK2 keeps an MLP inside post_attention_layernorm)
+        if not block_words & {"norm", "layernorm", "ln"}:
+            words |= block_words
+    if words & _ATTN_WORDS:
+        return "attn"
+    if words & _MLP_WORDS:
+        return "mlp"
+    if tensor in _ATTN or _ATTN_LEAF.fullmatch(leaf):
+        return "attn"
+    if tensor in _MLP or _MLP_LEAF.fullmatch(leaf):
+        return "mlp"
+    return None
 
 
 def tensor_groups(adapter: ArchitectureAdapter) -> dict[str, tuple[str, ...]]:
-    """Tensor subsets to sweep: each tensor alone, the attention group, the MLP group, all."""
+    """Tensor subsets to sweep: each tensor alone, the attention group, the MLP (and experts) group, all.
+
+    A tensor that is neither (a Mamba mixer's in_proj) is only in ``all`` and on its own.
+    """
     names = adapter.tensor_names()
     groups: dict[str, tuple[str, ...]] = {t: (t,) for t in names}
-    attn = tuple(t for t in names if t in _ATTN or (t not in _MLP and "attn" in adapter.tensor_paths[t]))
-    mlp = tuple(t for t in names if t not in attn)
+    kinds = {t: tensor_kind(adapter, t) for t in names}
+    attn = tuple(t for t in names if kinds[t] == "attn")
+    mlp = tuple(t for t in names if kinds[t] == "mlp")
     if attn:
         groups["attn"] = attn
     if mlp:
