@@ -1082,3 +1082,21 @@ def test_batched_gradient_pass_of_experts_equals_the_per_sequence_one(model_type
         mp.setattr(calibration._HeldBytes, "hold", lambda self, t: (counted.add(id(t)), real_hold(self, t))[1])
         fisher_row_sums(model, paths, ids[:2], batch_size=2)
     assert kept and all(id(t) in counted for t in kept)
+
+
+def test_a_rank_past_a_tensor_that_all_brought_in_keeps_it_dense_and_is_an_error_only_where_named():
+    """Qwen2-MoE's shared_expert_gate is a 1 x hidden linear: no rank saves parameters there. rank=8 on every
+    tensor (the default) keeps it dense with the others decomposed; naming it, or a rank no selected tensor
+    can take, is an error."""
+    from lm_eval_lowrank.architectures import config_side_adapter
+
+    config = _config("qwen2_moe")
+    adapter = config_side_adapter(config)
+    with pytest.warns(UserWarning, match="kept dense"):
+        plan = make_plan(DecompositionSpec.from_args({"rank": 8}), config, adapter=adapter)
+    assert {s["path"].rsplit(".", 1)[-1] for s in plan.skipped} == {"shared_expert_gate"}
+    assert plan.targets and all(t.rank == 8 for t in plan.targets)
+    with pytest.raises(SpecError, match=r"rank=8 is invalid for tensor 'shared_expert_gate' \(1x32\): valid 1\.\.1, and no rank saves parameters"):
+        make_plan(DecompositionSpec.from_args({"rank": 8, "tensors": "q_proj|shared_expert_gate"}), config, adapter=adapter)
+    with pytest.raises(SpecError, match=r"rank=5000 is invalid for tensor"):
+        make_plan(DecompositionSpec.from_args({"rank": 5000}), config, adapter=adapter)

@@ -248,3 +248,20 @@ def test_missing_local_paths_are_refused_and_hub_ids_pass(tmp_path, monkeypatch)
     expanded = re.escape(str(tmp_path / "model"))
     with pytest.raises(SpecError, match=rf"^pretrained='~/model' is invalid: no such local file or folder \('~' is not expanded inside quotes: write '{expanded}'\)"):
         check_local_paths({"pretrained": "~/model"})
+
+
+def test_a_bad_per_tensor_rank_names_the_whole_argument():
+    for value, part in (("8|q:abc", "abc"), ("8|q:", ""), ("x|q:4", "x")):
+        with pytest.raises(SpecError) as err:
+            DecompositionSpec.from_args({"rank": value})
+        assert str(err.value).startswith(f"rank={value!r} is invalid: cannot parse {part!r} as a rank")
+
+
+def test_a_long_layer_range_is_parsed_in_linear_time():
+    import time
+
+    t0 = time.perf_counter()
+    assert len(parse_layers("1-200000")) == 200000  # the duplicate check was quadratic: 1-30000 took 23 s
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(SpecError, match=r"duplicate layer\(s\) \[3\]"):
+        parse_layers("1-5|3")

@@ -106,15 +106,20 @@ def make_plan(
             f"layers={spec.to_dict()['layers']} holds no {'|'.join(tensors)}: in this architecture {t!r} is in layers "
             f"{_span(sorted(held[t]))} only"
         )
-    for t in tensors:
-        out_f, in_f = shapes[t]
-        if ranks is None and spec.budget is None:
-            r = spec.rank_for(t)
-            if r > min(out_f, in_f):
-                raise SpecError(
-                    f"rank={r} is invalid for tensor {t!r} ({out_f}x{in_f}): valid 1..{min(out_f, in_f)}, "
-                    f"and only ranks below {breakeven_rank(out_f, in_f, layout)} save parameters"
-                )
+    if ranks is None and spec.budget is None:
+        # A rank past a tensor's size is an error where the user named that tensor, or where no selected tensor
+        # can take it; a tensor that came in through tensors=all or a pattern (Qwen2-MoE's 1x64 shared_expert_gate
+        # under rank=8) is kept dense like any tensor whose rank saves nothing.
+        named = set(spec.tensors or ()) | set(spec.rank_overrides)
+        in_layers = [t for t in tensors if any(layer in held[t] for layer in layers)]
+        oversized = [t for t in in_layers if spec.rank_for(t) > min(shapes[t])]
+        refused = [t for t in oversized if t in named] or (oversized if len(oversized) == len(in_layers) else [])
+        if refused:
+            t = refused[0]
+            out_f, in_f = shapes[t]
+            r, breakeven = spec.rank_for(t), breakeven_rank(out_f, in_f, layout)
+            saving = f"only ranks below {breakeven} save parameters" if breakeven > 1 else "no rank saves parameters"
+            raise SpecError(f"rank={r} is invalid for tensor {t!r} ({out_f}x{in_f}): valid 1..{min(out_f, in_f)}, and {saving}")
     for layer, t, path in _candidates(adapter, layers, tensors, held):
         out_f, in_f = shapes[t]
         if ranks is not None:
