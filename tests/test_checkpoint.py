@@ -657,3 +657,68 @@ def test_weight_sample_reads_the_same_bytes_raw_and_strided():
         assert raw == ends.view(torch.uint8).numpy().tobytes()
     sliced = torch.randn(50, 80)[:, ::2]  # neither layout in order: the strided path
     assert isinstance(ck._weight_sample(sliced), torch.Tensor)
+
+
+def test_cache_key_follows_the_calibration_tokens_of_a_data_aware_method(tiny_dir, tmp_path, monkeypatch):
+    """whiten's factors follow its calibration tokens: another data folder (or tokenizer) must miss the cache, not
+    hand back the factors computed from the first one."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+
+    def data_root(name: str, vocab: list[str]) -> Path:
+        root = tmp_path / name
+        (root / "gsm8k").mkdir(parents=True)
+        rng = random.Random(0)
+        with open(root / "gsm8k" / "train.jsonl", "w") as f:
+            for _ in range(60):
+                f.write(json.dumps({"question": " ".join(rng.choice(vocab) for _ in range(40)), "answer": " ".join(rng.choice(vocab) for _ in range(40))}) + "\n")
+        return root
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    spec = {"rank": 4, "layers": "1|3", "method": "whiten", "calib": "gsm8k_local", "calib_n": 8, "calib_len": 32}
+
+    def run(root: Path, **extra):
+        monkeypatch.setenv("LM_EVAL_LOWRANK_DATA", str(root))
+        model = load_dense(tiny_dir)
+        report = compress_model(model, {**spec, **extra}, tokenizer=tok, model_id=str(tiny_dir), progress=False)
+        return model.model.layers[0].self_attn.q_proj.first.detach().clone(), report
+
+    a, b = data_root("a", WORDS), data_root("b", WORDS[::-1][:12])
+    fa, ra = run(a)
+    fb, rb = run(b)
+    fb_fresh, _ = run(b, cache=False)
+    assert not ra.cache["hit"] and not rb.cache["hit"] and ra.cache["key"] != rb.cache["key"]
+    assert torch.equal(fb, fb_fresh) and not torch.equal(fa, fb)
+    fa_again, ra_again = run(a)  # the same tokens: a hit, with the same factors
+    assert ra_again.cache["hit"] and ra_again.cache["key"] == ra.cache["key"] and torch.equal(fa_again, fa)
+
+
+def test_an_out_folder_under_a_file_is_refused_before_any_work(tmp_path):
+    from lm_eval_lowrank.checkpoint import CheckpointError, check_output_folder
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match=r"afile is a file; give a folder path"):
+        check_output_folder(tmp_path / "afile" / "sub" / "ck")
+    assert check_output_folder(tmp_path / "new" / "ck") == (tmp_path / "new" / "ck").resolve()
+
+
+def test_overwriting_a_checkpoint_ignores_a_leftover_folder_of_a_killed_run(saved, tmp_path):
+    import os
+
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import save_compressed
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    leftover = tmp_path / f".c.old-{os.getpid()}"  # the name the old code moved the checkpoint to
+    (leftover / "x").mkdir(parents=True)
+    from lm_eval_lowrank.checkpoint import load_compressed
+
+    m = load_compressed(ck)
+    save_compressed(m, ck, saved[2], tokenizer=AutoTokenizer.from_pretrained(str(ck)), overwrite=True)
+    assert torch.equal(logits(load_compressed(ck)), saved[1])
+    assert not any(p.name.startswith(".c.old-") and p != leftover for p in tmp_path.iterdir())

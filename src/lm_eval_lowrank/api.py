@@ -134,7 +134,13 @@ def compress_model(
     else:
         cache = DecompositionCache.for_model(model, model_id)
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")
-    hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks) if cache is not None else None  # must precede store: it fingerprints the dense weights
+    calibration = None
+    if cache is not None and stats_provider is not None and needs_calibration(spec.method):
+        from .calibration import tokens_digest
+
+        calibration = tokens_digest(stats_provider.input_ids)  # the factors follow the tokens too
+    # must precede store: it fingerprints the dense weights
+    hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks, calibration=calibration) if cache is not None else None
     if shard is not None and not all(shard.all_gather(hit is None)):
         shard = None  # some process found the cache entry: those that did not decompose on their own
         if stats_provider is not None and hit is None:

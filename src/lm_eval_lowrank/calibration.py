@@ -444,6 +444,13 @@ def _accumulate(sums: dict[str, torch.Tensor], key: str, product: torch.Tensor) 
         sums[key] = product.to(torch.float64)
 
 
+def tokens_digest(input_ids: torch.Tensor) -> str:
+    """The digest of calibration tokens: it covers the data folder, its files, the tokenizer and the sampling seed,
+    which the statistics and factors computed from them follow (the caches key on it)."""
+    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(ids.shape)).encode() + ids.numpy().tobytes()).hexdigest()
+
+
 def capture_layer_inputs(model: nn.Module, layers: Any, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]:
     """(hidden states at the first decoder layer's input, that layer's call kwargs, the token ids) per batch.
 
@@ -654,6 +661,7 @@ class SequentialStatsProvider:
             key["reference"] = "dense"
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
         data["batch"] = self.batch_size
+        data["tokens"] = tokens_digest(self.input_ids)  # another data folder, file or tokenizer: other statistics
         return self.cache_dir / self.model_key / _sha(data) / f"L{index0 + 1:03d}-{_sha(key)}.pt"
 
     # -- stages of architectures whose adapter lists none ---------------------------------

@@ -328,6 +328,13 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> 
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; give a folder path")
+    parent = out.parent
+    while not parent.exists():  # the folder to be made: checked now, not after the decomposition
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"--out {out}: {parent} is a file; give a folder path")
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {out}: {parent} is not writable")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
@@ -412,8 +419,10 @@ def save_compressed(
         # Written last: a folder holding a manifest is complete.
         atomic_write_text(work / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=False))
         if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
+            # A fresh folder for the old one: a leftover ".name.old-PID" of a killed run (PIDs repeat in containers)
+            # would make the move fail after all the work.
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, trash / out.name)
             os.replace(work, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -784,7 +793,9 @@ class DecompositionCache:
     def entry_path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def key(self, model: nn.Module, spec: Any, plan: Any, modules: Mapping[str, nn.Module] | None = None) -> str:
+    def key(self, model: nn.Module, spec: Any, plan: Any, modules: Mapping[str, nn.Module] | None = None, calibration: str | None = None) -> str:
+        """``calibration``: the digest of a data-aware method's calibration tokens (calibration.tokens_digest), which its
+        factors follow as much as the weights: another data folder, file or tokenizer must miss."""
         modules = modules if modules is not None else dict(model.named_modules())
         dtypes, devices = set(), set()
         samples: list[tuple[str, list[torch.Tensor]]] = []
@@ -807,6 +818,8 @@ class DecompositionCache:
             "dtypes": sorted(dtypes),
             "devices": sorted(devices),
         }
+        if calibration is not None:  # absent for data-free methods, so their keys are those of before
+            payload["calibration_tokens"] = calibration
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def _plan(self, model: nn.Module, spec: Any, adapter: Any, ranks: dict[str, int] | None) -> Any:
@@ -819,7 +832,7 @@ class DecompositionCache:
     def info(self, key: str | None, hit: bool, **extra: Any) -> dict[str, Any]:
         return {"enabled": True, "hit": hit, "key": key, "path": None if key is None else str(self.entry_path(key)), **extra}
 
-    def try_load(self, model: nn.Module, spec: Any, adapter: Any = None, ranks: dict[str, int] | None = None) -> Any:
+    def try_load(self, model: nn.Module, spec: Any, adapter: Any = None, ranks: dict[str, int] | None = None, calibration: str | None = None) -> Any:
         """Put cached factors into ``model`` and return the report; None on a miss (nothing changed)."""
         from .architectures import adapter_for_model
         from .decompose import DecompositionReport, count_parameters
@@ -830,7 +843,7 @@ class DecompositionCache:
         if not plan.targets:
             return None
         modules = dict(model.named_modules())  # one walk; get_submodule per target cost ~0.1 ms each
-        key = self.key(model, spec, plan, modules)
+        key = self.key(model, spec, plan, modules, calibration)
         self._pending[id(model)] = (key, plan.ranks())
         path = self.entry_path(key)
         if not path.is_file():
