@@ -538,3 +538,30 @@ def test_a_row_stored_on_another_device_or_batch_size_is_evaluated_again(tmp_pat
     unrecorded, _ = runner("cuda", 8)  # a row that records neither (written by hand) is taken as it is
     bare = unrecorded.store.append({"key": unrecorded.key(spec, 40), "status": "ok", "seconds_per_token": 0.02})
     assert unrecorded.evaluate(spec, 40) == bare and unrecorded.evaluated == 0
+
+
+def test_opening_a_store_waits_for_a_row_another_sweep_is_writing(tmp_path: Path) -> None:
+    """A second sweep that opens the store while the first is mid-append must not cut that row as a torn tail (the
+    rest of it would then land as a garbage line, and every later open would fail)."""
+    import fcntl
+    import threading
+    import time
+
+    path = tmp_path / "store.jsonl"
+    Store.open(path).append({"key": "a", "status": "ok"})
+    line = json.dumps({"key": "b", "status": "ok", "pad": "x" * 3000}) + "\n"
+    opened: list[Store] = []
+    with open(path, "ab") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # as append holds it
+        fh.write(line[:1000].encode())
+        fh.flush()
+        reader = threading.Thread(target=lambda: opened.append(Store.open(path)))
+        reader.start()
+        time.sleep(0.3)
+        assert reader.is_alive()  # waiting for the lock, not cutting the half row
+        fh.write(line[1000:].encode())
+        fh.flush()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    reader.join(10)
+    assert opened and opened[0].repaired_bytes == 0 and opened[0].done("b")
+    assert Store.open(path).done("b")

@@ -67,19 +67,30 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------
     def _load(self, repair: bool) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        tail = data[end:]
-        if tail:
-            try:  # a complete row whose newline never landed is still a row
-                json.loads(tail)
-                self._complete_tail(repair)
-                end = len(data)
-                data = data + b"\n"
-            except ValueError:
-                if repair:
-                    self._truncate(end)
-                self.repaired_bytes = len(tail)
+        # Under append's lock: a row another sweep is writing is waited for, not cut as a torn tail.
+        with open(self.path, "r+b" if repair else "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX if repair else fcntl.LOCK_SH)
+            try:
+                data = fh.read()
+                end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+                tail = data[end:]
+                if tail:
+                    try:  # a complete row whose newline never landed is still a row
+                        json.loads(tail)
+                        if repair:
+                            fh.seek(0, os.SEEK_END)
+                            fh.write(b"\n")
+                        end = len(data)
+                        data = data + b"\n"
+                    except ValueError:
+                        if repair:
+                            fh.truncate(end)
+                        self.repaired_bytes = len(tail)
+                    if repair:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         for lineno, line in enumerate(data[:end].splitlines(), 1):
             if not line.strip():
                 continue
@@ -89,19 +100,6 @@ class Store:
                 raise StoreError(f"store {str(self.path)!r} line {lineno} is not JSON; fix or remove that line") from None
             if isinstance(row, dict) and "key" in row:
                 self._remember(row)
-
-    def _complete_tail(self, repair: bool) -> None:
-        if repair:
-            with open(self.path, "ab") as fh:
-                fh.write(b"\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-
-    def _truncate(self, size: int) -> None:
-        with open(self.path, "r+b") as fh:
-            fh.truncate(size)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     def _remember(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
