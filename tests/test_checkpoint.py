@@ -722,3 +722,24 @@ def test_overwriting_a_checkpoint_ignores_a_leftover_folder_of_a_killed_run(save
     save_compressed(m, ck, saved[2], tokenizer=AutoTokenizer.from_pretrained(str(ck)), overwrite=True)
     assert torch.equal(logits(load_compressed(ck)), saved[1])
     assert not any(p.name.startswith(".c.old-") and p != leftover for p in tmp_path.iterdir())
+
+
+def test_decompose_and_heal_refuse_a_bad_device_or_a_missing_subfolder_in_one_line(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli import cli
+    from lm_eval_lowrank.spec import SpecError
+
+    def decompose(extra: str):
+        return CliRunner().invoke(cli, ["decompose", "--model_args", f"pretrained={tiny_dir},rank=4,{extra}", "--out", str(tmp_path / "x")])
+
+    r = decompose("device=foo")
+    assert isinstance(r.exception, SpecError) and str(r.exception) == "device='foo' is invalid: expected cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        r = decompose("device=cuda")
+        assert isinstance(r.exception, SpecError) and "has no usable CUDA; use cpu" in str(r.exception)
+    r = decompose("subfolder=nope")
+    assert isinstance(r.exception, SpecError) and str(r.exception).startswith(f"pretrained='{tiny_dir}', subfolder='nope': no model config there (")
+    assert "\n" not in str(r.exception) and not (tmp_path / "x").exists()
+    r = CliRunner().invoke(cli, ["heal", str(tiny_dir), "--out", str(tmp_path / "h"), "--device", "foo"])
+    assert r.exit_code != 0 and r.output.strip().splitlines() == ["Error: --device='foo' is invalid: expected cpu, cuda or cuda:N"]

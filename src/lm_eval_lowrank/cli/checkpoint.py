@@ -55,6 +55,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         check_output_folder(out, overwrite)  # before the decomposition it would otherwise throw away
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
+    check_device(rest.get("device"), "device")
     revision = rest.get("revision")
     kw: dict[str, Any] = {"dtype": rest.get("dtype") or "auto"}
     if revision:
@@ -63,7 +64,11 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         kw["subfolder"] = str(rest["subfolder"])
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(pretrained), **{k: v for k, v in kw.items() if k != "dtype"})
+    try:
+        config = AutoConfig.from_pretrained(str(pretrained), **{k: v for k, v in kw.items() if k != "dtype"})
+    except (OSError, ValueError) as exc:  # transformers' several-line messages, as one line naming the argument
+        where = f"pretrained={pretrained!r}" + (f", subfolder={kw['subfolder']!r}" if "subfolder" in kw else "")
+        raise SpecError(f"{where}: no model config there ({str(exc).strip().splitlines()[0]})") from None
     validate_against_config(spec, config)  # range errors before the weights load
     device = rest.get("device")
     shard = _join_processes(str(device) if device else None)
@@ -113,6 +118,22 @@ def _local_gpu() -> int:
     import torch
 
     return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+
+
+def check_device(value: Any, arg: str) -> None:
+    """A one-line SpecError for a device torch cannot parse, or CUDA where this torch has none: before any load."""
+    if value in (None, ""):
+        return
+    import torch
+
+    from ..spec import SpecError
+
+    try:
+        kind = torch.device(str(value)).type
+    except (RuntimeError, ValueError):
+        raise SpecError(f"{arg}={value!r} is invalid: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"{arg}={value!r} is invalid: this torch ({torch.__version__}) has no usable CUDA; use cpu")
 
 
 def _join_processes(device: str | None) -> Any:
@@ -185,6 +206,12 @@ def heal(
     from ..heal import HealError, heal_checkpoint
     from ..tasks import DataDirError
 
+    from ..spec import SpecError
+
+    try:
+        check_device(device, "--device")
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         record = heal_checkpoint(
             ckpt, out, data=list(data) or None, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size, seed=seed,
