@@ -15,7 +15,8 @@ whose short names are the linear's leaf names inside a layer (e.g. ``q_proj``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -54,20 +55,28 @@ def _default_tie(model_type: str) -> bool:
     """transformers' default ``tie_word_embeddings`` for ``model_type``; False when it cannot say."""
     if not model_type:
         return False
+    try:
+        import transformers
+
+        with _quiet_transformers():
+            return bool(getattr(transformers.AutoConfig.for_model(model_type), "tie_word_embeddings", False))
+    except Exception:  # transformers missing, or a model_type it does not know
+        return False
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logger at ERROR and warnings off: building configs or empty models only to read them."""
     import logging
     import warnings
 
     log = logging.getLogger("transformers")
     level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        import transformers
-
-        log.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return bool(getattr(transformers.AutoConfig.for_model(model_type), "tie_word_embeddings", False))
-    except Exception:  # transformers missing, or a model_type it does not know
-        return False
+            yield
     finally:
         log.setLevel(level)
 
@@ -422,18 +431,11 @@ def _config_key(config: Any) -> str:
 
 def _meta_model(config: Any) -> Any:
     """An empty CausalLM of ``config`` on the meta device, or ``None`` (unknown type, remote code, bad config)."""
-    import logging
-    import warnings
-
     import torch
     import transformers
 
-    log = logging.getLogger("transformers")
-    level = log.level
     try:
-        log.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_transformers():
             if isinstance(config, Mapping):
                 fields = {k: v for k, v in config.items() if not k.startswith("_") and k != "model_type"}
                 config = transformers.AutoConfig.for_model(str(config.get("model_type", "")), **fields)
@@ -441,8 +443,6 @@ def _meta_model(config: Any) -> Any:
                 return transformers.AutoModelForCausalLM.from_config(config)
     except Exception:  # any failure only means: validate after load, as before
         return None
-    finally:
-        log.setLevel(level)
 
 
 def experts_per_token(config: Any) -> int | None:
