@@ -743,3 +743,62 @@ def test_decompose_and_heal_refuse_a_bad_device_or_a_missing_subfolder_in_one_li
     assert "\n" not in str(r.exception) and not (tmp_path / "x").exists()
     r = CliRunner().invoke(cli, ["heal", str(tiny_dir), "--out", str(tmp_path / "h"), "--device", "foo"])
     assert r.exit_code != 0 and r.output.strip().splitlines() == ["Error: --device='foo' is invalid: expected cpu, cuda or cuda:N"]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft reading a renamed transformers attribute
+def test_cache_key_follows_a_peft_adapter_under_a_data_aware_method(tiny_dir, tmp_path, monkeypatch):
+    """hf-tucker with peft=: the base weights and their files are the same under any adapter, but a data-aware
+    method's activations pass through the adapters, so another adapter must miss the cache."""
+    import json
+    import random
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+
+    root = tmp_path / "data"
+    (root / "gsm8k").mkdir(parents=True)
+    rng = random.Random(0)
+    with open(root / "gsm8k" / "train.jsonl", "w") as f:
+        for _ in range(60):
+            f.write(json.dumps({"question": " ".join(rng.choice(WORDS) for _ in range(40)), "answer": "x"}) + "\n")
+    monkeypatch.setenv("LM_EVAL_LOWRANK_DATA", str(root))
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    spec = {"rank": 4, "layers": "3", "tensors": "q|gate", "method": "whiten", "calib": "gsm8k_local", "calib_n": 8, "calib_len": 32}
+
+    def run(seed: int, **extra):
+        torch.manual_seed(seed)  # the adapter's weights (layers 1-3's o_proj and down_proj feed layer 3's inputs)
+        lora = LoraConfig(r=4, target_modules=["o_proj", "down_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(load_dense(tiny_dir), lora).eval()  # what HFLM holds with peft=
+        model = peft_model.get_base_model()
+        report = compress_model(peft_model, {**spec, **extra}, tokenizer=tok, model_id=str(tiny_dir), progress=False)
+        return model.model.layers[2].self_attn.q_proj.first.detach().clone(), report
+
+    fa, ra = run(1)
+    fb, rb = run(2)
+    fb_fresh, _ = run(2, cache=False)
+    assert not rb.cache["hit"] and rb.cache["key"] != ra.cache["key"]
+    assert torch.equal(fb, fb_fresh) and not torch.equal(fa, fb)
+    fa_again, ra_again = run(1)  # the same adapter: a hit
+    assert ra_again.cache["hit"] and torch.equal(fa_again, fa)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_statistics_fingerprint_follows_a_small_peft_adapter(tiny_llama):
+    """The statistics cache samples every 7th weight, which can skip a one-module adapter: every adapter weight counts."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lm_eval_lowrank.calibration import model_fingerprint, peft_adapter_digest
+
+    def adapted(seed: int):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=2, target_modules=["o_proj"], layers_to_transform=[0], init_lora_weights=False)
+        return get_peft_model(copy.deepcopy(tiny_llama), lora).get_base_model()
+
+    a, b = adapted(1), adapted(2)
+    assert peft_adapter_digest(tiny_llama) is None and peft_adapter_digest(a) != peft_adapter_digest(b)
+    assert model_fingerprint(a, "m") != model_fingerprint(b, "m")
+    assert model_fingerprint(a, "m") == model_fingerprint(adapted(1), "m")

@@ -107,6 +107,8 @@ def compress_model(
     ``shard``: data-parallel processes that hold the same model split the solves (every one must call this alike;
     see :class:`~lm_eval_lowrank.decompose.ProcessShard`)."""
     spec = as_spec(spec)
+    if hasattr(model, "get_base_model"):  # a peft model (hf-tucker with peft=): the adapted linears' base layers
+        model = model.get_base_model()
     adapter = adapter_for_model(model)
     _check_weights_in_memory(model, spec, adapter)
     ranks = None
@@ -136,9 +138,11 @@ def compress_model(
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")
     calibration = None
     if cache is not None and stats_provider is not None and needs_calibration(spec.method):
-        from .calibration import tokens_digest
+        from .calibration import peft_adapter_digest, tokens_digest
 
         calibration = tokens_digest(stats_provider.input_ids)  # the factors follow the tokens too
+        if (adapters := peft_adapter_digest(model)) is not None:  # and the adapters the activations pass through
+            calibration = f"{calibration}+{adapters}"
     # must precede store: it fingerprints the dense weights
     hit = cache.try_load(model, spec, adapter=adapter, ranks=ranks, calibration=calibration) if cache is not None else None
     if shard is not None and not all(shard.all_gather(hit is None)):

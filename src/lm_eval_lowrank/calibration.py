@@ -431,6 +431,8 @@ def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
         if i % 7 == 0:  # every 7th tensor, every 997th value: catches different weights cheaply
             h.update(name.encode())
             h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    if (adapters := peft_adapter_digest(model)) is not None:  # the sample above may skip every adapter tensor
+        h.update(adapters.encode())
     return h.hexdigest()[:16]
 
 
@@ -442,6 +444,23 @@ def _accumulate(sums: dict[str, torch.Tensor], key: str, product: torch.Tensor) 
         sums[key].add_(product)
     else:
         sums[key] = product.to(torch.float64)
+
+
+def peft_adapter_digest(model: nn.Module) -> str | None:
+    """The digest of every weight of the peft adapters wrapped around the model's linears (modules with a
+    ``base_layer``), None without any. Calibration activations pass through them, so data-aware statistics and
+    factors follow them, while the base weights and their files stay the same. Adapters are small: every value."""
+    h, found = hashlib.sha256(), False
+    for name, mod in model.named_modules():
+        if not hasattr(mod, "base_layer"):
+            continue
+        for pname, p in mod.named_parameters():
+            if pname.startswith("base_layer."):
+                continue
+            found = True
+            h.update(f"{name}.{pname}\0{str(p.dtype)}\0{tuple(p.shape)}\0".encode())
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest() if found else None
 
 
 def tokens_digest(input_ids: torch.Tensor) -> str:

@@ -794,8 +794,9 @@ class DecompositionCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def key(self, model: nn.Module, spec: Any, plan: Any, modules: Mapping[str, nn.Module] | None = None, calibration: str | None = None) -> str:
-        """``calibration``: the digest of a data-aware method's calibration tokens (calibration.tokens_digest), which its
-        factors follow as much as the weights: another data folder, file or tokenizer must miss."""
+        """``calibration``: the digest of a data-aware method's calibration tokens (calibration.tokens_digest) and of
+        any peft adapters (calibration.peft_adapter_digest), which its factors follow as much as the weights: another
+        data folder, file, tokenizer or adapter must miss."""
         modules = modules if modules is not None else dict(model.named_modules())
         dtypes, devices = set(), set()
         samples: list[tuple[str, list[torch.Tensor]]] = []

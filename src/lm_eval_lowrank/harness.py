@@ -228,11 +228,10 @@ class HFTuckerLM(HFLM):
         self._enable_cpu_data_parallel(bool(rest.get("parallelize", False)))
         load_seconds = time.perf_counter() - load_start
         if not spec.is_noop:
-            target = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
             model_id = pretrained if isinstance(pretrained, str) else None
             # Data-parallel processes hold the same model: they split the solves and exchange the factors.
             shard = ProcessShard.create() if self.world_size > 1 else None
-            report = compress_model(target, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0, shard=shard)
+            report = compress_model(self._model, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0, shard=shard)
             self._lowrank_report = report.to_dict()
         elif self._lowrank_report is None:
             from .decompose import count_parameters
