@@ -802,3 +802,35 @@ def test_statistics_fingerprint_follows_a_small_peft_adapter(tiny_llama):
     assert peft_adapter_digest(tiny_llama) is None and peft_adapter_digest(a) != peft_adapter_digest(b)
     assert model_fingerprint(a, "m") != model_fingerprint(b, "m")
     assert model_fingerprint(a, "m") == model_fingerprint(adapted(1), "m")
+
+
+def test_subfolder_weights_are_cached_by_the_subfolders_files(tmp_path):
+    """subfolder=: the weights are read from pretrained/subfolder, so the cache keys on that folder's files (it was
+    disabled, "source files not found locally", when the parent held no weights)."""
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    make_tiny_dir(tmp_path / "repo" / "sub")
+    args = dict(pretrained=str(tmp_path / "repo"), subfolder="sub", rank=2, layers="2", device="cpu", batch_size=1)
+    first = HFTuckerLM(**args)._lowrank_report["cache"]
+    second = HFTuckerLM(**args)._lowrank_report["cache"]
+    assert first["enabled"] and not first["hit"] and second["hit"] and second["key"] == first["key"]
+
+
+def test_a_hub_id_with_a_subfolder_resolves_to_that_folder_of_the_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from lm_eval_lowrank.checkpoint import _resolve_local_folder
+
+    (tmp_path / "snap" / "a" / "b").mkdir(parents=True)
+    asked = []
+
+    def snapshot_download(repo, revision=None, local_files_only=False):
+        asked.append(repo)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert _resolve_local_folder("org/name/a/b", None) == tmp_path / "snap" / "a" / "b"
+    assert _resolve_local_folder("org/name", None) == tmp_path / "snap"
+    assert _resolve_local_folder("gpt2", None) == tmp_path / "snap"
+    assert _resolve_local_folder("org/name/missing", None) is None
+    assert asked == ["org/name", "org/name", "gpt2", "org/name"]

@@ -683,15 +683,20 @@ def dispatch_compressed(model: nn.Module, device_map: Mapping[str, Any], offload
 
 
 def _resolve_local_folder(model_id: str, commit: str | None) -> Path | None:
+    """The local folder of a model: a folder, or a Hub id (``org/name``, then any subfolder) in the Hub cache."""
     p = Path(model_id).expanduser()
     if p.is_dir():
         return p.resolve()
+    parts = model_id.split("/")
+    cut = 1 if len(parts) == 1 else 2  # "gpt2" or "org/name"
+    repo, subfolder = "/".join(parts[:cut]), "/".join(parts[cut:])
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model_id, revision=commit or None, local_files_only=True))
+        folder = Path(snapshot_download(repo, revision=commit or None, local_files_only=True)) / subfolder
     except Exception:
         return None  # not a local folder and not in the hub cache: no cache key can be made
+    return folder if folder.is_dir() else None
 
 
 # The first and last 32 values of each weight: a merged delta or adapter changes every value,

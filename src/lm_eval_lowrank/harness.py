@@ -229,6 +229,8 @@ class HFTuckerLM(HFLM):
         load_seconds = time.perf_counter() - load_start
         if not spec.is_noop:
             model_id = pretrained if isinstance(pretrained, str) else None
+            if model_id is not None and rest.get("subfolder"):  # the weights and config read are the subfolder's
+                model_id = f"{model_id.rstrip('/')}/{str(rest['subfolder']).strip('/')}"
             # Data-parallel processes hold the same model: they split the solves and exchange the factors.
             shard = ProcessShard.create() if self.world_size > 1 else None
             report = compress_model(self._model, spec, tokenizer=self.tokenizer, model_id=model_id, progress=self.rank == 0, shard=shard)
