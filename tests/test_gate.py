@@ -328,6 +328,29 @@ def test_group_without_aggregation_stands_for_its_subtasks(tmp_path: Path) -> No
         assert list(_rows(r.output)) == list(MMLU_SUBTASKS)
 
 
+def test_a_tolerance_for_a_group_without_aggregation_applies_to_its_subtasks(tmp_path: Path) -> None:
+    """--max-drop mmlu_local=N when mmlu_local aggregates nothing: it is gated as its subtasks, and N is theirs (it
+    was refused as a task "not gated"). A subtask's own tolerance still wins."""
+    b, c = pair(tmp_path, lm_eval_results(arc=None, mmlu_aggregates=False), lm_eval_results(arc=None, mmlu=(0.28, 0.21), mmlu_aggregates=False))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.01", "--max-drop", "mmlu_local=0.06", "--json")
+    assert r.exit_code == 0, r.output
+    assert {t["task"]: t["max_drop"] for t in json.loads(r.stdout)["tasks"]} == {"mmlu_local_stem": 0.06, "mmlu_local_humanities": 0.06}
+    r = run_cli(c, "--baseline", b, "--max-drop", "mmlu_local=0.06", "--max-drop", "mmlu_local_humanities=0.04", "--json")
+    assert r.exit_code == 1, r.output
+    rows = {t["task"]: (t["max_drop"], t["verdict"]) for t in json.loads(r.stdout)["tasks"]}
+    assert rows == {"mmlu_local_stem": (0.06, "PASS"), "mmlu_local_humanities": (0.04, "FAIL")}
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.06", "--metric", "mmlu_local=acc", "--json")
+    assert r.exit_code == 0 and [t["metric"] for t in json.loads(r.stdout)["tasks"]] == ["acc,none", "acc,none"]
+
+
+def test_a_relative_drop_from_a_zero_baseline_says_why_it_fails(tmp_path: Path) -> None:
+    b, c = pair(tmp_path, lm_eval_results(arc={"mcc,none": 0.0}, mmlu=None), lm_eval_results(arc={"mcc,none": -0.01}, mmlu=None))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.5", "--relative", "--json")
+    task = json.loads(r.stdout)["tasks"][0]
+    assert r.exit_code == 1 and task["verdict"] == "FAIL"
+    assert "from a baseline of 0 is an infinite relative drop" in task["note"]
+
+
 # --------------------------------------------------------------------------- direction, relative
 
 
@@ -632,6 +655,27 @@ def test_samples_that_do_not_pair_fall_back_with_a_note(tmp_path: Path) -> None:
     samples.write_text(samples.read_text().replace('"changed"', '"h0"'))
     r = run_cli(str(other_docs), "--baseline", str(base), "--max-drop", "0.03", "--confidence", "0.95", "--json")
     assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired" and "is not a mean over documents" in r.stderr
+
+
+def test_true_false_per_document_scores_pair_and_unreadable_samples_say_so(tmp_path: Path) -> None:
+    """A custom metric may log True/False per document: that is 0/1 and pairs. Samples files that hold no number per
+    document fall back to the unpaired stderr with a note, not silently."""
+    dense = [1] * 100 + [0] * 100
+    compressed = [0] * 4 + [1] * 96 + [0] * 100
+    base = _arc_run(tmp_path / "base", "2026-01-01T00-00-00.0", dense, stderr=0.0354)
+    comp = _arc_run(tmp_path / "comp", "2026-01-02T00-00-00.0", compressed, stderr=0.0353)
+    for run in (base, comp):
+        samples = next(run.parent.glob("samples_*.jsonl"))
+        samples.write_text(samples.read_text().replace('"acc_norm": 1.0', '"acc_norm": true').replace('"acc_norm": 0.0', '"acc_norm": false'))
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.04", "--confidence", "0.95", "--json")
+    task = json.loads(r.stdout)["tasks"][0]
+    assert (task["verdict"], task["stderr_kind"], task["paired_documents"]) == ("PASS", "paired", 200), r.output
+    for run in (base, comp):
+        samples = next(run.parent.glob("samples_*.jsonl"))
+        samples.write_text(samples.read_text().replace('"acc_norm": true', '"acc_norm": "yes"'))
+    r = run_cli(str(comp), "--baseline", str(base), "--max-drop", "0.04", "--confidence", "0.95", "--json")
+    assert json.loads(r.stdout)["tasks"][0]["stderr_kind"] == "unpaired"
+    assert "the samples files do not give one number per document for acc_norm,none" in r.stderr
 
 
 def test_confidence_without_any_stderr_gates_the_point_estimate_and_says_so(tmp_path: Path) -> None:

@@ -438,7 +438,8 @@ def per_document_scores(results: ResultsFile, task: str, metric_key: str, _seen:
                 sample = json.loads(line)
                 if sample.get("filter", "none") != flt:
                     continue
-                value = metric_number(sample.get(name))
+                raw = sample.get(name)
+                value = float(raw) if isinstance(raw, bool) else metric_number(raw)  # a custom metric's True/False is 1/0
                 key = (task, sample.get("doc_id"), sample.get("doc_hash"))
                 if value is None or key in scores:
                     return None
@@ -542,6 +543,8 @@ def _drop_noise(
                 error_at = agresti_at
             return DropNoise(stderr / scale, "paired", len(b), error_at), None, False
         note = f"{why}: unpaired standard error"
+    elif all(samples_path(f, task) is not None for f in (baseline, compressed)):
+        note = f"the samples files do not give one number per document for {metric_key}: unpaired standard error"
     name, flt = metric_key.split(",", 1)
     errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
     if any(e is None for e in errors):
@@ -769,7 +772,8 @@ def _gate_one(
     drop = metric_drop(base, comp, hib, relative)
     if not math.isfinite(drop):
         # NaN compares False with everything, so without this a NaN score would pass.
-        return Row(task, metric_key, base, comp, drop, tolerance, hib, "FAIL", alias, "non-finite score")
+        why = "non-finite score" if math.isnan(drop) or not relative or base != 0 else "any drop from a baseline of 0 is an infinite relative drop: gate this task with an absolute tolerance"
+        return Row(task, metric_key, base, comp, drop, tolerance, hib, "FAIL", alias, why)
     verdict = "FAIL" if drop > tolerance + _EPS else "PASS"
     return Row(task, metric_key, base, comp, drop, tolerance, hib, verdict, alias)
 
@@ -793,6 +797,18 @@ def _comparability_warnings(tasks: Sequence[str], baseline: ResultsFile, compres
         if b_counts is not None and c_counts is not None and b_counts[0] != c_counts[0]:
             out.append(f"{task}: evaluated samples differs (baseline {b_counts[0]}, compressed {c_counts[0]}); the runs are not comparable")
     return out
+
+
+def _spread_over_subtasks(baseline: ResultsFile, per_task: dict[str, Any], selected: Sequence[str]) -> None:
+    """A per-task option named for a group that aggregates nothing (so is gated as its subtasks) applies to each of
+    its gated subtasks, below any option named for the subtask or a nearer group."""
+    groups = [g for g in per_task if g not in selected and _children(baseline, g) and not _has_metrics(baseline, g)]
+    below = {g: [t for t in _expand(baseline, g, True, set()) if t in selected and t != g] for g in groups}
+    explicit = set(per_task) - set(groups)
+    for group in sorted(groups, key=lambda g: -len(below[g])):  # the widest first: nearer groups overwrite it
+        if below[group]:
+            value = per_task.pop(group)
+            per_task.update({t: value for t in below[group] if t not in explicit})
 
 
 def run_gate(
@@ -838,6 +854,7 @@ def run_gate(
     if not selected:
         raise GateError(f"{baseline.path}: no tasks to gate")
     for option, per_task in (("--metric", task_metric), ("--max-drop", task_max_drop)):
+        _spread_over_subtasks(baseline, per_task, selected)
         stray = sorted(set(per_task) - set(selected))
         if stray:
             raise GateError(f"{option} names tasks that are not gated: {', '.join(stray)}")
