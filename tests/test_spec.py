@@ -124,6 +124,8 @@ def test_noop_spec_is_dense():
         ({"rank": 5000}, r"rank=5000 is invalid for tensor 'q' \(4096x4096\): valid 1\.\.4096, and only ranks below 2048 save"),
         ({"rank": 1, "tensors": "q|qkv"}, r"unknown tensor 'qkv'.*valid: q\|k\|v\|o\|gate\|up\|down"),
         ({"rank": "q:4|c_attn:2"}, r"unknown tensor 'c_attn'"),
+        ({"rank": "8|v:4|o:2", "tensors": "q|k"}, r"rank: v\|o given a rank but not selected by tensors=q\|k; add it to tensors or drop its rank"),
+        ({"rank": "8|*p:4", "tensors": "q|k"}, r"rank: \*p given a rank but not selected by tensors=q\|k"),
     ],
 )
 def test_range_errors_from_the_config_alone(args, match):

@@ -417,6 +417,11 @@ class DecompositionSpec:
         overridden = expand_tensor_names(self.rank_overrides, available, "rank")
         if self.tensors is not None:
             chosen = named
+            unused = [k for k in self.rank_overrides if not any(t == k or (_is_pattern(k) and fnmatch.fnmatchcase(t, k)) for t in chosen)]
+            if unused:  # a rank that would silently not apply
+                raise SpecError(
+                    f"rank: {'|'.join(unused)} given a rank but not selected by tensors={'|'.join(self.tensors)}; add it to tensors or drop its rank"
+                )
         elif self.rank is None and self.rank_overrides:
             chosen = overridden
         else:
