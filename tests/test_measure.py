@@ -62,6 +62,10 @@ def test_aggregate_sums_over_processes_and_counts_a_shared_gpu_once():
     assert separate["energy"]["joules_per_token"] == 90.0 / 200
     shared = aggregate([_summary(1.0, 100, g0), _summary(1.0, 100, g0_again)])
     assert shared["energy"]["total_joules"] == 55.0  # one GPU, counted once
+    small = _summary(1.0, 100, g1)
+    small["memory"] = {"kind": "cuda_max_memory_allocated", "bytes": 30}
+    memory = aggregate([_summary(1.0, 100, g0), small])["memory"]
+    assert (memory["bytes"], memory["total_bytes"], memory["per_process_bytes"]) == (100, 130, [100, 30])
 
 
 def test_aggregate_unavailable_energy_keeps_the_reason():

@@ -651,7 +651,9 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         energy = {"available": False, "reason": reasons[0] if reasons else "unknown"}
     mem_bytes = [s["memory"]["bytes"] for s in summaries]
-    memory = {"kind": summaries[0]["memory"]["kind"], "bytes": max(mem_bytes), "per_process_bytes": mem_bytes}
+    # bytes: what the largest process needed (one per GPU: each GPU's peak); total_bytes: all of them at once, what
+    # processes sharing one GPU or host (CPU runs: RSS) take together at most.
+    memory = {"kind": summaries[0]["memory"]["kind"], "bytes": max(mem_bytes), "total_bytes": sum(mem_bytes), "per_process_bytes": mem_bytes}
     return _finish({"latency": lat, "energy": energy, "memory": memory, "processes": len(summaries)})
 
 
