@@ -205,6 +205,19 @@ def test_generic_adapter_takes_the_outermost_layer_list_the_config_counts():
     assert GenericAdapter.from_model(no_count).layers_path == "vision"  # without a config: the longest outer list
 
 
+def test_generic_adapter_never_offers_a_router_beside_stacked_experts():
+    """PhiMoE (no adapter of its own) keeps a Linear mlp.router beside transformers' stacked experts: a rank-1
+    router would move every token's choice of experts, and tensors=all with rank 1..3 took it (it saves there)."""
+    from lm_eval_lowrank.architectures import GenericAdapter
+
+    config = transformers.PhimoeConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, vocab_size=100, eos_token_id=2
+    )
+    adapter = GenericAdapter.from_config(config)
+    assert "router" not in adapter.tensor_paths
+    assert {"q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"} <= set(adapter.tensor_paths)
+
+
 # -- tie_word_embeddings left out of a config.json: transformers' default for the model_type -------------------
 def _count_built(model_type: str, model_cls=transformers.AutoModelForCausalLM, **fields) -> int:
     torch.manual_seed(0)

@@ -400,14 +400,22 @@ def _layer_projections(layer: Any) -> dict[str, tuple[int, int, int]]:
 
     from .modules import expert_projection_names, is_experts_module
 
-    # A router beside a list of experts scores one column per expert: it is never offered (a rank-r router moves
-    # every token's choice of experts, and it is a sliver of the layer's parameters).
+    def expert_count(module: Any) -> int | None:  # a list of experts, or transformers' stacked experts module
+        if isinstance(module, nn.ModuleList):
+            return len(module)
+        if is_experts_module(module):
+            shapes = [getattr(module, name).shape for name in expert_projection_names(module) if getattr(module, name, None) is not None]
+            return int(shapes[0][0]) if shapes and len(shapes[0]) == 3 else None
+        return None
+
+    # A router beside the experts scores one column per expert: it is never offered (a rank-r router moves every
+    # token's choice of experts, and it is a sliver of the layer's parameters). PhiMoE's mlp.router sits beside
+    # stacked experts.
     routers = {
         f"{parent}.{name}".lstrip(".")
         for parent, holder in layer.named_modules()
         for name, child in holder.named_children()
-        if isinstance(child, nn.Linear)
-        and any(isinstance(c, nn.ModuleList) and len(c) == child.out_features > 1 for c in holder.children())
+        if isinstance(child, nn.Linear) and child.out_features > 1 and any(expert_count(c) == child.out_features for c in holder.children())
     }
     found: dict[str, tuple[int, int, int]] = {}
     for sub, m in layer.named_modules():
