@@ -267,3 +267,14 @@ def test_a_long_layer_range_is_parsed_in_linear_time():
     assert time.perf_counter() - t0 < 5
     with pytest.raises(SpecError, match=r"duplicate layer\(s\) \[3\]"):
         parse_layers("1-5|3")
+
+
+def test_a_removed_argument_is_refused_with_its_reason_not_passed_to_hflm():
+    """hooi_iters was validated, recorded and keyed the caches, yet nothing read it: a 2-D weight's Tucker-2 is the
+    truncated SVD. It is refused with the reason, not sent on to HFLM as an unknown keyword."""
+    ours, rest = split_model_args({"pretrained": "x", "rank": 1, "hooi_iters": 5})
+    assert ours == {"rank": 1, "hooi_iters": 5} and "hooi_iters" not in rest
+    with pytest.raises(SpecError, match=r"^hooi_iters is not an argument any more: .*truncated SVD") as e:
+        DecompositionSpec.from_args(ours)
+    assert "\n" not in str(e.value)
+    assert "hooi_iters" not in DecompositionSpec.from_args({"rank": 1}).to_dict()

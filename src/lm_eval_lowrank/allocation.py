@@ -728,7 +728,6 @@ def measure_sensitivity(
         "method": spec.method,
         "solver": spec.solver,
         "seed": spec.seed,
-        "hooi_iters": spec.hooi_iters,
         **spec.method_options(),
         "layout": layout,
         "dtype": str(dtype),

@@ -61,10 +61,13 @@ SPEC_KEYS = (
     "calib_target",
     "calib_staged",
     "cache",
-    "hooi_iters",
     "asvd_alpha",
     "asvd_stat",
 )
+# Arguments once taken that no longer mean anything: refused with the reason, not passed on to HFLM.
+REMOVED_KEYS = {
+    "hooi_iters": "each decomposed weight is 2-D, and its Tucker-2 is the truncated SVD, which HOOI reaches without iterating; leave it out",
+}
 # The spec fields that change the factors, besides the ranks, targets and layout that a plan carries: the keys of
 # the decomposition cache, and of calibration statistics taken after earlier layers were decomposed. Derived, so
 # that a new argument keys the caches unless it is named here as keyed elsewhere or without effect.
@@ -326,7 +329,6 @@ class DecompositionSpec:
     calib_target: float = 0.25
     calib_staged: bool = True  # calibrate within a layer in forward order: q,k,v -> o -> gate,up -> down
     cache: bool = True
-    hooi_iters: int = 10
     asvd_alpha: float = 0.5  # method=asvd: input channels scaled by their size ** asvd_alpha (ASVD's paper: 0.5)
     asvd_stat: str = "mean_abs"  # method=asvd: a channel's size, ASVD's mean |x| or the RMS (covariance diagonal)
 
@@ -334,6 +336,9 @@ class DecompositionSpec:
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> DecompositionSpec:
         """Build from a mapping of raw values (model_args, CLI options, Python)."""
+        removed = [k for k in args if k in REMOVED_KEYS]
+        if removed:
+            raise SpecError(f"{removed[0]} is not an argument any more: {REMOVED_KEYS[removed[0]]}")
         unknown = set(args) - set(SPEC_KEYS)
         if unknown:
             raise SpecError(f"unknown decomposition argument(s) {sorted(unknown)}; valid: {', '.join(SPEC_KEYS)}")
@@ -360,7 +365,7 @@ class DecompositionSpec:
                 if v not in choices:
                     raise _fail(key, args[key], "valid: " + ", ".join(choices))
                 kw[key] = v
-        for key, lo in (("rank_multiple", 1), ("calib_n", 1), ("calib_len", 2), ("calib_batch", 1), ("grad_batch", 1), ("hooi_iters", 1), ("seed", 0)):
+        for key, lo in (("rank_multiple", 1), ("calib_n", 1), ("calib_len", 2), ("calib_batch", 1), ("grad_batch", 1), ("seed", 0)):
             if args.get(key) is not None:
                 v = _as_int(key, args[key], f"expected an int >= {lo}")
                 if v < lo:
@@ -475,8 +480,8 @@ class DecompositionSpec:
 
 def split_model_args(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split model_args into (ours, the rest for HFLM). ``rank`` collides with HFLM.rank."""
-    ours = {k: v for k, v in kwargs.items() if k in SPEC_KEYS}
-    rest = {k: v for k, v in kwargs.items() if k not in SPEC_KEYS}
+    ours = {k: v for k, v in kwargs.items() if k in SPEC_KEYS or k in REMOVED_KEYS}
+    rest = {k: v for k, v in kwargs.items() if k not in ours}
     return ours, rest
 
 
