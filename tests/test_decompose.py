@@ -317,6 +317,33 @@ def test_parallel_solves_equal_a_one_thread_run_and_restore_the_thread_count(sol
         assert torch.equal(states[1][k], states[2][k]), k
 
 
+def test_an_exception_in_the_replacement_loop_ends_the_solver_pool_settings_at_once():
+    """A Ctrl-C (or a failing callback) while modules are replaced: the pool's one-thread torch and OpenBLAS settings
+    end with it, not when the traceback that holds the solve generator is dropped (a notebook keeps it)."""
+    from transformers import LlamaForCausalLM
+
+    from lm_eval_lowrank.methods import tucker as tk
+
+    before = torch.get_num_threads()
+    calls = []
+
+    def interrupt(t, new):
+        calls.append(t.path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    try:
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config(hidden_size=64, intermediate_size=160)).eval()
+        with pytest.raises(KeyboardInterrupt) as kept:  # kept.value.__traceback__ holds the frames, as a shell would
+            decompose_model(model, DecompositionSpec.from_args({"rank": 2, "solver": "krylov", "cache": False}), progress=False, on_module=interrupt)
+        assert kept.value.__traceback__ is not None
+        assert (torch.get_num_threads(), tk._blas_pinned) == (2, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_parallel_solves_stay_within_the_copy_budget():
     import lm_eval_lowrank.decompose as dec
     from lm_eval_lowrank.plan import Target

@@ -616,6 +616,36 @@ def test_grouped_experts_forward_equals_the_loop_dense_or_factored(model_type, r
         _assert_grouped_equals_loop(model, ids, monkeypatch)
 
 
+def test_grouped_experts_forward_takes_zero_tokens_like_transformers():
+    from lm_eval_lowrank.modules import experts_forward
+
+    model = _model("mixtral")
+    experts = _experts(model)
+    x, index, weights = torch.randn(0, experts.down_proj.shape[1]), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)
+    with torch.no_grad():
+        expected = experts(x, index, weights).shape
+        compress_model(model, {"rank": 3, "tensors": EXPERTS}, progress=False)
+        assert experts_forward(experts, x, index, weights, grouped=True).shape == expected == (0, x.shape[1])
+
+
+def test_experts_tried_and_put_back_dense_get_their_own_class_and_forward_back():
+    """The sensitivity allocator installs factors, measures and puts the dense weights back: a module left with
+    none factored is the model's own again (it ran the package's forward and was reported as decomposed)."""
+    from lm_eval_lowrank.methods.tucker import tucker2
+    from lm_eval_lowrank.modules import experts_forward_path, install_expert_weights, restore_expert_weights
+
+    model = _model("mixtral")
+    experts, original = _experts(model), type(_experts(model))
+    dense = {n: getattr(experts, n) for n in ("gate_up_proj", "down_proj")}
+    for name, w in dense.items():
+        install_expert_weights(experts, name, LowRankExpertWeights.from_factors([tucker2(w[e].float(), 2) for e in range(w.shape[0])]))
+    restore_expert_weights(experts, "down_proj", dense["down_proj"])
+    assert isinstance(experts, LowRankExperts)  # gate_up_proj is still factored
+    restore_expert_weights(experts, "gate_up_proj", dense["gate_up_proj"])
+    assert type(experts) is original and experts_forward_path(model) is None
+    assert all(getattr(experts, n) is w for n, w in dense.items())
+
+
 def test_grouped_experts_forward_skips_expert_parallel_sentinels_and_matches_transformers_in_bf16(monkeypatch):
     """Indices >= num_experts (experts on another rank) add nothing, in both paths, even where the kernel leaves
     their rows as garbage; in bf16 at top-8 the grouped forward on dense weights gives what transformers' own

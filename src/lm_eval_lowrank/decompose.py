@@ -324,26 +324,30 @@ def _decompose_stage(
             return method(W.detach().float(), t.rank, stats.get(t.path), solver=spec.solver, solver_tol=spec.solver_tol, seed=_module_seed(spec.seed, t.path), **spec.method_options())
 
     parallel = spec.method == "tucker" and not stats  # data-free and known to be thread-safe
-    solved = _solve_jobs([(t, W) for t, _, _, W, _ in found], solve, spec, parallel, copy_budget, shard, threads)
-    for i, factors in enumerate(solved):  # in order, each replaced as soon as its factors are in
-        (t, path, old, W, b), found[i] = found[i], None  # nothing else holds the dense weight now
-        dtype, device = W.dtype, W.device
-        with torch.no_grad():
-            if factors is None:
-                factors = solve(t, W)
-            new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
-        new.requires_grad_(old.weight.requires_grad)
-        _set_submodule(model, path, new)
-        if pages.libc is not None:
-            pages.retire(old)
-        solver = factors.info.get("solver", spec.method)
-        solvers[solver] = solvers.get(solver, 0) + 1
-        if "sv_error_bound" in factors.info:
-            bounds.append(float(factors.info["sv_error_bound"]))
-        del old, W, b, factors
-        if on_module is not None:
-            on_module(t, new)
-        bar.update()
+    # closing: an exception in this loop (a Ctrl-C, a failed solve, on_module) ends the solver pool and its
+    # one-thread settings now, not whenever the traceback that holds the generator is dropped
+    jobs = [(t, W) for t, _, _, W, _ in found]
+    with contextlib.closing(_solve_jobs(jobs, solve, spec, parallel, copy_budget, shard, threads)) as solved:
+        del jobs
+        for i, factors in enumerate(solved):  # in order, each replaced as soon as its factors are in
+            (t, path, old, W, b), found[i] = found[i], None  # nothing else holds the dense weight now
+            dtype, device = W.dtype, W.device
+            with torch.no_grad():
+                if factors is None:
+                    factors = solve(t, W)
+                new = LowRankLinear.from_factors(factors, None if b is None else b.detach(), layout=plan.layout, dtype=dtype, device=device)
+            new.requires_grad_(old.weight.requires_grad)
+            _set_submodule(model, path, new)
+            if pages.libc is not None:
+                pages.retire(old)
+            solver = factors.info.get("solver", spec.method)
+            solvers[solver] = solvers.get(solver, 0) + 1
+            if "sv_error_bound" in factors.info:
+                bounds.append(float(factors.info["sv_error_bound"]))
+            del old, W, b, factors
+            if on_module is not None:
+                on_module(t, new)
+            bar.update()
 
 
 def _decompose_experts(
@@ -387,8 +391,8 @@ def _decompose_experts(
 
     parallel = spec.method == "tucker" and stats is None  # as for linears: data-free and thread-safe
     factors = []
-    with torch.no_grad():
-        for job, f in zip(list(jobs), _solve_jobs(jobs, solve, spec, parallel, copy_budget, shard, threads)):
+    with torch.no_grad(), contextlib.closing(_solve_jobs(jobs, solve, spec, parallel, copy_budget, shard, threads)) as solved:
+        for job, f in zip(list(jobs), solved):
             f = solve(*job) if f is None else f
             solver = f.info.get("solver", spec.method)
             solvers[solver] = solvers.get(solver, 0) + 1

@@ -220,7 +220,8 @@ class LowRankExpertWeights(nn.Module):
 
     ``last`` is held as the transpose of a row-major (E, r, out) tensor: the grouped GEMMs then read
     ``first.mT`` and ``last.mT`` in place at any rank (row-major ``last`` has rows of r elements, which the
-    kernel refuses unless they span a multiple of 16 bytes). Saved state dicts are row-major as usual.
+    kernel refuses unless they span a multiple of 16 bytes). ``state_dict()`` holds that transposed view, so
+    ``last`` needs ``.contiguous()`` before safetensors; the files this package saves are row-major.
     """
 
     def __init__(
@@ -657,7 +658,7 @@ def _grouped_experts_forward(
     # tokens is not on CUDA; the sum accumulates in fp32 like transformers' grouped forward.
     unsorted = torch.empty_like(y)
     unsorted[order] = y
-    return unsorted.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
+    return unsorted.view(*top_k_index.shape, y.shape[-1]).sum(1).to(hidden_states.dtype)  # -1 fails at 0 tokens
 
 
 _LOWRANK_EXPERT_CLASSES: dict[type, type] = {}
@@ -692,6 +693,13 @@ def install_expert_weights(module: nn.Module, name: str, weights: LowRankExpertW
 
 
 def restore_expert_weights(module: nn.Module, name: str, dense: nn.Parameter) -> None:
-    """Put a dense stacked parameter back in place of its factors (the factored forward reads either)."""
+    """Put a dense stacked parameter back in place of its factors. Once none of its projections is factored, the
+    module gets its own class (and forward) back: a measurement that tried factors and kept it dense leaves it as
+    it was, so it runs and is reported (``experts_forward_path``) as the dense model's."""
     module._modules.pop(name, None)
     module.register_parameter(name, dense)
+    if isinstance(module, LowRankExperts) and not any(isinstance(m, LowRankExpertWeights) for m in module.children()):
+        original = type(module).__bases__[1]  # _lowrank_class: (LowRankExperts, the original class)
+        module.__class__ = original
+        if "_old_forward" in module.__dict__:
+            module._old_forward = types.MethodType(original.forward, module)
