@@ -3,8 +3,8 @@
 The targeted parameters are those of every selected (layer, tensor) weight. A module whose
 rank would save nothing is kept dense (it then counts in full). Ranks are multiples of
 ``rank_multiple``; the realised kept fraction is at most ``budget`` and within one rounding
-step (one module's ``rank_multiple`` rank change) of it, unless even the smallest ranks
-exceed the budget. Allocators:
+step of it (one module's ``rank_multiple`` rank change, or its move from its largest
+admissible rank back to dense), unless even the smallest ranks exceed the budget. Allocators:
 
 - ``uniform``: the same kept fraction in every selected module.
 - ``tail``: only the last K selected layers are compressed, each module keeping a fraction
@@ -121,12 +121,19 @@ def floor_rank(c: Candidate, keep: float, multiple: int, layout: str) -> int:
     return min(max(r, adm[0]), adm[-1])
 
 
+def next_rank(c: Candidate, rank: int, multiple: int, layout: str) -> int:
+    """The rank one rounding step above ``rank``: the next multiple, or 0 (dense) where that would save nothing."""
+    up = rank + multiple
+    return 0 if up >= breakeven_rank(c.out_features, c.in_features, layout) else up
+
+
 def fit_to_budget(cands: list[Candidate], keep: dict[str, float], target: float, multiple: int, layout: str) -> dict[str, int]:
     """Ranks near the per-module fractions ``keep`` with total kept params <= ``target`` when possible.
 
-    Floor each rank to the multiple, then add one step at a time (largest shortfall
-    first) while the total stays within ``target``: the result is at most one step short.
-    Modules not in ``keep`` stay dense.
+    Floor each rank to the multiple, then take one step up at a time (largest shortfall
+    first) while the total stays within ``target``; a module at its largest admissible rank
+    steps back to dense. The result is short of ``target`` by less than any module's next
+    step. Modules not in ``keep`` stay dense.
     """
     ranks: dict[str, int] = {}
     for c in cands:
@@ -141,25 +148,26 @@ def fit_to_budget(cands: list[Candidate], keep: dict[str, float], target: float,
         return sum(by_path[p].params(r, layout) for p, r in ranks.items()) + sum(c.dense for c in cands if c.path not in ranks)
 
     cur = total()
-    # Grow the modules furthest below their share first; stop when no step fits.
+    # Grow the modules furthest below their share first; stop when no step fits. Without the step back to dense,
+    # modules stuck at their largest rank left high budgets many steps short (uniform 0.95 at SmolLM2: 0.91).
     while True:
         best, best_gap = None, None
         for p, r in ranks.items():
             c = by_path[p]
-            nxt = r + multiple
-            if nxt >= breakeven_rank(c.out_features, c.in_features, layout):
-                continue
-            step = c.params(nxt, layout) - c.params(r, layout)
-            if cur + step > target:
+            if cur + c.params(next_rank(c, r, multiple, layout), layout) - c.params(r, layout) > target:
                 continue
             gap = continuous_rank(c, keep[p], layout) - r
             if best_gap is None or gap > best_gap:
                 best, best_gap = p, gap
         if best is None:
             break
-        step = by_path[best].params(ranks[best] + multiple, layout) - by_path[best].params(ranks[best], layout)
-        ranks[best] += multiple
-        cur += step
+        c, r = by_path[best], ranks[best]
+        up = next_rank(c, r, multiple, layout)
+        cur += c.params(up, layout) - c.params(r, layout)
+        if up:
+            ranks[best] = up
+        else:
+            del ranks[best]  # kept dense
     return ranks
 
 
@@ -366,20 +374,19 @@ def allocate_by_error(cands: list[Candidate], curves: dict[str, torch.Tensor], b
     by_path = {c.path: c for c in cands}
     state = _descend_hulls(cands, curves, budget, multiple, layout)
     cur = sum(c.params(state[c.path], layout) for c in cands)
-    # A hull jump can overshoot: give back single steps where they cost the most error, while they fit.
+    # A hull jump can overshoot: give back single steps where they cost the most error, while they fit (from the
+    # largest rank, back to dense: the same steps as fit_to_budget's, which realised() reports).
     while True:
         best = None
         for p, r in state.items():
             if r == 0:
                 continue
             c = by_path[p]
-            up = r + multiple
-            if up >= breakeven_rank(c.out_features, c.in_features, layout):
-                continue
+            up = next_rank(c, r, multiple, layout)
             step = c.params(up, layout) - c.params(r, layout)
             if cur + step > target:
                 continue
-            gain = (float(curves[p][r]) - float(curves[p][up])) / step
+            gain = (float(curves[p][r]) - (float(curves[p][up]) if up else 0.0)) / step
             if best is None or gain > best[0]:
                 best = (gain, p, up, step)
         if best is None:
@@ -460,7 +467,7 @@ SENSITIVITY_KEEPS = (0.5, 0.7, 0.85)  # kept fractions measured per layer (plus 
 SENSITIVITY_EVAL_TOKENS = 1024
 SENSITIVITY_STATS_TOKENS = 8192  # calibration tokens for the measurement's own statistics (one dense pass)
 SENSITIVITY_SCORE_STRIDE = 2  # the LM head scores every 2nd position: on a 49k vocabulary it costs ~8 layers
-SENSITIVITY_VERSION = "2"  # bump when a measurement changes meaning (keys the on-disk cache)
+SENSITIVITY_VERSION = "3"  # bump when a measurement changes meaning (keys the on-disk cache)
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
 
@@ -688,10 +695,11 @@ def measure_sensitivity(
     ``fisher``: the rows' Fisher sums per path (E x out for experts) of a method that weighs its outputs by them
     (fwsvd, fwhiten), attached to each module's statistics.
 
-    Data: the last ``eval_tokens`` worth of calibration sequences (at most a quarter of
-    them) are scored and never enter the statistics; the measurement fits whiten/rom to the
-    dense model's input statistics over up to ``stats_tokens`` of the other sequences (a
-    single calibration sequence is both fitted and scored, ``held_out`` false). The final
+    Data: the last ``eval_tokens`` worth of calibration sequences (a quarter of them at
+    most, rounded down, but at least one: of 2 or 3 sequences, one) are scored and never
+    enter the statistics; the measurement fits whiten/rom to the dense model's input
+    statistics over up to ``stats_tokens`` of the other sequences (a single calibration
+    sequence is both fitted and scored, ``held_out`` false). The final
     decomposition still calibrates on all sequences. All tensors of a layer are fitted to
     the dense layer's inputs (no staging).
 
@@ -727,6 +735,7 @@ def measure_sensitivity(
         "v": SENSITIVITY_VERSION,
         "method": spec.method,
         "solver": spec.solver,
+        "solver_tol": spec.solver_tol,  # every solve takes it (the Krylov solver's stopping point)
         "seed": spec.seed,
         **spec.method_options(),
         "layout": layout,
@@ -919,6 +928,10 @@ def allocate_ranks(
     cands = candidates(spec, model.config, adapter)
     if not cands:
         raise SpecError("budget: no module is selected (check layers/tensors)")
+    from .plan import check_rank_multiple
+
+    # before any measurement (make_plan checks the config's shapes before load; the model's may differ)
+    check_rank_multiple(spec, [(c.out_features, c.in_features) for c in cands], layout)
     m = spec.rank_multiple
     if spec.allocator == "uniform":
         ranks, extra = allocate_uniform(cands, spec.budget, m, layout)
@@ -948,7 +961,8 @@ def realised(cands: list[Candidate], ranks: dict[str, int], spec: DecompositionS
     selected = sum(c.dense for c in cands)
     kept = sum(c.params(ranks.get(c.path, 0), layout) for c in cands)
     removed = selected - kept
-    steps = [c.params(ranks[c.path] + spec.rank_multiple, layout) - c.params(ranks[c.path], layout) for c in cands if c.path in ranks]
+    # each compressed module's next step up: to dense from its largest rank (the rank past it saves nothing)
+    steps = [c.params(next_rank(c, ranks[c.path], spec.rank_multiple, layout), layout) - c.params(ranks[c.path], layout) for c in cands if c.path in ranks]
     return {
         "allocator": spec.allocator,
         "budget": spec.budget,

@@ -106,6 +106,9 @@ def make_plan(
             f"layers={spec.to_dict()['layers']} holds no {'|'.join(tensors)}: in this architecture {t!r} is in layers "
             f"{_span(sorted(held[t]))} only"
         )
+    if ranks is None and spec.budget is not None:
+        # before any weight loads: a rank_multiple no module can take would leave the whole model dense
+        check_rank_multiple(spec, [shapes[t] for t in tensors if any(layer in held[t] for layer in layers)], layout)
     if ranks is None and spec.budget is None:
         # A rank past a tensor's size is an error where the user named that tensor, or where no selected tensor
         # can take it; a tensor that came in through tensors=all or a pattern (Qwen2-MoE's 1x64 shared_expert_gate
@@ -143,6 +146,21 @@ def make_plan(
             stacklevel=2,
         )
     return plan
+
+
+def check_rank_multiple(spec: DecompositionSpec, shapes: list[tuple[int, int]], layout: str) -> None:
+    """Refuse a budget under which no selected (out, in) shape has an admissible rank (a multiple of
+    ``spec.rank_multiple`` below its break-even): every allocator would keep the model dense, silently."""
+    if not shapes:
+        return  # nothing selected: reported where the selection is resolved
+    largest = max(breakeven_rank(out_f, in_f, layout) for out_f, in_f in shapes) - 1
+    if largest < 1:
+        raise SpecError("budget: no rank saves parameters in any selected module (check layers/tensors)")
+    if spec.rank_multiple > largest:
+        raise SpecError(
+            f"rank_multiple={spec.rank_multiple} is invalid: no multiple of it below break-even saves parameters in any "
+            f"selected module; valid 1..{largest}"
+        )
 
 
 def _candidates(adapter: ArchitectureAdapter, layers: list[int], tensors: tuple[str, ...], held: dict[str, set[int]]) -> list[tuple[int, str, str]]:
