@@ -286,3 +286,286 @@ def test_training_on_a_scored_split_is_flagged(ckpt, tmp_path, monkeypatch):
     r = CliRunner().invoke(heal, base + ["--out", str(tmp_path / "t"), "--data", str(test_file)])
     assert r.exit_code == 0 and "arc_easy_local scores" in r.output, r.output
     assert json.loads((tmp_path / "t" / MANIFEST_NAME).read_text())["healing"][-1]["scored_by"] == {str(test_file): ["arc_easy_local"]}
+
+
+# -- fixes: saved dtypes, early and one-line errors, even mixing, state on failure -----------------
+
+
+def _no_load(monkeypatch) -> None:
+    """Make any weight load fail the test: the checks under test must come first."""
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the argument check")
+
+    monkeypatch.setattr(CompressedCheckpoint, "load_model", no_load)
+
+
+def _low_precision_ckpt(src, out, keep_fp32_norm: bool = False):
+    """A bf16 checkpoint of the tiny model; with ``keep_fp32_norm`` its final norm stays fp32 (mixed dtypes)."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import save_compressed
+
+    model = load_dense(src).to(torch.bfloat16)
+    if keep_fp32_norm:
+        model.model.norm.float()  # as _keep_in_fp32_modules leaves a module
+    report = compress_model(model, {**SPEC, "cache": False}, progress=False)
+    save_compressed(model, out, report, tokenizer=AutoTokenizer.from_pretrained(str(src)), source={"model_id": str(src)})
+    return out
+
+
+def _stored_dtypes(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    from lm_eval_lowrank.checkpoint import WEIGHTS_NAME
+
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+@pytest.mark.parametrize("keep_fp32_norm", [False, True], ids=["bf16", "bf16+fp32"])
+def test_after_numbers_describe_the_saved_checkpoint_in_its_stored_dtypes(src, tmp_path, keep_fp32_norm):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint, load_compressed
+    from lm_eval_lowrank.heal import heal_checkpoint, mean_loss, mixed_blocks, perplexity, read_texts, token_blocks
+
+    ckpt_in = _low_precision_ckpt(src, tmp_path / "in", keep_fp32_norm)
+    data, held = tmp_path / "train.txt", tmp_path / "held.txt"
+    data.write_text(TEXT)
+    held.write_text(HELD_TEXT)
+    out = tmp_path / "out"
+    # A small lr: the fp32 update is then mostly lost to bf16 rounding, which the old record ignored.
+    rec = heal_checkpoint(ckpt_in, out, data=str(data), steps=4, lr=2e-5, seq_len=32, batch_size=4, device="cpu", eval_data=str(held), eval_blocks=8, progress=False)
+    c_in, c_out = CompressedCheckpoint.open(ckpt_in), CompressedCheckpoint.open(out)
+    assert c_out.manifest["dtype"] == c_in.manifest["dtype"] and c_out.weight_bytes() == c_in.weight_bytes()
+    assert _stored_dtypes(out) == _stored_dtypes(ckpt_in)
+    # The record's "after" numbers recomputed on the saved checkpoint (exact fp32 upcast), with the same blocks.
+    tok = AutoTokenizer.from_pretrained(str(out))
+    saved = load_compressed(out, dtype=torch.float32)
+    held_blocks = mixed_blocks(tok, [[TEXT]], 32, 4 * 4, 8)[0]
+    eval_blocks = token_blocks(tok, read_texts(held), 32, max_blocks=8)
+    assert rec["loss_after"] == pytest.approx(mean_loss(saved, held_blocks, 4), rel=1e-6)
+    assert rec["eval_ppl_after"] == pytest.approx(perplexity(saved, eval_blocks, 4), rel=1e-6)
+    assert rec["loss_before"] == pytest.approx(mean_loss(load_compressed(ckpt_in, dtype=torch.float32), held_blocks, 4), rel=1e-6)
+
+
+def test_heal_model_rounds_the_trained_factors_to_round_to(ckpt):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.heal import heal_model
+
+    model = load_compressed(ckpt, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    heal_model(model, tok, [TEXT], steps=2, lr=1e-3, seq_len=32, batch_size=2, progress=False, round_to=torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n.endswith((".first", ".last", ".core")):
+            assert p.dtype == torch.float32 and torch.equal(p, p.to(torch.bfloat16).float()), n
+
+
+def test_lr_must_be_positive_and_finite(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+    from lm_eval_lowrank.heal import HealError, check_heal_args
+
+    for bad in (float("inf"), float("nan"), 0.0, -1e-3):
+        with pytest.raises(HealError, match="--lr .* expected a positive finite float"):
+            check_heal_args(lr=bad)
+    _no_load(monkeypatch)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    for bad in ("inf", "nan"):
+        r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--lr", bad])
+        _one_line_error(r, f"--lr {bad}", "finite")
+
+
+def test_data_errors_name_the_argument_and_file_before_the_weights_load(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    _no_load(monkeypatch)
+    data, short = tmp_path / "train.txt", tmp_path / "short.txt"
+    data.write_text(TEXT)
+    short.write_text("the a of")  # fewer tokens than one block
+    base = [str(ckpt), "--out", str(tmp_path / "o"), "--steps", "2", "--seq_len", "16", "--device", "cpu"]
+    run = lambda *extra: CliRunner().invoke(heal, base + list(extra))  # noqa: E731
+    _one_line_error(run("--data", str(data), "--eval_data", str(tmp_path / "nope.txt")), "--eval_data", "nope.txt", "does not exist")
+    _one_line_error(run("--data", str(data), "--eval_data", str(short)), "--eval_data", "short.txt", "--seq_len 16")
+    _one_line_error(run("--data", str(short)), "--data", "short.txt", "--seq_len 16")
+    # Enough for the held-out blocks' share of one source but not the other's: named by file.
+    small = tmp_path / "small.txt"
+    small.write_text(" ".join(WORDS[i % 5] for i in range(40)))  # 2 blocks of 16; the held-out share is 4
+    _one_line_error(run("--data", str(data), "--data", str(small)), "--data", "small.txt", "held out")
+
+
+def test_unreadable_text_is_a_one_line_error_with_file_and_line(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+    from lm_eval_lowrank.heal import HealError, read_texts
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the a of"}\n{"text": "oops\n')
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "the a"},\n {"text": ]')
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("the a of\ncaf\xe9".encode("latin-1"))
+    with pytest.raises(HealError, match=r"^--data .*bad\.jsonl line 2: not valid JSON"):
+        read_texts(bad)
+    with pytest.raises(HealError, match=r"^--data .*broken\.json line 2: not valid JSON"):
+        read_texts(broken)
+    with pytest.raises(HealError, match=r"^--eval_data .*latin\.txt line 2: not UTF-8"):
+        read_texts(latin, "--eval_data")
+    _no_load(monkeypatch)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--eval_data", str(bad)])
+    _one_line_error(r, "--eval_data", "bad.jsonl line 2")
+
+
+def test_seq_len_beyond_learned_positions_is_refused_before_the_load(tmp_path, monkeypatch, capsys):
+    from click.testing import CliRunner
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import save_compressed
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    from test_checkpoint import tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(cfg)
+    tok = tiny_tokenizer()
+    report = compress_model(model, {"rank": 4, "layers": "1|2", "cache": False}, progress=False)
+    gpt2 = save_compressed(model, tmp_path / "gpt2", report, tokenizer=tok, source={"model_id": "tiny-gpt2"})
+    _no_load(monkeypatch)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    r = CliRunner().invoke(heal, [str(gpt2), "--out", str(tmp_path / "o"), "--data", str(data), "--seq_len", str(cfg.n_positions + 1)])
+    _one_line_error(r, f"--seq_len {cfg.n_positions + 1}", f"2..{cfg.n_positions}", "n_positions")
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank.heal import check_seq_len
+
+    check_seq_len(cfg.n_positions, cfg)  # the last position is fine
+    # Rotary positions run past max_position_embeddings: a warning, not an error.
+    llama = tiny_llama_config()
+    check_seq_len(llama.max_position_embeddings * 2, llama)
+    assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_sources_share_the_training_blocks_and_the_record_says_what_trained(ckpt):
+    import collections
+
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.heal import heal_model
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    groups = [WORDS[0:6], WORDS[6:12], WORDS[12:18]]  # disjoint words: a block's first token names its source
+    sources = [[" ".join(g[(i * 7) % 6] for i in range(600))] for g in groups]
+    ids = [set(tok(" ".join(g), add_special_tokens=False)["input_ids"]) for g in groups]
+    model = load_compressed(ckpt)
+    seen = collections.Counter()
+    forward = model.forward
+
+    def spy(*a, input_ids=None, **k):
+        if model.training:
+            for row in input_ids:
+                seen[next(i for i, g in enumerate(ids) if int(row[0]) in g)] += 1
+        return forward(*a, input_ids=input_ids, **k)
+
+    model.forward = spy
+    steps, batch = 5, 2  # 10 blocks over 3 sources
+    rec = heal_model(model, tok, sources, steps=steps, lr=1e-4, seq_len=16, batch_size=batch, progress=False)
+    counts = [m["train_blocks"] for m in rec["data_mix"]]
+    assert sum(counts) == steps * batch and max(counts) - min(counts) <= 1
+    assert counts == [seen[i] for i in range(len(groups))]
+
+
+def test_a_file_trained_on_twice_or_evaluated_on_is_refused(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    _no_load(monkeypatch)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT)
+    (folder / "b.txt").write_text(HELD_TEXT)
+    base = [str(ckpt), "--out", str(tmp_path / "o"), "--steps", "2", "--seq_len", "16"]
+    run = lambda *extra: CliRunner().invoke(heal, base + list(extra))  # noqa: E731
+    _one_line_error(run("--data", str(folder), "--data", str(folder / "b.txt")), "--data", "b.txt", "twice")
+    _one_line_error(run("--data", str(folder / "a.txt"), "--data", str(tmp_path / "texts" / ".." / "texts" / "a.txt")), "--data", "a.txt", "twice")
+    _one_line_error(run("--data", str(folder), "--eval_data", str(folder / "a.txt")), "--eval_data", "a.txt", "training text")
+
+
+def test_eval_blocks_needs_eval_data(ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    _no_load(monkeypatch)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--eval_blocks", "4"])
+    _one_line_error(r, "--eval_blocks 4", "needs --eval_data")
+
+
+def test_a_failing_step_restores_the_model_state_and_closes_the_bar(ckpt, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import lm_eval_lowrank.heal as heal_module
+    from lm_eval_lowrank.checkpoint import load_compressed
+
+    class Bar:
+        closed = False
+
+        def set_postfix(self, **_k):
+            pass
+
+        def update(self, _n):
+            pass
+
+        def close(self):
+            Bar.closed = True
+
+    monkeypatch.setattr(heal_module, "_bar", lambda total, enabled: Bar())
+    model = load_compressed(ckpt)
+    frozen = next(n for n, _ in model.named_parameters() if not n.endswith((".first", ".last", ".core")))
+    model.get_parameter(frozen).requires_grad_(False)  # a mixed entry state, to be given back as it was
+    entry = {n: p.requires_grad for n, p in model.named_parameters()}
+    calls = {"train": 0}
+    forward = model.forward
+
+    def flaky(*a, **k):
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] == 2:
+                raise RuntimeError("out of memory (simulated)")
+        return forward(*a, **k)
+
+    model.forward = flaky
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    with pytest.raises(RuntimeError, match="simulated"):
+        heal_module.heal_model(model, tok, [TEXT], steps=4, lr=1e-3, seq_len=16, batch_size=2)
+    assert not model.training and Bar.closed
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == entry
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_holdout_blocks_must_be_at_least_one(ckpt):
+    from transformers import AutoTokenizer
+
+    from lm_eval_lowrank.checkpoint import load_compressed
+    from lm_eval_lowrank.heal import HealError, heal_model
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    with pytest.raises(HealError, match="holdout_blocks=0 is invalid"):
+        heal_model(load_compressed(ckpt), tok, [TEXT], steps=1, lr=1e-3, seq_len=16, batch_size=2, holdout_blocks=0, progress=False)

@@ -181,17 +181,17 @@ def _source_digest(model_id: str, model: Any) -> str | None:
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder for the healed checkpoint.")
 @click.option(
     "--data", "data", multiple=True, type=click.Path(),
-    help="Training text: .jsonl/.txt/.raw file or folder; give it several times to mix sources evenly "
+    help="Training text: .jsonl/.txt/.raw file or folder; give it several times to mix sources evenly, each file once "
     "(default: shared data gsm8k/train.jsonl, the only train split). Never a split an evaluated task scores.",
 )
 @click.option("--steps", "steps", default=50, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
-@click.option("--lr", "lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate.")
-@click.option("--seq_len", "seq_len", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per training block.")
+@click.option("--lr", "lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate (positive and finite).")
+@click.option("--seq_len", "seq_len", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per training block (at most the model's learned positions, e.g. GPT-2's n_positions).")
 @click.option("--batch_size", "batch_size", default=4, show_default=True, type=click.IntRange(min=1), help="Blocks per step.")
 @click.option("--seed", "seed", default=0, show_default=True, type=int)
 @click.option("--device", "device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--eval_data", "eval_data", default=None, type=click.Path(), help="Held-out text for perplexity before/after (e.g. wikitext/wiki.test.raw).")
-@click.option("--eval_blocks", "eval_blocks", default=16, show_default=True, type=click.IntRange(min=1), help="Blocks of --seq_len tokens of --eval_data to score.")
+@click.option("--eval_data", "eval_data", default=None, type=click.Path(), help="Held-out text for perplexity before/after (e.g. wikitext/wiki.test.raw); not a --data file.")
+@click.option("--eval_blocks", "eval_blocks", default=None, type=click.IntRange(min=1), help="With --eval_data: blocks of --seq_len tokens of it to score (default 16).")
 @click.option("--teacher", "teacher", default=None, help="Distil from a teacher: 'dense' (the checkpoint's source model) or a model folder/ID with the same tokenizer.")
 @click.option("--kd_weight", "kd_weight", default=None, type=float, help="With --teacher: weight of the KD loss in [0, 1]; the rest is the LM loss (default 1: KD only).")
 @click.option("--temperature", "temperature", default=None, type=float, help="With --teacher: softmax temperature of the KD loss (default 1).")
@@ -199,7 +199,7 @@ def _source_digest(model_id: str, model: Any) -> str | None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def heal(
     ckpt: str, out: str, data: tuple[str, ...], steps: int, lr: float, seq_len: int, batch_size: int, seed: int, device: str | None,
-    eval_data: str | None, eval_blocks: int, teacher: str | None, kd_weight: float | None, temperature: float | None, overwrite: bool, quiet: bool,
+    eval_data: str | None, eval_blocks: int | None, teacher: str | None, kd_weight: float | None, temperature: float | None, overwrite: bool, quiet: bool,
 ) -> None:
     """Train the low-rank factors of CKPT for a few steps (LM loss, or distillation from --teacher) and save to --out."""
     from ..checkpoint import CheckpointError
