@@ -569,3 +569,13 @@ def test_holdout_blocks_must_be_at_least_one(ckpt):
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     with pytest.raises(HealError, match="holdout_blocks=0 is invalid"):
         heal_model(load_compressed(ckpt), tok, [TEXT], steps=1, lr=1e-3, seq_len=16, batch_size=2, holdout_blocks=0, progress=False)
+
+
+def test_perplexity_of_a_diverged_heal_is_inf_not_an_overflow(monkeypatch):
+    """A loss past exp's range (a heal that diverged) must still let the record be written and saved."""
+    import lm_eval_lowrank.heal as heal_mod
+
+    monkeypatch.setattr(heal_mod, "mean_loss", lambda *a, **k: 800.0)
+    assert heal_mod.perplexity(None, None) == float("inf")
+    monkeypatch.setattr(heal_mod, "mean_loss", lambda *a, **k: 2.0)
+    assert heal_mod.perplexity(None, None) == pytest.approx(7.389056)

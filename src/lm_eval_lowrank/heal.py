@@ -205,7 +205,8 @@ def mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> fl
 
 
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    return math.exp(mean_loss(model, blocks, batch_size))
+    loss = mean_loss(model, blocks, batch_size)
+    return math.exp(loss) if loss < 709.0 else math.inf  # a diverged heal is recorded (inf), not an OverflowError before saving
 
 
 def _bar(total: int, enabled: bool) -> Any:
