@@ -286,6 +286,29 @@ class _FakeNvml:
         return int(self.watts[h] * 1000)
 
 
+def test_sampled_power_covers_the_whole_span_the_idle_subtraction_covers(monkeypatch):
+    """Power sampled every interval covered only up to the last sample, and began when the thread first ran, while
+    the idle power is subtracted over the whole span: the energy above idle came out low. At a constant power equal
+    to idle it must be ~0, and the joules ~ power x seconds, even with no sample between start and read."""
+    import sys
+
+    from lm_eval_lowrank.measure import EnergyMeter
+
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    meter = EnergyMeter(idle_seconds=0.05, sample_interval=5.0, device="cuda:0")  # no sample before read
+    meter.measure_idle()
+    meter.start()
+    time.sleep(0.2)
+    e = meter.read()
+    meter.close()
+    b = e["per_gpu"]["GPU-b"]  # 50 W, no counter
+    assert b["joules"] == pytest.approx(50.0 * e["seconds"], rel=1e-3)
+    assert b["joules_above_idle"] == pytest.approx(0.0, abs=50.0 * 1e-3)
+
+
 def test_nvml_counters_and_power_sampling_on_a_fake_driver(monkeypatch, tmp_path):
     import sys
 

@@ -270,6 +270,8 @@ class EnergyMeter:
         self._t_start: float | None = None
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
+        self._sampled_at = 0.0  # the end of the span _sampled_j covers
+        self._sample_lock = threading.Lock()
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
             self.sources, self.reason = self._nvml_gpus(None if cuda_devices is None else list(cuda_devices))
         elif torch.device(device).type in ("cpu", "cuda"):  # "cuda" without CUDA: HFLM runs it on the CPU
@@ -352,6 +354,7 @@ class EnergyMeter:
         self._t_start = t_start
         self._start_j = start_j
         self._sampled_j = {g.uuid: 0.0 for g in self.sources if not g.has_counter}
+        self._sampled_at = t_start  # integrated from the start, not from when the thread first runs
         sampled = any(not g.has_counter for g in self.sources)
         if sampled or any(not g.instant_power for g in self.sources):
             interval = self.sample_interval if sampled else RAPL_POLL_SECONDS
@@ -360,18 +363,18 @@ class EnergyMeter:
 
     def _sample_loop(self, interval: float) -> None:
         """Integrates power where there is no counter, and reads RAPL counters often enough to see every wrap."""
-        prev = time.perf_counter()
         while not self._stop.wait(interval):
-            now = time.perf_counter()
-            for g in self.sources:
-                try:
-                    if not g.has_counter:
-                        self._sampled_j[g.uuid] += g.power_w() * (now - prev)
-                    elif not g.instant_power:
-                        g.energy_j()
-                except Exception:
-                    pass
-            prev = now
+            with self._sample_lock:
+                now = time.perf_counter()
+                for g in self.sources:
+                    try:
+                        if not g.has_counter:
+                            self._sampled_j[g.uuid] += g.power_w() * (now - self._sampled_at)
+                        elif not g.instant_power:
+                            g.energy_j()
+                    except Exception:
+                        pass
+                self._sampled_at = now
 
     def read(self) -> dict[str, Any]:
         """Energy since ``start`` (joules), per counter and in total."""
@@ -379,15 +382,26 @@ class EnergyMeter:
             return {"available": False, "reason": self.reason}
         if self._t_start is None:
             return {"available": False, "reason": "no measured forward ran"}
-        elapsed = time.perf_counter() - self._t_start
         parts: dict[str, dict[str, Any]] = {}
-        try:
-            now_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
-        except Exception as exc:
-            self._fail("at the end", exc)
-            return {"available": False, "reason": self.reason}
+        with self._sample_lock:
+            now = time.perf_counter()
+            elapsed = now - self._t_start
+            try:
+                now_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
+            except Exception as exc:
+                self._fail("at the end", exc)
+                return {"available": False, "reason": self.reason}
+            # sampled power covers up to the last sample: the rest of the span at the power now, so that the
+            # joules and the idle subtraction (idle watts x elapsed) cover the same span
+            sampled = dict(self._sampled_j)
+            for g in self.sources:
+                if not g.has_counter:
+                    try:
+                        sampled[g.uuid] = sampled.get(g.uuid, 0.0) + g.power_w() * (now - self._sampled_at)
+                    except Exception:
+                        pass
         for g in self.sources:
-            joules = now_j[g.uuid] - self._start_j[g.uuid] if g.has_counter else self._sampled_j.get(g.uuid, 0.0)
+            joules = now_j[g.uuid] - self._start_j[g.uuid] if g.has_counter else sampled.get(g.uuid, 0.0)
             idle_w = self.idle_power_w.get(g.uuid)
             parts[g.uuid] = {
                 **g.describe(),
