@@ -238,3 +238,35 @@ def test_output_error_is_the_former_proxy(constructed):
     ranks = allocate_ranks(spec, model, stats_provider=_provider(model, ids))
     assert ranks.info["allocator"] == "output_error" and "proxy_error_sum" in ranks.info and ranks.info["calibrated"]
     assert ranks.info["realised_keep"] <= 0.8
+
+
+def test_the_sensitivity_replay_runs_each_layer_with_its_own_mask_and_rope():
+    """Gemma-3 gives its local and global layers their own RoPE and mask: replaying layer 1's call for every layer
+    ran the global layer with the local RoPE (its logits off by 1e-2 on a scale of 0.5), which the measurement's
+    self-check refused on sharp logits."""
+    import warnings
+
+    import transformers
+
+    from lm_eval_lowrank import allocation as A
+    from lm_eval_lowrank.architectures import adapter_for_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.AutoConfig.for_model(
+            "gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=64
+        )
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    assert len(set(cfg.layer_types)) == 2
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8)  # sharper attention: RoPE matters
+        layers = adapter_for_model(model).layers(model)
+        (h, kw, x), = A._layer_inputs(model, layers, ids, 1)
+        for i, layer in enumerate(layers):
+            h = A._first_tensor(layer(h, **kw[i]))
+        head = A._Head(model, layers, 1)
+        torch.testing.assert_close(head.scale(head.head(head.norm(h)).float()), model(input_ids=x).logits.float(), rtol=1e-5, atol=1e-5)

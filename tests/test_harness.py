@@ -181,6 +181,15 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):
             HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", **args)
+    # calibration: the source names and the no-leak rule need no weights either (they were checked after the load)
+    whiten = {"rank": 1, "layers": 2, "method": "whiten", "calib_n": 2, "calib_len": 16}
+    with pytest.raises(SpecError, match=r"^calib='bogus' is invalid: unknown source 'bogus'"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="bogus", **whiten)
+    with pytest.raises(SpecError, match=r"^calib='' is invalid"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="", **whiten)
+    monkeypatch.setenv("LM_EVAL_LOWRANK_EVAL_TASKS", "boolq_local")
+    with pytest.raises(SpecError, match=r"^calib='boolq_local' is invalid while evaluating 'boolq_local'"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="boolq_local", **whiten)
     with pytest.raises(SpecError, match=r"^pretrained='/no/such/model' is invalid: no such local file or folder; give an existing path or a Hub id"):
         HFTuckerLM(pretrained="/no/such/model", device="cpu", rank=1)
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibration import _first_tensor, capture_layer_inputs
+from .calibration import _first_tensor, capture_layer_calls
 from .spec import ALLOCATORS, DecompositionSpec, SpecError, breakeven_rank
 
 TAIL_MIN_KEEP = 0.7  # tail allocator: each compressed matrix keeps at least this fraction
@@ -534,8 +534,9 @@ def choose_options(
 
 
 def _layer_inputs(model: nn.Module, layers: Any, ids: torch.Tensor, batch_size: int) -> list[list[Any]]:
-    """[hidden at the first layer's input, its call kwargs, token ids] per batch (the embedding pass only)."""
-    return [list(t) for t in capture_layer_inputs(model, layers, ids, batch_size)]
+    """[hidden at the first layer's input, each layer's call kwargs, token ids] per batch (the embedding pass only).
+    Each layer's own: Gemma-2/3 and sliding-window models give layer types their own mask and RoPE."""
+    return [list(t) for t in capture_layer_calls(model, layers, ids, batch_size)]
 
 
 class _Head:
@@ -579,14 +580,14 @@ def _tail_loss(layers: Any, start: int, batches: list[list[Any]], head: _Head) -
     """Mean next-token loss with the hidden states of ``batches`` run from layer ``start`` (0-based) to the end."""
     nll, count = 0.0, 0
     for h, kw, ids in batches:
-        for layer in layers[start:]:
-            h = _first_tensor(layer(h, **kw))
+        for i in range(start, len(layers)):
+            h = _first_tensor(layers[i](h, **kw[i]))
         a, b = head.nll(h, ids)
         nll, count = nll + a, count + b
     return nll / count
 
 
-def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], paths: list[str], experts: Collection[str] = ()) -> dict[str, Any]:
+def _run_collect(model: nn.Module, layer: nn.Module, index0: int, batches: list[list[Any]], paths: list[str], experts: Collection[str] = ()) -> dict[str, Any]:
     """Run ``layer`` on ``batches`` in place (hidden <- output), accumulating X^T X / N of each path's input; for a
     stacked expert projection (in ``experts``) one entry per expert, over its routed tokens (None: no token)."""
     from .calibration import _experts_inputs, expert_inputs
@@ -640,7 +641,7 @@ def _run_collect(model: nn.Module, layer: nn.Module, batches: list[list[Any]], p
     try:
         for b in batches:
             seen.clear()
-            b[0] = _first_tensor(layer(b[0], **b[1])).detach()
+            b[0] = _first_tensor(layer(b[0], **b[1][index0])).detach()
             tokens += b[0].shape[0] * b[0].shape[1]
     finally:
         for hd in handles:
@@ -781,7 +782,7 @@ def measure_sensitivity(
         for index0, layer in enumerate(layers):
             group = options.get(index0 + 1)
             paths = sorted({p for r in (group or {}).values() for p in r})
-            stats = _run_collect(model, layer, st, paths, [p for p in paths if p in experts]) if calibrated else {}  # also moves st past this (dense) layer
+            stats = _run_collect(model, layer, index0, st, paths, [p for p in paths if p in experts]) if calibrated else {}  # also moves st past this (dense) layer
             if fisher is not None:
                 stats = with_output_fisher(stats, fisher)
             if group:
@@ -835,7 +836,7 @@ def measure_sensitivity(
                     loss.setdefault(index0 + 1, {})[rho] = done[sig]
                 del factors
             for item in ev:  # the dense stream moves past this layer
-                item[0] = _first_tensor(layer(item[0], **item[1])).detach()
+                item[0] = _first_tensor(layer(item[0], **item[1][index0])).detach()
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start

@@ -23,8 +23,11 @@ can be found the check is recorded as ``unchecked`` in the JSON.
 Statistics: :class:`SequentialStatsProvider` keeps the hidden states of the calibration
 batches at the input of one decoder layer. Asked for layer L, it first runs the layers
 between (as they are now: already compressed) and then layer L once with hooks that
-accumulate X^T X of each target's input. Peak memory is the model plus those hidden
-states; nothing runs the whole model except the first embedding pass.
+accumulate X^T X of each target's input, each layer with its own call arguments (layers
+of another type get another attention mask and RoPE: Gemma-2/3, sliding windows). Peak
+memory is the model plus those hidden states; nothing runs the whole model: the first
+pass runs the embeddings and the first layer, the later layers stubbed out, to record
+every layer's arguments.
 With ``calib_target`` above 0 it also keeps the dense model's hidden states (a second
 stream, forked at the first compressed layer) and accumulates X^T X_ref against the
 dense model's inputs of the same linear (error correction). With ``calib_staged=true``
@@ -34,7 +37,9 @@ Statistics are cached on disk per (model, data, layer, everything decomposed bef
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -55,10 +60,21 @@ from .half_backward import linears_in_fp32, slow_half_products_on
 from .measure import free_memory_bytes
 from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
-from .spec import FACTOR_FIELDS, GRADIENT_ALLOCATORS, GRADIENT_METHODS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError, parse_calib_target
+from .spec import (
+    CALIBRATED_ALLOCATORS,
+    FACTOR_FIELDS,
+    GRADIENT_ALLOCATORS,
+    GRADIENT_METHODS,
+    GRADIENT_ONLY_METHODS,
+    DecompositionSpec,
+    SpecError,
+    parse_calib_target,
+)
 
-FISHER_VERSION = "1"  # bump when fisher_row_sums changes meaning
-STATS_VERSION = "3"  # bump when the statistics computed here change meaning (3: the inputs' mean |x| too)
+FISHER_VERSION = "2"  # bump when fisher_row_sums changes meaning (2: keyed by the tokens, every weight fingerprinted)
+# bump when the statistics computed here change meaning (3: the inputs' mean |x| too; 4: stored in fp64, each layer
+# with its own call arguments, every weight fingerprinted)
+STATS_VERSION = "4"
 _CALIB_DATA_FIELDS = ("calib", "calib_n", "calib_len", "calib_batch")  # keyed by the data itself (record, batch)
 EVAL_TASKS_ENV = "LM_EVAL_LOWRANK_EVAL_TASKS"
 WIKITEXT_CALIB_DOCS = range(50, 62)  # held-out wikitext documents used for calibration
@@ -162,29 +178,168 @@ def parse_calib(value: str) -> list[CalibSource]:
 # -- the no-leak rule --------------------------------------------------------------------
 
 
+def _lm_eval_arguments(argv: Sequence[str]) -> list[str] | None:
+    """The arguments of an lm-eval command line (``lm_eval``, ``lm-eval``, ``python -m lm_eval``); None for any
+    other program (``lm-eval-lowrank`` included: its own options are not lm-eval's)."""
+    if not argv:
+        return None
+    prog = Path(argv[0])
+    name = prog.name.lower().removesuffix(".exe")
+    if name in ("lm_eval", "lm-eval") or (name == "__main__.py" and prog.parent.name == "lm_eval"):  # -m sets argv[0] to the file
+        return list(argv[1:])
+    if len(argv) >= 3 and argv[1] == "-m" and argv[2] in ("lm_eval", "lm_eval.__main__"):
+        return list(argv[3:])
+    return None
+
+
 def evaluated_tasks_from_env(argv: Sequence[str] | None = None) -> list[str] | None:
     """Evaluated task names from $LM_EVAL_LOWRANK_EVAL_TASKS or lm_eval's ``--tasks`` argument."""
     env = os.environ.get(EVAL_TASKS_ENV)
     if env:
         return [t.strip() for t in env.split(",") if t.strip()]
-    argv = list(sys.argv if argv is None else argv)
-    if not argv or "lm_eval" not in Path(argv[0]).name and "lm-eval" not in Path(argv[0]).name and "lm_eval" not in " ".join(argv[:2]):
+    args = _lm_eval_arguments(list(sys.argv if argv is None else argv))
+    if args is None:
         return None
-    for i, arg in enumerate(argv):
-        if arg in ("--tasks", "-t") and i + 1 < len(argv):
-            return [t.strip() for t in argv[i + 1].split(",") if t.strip()]
-        if arg.startswith("--tasks="):
-            return [t.strip() for t in arg.split("=", 1)[1].split(",") if t.strip()]
-    return None
+    # Parsed as lm-eval parses it: nargs="+", repeated flags add up, abbreviations (--task) and -tX are accepted.
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=True, exit_on_error=False)
+    parser.add_argument("--tasks", "-t", nargs="+", action="extend", default=None)
+    try:
+        found = parser.parse_known_args(args)[0].tasks
+    except (argparse.ArgumentError, SystemExit):  # e.g. --tasks with no value: lm-eval refuses the line itself
+        return None
+    if found is None:
+        return None
+    return [t.strip() for v in found for t in v.split(",") if t.strip()]
+
+
+# lm-eval tags and groups over the built-ins that the local data stands in for (as in lm-eval 0.4.13): known without
+# lm-eval's task index, which takes seconds to build. Other names are looked up there.
+_BUILTIN_GROUPS: dict[str, tuple[str, ...]] = {
+    "ai2_arc": ("arc_easy", "arc_challenge"),
+    "lambada": ("lambada_openai", "lambada_standard"),
+    "truthfulqa": ("truthfulqa_mc1", "truthfulqa_mc2", "truthfulqa_gen"),
+    "super-glue-lm-eval-v1": ("boolq", "cb", "copa", "multirc", "record", "sglue_rte", "wic", "wsc"),
+}
+
+
+def _group_entries(members: Any) -> list[str]:
+    """Member names of a group's ``task:`` list (names, or inline configs naming a task or a group)."""
+    out: list[str] = []
+    for m in members if isinstance(members, list) else [members]:
+        if isinstance(m, str):
+            out.append(m)
+        elif isinstance(m, dict):
+            inner = m.get("task")
+            if isinstance(inner, list):  # an inline group: its own members
+                out += _group_entries(inner)
+            elif isinstance(inner, str):
+                out.append(inner)
+            elif isinstance(m.get("group"), str):
+                out.append(m["group"])
+    return out
+
+
+def task_groups_of(manager: Any) -> dict[str, tuple[str, ...]]:
+    """{tag or group: the names it lists} from an lm-eval ``TaskManager``'s index."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, entry in manager.task_index.items():
+        if isinstance(entry, Mapping):  # lm-eval before 0.4.11: plain dicts, tags listing their tasks
+            kind, tagged, cfg = str(entry.get("type", "")), entry.get("task"), None
+        else:
+            kind, tagged, cfg = getattr(getattr(entry, "kind", None), "name", ""), getattr(entry, "tags", None), getattr(entry, "cfg", None)
+        kind = kind.lower()
+        if kind == "tag" and tagged:
+            out[name] = tuple(sorted(tagged)) if isinstance(tagged, (set, frozenset)) else tuple(_group_entries(tagged))
+        elif kind == "group" and isinstance(cfg, Mapping) and cfg.get("task"):
+            out[name] = tuple(_group_entries(cfg["task"]))
+    return out
+
+
+def _task_groups_cache() -> Path | None:
+    """Where _lm_eval_task_groups keeps its result: keyed by lm-eval's version and its task folders (their mtimes)."""
+    from importlib.metadata import version
+
+    from .assets import cache_root
+    from .tasks import lm_eval_tasks_dir
+
+    try:
+        folder = lm_eval_tasks_dir()
+        stamp = [(d.name, d.stat().st_mtime_ns) for d in [folder, *sorted(folder.iterdir())] if d.is_dir()]
+        return cache_root() / "lm_eval_task_groups" / f"{_sha({'v': version('lm_eval'), 'dir': str(folder), 'stamp': stamp})}.json"
+    except Exception:  # no lm-eval, or no writable cache: build in memory only
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_task_groups() -> dict[str, tuple[str, ...]]:
+    """lm-eval's tags and groups (task_groups_of) from its own YAML (offline), {} without it. Building lm-eval's index
+    takes 15-40 s, so it is built once per process and kept on disk for the next."""
+    cache = _task_groups_cache()
+    if cache is not None and cache.is_file():
+        try:
+            return {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError):  # torn or foreign: rebuilt
+            pass
+    try:
+        from lm_eval.tasks import TaskManager
+
+        groups = task_groups_of(TaskManager())
+    except Exception:  # no lm-eval, or another layout of its index: only the built-in map is known
+        return {}
+    if cache is not None and groups:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(groups, sort_keys=True))
+            os.replace(tmp, cache)
+        except OSError:  # a read-only cache never breaks a run
+            pass
+    return groups
+
+
+def _group_members(name: str) -> set[str] | None:
+    """The tasks an lm-eval tag or group name runs (through nested groups); None when it is neither."""
+    if name in _BUILTIN_GROUPS:
+        return set(_BUILTIN_GROUPS[name])
+    groups = _lm_eval_task_groups()
+    if name not in groups:
+        return None
+    leaves: set[str] = set()
+    todo, seen = [name], set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            members = groups.get(n) or _BUILTIN_GROUPS.get(n)
+            if members:
+                todo += members
+            else:
+                leaves.add(n)
+    return leaves
 
 
 def _scored_files(task: str) -> set[str] | None:
-    """Files (relative to the data folder) that an evaluated task scores; None if unknown."""
+    """Files (relative to the data folder) that an evaluated task (or an lm-eval tag or group) scores; None if
+    unknown."""
     from .tasks import local_tasks
 
+    known = local_tasks()
+    files = _task_scored_files(task, known)
+    if files is not None:
+        return files
+    members = _group_members(task)  # only for names not known directly: the index takes seconds
+    if not members:
+        return None
+    found = [f for f in (_task_scored_files(m, known) for m in sorted(members)) if f is not None]
+    return set().union(*found) if found else None
+
+
+def _task_scored_files(task: str, known: Iterable[Any]) -> set[str] | None:
+    """_scored_files of a task name (a local task, its group, or the built-in it stands in for) among ``known``
+    (tasks.local_tasks())."""
     files: set[str] = set()
     matched = False
-    for t in local_tasks():
+    for t in known:
         builtin = t.builtin.split()[0]
         if task in (t.name, t.group, builtin) or (task == "mmlu" and t.group == "mmlu_local") or (
             task.startswith("mmlu_local_") and t.name.startswith("mmlu_local_") and task.removeprefix("mmlu_local_") in ("stem", "other", "social_sciences", "humanities")
@@ -247,18 +402,39 @@ def _refuse_overlap(read: Mapping[str, str], tasks: list[str], refuse: Any) -> l
     return unknown
 
 
-def _data_relative_files(path: str, root: Path) -> list[str]:
-    """Files under the data folder that ``path`` (a file or folder, absolute or data-relative) names."""
+def _in_data_folder(path: Path, root: Path) -> str | None:
+    """``path`` relative to the data folder: inside it, or else by its trailing components (``<task folder>/<file>``,
+    as in another copy of the data or on another machine) naming a file or folder there; None when neither."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        pass
+    parts = path.parts
+    for k in range(1, len(parts)):  # the shortest suffix that names something in the data folder
+        rel = Path(*parts[-k:])
+        if (root / rel).is_dir() or (k >= 2 and (root / rel).is_file()):  # a bare file name says too little
+            return rel.as_posix()
+    return None
+
+
+def _data_relative_files(path: str, root: Path) -> tuple[list[str], list[str]]:
+    """(files of the data folder that ``path`` names, the paths that map to none of them). ``path`` is a file or a
+    folder, absolute or data-relative; one recorded elsewhere (another copy of the data, another machine) is mapped
+    by its trailing components (_in_data_folder)."""
     p = Path(path).expanduser()
     p = p if p.is_absolute() else root / p
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-    out = []
-    for f in files:
-        try:
-            out.append(f.resolve().relative_to(root.resolve()).as_posix())
-        except ValueError:  # outside the data folder: no local task scores it
-            pass
-    return out
+    if p.exists():  # this machine's files: each one mapped
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        rels = [(str(f), _in_data_folder(f, root)) for f in files]
+    else:  # recorded elsewhere: what it names in this data folder
+        rel = _in_data_folder(p, root)
+        target = root / rel if rel is not None else None
+        if target is not None and target.is_dir():
+            rels = [(str(f), f.relative_to(root).as_posix()) for f in sorted(target.iterdir()) if f.is_file()]
+        else:
+            rels = [(str(p), rel if target is not None and target.is_file() else None)]
+    mapped = [r for _f, r in rels if r is not None and (root / r).is_file()]
+    return mapped, [f for f, r in rels if r is None or not (root / r).is_file()]
 
 
 def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[str] | None, where: str = "the checkpoint") -> dict[str, Any]:
@@ -267,7 +443,9 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
     The rule was checked when the checkpoint was made against the tasks of *that* run (often
     none: ``lm-eval-lowrank decompose`` evaluates nothing). Here every file its calibration and
     its healing read is checked against what is evaluated now. Raises :class:`SpecError` naming
-    the file and the task on overlap; returns the record for the JSON.
+    the file and the task on overlap; returns the record for the JSON. Healing data recorded in
+    another copy of the data folder (or on another machine) is matched by its trailing path
+    (``<task folder>/<file>``); data that names no file of this data folder is ``unchecked``.
     """
     calib = (manifest.get("decomposition") or {}).get("calibration") or {}
     healing_data = [rec.get("data") for rec in manifest.get("healing") or []]
@@ -278,14 +456,17 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
     except SpecError as exc:
         return {"status": "unchecked", "reason": str(exc)}
     read: dict[str, str] = {}  # data-relative file -> what read it
+    unmapped: list[str] = []  # read, but not a file of this data folder by any name: what it is is unknown
     for f in (calib.get("leak_check") or {}).get("calib_files") or []:
         read[f] = f"calibration (calib={calib.get('source')})"
     for i, data in enumerate(healing_data):
         for path in [data] if isinstance(data, str) else list(data or []):
-            for f in _data_relative_files(str(path), root):
+            mapped, elsewhere = _data_relative_files(str(path), root)
+            for f in mapped:
                 read.setdefault(f, f"healing step {i + 1}")
+            unmapped += [f"{u} (healing step {i + 1})" for u in elsewhere]
     if eval_tasks is None:
-        return {"status": "unchecked", "reason": "evaluated tasks unknown", "files": sorted(read)}
+        return {"status": "unchecked", "reason": "evaluated tasks unknown", "files": sorted(read), **({"unmapped": unmapped} if unmapped else {})}
     tasks = list(eval_tasks)
     unknown = _refuse_overlap(
         read,
@@ -295,14 +476,22 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
             f"have seen evaluated data); evaluate other tasks, or rebuild the checkpoint from other data"
         ),
     )
-    return {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "files": sorted(read)}
+    out = {"status": "ok", "evaluated_tasks": tasks, "unrecognised_tasks": unknown, "files": sorted(read)}
+    if unmapped:  # never "ok" for data that could not be matched to this data folder's files
+        out.update(
+            status="unchecked",
+            reason=f"{unmapped[0]} is outside the data folder {root} and names none of its files; whether an evaluated task scores it is unknown",
+            unmapped=unmapped,
+        )
+    return out
 
 
 # -- token sampling ----------------------------------------------------------------------
 
 
-def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, name: str) -> torch.Tensor:
-    """``n`` non-overlapping windows of ``length`` tokens from the shuffled, joined texts."""
+def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, name: str, asked: tuple[int, str] | None = None) -> torch.Tensor:
+    """``n`` non-overlapping windows of ``length`` tokens from the shuffled, joined texts. ``asked``: the user's
+    (calib_n, calib) when this source takes a share of several, for the error."""
     rng = random.Random(seed)
     order = list(range(len(texts)))
     if name != "wikitext_local":  # keep wikitext articles whole and in order
@@ -325,8 +514,10 @@ def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, n
         ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
     total = len(ids) // length
     if total < n:
+        calib_n, calib = asked if asked is not None else (n, name)
+        share = f"{name}, its {n} of the {calib_n} windows, holds" if asked is not None else "the source holds"
         raise SpecError(
-            f"calib_n={n} is invalid for calib={name!r} at calib_len={length}: the source holds only {total} windows "
+            f"calib_n={calib_n} is invalid for calib={calib!r} at calib_len={length}: {share} only {total} windows "
             f"({len(ids)} tokens); lower calib_n or calib_len, or add sources with '+'"
         )
     picks = sorted(rng.sample(range(total), n))
@@ -335,14 +526,15 @@ def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, n
 
 def calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """(input_ids n x len, record) for ``spec.calib``; sources mixed evenly and interleaved."""
-    sources = parse_calib(spec.calib or "wikitext_local")
+    sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")  # calib='' is refused there
     root = root or data_root()
     n, length = spec.calib_n, spec.calib_len
     per = [n // len(sources) + (1 if i < n % len(sources) else 0) for i in range(len(sources))]
     parts: list[torch.Tensor] = []
     for s, k in zip(sources, per):
         if k:
-            parts.append(_windows(tokenizer, s.texts(root), k, length, spec.seed, s.name))
+            asked = (n, "+".join(x.name for x in sources)) if len(sources) > 1 else None
+            parts.append(_windows(tokenizer, s.texts(root), k, length, spec.seed, s.name, asked))
     # Interleave so that every batch mixes the sources.
     rows: list[torch.Tensor] = []
     for i in range(max(p.shape[0] for p in parts)):
@@ -424,14 +616,13 @@ def _sha(obj: Any) -> str:
 
 
 def model_fingerprint(model: nn.Module, model_id: str | None = None) -> str:
-    """A cheap identity of the weights: id, config and a strided sample of some parameters."""
+    """A cheap identity of the weights: id, config and a strided sample of every parameter."""
     cfg = model.config.to_json_string() if hasattr(model.config, "to_json_string") else str(model.config)
     h = hashlib.sha256((str(model_id or getattr(model.config, "_name_or_path", "")) + cfg).encode())
-    for i, (name, p) in enumerate(model.named_parameters()):
-        if i % 7 == 0:  # every 7th tensor, every 997th value: catches different weights cheaply
-            h.update(name.encode())
-            h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
-    if (adapters := peft_adapter_digest(model)) is not None:  # the sample above may skip every adapter tensor
+    for name, p in model.named_parameters():  # every tensor (a fine-tune may change any one), every 997th value
+        h.update(name.encode())
+        h.update(p.detach().flatten()[::997].float().cpu().numpy().tobytes())
+    if (adapters := peft_adapter_digest(model)) is not None:  # the stride above may skip every value of a small adapter
         h.update(adapters.encode())
     return h.hexdigest()[:16]
 
@@ -473,7 +664,9 @@ def tokens_digest(input_ids: torch.Tensor) -> str:
 def capture_layer_inputs(model: nn.Module, layers: Any, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]]:
     """(hidden states at the first decoder layer's input, that layer's call kwargs, the token ids) per batch.
 
-    Only the embedding pass runs: a pre-hook on the first layer records its inputs and stops the forward.
+    Only the embedding pass runs: a pre-hook on the first layer records its inputs and stops the forward. The kwargs
+    are the first layer's: right for another layer only where all take the same (not Gemma-2/3 or sliding-window
+    layers, whose mask and RoPE go by layer type); capture_layer_calls records each layer's.
     """
     device = next(model.parameters()).device
     out: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
@@ -495,6 +688,117 @@ def capture_layer_inputs(model: nn.Module, layers: Any, input_ids: torch.Tensor,
             out.append((grabbed["h"].detach(), grabbed["kw"], batch))
     finally:
         handle.remove()
+    return out
+
+
+def _output_like(first: Any, hidden: torch.Tensor) -> Any:
+    """``hidden`` in the form of the first layer's output ``first`` (a tensor, or a tuple led by one)."""
+    if isinstance(first, tuple):
+        return (hidden, *first[1:])
+    if isinstance(first, list):
+        return [hidden, *first[1:]]
+    return hidden
+
+
+class _SharedArguments:
+    """Stores the call kwargs of every layer and batch once per distinct value: a tensor equal to one already held
+    (the mask and RoPE of each layer type, the same for every batch of one shape) is replaced by that one, and a
+    layer whose kwargs are all the same objects as an earlier layer's shares that layer's dict."""
+
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._dicts: list[dict[str, Any]] = []
+
+    def _value(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            for t in self._tensors:
+                if t is v or (t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and torch.equal(t, v)):
+                    return t
+            self._tensors.append(v)
+            return v
+        if isinstance(v, tuple) and v and all(isinstance(x, torch.Tensor) for x in v):  # (cos, sin)
+            return tuple(self._value(x) for x in v)
+        return v
+
+    def add(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kw = {k: self._value(v) for k, v in kwargs.items()}
+
+        def same(a: Any, b: Any) -> bool:
+            return a is b or (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and all(x is y for x, y in zip(a, b)))
+
+        for d in self._dicts:
+            if d.keys() == kw.keys() and all(same(d[k], kw[k]) for k in kw):
+                return d
+        self._dicts.append(kw)
+        return kw
+
+
+def capture_layer_calls(model: nn.Module, layers: Any, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, list[dict[str, Any]], torch.Tensor]]:
+    """(hidden states at the first decoder layer's input, every layer's call kwargs, the token ids) per batch.
+
+    Layers of different types get different kwargs (Gemma-2/3, sliding-window Qwen2: their own attention mask and
+    RoPE), so each layer's are recorded, in one pass per batch: the first layer runs, every later one is a stub that
+    returns its input in the first layer's output form (no compute), and the last layer's pre-hook stops the forward
+    (no logits). Equal kwargs are held once (_SharedArguments). A layer the forward never reached gets the first's.
+    """
+    device = next(model.parameters()).device
+    count = len(layers)
+    out: list[tuple[torch.Tensor, list[dict[str, Any]], torch.Tensor]] = []
+    calls: dict[int, dict[str, Any]] = {}
+    grabbed: dict[str, Any] = {}
+    shared = _SharedArguments()
+
+    def make_grab(i: int):
+        def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if i in calls:  # one module listed twice: its first call
+                return
+            if i == 0:
+                grabbed["h"] = args[0] if args else kwargs["hidden_states"]
+            calls[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == count - 1:
+                raise _Stop  # every layer's kwargs are in: the final norm and the head are not needed
+
+        return grab
+
+    def keep_output(_mod: nn.Module, _args: tuple, output: Any) -> None:
+        grabbed["out"] = output
+
+    def stub(*args: Any, **kwargs: Any) -> Any:
+        return _output_like(grabbed["out"], args[0] if args else kwargs["hidden_states"])
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    handles = [layer.register_forward_pre_hook(make_grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[0].register_forward_hook(keep_output))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(head, nn.Module) and head is not embed:  # a layer the forward never calls (the last one): still no logits
+        handles.append(head.register_forward_pre_hook(stop))
+    stubbed: dict[int, tuple[nn.Module, Any]] = {}  # id -> (layer, its instance's own forward or None), put back at the end
+    try:
+        for layer in list(layers)[1:]:
+            if layer is not layers[0] and id(layer) not in stubbed:
+                stubbed[id(layer)] = (layer, layer.__dict__.get("forward"))
+                layer.forward = stub
+        for i in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[i : i + batch_size].to(device)
+            calls.clear()
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            kwargs = [shared.add(calls.get(j, calls[0])) for j in range(count)]
+            out.append((grabbed["h"].detach(), kwargs, batch))
+            grabbed.pop("out", None)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for layer, own in stubbed.values():
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
     return out
 
 
@@ -544,7 +848,7 @@ class SequentialStatsProvider:
         self.sparsity: dict[str, float] = {}
         self.allocation: dict[str, Any] | None = None
         self._hidden: list[torch.Tensor] | None = None
-        self._kwargs: list[dict[str, Any]] = []
+        self._kwargs: list[list[dict[str, Any]]] = []  # per batch, per layer: the layer's call kwargs
         self._at = 0  # 0-based index of the layer whose input self._hidden holds
         self._ref: list[torch.Tensor] | None = None  # dense hidden states, once they differ from _hidden
         self._ref_at = 0
@@ -580,7 +884,7 @@ class SequentialStatsProvider:
         ids = self.input_ids
         if self._sharing():  # the batches a single process runs, split
             ids = torch.cat([ids[s : s + self.batch_size] for s in self._batch_starts(self.shard.rank)])
-        captured = capture_layer_inputs(model, layers, ids, self.batch_size)
+        captured = capture_layer_calls(model, layers, ids, self.batch_size)
         self._hidden = [h for h, _kw, _ids in captured]
         self._kwargs = [kw for _h, kw, _ids in captured]
         self._at = 0
@@ -589,16 +893,16 @@ class SequentialStatsProvider:
         self._hidden, self._kwargs, self._ref, self._dense = None, [], None, {}
         self._at = self._ref_at = 0
 
-    def _run_layer(self, layer: nn.Module, hidden: list[torch.Tensor]) -> None:
+    def _run_layer(self, layers: Any, index0: int, hidden: list[torch.Tensor]) -> None:
         for b, (h, kw) in enumerate(zip(hidden, self._kwargs)):
-            hidden[b] = _first_tensor(layer(h, **kw)).detach()
+            hidden[b] = _first_tensor(layers[index0](h, **kw[index0])).detach()
 
     def _advance(self, model: nn.Module, index0: int) -> None:
         if self._hidden is None or index0 < self._at:
             self._capture(model)
         layers = self.adapter.layers(model)
         while self._at < index0:
-            self._run_layer(layers[self._at], self._hidden)
+            self._run_layer(layers, self._at, self._hidden)
             self._at += 1
 
     # -- the dense reference stream ------------------------------------------------------
@@ -652,7 +956,7 @@ class SequentialStatsProvider:
         layers = self.adapter.layers(model)
         while self._ref_at < index0:
             with self._as_dense(model, self._ref_at):
-                self._run_layer(layers[self._ref_at], self._ref)
+                self._run_layer(layers, self._ref_at, self._ref)
             self._drop_dense(model, self._ref_at)
             self._ref_at += 1
 
@@ -693,7 +997,7 @@ class SequentialStatsProvider:
         present = tuple(t for t in self.adapter.tensor_names() if _lookup(block, self.adapter.tensor_paths[t]) is not None)
         stage_map = self._stage_maps.get(present)
         if stage_map is None:
-            stage_map = self._stage_maps[present] = self._read_stage_map(model, block, present)
+            stage_map = self._stage_maps[present] = self._read_stage_map(model, block, present, layer - 1)
         last = max(stage_map.values(), default=-1) + 1
         groups: dict[int, list[Any]] = {}
         for t in targets:
@@ -702,9 +1006,9 @@ class SequentialStatsProvider:
         return [groups[i] for i in sorted(groups)]
 
     @torch.no_grad()
-    def _read_stage_map(self, model: nn.Module, first: nn.Module, tensors: tuple[str, ...]) -> dict[str, int]:
+    def _read_stage_map(self, model: nn.Module, first: nn.Module, tensors: tuple[str, ...], index0: int) -> dict[str, int]:
         if self._hidden is None:
-            self._capture(model)  # the first layer's inputs: the embeddings, no layer runs
+            self._capture(model)  # the first layer's inputs, and every layer's call kwargs
         # Any hidden state of the stream will do (only which input each linear sees matters), and the
         # layer's output is dropped: the stream is left as it was.
         inputs: list[torch.Tensor] = []  # held, so that no later input can reuse a freed one's memory
@@ -753,7 +1057,7 @@ class SequentialStatsProvider:
                 handles.append(first.get_submodule(path).register_forward_pre_hook(make_hook(t)))
         handles += [first.get_submodule(owner).register_forward_pre_hook(make_experts_hook(owned)) for owner, owned in owners.items()]
         try:
-            first(self._hidden[0], **self._kwargs[0])
+            first(self._hidden[0], **self._kwargs[0][index0])
         except _Stop:
             pass
         finally:
@@ -929,7 +1233,8 @@ class SequentialStatsProvider:
                 for hd in handles:
                     hd.remove()
 
-        for b, (h, kw) in enumerate(zip(self._hidden or [], self._kwargs)):
+        for b, (h, by_layer) in enumerate(zip(self._hidden or [], self._kwargs)):
+            kw = by_layer[index0]
             if reference:
                 assert self._ref is not None
                 ref_x.clear()
@@ -1013,13 +1318,13 @@ class SequentialStatsProvider:
         index: dict[str, int] = {}
         seen: dict[int, int] = {}
         for p, s in stats.items():
-            if id(s.input_cov) not in seen:
+            if id(s.input_cov) not in seen:  # the sums' fp64, so that a cache hit gives the bits of computing afresh
                 seen[id(s.input_cov)] = len(covs)
-                covs.append(s.input_cov.float())
+                covs.append(s.input_cov.to(torch.float64))
                 assert s.input_abs_mean is not None
-                abs_means.append(s.input_abs_mean.float())
+                abs_means.append(s.input_abs_mean.to(torch.float64))
                 if s.cross_cov is not None:
-                    cross.append(s.cross_cov.float())
+                    cross.append(s.cross_cov.to(torch.float64))
             index[p] = seen[id(s.input_cov)]
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1029,14 +1334,25 @@ class SequentialStatsProvider:
         except OSError:  # a read-only or full cache never breaks a run
             pass
 
+    def _staged(self) -> bool | None:
+        """Whether decompose_model asked for these statistics in stages: only for a method that reads them (not the
+        allocator of a data-free method, nor fwsvd, whose solves read the gradient pass), and only once asked."""
+        if self.spec is None:
+            return None
+        from .methods import needs_calibration
+
+        solves_read_these = needs_calibration(self.spec.method) and self.spec.method not in GRADIENT_ONLY_METHODS
+        return bool(self.spec.calib_staged and solves_read_these and self.hits + self.misses > 0)
+
     def describe(self) -> dict[str, Any]:
         out = dict(self.record)
+        staged = self._staged()
         out.update(
             batch=self.batch_size,
             sequential=True,
             target=self.target,
-            staged=bool(self.spec.calib_staged) if self.spec is not None else None,
-            stage_order=self.stage_order if self.spec is not None and self.spec.calib_staged else None,
+            staged=staged,
+            stage_order=self.stage_order if staged else None,
             layers_computed=self.layers_computed,
             cache={"dir": None if self.cache_dir is None else str(self.cache_dir), "hits": self.hits, "misses": self.misses},
             seconds=round(self.seconds, 3),
@@ -1716,6 +2032,7 @@ class FisherStatsProvider:
         if self.cache_dir is None or self.model_key is None:
             return None
         data = {k: self.record.get(k) for k in ("source", "n", "len", "seed")}
+        data["tokens"] = tokens_digest(self.input_ids)  # another data folder, file or tokenizer: other gradients
         key = {"v": FISHER_VERSION, "data": data, "dtype": str(next(model.parameters()).dtype)}
         return self.cache_dir / self.model_key / f"fisher-{_sha(key)}.pt"
 
@@ -1830,6 +2147,56 @@ class FisherStatsProvider:
         self._fisher = None
 
 
+# Model types whose positions index a learned (or fixed-size) table: a longer sequence cannot run at all.
+_TABLE_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "openai-gpt", "ctrl", "xglm"})
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor")
+
+
+def check_calibration_args(spec: DecompositionSpec, config: Any = None, eval_tasks: Iterable[str] | None = None) -> None:
+    """What a calibrating spec can be refused for before the weights load: its ``calib`` sources (names, data files
+    present), the no-leak rule against the evaluated tasks (``eval_tasks``, else lm_eval's command line or
+    $LM_EVAL_LOWRANK_EVAL_TASKS) and ``calib_len`` against the config's positions. Nothing for a data-free spec."""
+    from .methods import needs_calibration
+
+    if not (needs_calibration(spec.method) or spec.budget is not None and spec.allocator in CALIBRATED_ALLOCATORS):
+        return
+    sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")
+    check_no_leak(sources, list(eval_tasks) if eval_tasks is not None else evaluated_tasks_from_env())
+    if config is not None:
+        check_calib_len(spec, config)
+
+
+def check_calib_len(spec: DecompositionSpec, config: Any) -> None:
+    """Refuse a ``calib_len`` longer than a model with learned absolute positions takes (GPT-2's n_positions, OPT's
+    max_position_embeddings): a one-line SpecError, from the config alone, so callable before the weights load. A
+    RoPE (or other) model past its max_position_embeddings only gets a warning on stderr: it runs, extrapolated.
+    Nothing is checked when the spec calibrates nothing."""
+    from .architectures import config_value, text_config
+    from .methods import needs_calibration
+
+    if not (needs_calibration(spec.method) or spec.budget is not None and spec.allocator in CALIBRATED_ALLOCATORS):
+        return
+    cfg = text_config(config)
+    model_type = str(config_value(cfg, "model_type", default=""))
+    field = next((f for f in ("n_positions", "max_position_embeddings") if isinstance(config_value(cfg, f), int)), None)
+    if field is None:
+        return
+    limit = int(config_value(cfg, field))
+    if spec.calib_len <= limit:
+        return
+    rotary = any(config_value(cfg, k) is not None for k in _ROTARY_KEYS)
+    if model_type in _TABLE_POSITION_TYPES and not rotary:
+        raise SpecError(
+            f"calib_len={spec.calib_len} is invalid for this model: it takes at most {limit} positions "
+            f"({field}={limit}, learned positions); use calib_len<={limit}"
+        )
+    print(
+        f"[lm-eval-lowrank] warning: calib_len={spec.calib_len} is past this model's {field}={limit}; "
+        f"its positions beyond {limit} are extrapolated",
+        file=sys.stderr,
+    )
+
+
 def build_stats_provider(
     spec: DecompositionSpec,
     model: nn.Module,
@@ -1847,9 +2214,10 @@ def build_stats_provider(
 
     if tokenizer is None:
         raise SpecError("calib: calibration needs the model's tokenizer")
+    check_calib_len(spec, model.config)  # before any forward
     adapter = adapter or adapter_for_model(model)
     root = data_root()
-    sources = parse_calib(spec.calib or "wikitext_local")
+    sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")  # calib='' is refused there
     tasks = list(eval_tasks) if eval_tasks is not None else evaluated_tasks_from_env()
     leak = check_no_leak(sources, tasks, root)
     ids, record = calibration_tokens(spec, tokenizer, root)

@@ -211,6 +211,10 @@ class HFTuckerLM(HFLM):
             config = _load_config(pretrained, rest)
             if config is not None:
                 validate_against_config(spec, config)  # range errors before the weights load
+            if not spec.is_noop:
+                from .calibration import check_calibration_args
+
+                check_calibration_args(spec, config)  # calib names, data files, the no-leak rule, calib_len
         _choose_device(rest)
         self.decomposition_spec = spec
         self._lowrank_report: dict[str, Any] | None = None

@@ -70,6 +70,9 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         where = f"pretrained={pretrained!r}" + (f", subfolder={kw['subfolder']!r}" if "subfolder" in kw else "")
         raise SpecError(f"{where}: no model config there ({str(exc).strip().splitlines()[0]})") from None
     validate_against_config(spec, config)  # range errors before the weights load
+    from ..calibration import check_calibration_args
+
+    check_calibration_args(spec, config)  # calib names, data files, the no-leak rule, calib_len
     device = rest.get("device")
     shard = _join_processes(str(device) if device else None)
     if shard is not None and device and str(device).startswith("cuda"):
@@ -79,7 +82,8 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         model.to(str(device))
     tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **({"revision": str(revision)} if revision else {}))
     first = shard is None or shard.rank == 0
-    report = compress_model(model, spec, tokenizer=tokenizer, model_id=str(pretrained), progress=not quiet and first, shard=shard)
+    model_id = f"{str(pretrained).rstrip('/')}/{kw['subfolder'].strip('/')}" if "subfolder" in kw else str(pretrained)  # the files read
+    report = compress_model(model, spec, tokenizer=tokenizer, model_id=model_id, progress=not quiet and first, shard=shard)
     try:
         if first:  # every process holds the same factors: the first one writes them
             _save(model, config, tokenizer, report, str(pretrained), revision, out, overwrite)
