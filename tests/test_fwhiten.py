@@ -95,6 +95,11 @@ def test_fwhiten_refuses_missing_or_broken_statistics(weight):
         fwhiten(weight, 2, _stats(X, None))
     with pytest.raises(SpecError, match="needs calibration statistics"):
         fwhiten(weight, 2, None)
+    from lm_eval_lowrank.methods import LayerStats
+
+    for name in ("fwhiten", "whiten", "rom", "asvd"):  # a gradient-only record: an AttributeError before
+        with pytest.raises(SpecError, match=rf"^method='{name}' needs the input covariances"):
+            get_method(name)(weight, 2, LayerStats(None, 10, None, None))
     with pytest.raises(SpecError, match="zero, negative or non-finite"):
         fwhiten(weight, 2, _stats(X, torch.zeros(48)))
     with pytest.raises(SpecError, match=r"shape \(32,\), expected \(48,\)"):

@@ -20,7 +20,9 @@ import torch
 # 4: Krylov checks its certificate from 3 blocks on (a stop at 2 blocks became one at 3).
 # 5: calibrated methods on architectures without an adapter are staged in forward order (were one stage).
 # 6: Krylov's certificate also takes Kato-Temple's gap bound (it stops earlier where the top values stand apart).
-ALGORITHM_VERSION = 6
+# 7: no round-off mask in Krylov's certificate, a near-exhausted block orthogonalised again, a value repeated past
+#    the block width not certified; Gram zeroes no value (it hands the matrix to the exact SVD instead).
+ALGORITHM_VERSION = 7
 
 
 @dataclass

@@ -43,6 +43,8 @@ def check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None, rank:
     if stats is None:
         raise SpecError(f"method={name!r} needs calibration statistics (calib=...) but none were given for this module")
     C = stats.input_cov
+    if C is None:  # a gradient-only record (fwsvd's Fisher rows) handed to a method that reads the inputs
+        raise SpecError(f"method={name!r} needs the input covariances of its calibration data, but this module's statistics hold none")
     n = weight.shape[1]
     if C.dim() != 2 or C.shape != (n, n):
         raise SpecError(f"method={name!r}: input covariance has shape {tuple(C.shape)}, expected ({n}, {n}) for a weight of shape {tuple(weight.shape)}")
