@@ -177,6 +177,14 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         "bool": ({"rank": 1, "parallelize": "maybe"}, r"^parallelize='maybe' is invalid: expected true or false$"),
         "int": ({"rank": 1, "max_length": "abc"}, r"^max_length='abc' is invalid: expected an int$"),
         "literal": ({"rank": 1, "backend": "encoder"}, r"^backend='encoder' is invalid: valid default, causal, seq2seq$"),
+        # our own: "no" was a true flag, "abc" a TypeError after the load; case and swapped letters reached from_pretrained
+        "measure_energy": ({"rank": 1, "measure_energy": "maybe"}, r"^measure_energy='maybe' is invalid: expected true or false$"),
+        "energy_idle_seconds": ({"rank": 1, "energy_idle_seconds": "abc"}, r"^energy_idle_seconds='abc' is invalid: expected seconds >= 0"),
+        "negative idle": ({"rank": 1, "energy_idle_seconds": -5}, r"^energy_idle_seconds=-5 is invalid"),
+        "case": ({"Rank": 4}, r"^Rank=4 is not an argument of hf-tucker: did you mean 'rank'\?"),
+        "swapped letters": ({"rnak": 4}, r"^rnak=4 is not an argument of hf-tucker: did you mean 'rank'\?"),
+        "own typo": ({"rank": 1, "measure_enrgy": "false"}, r"^measure_enrgy='false' is not an argument of hf-tucker: did you mean 'measure_energy'\?"),
+        "allocator with rank": ({"rank": 2, "allocator": "fisher"}, r"^allocator='fisher' is invalid: it applies to budget=F only"),
     }
     for name, (args, match) in cases.items():
         with pytest.raises(SpecError, match=match):

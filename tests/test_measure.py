@@ -550,3 +550,35 @@ def test_aggregate_does_not_pass_a_partial_energy_sum_off_as_the_total():
     idle["energy"] = {"available": False, "reason": "no measured forward ran"}
     out = aggregate([_summary(1.0, 100, g0), idle])
     assert out["energy"]["available"] is True and out["energy"]["total_joules"] == 50.0
+
+
+def test_excluded_batch_size_probes_leave_out_their_energy_and_memory_peak(monkeypatch):
+    """batch_size=auto probes the batch size again for each later request type, after the energy meter started:
+    latency left those forwards out, energy counted them (a probe of 5 x 8 x 1024 tokens was 85 % of the joules)."""
+    import sys
+
+    from lm_eval_lowrank.measure import EnergyMeter, Meter
+
+    fake = _FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    energy = EnergyMeter(idle_seconds=0, device="cuda:0")
+    # CUDA's allocator peak, faked: the probe's peak (500) is not the evaluation's
+    mem = {"now": 40, "peak": 40}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=0: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda i=0: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    meter = Meter(device=torch.device("cuda:0"), energy=energy, cuda_devices=[0])
+    energy.start()
+    fake.mj[0] += 30_000  # 30 J measured
+    mem["peak"] = 100
+    with meter.excluded():
+        fake.mj[0] += 1_000_000  # 1000 J of probing
+        mem["peak"] = 500
+    fake.mj[0] += 5_000
+    mem["peak"] = max(mem["peak"], 70)
+    e = energy.read()
+    energy.close()
+    assert e["per_gpu"]["GPU-a"]["joules"] == pytest.approx(35.0)
+    assert meter.peak_memory()["bytes"] == 100  # the peak before the probe, not the probe's

@@ -278,3 +278,20 @@ def test_a_removed_argument_is_refused_with_its_reason_not_passed_to_hflm():
         DecompositionSpec.from_args(ours)
     assert "\n" not in str(e.value)
     assert "hooi_iters" not in DecompositionSpec.from_args({"rank": 1}).to_dict()
+
+
+def test_arguments_that_change_nothing_are_said_and_not_recorded_as_used(capsys):
+    """method=whiten alone ran dense without a word; rank=2 with calib_n ran tucker without calibration; with rank=
+    the spec recorded allocator and rank_multiple as if they had placed the ranks."""
+    DecompositionSpec.from_args({"method": "whiten", "calib_n": 16})
+    assert "calib_n, method unused: without rank= or budget= nothing is decomposed" in capsys.readouterr().err
+    DecompositionSpec.from_args({"rank": 2, "calib_n": 16})
+    assert "calib_n unused: method=tucker reads no calibration data" in capsys.readouterr().err
+    spec = DecompositionSpec.from_args({"rank": 2})
+    assert "allocator" not in spec.to_dict() and "rank_multiple" not in spec.to_dict()
+    assert DecompositionSpec.from_args(spec.to_dict()) == spec and capsys.readouterr().err == ""  # quiet round trip
+    budget = DecompositionSpec.from_args({"budget": 0.5, "allocator": "tail", "rank_multiple": 8})
+    assert budget.to_dict()["allocator"] == "tail" and DecompositionSpec.from_args(budget.to_dict()) == budget
+    for stray in ({"allocator": "tail"}, {"rank_multiple": 8}):
+        with pytest.raises(SpecError, match=r"is invalid: it applies to budget=F only"):
+            DecompositionSpec.from_args({"rank": 2, **stray})

@@ -9,6 +9,7 @@ All figures land in the results JSON under ``config["lowrank"]`` via ``get_model
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from .api import compress_model, validate_against_config, versions
 from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
-from .spec import SPEC_KEYS, DecompositionSpec, SpecError, check_dtype_args, check_local_paths, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, check_dtype_args, check_local_paths, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -58,12 +59,15 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
     import re
 
     params = inspect.signature(HFLM.__init__).parameters
+    ours = (*SPEC_KEYS, *_OWN_ARGS)
     for key, value in rest.items():
         if key not in params:
-            close = difflib.get_close_matches(key, SPEC_KEYS, n=1, cutoff=0.8)
-            if close or key.startswith(("calib", "solver")):
+            # case and swapped letters too: Rank=4 and rnak=4 reached from_pretrained ("unexpected keyword argument")
+            close = [k for k in ours if k.lower() == key.lower() or sorted(k) == sorted(key.lower())]
+            close = close or difflib.get_close_matches(key.lower(), ours, n=1, cutoff=0.8)
+            if close or key.lower().startswith(("calib", "solver", "energy", "measure")):
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise SpecError(f"{key}={value!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(SPEC_KEYS)}, measure_energy, energy_idle_seconds")
+                raise SpecError(f"{key}={value!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(ours)}")
             continue
         annotation = params[key].annotation
         if not isinstance(annotation, str) or value is None:
@@ -79,6 +83,9 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             if value not in choices:
                 raise SpecError(f"{key}={value!r} is invalid: valid {', '.join(choices)}")
 
+
+# hf-tucker's own arguments besides the decomposition's (SPEC_KEYS).
+_OWN_ARGS = ("measure_energy", "energy_idle_seconds")
 
 # HFLM arguments that change how a dense model is read from the Hub; a compressed checkpoint is a local folder
 # of factors, so they cannot apply to it.
@@ -177,6 +184,9 @@ class HFTuckerLM(HFLM):
 
     def __init__(self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, **kwargs: Any) -> None:
         _print_user_errors_in_one_line()
+        # lm-eval passes model_args as strings: "no" and "abc" would be a true flag and a TypeError after the load.
+        measure_energy = _as_bool("measure_energy", measure_energy)
+        energy_idle_seconds = _as_float_in("energy_idle_seconds", energy_idle_seconds, lambda x: 0 <= x < math.inf, "expected seconds >= 0 (0: no idle baseline)")
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)

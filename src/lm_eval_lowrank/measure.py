@@ -16,6 +16,7 @@ Every reading that cannot be taken is ``None`` with a reason string.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -23,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,8 @@ class EnergyMeter:
         self._stop = threading.Event()
         self._sampled_at = 0.0  # the end of the span _sampled_j covers
         self._sample_lock = threading.Lock()
+        self._excluded_j: dict[str, float] = {}  # energy of excluded spans (batch-size probes), per counter
+        self._excluded_s = 0.0
         if torch.device(device).type == "cuda" and torch.cuda.is_available():
             self.sources, self.reason = self._nvml_gpus(None if cuda_devices is None else list(cuda_devices))
         elif torch.device(device).type in ("cpu", "cuda"):  # "cuda" without CUDA: HFLM runs it on the CPU
@@ -376,32 +379,57 @@ class EnergyMeter:
                         pass
                 self._sampled_at = now
 
+    def _since_start(self, where: str) -> tuple[float, dict[str, float]] | None:
+        """(seconds, joules per counter) since ``start``, or None when a counter failed (energy then unavailable)."""
+        with self._sample_lock:
+            now = time.perf_counter()
+            try:
+                now_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
+            except Exception as exc:
+                self._fail(where, exc)
+                return None
+            joules = {u: now_j[u] - self._start_j[u] for u in now_j}
+            # sampled power covers up to the last sample: the rest of the span at the power now, so that the
+            # joules and the idle subtraction (idle watts x elapsed) cover the same span
+            for g in self.sources:
+                if not g.has_counter:
+                    try:
+                        tail = g.power_w() * (now - self._sampled_at)
+                    except Exception:
+                        tail = 0.0
+                    joules[g.uuid] = self._sampled_j.get(g.uuid, 0.0) + tail
+        return now - self._t_start, joules
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """A span left out of the energy and of its seconds (batch-size probes, which latency leaves out too)."""
+        if not self.available or self._t_start is None:
+            yield  # not started: nothing before the first measured call counts anyway
+            return
+        before = self._since_start("before an excluded span")
+        try:
+            yield
+        finally:
+            after = self._since_start("after an excluded span") if self.available and before is not None else None
+            if before is not None and after is not None:
+                self._excluded_s += after[0] - before[0]
+                for u, j in after[1].items():
+                    self._excluded_j[u] = self._excluded_j.get(u, 0.0) + j - before[1].get(u, 0.0)
+
     def read(self) -> dict[str, Any]:
-        """Energy since ``start`` (joules), per counter and in total."""
+        """Energy since ``start`` (joules), per counter and in total, excluded spans left out."""
         if not self.available:
             return {"available": False, "reason": self.reason}
         if self._t_start is None:
             return {"available": False, "reason": "no measured forward ran"}
         parts: dict[str, dict[str, Any]] = {}
-        with self._sample_lock:
-            now = time.perf_counter()
-            elapsed = now - self._t_start
-            try:
-                now_j = {g.uuid: g.energy_j() for g in self.sources if g.has_counter}
-            except Exception as exc:
-                self._fail("at the end", exc)
-                return {"available": False, "reason": self.reason}
-            # sampled power covers up to the last sample: the rest of the span at the power now, so that the
-            # joules and the idle subtraction (idle watts x elapsed) cover the same span
-            sampled = dict(self._sampled_j)
-            for g in self.sources:
-                if not g.has_counter:
-                    try:
-                        sampled[g.uuid] = sampled.get(g.uuid, 0.0) + g.power_w() * (now - self._sampled_at)
-                    except Exception:
-                        pass
+        since = self._since_start("at the end")
+        if since is None:
+            return {"available": False, "reason": self.reason}
+        elapsed, measured = since
+        elapsed -= self._excluded_s
         for g in self.sources:
-            joules = now_j[g.uuid] - self._start_j[g.uuid] if g.has_counter else sampled.get(g.uuid, 0.0)
+            joules = measured.get(g.uuid, 0.0) - self._excluded_j.get(g.uuid, 0.0)
             idle_w = self.idle_power_w.get(g.uuid)
             parts[g.uuid] = {
                 **g.describe(),
@@ -459,6 +487,7 @@ class Meter:
     records: list[CallRecord] = field(default_factory=list)
     excluded_calls: int = 0
     _excluding: int = 0
+    _peak_before: dict[int, int] = field(default_factory=dict)  # CUDA peaks before excluded spans reset them
     _pending: list[CallRecord] = field(default_factory=list)
 
     @classmethod
@@ -500,12 +529,24 @@ class Meter:
 
     @contextmanager
     def excluded(self):
-        """Calls inside (e.g. batch-size probing) are not measured."""
+        """Calls inside (e.g. batch-size probing) are not measured: not their latency, their energy (once the meter
+        runs: the probes of a second request type come after the first's calls) nor their CUDA memory peak."""
         self._excluding += 1
+        gpus = self._peak_devices()
+        for i in gpus:  # the peak so far is kept; the probe's own is dropped below
+            self._peak_before[i] = max(self._peak_before.get(i, 0), torch.cuda.max_memory_allocated(i))
         try:
-            yield
+            with self.energy.paused() if self.energy is not None else contextlib.nullcontext():
+                yield
         finally:
             self._excluding -= 1
+            for i in gpus:
+                torch.cuda.reset_peak_memory_stats(i)
+
+    def _peak_devices(self) -> list[int]:
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return []
+        return self.cuda_devices or list(range(torch.cuda.device_count()))
 
     @contextmanager
     def measure(self, kind: str, tokens: int):
@@ -550,12 +591,10 @@ class Meter:
 
     def peak_memory(self) -> dict[str, Any]:
         if self.device.type == "cuda" and torch.cuda.is_available():
-            if self.cuda_devices:  # the devices the model occupies: a sharded model's peak is their sum
-                per = {str(i): torch.cuda.max_memory_allocated(i) for i in self.cuda_devices}
-                total = sum(per.values())
-            else:
-                per = {str(i): torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
-                total = max(per.values())
+            peak = {i: max(torch.cuda.max_memory_allocated(i), self._peak_before.get(i, 0)) for i in self._peak_devices()}
+            per = {str(i): v for i, v in peak.items()}
+            # the devices the model occupies: a sharded model's peak is their sum
+            total = sum(per.values()) if self.cuda_devices else max(per.values())
             return {"kind": "cuda_max_memory_allocated", "bytes": total, "per_device": per, "process_peak_rss_bytes": _peak_rss_bytes()}
         return {"kind": "process_peak_rss", "bytes": _peak_rss_bytes()}
 

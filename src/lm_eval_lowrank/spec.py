@@ -20,6 +20,7 @@ import fnmatch
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -389,9 +390,31 @@ class DecompositionSpec:
             v = args["grad_checkpoint"]
             auto = isinstance(v, str) and v.strip().lower() == "auto"
             kw["grad_checkpoint"] = None if auto else _as_bool("grad_checkpoint", v, "expected auto, true or false")
+        if (kw.get("rank") is not None or kw.get("rank_overrides")) and kw.get("budget") is None:
+            stray = [k for k in ("allocator", "rank_multiple") if args.get(k) is not None]
+            if stray:  # recorded in the JSON as if they had placed the ranks
+                raise _fail(stray[0], args[stray[0]], "it applies to budget=F only; with rank= the ranks are given")
         spec = cls(**kw)
         spec._check_consistency()
+        spec._warn_unused({k for k, v in args.items() if v is not None})
         return spec
+
+    def _warn_unused(self, given: set[str]) -> None:
+        """Arguments that change nothing here, said on stderr (not refused: a sweep passes the same extra arguments to
+        its dense baseline and to every method)."""
+        from .methods import needs_calibration
+
+        default = DecompositionSpec()
+        changed = {k for k in given if k in default.__dataclass_fields__ and getattr(self, k) != getattr(default, k)}  # to_dict() round trips are quiet
+        if self.is_noop:
+            unused = sorted(changed - {"cache"})
+            why = "without rank= or budget= nothing is decomposed (the model runs dense)"
+        else:
+            calibrates = needs_calibration(self.method) or self.budget is not None and self.allocator in CALIBRATED_ALLOCATORS
+            unused = [] if calibrates else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
+            why = f"method={self.method} reads no calibration data"
+        if unused:
+            print(f"[lm-eval-lowrank] warning: {', '.join(unused)} unused: {why}", file=sys.stderr)
 
     def _check_consistency(self) -> None:
         if self.budget is None and self.rank is None and not self.rank_overrides:
@@ -472,6 +495,9 @@ class DecompositionSpec:
         for option, owner in METHOD_OPTIONS.items():  # another method's option: absent, so that from_args(to_dict()) holds
             if owner != self.method:
                 d.pop(option)
+        if self.budget is None:  # they place the ranks of a budget only: absent, not recorded as if they had
+            d.pop("allocator")
+            d.pop("rank_multiple")
         return d
 
     def with_(self, **changes: Any) -> DecompositionSpec:
