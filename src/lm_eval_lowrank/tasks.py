@@ -187,7 +187,8 @@ def _fingerprint(data: Path, lm_tasks: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_files(data: Path, tasks: list[LocalTask]) -> None:
+def _check_files(data: Path, tasks: list[LocalTask], given: bool = False) -> None:
+    """Every file the tasks read is there; the error's remedy names where ``data`` came from (passed in, or found)."""
     needed: list[str] = []
     for task in tasks:
         needed += list(task.files) + list(_EXTRA_FILES.get(task.name, ()))
@@ -197,7 +198,8 @@ def _check_files(data: Path, tasks: list[LocalTask]) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataDirError(
-            f"benchmark data folder {data} lacks {missing[0]}{more}; set {DATA_ENV} to a complete copy"
+            f"benchmark data folder {data} lacks {missing[0]}{more}; "
+            + ("give a complete copy" if given else f"set {DATA_ENV} to a complete copy")
         )
 
 
@@ -232,15 +234,21 @@ def _check_includes(out: Path) -> None:
             )
 
 
+def _given_data(data: str | os.PathLike) -> Path:
+    """A data folder passed in, checked; its errors do not point at ``LM_EVAL_LOWRANK_DATA``, which it overrides."""
+    path = Path(data).expanduser().resolve()
+    if not path.is_dir():
+        raise DataDirError(f"benchmark data folder {path} does not exist; give the folder that holds arc_easy/, mmlu/, ...")
+    return path
+
+
 def task_dir(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of ready-to-use task YAMLs for ``lm_eval --include_path`` (generated once, then reused).
 
     ``data`` overrides the data folder (default: :func:`data_dir`); ``cache_dir`` overrides
     ``cache_root()/tasks``. Raises :class:`DataDirError` with a one-line message when the data is missing.
     """
-    data_path = Path(data).expanduser().resolve() if data is not None else data_dir()
-    if not data_path.is_dir():
-        raise DataDirError(f"benchmark data folder {data_path} does not exist; set {DATA_ENV} to the right folder")
+    data_path = _given_data(data) if data is not None else data_dir()
     lm_tasks = lm_eval_tasks_dir()
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "tasks"
     final = root / _fingerprint(data_path, lm_tasks)
@@ -248,7 +256,7 @@ def task_dir(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike
         return final
 
     tasks = local_tasks(lm_tasks)
-    _check_files(data_path, tasks)
+    _check_files(data_path, tasks, given=data is not None)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
@@ -270,9 +278,9 @@ def task_dir(data: str | os.PathLike | None = None, cache_dir: str | os.PathLike
 
 def task_table(data: str | os.PathLike | None = None) -> list[tuple[str, str, int, str]]:
     """(name, split, documents, metrics) for every top-level local task, with ``mmlu_local`` as one row."""
-    data_path = Path(data).expanduser().resolve() if data is not None else data_dir()
+    data_path = _given_data(data) if data is not None else data_dir()
     tasks = local_tasks()
-    _check_files(data_path, tasks)
+    _check_files(data_path, tasks, given=data is not None)
     rows = [(t.name, t.split, t.docs(data_path), t.metrics) for t in tasks if t.group is None]
     subjects = [t for t in tasks if t.group == "mmlu_local"]
     rows.append(

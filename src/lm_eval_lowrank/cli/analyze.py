@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,24 @@ def _parse_ints(ctx: click.Context, param: click.Parameter, value: str) -> tuple
     if not out or any(x < 1 for x in out):
         raise OneLineBadParameter(f"{value!r}: expected ints >= 1")
     return out
+
+
+def _check_out_path(value: str, option: str) -> None:
+    """Refuse an output path that cannot be written before the model loads, not after the whole analysis."""
+    path = Path(value)
+    if path.is_dir():
+        raise OneLineBadParameter(f"{value!r} is a folder: give a file path", param_hint=f"'{option}'")
+    if not path.parent.is_dir():
+        raise OneLineBadParameter(f"{value!r}: folder {path.parent} does not exist", param_hint=f"'{option}'")
+
+
+def _refuse_unused(ctx: click.Context, options: dict[str, str], needs: str) -> None:
+    """An option given on the command line that only ``needs`` uses: refused, not silently ignored."""
+    from click.core import ParameterSource
+
+    for name, flag in options.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            raise OneLineBadParameter(f"only {needs} uses it: add {needs} or drop {flag}", param_hint=f"'{flag}'")
 
 
 def analyze_model(
@@ -157,22 +176,37 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
 
     from ..analysis import HEATMAP_METRICS, format_table, table_rows
 
+    # Every option is checked before the model is fetched or loaded.
     if metric not in HEATMAP_METRICS:
         raise OneLineBadParameter(f"{metric!r}: valid {', '.join(HEATMAP_METRICS)}", param_hint="'--metric'")
+    torch_dtype = getattr(torch, dtype, None)
+    # transformers loads a model in floating dtypes only; 1-byte floats (float8_*) it cannot compute in
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point or torch_dtype.itemsize < 2:
+        raise OneLineBadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="'--dtype'")
+    if not (math.isfinite(eps) and eps >= 0):  # a negative eps would report a sparsity of 0 for any matrix
+        raise OneLineBadParameter(f"{eps!r}: expected a number >= 0 (a fraction of max|w|)", param_hint="'--eps'")
+    ctx = click.get_current_context()
+    if not activations:
+        _refuse_unused(ctx, {"calib": "--calib", "calib_n": "--calib-n", "calib_len": "--calib-len"}, "--activations")
+    if not heatmap:
+        _refuse_unused(ctx, {"metric": "--metric"}, "--heatmap")
+    if json_path and json_path != "-":
+        _check_out_path(json_path, "--json")
     if heatmap:
+        _check_out_path(heatmap, "--heatmap")
         from ..optional import require_module
 
         require_module("matplotlib", "plots", "--heatmap")  # before the analysis, not after it
     if model in ("smollm2", "default"):
-        from ..assets import smollm2_path
+        from ..assets import AssetError, smollm2_path
 
-        model = str(smollm2_path())
+        try:
+            model = str(smollm2_path())
+        except AssetError as exc:
+            raise click.ClickException(str(exc)) from None
     from ..spec import check_local_path
 
     check_local_path("MODEL", model)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise OneLineBadParameter(f"{dtype!r}: expected float32, bfloat16 or float16", param_hint="'--dtype'")
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
     provider = None
     if activations:
@@ -183,11 +217,12 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         provider = build_stats_provider(spec, lm, AutoTokenizer.from_pretrained(model), model_id=model)
         provider.track_sparsity = eps
     results = analyze_model(lm, layers, tensors, ranks, eps, provider)
-    click.echo(f"## weights of {model}")
-    click.echo(format_table(table_rows(results, "weights"), markdown=fmt == "markdown"))
+    to_stderr = json_path == "-"  # stdout then carries the JSON document alone
+    click.echo(f"## weights of {model}", err=to_stderr)
+    click.echo(format_table(table_rows(results, "weights"), markdown=fmt == "markdown"), err=to_stderr)
     if activations:
-        click.echo(f"\n## activations (outputs Y = W X; sparsity of the inputs X) on {calib} {calib_n}x{calib_len}")
-        click.echo(format_table(table_rows(results, "activations"), markdown=fmt == "markdown"))
+        click.echo(f"\n## activations (outputs Y = W X; sparsity of the inputs X) on {calib} {calib_n}x{calib_len}", err=to_stderr)
+        click.echo(format_table(table_rows(results, "activations"), markdown=fmt == "markdown"), err=to_stderr)
     if json_path:
         doc = {"model": model, "ranks": list(ranks), "eps": eps, "layers": {str(k): v for k, v in results.items()}}
         if provider is not None:

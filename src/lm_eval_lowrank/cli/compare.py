@@ -20,13 +20,19 @@ from .errors import OneLineBadParameter
 )
 def compare(runs: tuple[str, ...], tasks: str | None, confidence: float) -> None:
     """Compare lm-eval results (files or output folders); the first run is the reference."""
-    from ..compare import comparison_rows, format_table
+    from ..compare import UnknownTaskError, comparison_rows, format_table
     from ..gate import GateError
 
     if not 0 < confidence < 1:
         raise OneLineBadParameter(f"{confidence!r} is not a level in (0, 1), e.g. 0.95", param_hint="'--confidence'")
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    notes: list[str] = []
     try:
-        header, rows = comparison_rows(runs, tasks.split(",") if tasks else None, confidence)
+        header, rows = comparison_rows(runs, names or None, confidence, notes)
+    except UnknownTaskError as exc:
+        raise OneLineBadParameter(str(exc), param_hint="'--tasks'") from None
     except GateError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_table(header, rows))
+    for note in notes:  # why a drop is not paired; on stderr, so stdout stays one Markdown table
+        click.echo(f"note: {note}", err=True)

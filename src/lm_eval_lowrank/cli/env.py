@@ -89,10 +89,12 @@ def _methods_line(methods: dict[str, Any]) -> str:
 def env(as_json: bool) -> None:
     """What a run here will measure: versions, registration, timer, energy counters, solvers, data, caches."""
     info = environment()
+    reg = info["registry"]
     if as_json:
         click.echo(json.dumps(info, indent=1))
+        if not reg["ok"]:  # the same exit code as the lines: a script checks it either way
+            raise SystemExit(1)
         return
-    reg = info["registry"]
     rows = [
         ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)),
         ("lm-eval models", "hf and hf-tucker both resolve" if reg["ok"] else f"BROKEN: {reg.get('error') or reg}"),

@@ -7,6 +7,7 @@ Config only: no weights, no torch. Values use the same syntax as ``model_args``
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -54,6 +55,11 @@ def _fmt_flops(n: int) -> str:
     return f"{n} FLOP"
 
 
+def _sci(n: int) -> str:
+    """``n`` in scientific notation; Decimal, because |S| can be past a float's range (--rank-choices 10**310)."""
+    return format(Decimal(n), ".3e")
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -75,7 +81,7 @@ def _human(r: dict[str, Any], nt: int) -> str:
         ("FLOP reduction", f"{100 * r['flop_reduction']:.2f}%  (seq_len {r['seq_len']})"),
         (
             "design space |S|",
-            f"(2^{nt}-1)(2^{r['num_layers']}-1)*{r['rank_choices']}+1 = {r['design_space_size']:.3e} "
+            f"(2^{nt}-1)(2^{r['num_layers']}-1)*{r['rank_choices']}+1 = {_sci(r['design_space_size'])} "
             f"= 2^{r['log2_design_space_size']:.2f}",
         ),
     ]
@@ -114,6 +120,13 @@ def space(
 
     n_seq = _seq_len(seq_len)
     n_rank_choices = _rank_choices(rank_choices)
+    if table4:  # its rows show neither modules nor |S|: these options would be ignored
+        for given, option in ((per_module, "--per-module"), (rank_choices is not None, "--rank-choices")):
+            if given:
+                raise SpaceError(f"--table4 shows one row per layer set, without modules or |S|; drop {option}")
+    elif rank is None and (layers is not None or tensors is not None):
+        # the spec's own message offers budget=F, which space does not take
+        raise SpaceError("--tensors/--layers need --rank (e.g. --rank 8, or --rank 8|q:4 per tensor)")
     try:
         config = ds.load_config(model)
         args: dict[str, Any] = {"layout": layout}

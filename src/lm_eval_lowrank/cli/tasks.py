@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import click
 
+from .errors import OneLineBadParameter
+
 
 @click.command("tasks")
 @click.option(
@@ -32,6 +34,8 @@ def tasks(data: str | None, list_: bool) -> None:
         rows = task_table(data)
     except DataDirError as exc:
         # One line on stderr, nothing on stdout: "$(lm-eval-lowrank tasks)" then stays empty.
+        if data is not None:  # the folder came from --data: name the option, not LM_EVAL_LOWRANK_DATA
+            raise OneLineBadParameter(str(exc), param_hint="'--data'") from None
         raise click.ClickException(str(exc)) from None
     width = max(len(r[0]) for r in rows)
     click.echo(f"{'task':<{width}}  {'split':<10}  {'docs':>6}  metrics")
