@@ -402,15 +402,14 @@ class DecompositionSpec:
     def _warn_unused(self, given: set[str]) -> None:
         """Arguments that change nothing here, said on stderr (not refused: a sweep passes the same extra arguments to
         its dense baseline and to every method)."""
-        from .methods import needs_calibration
-
         default = DecompositionSpec()
         changed = {k for k in given if k in default.__dataclass_fields__ and getattr(self, k) != getattr(default, k)}  # to_dict() round trips are quiet
         if self.is_noop:
             unused = sorted(changed - {"cache"})
             why = "without rank= or budget= nothing is decomposed (the model runs dense)"
         else:
-            calibrates = needs_calibration(self.method) or self.budget is not None and self.allocator in CALIBRATED_ALLOCATORS
+            # CALIBRATED_METHODS, not methods.needs_calibration: the spec stays importable without torch (space)
+            calibrates = self.method in CALIBRATED_METHODS or self.budget is not None and self.allocator in CALIBRATED_ALLOCATORS
             unused = [] if calibrates else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
             why = f"method={self.method} reads no calibration data"
         if unused:
