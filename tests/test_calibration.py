@@ -189,6 +189,16 @@ def test_checkpoint_healing_data_is_matched_by_its_data_folder_path(benchmark_da
         assert rec["status"] == "unchecked" and str(unknown) in rec["reason"] and rec["files"] == ["arc_easy/validation.jsonl"]
 
 
+def test_a_checkpoint_calibration_record_without_its_files_is_unchecked_not_ok(benchmark_data):
+    """An older manifest's calibration record lists no files: it read something, so "ok" would be a guess."""
+    from lm_eval_lowrank.calibration import check_checkpoint_no_leak
+
+    rec = check_checkpoint_no_leak({"decomposition": {"calibration": {"source": "boolq_local", "n": 8}}}, ["boolq_local"])
+    assert rec["status"] == "unchecked" and "calib=boolq_local" in rec["reason"] and rec["files"] == []
+    listed = {"source": "arc_easy_local", "leak_check": {"calib_files": ["arc_easy/validation.jsonl"]}}
+    assert check_checkpoint_no_leak({"decomposition": {"calibration": listed}}, ["boolq_local"])["status"] == "ok"
+
+
 # -- 7: the fingerprint samples every weight -----------------------------------------------------
 
 

@@ -242,3 +242,16 @@ def test_tasks_data_errors_name_the_option(tmp_path, monkeypatch):
         assert r.exit_code == 2
         line = _one_error_line(r)
         assert "'--data'" in line and str(folder) in line and "LM_EVAL_LOWRANK_DATA" not in line
+
+
+def test_the_calculator_names_a_missing_hidden_size_or_vocabulary():
+    """design_space's own reads (the LM head, the hidden width) took int(None) too."""
+    from lm_eval_lowrank.architectures import adapter_for_config
+    from lm_eval_lowrank.design_space import _head_params, _hidden
+    from lm_eval_lowrank.spec import SpecError
+
+    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    with pytest.raises(SpecError, match=r"^the config has no hidden_size \(nor n_embd, d_model\)"):
+        _hidden(config)
+    with pytest.raises(SpecError, match=r"^the config has no vocab_size"):
+        _head_params({**config, "hidden_size": 32}, adapter_for_config(config))

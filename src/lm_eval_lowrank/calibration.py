@@ -457,7 +457,10 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
         return {"status": "unchecked", "reason": str(exc)}
     read: dict[str, str] = {}  # data-relative file -> what read it
     unmapped: list[str] = []  # read, but not a file of this data folder by any name: what it is is unknown
-    for f in (calib.get("leak_check") or {}).get("calib_files") or []:
+    calib_files = (calib.get("leak_check") or {}).get("calib_files")
+    if calib and not calib_files:  # a record without its files (an older checkpoint): what it read is unknown
+        unmapped.append(f"calibration (calib={calib.get('source')}), whose files the checkpoint does not record")
+    for f in calib_files or []:
         read[f] = f"calibration (calib={calib.get('source')})"
     for i, data in enumerate(healing_data):
         for path in [data] if isinstance(data, str) else list(data or []):
@@ -480,7 +483,7 @@ def check_checkpoint_no_leak(manifest: Mapping[str, Any], eval_tasks: Iterable[s
     if unmapped:  # never "ok" for data that could not be matched to this data folder's files
         out.update(
             status="unchecked",
-            reason=f"{unmapped[0]} is outside the data folder {root} and names none of its files; whether an evaluated task scores it is unknown",
+            reason=f"{unmapped[0]}: not matched to a file of the data folder {root}; whether an evaluated task scores it is unknown",
             unmapped=unmapped,
         )
     return out

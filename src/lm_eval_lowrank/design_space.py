@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ArchitectureAdapter, GenericAdapter, config_side_adapter, config_value, experts_per_token, known_architectures, text_config
+from .architectures import ArchitectureAdapter, GenericAdapter, config_int, config_side_adapter, config_value, experts_per_token, known_architectures, text_config
 from .plan import Plan, make_plan
 from .spec import DecompositionSpec, SpecError
 
@@ -304,7 +304,7 @@ def _attention_width(config: Any, adapter: ArchitectureAdapter) -> int:
     """n_heads * head_dim: the width of the query/context in attention."""
     c = text_config(config)
     if adapter.name == "gpt2":
-        return int(config_value(c, "n_embd", "hidden_size"))
+        return config_int(c, "n_embd", "hidden_size")
     h = _hidden(config)
     n = config_value(c, "num_attention_heads", "n_head", "num_heads")
     if n is None:
@@ -319,11 +319,11 @@ def _head_params(config: Any, adapter: ArchitectureAdapter) -> int:
     if isinstance(adapter, GenericAdapter):
         return adapter.head_params
     c = text_config(config)
-    return int(config_value(c, "vocab_size")) * int(config_value(c, "hidden_size", "n_embd"))
+    return config_int(c, "vocab_size") * config_int(c, "hidden_size", "n_embd")
 
 
 def _hidden(config: Any) -> int:
-    return int(config_value(text_config(config), "hidden_size", "n_embd", "d_model"))
+    return config_int(text_config(config), "hidden_size", "n_embd", "d_model")
 
 
 def calculate(
