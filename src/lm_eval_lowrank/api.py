@@ -18,7 +18,7 @@ import torch.nn as nn
 from .architectures import adapter_for_model, config_side_adapter
 from .decompose import DecompositionReport, ProcessShard, decompose_model
 from .plan import make_plan
-from .spec import CALIBRATED_ALLOCATORS, GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError
+from .spec import GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError
 
 
 def as_spec(spec: DecompositionSpec | Mapping[str, Any] | None = None, **kwargs: Any) -> DecompositionSpec:
@@ -115,7 +115,7 @@ def compress_model(
     stats_provider = None
     from .methods import needs_calibration
 
-    if needs_calibration(spec.method) or spec.allocator in CALIBRATED_ALLOCATORS and spec.budget is not None:
+    if spec.reads_calibration:
         if tokenizer is None:
             who = f"method={spec.method!r}" if needs_calibration(spec.method) else f"allocator={spec.allocator!r}"
             raise SpecError(f"{who} needs a tokenizer for its calibration data")

@@ -44,6 +44,23 @@ def config_int(config: Any, *names: str) -> int:
     return int(v)
 
 
+# Model types whose positions are a learned (or fixed) table: a sequence past its end fails inside the model.
+_TABLE_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "openai-gpt", "ctrl", "xglm"})
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor")
+
+
+def position_limit(config: Any) -> tuple[str, int, bool] | None:
+    """(the config field, how many positions it gives, whether they are a table a longer sequence cannot run past)
+    of a config (object or dict), or None when it names no limit. Rotary models run past theirs, extrapolated."""
+    cfg = text_config(config)
+    field = next((f for f in ("n_positions", "max_position_embeddings") if isinstance(config_value(cfg, f), int) and config_value(cfg, f) > 0), None)
+    if field is None:
+        return None
+    rotary = any(config_value(cfg, k) is not None for k in _ROTARY_KEYS)
+    table = str(config_value(cfg, "model_type", default="")) in _TABLE_POSITION_TYPES and not rotary
+    return field, int(config_value(cfg, field)), table
+
+
 def text_config(config: Any) -> Any:
     """Multimodal configs (e.g. Gemma-3) keep the language model's fields in ``text_config``."""
     sub = config_value(config, "text_config")

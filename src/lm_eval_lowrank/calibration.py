@@ -61,7 +61,6 @@ from .measure import free_memory_bytes
 from .methods import LayerStats, with_output_fisher
 from .modules import expert_projection, expert_projection_names, routed_pairs
 from .spec import (
-    CALIBRATED_ALLOCATORS,
     FACTOR_FIELDS,
     GRADIENT_ALLOCATORS,
     GRADIENT_METHODS,
@@ -2151,17 +2150,13 @@ class FisherStatsProvider:
 
 
 # Model types whose positions index a learned (or fixed-size) table: a longer sequence cannot run at all.
-_TABLE_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "openai-gpt", "ctrl", "xglm"})
-_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor")
 
 
 def check_calibration_args(spec: DecompositionSpec, config: Any = None, eval_tasks: Iterable[str] | None = None) -> None:
     """What a calibrating spec can be refused for before the weights load: its ``calib`` sources (names, data files
     present), the no-leak rule against the evaluated tasks (``eval_tasks``, else lm_eval's command line or
     $LM_EVAL_LOWRANK_EVAL_TASKS) and ``calib_len`` against the config's positions. Nothing for a data-free spec."""
-    from .methods import needs_calibration
-
-    if not (needs_calibration(spec.method) or spec.budget is not None and spec.allocator in CALIBRATED_ALLOCATORS):
+    if not spec.reads_calibration:
         return
     sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")
     check_no_leak(sources, list(eval_tasks) if eval_tasks is not None else evaluated_tasks_from_env())
@@ -2174,21 +2169,13 @@ def check_calib_len(spec: DecompositionSpec, config: Any) -> None:
     max_position_embeddings): a one-line SpecError, from the config alone, so callable before the weights load. A
     RoPE (or other) model past its max_position_embeddings only gets a warning on stderr: it runs, extrapolated.
     Nothing is checked when the spec calibrates nothing."""
-    from .architectures import config_value, text_config
-    from .methods import needs_calibration
+    from .architectures import position_limit
 
-    if not (needs_calibration(spec.method) or spec.budget is not None and spec.allocator in CALIBRATED_ALLOCATORS):
+    found = position_limit(config) if spec.reads_calibration else None
+    if found is None or spec.calib_len <= found[1]:
         return
-    cfg = text_config(config)
-    model_type = str(config_value(cfg, "model_type", default=""))
-    field = next((f for f in ("n_positions", "max_position_embeddings") if isinstance(config_value(cfg, f), int)), None)
-    if field is None:
-        return
-    limit = int(config_value(cfg, field))
-    if spec.calib_len <= limit:
-        return
-    rotary = any(config_value(cfg, k) is not None for k in _ROTARY_KEYS)
-    if model_type in _TABLE_POSITION_TYPES and not rotary:
+    field, limit, table = found
+    if table:
         raise SpecError(
             f"calib_len={spec.calib_len} is invalid for this model: it takes at most {limit} positions "
             f"({field}={limit}, learned positions); use calib_len<={limit}"

@@ -49,8 +49,6 @@ TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".raw")
 TEACHER_DENSE = "dense"  # --teacher value meaning "the checkpoint's source model"
 HOLDOUT_BLOCKS = 8  # training-text blocks kept out of training for loss_before/loss_after
 DEFAULT_EVAL_BLOCKS = 16  # blocks of --eval_data scored when --eval_blocks is not given
-# Config fields that mark rotary position embeddings, which run (if less well) beyond the trained length.
-_ROTARY_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_dim", "rotary_pct", "rotary_emb_base", "partial_rotary_factor")
 
 
 class HealError(ValueError):
@@ -494,16 +492,18 @@ def check_seq_len(seq_len: int, config: Any) -> None:
     """One-line :class:`HealError` for a ``--seq_len`` the model cannot run, from its config (before the weights load).
 
     Learned absolute positions (GPT-2's ``n_positions``) have no embedding past the last one, so a longer block
-    fails inside the model; rotary models run past ``max_position_embeddings`` (with a warning: untrained lengths).
+    fails inside the model; others (rotary) run past theirs, with a warning (architectures.position_limit).
     """
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
         raise HealError(f"--seq_len {seq_len} is invalid: expected an int >= 2")
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    field, limit = next(((f, v) for f in ("n_positions", "max_position_embeddings") if isinstance(v := getattr(cfg, f, None), int) and v > 0), (None, None))
-    if limit is None or seq_len <= limit:
+    from .architectures import position_limit
+
+    found = position_limit(config)
+    if found is None or seq_len <= found[1]:
         return
-    if any(getattr(cfg, f, None) is not None for f in _ROTARY_FIELDS):
-        print(f"warning: --seq_len {seq_len} is beyond the model's {limit} positions ({field}); rotary positions run past it, but on lengths it was not trained on", file=sys.stderr)
+    field, limit, table = found
+    if not table:
+        print(f"warning: --seq_len {seq_len} is beyond the model's {limit} positions ({field}): the model runs past them, on lengths it was not trained on", file=sys.stderr)
         return
     raise HealError(f"--seq_len {seq_len} is invalid: the model has {limit} learned positions ({field}); expected 2..{limit}")
 

@@ -408,9 +408,7 @@ class DecompositionSpec:
             unused = sorted(changed - {"cache"})
             why = "without rank= or budget= nothing is decomposed (the model runs dense)"
         else:
-            # CALIBRATED_METHODS, not methods.needs_calibration: the spec stays importable without torch (space)
-            calibrates = self.method in CALIBRATED_METHODS or self.budget is not None and self.allocator in CALIBRATED_ALLOCATORS
-            unused = [] if calibrates else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
+            unused = [] if self.reads_calibration else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
             why = f"method={self.method} reads no calibration data"
         if unused:
             print(f"[lm-eval-lowrank] warning: {', '.join(unused)} unused: {why}", file=sys.stderr)
@@ -425,6 +423,11 @@ class DecompositionSpec:
             object.__setattr__(self, "calib", "wikitext_local")
         if self.method in GRADIENT_METHODS and self.budget is not None and self.allocator == "output_error":
             raise SpecError(f"allocator='output_error' is invalid with method={self.method!r}: its error weighs the outputs by their Fisher information, which that proxy does not; valid: uniform, tail, sensitivity, fisher (the loss-weighted one)")
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether anything reads calibration data: the method, or a budget's measuring allocator."""
+        return self.method in CALIBRATED_METHODS or self.budget is not None and self.allocator in CALIBRATED_ALLOCATORS
 
     @property
     def is_noop(self) -> bool:
