@@ -114,6 +114,29 @@ def test_evaluated_tasks_are_read_as_lm_eval_reads_its_command_line(lead, extra,
     assert evaluated_tasks_from_env(["/x/bin/lm-eval-lowrank", *argv[1:]]) is None  # this package's CLI, not lm-eval
 
 
+@pytest.mark.parametrize("yaml_tasks", ["arc_easy_local,boolq_local", "[arc_easy_local, 'boolq_local,lambada_openai_local']"])
+@pytest.mark.parametrize("cli", [[], ["--tasks", "wikitext_local"]])
+def test_evaluated_tasks_are_read_from_an_lm_eval_config_file(yaml_tasks, cli, tmp_path, monkeypatch):
+    """``lm_eval run --config F.yaml`` takes its tasks from the file unless the command line gives them: the no-leak
+    check read only the command line, so tasks from the file were 'unknown' and a leak went unchecked."""
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from lm_eval_lowrank.calibration import EVAL_TASKS_ENV, evaluated_tasks_from_env
+
+    monkeypatch.delenv(EVAL_TASKS_ENV, raising=False)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: hf-tucker\ntasks: {yaml_tasks}\n")
+    argv = ["/x/bin/lm_eval", "run", "--config", str(cfg), "--model_args", "pretrained=x,method=whiten,rank=4", *cli]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    tasks = EvaluatorConfig.from_cli(HarnessCLI().parse_args()).tasks
+    lm_eval_sees = [t for v in ([tasks] if isinstance(tasks, str) else tasks) for t in v.split(",")]
+    assert evaluated_tasks_from_env(argv) == lm_eval_sees
+    assert evaluated_tasks_from_env([*argv[:2], f"-C{cfg}", *argv[4:]]) == lm_eval_sees
+    (tmp_path / "eval.yaml").write_text("tasks: [1, 2\n")  # unreadable: lm-eval refuses it itself
+    assert evaluated_tasks_from_env(argv) == (None if not cli else ["wikitext_local"])
+
+
 # -- 3: the Fisher cache follows the tokens ------------------------------------------------------
 
 

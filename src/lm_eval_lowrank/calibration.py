@@ -202,13 +202,33 @@ def evaluated_tasks_from_env(argv: Sequence[str] | None = None) -> list[str] | N
     # Parsed as lm-eval parses it: nargs="+", repeated flags add up, abbreviations (--task) and -tX are accepted.
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=True, exit_on_error=False)
     parser.add_argument("--tasks", "-t", nargs="+", action="extend", default=None)
+    parser.add_argument("--config", "-C", default=None)
     try:
-        found = parser.parse_known_args(args)[0].tasks
+        parsed = parser.parse_known_args(args)[0]
     except (argparse.ArgumentError, SystemExit):  # e.g. --tasks with no value: lm-eval refuses the line itself
         return None
+    found = parsed.tasks
+    if found is None and parsed.config:  # `lm_eval run --config F.yaml`: the command line overrides the file
+        found = _config_file_tasks(parsed.config)
     if found is None:
         return None
     return [t.strip() for v in found for t in v.split(",") if t.strip()]
+
+
+def _config_file_tasks(path: str) -> list[str] | None:
+    """The ``tasks`` of an lm-eval ``--config`` YAML (a name, a comma list or a list); None where unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):  # lm-eval refuses the file itself
+        return None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if isinstance(tasks, str):
+        return [tasks]
+    if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks):
+        return list(tasks)
+    return None
 
 
 # lm-eval tags and groups over the built-ins that the local data stands in for (as in lm-eval 0.4.13): known without
