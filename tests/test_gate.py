@@ -453,11 +453,60 @@ def test_same_file_for_both_is_an_error(tmp_path: Path) -> None:
     assert "same file" in r.output
 
 
-def test_comparability_warning(tmp_path: Path) -> None:
+def test_runs_that_are_not_comparable_fail_unless_allowed(tmp_path: Path) -> None:
+    """Another num_fewshot or another number of documents is not a like-for-like comparison: a CI gate that passed
+    it with a warning passed what it never compared."""
     b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE, n_shot=5))
     r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
-    assert r.exit_code == 0
+    assert r.exit_code == 1
     assert "warning: arc_easy_local: num_fewshot differs (baseline 0, compressed 5)" in r.output
+    assert r.output.strip().splitlines()[-1] == "gate: FAIL (0 failed, 0 missing, of 2 gated, runs not comparable: see the warnings; --allow-incomparable gates them anyway)"
+    allowed = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--allow-incomparable", "--json")
+    assert allowed.exit_code == 0 and "warning: arc_easy_local: num_fewshot differs" in allowed.output
+    verdict = json.loads(allowed.output[allowed.output.index("{") :])
+    assert verdict["passed"] and verdict["comparable"] is False and verdict["allow_incomparable"] is True
+    limited = lm_eval_results(arc=ARC_BASE)
+    limited["n-samples"]["arc_easy_local"]["effective"] = 20  # --limit 20
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), limited)
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", "arc_easy_local").exit_code == 1
+
+
+def test_a_task_given_two_tolerances_or_two_metrics_is_refused(tmp_path: Path) -> None:
+    """The last value silently won: --max-drop arc=0.01 --max-drop arc=0.10 gated at 0.10."""
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.57, "acc_norm,none": 0.50}))
+    r = run_cli(c, "--baseline", b, "--max-drop", "arc_easy_local=0.01", "--max-drop", "arc_easy_local=0.10", "--tasks", "arc_easy_local")
+    assert r.exit_code == 2
+    assert r.output.strip() == "Error: --max-drop arc_easy_local= given twice (0.01, 0.1); give each task one tolerance"
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.1", "--metric", "arc_easy_local=acc", "--metric", "arc_easy_local=acc_norm", "--tasks", "arc_easy_local")
+    assert r.exit_code == 2 and r.output.strip() == "Error: --metric arc_easy_local= given twice ('acc', 'acc_norm'); give each task one metric"
+    # the same value twice is one value
+    same = run_cli(c, "--baseline", b, "--max-drop", "arc_easy_local=0.10", "--max-drop", "arc_easy_local=0.1", "--tasks", "arc_easy_local")
+    assert same.exit_code == 0, same.output
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_stderr_under_confidence_is_no_stderr(bad: float, tmp_path: Path) -> None:
+    """lm-eval writes NaN where a stderr could not be computed: under --confidence it went into the bounds and the
+    gate died in documents_to_decide (math.ceil(nan)) with a traceback, exit 1, which CI reads as a failed gate."""
+    base = lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.60})
+    base["results"]["arc_easy_local"]["acc_norm_stderr,none"] = bad
+    b, c = pair(tmp_path, base, lm_eval_results(arc={"acc,none": 0.62, "acc_norm,none": 0.59}))
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--confidence", "0.95", "--tasks", "arc_easy_local")
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert r.exit_code == 0, r.output
+    assert "no standard error for acc_norm,none in the results (nor samples from both runs): gated on the drop alone" in r.output
+    from lm_eval_lowrank.gate import documents_to_decide
+
+    assert documents_to_decide(0.01, bad, 50, 0.03, 1.64) is None
+
+
+def test_results_of_lm_eval_before_0_4_are_an_input_error(tmp_path: Path) -> None:
+    """Metric keys without ',filter': every task read as MISSING, an accuracy FAIL (exit 1) for two equal files."""
+    old = {"results": {"arc_easy": {"acc": 0.60, "acc_stderr": 0.01, "acc_norm": 0.55, "acc_norm_stderr": 0.01}}, "versions": {"arc_easy": 0}}
+    b, c = pair(tmp_path, old, old)
+    r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+    assert r.exit_code == 2
+    assert r.output.strip() == f"Error: {Path(b).resolve()}: its metrics have no ',filter' suffix (lm-eval before 0.4): give results written by lm-eval 0.4 or later"
 
 
 # --------------------------------------------------------------------------- input errors

@@ -565,3 +565,53 @@ def test_opening_a_store_waits_for_a_row_another_sweep_is_writing(tmp_path: Path
     reader.join(10)
     assert opened and opened[0].repaired_bytes == 0 and opened[0].done("b")
     assert Store.open(path).done("b")
+
+
+def test_report_compares_each_model_with_its_own_dense_row() -> None:
+    """Store keys include the model and its other model_args, so one store can hold two sweeps: each table must
+    take its drops from its own model's dense row, not the first dense row of the same tasks."""
+    from lm_eval_lowrank.report import markdown_table
+
+    def row(model: str, label: str, spec: dict, acc: float, extra: str = "") -> dict:
+        args = ",".join([f"pretrained={model}", *([extra] if extra else []), *(f"{k}={v}" for k, v in spec.items())])
+        return {"key": model + label + extra, "status": "ok", "model": model, "label": label, "spec": spec, "model_args": args,
+                "tasks": ["arc"], "limit": 50, "accuracy": {"arc": acc}, "primary_metric": {"arc": "acc"},
+                "param_reduction": 0.1 if spec else 0.0, "latency_seconds": 1.0, "seconds_per_token": 0.001}  # fmt: skip
+
+    rows = [
+        row("A", "dense", {}, 0.70), row("B", "dense", {}, 0.40), row("B", "r8 L3", {"rank": "8", "layers": "3"}, 0.39),
+        row("B", "dense", {}, 0.50, "dtype=bfloat16"), row("B", "r8 L3", {"rank": "8", "layers": "3"}, 0.45, "dtype=bfloat16"),
+    ]  # fmt: skip
+    table = markdown_table(rows)
+    drops = [line.split("|")[7].strip() for line in table.splitlines() if line.startswith("| r8 L3")]
+    assert drops == ["+1.0", "+5.0"]  # against B's own dense row, then B in bfloat16's; not A's 0.70
+    assert "### model: B, dtype=bfloat16; tasks: arc" in table and table.count("| dense |") == 3
+
+
+def test_sensitivity_bars_leave_a_configuration_that_was_not_evaluated_out(tmp_path: Path) -> None:
+    """A (series, layer) with no finished row is no bar, not a bar of height 0 ('this layer costs nothing')."""
+    from lm_eval_lowrank import report
+
+    drawn = {}
+
+    class Axes:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def bar(self, xs, heights, width=None, label=None):
+            drawn[label] = heights
+
+    class Plt:
+        def subplots(self, *a, **k):
+            return type("Fig", (), {"tight_layout": lambda self: None, "savefig": lambda self, *a, **k: None})(), Axes()
+
+        def close(self, fig):
+            pass
+
+    def row(spec, acc, axis):
+        return {"label": str(spec), "spec": spec, "axis": axis, "accuracy": {"arc": acc}, "tasks": ["arc"], "limit": 50}
+
+    group = [row({}, 0.60, None), row({"rank": "8", "layers": "3"}, 0.55, "single-layer"), row({"rank": "8", "layers": "15"}, 0.50, "single-layer"), row({"rank": "1", "layers": "3"}, 0.40, "single-layer")]
+    assert report._sensitivity_plot(Plt(), group, ["arc"], "single-layer", tmp_path / "x.png", "t")
+    assert drawn["rank 8"] == pytest.approx([5.0, 10.0]) and drawn["rank 1"][0] == pytest.approx(20.0)
+    assert math.isnan(drawn["rank 1"][1])

@@ -210,6 +210,9 @@ def load_results(path: str | Path) -> ResultsFile:
         raise GateError(f"{resolved}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise GateError(f"{resolved}: not an lm-eval results file (no 'results' mapping)")
+    entries = [e for e in data["results"].values() if isinstance(e, Mapping)]
+    if entries and not any(_metrics(e) for e in entries) and any(metric_number(v) is not None for e in entries for v in e.values()):
+        raise GateError(f"{resolved}: its metrics have no ',filter' suffix (lm-eval before 0.4): give results written by lm-eval 0.4 or later")
     return ResultsFile(path=resolved, requested=requested, data=data, note=note)
 
 
@@ -298,6 +301,8 @@ def parse_metric_options(values: Iterable[str]) -> tuple[str | None, dict[str, s
         if sep:
             if not task.strip() or not metric.strip():
                 raise GateError(f"--metric {value!r}: expected METRIC or TASK=METRIC")
+            if per_task.get(task.strip(), metric.strip()) != metric.strip():
+                raise GateError(f"--metric {task.strip()}= given twice ({per_task[task.strip()]!r}, {metric.strip()!r}); give each task one metric")
             per_task[task.strip()] = metric.strip()
         elif not value:
             raise GateError("--metric: empty value")
@@ -327,7 +332,10 @@ def parse_max_drop(values: Iterable[str]) -> tuple[float | None, dict[str, float
         if sep:
             if not task.strip():
                 raise GateError(f"--max-drop {value!r}: expected NUMBER or TASK=NUMBER")
-            per_task[task.strip()] = _tolerance(number.strip(), value)
+            tolerance = _tolerance(number.strip(), value)
+            if per_task.get(task.strip(), tolerance) != tolerance:
+                raise GateError(f"--max-drop {task.strip()}= given twice ({per_task[task.strip()]:g}, {tolerance:g}); give each task one tolerance")
+            per_task[task.strip()] = tolerance
         else:
             if default is not None:
                 raise GateError("--max-drop given twice without a task; use TASK=NUMBER for per-task tolerances")
@@ -478,6 +486,8 @@ def _paired_noise(
         return None, f"{metric} is not a mean over documents", None
     diffs = [base[k] - comp[k] for k in base]
     stderr = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if not math.isfinite(stderr):
+        return None, f"{source} hold a non-finite {metric}", None
     if stderr > 0:
         return stderr, None, None
     if not all(v in (0.0, 1.0) for scores in (base, comp) for v in scores.values()):
@@ -547,7 +557,7 @@ def _drop_noise(
         note = f"the samples files do not give one number per document for {metric_key}: unpaired standard error"
     name, flt = metric_key.split(",", 1)
     errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
-    if any(e is None for e in errors):
+    if any(e is None or not math.isfinite(e) for e in errors):  # lm-eval writes NaN where a stderr failed
         return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone", False
     if all(e == 0 for e in errors):
         # lm-eval writes a stderr of 0 for a score of 0 or 1; taken as is, the bounds would collapse onto the drop.
@@ -612,7 +622,7 @@ def documents_to_decide(
     errors that shrink about as 1/m) it is the smallest m at which the gate's own verdict is decided. None when the
     drop sits on the tolerance."""
     gap = abs(max_drop - drop)
-    if gap <= _EPS or stderr <= 0:
+    if gap <= _EPS or not stderr > 0 or not math.isfinite(stderr):
         return None
     if error_at is None:
         return math.ceil(documents * (z * stderr / gap) ** 2)
@@ -703,6 +713,11 @@ class GateResult:
     row_confidence: float | None = None  # each bound's own level (below ``confidence`` when family-wise)
     min_reduction: float | None = None  # the compressed run must cut at least this fraction of the parameters
     reduction: float | None = None  # the fraction it cut (config.lowrank.decomposition.param_reduction)
+    allow_incomparable: bool = False  # gate runs with other few-shot counts or documents anyway
+
+    @property
+    def comparable_passed(self) -> bool:
+        return not self.warnings or self.allow_incomparable
 
     @property
     def reduction_passed(self) -> bool:
@@ -711,7 +726,7 @@ class GateResult:
     @property
     def passed(self) -> bool:
         rows = all(r.verdict == "PASS" or (r.verdict == "UNSURE" and self.unsure_passes) for r in self.rows)
-        return rows and self.reduction_passed
+        return rows and self.reduction_passed and self.comparable_passed
 
     @property
     def exit_code(self) -> int:
@@ -783,7 +798,7 @@ def _matches(key: str, requested: str) -> bool:
 
 
 def _comparability_warnings(tasks: Sequence[str], baseline: ResultsFile, compressed: ResultsFile) -> list[str]:
-    """Settings that make the two runs incomparable; reported, not failed on."""
+    """Settings that make the two runs incomparable: the gate fails on them unless told to allow them."""
     out = []
     b_shots, c_shots = baseline.data.get("n-shot"), compressed.data.get("n-shot")
     for task in tasks:
@@ -826,6 +841,7 @@ def run_gate(
     unsure_passes: bool = False,
     family_wise: bool = False,
     min_reduction: float | None = None,
+    allow_incomparable: bool = False,
 ) -> GateResult:
     """Gate every selected task; raise :class:`GateError` for options that cannot apply.
 
@@ -834,7 +850,8 @@ def run_gate(
     ``unsure_passes``). See :func:`drop_noise` for the standard error. With ``family_wise`` the level holds for
     all the bounds together (Bonferroni), so gating many subtasks does not multiply the chance of a wrong FAIL.
     With ``min_reduction`` the compressed run must also have cut at least that fraction of the model's parameters
-    (its ``config.lowrank`` block), so that a change that leaves the model dense cannot pass.
+    (its ``config.lowrank`` block), so that a change that leaves the model dense cannot pass. Runs that are not
+    comparable (another num_fewshot, another number of documents) fail unless ``allow_incomparable``.
     """
     confidence = parse_confidence(confidence)
     if min_reduction is not None and not 0.0 <= min_reduction < 1.0:
@@ -882,7 +899,7 @@ def run_gate(
             _apply_confidence(row, noise, note, z, sample_counts(baseline, row.task), unbounded)
     gated = [r.task for r in rows if r.verdict != "MISSING"]
     warnings = _comparability_warnings(gated, baseline, compressed)
-    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row, min_reduction, parameter_reduction(compressed))
+    return GateResult(rows, baseline, compressed, max_drop, relative, warnings, confidence, unsure_passes, per_row, min_reduction, parameter_reduction(compressed), allow_incomparable)
 
 
 def parameter_reduction(results: ResultsFile) -> float | None:
@@ -978,6 +995,8 @@ def format_table(result: GateResult) -> str:
     unsure = sum(r.verdict == "UNSURE" for r in result.rows)
     unsure_text = f", {unsure} unsure" if unsure else ""
     reduction_text = "" if result.reduction_passed else ", parameter reduction below the minimum"
+    if not result.comparable_passed:
+        reduction_text += ", runs not comparable: see the warnings; --allow-incomparable gates them anyway"
     if result.passed:
         out.append(f"gate: PASS ({len(result.rows)} task{'s' if len(result.rows) != 1 else ''} within tolerance{unsure_text})")
     else:
@@ -1007,6 +1026,8 @@ def to_json(result: GateResult) -> dict[str, Any]:
         "min_reduction": result.min_reduction,
         "param_reduction": result.reduction,
         "reduction_passed": result.reduction_passed,
+        "comparable": not result.warnings,
+        "allow_incomparable": result.allow_incomparable,
         "baseline": describe(result.baseline),
         "compressed": describe(result.compressed),
         "tasks": [

@@ -13,7 +13,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .latency_stats import LatencyRatio, latency_ratio
 from .store import Store
@@ -25,12 +25,43 @@ class ReportError(ValueError):
     """The store cannot be reported on (one line)."""
 
 
-def _groups(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[tuple[str, ...], Any], list[Mapping[str, Any]]]:
-    """Rows grouped by (tasks, limit): only rows evaluated on the same documents compare."""
-    out: dict[tuple[tuple[str, ...], Any], list[Mapping[str, Any]]] = defaultdict(list)
+class GroupKey(NamedTuple):
+    """What rows must share to compare: the model, its other model_args (dtype, ...), the tasks and the limit."""
+
+    model: str
+    args: tuple[tuple[str, str], ...]
+    tasks: tuple[str, ...]
+    limit: Any
+
+    def order(self) -> tuple:
+        return (self.tasks, self.limit or 0, self.model, self.args)
+
+    def model_label(self) -> str:
+        return self.model + "".join(f", {k}={v}" for k, v in self.args)
+
+    def describe(self, with_model: bool) -> str:
+        where = f"{', '.join(self.tasks)}; limit {self.limit if self.limit is not None else 'all'}"
+        return f"{self.model_label()}; {where}" if with_model else where
+
+
+def _other_args(row: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The row's model_args that are neither ``pretrained`` nor its decomposition spec."""
+    spec = row.get("spec") or {}
+    pairs = (p.split("=", 1) for p in str(row.get("model_args") or "").split(",") if "=" in p)
+    return tuple(sorted((k, v) for k, v in pairs if k != "pretrained" and k not in spec))
+
+
+def _groups(rows: Sequence[Mapping[str, Any]]) -> dict[GroupKey, list[Mapping[str, Any]]]:
+    """Rows grouped by model, other model_args, tasks and limit: only rows of one model evaluated on the same
+    documents compare (a store may hold several models' sweeps)."""
+    out: dict[GroupKey, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
-        out[(tuple(sorted(r.get("tasks") or [])), r.get("limit"))].append(r)
+        out[GroupKey(str(r.get("model") or ""), _other_args(r), tuple(sorted(r.get("tasks") or [])), r.get("limit"))].append(r)
     return out
+
+
+def _many_models(groups: Mapping[GroupKey, Any]) -> bool:
+    return len({(k.model, k.args) for k in groups}) > 1
 
 
 def _dense(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -90,10 +121,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     others kept each document's score (``sweep --doc-scores``), each mean drop gets its paired interval."""
     z = statistics.NormalDist().inv_cdf(0.5 + INTERVAL_LEVEL / 2)
     parts: list[str] = []
-    for (tasks, limit), group in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    groups = _groups(rows)
+    many = _many_models(groups)
+    for key, group in sorted(groups.items(), key=lambda kv: kv[0].order()):
+        tasks, limit = key.tasks, key.limit
         dense = _dense(group)
         paired = dense is not None and "doc_scores" in dense and any("doc_scores" in r for r in group if r is not dense)
-        parts.append(f"### tasks: {', '.join(tasks)}; limit: {limit if limit is not None else 'all'} documents per task\n")
+        model = f"model: {key.model_label()}; " if many else ""
+        parts.append(f"### {model}tasks: {', '.join(tasks)}; limit: {limit if limit is not None else 'all'} documents per task\n")
         head = ["config", "rank", "layers", "tensors", "param cut"]
         head += [f"{t} ({(dense or group[0]).get('primary_metric', {}).get(t) or '-'})" for t in tasks]
         head += ["mean drop (pts)"] + ([f"{INTERVAL_LEVEL:.0%} interval (pts)"] if paired else [])
@@ -243,7 +278,7 @@ def _sensitivity_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Seque
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(sorted(series.items())):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(cats))]
-        ax.bar(xs, [vals.get(c, 0.0) for c in cats], width=width, label=name)
+        ax.bar(xs, [vals.get(c, math.nan) for c in cats], width=width, label=name)  # NaN: no bar for a config not evaluated, not a drop of 0
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats)
     ax.axhline(0, color="black", lw=0.8)
@@ -282,10 +317,12 @@ def write_report(store_path: str | Path, out_dir: str | Path, plots: bool | None
     md.append(markdown_table(rows))
     if no_plots:
         md.append(no_plots + "\n")
-    plotted = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)) if plt is not None else []
-    for gi, ((tasks, limit), group) in enumerate(plotted):
+    plotted = sorted(groups.items(), key=lambda kv: kv[0].order()) if plt is not None else []
+    many = _many_models(groups)
+    for gi, (key, group) in enumerate(plotted):
+        tasks = key.tasks
         suffix = "" if len(groups) == 1 else f"_{gi + 1}"
-        where = f"{', '.join(tasks)}; limit {limit}"
+        where = key.describe(many)
         files = []
         p = out / f"accuracy_vs_reduction{suffix}.png"
         _accuracy_plot(plt, group, tasks, p, f"Accuracy vs parameter reduction\n({where})")

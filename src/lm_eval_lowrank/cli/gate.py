@@ -3,7 +3,8 @@
 Thin wrapper over :mod:`lm_eval_lowrank.gate`; no torch import.
 
 Exit codes: 0 every gated task within tolerance; 1 a task dropped too far or is
-missing from either file, or the compressed run cut less than --min-reduction;
+missing from either file, the compressed run cut less than --min-reduction, or the
+runs are not comparable (another num_fewshot or number of documents);
 2 usage or input error (missing/unreadable file, bad JSON, not an lm-eval results
 file, bad option).
 """
@@ -28,7 +29,8 @@ class GateInputError(click.ClickException):
     "gate",
     epilog=(
         "Exit codes: 0 pass; 1 a task dropped more than the tolerance (with --confidence: FAIL, or UNSURE "
-        "unless --unsure pass) or is missing from a file, or the run cut less than --min-reduction; 2 usage or input error.\n\n"
+        "unless --unsure pass) or is missing from a file, the run cut less than --min-reduction, or the runs are not comparable "
+        "(another num_fewshot or number of documents, unless --allow-incomparable); 2 usage or input error.\n\n"
         "Primary metric per task: --metric TASK=METRIC, else --metric METRIC where the task "
         "reports it, else the first of " + ", ".join(g.PREFERRED_METRICS) + ", else the task's "
         "first metric; filter 'none', else 'strict-match', else the first. For lower-is-better "
@@ -95,6 +97,11 @@ class GateInputError(click.ClickException):
     help="Also fail unless the compressed run cut at least this fraction of the parameters (e.g. 0.05), so that a change that leaves the model dense cannot pass.",
 )
 @click.option(
+    "--allow-incomparable",
+    is_flag=True,
+    help="Gate runs with another num_fewshot or number of documents anyway (warned); without it they fail.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON verdict on stdout; the table then goes to stderr."
 )
 def gate(
@@ -109,6 +116,7 @@ def gate(
     unsure: str,
     family_wise: bool,
     min_reduction: float | None,
+    allow_incomparable: bool,
     as_json: bool,
 ) -> None:
     """Compare RESULTS (compressed run) against --baseline (dense run).
@@ -134,6 +142,7 @@ def gate(
             unsure_passes=unsure == "pass",
             family_wise=family_wise,
             min_reduction=min_reduction,
+            allow_incomparable=allow_incomparable,
         )
     except g.GateError as exc:
         raise GateInputError(str(exc)) from None
