@@ -834,3 +834,35 @@ def test_a_hub_id_with_a_subfolder_resolves_to_that_folder_of_the_snapshot(tmp_p
     assert _resolve_local_folder("gpt2", None) == tmp_path / "snap"
     assert _resolve_local_folder("org/name/missing", None) is None
     assert asked == ["org/name", "org/name", "gpt2", "org/name"]
+
+
+def test_decompose_with_a_subfolder_ships_its_tokenizer_and_records_it_as_the_source(tmp_path):
+    """decompose read the weights from pretrained/subfolder but the tokenizer from pretrained (HFLM reads both from
+    the subfolder), and recorded the parent's files as the source, so heal --teacher dense distilled from the
+    parent's model and its sha256 guard compared the parent with itself."""
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lm_eval_lowrank.checkpoint import CompressedCheckpoint, source_digest
+    from lm_eval_lowrank.cli import cli
+    from lm_eval_lowrank.heal import load_teacher, resolve_teacher
+
+    root = tmp_path / "repo"
+    torch.manual_seed(1)
+    LlamaForCausalLM(tiny_llama_config(hidden_size=32, intermediate_size=64)).save_pretrained(root)  # another model
+    tok = tiny_tokenizer()
+    tok.add_tokens(["extra"])  # and another tokenizer at the root
+    tok.save_pretrained(root)
+    make_tiny_dir(root / "sub")
+    out = tmp_path / "ck"
+    r = CliRunner().invoke(cli, ["decompose", "--model_args", f"pretrained={root},subfolder=sub,rank=4,layers=1", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert len(AutoTokenizer.from_pretrained(str(out))) == len(tiny_tokenizer()) != len(tok)
+    source = json.loads((out / "lowrank_manifest.json").read_text())["source"]
+    assert source["model_id"] == str(root) and source["subfolder"] == "sub"
+    assert source["weights_sha256"] == source_digest(root / "sub") != source_digest(root)
+    info = resolve_teacher("dense", CompressedCheckpoint.open(out))
+    assert info["subfolder"] == "sub" and info["weights_sha256"] == source["weights_sha256"]
+    assert load_teacher(info, "cpu").config.hidden_size == load_dense(root / "sub").config.hidden_size != 32

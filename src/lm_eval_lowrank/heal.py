@@ -533,12 +533,12 @@ def resolve_teacher(teacher: str, ckpt: Any) -> dict[str, Any]:
 
     valid = f"valid: {TEACHER_DENSE!r} (the checkpoint's source model) or a model folder/ID with the same tokenizer"
     source = ckpt.manifest.get("source") or {}
-    revision = None
+    revision, subfolder = None, None
     if teacher == TEACHER_DENSE:
         model_id = source.get("model_id")
         if not model_id:
             raise HealError(f"--teacher {TEACHER_DENSE}: the checkpoint records no source model (manifest source.model_id); give --teacher PATH")
-        revision = source.get("revision")
+        revision, subfolder = source.get("revision"), source.get("subfolder") or None
     else:
         model_id = teacher
     local = Path(str(model_id)).expanduser()
@@ -551,16 +551,16 @@ def resolve_teacher(teacher: str, ckpt: Any) -> dict[str, Any]:
     except Exception as exc:
         raise HealError(f"--teacher {teacher}: {exc}") from None
     try:
-        kw = {"revision": revision} if revision else {}
+        kw = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
         tcfg = AutoConfig.from_pretrained(str(model_id), **kw)
     except Exception as exc:
         raise HealError(f"--teacher {teacher}: cannot load a model config from {model_id} ({type(exc).__name__}); {valid}") from None
     scfg = AutoConfig.from_pretrained(str(ckpt.path))
     if getattr(tcfg, "vocab_size", None) != getattr(scfg, "vocab_size", None):
         raise HealError(f"--teacher {teacher}: vocabulary of {getattr(tcfg, 'vocab_size', None)} tokens, the checkpoint's is {getattr(scfg, 'vocab_size', None)}; {valid}")
-    info = {"spec": teacher, "model_id": str(model_id), "revision": revision, "compressed": compressed, "weights_sha256": None}
-    if not compressed:
-        info["weights_sha256"] = _weights_digest(str(model_id), revision)
+    info = {"spec": teacher, "model_id": str(model_id), "subfolder": subfolder, "revision": revision, "compressed": compressed, "weights_sha256": None}
+    if not compressed:  # the files read: the subfolder's, as the source digest was taken
+        info["weights_sha256"] = _weights_digest(f"{str(model_id).rstrip('/')}/{subfolder.strip('/')}" if subfolder else str(model_id), revision)
         recorded = source.get("weights_sha256")
         # "dense" promises the model the factors were computed from, not whatever the path now holds.
         if teacher == TEACHER_DENSE and recorded and info["weights_sha256"] and recorded != info["weights_sha256"]:
@@ -587,7 +587,7 @@ def load_teacher(info: dict[str, Any], device: str | torch.device) -> nn.Module:
     if info["compressed"]:
         model = CompressedCheckpoint.open(info["model_id"]).load_model(dtype=torch.float32, device=device)
     else:
-        kw = {"revision": info["revision"]} if info.get("revision") else {}
+        kw = {k: info[k] for k in ("revision", "subfolder") if info.get(k)}
         model = AutoModelForCausalLM.from_pretrained(info["model_id"], dtype=torch.float32, **kw).to(device)
     model.eval()
     for p in model.parameters():

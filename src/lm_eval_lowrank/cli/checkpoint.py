@@ -80,25 +80,31 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
     if device:
         model.to(str(device))
-    tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **({"revision": str(revision)} if revision else {}))
+    # as HFLM builds it: the model's revision and subfolder, also for a tokenizer= given by name
+    tok_kw = {k: kw[k] for k in ("revision", "subfolder") if k in kw}
+    tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **tok_kw)
     first = shard is None or shard.rank == 0
     model_id = f"{str(pretrained).rstrip('/')}/{kw['subfolder'].strip('/')}" if "subfolder" in kw else str(pretrained)  # the files read
     report = compress_model(model, spec, tokenizer=tokenizer, model_id=model_id, progress=not quiet and first, shard=shard)
     try:
         if first:  # every process holds the same factors: the first one writes them
-            _save(model, config, tokenizer, report, str(pretrained), revision, out, overwrite)
+            _save(model, config, tokenizer, report, str(pretrained), kw.get("subfolder"), model_id, revision, out, overwrite)
     finally:  # the others wait for it, also when it fails
         _leave(shard)
 
 
-def _save(model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str, revision: Any, out: str, overwrite: bool) -> None:
+def _save(
+    model: Any, config: Any, tokenizer: Any, report: Any, pretrained: str, subfolder: str | None, files: str, revision: Any, out: str, overwrite: bool
+) -> None:
+    """``files``: the folder or id the weights were read from (``pretrained/subfolder`` under ``subfolder=``)."""
     from ..checkpoint import CheckpointError, CompressedCheckpoint, save_compressed
 
     source = {
         "model_id": pretrained,
+        **({"subfolder": subfolder} if subfolder else {}),
         "revision": str(revision) if revision else getattr(config, "_commit_hash", None),
         "dtype": str(model.dtype).replace("torch.", ""),
-        "weights_sha256": _source_digest(pretrained, model),
+        "weights_sha256": _source_digest(files, model),
     }
     try:
         path = save_compressed(model, out, report, tokenizer=tokenizer, source=source, overwrite=overwrite)
