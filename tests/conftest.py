@@ -109,6 +109,17 @@ metric_list:
 """
 
 
+def run_side_by_side(*commands: dict) -> list:
+    """``subprocess.run(**kw)`` for each of ``commands`` at once, results in order. The command-line tests spend
+    most of their time importing lm-eval, one core each: side by side they take the time of the slowest."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        runs = [pool.submit(subprocess.run, capture_output=True, text=True, **kw) for kw in commands]
+        return [r.result() for r in runs]
+
+
 def write_arc_task(directory, name):
     """A one-file ARC-Easy task over the shared data (the local task suite is tested on its own)."""
     from lm_eval_lowrank.tasks import data_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_llama, write_arc_task
+from conftest import run_side_by_side, save_tiny_llama, write_arc_task
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -72,31 +72,27 @@ def _results(out_dir: Path) -> dict:
     return json.loads(files[-1].read_text())
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        [str(BIN / "lm_eval")],
-        [sys.executable, "-m", "lm_eval"],
-        [str(BIN / "lm-eval"), "run"],
-    ],
-    ids=["lm_eval", "python-m", "lm-eval-run"],
-)
-def test_cli_launchers_run_hf_tucker(launcher, tiny_model_dir, arc_task_dir, tmp_path):
-    if not Path(launcher[0]).exists() and launcher[0] != sys.executable:
-        pytest.skip(f"{launcher[0]} not installed")
-    out = tmp_path / "out"
-    args = launcher + [
-        "--model", "hf-tucker",
-        "--model_args", f"pretrained={tiny_model_dir},dtype=float32,rank=2,layers=2|5,tensors=q|gate",
-        "--tasks", "arc_tiny", "--include_path", str(arc_task_dir),
-        "--limit", "4", "--device", "cpu", "--batch_size", "4", "--output_path", str(out),
-    ]  # fmt: skip
-    r = _run(args, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = _results(out)
-    dec = res["config"]["lowrank"]["decomposition"]
-    assert dec["layers"] == [2, 5] and dec["tensors"] == ["q", "gate"]
-    assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.4.self_attn.q_proj", "model.layers.4.mlp.gate_proj"]
+def test_cli_launchers_run_hf_tucker(tiny_model_dir, arc_task_dir, tmp_path):
+    """``lm_eval``, ``python -m lm_eval`` and ``lm-eval run`` each find hf-tucker and decompose what was asked."""
+    launchers = {"lm_eval": [str(BIN / "lm_eval")], "python-m": [sys.executable, "-m", "lm_eval"], "lm-eval-run": [str(BIN / "lm-eval"), "run"]}
+    missing = [name for name, cmd in launchers.items() if cmd[0] != sys.executable and not Path(cmd[0]).exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed")
+
+    def args(name: str) -> list[str]:
+        return launchers[name] + [
+            "--model", "hf-tucker",
+            "--model_args", f"pretrained={tiny_model_dir},dtype=float32,rank=2,layers=2|5,tensors=q|gate",
+            "--tasks", "arc_tiny", "--include_path", str(arc_task_dir),
+            "--limit", "4", "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / name),
+        ]  # fmt: skip
+
+    runs = run_side_by_side(*({"args": args(name), "cwd": tmp_path, "env": ENV, "timeout": 600} for name in launchers))
+    for name, r in zip(launchers, runs):
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        dec = _results(tmp_path / name)["config"]["lowrank"]["decomposition"]
+        assert dec["layers"] == [2, 5] and dec["tensors"] == ["q", "gate"], name
+        assert dec["modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.4.self_attn.q_proj", "model.layers.4.mlp.gate_proj"], name
 
 
 def test_lm_eval_command_ends_a_bad_argument_with_one_line(tiny_model_dir, arc_task_dir, tmp_path):
@@ -107,23 +103,31 @@ def test_lm_eval_command_ends_a_bad_argument_with_one_line(tiny_model_dir, arc_t
     ]  # fmt: skip
     if not Path(args[0]).exists():
         pytest.skip("lm_eval not installed")
-    r = _run(args, cwd=tmp_path)
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] == "Error: layers='7' is invalid: layer 7 is past the end; this model has 6 decoder layers, valid 1..6"
-    # A Python script keeps its traceback: the hook is for the command only.
     script = f"from lm_eval_lowrank.harness import HFTuckerLM\nHFTuckerLM(pretrained={str(tiny_model_dir)!r}, rank=1, layers=7)\n"
-    r = _run([sys.executable, "-c", script], cwd=tmp_path)
-    assert r.returncode == 1 and "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr
-    # The traceback stays one variable away.
-    r = subprocess.run(args, cwd=tmp_path, env={**ENV, "LM_EVAL_LOWRANK_TRACEBACK": "1"}, capture_output=True, text=True, timeout=600)
-    assert "Traceback" in r.stderr and "SpecError: layers='7' is invalid" in r.stderr
     # device in model_args and no --device: lm_eval passes device='cuda:0' anyway (with hf a TypeError).
     dup = [a.replace(",layers=7", ",device=cpu") for a in args if a not in ("--device", "cpu")]
-    r = _run(dup, cwd=tmp_path)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # lm-eval's CLI types layers=0 as an int
+    zero = [a.replace(",layers=7", ",layers=0") for a in args]
+    common = {"cwd": tmp_path, "env": ENV, "timeout": 600}
+    bad, in_script, traced, twice, layer0 = run_side_by_side(
+        {"args": args, **common},
+        {"args": [sys.executable, "-c", script], **common},
+        {"args": args, **common, "env": {**ENV, "LM_EVAL_LOWRANK_TRACEBACK": "1"}},
+        {"args": dup, **common},
+        {"args": zero, **common},
+    )
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1] == "Error: layers='7' is invalid: layer 7 is past the end; this model has 6 decoder layers, valid 1..6"
+    # A Python script keeps its traceback: the hook is for the command only.
+    assert in_script.returncode == 1 and "Traceback" in in_script.stderr and "SpecError: layers='7' is invalid" in in_script.stderr
+    # The traceback stays one variable away.
+    assert "Traceback" in traced.stderr and "SpecError: layers='7' is invalid" in traced.stderr
+    assert twice.returncode == 1 and "Traceback" not in twice.stderr, twice.stderr[-3000:]
     expected = "Error: device is given twice, 'cpu' in model_args and 'cuda:0' as --device (lm_eval passes 'cuda:0' when --device is left out): give it once, as --device cpu"
-    assert r.stderr.strip().splitlines()[-1] == expected
+    assert twice.stderr.strip().splitlines()[-1] == expected
+    assert layer0.returncode == 1
+    assert layer0.stderr.strip().splitlines()[-1] == "Error: layers=0 is invalid: layer 0 is out of range; layers are 1-based (the first decoder layer is 1)"
 
 
 def test_an_argument_given_in_model_args_and_as_an_option_is_one_when_they_agree(monkeypatch, tiny_model_dir):
@@ -249,13 +253,6 @@ def test_offloaded_or_tensor_parallel_weights_are_refused_with_the_way_round(tin
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", parallelize=True, device_map=device_map, offload_folder=str(tmp_path), rank=1, layers=3, tensors="q")
     with pytest.raises(SpecError, match=r"^tp_plan='auto' shards every weight over the processes"):
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", tp_plan="auto", rank=1)
-
-
-def test_cli_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
-    r = _run([str(BIN / "lm_eval"), "--model", "hf-tucker", "--model_args", f"pretrained={tiny_model_dir},rank=1,layers=0", "--tasks", "arc_easy", "--device", "cpu"], cwd=tmp_path)
-    assert r.returncode != 0
-    # lm-eval's CLI types layers=0 as an int; our message is the last line of its traceback
-    assert r.stderr.strip().splitlines()[-1].endswith("layers=0 is invalid: layer 0 is out of range; layers are 1-based (the first decoder layer is 1)")
 
 
 def test_rank_collision_with_hflm_rank_and_passthrough(tiny_model_dir):
@@ -423,3 +420,90 @@ def test_two_runs_time_the_same_batches_so_compare_pairs_them(tiny_model_dir, ar
     got = latency_ratio(dense, low)
     assert isinstance(got, LatencyRatio) and got.calls == low["calls"] and got.lower <= got.ratio <= got.upper
     assert abs(got.ratio - low["total_seconds"] / dense["total_seconds"]) < 1e-5
+
+
+GEN_TASK_YAML = """task: gen_tiny
+dataset_path: json
+dataset_name: null
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answerKey}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_a_model_evaluated_twice_reports_each_evaluation_on_its_own(tiny_model_dir, arc_task_dir, tmp_path):
+    """lm-eval's simple_evaluate called twice on one loaded model: the second JSON held both evaluations' forwards
+    (its meter ran from the load). Generate calls are also identified by their inputs, so that two models'
+    runs pair even when they generate different lengths."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.tasks import data_dir
+
+    (tmp_path / "gen_tiny.yaml").write_text(GEN_TASK_YAML.format(data=data_dir() / "arc_easy" / "test.jsonl"))
+    tm = TaskManager(include_path=[str(arc_task_dir), str(tmp_path)])
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=2, max_length=128, measure_energy=False)
+    first = simple_evaluate(model=lm, tasks=["arc_tiny"], task_manager=tm, limit=3, bootstrap_iters=0)["config"]["lowrank"]
+    second = simple_evaluate(model=lm, tasks=["gen_tiny"], task_manager=tm, limit=2, bootstrap_iters=0)["config"]["lowrank"]
+    assert first["evaluation"] == 1 and set(first["latency"]["by_kind"]) == {"model_call"} and first["latency"]["calls"] == 6
+    lat = second["latency"]
+    assert second["evaluation"] == 2 and set(lat["by_kind"]) == {"generate"} and lat["calls"] == 1
+    assert lat["tokens"] == sum(lat["per_call_tokens"]) <= 2 * 4  # new tokens only: 2 documents, 4 at most each
+    assert lat["per_call_input_tokens"][0] > lat["per_call_tokens"][0]  # the prompts' tokens identify the batch
+    assert first["latency"]["per_call_input_tokens"] == first["latency"]["per_call_tokens"]
+    assert lm.get_model_info()["lowrank"]["evaluation"] == 2  # reporting again starts nothing new
+
+
+def test_the_load_peak_is_the_loads_own_not_an_earlier_evaluations(tiny_model_dir, monkeypatch):
+    """decomposition.load_peak_memory_bytes read CUDA's peak since the last reset: a second model loaded in one
+    process reported the first model's evaluation peak as its load peak. Fake allocator counters, torch's
+    semantics (the peak since the last reset)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+
+    mib = 1 << 20
+    state = {"now": 0, "peak": 0, "loaded": False}
+
+    def allocate(n):
+        state["now"] += n
+        state["peak"] = max(state["peak"], state["now"])
+
+    def reset(i=None):
+        state["peak"] = state["now"]
+
+    real_init = HFLM.__init__
+
+    def init_on_fake_gpu(self, *a, **k):
+        state["loaded"] = False
+        real_init(self, *a, **{**k, "device": "cpu"})
+        state["loaded"] = True
+        allocate(500 * mib)  # the weights
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: state["loaded"])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(HFLM, "__init__", init_on_fake_gpu)
+    monkeypatch.setattr(HFTuckerLM, "device", property(lambda self: torch.device("cuda:0") if state["loaded"] else self._device))
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), measure_energy=False, device="cuda:0")
+    assert lm._lowrank_report["load_peak_memory_bytes"] == 500 * mib
+    allocate(4000 * mib)  # its evaluation
+    state["now"] -= 4500 * mib  # then it is freed
+    del lm
+    lm = HFTuckerLM(pretrained=str(tiny_model_dir), measure_energy=False, device="cuda:0")
+    assert lm._lowrank_report["load_peak_memory_bytes"] == 500 * mib

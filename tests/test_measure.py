@@ -582,3 +582,53 @@ def test_excluded_batch_size_probes_leave_out_their_energy_and_memory_peak(monke
     energy.close()
     assert e["per_gpu"]["GPU-a"]["joules"] == pytest.approx(35.0)
     assert meter.peak_memory()["bytes"] == 100  # the peak before the probe, not the probe's
+
+
+def test_an_energy_sampler_stops_when_its_meter_is_dropped(tmp_path, monkeypatch):
+    """Each meter's sampler thread polled for the life of the process: in-process sweeps piled them up."""
+    import gc
+    import threading
+    import time
+
+    from lm_eval_lowrank import measure
+
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+    (zone / "energy_uj").write_text("0\n")
+    monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)
+    monkeypatch.setattr(measure, "RAPL_POLL_SECONDS", 0.02)
+    before = threading.active_count()
+    for _ in range(3):
+        meter = measure.Meter.create("cpu", idle_seconds=0)
+        with meter.measure("model_call", tokens=1):
+            pass
+        assert meter.summary()["energy"]["available"] and threading.active_count() > before
+        del meter
+        gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == before
+
+
+def test_generate_calls_pair_by_their_inputs_and_say_when_lengths_differ():
+    """A generate call's tokens are the new tokens, which differ between two models: pairing on them refused two
+    runs of one generation task with 'the runs timed different batches'."""
+    from lm_eval_lowrank.latency_stats import LatencyRatio, latency_ratio
+
+    inputs = [40, 36, 30, 48, 44, 40, 38, 32, 30, 28]
+    dense = {"per_call_seconds": [1.0] * 10, "per_call_tokens": [8] * 10, "per_call_input_tokens": inputs}
+    low = {"per_call_seconds": [0.9] * 10, "per_call_tokens": [8, 2, 8, 8, 5, 8, 8, 8, 8, 8], "per_call_input_tokens": inputs}
+    got = latency_ratio(dense, low)
+    assert isinstance(got, LatencyRatio) and got.ratio == pytest.approx(0.9) and got.same_output is False
+    assert latency_ratio(dense, {**low, "per_call_tokens": [8] * 10}).same_output is True
+    from lm_eval_lowrank.compare import _latency_ratio_cell
+
+    cell = _latency_ratio_cell({"latency": dense}, {"latency": low}, 0.95)
+    assert cell.startswith("0.900 [") and cell.endswith("(paired, 10 batches; the generated lengths differ, so this is the time to answer the same prompts)")
+    other = {**low, "per_call_input_tokens": inputs[::-1]}
+    assert latency_ratio(dense, other).startswith("the runs timed different batches")
+    old = {k: v for k, v in low.items() if k != "per_call_input_tokens"}  # written before inputs were recorded
+    assert latency_ratio(dense, old).startswith("the runs timed different batches")

@@ -201,7 +201,8 @@ def _latency_ratio_cell(reference: dict[str, Any], low: dict[str, Any], confiden
     got = latency_ratio(reference.get("latency") or {}, low.get("latency") or {}, confidence)
     if isinstance(got, str):
         return f"n/a: {got}"
-    return f"{got.ratio:.3f} [{got.lower:.3f}, {got.upper:.3f}] (paired, {got.calls} batches)"
+    lengths = "" if got.same_output else "; the generated lengths differ, so this is the time to answer the same prompts"
+    return f"{got.ratio:.3f} [{got.lower:.3f}, {got.upper:.3f}] (paired, {got.calls} batches{lengths})"
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

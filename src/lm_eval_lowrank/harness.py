@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -154,6 +155,14 @@ def _print_user_errors_in_one_line() -> None:
 _COMMAND_DEFAULTS = {"device": "cuda:0", "batch_size": 1}
 
 
+def _close_meters(meters: list[Meter]) -> None:
+    """Stop the energy samplers of ``meters`` (a thread each, which would otherwise poll for the process's life)."""
+    for meter in meters:
+        if meter.energy is not None:
+            meter.energy.close()
+    meters.clear()
+
+
 @register_model("hf-tucker")
 class HFTuckerLM(HFLM):
     """HFLM whose chosen linears are decomposed to low rank as the model loads."""
@@ -229,6 +238,10 @@ class HFTuckerLM(HFLM):
         self.decomposition_spec = spec
         self._lowrank_report: dict[str, Any] | None = None
         self._measurements: dict[str, Any] | None = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the load peak below is this load's, not an earlier model's evaluation in this process
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
         load_start = time.perf_counter()
         self._checkpoint = checkpoint
         if checkpoint is not None:
@@ -265,9 +278,33 @@ class HFTuckerLM(HFLM):
         if (path := experts_forward_path(self._model)) is not None:  # checks the grouped forward before any is timed
             self._lowrank_report["experts_forward"] = path
         self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
-        self._meter = Meter.create(self.device, measure_energy=measure_energy, idle_seconds=energy_idle_seconds, model_devices=model_devices)
+        self._meter_args = {"measure_energy": measure_energy, "idle_seconds": energy_idle_seconds, "model_devices": model_devices}
+        self._evaluation = 0  # the evaluation the meter measures; one more after each report (get_model_info)
+        self._reported = False
+        self._meters: list[Meter] = []  # the live meter, for the finalizer to stop its energy sampler
+        weakref.finalize(self, _close_meters, self._meters)
+        self._start_meter()
+
+    def _start_meter(self) -> None:
+        _close_meters(self._meters)
+        self._meter = Meter.create(self.device, **self._meter_args)
+        self._meters[:] = [self._meter]
+        self._evaluation += 1
+        self._reported = False
+        self._measurements = None
         if self._meter.energy is not None and self._meter.energy.available:
             self._meter.energy.measure_idle()
+
+    def _begin_requests(self) -> None:
+        """A model evaluated again after its figures were reported (lm-eval's simple_evaluate called twice on one
+        loaded model): the next JSON holds that evaluation's figures, not the sum since the load."""
+        reported = self._reported
+        if self.world_size > 1:  # only process 0 reports: every process follows it
+            flag = [reported]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            reported = bool(flag[0])
+        if reported:
+            self._start_meter()
 
     def _create_model(
         self,
@@ -304,11 +341,11 @@ class HFTuckerLM(HFLM):
 
     # -- measured calls ---------------------------------------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        with self._meter.measure("model_call", tokens=int(inps.numel())):
+        with self._meter.measure("model_call", tokens=int(inps.numel()), input_tokens=int(inps.numel())):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
-        with self._meter.measure("generate", tokens=0) as rec:
+        with self._meter.measure("generate", tokens=0, input_tokens=int(context.numel())) as rec:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             rec.tokens = int((out.shape[1] - context.shape[1]) * out.shape[0])  # new tokens only
         return out
@@ -319,16 +356,19 @@ class HFTuckerLM(HFLM):
 
     # -- sync points: every process reaches these together ---------------------------
     def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._begin_requests()
         out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         self._sync_measurements()
         return out
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._begin_requests()
         out = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         self._sync_measurements()
         return out
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+        self._begin_requests()
         out = super().generate_until(requests, disable_tqdm=disable_tqdm)
         self._sync_measurements()
         return out
@@ -354,6 +394,7 @@ class HFTuckerLM(HFLM):
         return {
             "schema_version": SCHEMA_VERSION,
             "decomposition": self._lowrank_report,
+            "evaluation": self._evaluation,  # 1 for the first evaluation since the load; its own figures each
             **measurements,
             "versions": versions(),
         }
@@ -361,4 +402,5 @@ class HFTuckerLM(HFLM):
     def get_model_info(self) -> dict[str, Any]:
         info = super().get_model_info()
         info[RESULTS_KEY] = self.lowrank_info()
+        self._reported = True
         return info

@@ -52,6 +52,7 @@ class LatencyRatio:
     upper: float
     calls: int
     blocks: int
+    same_output: bool = True  # False: generate calls made different numbers of new tokens (the ratio includes that)
 
 
 MIN_LATENCY_BLOCKS = 3
@@ -60,8 +61,10 @@ MIN_LATENCY_BLOCKS = 3
 def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confidence: float = 0.95) -> LatencyRatio | str:
     """The paired latency ratio of two runs' ``latency`` blocks, or why there is none.
 
-    The runs must have timed the same batches (the same token counts, call by call: lm-eval orders its requests
-    deterministically, so the same tasks, limit and a fixed batch size give them). The ratio R = Σ run / Σ reference
+    The runs must have timed the same batches (the same input token counts, call by call: lm-eval orders its
+    requests deterministically, so the same tasks, limit and a fixed batch size give them). Generate calls may
+    still make different numbers of new tokens: the ratio is then the time to answer the same prompts, and
+    ``same_output`` is False. The ratio R = Σ run / Σ reference
     is a ratio estimator; its standard error comes from the residuals C_b - R·D_b of max(3, n^⅓) contiguous blocks
     of calls (batch means), and the interval uses Student's t with blocks - 1 degrees of freedom. Few long blocks,
     because slow stretches of a shared machine last many calls: with calls taken as independent, a 95 % interval
@@ -72,9 +75,12 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     d, c = reference.get("per_call_seconds"), run.get("per_call_seconds")
     if d is None or c is None:
         return "no per-call timings in a run (written before they were recorded, or not an hf-tucker run)"
+    # Batches are identified by their inputs; runs written before those were recorded, by the tokens served.
+    key = "per_call_input_tokens" if "per_call_input_tokens" in reference and "per_call_input_tokens" in run else "per_call_tokens"
     # Token counts absent from both runs compare equal (None == None): the call counts must still agree.
-    if len(d) != len(c) or reference.get("per_call_tokens") != run.get("per_call_tokens"):
+    if len(d) != len(c) or reference.get(key) != run.get(key):
         return f"the runs timed different batches ({len(d)} and {len(c)} calls): use the same tasks, limit and a fixed batch_size"
+    same_output = reference.get("per_call_tokens") == run.get("per_call_tokens")
     n = len(d)
     if n < MIN_LATENCY_BLOCKS**2:
         return f"{n} timed batches are too few (need {MIN_LATENCY_BLOCKS ** 2})"
@@ -90,4 +96,4 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     stderr = math.sqrt(blocks / (blocks - 1) * residual_ss) / total_d
     half = t_quantile(confidence, blocks - 1) * stderr
     # a ratio of times is >= 0: a symmetric interval crosses zero only under noise larger than the ratio itself
-    return LatencyRatio(ratio, max(0.0, ratio - half), ratio + half, n, blocks)
+    return LatencyRatio(ratio, max(0.0, ratio - half), ratio + half, n, blocks, same_output)

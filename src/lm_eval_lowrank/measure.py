@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -361,23 +362,23 @@ class EnergyMeter:
         sampled = any(not g.has_counter for g in self.sources)
         if sampled or any(not g.instant_power for g in self.sources):
             interval = self.sample_interval if sampled else RAPL_POLL_SECONDS
-            self._sampler = threading.Thread(target=self._sample_loop, args=(interval,), daemon=True)
+            # the thread holds the meter weakly: a meter no one holds any more stops its sampler
+            self._sampler = threading.Thread(target=_sample_loop, args=(weakref.ref(self), self._stop, interval), daemon=True)
             self._sampler.start()
 
-    def _sample_loop(self, interval: float) -> None:
+    def _sample(self) -> None:
         """Integrates power where there is no counter, and reads RAPL counters often enough to see every wrap."""
-        while not self._stop.wait(interval):
-            with self._sample_lock:
-                now = time.perf_counter()
-                for g in self.sources:
-                    try:
-                        if not g.has_counter:
-                            self._sampled_j[g.uuid] += g.power_w() * (now - self._sampled_at)
-                        elif not g.instant_power:
-                            g.energy_j()
-                    except Exception:
-                        pass
-                self._sampled_at = now
+        with self._sample_lock:
+            now = time.perf_counter()
+            for g in self.sources:
+                try:
+                    if not g.has_counter:
+                        self._sampled_j[g.uuid] += g.power_w() * (now - self._sampled_at)
+                    elif not g.instant_power:
+                        g.energy_j()
+                except Exception:
+                    pass
+            self._sampled_at = now
 
     def _since_start(self, where: str) -> tuple[float, dict[str, float]] | None:
         """(seconds, joules per counter) since ``start``, or None when a counter failed (energy then unavailable)."""
@@ -444,6 +445,15 @@ class EnergyMeter:
         self._stop.set()
 
 
+def _sample_loop(meter_ref: weakref.ref, stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        meter = meter_ref()
+        if meter is None:
+            return
+        meter._sample()
+        del meter  # not held while waiting
+
+
 def energy_readiness(device: torch.device | str) -> dict[str, Any]:
     """What energy a model on ``device`` would be measured with, found without measuring anything."""
     meter = EnergyMeter(idle_seconds=0, device=device)
@@ -472,7 +482,8 @@ def _energy_parts(e: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
 @dataclass
 class CallRecord:
     kind: str  # "model_call" | "generate"
-    tokens: int
+    tokens: int  # the tokens it served: the batch's (padded) tokens, or the new tokens of a generate call
+    input_tokens: int | None = None  # the batch it was given: what identifies it across two runs
     seconds: float | None = None
     _events: tuple[Any, Any] | None = None
 
@@ -549,8 +560,8 @@ class Meter:
         return self.cuda_devices or list(range(torch.cuda.device_count()))
 
     @contextmanager
-    def measure(self, kind: str, tokens: int):
-        rec = CallRecord(kind, tokens)  # yielded, so a caller can set tokens known only afterwards
+    def measure(self, kind: str, tokens: int, input_tokens: int | None = None):
+        rec = CallRecord(kind, tokens, input_tokens)  # yielded, so a caller can set tokens known only afterwards
         if self._excluding:
             self.excluded_calls += 1
             yield rec
@@ -627,6 +638,7 @@ class Meter:
                 # In call order, so that two runs over the same batches can be compared call by call.
                 "per_call_seconds": seconds,
                 "per_call_tokens": [rec.tokens for rec in self.records],
+                "per_call_input_tokens": [rec.input_tokens for rec in self.records],
             },
             "energy": energy,
             "memory": self.peak_memory(),
@@ -675,6 +687,8 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     if all("per_call_seconds" in s["latency"] for s in summaries):  # process by process, in rank order
         lat["per_call_seconds"] = [t for s in summaries for t in s["latency"]["per_call_seconds"]]
         lat["per_call_tokens"] = [n for s in summaries for n in s["latency"]["per_call_tokens"]]
+        if all("per_call_input_tokens" in s["latency"] for s in summaries):
+            lat["per_call_input_tokens"] = [n for s in summaries for n in s["latency"]["per_call_input_tokens"]]
         lat["seconds_per_batch_percentiles"] = percentiles(lat["per_call_seconds"])
     # Processes run in parallel: throughput is tokens over the slowest process's busy time.
     slowest = max(s["latency"]["total_seconds"] for s in summaries)
