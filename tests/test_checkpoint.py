@@ -866,3 +866,128 @@ def test_decompose_with_a_subfolder_ships_its_tokenizer_and_records_it_as_the_so
     info = resolve_teacher("dense", CompressedCheckpoint.open(out))
     assert info["subfolder"] == "sub" and info["weights_sha256"] == source["weights_sha256"]
     assert load_teacher(info, "cpu").config.hidden_size == load_dense(root / "sub").config.hidden_size != 32
+
+
+def _damage_cache_report(entry: Path) -> None:
+    """One byte of the stored report (inside the safetensors header's metadata) changed; the tensors intact."""
+    data = bytearray(entry.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    i = data[8 : 8 + n].decode().index('\\"solvers\\"')
+    data[8 + i + len('\\"solvers\\"')] = ord("#")  # the colon after the key: the header stays JSON, the report not
+    entry.write_bytes(bytes(data))
+
+
+def test_a_cache_entry_with_a_damaged_report_is_recomputed_and_the_model_left_whole(tiny_dir):
+    """The entry's sha256 covered the tensors only: a damaged report crashed the run (JSONDecodeError) after every
+    module had been swapped for the cached factors."""
+    from lm_eval_lowrank.api import compress_model
+
+    model = load_dense(tiny_dir)
+    first = compress_model(model, SPEC, model_id=str(tiny_dir), progress=False)
+    expected = logits(model)
+    _damage_cache_report(Path(first.cache["path"]))
+    again = load_dense(tiny_dir)
+    with pytest.warns(UserWarning, match="its report's sha256 does not match: the file is corrupted\\); recomputing it"):
+        report = compress_model(again, SPEC, model_id=str(tiny_dir), progress=False)
+    assert not report.cache["hit"] and torch.equal(logits(again), expected)
+
+
+def test_an_unusable_cache_folder_turns_the_cache_off_with_a_warning(tiny_dir, tmp_path, monkeypatch):
+    """A cache root that cannot be created (a read-only home, a file in the way) raised a raw OSError after the
+    weights had loaded; the caches are an optimisation, so the run goes on without them."""
+    from lm_eval_lowrank.api import compress_model
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LM_EVAL_LOWRANK_CACHE", str(tmp_path / "afile" / "cache"))
+    model = load_dense(tiny_dir)
+    with pytest.warns(UserWarning, match=r"the cache folder cannot be used \(.*Not a directory.*\); running without the decomp cache"):
+        report = compress_model(model, SPEC, model_id=str(tiny_dir), progress=False)
+    assert report.cache == {"enabled": False, "hit": False, "key": None, "path": None, "reason": "the cache folder cannot be used"}
+    assert len(report.plan.targets) == 14
+
+
+def test_a_saved_checkpoint_is_as_readable_as_the_umask_allows(tiny_dir, tmp_path):
+    """mkstemp/mkdtemp made the folder 0700 and the weights and manifest 0600: a shared checkpoint could not be
+    read by anyone else, while config.json beside them was 0644."""
+    import os
+    import stat
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import save_compressed
+
+    model = load_dense(tiny_dir)
+    report = compress_model(model, {**SPEC, "cache": False}, progress=False)
+    old = os.umask(0o022)
+    try:
+        out = save_compressed(model, tmp_path / "shared", report)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["lowrank_model.safetensors"] == modes["lowrank_manifest.json"] == modes["config.json"] == 0o644
+
+
+@pytest.mark.parametrize(
+    "field,edit,says",
+    [
+        ("format_version", lambda m: m.update(format_version="2.0"), "has format_version '2.0', not a whole number >= 1"),
+        ("format_version", lambda m: m.update(format_version=None), "has format_version None, not a whole number >= 1"),
+        ("rank", lambda m: next(iter(m["modules"].values())).update(rank="4x"), "].rank is '4x', not a whole number >= 1"),
+        ("in_features", lambda m: next(iter(m["modules"].values())).pop("in_features"), "].in_features is None, not a whole number >= 1"),
+        ("layout", lambda m: next(iter(m["modules"].values())).update(layout="bogus"), "].layout is 'bogus', valid folded, tucker"),
+        ("weights", lambda m: m["weights"].update({"lowrank_model.safetensors": "x"}), "weights['lowrank_model.safetensors'] is not an object"),
+        ("tied", lambda m: m.update(tied=["a"]), "'tied' is not an object"),
+    ],
+)
+def test_an_edited_manifest_is_a_one_line_checkpoint_error(field, edit, says, tiny_dir, tmp_path):
+    """ValueError, TypeError, KeyError or AttributeError tracebacks, where load_compressed promises CheckpointError
+    (which hf-tucker prints as one line)."""
+    import json
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import CheckpointError, load_compressed, save_compressed
+
+    model = load_dense(tiny_dir)
+    out = save_compressed(model, tmp_path / "c", compress_model(model, {**SPEC, "cache": False}, progress=False))
+    manifest = json.loads((out / "lowrank_manifest.json").read_text())
+    edit(manifest)
+    (out / "lowrank_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as err:
+        load_compressed(out)
+    assert says in str(err.value) and "\n" not in str(err.value) and str(err.value).endswith("the checkpoint is damaged")
+
+
+def test_a_checkpoint_loaded_in_bf16_keeps_the_modules_transformers_keeps_in_fp32(tmp_path):
+    """DeepSeek-V3 keeps its router's e_score_correction_bias in fp32 under dtype=bfloat16
+    (_keep_in_fp32_modules_strict); load_compressed(dtype=bfloat16) cast it, so the checkpoint routed tokens
+    otherwise than the decompose-on-load run it was saved from."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from lm_eval_lowrank.api import compress_model
+    from lm_eval_lowrank.checkpoint import load_compressed, save_compressed
+
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # router scores all alike, so the bias, 1.000 .. 1.007, picks the experts (a bf16 step is 0.0078)
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.weight.zero_()
+                mod.e_score_correction_bias.copy_(1.0 + 0.001 * torch.arange(mod.e_score_correction_bias.numel()))
+    model.save_pretrained(tmp_path / "src")
+
+    def router_bias_dtypes(m):
+        return {t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()] if "e_score_correction_bias" in n}
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    assert router_bias_dtypes(dense) == {torch.float32}
+    report = compress_model(dense, {"rank": 4, "layers": "1", "tensors": "q_proj|o_proj", "cache": False}, progress=False)
+    out = save_compressed(dense, tmp_path / "c", report)
+    loaded = load_compressed(out, dtype="bfloat16", device="cpu")
+    assert router_bias_dtypes(loaded) == {torch.float32}
+    assert torch.equal(logits(loaded), logits(dense))

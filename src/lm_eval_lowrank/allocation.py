@@ -864,9 +864,10 @@ def allocate_measured(
     options = layer_options(cands, sensitivity_keeps(spec.budget), multiple, layout)
     cache_dir = None
     if getattr(stats_provider, "cache_dir", None) is not None and getattr(stats_provider, "model_key", None):  # cache=true
-        from .assets import cache_root
+        from .assets import usable_cache_dir
 
-        cache_dir = cache_root() / "sensitivity" / stats_provider.model_key
+        root = usable_cache_dir("sensitivity")
+        cache_dir = None if root is None else root / stats_provider.model_key
     gradients = getattr(stats_provider, "fisher", None)  # the gradient pass of fwsvd and fwhiten
     table = measure_sensitivity(
         spec, model, adapter, options, stats_provider.input_ids, layout, batch_size=spec.calib_batch, cache_dir=cache_dir,

@@ -126,6 +126,7 @@ def compress_model(
         from .allocation import allocate_ranks
 
         ranks = allocate_ranks(spec, model, adapter=adapter, stats_provider=stats_provider, tokenizer=tokenizer)
+    from .assets import usable_cache_dir
     from .checkpoint import DecompositionCache, cache_info_disabled
 
     cache = None
@@ -133,8 +134,10 @@ def compress_model(
         disabled = cache_info_disabled("cache=false")
     elif model_id is None:
         disabled = cache_info_disabled("no model id (a model object was passed)")
+    elif (root := usable_cache_dir("decomp")) is None:
+        disabled = cache_info_disabled("the cache folder cannot be used")
     else:
-        cache = DecompositionCache.for_model(model, model_id)
+        cache = DecompositionCache.for_model(model, model_id, root)
         disabled = None if cache is not None else cache_info_disabled("source files not found locally")
     calibration = None
     if cache is not None and stats_provider is not None and needs_calibration(spec.method):

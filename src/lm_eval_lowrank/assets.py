@@ -30,6 +30,20 @@ def cache_root() -> Path:
     return root
 
 
+def usable_cache_dir(name: str) -> Path | None:
+    """``cache_root()/name``, created; None, with a warning, where it cannot be (a read-only home, a file in the
+    way): the caches are an optimisation, and a run goes on without them."""
+    import warnings
+
+    try:
+        path = cache_root() / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as exc:
+        warnings.warn(f"the cache folder cannot be used ({exc}); running without the {name} cache", stacklevel=2)
+        return None
+
+
 class AssetError(RuntimeError):
     """The default model could not be fetched (no network, no package index): a one-line message."""
 

@@ -2219,7 +2219,7 @@ def build_stats_provider(
     """Sample the calibration tokens of ``spec.calib`` (after the no-leak check) and wrap them. With ``shard``
     (data-parallel processes holding the same model) each process runs its share of the batches."""
     from .architectures import adapter_for_model
-    from .assets import cache_root
+    from .assets import usable_cache_dir
     from .methods import uses_reference
 
     if tokenizer is None:
@@ -2233,7 +2233,7 @@ def build_stats_provider(
     ids, record = calibration_tokens(spec, tokenizer, root)
     record["leak_check"] = leak
     record["data_dir"] = str(root)
-    cache_dir = cache_root() / "calib" if spec.cache else None
+    cache_dir = usable_cache_dir("calib") if spec.cache else None
     key = model_fingerprint(model, model_id) if cache_dir is not None else None
     by_allocator = spec.budget is not None and spec.allocator in GRADIENT_ALLOCATORS  # allocator=fisher: any method
     gradients = spec.method in GRADIENT_METHODS or by_allocator

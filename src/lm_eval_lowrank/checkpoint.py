@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -46,7 +47,7 @@ import torch.nn as nn
 
 from . import __version__
 from .methods import ALGORITHM_VERSION
-from .modules import FACTOR_NAMES, LowRankExpertWeights, LowRankLinear, factor_shapes, install_expert_weights, is_experts_module
+from .modules import FACTOR_NAMES, LAYOUTS, LowRankExpertWeights, LowRankLinear, factor_shapes, install_expert_weights, is_experts_module
 from .spec import FACTOR_FIELDS as _FACTOR_FIELDS
 
 FORMAT = "lm-eval-lowrank/compressed"
@@ -74,10 +75,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(target: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     return Path(name)
+
+
+def _tmp_dir(target: Path) -> Path:
+    """A fresh folder beside ``target``, with the permissions a plain mkdir would give (mkdtemp's are 0700)."""
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(work, 0o777 & ~_umask())
+    return work
 
 
 @contextlib.contextmanager
@@ -89,6 +103,7 @@ def _atomic_target(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file (and safetensors' rewrite) is private: 0600
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -373,7 +388,7 @@ def save_compressed(
     tensors, aliases = _dedup_state(model)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    work = _tmp_dir(out)
     try:
         _save_tensors(tensors, work / WEIGHTS_NAME, metadata={"format": FORMAT})
         config = getattr(model, "config", None)
@@ -436,6 +451,29 @@ def save_compressed(
 # -- loading --------------------------------------------------------------------------------------
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_manifest_entries(manifest: Mapping[str, Any], mpath: Path) -> None:
+    """One-line errors for module and weight entries a reader would trip over (an edited or damaged manifest)."""
+    for path, info in manifest["modules"].items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{mpath}: modules[{path!r}] is not an object; the checkpoint is damaged")
+        for field in ("in_features", "out_features", "rank"):
+            if not _is_count(info.get(field)):
+                raise CheckpointError(f"{mpath}: modules[{path!r}].{field} is {info.get(field)!r}, not a whole number >= 1; the checkpoint is damaged")
+        if info.get("layout", "folded") not in LAYOUTS:
+            raise CheckpointError(f"{mpath}: modules[{path!r}].layout is {info.get('layout')!r}, valid {', '.join(LAYOUTS)}; the checkpoint is damaged")
+        if info.get("experts") not in (None, 0) and not _is_count(info.get("experts")):
+            raise CheckpointError(f"{mpath}: modules[{path!r}].experts is {info.get('experts')!r}, not a whole number; the checkpoint is damaged")
+    for name, info in manifest["weights"].items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{mpath}: weights[{name!r}] is not an object; the checkpoint is damaged")
+    if not isinstance(manifest.get("tied", {}), dict):
+        raise CheckpointError(f"{mpath}: 'tied' is not an object; the checkpoint is damaged")
+
+
 class CompressedCheckpoint:
     """A compressed checkpoint folder: its manifest, integrity checks and model loading."""
 
@@ -463,11 +501,15 @@ class CompressedCheckpoint:
             raise CheckpointError(f"{mpath} is unreadable or not valid JSON ({type(exc).__name__}); the checkpoint is damaged") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(f"{mpath} is not a {FORMAT} manifest")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{mpath} has format_version {manifest.get('format_version')}; this lm-eval-lowrank reads <= {FORMAT_VERSION}: upgrade the package")
+        version = manifest.get("format_version", 1)
+        if not _is_count(version):
+            raise CheckpointError(f"{mpath} has format_version {version!r}, not a whole number >= 1; the checkpoint is damaged")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{mpath} has format_version {version}; this lm-eval-lowrank reads <= {FORMAT_VERSION}: upgrade the package")
         for key in ("weights", "modules", "decomposition"):
             if not isinstance(manifest.get(key), dict):
                 raise CheckpointError(f"{mpath} lacks the {key!r} block; the checkpoint is damaged")
+        _check_manifest_entries(manifest, mpath)
         return cls(p, manifest)
 
     # -- integrity -------------------------------------------------------------------------
@@ -549,13 +591,14 @@ class CompressedCheckpoint:
         if placement is not None and "disk" in placement.values() and offload_folder is None:
             raise CheckpointError("offload_folder is required: the device map puts some modules on disk")
         state: dict[str, torch.Tensor] = {}
+        fp32 = _kept_in_fp32(model, target_dtype)
         for name in self.manifest["weights"]:
             if placement is None:
                 state.update(load_file(str(self.path / name), device="cpu" if device.type == "cpu" else str(device)))  # refuses "cpu:0"
             else:
-                state.update(_read_placed(self.path / name, placement, target_dtype))
+                state.update(_read_placed(self.path / name, placement, target_dtype, fp32))
         if target_dtype is not None:
-            state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+            state = {k: (v.to(_load_dtype(k, target_dtype, fp32)) if v.is_floating_point() else v) for k, v in state.items()}
         result = model.load_state_dict(state, strict=False, assign=True)
         tied = self.manifest.get("tied") or {}
         missing = [k for k in result.missing_keys if k not in tied]
@@ -657,8 +700,25 @@ def _placed_device(name: str, device_map: Mapping[str, Any]) -> torch.device:
     return torch.device("cpu" if where == "disk" else where)
 
 
-def _read_placed(path: Path, device_map: Mapping[str, Any], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, cast to ``dtype`` and read to its device under ``device_map``, one at a time."""
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> re.Pattern | None:
+    """The tensors ``from_pretrained(dtype=...)`` keeps in fp32 (a model's ``_keep_in_fp32_modules`` under fp16, its
+    ``_keep_in_fp32_modules_strict`` under fp16 and bf16, e.g. a router's correction bias), as one pattern searched
+    in each tensor name, as transformers matches them; None when nothing is kept."""
+    names: set[str] = set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        names |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return re.compile("|".join(n.replace("*", ".*") for n in sorted(names))) if names else None
+
+
+def _load_dtype(name: str, dtype: torch.dtype, fp32: re.Pattern | None) -> torch.dtype:
+    return torch.float32 if fp32 is not None and fp32.search(name) else dtype
+
+
+def _read_placed(path: Path, device_map: Mapping[str, Any], dtype: torch.dtype | None, fp32: re.Pattern | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, cast to ``dtype`` (fp32 where ``fp32`` matches its name) and read to its
+    device under ``device_map``, one at a time."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
@@ -666,7 +726,7 @@ def _read_placed(path: Path, device_map: Mapping[str, Any], dtype: torch.dtype |
         for name in f.keys():
             t = f.get_tensor(name)
             if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
+                t = t.to(_load_dtype(name, dtype, fp32))
             out[name] = t.to(_placed_device(name, device_map))
     return out
 
@@ -855,7 +915,7 @@ class DecompositionCache:
         if not path.is_file():
             return None
         try:
-            tensors, meta = self._read_entry(path, key, plan)
+            tensors, stored = self._read_entry(path, key, plan)
         except CheckpointError as exc:
             warnings.warn(f"decomposition cache entry {path} is unusable ({exc}); recomputing it", stacklevel=2)
             return None
@@ -891,7 +951,6 @@ class DecompositionCache:
             setattr(modules[parent_path] if parent_path else model, leaf, new)
             del old, w
         # Decoder projections are never tied, so the count follows without another walk.
-        stored = json.loads(meta.get("report", "{}"))
         report = DecompositionReport(spec, plan, params_before, params_before - removed + added, time.perf_counter() - start, stored.get("solvers") or {})
         report.calibration = stored.get("calibration")
         report.sv_error_bound, report.sv_error_bound_modules = stored.get("sv_error_bound"), int(stored.get("sv_error_bound_modules") or 0)
@@ -899,7 +958,8 @@ class DecompositionCache:
         self._pending.pop(id(model), None)
         return report
 
-    def _read_entry(self, path: Path, key: str, plan: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _read_entry(self, path: Path, key: str, plan: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(the factors, the stored report), everything checked before any module is replaced."""
         try:
             tensors, meta = _map_safetensors(path)
         except Exception as exc:
@@ -908,12 +968,22 @@ class DecompositionCache:
             raise CheckpointError("its key does not match its file name")
         if not self._verified(path, meta.get("sha256"), tensors):
             raise CheckpointError("sha256 mismatch: the file is corrupted")
+        text = meta.get("report", "{}")
+        digest = meta.get("report_sha256")  # entries written before it was kept have none
+        if digest is not None and hashlib.sha256(text.encode("utf-8")).hexdigest() != digest:
+            raise CheckpointError("its report's sha256 does not match: the file is corrupted")
+        try:
+            stored = json.loads(text)
+        except ValueError:
+            raise CheckpointError("its report is not valid JSON: the file is corrupted") from None
+        if not isinstance(stored, dict):
+            raise CheckpointError("its report is not a JSON object: the file is corrupted")
         for t in plan.targets:
             info = {"rank": t.rank, "in_features": t.in_features, "out_features": t.out_features, "layout": plan.layout, "bias": f"{t.path}.bias" in tensors, "experts": t.experts}
             for name, shape in _expected_factor_shapes(t.path, info).items():
                 if name not in tensors or tuple(tensors[name].shape) != shape:
                     raise CheckpointError(f"{name} is missing or has the wrong shape")
-        return tensors, meta
+        return tensors, stored
 
     def _verified(self, path: Path, digest: str | None, tensors: Mapping[str, torch.Tensor]) -> bool:
         """Whether ``tensors`` match ``digest``; hashed once per file version, then memoised.
@@ -974,7 +1044,8 @@ class DecompositionCache:
                     tensors[f"{t.path}.{k}"] = p.detach().to("cpu").contiguous()
         rep = report.to_dict()
         rep.pop("cache", None)
-        meta = {"key": key, "sha256": _tensor_digest(tensors), "model_id": str(self.model_id), "report": json.dumps(rep, default=str)}
+        text = json.dumps(rep, default=str)
+        meta = {"key": key, "sha256": _tensor_digest(tensors), "model_id": str(self.model_id), "report": text, "report_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
         try:
             _save_tensors(tensors, path, metadata=meta)  # temp file + os.replace: last complete writer wins
         except OSError as exc:
