@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_llama
+from conftest import run_side_by_side, save_tiny_llama
 
 BIN = Path(sys.executable).parent
 # One thread per process: two processes share the machine's cores.
@@ -73,7 +72,7 @@ def tiny_checkpoint(tiny_with_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 # HFLM enables data parallelism only when it counts > 1 GPU; HFTuckerLM turns it on for CPU
 # processes too (_enable_cpu_data_parallel), which is what this checks. A compressed checkpoint
 # goes through HFLM's own set-up too (before, it was handed over built, and every process
@@ -96,19 +95,19 @@ def test_two_cpu_processes_match_one(load, tiny_with_tokenizer, request, tmp_pat
         "--batch_size", "4",
         "--device", "cpu",
     ]  # fmt: skip
-    one = subprocess.run(
-        [str(BIN / "lm_eval"), *common, "--output_path", str(tmp_path / "one")],
-        env=ENV, capture_output=True, text=True, timeout=240,
+    # The 1-process and the 2-process runs side by side: each process runs one torch thread.
+    one, two = run_side_by_side(
+        {"args": [str(BIN / "lm_eval"), *common, "--output_path", str(tmp_path / "one")], "env": ENV, "timeout": 300},
+        {
+            "args": [
+                str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                "-m", "lm_eval", *common, "--output_path", str(tmp_path / "two"),
+            ],
+            "env": ENV, "timeout": 300,
+        },
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            "-m", "lm_eval", *common, "--output_path", str(tmp_path / "two"),
-        ],
-        env=ENV, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
 
     r1, r2 = _results(tmp_path / "one"), _results(tmp_path / "two")
