@@ -202,6 +202,18 @@ def test_calculator_rejects_bad_specs(args: dict, match: str) -> None:
         ds.calculate(ds.load_config("llama-2-7b"), args)
 
 
+def test_calculator_refuses_a_budget_and_names_rank_choices() -> None:
+    """A budget's ranks come from allocating it over the weights: costed from the config alone its plan is empty, which
+    read as a 0 % reduction. And a bad rank axis is named as such, not as rank=."""
+    cfg = ds.load_config("smollm2-135m")
+    with pytest.raises(SpecError, match=r"^budget=0.5 is invalid here: the calculator needs explicit ranks \(rank=N"):
+        ds.calculate(cfg, {"budget": "0.5", "layers": "3|18", "tensors": "all"})
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(SpecError, match=rf"^rank_choices={bad!r} is invalid: expected an int >= 1"):
+            ds.calculate(cfg, {"rank": "1"}, rank_choices=bad)
+    assert ds.calculate(cfg, {"rank": "1"}, rank_choices=7).rank_choices == 7
+
+
 # -- generators ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [12, 24, 30, 32, 40, 80])
 def test_spread_sets_follow_the_pruning_rules(n: int) -> None:

@@ -347,6 +347,13 @@ def calculate(
         spec = DecompositionSpec.from_args(spec)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise SpecError(f"seq_len={seq_len!r} is invalid: expected an int >= 0")
+    if rank_choices is not None and (isinstance(rank_choices, bool) or not isinstance(rank_choices, int) or rank_choices < 1):
+        raise SpecError(f"rank_choices={rank_choices!r} is invalid: expected an int >= 1 (the size of the rank axis)")
+    if spec.budget is not None:  # the plan would hold no targets: a 0 % reduction that is no answer
+        raise SpecError(
+            f"budget={spec.budget:g} is invalid here: the calculator needs explicit ranks (rank=N, or per tensor like "
+            "rank=8|q:4); a budget's ranks come from allocating it over the weights, which the calculator does not load"
+        )
     adapter = config_adapter(config)
     with warnings.catch_warnings():
         # make_plan warns about ranks that save nothing; the report counts them instead.

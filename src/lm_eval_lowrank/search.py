@@ -202,6 +202,25 @@ def objective_value(row: Mapping[str, Any], objective: str) -> tuple[float, str]
     return float(lat) * float(energy) if lat is not None else math.inf, "latency*energy"  # type: ignore[arg-type]
 
 
+def _has_energy(row: Mapping[str, Any]) -> bool:
+    return bool(row.get("energy_available")) and row.get("joules_per_token") is not None
+
+
+def common_objective(rows: Iterable[tuple[str, Mapping[str, Any]]], objective: str) -> tuple[str, list[str]]:
+    """(the objective to score all these (name, row) pairs on, the names of the rows without an energy reading).
+
+    Rows compared with each other must be scored in one unit: an energy objective falls back to latency for all of
+    them when any one lacks energy, never for that row alone (its seconds would compete with the others' joules)."""
+    lacking = [name for name, row in rows if not _has_energy(row)]
+    if objective in ("energy", "latency*energy") and lacking:
+        return "latency", lacking
+    return objective, lacking
+
+
+class BaselineError(RuntimeError):
+    """The dense baseline could not be evaluated: nothing can be compared with it (one line)."""
+
+
 @dataclass
 class Evaluation:
     candidate: Candidate
@@ -214,17 +233,20 @@ class Evaluation:
 
 @dataclass
 class SearchResult:
-    best: Evaluation  # the dense baseline when no candidate is feasible
+    best: Evaluation  # the dense baseline when no candidate is feasible, or when it is cheaper than all that are
     dense: Evaluation
     final: list[Evaluation]  # every evaluation of the last rung (dense first)
     history: list[Evaluation] = field(default_factory=list)
-    objective_used: str = ""
+    objective_used: str = ""  # the one the last rung's rows were scored on
     notes: list[str] = field(default_factory=list)
-    # the chosen candidate's latency over dense's, paired call by call (or why there is none)
+    # the chosen candidate's latency over dense's, paired call by call (or why there is none); when dense is chosen
+    # over feasible candidates, the cheapest candidate's, to show by how much
     latency_vs_dense: LatencyRatio | str | None = None
     # feasible candidates whose latency is not distinguishably above the fastest's: (candidate, its ratio to it)
     latency_ties: list[tuple[Evaluation, LatencyRatio]] = field(default_factory=list)
-    fastest: Evaluation | None = None  # the feasible candidate with the lowest objective (best unless a tie-break)
+    # the lowest objective of dense and the feasible candidates (best unless a tie-break); None when none is feasible
+    fastest: Evaluation | None = None
+    cheapest_candidate: Evaluation | None = None  # the feasible candidate with the lowest objective
     latency_level: float = 0.95  # the level of the latency intervals
 
     @property
@@ -330,10 +352,10 @@ def search(
         raise SpecError("family_wise needs a confidence level: it spreads that level over each rung's candidates")
     z: float | None = None
     objective = parse_objective(objective)
-    if tolerance < 0:
-        raise SpecError(f"tolerance={tolerance} is invalid: expected a drop >= 0 (e.g. 0.03 for 3 points)")
-    if prune_margin is not None and prune_margin < 0:
-        raise SpecError(f"prune_margin={prune_margin:g} is invalid: expected >= 0")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise SpecError(f"tolerance={tolerance} is invalid: expected a finite drop >= 0 (e.g. 0.03 for 3 points)")
+    if prune_margin is not None and (not math.isfinite(prune_margin) or prune_margin < 0):
+        raise SpecError(f"prune_margin={prune_margin:g} is invalid: expected a finite margin >= 0")
     point_margin = 0.1 if prune_margin is None else prune_margin  # margin on the drop itself
     bound_margin = 0.0 if prune_margin is None else prune_margin  # margin on the lower bound (confidence)
     if not limits:
@@ -343,13 +365,14 @@ def search(
     sizes = [math.inf if n is None else n for n in limits]
     if any(b < a for a, b in zip(sizes, sizes[1:])):
         raise SpecError(f"limits={list(limits)!r} is invalid: give documents per rung in ascending order, screening first, e.g. 10,50")
-    if eta <= 1:
-        raise SpecError(f"eta={eta} is invalid: expected > 1")
+    if not math.isfinite(eta) or eta <= 1:
+        raise SpecError(f"eta={eta} is invalid: expected a finite number > 1")
     if aggregate not in ("mean", "max"):
         raise SpecError(f"aggregate={aggregate!r} is invalid: valid: mean, max")
     history: list[Evaluation] = []
     notes: list[str] = []
-    used: set[str] = set()
+    used = objective  # what the last rung scored its rows on
+    fallbacks: list[tuple[int | None, list[str], int]] = []  # (limit, rows without energy, rows compared) per rung
     alive = list({c.name: c for c in candidates}.values())  # names identify candidates
     last = len(limits) - 1
     final: list[Evaluation] = []
@@ -359,10 +382,9 @@ def search(
         pruned_names: set[str] = set()
         dense_row = dict(evaluate(dict(DENSE.spec), limit, phase=phase, label="dense"))
         if dense_row.get("status", "ok") != "ok":
-            raise RuntimeError(f"the dense baseline failed at limit={limit}: {dense_row.get('error')}")
-        dv, du = objective_value(dense_row, objective)
-        used.add(du)
-        dense_eval = Evaluation(DENSE, limit, dense_row, 0.0, dv, rung)
+            error = (str(dense_row.get("error") or "no error recorded").strip().splitlines() or [""])[0]
+            raise BaselineError(f"the dense baseline failed at limit={limit}, so no candidate can be compared with it: {error}")
+        dense_eval = Evaluation(DENSE, limit, dense_row, 0.0, objective_value(dense_row, objective)[0], rung)
         history.append(dense_eval)
         scored: list[Evaluation] = []
         level = confidence
@@ -377,8 +399,7 @@ def search(
                 log(f"  {cand.name}: failed ({row.get('error')}), dropped")
                 continue
             d = accuracy_drop(dense_row, row, aggregate)
-            v, u = objective_value(row, objective)
-            used.add(u)
+            v, u = objective_value(row, objective)  # this row's own; the rung's common objective may differ
             row["feasible"] = d <= tolerance + 1e-12
             prune = d > tolerance + point_margin
             if z is not None:
@@ -395,11 +416,20 @@ def search(
             scored.append(ev)
             history.append(ev)
             bounds_shown = f" (bounds {row['drop_lower']:+.3f} .. {row['drop_upper']:+.3f})" if "drop_upper" in row else ""
-            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f}{bounds_shown} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}")
+            unit = f" ({u}: no energy reading)" if u != objective else ""
+            log(f"  [{phase} limit={limit}] {cand.name}: drop={d:+.3f}{bounds_shown} reduction={100 * row.get('param_reduction', 0):.2f}% objective={v:.4g}{unit}")
             if rung != last and prune:
                 pruned_names.add(cand.name)
+        compared = [dense_eval, *scored]
+        used, lacking = common_objective(((e.candidate.name, e.row) for e in compared), objective)
+        if used != objective:  # one unit for every row this rung ranks
+            fallbacks.append((limit, lacking, len(compared)))
+            for e in compared:
+                e.objective = objective_value(e.row, used)[0]
+            if len(lacking) < len(compared):
+                log(f"rung {rung} (limit={limit}): no energy reading for {', '.join(lacking)}: every row of this rung is ranked on latency")
         if rung == last:
-            final = [dense_eval, *scored]
+            final = compared
             break
         kept = [e for e in scored if e.candidate.name not in pruned_names]
         kept.sort(key=lambda e: (0, e.objective, -e.row.get("param_reduction", 0)) if e.row["feasible"] else (1, e.drop, e.objective))
@@ -408,7 +438,7 @@ def search(
         if confidence is not None and aggregate == "max":
             rule += ", each task's at Bonferroni over the tasks"
         going = kept[:n_next]
-        tied = _tied_at_the_cut(going, kept[n_next:], confidence if confidence is not None else TIE_LEVEL) if used == {"latency"} else []
+        tied = _tied_at_the_cut(going, kept[n_next:], confidence if confidence is not None else TIE_LEVEL) if used == "latency" else []
         alive = [e.candidate for e in going + tied]
         log(f"rung {rung} (limit={limit}): {len(scored)} screened, {len(scored) - len(kept)} pruned ({rule}), {len(alive)} go on")
         if tied:
@@ -418,30 +448,49 @@ def search(
             final = [dense_eval]
             break
     assert dense_eval is not None
-    if objective in ("energy", "latency*energy") and "latency" in used:
-        reason = dense_eval.row.get("energy_reason") or "no energy counter"
-        notes.append(f"energy unavailable ({reason}): the objective falls back to latency (seconds per token)")
+    notes += _energy_notes(fallbacks, dense_eval.row)
     feasible = [e for e in final if not e.candidate.is_dense and e.row.get("feasible")]
     ties: list[tuple[Evaluation, LatencyRatio]] = []
     fastest: Evaluation | None = None
+    cheapest: Evaluation | None = None
     vs_dense: LatencyRatio | str | None = None
     level = confidence if confidence is not None else TIE_LEVEL
     if feasible:
-        best = fastest = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
-        if used == {"latency"}:
+        cheapest = min(feasible, key=lambda e: (e.objective, -e.row.get("param_reduction", 0)))
+        # the space holds the dense model too, and it always meets the tolerance: it wins when strictly cheaper
+        best = fastest = dense_eval if dense_eval.objective < cheapest.objective else cheapest
+        if used == "latency":
             ties, unpaired = latency_ties(fastest, feasible, level)
             if unpaired:
                 notes.append(f"latency ties not checked for {len(unpaired)} candidate(s): {unpaired[0]}")
             if tie_break == "params" and ties:
                 best = max([fastest, *(e for e, _ in ties)], key=lambda e: (e.row.get("param_reduction", 0), -e.objective))
         elif tie_break == "params":
-            notes.append(f"tie_break=params applies to the latency objective (per-call timings); the objective here is {'/'.join(sorted(used))}")
-        vs_dense = latency_ratio(_calls(dense_eval), _calls(best), level)
+            notes.append(f"tie_break=params applies to the latency objective (per-call timings); the objective here is {used}")
+        if best is dense_eval:
+            notes.append(
+                f"dense is cheaper than every feasible candidate ({used} {dense_eval.objective:.4g} against "
+                f"{cheapest.objective:.4g} for the cheapest, {cheapest.candidate.name}): keep the dense model"
+            )
+        vs_dense = latency_ratio(_calls(dense_eval), _calls(cheapest if best is dense_eval else best), level)
     else:
         best = dense_eval
         shown = f" with confidence {confidence:g} (paired upper bounds)" if confidence is not None else ""
         notes.append(f"no candidate stays within tolerance {tolerance:g}{shown}: keep the dense model")
     return SearchResult(
-        best=best, dense=dense_eval, final=final, history=history, objective_used="/".join(sorted(used)), notes=notes,
-        latency_vs_dense=vs_dense, latency_ties=ties, fastest=fastest, latency_level=level,
+        best=best, dense=dense_eval, final=final, history=history, objective_used=used, notes=notes,
+        latency_vs_dense=vs_dense, latency_ties=ties, fastest=fastest, cheapest_candidate=cheapest, latency_level=level,
     )
+
+
+def _energy_notes(fallbacks: Sequence[tuple[int | None, list[str], int]], dense_row: Mapping[str, Any]) -> list[str]:
+    """What the energy objective fell back on, per rung; one note as before when no row had a reading at all."""
+    if not fallbacks:
+        return []
+    reason = dense_row.get("energy_reason") or "no energy counter"
+    if all(len(lacking) == compared for _, lacking, compared in fallbacks):
+        return [f"energy unavailable ({reason}): the objective falls back to latency (seconds per token)"]
+    return [
+        f"energy unavailable at limit={limit} for {', '.join(lacking)}: the objective falls back to latency (seconds per token) for all {compared} rows compared there"
+        for limit, lacking, compared in fallbacks
+    ]

@@ -6,8 +6,9 @@ followed by ``fsync``, so a kill can at worst leave one torn last line, which
 well, and ``jq``/pandas read it directly.
 
 Every row carries ``key`` = hash of (model, spec, tasks, limit): the identity of one
-evaluation. A resumed sweep skips keys whose last row has ``status == "ok"``; a key whose
-last row is an error is run again (the new row supersedes the old one).
+evaluation. A resumed sweep skips keys with a finished row (``status == "ok"``; the latest
+such row counts); a key with only error rows is run again. An error row never hides an
+earlier finished row of its key: it stays in the file and in ``rows(ok_only=False)``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Store:
         self.path = Path(path)
         self._rows: list[dict[str, Any]] = []
         self._latest: dict[str, dict[str, Any]] = {}
+        self._latest_ok: dict[str, dict[str, Any]] = {}  # a failed re-run must not hide a finished row
         self.repaired_bytes = 0  # size of a torn tail cut off on open
 
     @classmethod
@@ -104,6 +106,8 @@ class Store:
     def _remember(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
         self._latest[row["key"]] = row
+        if row.get("status") == "ok":
+            self._latest_ok[row["key"]] = row
 
     def __len__(self) -> int:
         return len(self._latest)
@@ -112,19 +116,21 @@ class Store:
         return key in self._latest
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self._latest.get(key)
+        """The latest finished row of ``key``, else its latest row (an error), else None."""
+        return self._latest_ok.get(key) or self._latest.get(key)
 
     def done(self, key: str) -> bool:
-        row = self._latest.get(key)
-        return row is not None and row.get("status") == "ok"
+        return key in self._latest_ok
 
     def rows(self, ok_only: bool = True) -> list[dict[str, Any]]:
-        """The latest row of every key, in first-written order."""
+        """Per key, in first-written order: the latest finished row (``ok_only``), or the latest row of any status,
+        errors included."""
         seen: dict[str, None] = {}
         for r in self._rows:
             seen.setdefault(r["key"], None)
-        out = [self._latest[k] for k in seen]
-        return [r for r in out if r.get("status") == "ok"] if ok_only else out
+        if ok_only:
+            return [self._latest_ok[k] for k in seen if k in self._latest_ok]
+        return [self._latest[k] for k in seen]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows())

@@ -17,16 +17,32 @@ can still count, so treat in-process CPU memory as an upper bound.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import math
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import SpecError, check_dtype_args, check_local_paths, expand_tensor_names, format_layers, parse_layers, parse_model_args, parse_tensors, tensor_matches
+from .spec import (
+    DecompositionSpec,
+    SpecError,
+    check_dtype_args,
+    check_local_paths,
+    expand_tensor_names,
+    format_layers,
+    parse_layers,
+    parse_model_args,
+    parse_tensors,
+    split_model_args,
+    tensor_matches,
+)
 from .store import Store, row_key
 
 # Metrics that read as "accuracy" (higher is better), in order of preference per task.
@@ -99,7 +115,9 @@ LAYER_SETS_SYNTAX = (
 
 
 def expand_layer_sets(text: str, num_layers: int) -> list[tuple[str, tuple[int, ...] | None]]:
-    """Parse ``--layer-sets`` into (name, layers) pairs; ``None`` layers = every layer."""
+    """Parse ``--layer-sets`` into (name, layers) pairs; ``None`` layers = every layer.
+
+    A set holding every layer is ``("all", None)``, so that ``all`` and ``1-30`` are one configuration."""
     from .design_space import single_layers, spread_layer_sets, table4_layer_sets
 
     out: list[tuple[str, tuple[int, ...] | None]] = []
@@ -108,38 +126,41 @@ def expand_layer_sets(text: str, num_layers: int) -> list[tuple[str, tuple[int, 
         raise SpecError(f"layer-sets={text!r} is invalid: empty entry; {LAYER_SETS_SYNTAX}")
     for entry in entries:
         low = entry.lower()
-        if low == "table4":
-            out += [(f"t4:{name}", layers) for name, layers in table4_layer_sets(num_layers).items()]
-        elif low == "single":
-            out += [(str(layer[0]), layer) for layer in single_layers(num_layers)]
-        elif low.startswith("single:"):
-            parsed = parse_layers(entry.split(":", 1)[1])
-            out += [(str(x), (x,)) for x in (parsed or range(1, num_layers + 1))]
-        elif low.startswith("spread:"):
-            ks = parse_layers(entry.split(":", 1)[1])
-            if ks is None:
-                raise SpecError(f"layer-sets={text!r} is invalid: spread needs counts like spread:1-4; {LAYER_SETS_SYNTAX}")
-            for k in ks:
-                out.append((f"spread{k}", spread_layer_sets(num_layers, k)))
-        elif low == "all":
-            out.append(("all", None))
-        else:
-            try:
+        try:
+            if low == "table4":
+                out += [(f"t4:{name}", layers) for name, layers in table4_layer_sets(num_layers).items()]
+            elif low == "single":
+                out += [(str(layer[0]), layer) for layer in single_layers(num_layers)]
+            elif low.startswith("single:"):
+                parsed = parse_layers(entry.split(":", 1)[1])
+                out += [(str(x), (x,)) for x in (parsed or range(1, num_layers + 1))]
+            elif low.startswith("spread:"):
+                ks = parse_layers(entry.split(":", 1)[1])
+                if ks is None:
+                    raise SpecError("spread needs counts like spread:1-4")
+                out += [(f"spread{k}", spread_layer_sets(num_layers, k)) for k in ks]
+            elif low == "all":
+                out.append(("all", None))
+            else:
                 layers = parse_layers(entry)
-            except SpecError as exc:
-                raise SpecError(f"layer-sets={text!r} is invalid: entry {entry!r}: {exc}; {LAYER_SETS_SYNTAX}") from None
-            out.append((format_layers(layers), layers))
+                out.append((format_layers(layers), layers))
+        except SpecError as exc:
+            raise SpecError(f"layer-sets={text!r} is invalid: entry {entry!r}: {exc}; {LAYER_SETS_SYNTAX}") from None
     for name, layers in out:
         if layers is not None and max(layers) > num_layers:
             raise SpecError(f"layer-sets={text!r} is invalid: layer {max(layers)} is past the end; this model has {num_layers} layers (1..{num_layers})")
-    return _dedupe(out)
+    every_layer = tuple(range(1, num_layers + 1))
+    return _dedupe([("all", None) if layers == every_layer else (name, layers) for name, layers in out])
 
 
 TENSOR_GROUPS_SYNTAX = "','-separated entries: all, attn, mlp, single (each tensor alone), or tensor names joined by '|' like q|k"
 
 
 def expand_tensor_groups(text: str, adapter: Any) -> list[tuple[str, tuple[str, ...] | None]]:
-    """Parse ``--tensor-groups`` into (name, tensors) pairs; ``None`` tensors = all."""
+    """Parse ``--tensor-groups`` into (name, tensors) pairs; ``None`` tensors = all.
+
+    Tensors are put in the adapter's order and a group holding every tensor is ``("all", None)``, so that ``q|k`` and
+    ``k|q``, or ``all`` and every name listed, are one configuration (and one store key)."""
     from .design_space import tensor_groups
 
     groups = tensor_groups(adapter)
@@ -162,7 +183,15 @@ def expand_tensor_groups(text: str, adapter: Any) -> list[tuple[str, tuple[str, 
             if bad:
                 raise SpecError(f"tensor-groups={text!r} is invalid: unknown tensor {bad[0]!r}; valid: {'|'.join(names)} or {TENSOR_GROUPS_SYNTAX}")
             out.append(("|".join(tensors) if tensors else "all", expand_tensor_names(tensors, names) if tensors else None))
-    return _dedupe(out)
+    return _dedupe([_canonical_tensor_group(name, tensors, names) for name, tensors in out])
+
+
+def _canonical_tensor_group(name: str, tensors: tuple[str, ...] | None, names: tuple[str, ...]) -> tuple[str, tuple[str, ...] | None]:
+    if tensors is None or set(tensors) >= set(names):
+        return "all", None
+    ordered = tuple(t for t in names if t in tensors)
+    # an explicit list is named by its tensors in order; a group or pattern keeps its name
+    return ("|".join(ordered) if name == "|".join(tensors) else name), ordered
 
 
 def _dedupe(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -239,6 +268,26 @@ def _finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+BATCH_SIZE_SYNTAX = "an int >= 1, auto, or auto:N (re-detect the batch size N times)"
+
+
+def check_batch_size(value: Any) -> None:
+    """A one-line SpecError unless ``value`` is a batch size lm-eval's HFLM takes, checked before any model loads."""
+    match = re.fullmatch(r"(\d+)|auto(?::(\d+))?", str(value))  # as HFLM reads it: lower-case, no spaces
+    count = match and (match.group(1) or match.group(2))  # the size, or auto's N (None: plain auto)
+    if isinstance(value, bool) or match is None or (count is not None and int(count) < 1):
+        raise SpecError(f"batch_size={value!r} is invalid: expected {BATCH_SIZE_SYNTAX}")
+
+
+# model_args keys the sweep and search set per configuration, so a value in --model-args would clash with them
+SWEPT_KEYS = ("pretrained", "rank", "layers", "tensors")
+# ... and those that would also compress the dense baseline or override an option, with what to use instead
+SIZING_KEYS = {
+    "budget": "it would compress the dense baseline; sizes are set per configuration (sweep: --ranks; search: --ranks, --keeps, --budgets)",
+    "allocator": "search sets it per candidate from --allocator",
+}
+
+
 @dataclass
 class Runner:
     """Evaluates configurations through hf-tucker in this process, caching rows in a store.
@@ -262,15 +311,51 @@ class Runner:
     def __post_init__(self) -> None:
         self.model_id = os.path.realpath(self.model) if os.path.isdir(self.model) else self.model
         self._extra = parse_model_args(self.model_args)
-        clash = {"pretrained", "rank", "layers", "tensors"} & set(self._extra)
+        clash = set(SWEPT_KEYS) & set(self._extra)
         if clash:
             raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set by the sweep itself")
+        sizing = [k for k in SIZING_KEYS if k in self._extra]
+        if sizing:
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {sizing[0]}: {SIZING_KEYS[sizing[0]]}")
         options = {"device", "batch_size"} & set(self._extra)  # its own --device and --batch-size
         if options:
             key = sorted(options)[0]
             raise SpecError(f"model-args={self.model_args!r} is invalid: {key} is an option of its own, --{key.replace('_', '-')}")
         check_dtype_args(self._extra)  # before the first row, not in every row's lm_eval run
         check_local_paths(self._extra)
+        check_batch_size(self.batch_size)
+        self.decomposition_args, _ = split_model_args(self._extra)  # method, calibration options: every row gets them
+        try:
+            dense = _quiet_spec(self.decomposition_args)
+        except SpecError as exc:
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {exc}") from None
+        if not dense.is_noop:  # every row is compared with this one: it must be the uncompressed model
+            raise SpecError(f"model-args={self.model_args!r} is invalid: it would decompose the dense baseline")
+
+    def check_specs(self, specs: Iterable[Mapping[str, Any]]) -> None:
+        """Check every configuration's decomposition (with the decomposition keys of ``model_args``) against the model's
+        config: layers past the end, ranks too large, unknown tensors, as a one-line SpecError naming the configuration,
+        before anything is evaluated rather than partway through."""
+        from .design_space import config_adapter, load_config
+        from .plan import make_plan
+
+        config = load_config(self.model)
+        adapter = config_adapter(config)
+        for spec_args in specs:
+            try:
+                spec = _quiet_spec({**self.decomposition_args, **spec_args})
+                if not spec.is_noop:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # ranks that save nothing: the run itself warns once
+                        make_plan(spec, config, adapter)
+            except SpecError as exc:
+                raise SpecError(f"{spec_label(spec_args)}: {exc}") from None
+
+    def unknown_tasks(self) -> list[str]:
+        """The tasks lm-eval's TaskManager (with this include path) knows by no task, group or tag name, and that are
+        no YAML file either: checked before the first model loads."""
+        known = set(self.task_manager().all_tasks)
+        return [t for t in self.tasks if t not in known and not os.path.isfile(t)]
 
     def key(self, spec_args: Mapping[str, Any], limit: int | None) -> str:
         return row_key(self.model_id, {**self._extra, **spec_args}, self.tasks, limit)
@@ -378,6 +463,13 @@ class Runner:
         del out
         gc.collect()
         return row
+
+
+def _quiet_spec(args: Mapping[str, Any]) -> DecompositionSpec:
+    """DecompositionSpec.from_args without its unused-argument warnings: checking many specs up front would repeat
+    them, and the run itself says them."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return DecompositionSpec.from_args(args)
 
 
 def spec_label(spec_args: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ A killed sweep or search resumes where it stopped when run again with the same s
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from typing import Any
@@ -88,6 +89,31 @@ def _runner(model: str, tasks: str, store: str, include_path: str | None, device
     )
 
 
+def _batch_size(value: str) -> str:
+    from ..sweep import BATCH_SIZE_SYNTAX, check_batch_size
+
+    try:
+        check_batch_size(value)
+    except SpecError:
+        raise OneLineBadParameter(f"{value!r} is not {BATCH_SIZE_SYNTAX}", param_hint="'--batch-size'") from None
+    return value
+
+
+def _check_tasks(runner: Any, first_limit: int | None) -> None:
+    """Unknown --tasks as one line before any model loads. A finished dense row of these tasks in the store shows
+    they resolve: a resumed run then skips the TaskManager's index (~20 s) when it has nothing left to evaluate."""
+    if runner.stored_row(runner.key({}, first_limit)) is not None:
+        return
+    unknown = runner.unknown_tasks()
+    if unknown:
+        where = f" (include path {runner.include_path})" if runner.include_path else ""
+        raise OneLineBadParameter(
+            f"{', '.join(map(repr, unknown))}: lm-eval{where} has no such task, group or tag, and no such YAML file "
+            "(`lm-eval-lowrank tasks --list` lists the local ones)",
+            param_hint="'--tasks'",
+        )
+
+
 def _limit(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise OneLineBadParameter(f"{value!r} is not an int >= 1 (documents per task)", param_hint="'--limit'")
@@ -100,7 +126,7 @@ _common = [
     click.option("--include-path", default=None, help="lm-eval --include_path; default: the local tasks folder when a *_local task is named."),
     click.option("--device", default="cpu", show_default=True, help="Device for HFLM (cpu, cuda, cuda:0)."),
     click.option("--batch-size", default="8", show_default=True, help="HFLM batch size (an int or 'auto')."),
-    click.option("--model-args", "model_args", default="", help="Extra HFLM model_args, e.g. dtype=float32 (not pretrained/rank/layers/tensors)."),
+    click.option("--model-args", "model_args", default="", help="Extra HFLM model_args, e.g. dtype=float32 (not pretrained/rank/layers/tensors/budget/allocator: set per configuration)."),
 ]
 
 
@@ -130,15 +156,18 @@ def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_s
 
     rank_list = _int_list(ranks, "--ranks")
     limit = _limit(limit)
+    batch_size = _batch_size(batch_size)
     num_layers, _, adapter = model_info(model)
     grid = build_grid(rank_list, expand_layer_sets(layer_sets, num_layers), expand_tensor_groups(tensor_groups, adapter))
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
     runner.keep_doc_scores = doc_scores
+    runner.check_specs(cfg.spec_args() for cfg in grid)  # a rank too large fails here, not after earlier rows ran
     if dry_run:
         for cfg in grid:
             state = "to run" if runner.stored_row(runner.key(cfg.spec_args(), limit)) is None else "stored"
             click.echo(f"{state:7s} {cfg.label}  model_args='{runner.model_args_string(cfg.spec_args())}'")
         return
+    _check_tasks(runner, limit)
     if runner.store.repaired_bytes:
         click.echo(f"store: cut a torn last line ({runner.store.repaired_bytes} bytes) left by an interrupted run", err=True)
     rows = run_sweep(runner, grid, limit)
@@ -224,20 +253,20 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 def search(model: str, tasks: str, include_path: str | None, device: str, batch_size: str, model_args: str, tolerance: float, objective: str, ranks: str, keeps: str, budgets: str, allocator: str, method: str | None, max_k: int, strides: str, no_table4: bool, limits: str, eta: float, prune_margin: float | None, aggregate: str, confidence: float | None, family_wise: bool, tie_break: str, store: str) -> None:
     """Minimise the objective subject to accuracy(dense) - accuracy <= tolerance (Definition 1)."""
     from ..latency_stats import LatencyRatio
-    from ..search import default_candidates, parse_objective, pareto_front
+    from ..search import BaselineError, default_candidates, parse_objective, pareto_front
     from ..search import search as run_search
     from ..sweep import model_info
 
-    if tolerance < 0:
-        raise OneLineBadParameter(f"{tolerance!r} is not a drop >= 0 (fraction, e.g. 0.03)", param_hint="'--tolerance'")
-    if eta <= 1:
-        raise OneLineBadParameter(f"{eta!r} is not > 1", param_hint="'--eta'")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise OneLineBadParameter(f"{tolerance!r} is not a finite drop >= 0 (fraction, e.g. 0.03)", param_hint="'--tolerance'")
+    if not math.isfinite(eta) or eta <= 1:
+        raise OneLineBadParameter(f"{eta!r} is not a finite number > 1", param_hint="'--eta'")
     if max_k < 1:
         raise OneLineBadParameter(f"{max_k!r} is not an int >= 1", param_hint="'--max-k'")
     if confidence is not None and not 0.5 <= confidence < 1:
         raise OneLineBadParameter(f"{confidence!r} is not a level in [0.5, 1), e.g. 0.95", param_hint="'--confidence'")
-    if prune_margin is not None and prune_margin < 0:
-        raise OneLineBadParameter(f"{prune_margin!r} is not a margin >= 0 (fraction, e.g. 0.1)", param_hint="'--prune-margin'")
+    if prune_margin is not None and (not math.isfinite(prune_margin) or prune_margin < 0):
+        raise OneLineBadParameter(f"{prune_margin!r} is not a finite margin >= 0 (fraction, e.g. 0.1)", param_hint="'--prune-margin'")
     if family_wise and confidence is None:
         raise OneLineBadParameter("needs --confidence: it spreads that level over each rung's candidates", param_hint="'--family-wise'")
     try:
@@ -264,25 +293,42 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
             raise OneLineBadParameter(f"{method!r} is not a method or a ','-joined list of them; valid: {', '.join(METHODS)}", param_hint="'--method'")
     if not rank_list and not keep_list and not budget_list:
         raise OneLineBadParameter("no candidates: give --ranks, --keeps and/or --budgets", param_hint="'--ranks'")
+    batch_size = _batch_size(batch_size)
     num_layers, _, _ = model_info(model)
     candidates = default_candidates(num_layers, rank_list, max_k=max_k, table4=not no_table4, keeps=keep_list, strides=stride_list, method=method_list, budgets=budget_list, allocator=allocator)
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    if method_list is not None and "method" in runner.decomposition_args:  # tucker candidates would silently take it
+        raise OneLineBadParameter(f"{model_args!r}: method is set per candidate by --method; give the methods there", param_hint="'--model-args'")
     runner.keep_doc_scores = confidence is not None  # the paired bound needs each document's score
+    runner.check_specs(c.spec for c in candidates)  # a rank too large fails here, not after earlier candidates ran
+    _check_tasks(runner, limit_list[0])
     click.echo(f"{len(candidates)} candidates, rungs at limit {', '.join(map(str, limit_list))}, tolerance {tolerance:g}, objective {objective}", err=True)
-    res = run_search(
-        candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence,
-        family_wise=family_wise, tie_break=tie_break,
-    )
+    try:
+        res = run_search(
+            candidates, runner.evaluate, tolerance, limits=limit_list, objective=objective, eta=eta, prune_margin=prune_margin, aggregate=aggregate, log=lambda s: click.echo(s, err=True), confidence=confidence,
+            family_wise=family_wise, tie_break=tie_break,
+        )
+    except BaselineError as exc:
+        raise click.ClickException(str(exc)) from None
     for note in res.notes:
         click.echo(f"note: {note}")
     best = res.best
     click.echo(f"objective: {objective} (used: {res.objective_used}); tolerance {tolerance:g} ({aggregate} drop over {', '.join(runner.tasks)}), decided at limit {best.limit}")
+    level = f"{confidence}{' family-wise' if family_wise else ''}"
+
+    def described(e: Any) -> str:
+        bound = f" (upper {level} bound {100 * e.row['drop_upper']:+.1f})" if "drop_upper" in e.row else ""
+        return f"{e.candidate.name}: drop {100 * e.drop:+.1f} pts{bound}, parameter reduction {100 * e.row.get('param_reduction', 0):.2f}%, objective {e.objective:.4g} (dense {res.dense.objective:.4g})"
+
+    # the candidate whose latency is shown: the chosen one, or the cheapest feasible one when dense beat it
+    shown = res.cheapest_candidate if best.candidate.is_dense else best
     if best.candidate.is_dense:
         click.echo("chosen: dense (no decomposition)")
+        if shown is not None:
+            click.echo(f"cheapest feasible candidate: {described(shown)}")
     else:
-        level = f"{confidence}{' family-wise' if family_wise else ''}"
-        bound = f" (upper {level} bound {100 * best.row['drop_upper']:+.1f})" if "drop_upper" in best.row else ""
-        click.echo(f"chosen: {best.candidate.name}: drop {100 * best.drop:+.1f} pts{bound}, parameter reduction {100 * best.row.get('param_reduction', 0):.2f}%, objective {best.objective:.4g} (dense {res.dense.objective:.4g})")
+        click.echo(f"chosen: {described(best)}")
+    if shown is not None:
         pct = f"{res.latency_level:.0%}"
         vs = res.latency_vs_dense
         if isinstance(vs, LatencyRatio):
