@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import adapter_for_model, config_side_adapter
-from .decompose import DecompositionReport, ProcessShard, decompose_model
+from .decompose import DecompositionReport, ProcessShard, decompose_model, refuse_decomposed
 from .plan import make_plan
 from .spec import GRADIENT_ONLY_METHODS, DecompositionSpec, SpecError
 
@@ -111,6 +111,7 @@ def compress_model(
         model = model.get_base_model()
     adapter = adapter_for_model(model)
     _check_weights_in_memory(model, spec, adapter)
+    refuse_decomposed(model, spec, adapter)
     ranks = None
     stats_provider = None
     from .methods import needs_calibration

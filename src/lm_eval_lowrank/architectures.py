@@ -320,7 +320,8 @@ class GenericAdapter(ArchitectureAdapter):
     outermost one); the tensors are the ``nn.Linear`` modules the layers
     hold at one path with one shape, named by their leaf names, and the stacked projections of transformers'
     mixture-of-experts modules, named ``<module>.<parameter>`` (e.g. ``experts.gate_up_proj``). A tensor that
-    only some layers hold is offered for those layers (``tensor_layers``).
+    only some layers hold is offered for those layers (``tensor_layers``). Routers, and linears whose class has a
+    forward of its own (Llama 4's router), are never offered; a peft wrapper is offered as the linear it wraps.
     """
 
     def tensor_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
@@ -339,7 +340,8 @@ class GenericAdapter(ArchitectureAdapter):
             raise SpecError(f"architecture {type(model).__name__}: no list of decoder layers found")
         # Layers may differ (DeepSeek's dense then MoE blocks, hybrid attention/SSM stacks): a projection held by
         # some layers only is offered for those (``tensor_layers``); one whose shape changes between layers is not.
-        per_layer = [_layer_projections(layer) for layer in best_list]  # sub path -> (experts, out, in)
+        num_experts = config_expert_count(getattr(model, "config", None))
+        per_layer = [_layer_projections(layer, num_experts) for layer in best_list]  # sub path -> (experts, out, in)
         shape_of: dict[str, tuple[int, int, int] | None] = {}
         held: dict[str, list[int]] = {}
         for i, found in enumerate(per_layer, 1):
@@ -422,11 +424,57 @@ def _decoder_layer_list(model: Any) -> tuple[str | None, Any]:
     return max(matching or outer, key=lambda item: len(item[1]))
 
 
-def _layer_projections(layer: Any) -> dict[str, tuple[int, int, int]]:
-    """Sub path -> (experts, out, in) of a layer's linears (0 experts) and stacked expert projections."""
+def config_expert_count(config: Any) -> int | None:
+    """How many routed experts a mixture-of-experts config names (None: none, or no config)."""
+    if config is None:
+        return None
+    n = config_value(text_config(config), "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
+
+
+# nn.Linear subclasses with a forward of their own that computes x W^T + b all the same: a LowRankLinear may stand
+# in for them. Any other subclass with its own forward (Llama 4's router returns (scores, logits), DeepSeek-V4's
+# grouped linear is block-diagonal) is not a projection this package can replace.
+_LINEAR_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})  # matmul, then + bias
+
+
+def _is_plain_linear(module: Any) -> bool:
     import torch.nn as nn
 
-    from .modules import expert_projection_names, is_experts_module
+    cls = type(module)
+    return isinstance(module, nn.Linear) and (cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in _LINEAR_SUBCLASSES)
+
+
+_ROUTER_NAMES = frozenset({"gate", "gating", "wg"})  # leaf or holder names that score experts (with "router")
+
+
+def _is_router(layer: Any, sub: str, out_features: int, num_experts: int | None, expert_counts: dict[str, set[int]]) -> bool:
+    """Whether the linear at ``sub`` in ``layer`` scores experts: rank-r routing moves every token's choice of experts,
+    and a router is a sliver of the layer's parameters, so it is never offered."""
+    parts = sub.split(".")
+    parent = ".".join(parts[:-1])
+    if out_features > 1 and out_features in expert_counts.get(parent, ()):  # one column per expert beside it (PhiMoE)
+        return True
+    # inside a router: JetMoE's router.layer, AFMoE's router.gate, LongCat's router.classifier, Zaya's ZayaRouter
+    # (mlp.gate). Not "gating" in a class name: Moshi's MoshiGatingMLP is a gated MLP.
+    holders = [layer.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+    if any("router" in p.lower() for p in parts[:-1]) or any("router" in type(h).__name__.lower() for h in holders):
+        return True
+    # named as a gate of the config's experts: transformers 4's Mixtral/Qwen2-MoE mlp.gate, Hunyuan's gate.wg
+    named = any(p.lower() in _ROUTER_NAMES or "router" in p.lower() for p in parts)
+    return named and out_features == num_experts
+
+
+def _layer_projections(layer: Any, num_experts: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """Sub path -> (experts, out, in) of a layer's linears (0 experts) and stacked expert projections.
+
+    ``num_experts``: the config's routed experts, which tells a router named as one (``gate``, ``router``) from a
+    projection. A peft adapter's wrapper counts as the linear it wraps, under the wrapper's name; the adapter's own
+    matrices (``lora_A``, ``lora_B``, ...) are never offered. An already decomposed linear keeps its name and shape,
+    so a second decomposition of it is refused by name rather than offered something else."""
+    import torch.nn as nn
+
+    from .modules import LowRankLinear, expert_projection_names, is_experts_module
 
     def expert_count(module: Any) -> int | None:  # a list of experts, or transformers' stacked experts module
         if isinstance(module, nn.ModuleList):
@@ -436,20 +484,23 @@ def _layer_projections(layer: Any) -> dict[str, tuple[int, int, int]]:
             return int(shapes[0][0]) if shapes and len(shapes[0]) == 3 else None
         return None
 
-    # A router beside the experts scores one column per expert: it is never offered (a rank-r router moves every
-    # token's choice of experts, and it is a sliver of the layer's parameters). PhiMoE's mlp.router sits beside
-    # stacked experts.
-    routers = {
-        f"{parent}.{name}".lstrip(".")
-        for parent, holder in layer.named_modules()
-        for name, child in holder.named_children()
-        if isinstance(child, nn.Linear) and child.out_features > 1 and any(expert_count(c) == child.out_features for c in holder.children())
-    }
+    expert_counts: dict[str, set[int]] = {}  # holder path -> the expert counts of its children
+    for parent, holder in layer.named_modules():
+        counts = {n for child in holder.children() if (n := expert_count(child)) is not None}
+        if counts:
+            expert_counts[parent] = counts
     found: dict[str, tuple[int, int, int]] = {}
+    wrapped: list[str] = []  # peft wrappers: nothing inside one is a projection of its own
     for sub, m in layer.named_modules():
-        if isinstance(m, nn.Linear) and sub not in routers:
-            found[sub] = (0, m.out_features, m.in_features)
-        elif is_experts_module(m):
+        if any(sub.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(getattr(m, "base_layer", None), nn.Module):  # a peft tuner layer stands for the layer it wraps
+            wrapped.append(sub)
+            m = m.base_layer
+        if _is_plain_linear(m) or isinstance(m, LowRankLinear):
+            if not _is_router(layer, sub, m.out_features, num_experts, expert_counts):
+                found[sub] = (0, m.out_features, m.in_features)
+        elif is_experts_module(m) and sub not in wrapped:  # wrapped experts: decompose_model cannot reach their parameters
             for name in expert_projection_names(m):
                 w = getattr(m, name, None)
                 if w is not None and len(w.shape) == 3:

@@ -169,9 +169,9 @@ def _candidates(adapter: ArchitectureAdapter, layers: list[int], tensors: tuple[
     return [(layer, t, adapter.module_path(layer - 1, t)) for layer in layers for t in tensors if layer in held[t]]
 
 
-def candidate_paths(spec: DecompositionSpec, config: Any, adapter: ArchitectureAdapter | None = None) -> list[tuple[str, int]]:
-    """(module path, experts) of every module that ``spec``'s layers and tensors select, whatever its rank will be
-    (a budget's allocator has not chosen them yet; a rank that saves nothing is still listed)."""
+def candidate_modules(spec: DecompositionSpec, config: Any, adapter: ArchitectureAdapter | None = None) -> list[tuple[int, str, str, int]]:
+    """(1-based layer, tensor, module path, experts) of every module that ``spec``'s layers and tensors select,
+    whatever its rank will be (a budget's allocator has not chosen them yet; a rank that saves nothing is listed)."""
     adapter = adapter or adapter_for_config(config)
     if adapter is None:
         raise SpecError(f"architecture {getattr(config, 'model_type', '?')!r} has no config-level adapter")
@@ -180,7 +180,12 @@ def candidate_paths(spec: DecompositionSpec, config: Any, adapter: ArchitectureA
     n_layers = adapter.num_layers(config)
     tensors = spec.selected_tensors(adapter.tensor_names())
     held = {t: set(adapter.layers_of(t, n_layers)) for t in tensors}
-    return [(path, adapter.experts_of(t)) for _, t, path in _candidates(adapter, spec.selected_layers(n_layers), tensors, held)]
+    return [(layer, t, path, adapter.experts_of(t)) for layer, t, path in _candidates(adapter, spec.selected_layers(n_layers), tensors, held)]
+
+
+def candidate_paths(spec: DecompositionSpec, config: Any, adapter: ArchitectureAdapter | None = None) -> list[tuple[str, int]]:
+    """(module path, experts) of :func:`candidate_modules`."""
+    return [(path, experts) for _, _, path, experts in candidate_modules(spec, config, adapter)]
 
 
 def _span(layers: list[int]) -> str:
