@@ -187,6 +187,33 @@ def test_groups_and_tags_are_expanded_through_lm_eval_s_task_index(benchmark_dat
     assert cal.check_no_leak("arc_easy_local", ["my_suite", "not_a_task"], benchmark_data)["unrecognised_tasks"] == ["not_a_task"]
 
 
+def test_a_task_pattern_is_checked_through_the_tasks_it_matches(benchmark_data, monkeypatch):
+    """lm-eval expands --tasks 'wikitext*' with fnmatch: the check took the pattern for an unknown name and recorded
+    status ok while wikitext_local was evaluated on the documents calibration read."""
+    import lm_eval_lowrank.calibration as cal
+
+    monkeypatch.setattr(cal, "_lm_eval_task_groups", lambda: {})  # the static names alone: no index to build
+    for calib, pattern in (("wikitext_local", "wikitext*"), ("boolq_local", "bool?_local"), ("lambada_openai_local", "*_local")):
+        with pytest.raises(SpecError, match=r"calib='\w+' is invalid while evaluating '\w+ \(from "):
+            cal.check_no_leak(calib, [pattern], benchmark_data)
+    got = cal.check_no_leak("arc_easy_local", ["wikitext*"], benchmark_data)  # matches nothing it reads
+    assert got["status"] == "unchecked" and got["unrecognised_tasks"] == ["wikitext*"]  # it may match more
+
+
+def test_builtins_over_the_same_documents_are_refused_and_unknown_tasks_are_not_ok(benchmark_data, monkeypatch):
+    """truthfulqa_gen scores the 817 questions calib=truthfulqa_local reads, lambada_openai_mt_en lambada_openai's
+    passages: both were unrecognised, and any unrecognised task still gave status ok."""
+    import lm_eval_lowrank.calibration as cal
+
+    monkeypatch.setattr(cal, "_lm_eval_task_groups", lambda: {})
+    for calib, task in (("truthfulqa_local", "truthfulqa_gen"), ("lambada_openai_local", "lambada_openai_mt_en"), ("lambada_openai_local", "lambada_multilingual")):
+        with pytest.raises(SpecError, match=f"calib='{calib}' is invalid while evaluating '{task}'"):
+            cal.check_no_leak(calib, [task], benchmark_data)
+    got = cal.check_no_leak("wikitext_local", ["arc_easy_local", "piqa"], benchmark_data)
+    assert got["status"] == "unchecked" and got["unrecognised_tasks"] == ["piqa"] and "piqa" in got["reason"]
+    assert cal.check_no_leak("wikitext_local", ["arc_easy_local"], benchmark_data)["status"] == "ok"
+
+
 # -- 6: healing data recorded on another copy of the data or another machine ----------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -441,6 +442,7 @@ def test_compress_model_end_to_end_json(tiny_llama, monkeypatch, tmp_path):
     monkeypatch.setenv("LM_EVAL_LOWRANK_CACHE", str(tmp_path))
     monkeypatch.setenv(EVAL_TASKS_ENV, "arc_easy_local")
     spec = {"method": "whiten", "budget": 0.7, "allocator": "sensitivity", "calib": "arc_easy_local", "calib_n": 4, "calib_len": 32, "rank_multiple": 4}
+    dense = copy.deepcopy(tiny_llama)
     d = compress_model(tiny_llama, spec, tokenizer=CharTokenizer(), progress=False).to_dict()
     cal = d["calibration"]
     assert cal["leak_check"]["status"] == "ok" and cal["tokens"] == 128 and cal["split"] == {"arc_easy_local": "validation"}
@@ -451,7 +453,7 @@ def test_compress_model_end_to_end_json(tiny_llama, monkeypatch, tmp_path):
     assert d["params_removed"] == alloc["selected_params"] - alloc["kept_params"]
     monkeypatch.setenv(EVAL_TASKS_ENV, "arc_easy_local,boolq_local")
     with pytest.raises(SpecError, match="boolq"):
-        compress_model(tiny_llama, {**spec, "calib": "boolq_local"}, tokenizer=CharTokenizer(), progress=False)
+        compress_model(dense, {**spec, "calib": "boolq_local"}, tokenizer=CharTokenizer(), progress=False)
 
 
 # -- allocators ------------------------------------------------------------------------------
