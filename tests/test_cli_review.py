@@ -72,6 +72,34 @@ def test_analyze_refuses_options_it_would_ignore(tmp_path, args, option, needs):
     assert _one_error_line(r) == f"Error: Invalid value for '{option}': only {needs} uses it: add {needs} or drop {option}"
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--layers", "99"], "layers='99' is invalid: layer 99 is past the end; this model has 4 decoder layers, valid 1..4"),
+        (["--tensors", "bogus"], "tensors: unknown tensor 'bogus' for this architecture; valid: q|k|v|o|gate|up|down"),
+        (["--activations", "--calib", "bogus"], "calib='bogus' is invalid: unknown source 'bogus'"),
+        (["--activations", "--calib-n", "0"], "calib_n=0 is invalid: expected an int >= 1"),
+    ],
+)
+def test_analyze_checks_the_selection_and_calibration_before_the_weights_load(tiny_llama, tmp_path, args, says):
+    """README: every option is checked before the model loads. These were checked after (minutes on a 7B model).
+    The folder holds the config alone: a check that waited for the load would fail on the missing weights."""
+    from lm_eval_lowrank.spec import SpecError
+
+    tiny_llama.config.save_pretrained(tmp_path / "m")
+    r = _invoke("analyze", str(tmp_path / "m"), *args)
+    assert isinstance(r.exception, SpecError) and str(r.exception).startswith(says), r.exception
+
+
+def test_analyze_refuses_a_heatmap_type_matplotlib_cannot_write_before_loading(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "m").mkdir()
+    r = _invoke("analyze", str(tmp_path / "m"), "--heatmap", str(tmp_path / "h.xyz"))
+    assert r.exit_code == 2
+    line = _one_error_line(r)
+    assert line.startswith(f"Error: Invalid value for '--heatmap': '{tmp_path / 'h.xyz'}': not an image type matplotlib writes; valid ") and ".png" in line
+
+
 def test_analyze_refuses_a_negative_eps(tmp_path):
     (tmp_path / "m").mkdir()
     r = _invoke("analyze", str(tmp_path / "m"), "--eps", "-5")

@@ -154,6 +154,26 @@ def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metr
     plt.close(fig)
 
 
+def _check_selection(model: str, layers: str | None, tensors: str | None, calibration: dict[str, Any] | None) -> Any:
+    """--layers, --tensors and the calibration options, checked against the model's config before its weights
+    load (a typo otherwise waited for a 7B load); the spec the activation pass calibrates with."""
+    from transformers import AutoConfig
+
+    from ..architectures import config_side_adapter
+    from ..plan import make_plan
+    from ..spec import DecompositionSpec
+
+    spec = DecompositionSpec.from_args({"method": "rom" if calibration else "tucker", "rank": 1, "layers": layers or "all", "tensors": tensors or "all", **(calibration or {})})
+    config = AutoConfig.from_pretrained(model)
+    if (adapter := config_side_adapter(config)) is not None:  # None: remote code; checked as the analysis runs
+        make_plan(spec, config, adapter=adapter)
+    if calibration:
+        from ..calibration import check_calibration_args
+
+        check_calibration_args(spec, config)  # source names, data files, calib_len
+    return spec
+
+
 @click.command("analyze")
 @click.argument("model")
 @click.option("--layers", default=None, help="1-based layers: 3|18|32, 3-10, 3-30:3 or all (default all).")
@@ -197,6 +217,11 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         from ..optional import require_module
 
         require_module("matplotlib", "plots", "--heatmap")  # before the analysis, not after it
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(heatmap).suffix.lower().lstrip(".") not in kinds:
+            raise OneLineBadParameter(f"{heatmap!r}: not an image type matplotlib writes; valid .{', .'.join(sorted(kinds))}", param_hint="'--heatmap'")
     if model in ("smollm2", "default"):
         from ..assets import AssetError, smollm2_path
 
@@ -207,13 +232,12 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
     from ..spec import check_local_path
 
     check_local_path("MODEL", model)
+    spec = _check_selection(model, layers, tensors, {"calib": calib, "calib_n": calib_n, "calib_len": calib_len} if activations else None)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
     provider = None
     if activations:
         from ..calibration import build_stats_provider
-        from ..spec import DecompositionSpec
 
-        spec = DecompositionSpec.from_args({"method": "rom", "rank": 1, "calib": calib, "calib_n": calib_n, "calib_len": calib_len})
         provider = build_stats_provider(spec, lm, AutoTokenizer.from_pretrained(model), model_id=model)
         provider.track_sparsity = eps
     results = analyze_model(lm, layers, tensors, ranks, eps, provider)
