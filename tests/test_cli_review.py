@@ -283,3 +283,59 @@ def test_the_calculator_names_a_missing_hidden_size_or_vocabulary():
         _hidden(config)
     with pytest.raises(SpecError, match=r"^the config has no vocab_size"):
         _head_params({**config, "hidden_size": 32}, adapter_for_config(config))
+
+
+# -- session 26: arguments -----------------------------------------------------------------------------------
+
+
+def test_tensors_all_with_per_tensor_ranks_only_is_refused_and_the_spec_round_trips():
+    """tensors=all parsed to 'no selection', which with overrides alone means just the overridden tensors: q and gate
+    were decomposed while the JSON said tensors: all."""
+    from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+    with pytest.raises(SpecError, match=r"^tensors='all' is invalid: rank='q:8\|gate:32' gives ranks for q\|gate only: give a default rank \(e\.g\. rank=8\|q:8\|gate:32\)"):
+        DecompositionSpec.from_args({"rank": "q:8|gate:32", "tensors": "all"})
+    spec = DecompositionSpec.from_args({"rank": "q:8|gate:32"})
+    assert spec.to_dict()["tensors"] is None and DecompositionSpec.from_args(spec.to_dict()) == spec
+    assert DecompositionSpec.from_args({"rank": 8}).to_dict()["tensors"] == "all"
+
+
+def test_layers_read_as_integral_floats_by_lm_eval_are_layers():
+    """lm-eval's command line reads layers=+2 as 2.0 and -1 as -1.0: 'cannot parse 2.0', and -1 lost the 1-based hint."""
+    from lm_eval_lowrank.spec import DecompositionSpec, SpecError
+
+    assert DecompositionSpec.from_args({"rank": 8, "layers": 2.0}).layers == (2,)
+    with pytest.raises(SpecError, match=r"^layers=-1 is invalid: layer -1 is out of range; layers are 1-based"):
+        DecompositionSpec.from_args({"rank": 8, "layers": -1.0})
+
+
+def test_arguments_the_solver_or_method_does_not_read_are_said_unused(capsys):
+    """solver_tol with solver=exact, seed with a deterministic solver and no calibration, grad_* without a gradient
+    pass: recorded in the JSON (and the cache key) as if they applied, silently."""
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    DecompositionSpec.from_args({"rank": 8, "solver": "exact", "solver_tol": 0.5, "seed": 3, "grad_batch": 4})
+    err = capsys.readouterr().err
+    assert "warning: grad_batch unused: no gradient pass runs" in err and "warning: solver_tol, seed unused: solver=exact does not read them" in err
+    DecompositionSpec.from_args({"rank": 8, "solver": "krylov", "solver_tol": 0.5, "seed": 3})
+    DecompositionSpec.from_args({"rank": 8, "method": "fwsvd", "grad_batch": 4, "solver": "exact", "seed": 3})  # seed: calibration windows
+    assert capsys.readouterr().err == ""
+
+
+def test_hflm_bool_arguments_take_1_and_0_as_hf_does(tiny_llama, tmp_path):
+    """lm-eval's parser reads trust_remote_code=1 as the int 1: hf takes it, hf-tucker refused it."""
+    from lm_eval_lowrank.harness import _check_passthrough_args
+    from lm_eval_lowrank.spec import SpecError
+
+    rest = {"trust_remote_code": 1, "logits_cache": 0, "add_bos_token": "true"}
+    _check_passthrough_args(rest)
+    assert rest == {"trust_remote_code": True, "logits_cache": False, "add_bos_token": True}
+    with pytest.raises(SpecError, match=r"^parallelize='maybe' is invalid: expected true or false$"):
+        _check_passthrough_args({"parallelize": "maybe"})
+
+
+def test_fetch_model_refuses_a_cache_dir_it_cannot_create_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = _invoke("fetch-model", "--cache-dir", str(tmp_path / "afile" / "models"))
+    assert r.exit_code == 2
+    assert _one_error_line(r).startswith(f"Error: Invalid value for '--cache-dir': '{tmp_path / 'afile' / 'models'}': cannot be created (Not a directory")

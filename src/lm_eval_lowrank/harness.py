@@ -74,8 +74,8 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
         if not isinstance(annotation, str) or value is None:
             continue  # an annotation that is not a string comes from another lm-eval: left to HFLM
         kinds = {part.strip() for part in annotation.split("|")} - {"None"}
-        if kinds == {"bool"} and not isinstance(value, bool):
-            raise SpecError(f"{key}={value!r} is invalid: expected true or false")
+        if kinds == {"bool"}:  # 1/0 as hf takes them (lm-eval's parser reads '1' as an int), passed on as a bool
+            rest[key] = _as_bool(key, value)
         if kinds == {"int"} and (isinstance(value, bool) or not isinstance(value, int)):
             raise SpecError(f"{key}={value!r} is invalid: expected an int")
         literal = re.fullmatch(r"Literal\[(.*)\]", annotation)

@@ -140,6 +140,8 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
         return None
     if isinstance(value, bool):
         raise _fail("layers", value, LAYERS_SYNTAX)
+    if isinstance(value, float) and value.is_integer():  # lm-eval's command line reads layers=+2 as 2.0, -1 as -1.0
+        value = int(value)
     if isinstance(value, int):
         parts = [str(value)]
     else:
@@ -390,6 +392,14 @@ class DecompositionSpec:
             v = args["grad_checkpoint"]
             auto = isinstance(v, str) and v.strip().lower() == "auto"
             kw["grad_checkpoint"] = None if auto else _as_bool("grad_checkpoint", v, "expected auto, true or false")
+        overrides_only = kw.get("rank") is None and bool(kw.get("rank_overrides"))
+        if overrides_only and isinstance(args.get("tensors"), str) and args["tensors"].strip().lower() == "all":
+            # "all" parses to no selection, which with overrides alone means "just the overridden tensors"
+            raise _fail(
+                "tensors", args["tensors"],
+                f"rank={args['rank']!r} gives ranks for {'|'.join(kw['rank_overrides'])} only: give a default rank "
+                f"(e.g. rank=8|{'|'.join(f'{k}:{v}' for k, v in kw['rank_overrides'].items())}), or leave tensors out to decompose just those",
+            )  # fmt: skip
         if (kw.get("rank") is not None or kw.get("rank_overrides")) and kw.get("budget") is None:
             stray = [k for k in ("allocator", "rank_multiple") if args.get(k) is not None]
             if stray:  # recorded in the JSON as if they had placed the ranks
@@ -408,8 +418,22 @@ class DecompositionSpec:
             unused = sorted(changed - {"cache"})
             why = "without rank= or budget= nothing is decomposed (the model runs dense)"
         else:
-            unused = [] if self.reads_calibration else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
-            why = f"method={self.method} reads no calibration data"
+            notes = []
+            calib = [] if self.reads_calibration else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
+            if calib:
+                notes.append((calib, f"method={self.method} reads no calibration data"))
+            gradients = self.method in GRADIENT_METHODS or (self.budget is not None and self.allocator in GRADIENT_ALLOCATORS)
+            grad = [] if gradients else sorted(changed & {"grad_batch", "grad_checkpoint"})
+            if grad:
+                notes.append((grad, "no gradient pass runs (method fwsvd/fwhiten or allocator=fisher)"))
+            # solver_tol is Krylov's (auto may pick it); seed is the random solvers' and the calibration windows'
+            solver = sorted(changed & ({"solver_tol"} if self.solver in ("exact", "gram", "randomized") else set()))
+            solver += ["seed"] if "seed" in changed and self.solver in ("exact", "gram") and not self.reads_calibration else []
+            if solver:
+                notes.append((solver, f"solver={self.solver} does not read {'it' if len(solver) == 1 else 'them'}"))
+            for names, why in notes:
+                print(f"[lm-eval-lowrank] warning: {', '.join(names)} unused: {why}", file=sys.stderr)
+            return
         if unused:
             print(f"[lm-eval-lowrank] warning: {', '.join(unused)} unused: {why}", file=sys.stderr)
 
@@ -490,7 +514,8 @@ class DecompositionSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = format_layers(self.layers)
-        d["tensors"] = "all" if self.tensors is None else "|".join(self.tensors)
+        # with per-tensor ranks alone and no tensors=, the overridden tensors are the selection, not "all"
+        d["tensors"] = ("all" if self.rank is not None or not self.rank_overrides or self.budget is not None else None) if self.tensors is None else "|".join(self.tensors)
         d["rank"] = self.rank if not self.rank_overrides else format_rank(self.rank, self.rank_overrides)
         d.pop("rank_overrides")
         d["grad_checkpoint"] = "auto" if self.grad_checkpoint is None else self.grad_checkpoint
