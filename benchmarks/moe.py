@@ -65,12 +65,14 @@ def decomposition_figures(dense, ranks: list[int], reps: int, h: int, i: int, e:
             for m in range(e):
                 torch.linalg.svd(w[m].float(), full_matrices=False)
 
-    full = [timed(full_svds, device) for _ in range(max(1, reps // 3))]
+    torch.linalg.svd(dense.down_proj[0].float(), full_matrices=False)  # warm-up: a GPU's one-time solver start-up
+    full: list[float] = []
     for r in ranks:
         times, solvers = [], {}
-        for _ in range(reps):
+        for _ in range(reps):  # interleaved with the full SVD, as many samples of each
             module = copy.deepcopy(dense)
             times.append(timed(lambda: solvers.update(decompose_block(module, r, h, i, e)), device))
+            full.append(timed(full_svds, device))
         dec, svd = statistics.median(times), statistics.median(full)
         print(f"decompose {2 * e} expert matrices at rank {r}: {dec:.3f} s, full SVD of the same {svd:.3f} s: {svd / dec:.1f}x faster ({solvers})")
 
@@ -136,7 +138,10 @@ def main() -> None:
     print(f"dense eager / dense grouped_mm: {med['dense eager'] / med['dense grouped_mm']:.3f}")
     print(f"our loop on dense weights / dense eager: {med['our loop, dense weights'] / med['dense eager']:.3f}")
     print(f"our grouped on dense weights / dense grouped_mm: {med['our grouped, dense weights'] / med['dense grouped_mm']:.3f}")
-    print(f"use_grouped_experts picks {'grouped GEMMs' if use_grouped_experts(dense, x) else 'the loop'} here")
+    config._experts_implementation = "grouped_mm"  # the rounds left it at the last one timed ("eager")
+    with torch.no_grad():  # as the harness runs it: with grad enabled it always takes the loop
+        picks = use_grouped_experts(dense, x)
+    print(f"use_grouped_experts picks {'grouped GEMMs' if picks else 'the loop'} here")
     for k, n in params.items():
         print(f"{k}: factored grouped GEMMs / factored loop: {med[k + ' grouped'] / med[k + ' loop']:.3f}")
         cut = 1 - n / dense_params

@@ -180,3 +180,32 @@ def test_memory_limit_benchmark_kills_or_finishes_in_a_cgroup(tiny_llama_dir):
     assert re.search(r"^memory limit 4 GiB \[auto\]: finished in [\d.]+ s, peak RSS \d+ MiB, layers checkpointed: False, counted [\d.]+ GiB held "
                      r"against a budget of [\d.]+ GiB; the same sums as without a limit, bit for bit: yes$", roomy, re.M), roomy  # fmt: skip
     assert not list(Path("/sys/fs/cgroup/memory" if Path("/sys/fs/cgroup/memory").exists() else "/sys/fs/cgroup").glob("lowrank-bench-*"))  # removed
+
+
+def test_moe_benchmark_reports_the_path_use_grouped_experts_takes_where_the_kernel_pays(monkeypatch, capsys):
+    """The timing rounds left the config at 'eager' and the check ran with grad enabled: the line always read 'the
+    loop', even where grouped GEMMs run (an SM80+ GPU, stood in for here)."""
+    import importlib
+
+    import lm_eval_lowrank.modules as modules
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    moe = importlib.import_module("moe")
+    monkeypatch.setattr(modules, "grouped_kernel_pays", lambda device: True)
+    monkeypatch.setattr(modules, "GROUPED_REFUSED", set())
+    monkeypatch.setattr(sys, "argv", ["moe.py", "--hidden", "64", "--inter", "96", "--tokens", "64", "--cuts", "0.3", "--reps", "1", "--threads", "1"])
+    moe.main()
+    assert "use_grouped_experts picks grouped GEMMs here" in capsys.readouterr().out
+
+
+def test_forward_benchmark_counts_the_tucker_core_in_the_parameter_ratio(monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    forward = importlib.import_module("forward")
+    monkeypatch.setattr(forward, "SHAPES", [(96, 64)])
+    forward.bench_modules(argparse.Namespace(module_ranks=[16], module_reps=1, inner=1), 8, torch.float32, torch.device("cpu"))
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["module 96x64 folded rank=16"].endswith(f"(param ratio {96 * 64 / (16 * 160):.2f}x)")
+    assert lines["module 96x64 tucker rank=16"].endswith(f"(param ratio {96 * 64 / (16 * 160 + 16 * 16):.2f}x)")
