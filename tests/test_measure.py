@@ -592,11 +592,7 @@ def test_an_energy_sampler_stops_when_its_meter_is_dropped(tmp_path, monkeypatch
 
     from lm_eval_lowrank import measure
 
-    zone = tmp_path / "intel-rapl:0"
-    zone.mkdir()
-    (zone / "name").write_text("package-0\n")
-    (zone / "max_energy_range_uj").write_text("262143328850\n")
-    (zone / "energy_uj").write_text("0\n")
+    _zone(tmp_path, "intel-rapl:0", "package-0", 0)
     monkeypatch.setattr(measure, "RAPL_ROOT", tmp_path)
     monkeypatch.setattr(measure, "RAPL_POLL_SECONDS", 0.02)
     before = threading.active_count()

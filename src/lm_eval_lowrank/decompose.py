@@ -321,8 +321,9 @@ def _dense_target_weight(model: nn.Module, layer: int, tensor: str, path: str, e
     else:
         module = model.get_submodule(path)
         base = getattr(module, "base_layer", module)  # a peft adapter wraps it: its base layer is what is replaced
-        weight, where = getattr(base, "weight", None), f"{path}.weight"
         decomposed = base if isinstance(base, LowRankLinear) else None
+        # not read from a LowRankLinear: its .weight builds the dense product only to be refused
+        weight, where = None if decomposed is not None else getattr(base, "weight", None), f"{path}.weight"
     if decomposed is not None:
         raise SpecError(
             f"{path} is already decomposed (rank {decomposed.rank}): decomposition needs the dense weights; "
