@@ -51,7 +51,7 @@ metric_list:
 
 
 def run_lm_eval(model_dir: Path, extra: str, task_dir: Path, args: argparse.Namespace, out: Path) -> dict:
-    model_args = f"pretrained={model_dir},dtype={args.dtype}" + (f",{extra}" if extra else "")
+    model_args = f"pretrained={model_dir},dtype={args.dtype},warmup_calls={args.warmup_calls}" + (f",{extra}" if extra else "")
     cmd = [
         sys.executable, "-m", "lm_eval", "--model", "hf-tucker", "--model_args", model_args,
         "--tasks", "arc_bench", "--include_path", str(task_dir), "--limit", str(args.limit),
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the cached SmolLM2)")
     ap.add_argument("--arc-file", default=None, help="ARC-Easy test.jsonl (default: from the data folder)")
     ap.add_argument("--json-out", default=None, help="write all results here")
+    ap.add_argument("--warmup-calls", default="auto", help="hf-tucker's warmup_calls (auto: 1 on a GPU, 0 on the CPU); 0 shows the start-up in the first call")
     args = ap.parse_args()
 
     from lm_eval_lowrank.assets import smollm2_path
@@ -106,6 +107,12 @@ def main() -> None:
         print(f"dense: load {dense['decomposition']['load_seconds']:.2f} s, forward {dense['latency']['total_seconds']:.3f} s "
               f"({dense['latency']['timer']}, {dense['latency']['calls']} batches), "
               f"energy {_energy(dense)}, peak memory {dense['memory']['bytes'] / 2**30:.2f} GiB ({dense['memory']['kind']})")
+        calls = dense["latency"]["per_call_seconds"]
+        if len(calls) > 1:  # the first (largest) batch against the median of the rest, per input token
+            tokens = dense["latency"]["per_call_input_tokens"]
+            rest = sorted(t / n for t, n in zip(calls[1:], tokens[1:]))
+            print(f"dense: first timed call / median call, per input token: {calls[0] / tokens[0] / rest[len(rest) // 2]:.2f} "
+                  f"({dense['latency']['warmup_calls']} warm-up calls before it)")
         for extra in configs:
             low = runs[extra]["config"]["lowrank"]
             dec = low["decomposition"]

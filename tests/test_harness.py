@@ -507,3 +507,40 @@ def test_the_load_peak_is_the_loads_own_not_an_earlier_evaluations(tiny_model_di
     del lm
     lm = HFTuckerLM(pretrained=str(tiny_model_dir), measure_energy=False, device="cuda:0")
     assert lm._lowrank_report["load_peak_memory_bytes"] == 500 * mib
+
+
+def test_warmup_calls_run_the_first_batch_untimed_in_each_evaluation(tiny_model_dir, arc_task_dir, tmp_path):
+    """CUDA's first call loads kernels and sets up cuBLAS: inside the first timed call it inflated the latency of
+    every run alike. warmup_calls=N runs the first batch N times untimed (a forward of the prompts before a
+    generate call), counted apart from the timed calls and the batch-size probes."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+    from lm_eval_lowrank.tasks import data_dir
+
+    (tmp_path / "gen_tiny.yaml").write_text(GEN_TASK_YAML.format(data=data_dir() / "arc_easy" / "test.jsonl"))
+    tm = TaskManager(include_path=[str(arc_task_dir), str(tmp_path)])
+    runs = {}
+    for warmup in (0, 2):
+        lm = HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=2, max_length=128, measure_energy=False, warmup_calls=str(warmup))
+        forwards = []
+        lm.model.register_forward_hook(lambda mod, args, out: forwards.append(args[0].shape if args else None))
+        arc = simple_evaluate(model=lm, tasks=["arc_tiny"], task_manager=tm, limit=3, bootstrap_iters=0)
+        arc_forwards = len(forwards)
+        gen = simple_evaluate(model=lm, tasks=["gen_tiny"], task_manager=tm, limit=2, bootstrap_iters=0)
+        runs[warmup] = (arc, gen, arc_forwards, forwards)
+    (arc0, gen0, n0, _), (arc2, gen2, n2, fw2) = runs[0], runs[2]
+    lat0, lat2 = arc0["config"]["lowrank"]["latency"], arc2["config"]["lowrank"]["latency"]
+    assert lat0["warmup_calls"] == 0 and lat2["warmup_calls"] == 2
+    assert lat0["calls"] == lat2["calls"] == 6 and lat0["excluded_calls"] == lat2["excluded_calls"] == 0
+    assert lat2["per_call_input_tokens"] == lat0["per_call_input_tokens"]  # the timed calls are the same batches
+    assert n2 == n0 + 2 and fw2[0] == fw2[1] == fw2[2]  # the first batch thrice: two untimed, then timed
+    g0, g2 = gen0["config"]["lowrank"]["latency"], gen2["config"]["lowrank"]["latency"]
+    assert g2["warmup_calls"] == 2 and g0["warmup_calls"] == 0 and g2["calls"] == g0["calls"] == 1  # again for the new evaluation
+    assert g2["per_call_input_tokens"] == g0["per_call_input_tokens"]
+    assert arc2["results"]["arc_tiny"]["acc,none"] == arc0["results"]["arc_tiny"]["acc,none"]
+    for bad in ("-1", "abc", "1.5"):
+        with pytest.raises(SpecError, match=r"^warmup_calls=.*expected auto or an int >= 0"):
+            HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", warmup_calls=bad)

@@ -628,3 +628,23 @@ def test_generate_calls_pair_by_their_inputs_and_say_when_lengths_differ():
     assert latency_ratio(dense, other).startswith("the runs timed different batches")
     old = {k: v for k, v in low.items() if k != "per_call_input_tokens"}  # written before inputs were recorded
     assert latency_ratio(dense, old).startswith("the runs timed different batches")
+
+
+def test_a_run_that_warmed_up_pairs_with_one_that_did_not_without_the_first_call():
+    """The first call of a run without a warm-up forward holds CUDA's start-up: against a run that warmed up, it
+    is left out of both, and said so; two runs alike keep every call. A sweep row keeps what the pairing needs."""
+    from lm_eval_lowrank.compare import _latency_ratio_cell
+    from lm_eval_lowrank.latency_stats import latency_ratio
+    from lm_eval_lowrank.sweep import row_from_results
+
+    tokens = list(range(100, 88, -1))
+    cold = {"per_call_seconds": [3.0] + [1.0] * 11, "per_call_tokens": tokens, "per_call_input_tokens": tokens}
+    warm = {**cold, "per_call_seconds": [0.8] * 12, "warmup_calls": 1}
+    got = latency_ratio(cold, warm)
+    assert got.ratio == pytest.approx(0.8) and got.calls == 11 and got.first_call_dropped
+    assert latency_ratio({**cold, "warmup_calls": 0}, warm).first_call_dropped  # 0 is the same as none recorded
+    both = latency_ratio({**cold, "warmup_calls": 2}, warm)
+    assert both.calls == 12 and not both.first_call_dropped and both.ratio == pytest.approx(9.6 / 14)
+    assert _latency_ratio_cell({"latency": cold}, {"latency": warm}, 0.95).endswith("(paired, 11 batches; one run warmed up and the other did not, so the first batch is left out of both)")
+    results = {"results": {}, "config": {"lowrank": {"decomposition": {}, "latency": {**warm, "total_seconds": 9.6, "tokens": sum(tokens)}, "energy": {}, "memory": {}}}}
+    assert row_from_results(results, [])["latency_calls"] == warm

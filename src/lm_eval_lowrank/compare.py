@@ -202,7 +202,8 @@ def _latency_ratio_cell(reference: dict[str, Any], low: dict[str, Any], confiden
     if isinstance(got, str):
         return f"n/a: {got}"
     lengths = "" if got.same_output else "; the generated lengths differ, so this is the time to answer the same prompts"
-    return f"{got.ratio:.3f} [{got.lower:.3f}, {got.upper:.3f}] (paired, {got.calls} batches{lengths})"
+    warmup = "; one run warmed up and the other did not, so the first batch is left out of both" if got.first_call_dropped else ""
+    return f"{got.ratio:.3f} [{got.lower:.3f}, {got.upper:.3f}] (paired, {got.calls} batches{lengths}{warmup})"
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -25,7 +25,7 @@ from .api import compress_model, validate_against_config, versions
 from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
-from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, check_dtype_args, check_local_paths, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, _as_int, check_dtype_args, check_local_paths, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -86,7 +86,7 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
 
 
 # hf-tucker's own arguments besides the decomposition's (SPEC_KEYS).
-_OWN_ARGS = ("measure_energy", "energy_idle_seconds")
+_OWN_ARGS = ("measure_energy", "energy_idle_seconds", "warmup_calls")
 
 # HFLM arguments that change how a dense model is read from the Hub; a compressed checkpoint is a local folder
 # of factors, so they cannot apply to it.
@@ -191,11 +191,16 @@ class HFTuckerLM(HFLM):
             merged[key] = value
         return cls(**merged)
 
-    def __init__(self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self, pretrained: Any = None, measure_energy: bool = True, energy_idle_seconds: float = 1.0, warmup_calls: int | str = "auto", **kwargs: Any
+    ) -> None:
         _print_user_errors_in_one_line()
         # lm-eval passes model_args as strings: "no" and "abc" would be a true flag and a TypeError after the load.
         measure_energy = _as_bool("measure_energy", measure_energy)
         energy_idle_seconds = _as_float_in("energy_idle_seconds", energy_idle_seconds, lambda x: 0 <= x < math.inf, "expected seconds >= 0 (0: no idle baseline)")
+        warmup = None if str(warmup_calls).strip().lower() == "auto" else _as_int("warmup_calls", warmup_calls, "expected auto or an int >= 0")
+        if warmup is not None and warmup < 0:
+            raise SpecError(f"warmup_calls={warmup_calls!r} is invalid: expected auto or an int >= 0")
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
@@ -278,7 +283,9 @@ class HFTuckerLM(HFLM):
         if (path := experts_forward_path(self._model)) is not None:  # checks the grouped forward before any is timed
             self._lowrank_report["experts_forward"] = path
         self._lowrank_report["model_devices"] = sorted(str(d) for d in model_devices)
-        self._meter_args = {"measure_energy": measure_energy, "idle_seconds": energy_idle_seconds, "model_devices": model_devices}
+        if warmup is None:  # CUDA's first call also loads kernels and sets up cuBLAS; a CPU's costs little extra
+            warmup = 1 if self.device.type == "cuda" else 0
+        self._meter_args = {"measure_energy": measure_energy, "idle_seconds": energy_idle_seconds, "model_devices": model_devices, "warmup_calls": warmup}
         self._evaluation = 0  # the evaluation the meter measures; one more after each report (get_model_info)
         self._reported = False
         self._meters: list[Meter] = []  # the live meter, for the finalizer to stop its energy sampler
@@ -341,10 +348,16 @@ class HFTuckerLM(HFLM):
 
     # -- measured calls ---------------------------------------------------------------
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        while self._meter.wants_warmup:  # the first batch, untimed, so its timing is not CUDA's start-up
+            with self._meter.warmup():
+                super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with self._meter.measure("model_call", tokens=int(inps.numel()), input_tokens=int(inps.numel())):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        while self._meter.wants_warmup:  # one forward of the prompts (decoding's own kernels may still start late)
+            with self._meter.warmup():
+                HFLM._model_call(self, context)
         with self._meter.measure("generate", tokens=0, input_tokens=int(context.numel())) as rec:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             rec.tokens = int((out.shape[1] - context.shape[1]) * out.shape[0])  # new tokens only

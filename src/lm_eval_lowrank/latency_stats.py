@@ -53,6 +53,7 @@ class LatencyRatio:
     calls: int
     blocks: int
     same_output: bool = True  # False: generate calls made different numbers of new tokens (the ratio includes that)
+    first_call_dropped: bool = False  # one run warmed up and the other did not: the first call left out of both
 
 
 MIN_LATENCY_BLOCKS = 3
@@ -81,6 +82,11 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     if len(d) != len(c) or reference.get(key) != run.get(key):
         return f"the runs timed different batches ({len(d)} and {len(c)} calls): use the same tasks, limit and a fixed batch_size"
     same_output = reference.get("per_call_tokens") == run.get("per_call_tokens")
+    # A run without a warm-up forward (warmup_calls 0, or written before there were any) times CUDA's start-up in
+    # its first call; against one that warmed up, that call is left out of both.
+    first_call_dropped = (int(reference.get("warmup_calls") or 0) > 0) != (int(run.get("warmup_calls") or 0) > 0)
+    if first_call_dropped:
+        d, c = d[1:], c[1:]
     n = len(d)
     if n < MIN_LATENCY_BLOCKS**2:
         return f"{n} timed batches are too few (need {MIN_LATENCY_BLOCKS ** 2})"
@@ -96,4 +102,4 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
     stderr = math.sqrt(blocks / (blocks - 1) * residual_ss) / total_d
     half = t_quantile(confidence, blocks - 1) * stderr
     # a ratio of times is >= 0: a symmetric interval crosses zero only under noise larger than the ratio itself
-    return LatencyRatio(ratio, max(0.0, ratio - half), ratio + half, n, blocks, same_output)
+    return LatencyRatio(ratio, max(0.0, ratio - half), ratio + half, n, blocks, same_output, first_call_dropped)

@@ -497,6 +497,8 @@ class Meter:
     cuda_devices: list[int] = field(default_factory=list)  # the CUDA devices the model occupies
     records: list[CallRecord] = field(default_factory=list)
     excluded_calls: int = 0
+    warmup_calls: int = 0  # forwards to run untimed before the first timed call (CUDA's lazy start-up)
+    warmup_calls_run: int = 0
     _excluding: int = 0
     _peak_before: dict[int, int] = field(default_factory=dict)  # CUDA peaks before excluded spans reset them
     _pending: list[CallRecord] = field(default_factory=list)
@@ -508,8 +510,10 @@ class Meter:
         measure_energy: bool = True,
         idle_seconds: float = 1.0,
         model_devices: Iterable[torch.device] | None = None,
+        warmup_calls: int = 0,
     ) -> Meter:
-        """``model_devices``: where the model's parameters live (several GPUs with ``parallelize=True``)."""
+        """``model_devices``: where the model's parameters live (several GPUs with ``parallelize=True``);
+        ``warmup_calls``: untimed forwards the caller runs (``warmup``) before the first timed call."""
         device = torch.device(device)
         cuda_ok = torch.cuda.is_available()
         used = sorted({d.index or 0 for d in (model_devices or []) if d.type == "cuda"}) if cuda_ok else []
@@ -517,7 +521,7 @@ class Meter:
         if cuda_ok and device.type == "cuda":
             for i in used or [device.index or 0]:
                 torch.cuda.reset_peak_memory_stats(i)
-        return cls(device=device, energy=energy, cuda_devices=used)
+        return cls(device=device, energy=energy, cuda_devices=used, warmup_calls=warmup_calls)
 
     @property
     def sharded(self) -> bool:
@@ -537,6 +541,18 @@ class Meter:
     def _sync_all(self) -> None:
         for i in self.cuda_devices:
             torch.cuda.synchronize(i)
+
+    @property
+    def wants_warmup(self) -> bool:
+        """A warm-up forward is due: before the first timed call, while fewer than ``warmup_calls`` ran."""
+        return not self.records and not self._pending and self.warmup_calls_run < self.warmup_calls and not self._excluding
+
+    @contextmanager
+    def warmup(self):
+        """A warm-up forward: left out like a probe, and counted as a warm-up."""
+        with self.excluded():
+            yield
+        self.warmup_calls_run += 1
 
     @contextmanager
     def excluded(self):
@@ -634,6 +650,7 @@ class Meter:
                 "tokens": total_tok,
                 "tokens_per_second": total_tok / total_s if total_s > 0 else None,
                 "excluded_calls": self.excluded_calls,
+                "warmup_calls": self.warmup_calls_run,
                 "by_kind": by_kind,
                 # In call order, so that two runs over the same batches can be compared call by call.
                 "per_call_seconds": seconds,
@@ -674,11 +691,11 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         out = dict(summaries[0])
         out["processes"] = 1
         return _finish(out)
-    lat = {"timer": summaries[0]["latency"]["timer"], "total_seconds": 0.0, "calls": 0, "tokens": 0, "excluded_calls": 0, "by_kind": {}}
+    lat = {"timer": summaries[0]["latency"]["timer"], "total_seconds": 0.0, "calls": 0, "tokens": 0, "excluded_calls": 0, "warmup_calls": 0, "by_kind": {}}
     for s in summaries:
         L = s["latency"]
-        for key in ("total_seconds", "calls", "tokens", "excluded_calls"):
-            lat[key] += L[key]
+        for key in ("total_seconds", "calls", "tokens", "excluded_calls", "warmup_calls"):
+            lat[key] += L.get(key, 0)
         for kind, v in L["by_kind"].items():
             d = lat["by_kind"].setdefault(kind, {"calls": 0, "seconds": 0.0, "tokens": 0})
             for key in d:

@@ -533,7 +533,7 @@ def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, 
         "tokens_per_second": _finite(lat.get("tokens_per_second")),
         "seconds_per_token": (total / tokens) if (total is not None and tokens) else None,
         # every timed call, in order: rows at the same limit and batch size pair call by call (latency_stats)
-        "latency_calls": {k: lat[k] for k in ("per_call_seconds", "per_call_tokens")} if "per_call_seconds" in lat else None,
+        "latency_calls": {k: lat[k] for k in ("per_call_seconds", "per_call_tokens", "per_call_input_tokens", "warmup_calls") if k in lat} if "per_call_seconds" in lat else None,
         "energy_available": bool(en.get("available")),
         "energy_joules": _finite(en.get("total_joules")),
         "joules_per_token": _finite(en.get("joules_per_token")),
