@@ -511,8 +511,8 @@ def test_the_load_peak_is_the_loads_own_not_an_earlier_evaluations(tiny_model_di
 
 def test_warmup_calls_run_the_first_batch_untimed_in_each_evaluation(tiny_model_dir, arc_task_dir, tmp_path):
     """CUDA's first call loads kernels and sets up cuBLAS: inside the first timed call it inflated the latency of
-    every run alike. warmup_calls=N runs the first batch N times untimed (a forward of the prompts before a
-    generate call), counted apart from the timed calls and the batch-size probes."""
+    every run alike. warmup_calls=N runs the first batch N times untimed (two new tokens before a generate call),
+    counted apart from the timed calls and the batch-size probes."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -531,7 +531,7 @@ def test_warmup_calls_run_the_first_batch_untimed_in_each_evaluation(tiny_model_
         arc_forwards = len(forwards)
         gen = simple_evaluate(model=lm, tasks=["gen_tiny"], task_manager=tm, limit=2, bootstrap_iters=0)
         runs[warmup] = (arc, gen, arc_forwards, forwards)
-    (arc0, gen0, n0, _), (arc2, gen2, n2, fw2) = runs[0], runs[2]
+    (arc0, gen0, n0, fw0), (arc2, gen2, n2, fw2) = runs[0], runs[2]
     lat0, lat2 = arc0["config"]["lowrank"]["latency"], arc2["config"]["lowrank"]["latency"]
     assert lat0["warmup_calls"] == 0 and lat2["warmup_calls"] == 2
     assert lat0["calls"] == lat2["calls"] == 6 and lat0["excluded_calls"] == lat2["excluded_calls"] == 0
@@ -540,6 +540,7 @@ def test_warmup_calls_run_the_first_batch_untimed_in_each_evaluation(tiny_model_
     g0, g2 = gen0["config"]["lowrank"]["latency"], gen2["config"]["lowrank"]["latency"]
     assert g2["warmup_calls"] == 2 and g0["warmup_calls"] == 0 and g2["calls"] == g0["calls"] == 1  # again for the new evaluation
     assert g2["per_call_input_tokens"] == g0["per_call_input_tokens"]
+    assert (len(fw2) - n2) - (len(fw0) - n0) == 2 * 2  # each generate warm-up: the prompts' forward and one decoding step
     assert arc2["results"]["arc_tiny"]["acc,none"] == arc0["results"]["arc_tiny"]["acc,none"]
     for bad in ("-1", "abc", "1.5"):
         with pytest.raises(SpecError, match=r"^warmup_calls=.*expected auto or an int >= 0"):

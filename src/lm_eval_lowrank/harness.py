@@ -355,9 +355,10 @@ class HFTuckerLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
-        while self._meter.wants_warmup:  # one forward of the prompts (decoding's own kernels may still start late)
+        while self._meter.wants_warmup:  # two new tokens: the prompts' forward and one decoding step, untimed
             with self._meter.warmup():
-                HFLM._model_call(self, context)
+                warm_length = context.shape[1] + 2 if self.backend == "causal" else 2  # seq2seq counts the decoder's
+                super()._model_generate(context, warm_length, stop, **dict(generation_kwargs))
         with self._meter.measure("generate", tokens=0, input_tokens=int(context.numel())) as rec:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             rec.tokens = int((out.shape[1] - context.shape[1]) * out.shape[0])  # new tokens only
