@@ -991,3 +991,14 @@ def test_a_checkpoint_loaded_in_bf16_keeps_the_modules_transformers_keeps_in_fp3
     loaded = load_compressed(out, dtype="bfloat16", device="cpu")
     assert router_bias_dtypes(loaded) == {torch.float32}
     assert torch.equal(logits(loaded), logits(dense))
+
+
+def test_an_argument_that_changes_nothing_does_not_miss_the_cache(tiny_dir):
+    """solver_tol under solver=exact (or calib_target under rom) changed the cache key though the factors were
+    the same: each value recomputed and stored its own entry."""
+    _, exact = compress(tiny_dir, solver="exact")
+    _, loose = compress(tiny_dir, solver="exact", solver_tol=0.05)
+    assert loose.cache["hit"] and loose.cache["key"] == exact.cache["key"]
+    assert loose.to_dict()["spec"]["solver_tol"] == 0.05  # still recorded as given (and warned about)
+    _, krylov = compress(tiny_dir, solver="krylov", solver_tol=0.05)
+    assert not krylov.cache["hit"] and krylov.cache["key"] != exact.cache["key"]

@@ -295,3 +295,22 @@ def test_arguments_that_change_nothing_are_said_and_not_recorded_as_used(capsys)
     for stray in ({"allocator": "tail"}, {"rank_multiple": 8}):
         with pytest.raises(SpecError, match=r"is invalid: it applies to budget=F only"):
             DecompositionSpec.from_args({"rank": 2, **stray})
+
+
+def test_calib_target_outside_whiten_and_fwhiten_is_said_unused(capsys):
+    """rom and asvd fit the compressed model's own outputs: calib_target was taken silently and recorded as if it
+    had changed something."""
+    from lm_eval_lowrank.methods import BUILTIN_MODULES, uses_reference
+    from lm_eval_lowrank.spec import REFERENCE_METHODS
+
+    assert set(REFERENCE_METHODS) == {m for m in BUILTIN_MODULES if uses_reference(m)}
+    for method in ("rom", "asvd", "fwsvd"):
+        spec = DecompositionSpec.from_args({"method": method, "rank": 4, "calib_target": 0.5})
+        assert f"calib_target unused: method={method} fits the compressed model's own outputs" in capsys.readouterr().err
+        assert spec.calib_target == 0.5 and spec.effective().calib_target == 0.25
+    for method in REFERENCE_METHODS:
+        spec = DecompositionSpec.from_args({"method": method, "rank": 4, "calib_target": 0.5})
+        assert capsys.readouterr().err == "" and spec.effective() == spec
+    exact = DecompositionSpec.from_args({"rank": 4, "solver": "exact", "solver_tol": 0.05, "seed": 3})
+    assert "solver_tol, seed unused" in capsys.readouterr().err
+    assert exact.effective() == DecompositionSpec.from_args({"rank": 4, "solver": "exact"})

@@ -870,7 +870,7 @@ class DecompositionCache:
             dtypes.add(str(w.dtype))
             devices.add(w.device.type)
             samples.append((t.path, [_weight_sample(w)] + ([_weight_sample(b)] if b is not None else [])))
-        spec_d = spec.to_dict()
+        spec_d = spec.effective().to_dict()  # an argument that changes nothing must not miss
         payload = {
             "cache_format": CACHE_FORMAT_VERSION,
             "algorithms": ALGORITHM_VERSION,

@@ -29,6 +29,7 @@ METHODS = ("tucker", "rom", "whiten", "asvd", "fwsvd", "fwhiten")
 CALIBRATED_METHODS = ("rom", "whiten", "asvd", "fwsvd", "fwhiten")  # they read calibration data (calib= defaults to wikitext_local)
 GRADIENT_METHODS = ("fwsvd", "fwhiten")  # their statistics include gradients of the LM loss (the rows' Fisher sums)
 GRADIENT_ONLY_METHODS = ("fwsvd",)  # and nothing else: no layer's activations
+REFERENCE_METHODS = ("whiten", "fwhiten")  # they fit the dense model's outputs too: calib_target is theirs
 METHOD_OPTIONS = {"asvd_alpha": "asvd", "asvd_stat": "asvd"}  # an option of one method -> that method (refused with any other)
 ALLOCATORS = ("uniform", "tail", "sensitivity", "output_error", "fisher")
 CALIBRATED_ALLOCATORS = ("sensitivity", "output_error", "fisher")  # they read calibration data, whatever the method
@@ -412,30 +413,41 @@ class DecompositionSpec:
     def _warn_unused(self, given: set[str]) -> None:
         """Arguments that change nothing here, said on stderr (not refused: a sweep passes the same extra arguments to
         its dense baseline and to every method)."""
+        for names, why in self.unused_args(given):
+            print(f"[lm-eval-lowrank] warning: {', '.join(names)} unused: {why}", file=sys.stderr)
+
+    def unused_args(self, given: Iterable[str] | None = None) -> list[tuple[list[str], str]]:
+        """(names, why) of the arguments set away from their defaults that change nothing in this decomposition;
+        ``given``: only among these names (default: every field)."""
         default = DecompositionSpec()
-        changed = {k for k in given if k in default.__dataclass_fields__ and getattr(self, k) != getattr(default, k)}  # to_dict() round trips are quiet
+        names = set(default.__dataclass_fields__) if given is None else set(given)
+        changed = {k for k in names if k in default.__dataclass_fields__ and getattr(self, k) != getattr(default, k)}  # to_dict() round trips are quiet
         if self.is_noop:
             unused = sorted(changed - {"cache"})
-            why = "without rank= or budget= nothing is decomposed (the model runs dense)"
-        else:
-            notes = []
-            calib = [] if self.reads_calibration else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
-            if calib:
-                notes.append((calib, f"method={self.method} reads no calibration data"))
-            gradients = self.method in GRADIENT_METHODS or (self.budget is not None and self.allocator in GRADIENT_ALLOCATORS)
-            grad = [] if gradients else sorted(changed & {"grad_batch", "grad_checkpoint"})
-            if grad:
-                notes.append((grad, "no gradient pass runs (method fwsvd/fwhiten or allocator=fisher)"))
-            # solver_tol is Krylov's (auto may pick it); seed is the random solvers' and the calibration windows'
-            solver = sorted(changed & ({"solver_tol"} if self.solver in ("exact", "gram", "randomized") else set()))
-            solver += ["seed"] if "seed" in changed and self.solver in ("exact", "gram") and not self.reads_calibration else []
-            if solver:
-                notes.append((solver, f"solver={self.solver} does not read {'it' if len(solver) == 1 else 'them'}"))
-            for names, why in notes:
-                print(f"[lm-eval-lowrank] warning: {', '.join(names)} unused: {why}", file=sys.stderr)
-            return
-        if unused:
-            print(f"[lm-eval-lowrank] warning: {', '.join(unused)} unused: {why}", file=sys.stderr)
+            return [(unused, "without rank= or budget= nothing is decomposed (the model runs dense)")] if unused else []
+        notes = []
+        calib = [] if self.reads_calibration else sorted(changed & {"calib", "calib_n", "calib_len", "calib_batch", "calib_target", "calib_staged"})
+        if calib:
+            notes.append((calib, f"method={self.method} reads no calibration data"))
+        elif "calib_target" in changed and self.method not in REFERENCE_METHODS:
+            notes.append((["calib_target"], f"method={self.method} fits the compressed model's own outputs (calib_target is {' and '.join(REFERENCE_METHODS)}'s)"))
+        gradients = self.method in GRADIENT_METHODS or (self.budget is not None and self.allocator in GRADIENT_ALLOCATORS)
+        grad = [] if gradients else sorted(changed & {"grad_batch", "grad_checkpoint"})
+        if grad:
+            notes.append((grad, "no gradient pass runs (method fwsvd/fwhiten or allocator=fisher)"))
+        # solver_tol is Krylov's (auto may pick it); seed is the random solvers' and the calibration windows'
+        solver = sorted(changed & ({"solver_tol"} if self.solver in ("exact", "gram", "randomized") else set()))
+        solver += ["seed"] if "seed" in changed and self.solver in ("exact", "gram") and not self.reads_calibration else []
+        if solver:
+            notes.append((solver, f"solver={self.solver} does not read {'it' if len(solver) == 1 else 'them'}"))
+        return notes
+
+    def effective(self) -> DecompositionSpec:
+        """This spec with its unused arguments at their defaults: what the factors depend on (the cache key), so
+        that an argument that changes nothing does not miss the cache."""
+        default = DecompositionSpec()
+        unused = {name for names, _ in self.unused_args() for name in names}
+        return replace(self, **{k: getattr(default, k) for k in unused}) if unused and not self.is_noop else self
 
     def _check_consistency(self) -> None:
         if self.budget is None and self.rank is None and not self.rank_overrides:
