@@ -231,3 +231,23 @@ def test_a_finite_weight_whose_sum_overflows_is_not_refused():
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.fill_(1e36)  # 4096 x 1e36 overflows the fp32 sum
     check_decomposable(model, make_plan(DecompositionSpec.from_args({"rank": 2}), model.config).targets)
+
+
+def test_a_module_kept_dense_is_warned_about_once():
+    """The config-side check before the load planned the decomposition too, so the break-even warning came twice."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lm_eval_lowrank.api import compress_model, validate_against_config
+    from lm_eval_lowrank.spec import DecompositionSpec
+
+    spec = DecompositionSpec.from_args({"rank": 32, "layers": "1", "tensors": "q"})  # 64x64: break-even 32
+    config = tiny_llama_config()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        validate_against_config(spec, config)
+        report = compress_model(LlamaForCausalLM(config), spec, progress=False)
+    kept = [w for w in seen if "kept dense" in str(w.message)]
+    assert len(kept) == 1 and report.to_dict()["skipped"]

@@ -646,5 +646,7 @@ def test_a_run_that_warmed_up_pairs_with_one_that_did_not_without_the_first_call
     both = latency_ratio({**cold, "warmup_calls": 2}, warm)
     assert both.calls == 12 and not both.first_call_dropped and both.ratio == pytest.approx(9.6 / 14)
     assert _latency_ratio_cell({"latency": cold}, {"latency": warm}, 0.95).endswith("(paired, 11 batches; one run warmed up and the other did not, so the first batch is left out of both)")
+    short = {k: v[:9] if isinstance(v, list) else v for k, v in warm.items()}
+    assert latency_ratio({k: v[:9] for k, v in cold.items()}, short) == "8 timed batches after leaving out the first of each run (one warmed up and the other did not) are too few (need 9)"
     results = {"results": {}, "config": {"lowrank": {"decomposition": {}, "latency": {**warm, "total_seconds": 9.6, "tokens": sum(tokens)}, "energy": {}, "memory": {}}}}
     assert row_from_results(results, [])["latency_calls"] == warm

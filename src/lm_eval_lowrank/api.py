@@ -9,6 +9,7 @@ validation against the config, rank allocation (``budget=``), calibration statis
 from __future__ import annotations
 
 import platform
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +52,9 @@ def validate_against_config(spec: DecompositionSpec, config: Any) -> None:
     adapter = config_side_adapter(config)
     if adapter is None:
         return  # transformers cannot build it empty (e.g. remote code): checked right after load
-    make_plan(spec, config, adapter=adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the errors only: the plan's warnings come once, from the decomposition
+        make_plan(spec, config, adapter=adapter)
 
 
 _FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}

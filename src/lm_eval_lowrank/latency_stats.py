@@ -89,7 +89,8 @@ def latency_ratio(reference: Mapping[str, Any], run: Mapping[str, Any], confiden
         d, c = d[1:], c[1:]
     n = len(d)
     if n < MIN_LATENCY_BLOCKS**2:
-        return f"{n} timed batches are too few (need {MIN_LATENCY_BLOCKS ** 2})"
+        dropped = " after leaving out the first of each run (one warmed up and the other did not)" if first_call_dropped else ""
+        return f"{n} timed batches{dropped} are too few (need {MIN_LATENCY_BLOCKS ** 2})"
     blocks = max(MIN_LATENCY_BLOCKS, round(n ** (1 / 3)))
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     D = [sum(d[a:b]) for a, b in zip(edges, edges[1:])]
