@@ -179,3 +179,26 @@ def test_a_failed_reevaluation_does_not_hide_the_finished_row(tmp_path: Path) ->
     only_errors = Store.open(tmp_path / "e.jsonl")  # a key that never finished is still run again
     only_errors.append({"key": "k", "status": "error", "error": "boom"})
     assert not only_errors.done("k") and only_errors.get("k")["error"] == "boom" and only_errors.rows() == []
+
+
+def test_sweeps_score_a_task_on_the_metric_the_gate_and_compare_choose():
+    """Sweeps scored ARC on acc while the gate and compare took acc_norm: a configuration the search chose within
+    a tolerance could then fail the gate on the other metric. A row stored under the old choice is evaluated again,
+    and the report leaves it out of the drops."""
+    from lm_eval_lowrank.gate import choose_metric
+    from lm_eval_lowrank.report import markdown_table
+    from lm_eval_lowrank.sweep import Runner, extract_metrics
+
+    entry = {"acc,none": 0.6, "acc_stderr,none": 0.05, "acc_norm,none": 0.4, "acc_norm_stderr,none": 0.04, "alias": "arc"}
+    metrics, acc, names, errs = extract_metrics({"arc": entry}, ["arc"])
+    assert choose_metric(entry) == "acc_norm,none" and names == {"arc": "acc_norm"} and acc == {"arc": 0.4} and errs == {"arc": 0.04}
+    runner = Runner.__new__(Runner)
+    runner.device, runner.batch_size, runner.keep_doc_scores = "cpu", 1, False
+    old = {"device": "cpu", "batch_size": "1", "metrics": metrics, "primary_metric": {"arc": "acc"}, "accuracy": {"arc": 0.6}}
+    assert runner.stale_reason(old) == "stored with arc scored on acc, now acc_norm"
+    assert runner.stale_reason({**old, "primary_metric": names, "accuracy": acc}) is None
+    base = {"model": "m", "tasks": ["arc"], "limit": 10, "param_reduction": 0.0, "label": "dense", "spec": None}
+    dense = {**base, "primary_metric": {"arc": "acc"}, "accuracy": {"arc": 0.6}}
+    newer = {**base, "label": "r1", "spec": {"rank": 1, "layers": "3", "tensors": "all"}, "param_reduction": 0.1, "primary_metric": names, "accuracy": {"arc": 0.3}}
+    row = next(line for line in markdown_table([dense, newer]).splitlines() if line.startswith("| r1"))
+    assert "+30.0" not in row and "+10.0" not in row  # no drop across metrics (0.6 acc - 0.3 acc_norm)

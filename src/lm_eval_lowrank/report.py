@@ -68,6 +68,14 @@ def _dense(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return next((r for r in rows if not r.get("spec")), None)
 
 
+def _comparable(dense: Mapping[str, Any], row: Mapping[str, Any], task: str) -> bool:
+    """Both rows scored ``task``, on the same metric (a store may hold rows written when sweeps scored ARC on acc
+    beside newer ones on acc_norm)."""
+    if (dense.get("accuracy") or {}).get(task) is None or (row.get("accuracy") or {}).get(task) is None:
+        return False
+    return (dense.get("primary_metric") or {}).get(task) == (row.get("primary_metric") or {}).get(task)
+
+
 def _pct(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
@@ -96,6 +104,8 @@ def _interval(dense: Mapping[str, Any], row: Mapping[str, Any], z: float) -> str
 
     if row is dense:
         return "-"
+    if (dense.get("primary_metric") or {}) != (row.get("primary_metric") or {}):
+        return "n/a"  # scored on other metrics (an older store)
     bounds, _ = paired_drop_bounds(dense, row, "mean", z)
     return "n/a" if bounds is None else f"{100 * bounds[0]:+.1f} .. {100 * bounds[1]:+.1f}"
 
@@ -140,7 +150,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             accs = [_num((r.get("accuracy") or {}).get(t)) for t in tasks]
             drop = None
             if dense is not None:
-                ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if (dense.get("accuracy") or {}).get(t) is not None and (r.get("accuracy") or {}).get(t) is not None]
+                ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if _comparable(dense, r, t)]
                 drop = sum(ds) / len(ds) if ds else None
             energy = _num(r.get("energy_joules"), "{:.1f}") if r.get("energy_available") else "n/a"
             mem = r.get("memory_bytes")
@@ -268,7 +278,7 @@ def _sensitivity_plot(plt: Any, group: Sequence[Mapping[str, Any]], tasks: Seque
     for r in rows:
         s = r["spec"]
         other = s.get("tensors", "all") if axis == "single-layer" else s.get("layers", "all")
-        ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if dense["accuracy"].get(t) is not None and r["accuracy"].get(t) is not None]
+        ds = [dense["accuracy"][t] - r["accuracy"][t] for t in tasks if _comparable(dense, r, t)]
         if ds:
             series[f"rank {s.get('rank')}" + (f", {other}" if other != "all" else "")][str(s["layers"] if axis == "single-layer" else s["tensors"])] = 100 * sum(ds) / len(ds)
     if not series:
@@ -313,7 +323,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, plots: bool | None
     written: list[Path] = []
     groups = _groups(rows)
     md = ["# Low-rank sweep report", "", f"Store: `{Path(store_path).name}`, {len(rows)} finished rows.", ""]
-    md.append("Accuracy columns are each task's primary metric (acc where the task has it). 'mean drop' is dense minus config, in points, averaged over tasks; where the rows kept each document's score (`sweep --doc-scores`), its two-sided 95 % interval is paired over the documents both scored. Δlatency is the change in seconds per token against the dense row of the same table; where the rows kept their timed calls, its 95 % interval (in %) is paired over the batches both timed, from blocks of consecutive calls. Energy is n/a where no counter is available (CPU).\n")
+    md.append("Accuracy columns are each task's primary metric (the gate's and compare's: acc_norm where the task has it, else acc, ...); a row scored on another metric (an older store) is left out of the mean drop. 'mean drop' is dense minus config, in points, averaged over tasks; where the rows kept each document's score (`sweep --doc-scores`), its two-sided 95 % interval is paired over the documents both scored. Δlatency is the change in seconds per token against the dense row of the same table; where the rows kept their timed calls, its 95 % interval (in %) is paired over the batches both timed, from blocks of consecutive calls. Energy is n/a where no counter is available (CPU).\n")
     md.append(markdown_table(rows))
     if no_plots:
         md.append(no_plots + "\n")

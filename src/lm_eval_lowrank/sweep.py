@@ -46,7 +46,7 @@ from .spec import (
 from .store import Store, row_key
 
 # Metrics that read as "accuracy" (higher is better), in order of preference per task.
-PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "mc2", "f1", "em")
+PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "em", "f1", "mc2")  # the order of gate.PREFERRED_METRICS
 
 
 # -- the grid ---------------------------------------------------------------------------
@@ -229,6 +229,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def primary_metric(metrics: Mapping[str, Any]) -> str | None:
+    """The metric a task is scored on among ``metrics`` (names as the store keeps them): the first of
+    PRIMARY_METRICS, as the gate and compare choose."""
+    return next((n for p in PRIMARY_METRICS for n in sorted(metrics) if n == p or n.startswith(p + ",")), None)
+
+
 def extract_metrics(results: Mapping[str, Any], tasks: Iterable[str]) -> tuple[dict[str, dict[str, float]], dict[str, float | None], dict[str, str | None], dict[str, float | None]]:
     """(all metrics, primary accuracy, primary metric name, its stderr) per task.
 
@@ -253,7 +259,7 @@ def extract_metrics(results: Mapping[str, Any], tasks: Iterable[str]) -> tuple[d
             else:
                 m[name] = float(v)
         metrics[task] = m
-        primary = next((n for p in PRIMARY_METRICS for n in sorted(m) if n == p or n.startswith(p + ",")), None)
+        primary = primary_metric(m)
         names[task] = primary
         acc[task] = m[primary] if primary else None
         errs[task] = se.get(primary) if primary else None
@@ -386,6 +392,12 @@ class Runner:
                 return f"stored with {option} {theirs}, not {mine}"
         if self.keep_doc_scores and "doc_scores" not in row:  # the paired statistics need each document's score
             return "stored without per-document scores"
+        stored = row.get("primary_metric")
+        if isinstance(stored, Mapping) and isinstance(row.get("metrics"), Mapping):
+            for task, metric in stored.items():  # a row written when sweeps preferred acc to acc_norm
+                now = primary_metric(row["metrics"].get(task) or {})
+                if metric != now:
+                    return f"stored with {task} scored on {metric}, now {now}"
         return None
 
     def stored_row(self, key: str) -> dict[str, Any] | None:
