@@ -63,7 +63,7 @@ def test_search_cli_rejects_bad_candidate_options(tmp_path) -> None:
 
     store = str(tmp_path / "s.jsonl")
     for args, hint in ((["--keeps", "0.7,abc"], "--keeps"), (["--method", "svd"], "--method"), (["--ranks", "none"], "--ranks"), (["--prune-margin", "-0.1"], "--prune-margin"), (["--family-wise"], "--family-wise"), (["--budgets", "0.9,1"], "--budgets"), (["--budgets", "0.9", "--allocator", "measured"], "--allocator")):
-        res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, *args])
+        res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, *args])
         assert res.exit_code == 2 and hint in res.output and "Usage:" not in res.output, res.output
 
 
@@ -436,7 +436,7 @@ def test_limits_must_ascend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
         search(_cands(), ev, 0.03, limits=(None, 10))  # None = every document
     assert search(_cands(), ev, 0.03, limits=(10, 50)).best.limit == 50  # ascending: fine
     store = str(tmp_path / "s.jsonl")
-    res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, "--limits", "50,10"])
+    res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "50,10"])
     assert res.exit_code == 2 and "'--limits'" in res.output and "ascend" in res.output and "10,50" in res.output, res.output
     assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
 
@@ -444,7 +444,7 @@ def test_limits_must_ascend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("reached model_info")
 
     monkeypatch.setattr(sweep_mod, "model_info", reached)
-    ok = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,10,50"])
+    ok = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,10,50"])
     assert isinstance(ok.exception, RuntimeError) and str(ok.exception) == "reached model_info", ok.output
 
 
@@ -525,7 +525,7 @@ def test_search_cli_refuses_values_that_are_not_finite(tmp_path, option: str, va
 
     from lm_eval_lowrank.cli import cli
 
-    res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), option, value])
+    res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), option, value])
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and f"'{option}'" in lines[0] and "finite" in lines[0], res.output
 
@@ -551,14 +551,14 @@ def test_search_cli_reports_dense_beating_every_feasible_candidate(tmp_path, mon
     from lm_eval_lowrank.cli import cli
 
     _fake_search_runs(monkeypatch, {"dense": _row(0.60, 0.0, 0.010), "candidate": _row(0.60, 0.01, 0.014)})
-    res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"),
+    res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"),
                                    "--objective", "latency", "--ranks", "8", "--max-k", "1", "--no-table4", "--limits", "5"])  # fmt: skip
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert "chosen: dense (no decomposition)" in lines
     assert any(x.startswith("cheapest feasible candidate: r8 spread1 [17]: drop +0.0 pts, parameter reduction 1.00%, objective 0.014 (dense 0.01)") for x in lines), res.output
     assert any(x.startswith("note: dense is cheaper than every feasible candidate") for x in lines)
-    assert "--model_args 'pretrained=llama-2-7b'" in lines
+    assert "--model_args 'pretrained=meta-llama/Llama-2-7b-hf'" in lines
 
 
 def test_search_cli_a_failed_dense_baseline_is_one_error_line(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -569,7 +569,7 @@ def test_search_cli_a_failed_dense_baseline_is_one_error_line(tmp_path, monkeypa
 
     failed = {"status": "error", "error": "OutOfMemoryError: CUDA out of memory.\nTried to allocate 2.00 GiB"}
     _fake_search_runs(monkeypatch, {"dense": failed, "candidate": _row(0.60, 0.01, 0.014)})
-    res = CliRunner().invoke(cli, ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"),
+    res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"),
                                    "--ranks", "8", "--max-k", "1", "--no-table4", "--limits", "5"])  # fmt: skip
     assert res.exit_code == 1 and "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
     assert res.output.strip().splitlines()[-1] == "Error: the dense baseline failed at limit=5, so no candidate can be compared with it: OutOfMemoryError: CUDA out of memory."

@@ -48,7 +48,7 @@ def _main(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.Mo
 
 
 def _sweep(store: Path, *extra: str) -> list[str]:
-    return ["sweep", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(store), "--limit", "2", *extra]
+    return ["sweep", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(store), "--limit", "2", *extra]
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_a_rank_too_large_for_the_model_stops_the_sweep_before_any_row(tmp_path:
 
 
 def test_search_checks_its_candidates_against_the_model_before_any_row(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
-    args = ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), "--limits", "2"]
+    args = ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), "--limits", "2"]
     code, err = _main([*args, "--ranks", "8,5000", "--max-k", "1", "--no-table4"], capsys, monkeypatch)
     assert code == 2 and no_evaluation == []
     assert err.strip().splitlines()[-1].startswith("Error: r5000 layers[17] tensors[all]: rank=5000 is invalid for tensor 'q'")
@@ -115,7 +115,7 @@ def test_search_checks_its_candidates_against_the_model_before_any_row(tmp_path:
 def test_search_refuses_a_method_in_model_args_beside_method(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
     """--method sets each candidate's method, and tucker candidates name none: a method= in --model-args would turn
     them into that method's, under tucker's name."""
-    args = ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), "--limits", "2",
+    args = ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), "--limits", "2",
             "--ranks", "8", "--max-k", "1", "--no-table4", "--method", "tucker,asvd", "--model-args", "method=whiten"]  # fmt: skip
     code, err = _main(args, capsys, monkeypatch)
     lines = err.strip().splitlines()
@@ -127,7 +127,7 @@ def test_a_bad_batch_size_is_one_line_before_the_model_is_read(tmp_path: Path, b
     from lm_eval_lowrank import sweep as sweep_mod
 
     monkeypatch.setattr(sweep_mod, "model_info", lambda model: pytest.fail("read the model before checking --batch-size"))
-    for command in (_sweep(tmp_path / "s.jsonl"), ["search", "--model", "llama-2-7b", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl")]):
+    for command in (_sweep(tmp_path / "s.jsonl"), ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl")]):
         code, err = _main([*command, "--batch-size", batch_size], capsys, monkeypatch)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "'--batch-size'" in lines[0] and "auto:N" in lines[0], err
@@ -142,14 +142,14 @@ def test_batch_sizes_lm_eval_takes_pass(tmp_path: Path) -> None:
 
 def test_unknown_tasks_are_one_line_before_any_row(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
     store = tmp_path / "s.jsonl"
-    bad = ["sweep", "--model", "llama-2-7b", "--tasks", "arc_easy_local,no_such_task", "--store", str(store), "--layer-sets", "3"]
+    bad = ["sweep", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local,no_such_task", "--store", str(store), "--layer-sets", "3"]
     code, err = _main(bad, capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert code == 2 and no_evaluation == [] and len(lines) == 1, err
     assert "'--tasks'" in lines[0] and "'no_such_task'" in lines[0] and "'arc_easy_local'" not in lines[0]
     yaml = tmp_path / "my_task.yaml"  # a YAML file is a task spec lm-eval takes as it is
     yaml.write_text("task: my_task\n")
-    code, _ = _main(["sweep", "--model", "llama-2-7b", "--tasks", f"arc_easy_local,{yaml}", "--store", str(store), "--layer-sets", "3"], capsys, monkeypatch)
+    code, _ = _main(["sweep", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", f"arc_easy_local,{yaml}", "--store", str(store), "--layer-sets", "3"], capsys, monkeypatch)
     assert code == 0 and no_evaluation == ["dense", "r1 layers[3] tensors[all]"]
 
 
@@ -202,3 +202,16 @@ def test_sweeps_score_a_task_on_the_metric_the_gate_and_compare_choose():
     newer = {**base, "label": "r1", "spec": {"rank": 1, "layers": "3", "tensors": "all"}, "param_reduction": 0.1, "primary_metric": names, "accuracy": {"arc": 0.3}}
     row = next(line for line in markdown_table([dense, newer]).splitlines() if line.startswith("| r1"))
     assert "+30.0" not in row and "+10.0" not in row  # no drop across metrics (0.6 acc - 0.3 acc_norm)
+
+
+def test_sweep_and_search_refuse_a_shape_without_weights_and_a_bogus_device(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
+    """`--model smollm2-135m` (a built-in shape of `space`) passed every check and then every evaluation failed;
+    `--device bogus` ran on the CPU and was stored as the rows' device."""
+    store = str(tmp_path / "s.jsonl")
+    for command in ("sweep", "search"):
+        code, err = _main([command, "--model", "smollm2-135m", "--tasks", "arc_easy_local", "--store", store], capsys, monkeypatch)
+        assert code == 2 and no_evaluation == [] and err.count("\n") == 1 and "'smollm2-135m' is a built-in shape without weights" in err, err
+        code, err = _main([command, "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--device", "bogus"], capsys, monkeypatch)
+        assert code == 2 and no_evaluation == [] and err.count("\n") == 1 and "'--device': 'bogus' is not a torch device" in err, err
+    code, _ = _main(["sweep", "--model", "gpt2", "--tasks", "arc_easy_local", "--store", store, "--layer-sets", "3"], capsys, monkeypatch)
+    assert code == 0 and no_evaluation == ["dense", "r1 layers[3] tensors[all]"]  # gpt2 is a Hub model too

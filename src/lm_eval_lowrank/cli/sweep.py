@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -73,10 +74,38 @@ def _include_path(include_path: str | None, tasks: tuple[str, ...]) -> str | Non
     return str(task_dir())
 
 
+# `space`'s built-in names are shapes without weights; "gpt2" alone is also a Hub model (the same name as the shape).
+_HUB_MODELS_NAMED_LIKE_SHAPES = ("gpt2",)
+
+
+def _check_model_has_weights(model: str) -> None:
+    """A built-in shape name (``smollm2-135m``) passed the config checks, and then every evaluation failed."""
+    from ..design_space import BUILTIN_CONFIGS
+
+    name = model.strip().lower()
+    if name in BUILTIN_CONFIGS and name not in _HUB_MODELS_NAMED_LIKE_SHAPES and not Path(model).expanduser().is_dir():
+        raise OneLineBadParameter(
+            f"{model!r} is a built-in shape without weights (for `space`); give a model folder or a Hub id "
+            "(e.g. meta-llama/Llama-2-7b-hf), or $(lm-eval-lowrank fetch-model) for SmolLM2",
+            param_hint="'--model'",
+        )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OneLineBadParameter(f"{device!r} is not a torch device: give cpu, cuda or cuda:N", param_hint="'--device'") from None
+
+
 def _runner(model: str, tasks: str, store: str, include_path: str | None, device: str, batch_size: str, model_args: str) -> Any:
     from ..store import Store
     from ..sweep import Runner
 
+    _check_model_has_weights(model)
+    _check_device(device)
     task_names = _tasks(tasks)
     return Runner(
         model=model,
