@@ -4,6 +4,7 @@ bits, and the checks and records around them (calibration.py)."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -374,3 +375,27 @@ def test_describe_reports_staging_only_for_methods_that_read_the_statistics(tiny
         prov.layer_stats(tiny_llama, 1, targets)
         d = prov.describe()
         assert (d["staged"], d["stage_order"]) == ((True, "adapter") if staged else (False, None)), args
+
+
+def test_a_decomposition_cache_hit_records_this_runs_leak_check_and_calibration(tiny_llama_dir, tmp_path, monkeypatch):
+    """On a decomposition-cache hit the JSON's calibration block was the stored run's: its no-leak check said "ok"
+    for the tasks evaluated then, not for the ones evaluated now, and its statistics-cache counts were that run's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_lowrank.api import compress_model
+
+    monkeypatch.setenv("LM_EVAL_LOWRANK_CACHE", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    def run(tasks):
+        monkeypatch.setenv("LM_EVAL_LOWRANK_EVAL_TASKS", tasks)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        spec = {"method": "whiten", "rank": 2, "layers": "1", "calib_n": 2, "calib_len": 32}
+        return compress_model(model, spec, tokenizer=tokenizer, model_id=str(tiny_llama_dir), progress=False)
+
+    first, second = run("arc_easy_local"), run("my_custom_task")
+    assert not first.cache["hit"] and second.cache["hit"]
+    assert first.calibration["leak_check"]["status"] == "ok" and first.calibration["layers_computed"]
+    leak = second.calibration["leak_check"]
+    assert leak["status"] == "unchecked" and "my_custom_task" in json.dumps(leak)
+    assert second.calibration["layers_computed"] == [] and second.calibration["cache"]["misses"] == 0

@@ -158,6 +158,8 @@ def compress_model(
             stats_provider.unshare()
     if hit is not None:
         hit.allocation = getattr(ranks, "info", None)
+        if stats_provider is not None:  # this run's data and no-leak check, not those stored with the factors
+            hit.calibration = stats_provider.describe()
         return hit
     solve_stats = stats_provider  # what the method itself reads
     if stats_provider is not None and not needs_calibration(spec.method):
