@@ -875,6 +875,17 @@ def run_gate(
         stray = sorted(set(per_task) - set(selected))
         if stray:
             raise GateError(f"{option} names tasks that are not gated: {', '.join(stray)}")
+    # A name in neither file, or a metric the baseline's task does not report, is a typo, not a regression: exit 2,
+    # so that CI tells them apart from a task that really went missing from the compressed run (exit 1).
+    unknown = [t for t in selected if baseline.entry(t) is None and compressed.entry(t) is None]
+    if unknown:
+        offered = ", ".join(baseline.data.get("results", {})) or "none"
+        raise GateError(f"--tasks: {', '.join(map(repr, unknown))} in neither results file; the baseline has {offered}")
+    for task, wanted in task_metric.items():
+        entry = baseline.entry(task)
+        if entry is not None and choose_metric(entry, wanted) is None:
+            have = ", ".join(dict.fromkeys(m for _, m, _ in _metrics(entry))) or "none"
+            raise GateError(f"--metric {task}={wanted}: the baseline's {task} reports no {wanted!r}; it has {have}")
     rows = []
     for task in selected:
         tolerance = task_max_drop.get(task, max_drop)
