@@ -286,8 +286,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     from ..search import search as run_search
     from ..sweep import model_info
 
-    if not math.isfinite(tolerance) or tolerance < 0:
-        raise OneLineBadParameter(f"{tolerance!r} is not a finite drop >= 0 (fraction, e.g. 0.03)", param_hint="'--tolerance'")
+    if not math.isfinite(tolerance) or not 0 <= tolerance < 1:
+        raise OneLineBadParameter(f"{tolerance!r} is not a finite drop in accuracy, 0 <= x < 1 (a fraction: 0.03 = 3 points; at 1 every candidate is within it)", param_hint="'--tolerance'")
     if not math.isfinite(eta) or eta <= 1:
         raise OneLineBadParameter(f"{eta!r} is not a finite number > 1", param_hint="'--eta'")
     if max_k < 1:
