@@ -399,3 +399,19 @@ def test_a_decomposition_cache_hit_records_this_runs_leak_check_and_calibration(
     leak = second.calibration["leak_check"]
     assert leak["status"] == "unchecked" and "my_custom_task" in json.dumps(leak)
     assert second.calibration["layers_computed"] == [] and second.calibration["cache"]["misses"] == 0
+
+
+def test_a_calib_len_longer_than_the_source_blames_calib_len_and_warns_once(benchmark_data, tiny_llama, capsys):
+    """calib_len past every token of the source said 'calib_n=128 is invalid ... holds only 0 windows' (calib_n was
+    never given), and the extrapolation warning came twice (before the load and before the first forward)."""
+    from lm_eval_lowrank.calibration import SOURCES, calibration_tokens, check_calib_len
+
+    chars = sum(len(t) + 2 for t in SOURCES["wikitext_local"].texts(benchmark_data))
+    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "calib_len": chars + 1})
+    with pytest.raises(SpecError, match=rf"^calib_len={chars + 1} is invalid for calib='wikitext_local': the source holds \d+ tokens, not one window"):
+        calibration_tokens(spec, CharTokenizer(), benchmark_data)
+    capsys.readouterr()
+    long = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "calib_len": 10**6 + 7})
+    check_calib_len(long, tiny_llama.config)
+    check_calib_len(long, tiny_llama.config)
+    assert capsys.readouterr().err.count("calib_len=1000007 is past this model's") == 1

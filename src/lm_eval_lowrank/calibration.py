@@ -574,6 +574,11 @@ def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, n
     for t in chunk:
         ids += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
     total = len(ids) // length
+    if total == 0:  # not one window: calib_len is what is wrong, whatever calib_n is
+        raise SpecError(
+            f"calib_len={length} is invalid for calib={name!r}: the source holds {len(ids)} tokens, not one window; "
+            f"use calib_len<={len(ids)}, or add sources with '+'"
+        )
     if total < n:
         calib_n, calib = asked if asked is not None else (n, name)
         share = f"{name}, its {n} of the {calib_n} windows, holds" if asked is not None else "the source holds"
@@ -2239,11 +2244,13 @@ def check_calib_len(spec: DecompositionSpec, config: Any) -> None:
             f"calib_len={spec.calib_len} is invalid for this model: it takes at most {limit} positions "
             f"({field}={limit}, learned positions); use calib_len<={limit}"
         )
-    print(
-        f"[lm-eval-lowrank] warning: calib_len={spec.calib_len} is past this model's {field}={limit}; "
-        f"its positions beyond {limit} are extrapolated",
-        file=sys.stderr,
-    )
+    message = f"[lm-eval-lowrank] warning: calib_len={spec.calib_len} is past this model's {field}={limit}; its positions beyond {limit} are extrapolated"
+    if message not in _WARNED:  # once: the check before the load and the one before the first forward
+        _WARNED.add(message)
+        print(message, file=sys.stderr)
+
+
+_WARNED: set[str] = set()
 
 
 def build_stats_provider(
