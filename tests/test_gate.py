@@ -985,3 +985,77 @@ def test_zero_lm_eval_stderrs_are_not_certainty(tmp_path: Path) -> None:
     base, comp = without_counts("broken", [1] * 20, [0] * 20)
     r = run_cli(comp, "--baseline", base, "--max-drop", "0.03", "--confidence", "0.95", "--unsure", "pass", "--json")
     assert r.exit_code == 1 and json.loads(r.stdout)["tasks"][0]["verdict"] == "FAIL"
+
+
+def _wikitext_run(out: Path, date_id: str, parts: list[tuple[float, int, int]]) -> Path:
+    """A wikitext_local run whose perplexities are lm-eval's corpus aggregates of per-document (loglikelihood,
+    words, bytes), with the samples file that logs each document's pairs."""
+    ll, words, nbytes = (sum(p[i] for p in parts) for i in range(3))
+    data = lm_eval_results(wikitext=math.exp(-ll / words), mmlu=None)
+    entry = data["results"]["wikitext_local"]
+    entry["byte_perplexity,none"], entry["bits_per_byte,none"] = math.exp(-ll / nbytes), -ll / nbytes / math.log(2)
+    for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        entry[f"{key}_stderr,none"] = "N/A"  # as lm-eval writes for these
+    path = write_run(out, data, date_id)
+    lines = [
+        {"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "word_perplexity": [x, w], "byte_perplexity": [x, b], "bits_per_byte": [x, b]}
+        for i, (x, w, b) in enumerate(parts)
+    ]
+    (path.parent / f"samples_wikitext_local_{date_id}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_perplexities_get_a_paired_error_over_documents(tmp_path: Path) -> None:
+    """word_perplexity and bits_per_byte are corpus aggregates (lm-eval gives them no stderr), so a perplexity drop
+    had no interval at all. Paired over documents by the delta method: bits_per_byte's error is the ratio
+    estimator's, and the perplexity's agrees with a bootstrap over documents."""
+    import random
+
+    from lm_eval_lowrank.gate import drop_noise, load_results
+
+    rng = random.Random(0)
+    dense = []
+    for _ in range(300):
+        words = rng.randint(50, 400)
+        dense.append((-words * rng.uniform(2.5, 4.0), words, 5 * words))
+    comp = [(x - w * abs(rng.gauss(0.05, 0.04)), w, b) for x, w, b in dense]
+    base = load_results(_wikitext_run(tmp_path / "base", "2026-01-01T00-00-00.0", dense))
+    run = load_results(_wikitext_run(tmp_path / "comp", "2026-01-02T00-00-00.0", comp))
+    value = lambda f, m: f.entry("wikitext_local")[f"{m},none"]  # noqa: E731
+    bits, _ = drop_noise("wikitext_local", "bits_per_byte,none", base, run, value(base, "bits_per_byte"), value(run, "bits_per_byte"))
+    d = [xb - xc for (xb, _, b), (xc, _, _) in zip(dense, comp)]
+    total = sum(b for _, _, b in dense)
+    ratio = sum(d) / total
+    by_hand = math.sqrt(300 / 299 * sum((di - ratio * b) ** 2 for di, (_, _, b) in zip(d, dense))) / total / math.log(2)
+    assert bits.kind == "paired" and bits.documents == 300 and bits.stderr == pytest.approx(by_hand, rel=1e-9)
+    word, note = drop_noise("wikitext_local", "word_perplexity,none", base, run, value(base, "word_perplexity"), value(run, "word_perplexity"))
+    assert word.kind == "paired" and note is None
+    drops = []
+    for _ in range(2000):
+        idx = [rng.randrange(300) for _ in range(300)]
+        w = sum(dense[i][1] for i in idx)
+        drops.append(math.exp(-sum(comp[i][0] for i in idx) / w) - math.exp(-sum(dense[i][0] for i in idx) / w))
+    mean = sum(drops) / len(drops)
+    bootstrap = math.sqrt(sum((x - mean) ** 2 for x in drops) / (len(drops) - 1))
+    assert word.stderr == pytest.approx(bootstrap, rel=0.1)
+    # other word counts per document (another tokenisation of the texts) do not pair
+    shifted = [(x, w + 1, b) for x, w, b in comp]
+    other = load_results(_wikitext_run(tmp_path / "other", "2026-01-03T00-00-00.0", shifted))
+    none, why = drop_noise("wikitext_local", "word_perplexity,none", base, other, value(base, "word_perplexity"), value(other, "word_perplexity"))
+    assert none is None and "count different words or bytes" in why
+
+
+def test_compare_shows_a_perplexity_drop_with_its_paired_interval_or_says_why_not(tmp_path: Path) -> None:
+    """compare printed a perplexity drop with no interval and no reason, though both runs had logged samples."""
+    from lm_eval_lowrank.compare import comparison_rows
+
+    dense = [(-300.0 - 7 * i, 100 + i, 500 + 5 * i) for i in range(20)]
+    comp = [(x - 5 - (i % 3), w, b) for i, (x, w, b) in enumerate(dense)]
+    base = _wikitext_run(tmp_path / "base", "2026-01-01T00-00-00.0", dense)
+    run = _wikitext_run(tmp_path / "comp", "2026-01-02T00-00-00.0", comp)
+    other = _wikitext_run(tmp_path / "other", "2026-01-03T00-00-00.0", [(x, w + 1, b) for x, w, b in comp])
+    notes: list[str] = []
+    _, rows = comparison_rows([base, run, other], tasks=["wikitext_local"], notes=notes)
+    drop_row = rows[[r[0] for r in rows].index("wikitext_local word_perplexity") + 1]
+    assert "(paired, 20 docs)" in drop_row[2] and "[" not in drop_row[3]
+    assert len(notes) == 1 and notes[0].startswith("wikitext_local, run 3") and "count different words or bytes" in notes[0]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .gate import DropNoise, ResultsFile, choose_metric, drop_noise, is_higher_better, load_results, metric_drop, metric_number
+from .gate import DropNoise, ResultsFile, choose_metric, drop_noise, is_higher_better, load_results, metric_drop, metric_number, samples_path
 from .latency_stats import latency_ratio
 
 
@@ -101,8 +101,8 @@ def _task_drop(
         return None
     higher = is_higher_better(task, metric.split(",")[0], (reference, run))
     noise, note = drop_noise(task, metric, reference, run, base, comp)
-    # Only notes about an interval that is shown: without one, the bare drop already says there is no error.
-    if notes is not None and note and noise is not None:
+    # Why an interval is not the paired one; and why there is none where both runs logged samples that did not pair.
+    if notes is not None and note and (noise is not None or all(samples_path(f, task) is not None for f in (reference, run))):
         notes.append(f"{task}, {who}: {note}")
     return metric_drop(base, comp, higher, relative=False), noise, higher and 0.0 <= min(base, comp) <= max(base, comp) <= 1.0
 

@@ -420,6 +420,78 @@ def samples_path(results: ResultsFile, task: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def per_document_parts(results: ResultsFile, task: str, metric_key: str) -> dict[tuple[Any, ...], tuple[float, float]] | None:
+    """(task, doc_id, doc_hash) -> (log-likelihood, words or bytes), where the samples file logs a corpus-level
+    metric (lm-eval's word_perplexity, byte_perplexity, bits_per_byte) as that pair per document; else None."""
+    path = samples_path(results, task)
+    if path is None:
+        return None
+    name, flt = metric_key.split(",", 1)
+    parts: dict[tuple[Any, ...], tuple[float, float]] = {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                sample = json.loads(line)
+                if sample.get("filter", "none") != flt:
+                    continue
+                raw = sample.get(name)
+                key = (task, sample.get("doc_id"), sample.get("doc_hash"))
+                if not (isinstance(raw, list) and len(raw) == 2) or key in parts:
+                    return None
+                ll, count = metric_number(raw[0]), metric_number(raw[1])
+                if ll is None or count is None or count <= 0:
+                    return None
+                parts[key] = (ll, count)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return parts or None
+
+
+# Corpus-level aggregates of (log-likelihood, count) pairs, as functions of a = sum(ll) / sum(count): the value, and
+# its derivative in a. lm-eval's weighted_perplexity is exp(-a); bits_per_byte is -a / ln 2.
+_CORPUS_AGGREGATES: tuple[tuple[Callable[[float], float], Callable[[float], float]], ...] = (
+    (lambda a: math.exp(-a), lambda a: -math.exp(-a)),
+    (lambda a: -a / math.log(2), lambda a: -1 / math.log(2)),
+)
+
+
+def paired_corpus_stderr(
+    base: Mapping[Any, tuple[float, float]], comp: Mapping[Any, tuple[float, float]], base_value: float, comp_value: float, metric: str
+) -> tuple[float | None, str | None]:
+    """(standard error of comp_value - base_value, None) for a corpus-level metric of both runs over the same
+    documents, by the delta method with documents as the sampling unit: each document's influence on the
+    difference is f'(a_c)(ll_c - a_c w) / W - f'(a_b)(ll_b - a_b w) / W, and the error is their spread. Else (None,
+    why). The word (byte) counts must agree per document: the same texts, split the same way."""
+    if base.keys() != comp.keys():
+        return None, "the samples files cover different documents"
+    if len(base) < 2:
+        return None, "fewer than 2 documents in the samples files"
+    if any(base[k][1] != comp[k][1] for k in base):
+        return None, f"the runs count different words or bytes per document for {metric}"
+    total = sum(w for _, w in base.values())
+    a_b = sum(ll for ll, _ in base.values()) / total
+    a_c = sum(ll for ll, _ in comp.values()) / total
+
+    def close(x: float, y: float) -> bool:
+        return abs(x - y) <= 1e-6 * max(1.0, abs(y))
+
+    for value, slope in _CORPUS_AGGREGATES:
+        try:
+            if not (close(value(a_b), base_value) and close(value(a_c), comp_value)):
+                continue
+            g = [slope(a_c) * (comp[k][0] - a_c * w) / total - slope(a_b) * (ll - a_b * w) / total for k, (ll, w) in base.items()]
+        except OverflowError:
+            return None, f"{metric} overflows"
+        n = len(g)
+        stderr = math.sqrt(n / (n - 1) * sum(x * x for x in g))
+        if not math.isfinite(stderr) or stderr == 0:
+            return None, f"the samples files give no spread of {metric} to estimate an error from"
+        return stderr, None
+    return None, f"{metric} is neither a mean over documents nor a perplexity of their summed log-likelihoods"
+
+
 def per_document_scores(results: ResultsFile, task: str, metric_key: str, _seen: frozenset[str] = frozenset()) -> dict[tuple[Any, ...], float] | None:
     """(task, doc_id, doc_hash) -> the metric's value on that document, from the samples file; for a group, over
     every document of its subtasks. None when a file is missing or does not hold exactly one number per document
@@ -553,12 +625,18 @@ def _drop_noise(
                 error_at = agresti_at
             return DropNoise(stderr / scale, "paired", len(b), error_at), None, False
         note = f"{why}: unpaired standard error"
+    elif (pb := per_document_parts(baseline, task, metric_key)) is not None and (pc := per_document_parts(compressed, task, metric_key)) is not None:
+        stderr, why = paired_corpus_stderr(pb, pc, base_value, comp_value, metric_key)
+        if stderr is not None:
+            return DropNoise(stderr / scale, "paired", len(pb)), None, False
+        note = f"{why}: unpaired standard error"
     elif all(samples_path(f, task) is not None for f in (baseline, compressed)):
         note = f"the samples files do not give one number per document for {metric_key}: unpaired standard error"
     name, flt = metric_key.split(",", 1)
     errors = [metric_number((f.entry(task) or {}).get(f"{name}_stderr,{flt}")) for f in (baseline, compressed)]
     if any(e is None or not math.isfinite(e) for e in errors):  # lm-eval writes NaN where a stderr failed
-        return None, f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone", False
+        why = f"no standard error for {metric_key} in the results (nor samples from both runs): gated on the drop alone"
+        return None, why if note is None else f"{note.removesuffix(': unpaired standard error')}; {why}", False
     if all(e == 0 for e in errors):
         # lm-eval writes a stderr of 0 for a score of 0 or 1; taken as is, the bounds would collapse onto the drop.
         documents = [_evaluated_documents(f, task, v) for f, v in ((baseline, base_value), (compressed, comp_value))]
