@@ -1059,3 +1059,25 @@ def test_compare_shows_a_perplexity_drop_with_its_paired_interval_or_says_why_no
     drop_row = rows[[r[0] for r in rows].index("wikitext_local word_perplexity") + 1]
     assert "(paired, 20 docs)" in drop_row[2] and "[" not in drop_row[3]
     assert len(notes) == 1 and notes[0].startswith("wikitext_local, run 3") and "count different words or bytes" in notes[0]
+
+
+def test_a_perplexity_of_the_mean_loglikelihood_pairs_too(tmp_path: Path) -> None:
+    """lambada's perplexity is exp(-mean loglikelihood) over documents, each logged as one number."""
+    from lm_eval_lowrank.gate import drop_noise, load_results
+
+    dense = [-1.0 - 0.1 * (i % 7) for i in range(30)]
+    comp = [x - 0.05 * (i % 4) for i, x in enumerate(dense)]
+    paths = []
+    for name, lls, date_id in (("base", dense, "2026-01-01T00-00-00.0"), ("comp", comp, "2026-01-02T00-00-00.0")):
+        data = lm_eval_results(arc={"acc,none": 0.5}, mmlu=None)
+        data["results"]["lambada_local"] = {"alias": "lambada_local", "perplexity,none": math.exp(-sum(lls) / len(lls)), "perplexity_stderr,none": "N/A"}
+        data["higher_is_better"]["lambada_local"] = {"perplexity": False}
+        path = write_run(tmp_path / name, data, date_id)
+        (path.parent / f"samples_lambada_local_{date_id}.jsonl").write_text("".join(json.dumps({"doc_id": i, "doc_hash": f"h{i}", "filter": "none", "perplexity": x}) + "\n" for i, x in enumerate(lls)))
+        paths.append(load_results(path))
+    base, run = paths
+    vb, vc = (f.entry("lambada_local")["perplexity,none"] for f in paths)
+    noise, note = drop_noise("lambada_local", "perplexity,none", base, run, vb, vc)
+    ab, ac = sum(dense) / 30, sum(comp) / 30
+    g = [(-vc * (c - ac) + vb * (b - ab)) / 30 for b, c in zip(dense, comp)]
+    assert note is None and noise.kind == "paired" and noise.stderr == pytest.approx(math.sqrt(30 / 29 * sum(x * x for x in g)))

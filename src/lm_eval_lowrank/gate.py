@@ -614,6 +614,8 @@ def _drop_noise(
     c = per_document_scores(compressed, task, metric_key)
     if b is not None and c is not None:
         stderr, why, agresti = _paired_noise(b, c, base_value, comp_value, metric_key, "the samples files")
+        if stderr is None and b.keys() == c.keys():  # a perplexity of the mean (lambada's): each document counts 1
+            stderr, _ = paired_corpus_stderr({k: (v, 1.0) for k, v in b.items()}, {k: (v, 1.0) for k, v in c.items()}, base_value, comp_value, metric_key)
         if stderr is not None:  # the sign of the drop does not change its standard error
             error_at: Callable[[int], float] | None = None
             if agresti is not None:
