@@ -577,8 +577,8 @@ def test_search_cli_a_failed_dense_baseline_is_one_error_line(tmp_path, monkeypa
         search(_cands(), lambda spec, limit, **kw: failed, 0.03, limits=(10,))
 
 
-@pytest.mark.parametrize("value", ["1", "3"])
-def test_a_tolerance_of_a_whole_accuracy_or_more_is_refused(tmp_path, value: str) -> None:
+@pytest.mark.parametrize("value", ["1.5", "3"])
+def test_a_tolerance_above_a_whole_accuracy_is_refused(tmp_path, value: str) -> None:
     """--tolerance 3 (meant as 3 points) made every candidate feasible without a word."""
     from click.testing import CliRunner
 
@@ -588,5 +588,5 @@ def test_a_tolerance_of_a_whole_accuracy_or_more_is_refused(tmp_path, value: str
     res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(tmp_path / "s.jsonl"), "--tolerance", value])
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and "'--tolerance'" in lines[0] and "0.03 = 3 points" in lines[0], res.output
-    with pytest.raises(SpecError, match=r"^tolerance=.* is invalid: expected a finite drop in accuracy, 0 <= x < 1"):
+    with pytest.raises(SpecError, match=r"^tolerance=.* is invalid: expected a finite drop in accuracy, 0 <= x <= 1"):
         search([], lambda *a, **k: {}, tolerance=float(value), limits=(10,))

@@ -186,7 +186,7 @@ def test_report_from_fixture_store(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"({name}.png)" in md
     bad = CliRunner().invoke(report, [str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2")])
-    assert bad.exit_code != 0 and "does not exist" in bad.output
+    assert bad.exit_code == 2 and "does not exist" in bad.output  # an input error, as elsewhere
 
 
 def test_report_without_matplotlib_writes_the_table_alone_unless_plots_are_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,7 +291,7 @@ def test_runner_refuses_bad_extra_model_args_before_any_row(tmp_path: Path) -> N
 
     store = Store.open(tmp_path / "s.jsonl")
     for extra, match in (
-        ("pretrained=x", r"^model-args='pretrained=x' is invalid: \['pretrained'\] are set by the sweep itself"),
+        ("pretrained=x", r"^model-args='pretrained=x' is invalid: \['pretrained'\] are set per configuration by sweep and search"),
         ("dtype=float17", r"^dtype='float17' is invalid: valid auto, float32"),
         ("peft=/no/such/adapter", r"^peft='/no/such/adapter' is invalid: no such local file or folder"),
         ("device=cuda:1", r"^model-args='device=cuda:1' is invalid: device is an option of its own, --device$"),

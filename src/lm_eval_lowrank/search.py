@@ -352,8 +352,8 @@ def search(
         raise SpecError("family_wise needs a confidence level: it spreads that level over each rung's candidates")
     z: float | None = None
     objective = parse_objective(objective)
-    if not math.isfinite(tolerance) or not 0 <= tolerance < 1:  # accuracies are fractions: at 1 everything passes
-        raise SpecError(f"tolerance={tolerance} is invalid: expected a finite drop in accuracy, 0 <= x < 1 (e.g. 0.03 for 3 points)")
+    if not math.isfinite(tolerance) or not 0 <= tolerance <= 1:  # accuracies are fractions: 3 meant as points would pass everything
+        raise SpecError(f"tolerance={tolerance} is invalid: expected a finite drop in accuracy, 0 <= x <= 1 (e.g. 0.03 for 3 points)")
     if prune_margin is not None and (not math.isfinite(prune_margin) or prune_margin < 0):
         raise SpecError(f"prune_margin={prune_margin:g} is invalid: expected a finite margin >= 0")
     point_margin = 0.1 if prune_margin is None else prune_margin  # margin on the drop itself

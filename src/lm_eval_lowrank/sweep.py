@@ -319,7 +319,7 @@ class Runner:
         self._extra = parse_model_args(self.model_args)
         clash = set(SWEPT_KEYS) & set(self._extra)
         if clash:
-            raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set by the sweep itself")
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {sorted(clash)} are set per configuration by sweep and search")
         sizing = [k for k in SIZING_KEYS if k in self._extra]
         if sizing:
             raise SpecError(f"model-args={self.model_args!r} is invalid: {sizing[0]}: {SIZING_KEYS[sizing[0]]}")

@@ -220,7 +220,9 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
     try:
         files = write_report(store, out_dir, plots=plots)
     except (ReportError, StoreError) as exc:
-        raise click.ClickException(str(exc)) from None
+        error = click.ClickException(str(exc))
+        error.exit_code = 2  # a missing, empty or unreadable store is an input error, as elsewhere
+        raise error from None
     for f in files:
         click.echo(str(f))
     if plots is None and not any(f.suffix == ".png" for f in files):
@@ -286,8 +288,8 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
     from ..search import search as run_search
     from ..sweep import model_info
 
-    if not math.isfinite(tolerance) or not 0 <= tolerance < 1:
-        raise OneLineBadParameter(f"{tolerance!r} is not a finite drop in accuracy, 0 <= x < 1 (a fraction: 0.03 = 3 points; at 1 every candidate is within it)", param_hint="'--tolerance'")
+    if not math.isfinite(tolerance) or not 0 <= tolerance <= 1:
+        raise OneLineBadParameter(f"{tolerance!r} is not a finite drop in accuracy, 0 <= x <= 1 (a fraction: 0.03 = 3 points)", param_hint="'--tolerance'")
     if not math.isfinite(eta) or eta <= 1:
         raise OneLineBadParameter(f"{eta!r} is not a finite number > 1", param_hint="'--eta'")
     if max_k < 1:
