@@ -420,14 +420,11 @@ def samples_path(results: ResultsFile, task: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def per_document_parts(results: ResultsFile, task: str, metric_key: str) -> dict[tuple[Any, ...], tuple[float, float]] | None:
-    """(task, doc_id, doc_hash) -> (log-likelihood, words or bytes), where the samples file logs a corpus-level
-    metric (lm-eval's word_perplexity, byte_perplexity, bits_per_byte) as that pair per document; else None."""
-    path = samples_path(results, task)
-    if path is None:
-        return None
+def _read_per_document(path: Path, task: str, metric_key: str, parse: Callable[[Any], Any]) -> dict[tuple[Any, ...], Any] | None:
+    """(task, doc_id, doc_hash) -> ``parse`` of the metric's logged value, for each document of a samples file;
+    None when a line cannot be read, a value does not parse (None) or a document repeats."""
     name, flt = metric_key.split(",", 1)
-    parts: dict[tuple[Any, ...], tuple[float, float]] = {}
+    out: dict[tuple[Any, ...], Any] = {}
     try:
         with path.open(encoding="utf-8") as fh:
             for line in fh:
@@ -436,17 +433,28 @@ def per_document_parts(results: ResultsFile, task: str, metric_key: str) -> dict
                 sample = json.loads(line)
                 if sample.get("filter", "none") != flt:
                     continue
-                raw = sample.get(name)
+                value = parse(sample.get(name))
                 key = (task, sample.get("doc_id"), sample.get("doc_hash"))
-                if not (isinstance(raw, list) and len(raw) == 2) or key in parts:
+                if value is None or key in out:
                     return None
-                ll, count = metric_number(raw[0]), metric_number(raw[1])
-                if ll is None or count is None or count <= 0:
-                    return None
-                parts[key] = (ll, count)
+                out[key] = value
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None
-    return parts or None
+    return out or None
+
+
+def _loglikelihood_and_count(raw: Any) -> tuple[float, float] | None:
+    if not (isinstance(raw, list) and len(raw) == 2):
+        return None
+    ll, count = metric_number(raw[0]), metric_number(raw[1])
+    return None if ll is None or count is None or count <= 0 else (ll, count)
+
+
+def per_document_parts(results: ResultsFile, task: str, metric_key: str) -> dict[tuple[Any, ...], tuple[float, float]] | None:
+    """(task, doc_id, doc_hash) -> (log-likelihood, words or bytes), where the samples file logs a corpus-level
+    metric (lm-eval's word_perplexity, byte_perplexity, bits_per_byte) as that pair per document; else None."""
+    path = samples_path(results, task)
+    return None if path is None else _read_per_document(path, task, metric_key, _loglikelihood_and_count)
 
 
 # Corpus-level aggregates of (log-likelihood, count) pairs, as functions of a = sum(ll) / sum(count): the value, and
@@ -508,25 +516,8 @@ def per_document_scores(results: ResultsFile, task: str, metric_key: str, _seen:
                 return None
             pooled.update(scores)
         return pooled
-    name, flt = metric_key.split(",", 1)
-    scores: dict[tuple[Any, Any], float] = {}
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                sample = json.loads(line)
-                if sample.get("filter", "none") != flt:
-                    continue
-                raw = sample.get(name)
-                value = float(raw) if isinstance(raw, bool) else metric_number(raw)  # a custom metric's True/False is 1/0
-                key = (task, sample.get("doc_id"), sample.get("doc_hash"))
-                if value is None or key in scores:
-                    return None
-                scores[key] = value
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    return scores or None
+    # a custom metric's True/False is 1/0
+    return _read_per_document(path, task, metric_key, lambda raw: float(raw) if isinstance(raw, bool) else metric_number(raw))
 
 
 def _is_their_mean(scores: Mapping[Any, float], reported: float) -> bool:
