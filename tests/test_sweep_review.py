@@ -215,3 +215,15 @@ def test_sweep_and_search_refuse_a_shape_without_weights_and_a_bogus_device(tmp_
         assert code == 2 and no_evaluation == [] and err.count("\n") == 1 and "'--device': 'bogus' is not a torch device" in err, err
     code, _ = _main(["sweep", "--model", "gpt2", "--tasks", "arc_easy_local", "--store", store, "--layer-sets", "3"], capsys, monkeypatch)
     assert code == 0 and no_evaluation == ["dense", "r1 layers[3] tensors[all]"]  # gpt2 is a Hub model too
+
+
+def test_a_dry_run_changes_nothing_on_disk(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
+    """`sweep --dry-run` created an empty store file, and cut a torn last line of an existing one."""
+    new = tmp_path / "new.jsonl"
+    code, _ = _main(_sweep(new, "--layer-sets", "3", "--dry-run"), capsys, monkeypatch)
+    assert code == 0 and not new.exists() and no_evaluation == []
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"key": "a", "status": "ok"}\n{"key": "b", "sta')
+    before = torn.read_bytes()
+    code, _ = _main(_sweep(torn, "--layer-sets", "3", "--dry-run"), capsys, monkeypatch)
+    assert code == 0 and torn.read_bytes() == before

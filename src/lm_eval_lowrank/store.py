@@ -57,8 +57,13 @@ class Store:
         self.repaired_bytes = 0  # size of a torn tail cut off on open
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = True) -> Store:
+    def open(cls, path: str | os.PathLike[str], create: bool = True, read_only: bool = False) -> Store:
+        """``read_only``: change nothing on disk (no file created, no torn tail cut): a missing store reads empty."""
         store = cls(path)
+        if read_only:
+            if store.path.exists():
+                store._load(repair=False)
+            return store
         if not store.path.exists():
             if not create:
                 raise StoreError(f"store {str(store.path)!r} does not exist")

@@ -100,7 +100,7 @@ def _check_device(device: str) -> None:
         raise OneLineBadParameter(f"{device!r} is not a torch device: give cpu, cuda or cuda:N", param_hint="'--device'") from None
 
 
-def _runner(model: str, tasks: str, store: str, include_path: str | None, device: str, batch_size: str, model_args: str) -> Any:
+def _runner(model: str, tasks: str, store: str, include_path: str | None, device: str, batch_size: str, model_args: str, read_only: bool = False) -> Any:
     from ..store import Store
     from ..sweep import Runner
 
@@ -110,7 +110,7 @@ def _runner(model: str, tasks: str, store: str, include_path: str | None, device
     return Runner(
         model=model,
         tasks=task_names,
-        store=Store.open(store),
+        store=Store.open(store, read_only=read_only),  # a dry run changes nothing on disk
         include_path=_include_path(include_path, task_names),
         device=device,
         batch_size=batch_size,
@@ -188,7 +188,7 @@ def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_s
     batch_size = _batch_size(batch_size)
     num_layers, _, adapter = model_info(model)
     grid = build_grid(rank_list, expand_layer_sets(layer_sets, num_layers), expand_tensor_groups(tensor_groups, adapter))
-    runner = _runner(model, tasks, store, include_path, device, batch_size, model_args)
+    runner = _runner(model, tasks, store, include_path, device, batch_size, model_args, read_only=dry_run)
     runner.keep_doc_scores = doc_scores
     runner.check_specs(cfg.spec_args() for cfg in grid)  # a rank too large fails here, not after earlier rows ran
     if dry_run:
