@@ -251,3 +251,28 @@ def test_a_module_kept_dense_is_warned_about_once():
         report = compress_model(LlamaForCausalLM(config), spec, progress=False)
     kept = [w for w in seen if "kept dense" in str(w.message)]
     assert len(kept) == 1 and report.to_dict()["skipped"]
+
+
+def test_experts_replaced_outside_a_watched_model_release_no_pages(monkeypatch):
+    """benchmarks/moe.py replaces a block's experts with a fresh page releaser it never asked to watch a model: where
+    the process had a safetensors file mapped (so the releaser had libc), it died on `_PageReleaser.live`, which
+    only watch() set. An unwatched releaser now releases nothing."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import moe
+
+    from lm_eval_lowrank import decompose as dec
+
+    released = []
+    real_init = dec._PageReleaser.__init__
+
+    def with_libc(self):
+        real_init(self)
+        self.libc = object()  # as if a .safetensors file were mapped in this process
+
+    monkeypatch.setattr(dec._PageReleaser, "__init__", with_libc)
+    monkeypatch.setattr(dec._PageReleaser, "release", lambda self, *a: released.append(a))
+    module, _ = moe.build(32, 48, 4, 2, torch.device("cpu"), torch.float32)
+    solvers = moe.decompose_block(module, 2, 32, 48, 4)
+    assert sum(solvers.values()) == 2 * 4 and released == []

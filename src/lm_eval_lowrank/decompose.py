@@ -152,6 +152,7 @@ class _PageReleaser:
         self.ranges: list[tuple[int, int]] = []
         self.libc = None
         self.released = 0
+        self.live: Counter[int] | None = None  # set by watch: nothing is released for a model not watched
         if not sys.platform.startswith("linux"):
             return
         try:
@@ -171,13 +172,15 @@ class _PageReleaser:
         """Count, once, the module slots that hold each CPU storage (a tied weight counts in every module
         that holds it); ``retire`` then keeps the counts current. Collecting every parameter's storage
         after each replacement instead cost ~1.2 ms per module (a quarter of a rank-1 SmolLM2 decomposition)."""
-        self.live: Counter[int] = Counter(
+        self.live = Counter(
             p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False) if p.device.type == "cpu"
         )
 
     def retire(self, old: nn.Module) -> None:
         """``old`` has left the model: its parameters stop counting, and its weight's pages go back if no
         live module holds that storage any more."""
+        if self.live is None:
+            return
         for p in old.parameters(recurse=False):
             if p.device.type == "cpu":
                 ptr = p.untyped_storage().data_ptr()
@@ -463,7 +466,7 @@ def _decompose_experts(
     new.requires_grad_(W.requires_grad)
     old = install_expert_weights(owner, name, new)
     ensure_grouped_checked(owner)  # where its grouped forward would run (CUDA), once: it runs only if it agrees
-    if pages.libc is not None and old.device.type == "cpu":
+    if pages.libc is not None and pages.live is not None and old.device.type == "cpu":  # a caller that watched the model
         ptr = old.untyped_storage().data_ptr()
         pages.live[ptr] -= 1
         if pages.live[ptr] <= 0:
