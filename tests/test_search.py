@@ -423,28 +423,34 @@ def test_a_missing_cost_never_makes_a_candidate_win() -> None:
 
 
 def test_limits_must_ascend(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Screening on 50 documents and deciding feasibility on 10 is upside down: refused by the core and the CLI."""
+    """Screening on 50 documents and deciding feasibility on 10 is upside down, and a repeated rung would halve again
+    on documents already scored: both refused by the core and the CLI."""
     from click.testing import CliRunner
 
     from lm_eval_lowrank import sweep as sweep_mod
     from lm_eval_lowrank.cli import cli
 
     ev = _evaluator([])
-    with pytest.raises(SpecError, match=r"limits=\[50, 10\] is invalid: give documents per rung in ascending order"):
+    with pytest.raises(SpecError, match=r"limits=\[50, 10\] is invalid: give documents per rung in strictly ascending order"):
         search(_cands(), ev, 0.03, limits=(50, 10))
     with pytest.raises(SpecError, match="ascending"):
         search(_cands(), ev, 0.03, limits=(None, 10))  # None = every document
+    for repeated in ((10, 10, 50), (10, None, None)):
+        with pytest.raises(SpecError, match="strictly ascending"):
+            search(_cands(), ev, 0.03, limits=repeated)
     assert search(_cands(), ev, 0.03, limits=(10, 50)).best.limit == 50  # ascending: fine
     store = str(tmp_path / "s.jsonl")
     res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "50,10"])
     assert res.exit_code == 2 and "'--limits'" in res.output and "ascend" in res.output and "10,50" in res.output, res.output
     assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,10,50"])
+    assert res.exit_code == 2 and "'--limits'" in res.output and "strictly ascend" in res.output, res.output
 
     def reached(model: str):  # an ascending list gets past the check, to the model
         raise RuntimeError("reached model_info")
 
     monkeypatch.setattr(sweep_mod, "model_info", reached)
-    ok = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,10,50"])
+    ok = CliRunner().invoke(cli, ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", store, "--limits", "10,20,50"])
     assert isinstance(ok.exception, RuntimeError) and str(ok.exception) == "reached model_info", ok.output
 
 

@@ -362,9 +362,10 @@ def search(
         raise SpecError("limits: give at least one evaluation limit")
     # later rungs must see at least the documents of earlier ones (None = all): screening on many and
     # deciding feasibility on few would turn successive halving upside down
+    # a repeated rung would halve the candidates again on the documents it has already scored
     sizes = [math.inf if n is None else n for n in limits]
-    if any(b < a for a, b in zip(sizes, sizes[1:])):
-        raise SpecError(f"limits={list(limits)!r} is invalid: give documents per rung in ascending order, screening first, e.g. 10,50")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise SpecError(f"limits={list(limits)!r} is invalid: give documents per rung in strictly ascending order, screening first, e.g. 10,50")
     if not math.isfinite(eta) or eta <= 1:
         raise SpecError(f"eta={eta} is invalid: expected a finite number > 1")
     if aggregate not in ("mean", "max"):

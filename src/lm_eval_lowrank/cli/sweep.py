@@ -42,7 +42,8 @@ def _fraction_list(value: str, option: str) -> list[float]:
     return list(dict.fromkeys(out))
 
 
-def _int_list(value: str, option: str, minimum: int = 1) -> list[int]:
+def _int_list(value: str, option: str, minimum: int = 1, unique: bool = True) -> list[int]:
+    """A comma-separated list of ints; a set of values (ranks) drops repeats, a sequence (rungs) keeps them."""
     out = []
     for part in str(value).split(","):
         part = part.strip()
@@ -53,7 +54,7 @@ def _int_list(value: str, option: str, minimum: int = 1) -> list[int]:
         if n < minimum:
             raise OneLineBadParameter(f"{value!r}: {part!r} is not an int >= {minimum}; give a comma-separated list like 1,8", param_hint=f"'{option}'")
         out.append(n)
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out)) if unique else out
 
 
 def _tasks(value: str) -> tuple[str, ...]:
@@ -304,9 +305,10 @@ def search(model: str, tasks: str, include_path: str | None, device: str, batch_
         objective = parse_objective(objective)
     except SpecError as exc:
         raise OneLineBadParameter(str(exc), param_hint="'--objective'") from None
-    limit_list = _int_list(limits, "--limits")
-    if limit_list != sorted(limit_list):  # screening on many documents and deciding on few would be upside down
-        raise OneLineBadParameter(f"{limits!r}: the rungs' documents per task must ascend, screening first, like 10,50 or 8,24,100", param_hint="'--limits'")
+    limit_list = _int_list(limits, "--limits", unique=False)
+    # screening on many documents and deciding on few would be upside down; a repeated rung halves on no new documents
+    if any(b <= a for a, b in zip(limit_list, limit_list[1:])):
+        raise OneLineBadParameter(f"{limits!r}: the rungs' documents per task must strictly ascend, screening first, like 10,50 or 8,24,100", param_hint="'--limits'")
     rank_list = [] if ranks.strip().lower() in ("none", "") else _int_list(ranks, "--ranks")
     keep_list = _fraction_list(keeps, "--keeps")
     budget_list = _fraction_list(budgets, "--budgets")
