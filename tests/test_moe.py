@@ -440,7 +440,7 @@ def test_space_counts_a_tokens_flops_over_its_routed_experts_only():
     config = _config("mixtral").to_dict()  # 4 experts, top-2
     dense = calculate(config, {"layout": "folded"})
     r = calculate(config, {"rank": 4, "tensors": EXPERTS, "layout": "folded"})
-    per_layer = 32 * 32 + 2 * 16 * 32 + 32 * 32 + 2 * (80 * 32 + 32 * 40)  # attention + 2 routed experts
+    per_layer = 32 * 32 + 2 * 16 * 32 + 32 * 32 + 2 * (80 * 32 + 32 * 40) + 4 * 32  # attention + 2 routed experts + router
     assert dense.linear_flops_before == 2 * (2 * per_layer + 64 * 32)
     saved_params = 2 * 4 * (80 * 32 - 4 * 112 + 32 * 40 - 4 * 72)
     assert r.params_removed == saved_params
@@ -536,8 +536,10 @@ def test_space_counts_each_projection_in_the_layers_that_hold_it():
     config, model = _deepseek()
     linears = sum(m.weight.numel() for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear))
     routed = sum(p.numel() for name, p in model.model.layers.named_parameters() if ".experts." in name)
+    routers = sum(p.numel() for name, p in model.model.layers.named_parameters() if name.endswith("mlp.gate.weight"))  # layers 2, 3
+    assert routers == 2 * 4 * 32
     report = calculate(config.to_dict(), {"layout": "folded"})
-    assert report.linear_flops_before == 2 * (linears + routed * 2 // 4 + model.lm_head.weight.numel())
+    assert report.linear_flops_before == 2 * (linears + routers + routed * 2 // 4 + model.lm_head.weight.numel())
     assert report.params_total == count_parameters(model)
 
 

@@ -25,7 +25,8 @@ FLOPs convention (per token, one forward pass, 2 FLOPs per multiply-accumulate):
   twice its stored parameters, like the dense one.
 - mixture-of-experts projections: a token multiplies by the matrices of the experts it is routed to
   (``num_experts_per_tok`` of them), so they count that many times, dense or decomposed; all of them when the
-  config names no top-k.
+  config names no top-k. Every token also meets each expert layer's router (``2 * hidden * experts``), which
+  is never decomposed.
 """
 
 from __future__ import annotations
@@ -312,6 +313,13 @@ def _attention_width(config: Any, adapter: ArchitectureAdapter) -> int:
     return int(n) * int(config_value(c, "head_dim", default=h // int(n)))
 
 
+def _router_params(adapter: ArchitectureAdapter, n_layers: int, hidden: int) -> int:
+    """Weights of the routers that score experts (hidden x experts), one in every layer holding stacked experts."""
+    stacked = [t for t in adapter.tensor_names() if adapter.experts_of(t)]
+    layers = {layer for t in stacked for layer in adapter.layers_of(t, n_layers)}
+    return len(layers) * hidden * max((adapter.experts_of(t) for t in stacked), default=0)
+
+
 def _head_params(config: Any, adapter: ArchitectureAdapter) -> int:
     """The LM head matmul (vocab x hidden), tied or not; BERT is costed as an encoder."""
     if adapter.name == "bert":
@@ -375,7 +383,7 @@ def calculate(
 
     # every layer's projections (a tensor that only some layers hold counts in those)
     linears = sum(len(adapter.layers_of(t, n_layers)) * max(1, adapter.experts_of(t)) * o * i * share(t) for t, (o, i) in shapes.items())
-    linear_flops = round(2 * (linears + _head_params(config, adapter)))
+    linear_flops = round(2 * (linears + _router_params(adapter, n_layers, hidden) + _head_params(config, adapter)))
     attn_flops = 4 * n_layers * seq_len * _attention_width(config, adapter)
     before = linear_flops + attn_flops
     # each decomposed matrix costs twice its stored params; a token meets only its routed experts' matrices
