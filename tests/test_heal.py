@@ -203,7 +203,7 @@ def test_heal_cli_distils_from_the_dense_source_on_mixed_data(ckpt, src, tmp_pat
     assert rec["objective"] == "kd+lm" and rec["kd_weight"] == 0.5 and rec["temperature"] == 2.0
     assert rec["teacher"]["spec"] == "dense" and rec["teacher"]["model_id"] == str(src.resolve()) and not rec["teacher"]["compressed"]
     assert rec["data"] == [str(a), str(b)] and rec["data_split"] == ["a", "b"]
-    assert [m["train_blocks"] for m in rec["data_mix"]] == [6, 6]  # mixed evenly: 6 steps x 2 blocks
+    assert [(m["source"], m["train_blocks"]) for m in rec["data_mix"]] == [(str(a), 6), (str(b), 6)]  # mixed evenly: 6 steps x 2 blocks
     assert rec["kl_before"] > 0 and rec["kl_after"] >= 0  # the decrease is checked in the heal_model test
 
 

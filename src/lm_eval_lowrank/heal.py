@@ -274,18 +274,20 @@ def mixed_blocks(
     so with ``train_blocks = steps * batch_size`` each training block trains exactly once and the
     counts are what trained. A short source repeats its own training blocks (never its held-out
     ones) to fill its share. One source keeps the single-file behaviour: the training blocks are
-    those the text holds, up to ``train_blocks``. ``names`` label the sources in errors
-    (e.g. ``"--data FILE"``).
+    those the text holds, up to ``train_blocks``. ``names`` (e.g. the files) label the sources in
+    errors and in the counts (``"source"``).
     """
     k = len(sources)
-    if names is None:
-        names = ["--data"] if k == 1 else [f"--data source {i + 1}" for i in range(k)]
+    labels: list[str | None] = list(names) if names is not None else [None] * k
+    if len(labels) != k:
+        raise HealError(f"names: {len(labels)} names for {k} sources")
+    names = [f"--data {label}" if label is not None else "--data" if k == 1 else f"--data source {i + 1}" for i, label in enumerate(labels)]
     if k > train_blocks:  # a source with no training block would be mixed in name only
         raise HealError(f"--data gives {k} sources but --steps x --batch_size is {train_blocks} blocks; expected at least one block per source")
     held_share = _split_evenly(holdout_blocks, k)
     train_share = _split_evenly(train_blocks, k)
     helds, trains, info = [], [], []
-    for texts, h, share, name in zip(sources, held_share, train_share, names):
+    for texts, h, share, name, label in zip(sources, held_share, train_share, names, labels):
         b = token_blocks(tokenizer, texts, seq_len, max_blocks=h + share, what=name)
         if len(b) <= h:
             raise HealError(f"{name} has only {len(b)} blocks of --seq_len {seq_len} tokens; need more than {h} (held out) to train")
@@ -295,7 +297,7 @@ def mixed_blocks(
             train = train[torch.arange(share) % n]  # fill the source's share from its own blocks
         helds.append(held)
         trains.append(train)
-        info.append({"held_blocks": h, "train_blocks": len(train), "distinct_train_blocks": n})
+        info.append({**({"source": label} if label is not None else {}), "held_blocks": h, "train_blocks": len(train), "distinct_train_blocks": n})
     return torch.cat(helds), torch.cat(trains), info
 
 
@@ -652,7 +654,7 @@ def heal_checkpoint(
     teacher_info = resolve_teacher(teacher, ckpt) if teacher is not None else None  # before any weights load
     # The tokenizer needs only the folder's tokenizer files: too little text is refused before the weights load.
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
-    blocks = mixed_blocks(tokenizer, sources, seq_len, steps * batch_size, HOLDOUT_BLOCKS, names=[f"--data {d}" for d in data_paths])
+    blocks = mixed_blocks(tokenizer, sources, seq_len, steps * batch_size, HOLDOUT_BLOCKS, names=[str(d) for d in data_paths])
     eval_blocks_t = None
     if eval_texts is not None:
         n_eval = DEFAULT_EVAL_BLOCKS if eval_blocks is None else eval_blocks
