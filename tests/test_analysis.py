@@ -67,6 +67,29 @@ def test_table_and_heatmap_matrix():
         A.heatmap_matrix(res, "bogus")
 
 
+def test_heatmap_with_activations_draws_weights_and_activations_on_one_scale(tmp_path, monkeypatch):
+    """`analyze --activations --heatmap` drew the activations alone; the point of the flag is the comparison
+    (weights are not low-rank, their outputs are), so both panels are drawn, on one colour scale."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from lm_eval_lowrank.cli.analyze import write_heatmap
+
+    low = torch.diag(torch.tensor([1.0, 0.01, 0.01, 0.01]))
+    res = {L: {"q": {"weights": A.analyze_weight(torch.eye(4)).to_dict(), "activations": A.analyze_weight(low).to_dict()}} for L in (1, 2)}
+    seen: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.append(fig), save(fig, *a, **k))[1])
+    png = tmp_path / "h.png"
+    write_heatmap(res, str(png), "r95_frac", ("weights", "activations"), "m: r95_frac")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = [ax for ax in seen[0].axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["weights", "activations"]
+    grids = [ax.images[0].get_array().tolist() for ax in panels]
+    assert grids == [[[1.0], [1.0]], [[0.25], [0.25]]]  # full rank for 95 % against one direction of four
+    assert panels[0].images[0].get_clim() == panels[1].images[0].get_clim() == (0.25, 1.0)
+
+
 def test_analyze_model_with_activations(tiny_llama):
     from lm_eval_lowrank.architectures import adapter_for_model
     from lm_eval_lowrank.calibration import SequentialStatsProvider

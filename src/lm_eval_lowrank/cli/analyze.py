@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,8 @@ def expert_mean(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metric: str, kind: str, title: str) -> None:
+def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metric: str, kinds: Sequence[str], title: str) -> None:
+    """One panel per kind (weights, activations) side by side, on one colour scale so the panels compare."""
     from ..optional import require_module
 
     require_module("matplotlib", "plots", "the heatmap")
@@ -139,17 +141,21 @@ def write_heatmap(results: dict[int, dict[str, dict[str, Any]]], path: str, metr
 
     from ..analysis import heatmap_matrix
 
-    layers, tensors, grid = heatmap_matrix(results, metric, kind)
-    data = np.array(grid, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tensors), 1.5 + 0.25 * len(layers)))
-    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(tensors)), tensors)
-    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-    ax.set_xlabel("tensor")
-    ax.set_ylabel("decoder layer (1-based)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=metric.replace("_frac", " / full rank").replace("_", " "))
-    fig.tight_layout()
+    panels = [(kind, *heatmap_matrix(results, metric, kind)) for kind in kinds]
+    values = np.concatenate([np.array(grid, dtype=float).ravel() for _, _, _, grid in panels])
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    n_tensors, n_layers = len(panels[0][2]), len(panels[0][1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.4 + len(panels) * (0.8 + 0.9 * n_tensors), 1.5 + 0.25 * n_layers), squeeze=False, layout="constrained")
+    for ax, (kind, layers, tensors, grid) in zip(axes[0], panels):
+        im = ax.imshow(np.array(grid, dtype=float), aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(tensors)), tensors)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_xlabel("tensor")
+        ax.set_title(kind)
+    axes[0][0].set_ylabel("decoder layer (1-based)")
+    fig.suptitle(title)
+    fig.colorbar(im, ax=list(axes[0]), label=metric.replace("_frac", " / full rank").replace("_", " "))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -257,6 +263,6 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         else:
             Path(json_path).write_text(text + "\n")
     if heatmap:
-        kind = "activations" if activations else "weights"
-        write_heatmap(results, heatmap, metric, kind, f"{Path(model).name}: {metric} ({kind})")
+        kinds = ("weights", "activations") if activations else ("weights",)
+        write_heatmap(results, heatmap, metric, kinds, f"{Path(model).name}: {metric}")
         click.echo(f"heat map: {heatmap}", err=True)
