@@ -606,7 +606,7 @@ def test_cli_decompose_rejects_unknown_model_args(tiny_dir, tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["Error: dtype='float17' is invalid: valid auto, float32, float16, bfloat16 (or another torch dtype name)"]
+    assert r.stderr.strip().splitlines() == ["Error: dtype='float17' is invalid: valid auto, float32, float16, bfloat16, float64 (or half, float, double)"]
     r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir / 'missing'},rank=4", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and str(r.exception).startswith(f"pretrained='{tiny_dir / 'missing'}' is invalid: no such local file or folder")
 

@@ -143,9 +143,11 @@ def test_an_argument_given_in_model_args_and_as_an_option_is_one_when_they_agree
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(SpecError, match=r"^batch_size is given twice, 4 in model_args and 8 as --batch_size: give it once, as --batch_size 4$"):
         HFTuckerLM.create_from_arg_obj({"pretrained": str(tiny_model_dir), "batch_size": 4}, {"batch_size": 8, "device": "cpu"})
+    with pytest.raises(SpecError, match=r"^model_args: rank is given twice; give it once$"):  # lm-eval's parser kept the last
+        HFTuckerLM.create_from_arg_string(f"pretrained={tiny_model_dir},rank=8,layers=2,rank=4", {"device": "cpu"})
 
 
-def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
+def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir, tmp_path):
     import transformers
 
     from lm_eval_lowrank.harness import HFTuckerLM
@@ -170,8 +172,10 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         "near miss": ({"rank": 1, "layer": 3}, r"^layer=3 is not an argument of hf-tucker: did you mean 'layers'\? its arguments are method, rank"),
         "calib_ prefix": ({"rank": 1, "method": "rom", "calib_samples": 16}, r"^calib_samples=16 is not an argument of hf-tucker: its arguments are"),
         # HFLM's own dtype arguments: lm-eval reads mixed_precision_dtype only after the load
-        "dtype": ({"rank": 1, "dtype": "float17"}, r"^dtype='float17' is invalid: valid auto, float32, float16, bfloat16 \(or another torch dtype name\)$"),
+        "dtype": ({"rank": 1, "dtype": "float17"}, r"^dtype='float17' is invalid: valid auto, float32, float16, bfloat16, float64 \(or half, float, double\)$"),
         "not a dtype": ({"rank": 1, "dtype": "nn"}, r"^dtype='nn' is invalid"),
+        # torch dtypes a model cannot be built in: from_pretrained's traceback (int8, bool) or torch's (float8)
+        **{f"dtype {d}": ({"rank": 1, "dtype": d}, rf"^dtype='{d}' is invalid: valid auto, float32") for d in ("int8", "bool", "float8_e4m3fn", "complex64")},
         "mixed_precision_dtype": ({"rank": 1, "mixed_precision_dtype": "bf16"}, r"^mixed_precision_dtype='bf16' is invalid: valid float32"),
         "softmax_dtype": ({"softmax_dtype": "auto"}, r"^softmax_dtype='auto' is invalid: valid float32"),
         # a missing local path: transformers' "Repo id must use alphanumeric chars", for peft after the load
@@ -187,6 +191,9 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         "negative idle": ({"rank": 1, "energy_idle_seconds": -5}, r"^energy_idle_seconds=-5 is invalid"),
         "case": ({"Rank": 4}, r"^Rank=4 is not an argument of hf-tucker: did you mean 'rank'\?"),
         "swapped letters": ({"rnak": 4}, r"^rnak=4 is not an argument of hf-tucker: did you mean 'rank'\?"),
+        # HFLM reads batch_size after the load (int('abc'))
+        **{f"batch_size {b!r}": ({"rank": 1, "batch_size": b}, rf"^batch_size={b!r} is invalid: expected an int >= 1, auto, or auto:N") for b in ("abc", 0, "auto:x", "auto:0", "2.5")},
+        "shortened": ({"rank": 1, "warmup": 2}, r"^warmup=2 is not an argument of hf-tucker: did you mean 'warmup_calls'\?"),
         "own typo": ({"rank": 1, "measure_enrgy": "false"}, r"^measure_enrgy='false' is not an argument of hf-tucker: did you mean 'measure_energy'\?"),
         "allocator with rank": ({"rank": 2, "allocator": "fisher"}, r"^allocator='fisher' is invalid: it applies to budget=F only"),
     }
@@ -204,6 +211,17 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir):
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="boolq_local", **whiten)
     with pytest.raises(SpecError, match=r"^pretrained='/no/such/model' is invalid: no such local file or folder; give an existing path or a Hub id"):
         HFTuckerLM(pretrained="/no/such/model", device="cpu", rank=1)
+    # transformers' long tracebacks: "Repo id must use alphanumeric chars", "Unrecognized model", "not a valid JSON file"
+    with pytest.raises(SpecError, match=r"^pretrained='' is invalid: give a model folder or a Hub id"):
+        HFTuckerLM(pretrained="", device="cpu", rank=1)
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    with pytest.raises(SpecError, match=r"^pretrained='.*not_a_model' is invalid: it holds no config.json, so it is not a model folder$"):
+        HFTuckerLM(pretrained=str(not_a_model), device="cpu", rank=1)
+    with pytest.raises(SpecError, match=r"^pretrained='.*config.json' is invalid: it is a file; give the model's folder"):
+        HFTuckerLM(pretrained=str(tiny_model_dir / "config.json"), device="cpu", rank=1)
+    with pytest.raises(SpecError, match=r"^pretrained='.*', subfolder='sub': no model config there \(no config.json in '.*/sub'\)$"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), subfolder="sub", device="cpu", rank=1)
 
 
 def test_quantized_weights_are_refused_before_the_load_and_where_they_lie(monkeypatch, tiny_model_dir, tmp_path):

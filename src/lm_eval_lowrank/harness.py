@@ -25,7 +25,7 @@ from .api import compress_model, validate_against_config, versions
 from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
-from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, _as_int, check_dtype_args, check_local_paths, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, _as_int, check_dtype_args, check_local_paths, check_model_folder, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -66,7 +66,9 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             # case and swapped letters too: Rank=4 and rnak=4 reached from_pretrained ("unexpected keyword argument")
             close = [k for k in ours if k.lower() == key.lower() or sorted(k) == sorted(key.lower())]
             close = close or difflib.get_close_matches(key.lower(), ours, n=1, cutoff=0.8)
-            if close or key.lower().startswith(("calib", "solver", "energy", "measure")):
+            # a shortened name (warmup for warmup_calls) is too far for difflib
+            close = close or [k for k in ours if len(key) >= 4 and k.startswith(key.lower())][:1]
+            if close or key.lower().startswith(("calib", "solver", "energy", "measure", "warmup")):
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise SpecError(f"{key}={value!r} is not an argument of hf-tucker: {hint}its arguments are {', '.join(ours)}")
             continue
@@ -83,6 +85,24 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
             if value not in choices:
                 raise SpecError(f"{key}={value!r} is invalid: valid {', '.join(choices)}")
+
+
+def _check_batch_size(rest: dict[str, Any]) -> None:
+    """HFLM reads ``batch_size`` as an int or ``auto[:N]`` only after the weights load (``int('abc')``)."""
+    value = rest.get("batch_size")
+    if value is None:
+        return
+    text = str(value).strip()
+    head, colon, schedule = text.partition(":")
+    if head == "auto":
+        try:
+            ok = not colon or float(schedule) > 0
+        except ValueError:
+            ok = False
+    else:
+        ok = not isinstance(value, bool) and text.isdigit() and int(text) >= 1
+    if not ok:
+        raise SpecError(f"batch_size={value!r} is invalid: expected an int >= 1, auto, or auto:N (N > 0: recompute it N times)")
 
 
 # hf-tucker's own arguments besides the decomposition's (SPEC_KEYS).
@@ -171,6 +191,10 @@ class HFTuckerLM(HFLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> HFTuckerLM:
         from lm_eval.utils import simple_parse_args_string
 
+        _print_user_errors_in_one_line()
+        keys = [item.split("=")[0].strip() for item in (arg_string or "").split(",") if item.strip()]
+        if repeated := sorted({k for k in keys if keys.count(k) > 1}):  # lm-eval's parser keeps the last, silently
+            raise SpecError(f"model_args: {repeated[0]} is given twice; give it once")
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -204,6 +228,7 @@ class HFTuckerLM(HFLM):
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         _check_passthrough_args(rest)
+        _check_batch_size(rest)
         check_dtype_args(rest)
         check_local_paths({**rest, "pretrained": pretrained})
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads
@@ -232,6 +257,7 @@ class HFTuckerLM(HFLM):
             leak_check = check_checkpoint_no_leak(checkpoint.manifest, evaluated_tasks_from_env(), where=str(pretrained))
             _check_checkpoint_args(rest, str(pretrained))
         else:
+            check_model_folder(pretrained, rest)
             config = _load_config(pretrained, rest)
             if config is not None:
                 validate_against_config(spec, config)  # range errors before the weights load

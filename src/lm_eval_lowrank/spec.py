@@ -132,6 +132,7 @@ def _split(value: Any) -> list[str]:
     return [p.strip() for p in parts]
 
 
+MAX_LAYER = 100_000  # far past any model; bounds what a range may expand to
 LAYERS_SYNTAX = "1-based layer numbers joined by '|' (e.g. 3|18|32), ranges a-b or a-b:step, or 'all'"
 
 
@@ -163,6 +164,8 @@ def parse_layers(value: Any) -> tuple[int, ...] | None:
         stop, step = int(m.group(2)), int(m.group(3) or 1)
         if step < 1 or stop < start:
             raise _fail("layers", value, f"range {part!r} must have start <= end and step >= 1")
+        if stop > MAX_LAYER:  # before expanding it: 1-300000000 ran out of memory
+            raise _fail("layers", value, f"layer {stop} is out of range; no model has more than {MAX_LAYER} decoder layers")
         out.extend(range(start, stop + 1, step))
     for layer in out:
         if layer < 1:
@@ -190,6 +193,20 @@ def parse_calib_target(value: Any) -> float:
 
 def format_layers(layers: Iterable[int] | None) -> str:
     return "all" if layers is None else "|".join(str(x) for x in layers)
+
+
+def format_layer_ranges(layers: Iterable[int] | None) -> str:
+    """As :func:`format_layers`, with runs of three or more consecutive layers as a-b (for messages: 3-31 typed
+    by a user came back as 29 numbers)."""
+    if layers is None:
+        return "all"
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return "|".join(f"{r[0]}-{r[-1]}" if len(r) >= 3 else "|".join(map(str, r)) for r in runs)
 
 
 def parse_tensors(value: Any) -> tuple[str, ...] | None:
@@ -518,7 +535,7 @@ class DecompositionSpec:
         bad = [x for x in self.layers if x > num_layers]
         if bad:
             raise SpecError(
-                f"layers={format_layers(self.layers)!r} is invalid: layer {bad[0]} is past the end; "
+                f"layers={format_layer_ranges(self.layers)!r} is invalid: layer {bad[0]} is past the end; "
                 f"this model has {num_layers} decoder layers, valid 1..{num_layers}"
             )
         return self.layers
@@ -555,17 +572,25 @@ def split_model_args(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 DTYPE_ARGS = ("dtype", "softmax_dtype", "mixed_precision_dtype")
 
 
+def _compute_dtype(torch: Any, value: Any) -> bool:
+    """A dtype a model can be built and run in: floating point, and not one of the 8/4-bit storage formats
+    (``int8`` and ``float8_e4m3fn`` name torch dtypes, but from_pretrained fails on them after a long traceback)."""
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, value, None) if isinstance(value, str) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2
+
+
 def check_dtype_args(args: Mapping[str, Any]) -> None:
-    """Refuse a dtype argument that names no torch dtype, before any weights load ("auto" is valid for dtype)."""
+    """Refuse a dtype argument that names no floating-point torch dtype, before any weights load ("auto" is valid
+    for dtype)."""
     import torch
 
     for key in DTYPE_ARGS:
         value = args.get(key)
-        if value is None or isinstance(value, torch.dtype) or (key == "dtype" and value == "auto"):
+        if value is None or (key == "dtype" and value == "auto"):
             continue
-        if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+        if not _compute_dtype(torch, value):
             auto = "auto, " if key == "dtype" else ""
-            raise SpecError(f"{key}={value!r} is invalid: valid {auto}float32, float16, bfloat16 (or another torch dtype name)")
+            raise SpecError(f"{key}={value!r} is invalid: valid {auto}float32, float16, bfloat16, float64 (or half, float, double)")
 
 
 # Arguments that name a model, tokenizer or adapter: a Hub id ("org/name") or a local path. transformers answers a
@@ -594,8 +619,27 @@ def check_local_paths(args: Mapping[str, Any]) -> None:
         check_local_path(key, args.get(key))
 
 
+def check_model_folder(pretrained: Any, args: Mapping[str, Any]) -> None:
+    """Refuse an empty ``pretrained``, or a local one that holds no model, before transformers does it in a long
+    traceback ("Repo id must use alphanumeric chars", "Unrecognized model in ...", "not a valid JSON file")."""
+    if not isinstance(pretrained, str):
+        return
+    if not pretrained.strip():
+        raise SpecError("pretrained='' is invalid: give a model folder or a Hub id such as org/name")
+    if args.get("gguf_file") or not os.path.exists(pretrained):
+        return  # a GGUF file names its own weights; a Hub id is read by transformers
+    folder = os.path.join(pretrained, str(args.get("subfolder") or ""))
+    if os.path.isfile(pretrained):
+        raise SpecError(f"pretrained={pretrained!r} is invalid: it is a file; give the model's folder (the one holding config.json)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if args.get("subfolder"):
+            raise SpecError(f"pretrained={pretrained!r}, subfolder={args['subfolder']!r}: no model config there (no config.json in {folder!r})")
+        raise SpecError(f"pretrained={pretrained!r} is invalid: it holds no config.json, so it is not a model folder")
+
+
 def parse_model_args(text: str) -> dict[str, Any]:
-    """Parse a ``k=v,k=v`` model_args string the way lm-eval does (ints and floats typed)."""
+    """Parse a ``k=v,k=v`` model_args string the way lm-eval does (ints and floats typed); a key given twice is
+    refused (lm-eval would keep the last value)."""
     out: dict[str, Any] = {}
     if not text:
         return out
@@ -606,7 +650,10 @@ def parse_model_args(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise SpecError(f"model_args: {item!r} is not key=value")
         k, _, v = item.partition("=")
-        out[k.strip()] = _coerce(v.strip())
+        k = k.strip()
+        if k in out:
+            raise SpecError(f"model_args: {k} is given twice ({out[k]!r} and {_coerce(v.strip())!r}); give it once")
+        out[k] = _coerce(v.strip())
     return out
 
 

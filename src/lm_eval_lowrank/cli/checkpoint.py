@@ -25,7 +25,7 @@ LOAD_KEYS = ("pretrained", "dtype", "revision", "device", "tokenizer", "subfolde
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     """Decompose a model and save a compressed checkpoint (factors, config, tokenizer, manifest)."""
-    from ..spec import DecompositionSpec, SpecError, check_dtype_args, check_local_paths, parse_model_args, split_model_args
+    from ..spec import DecompositionSpec, SpecError, check_dtype_args, check_local_paths, check_model_folder, parse_model_args, split_model_args
 
     args = parse_model_args(model_args)
     ours, rest = split_model_args(args)
@@ -51,6 +51,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         already = True
     if already:
         raise SpecError(f"pretrained={pretrained!r} is already a compressed checkpoint; decompose a dense model")
+    check_model_folder(pretrained, rest)
     try:
         check_output_folder(out, overwrite)  # before the decomposition it would otherwise throw away
     except CheckpointError as exc:
