@@ -401,6 +401,34 @@ def test_a_decomposition_cache_hit_records_this_runs_leak_check_and_calibration(
     assert second.calibration["layers_computed"] == [] and second.calibration["cache"]["misses"] == 0
 
 
+def test_calibration_windows_are_checked_from_the_tokenizer_and_sampled_once(monkeypatch, benchmark_data):
+    """The check before the weights load samples the windows; the calibration after it takes them (once) instead of
+    tokenising the source again. A named tokenizer only: a nameless one is never taken for another."""
+    from lm_eval_lowrank import calibration as C
+
+    class NamedCharTokenizer(CharTokenizer):
+        name_or_path = "chars"
+
+        def __len__(self) -> int:
+            return 128
+
+    monkeypatch.setenv("LM_EVAL_LOWRANK_DATA", str(benchmark_data))
+    calls = []
+    sample = C._sample_calibration_tokens
+    monkeypatch.setattr(C, "_sample_calibration_tokens", lambda *a: (calls.append(1), sample(*a))[1])
+    spec = DecompositionSpec.from_args({"method": "whiten", "rank": 2, "calib_n": 4, "calib_len": 32})
+    with pytest.raises(SpecError, match=r"^calib_n=100000 is invalid for calib='wikitext_local' at calib_len=32"):
+        C.check_calibration_windows(spec.with_(calib_n=100000), NamedCharTokenizer())
+    C.check_calibration_windows(spec, NamedCharTokenizer())
+    ids, record = C.calibration_tokens(spec, NamedCharTokenizer())
+    assert len(calls) == 2 and ids.shape == (4, 32) and record["n"] == 4
+    again, _ = C.calibration_tokens(spec, NamedCharTokenizer())  # taken once: sampled anew, the same windows
+    assert len(calls) == 3 and torch.equal(again, ids)
+    C.check_calibration_windows(spec, CharTokenizer())  # nameless: nothing kept
+    C.calibration_tokens(spec, CharTokenizer())
+    assert len(calls) == 5
+
+
 def test_a_calib_len_longer_than_the_source_blames_calib_len_and_warns_once(benchmark_data, tiny_llama, capsys):
     """calib_len past every token of the source said 'calib_n=128 is invalid ... holds only 0 windows' (calib_n was
     never given), and the extrapolation warning came twice (before the load and before the first forward)."""

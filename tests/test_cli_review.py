@@ -100,6 +100,13 @@ def test_analyze_refuses_a_heatmap_type_matplotlib_cannot_write_before_loading(t
     assert line.startswith(f"Error: Invalid value for '--heatmap': '{tmp_path / 'h.xyz'}': not an image type matplotlib writes; valid ") and ".png" in line
 
 
+def test_analyze_refuses_a_built_in_shape_without_weights():
+    """`analyze llama-2-7b` (a `space` shape) went to the Hub and ended in an 82-line traceback offline."""
+    r = _invoke("analyze", "llama-2-7b")
+    assert r.exit_code == 2
+    assert _one_error_line(r).startswith("Error: Invalid value for 'MODEL': 'llama-2-7b' is a built-in shape without weights (for `space`)")
+
+
 def test_analyze_refuses_a_negative_eps(tmp_path):
     (tmp_path / "m").mkdir()
     r = _invoke("analyze", str(tmp_path / "m"), "--eps", "-5")
@@ -324,14 +331,14 @@ def test_arguments_the_solver_or_method_does_not_read_are_said_unused(capsys):
 
 def test_hflm_bool_arguments_take_1_and_0_as_hf_does(tiny_llama, tmp_path):
     """lm-eval's parser reads trust_remote_code=1 as the int 1: hf takes it, hf-tucker refused it."""
-    from lm_eval_lowrank.harness import _check_passthrough_args
+    from lm_eval_lowrank.harness import check_passthrough_args
     from lm_eval_lowrank.spec import SpecError
 
     rest = {"trust_remote_code": 1, "logits_cache": 0, "add_bos_token": "true"}
-    _check_passthrough_args(rest)
+    check_passthrough_args(rest)
     assert rest == {"trust_remote_code": True, "logits_cache": False, "add_bos_token": True}
     with pytest.raises(SpecError, match=r"^parallelize='maybe' is invalid: expected true or false$"):
-        _check_passthrough_args({"parallelize": "maybe"})
+        check_passthrough_args({"parallelize": "maybe"})
 
 
 def test_fetch_model_refuses_a_cache_dir_it_cannot_create_in_one_line(tmp_path):

@@ -206,6 +206,9 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir, tmp_pa
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="bogus", **whiten)
     with pytest.raises(SpecError, match=r"^calib='' is invalid"):
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="", **whiten)
+    # calib_n x calib_len past what the source holds: needs the tokenizer only (it was refused after the load)
+    with pytest.raises(SpecError, match=r"^calib_n=100000 is invalid for calib='wikitext_local' at calib_len=16: the source holds only \d+ windows"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", **{**whiten, "calib_n": 100000})
     monkeypatch.setenv("LM_EVAL_LOWRANK_EVAL_TASKS", "boolq_local")
     with pytest.raises(SpecError, match=r"^calib='boolq_local' is invalid while evaluating 'boolq_local'"):
         HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", calib="boolq_local", **whiten)

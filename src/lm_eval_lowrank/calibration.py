@@ -590,10 +590,42 @@ def _windows(tokenizer: Any, texts: list[str], n: int, length: int, seed: int, n
     return torch.tensor([ids[p * length : (p + 1) * length] for p in picks], dtype=torch.long)
 
 
+def _tokens_key(spec: DecompositionSpec, tokenizer: Any, root: Path) -> tuple[Any, ...] | None:
+    """What the windows depend on; None for a tokenizer without a name (never reused)."""
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return None
+    return (type(tokenizer).__name__, str(name), len(tokenizer), spec.calib, spec.calib_n, spec.calib_len, spec.seed, str(root))
+
+
+# The windows the check before the weights load sampled (check_calibration_windows), taken by the calibration that
+# follows it (once), so they are tokenised once.
+_CHECKED_TOKENS: dict[tuple[Any, ...], tuple[torch.Tensor, dict[str, Any]]] = {}
+
+
 def calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """(input_ids n x len, record) for ``spec.calib``; sources mixed evenly and interleaved."""
-    sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")  # calib='' is refused there
     root = root or data_root()
+    key = _tokens_key(spec, tokenizer, root)
+    if key is not None and key in _CHECKED_TOKENS:
+        return _CHECKED_TOKENS.pop(key)
+    return _sample_calibration_tokens(spec, tokenizer, root)
+
+
+def check_calibration_windows(spec: DecompositionSpec, tokenizer: Any) -> None:
+    """Refuse a ``calib_n`` / ``calib_len`` the sources cannot fill, from the tokenizer alone, so before the weights
+    load (it was found only after a 7B load). The windows are kept for the calibration that follows."""
+    if not spec.reads_calibration or tokenizer is None:
+        return
+    root = data_root()
+    found = _sample_calibration_tokens(spec, tokenizer, root)
+    _CHECKED_TOKENS.clear()
+    if (key := _tokens_key(spec, tokenizer, root)) is not None:
+        _CHECKED_TOKENS[key] = found
+
+
+def _sample_calibration_tokens(spec: DecompositionSpec, tokenizer: Any, root: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    sources = parse_calib(spec.calib if spec.calib is not None else "wikitext_local")  # calib='' is refused there
     n, length = spec.calib_n, spec.calib_len
     per = [n // len(sources) + (1 if i < n % len(sources) else 0) for i in range(len(sources))]
     parts: list[torch.Tensor] = []

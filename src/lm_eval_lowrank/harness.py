@@ -48,7 +48,7 @@ def _load_config(pretrained: Any, kwargs: dict[str, Any]) -> Any:
         return None  # HFLM raises its own, clearer error while loading
 
 
-def _check_passthrough_args(rest: dict[str, Any]) -> None:
+def check_passthrough_args(rest: dict[str, Any]) -> None:
     """Arguments that are not ours go to HFLM and on to ``from_pretrained``, which fail late and obscurely, after
     the weights load, so they are checked against HFLM's signature before anything loads:
     - a name HFLM does not take that looks like one of ours (``calib_*``, ``solver*``, or a near miss): a typo
@@ -85,6 +85,23 @@ def _check_passthrough_args(rest: dict[str, Any]) -> None:
             choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
             if value not in choices:
                 raise SpecError(f"{key}={value!r} is invalid: valid {', '.join(choices)}")
+
+
+def _tokenizer_before_load(pretrained: Any, rest: dict[str, Any]) -> Any:
+    """The tokenizer HFLM will load, read before the weights for checks that need it alone; None if it cannot be
+    read here (HFLM then reports why, as it loads)."""
+    name = rest.get("tokenizer") or pretrained
+    if not isinstance(name, str):
+        return name  # a tokenizer object
+    kw: dict[str, Any] = {"revision": rest.get("revision") or "main", "trust_remote_code": bool(rest.get("trust_remote_code", False))}
+    if not rest.get("tokenizer"):  # the model's own files
+        kw.update({k: rest[k] for k in ("subfolder", "gguf_file") if rest.get(k)})
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, **kw)
+    except Exception:
+        return None
 
 
 def _check_batch_size(rest: dict[str, Any]) -> None:
@@ -227,7 +244,7 @@ class HFTuckerLM(HFLM):
             raise SpecError(f"warmup_calls={warmup_calls!r} is invalid: expected auto or an int >= 0")
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
-        _check_passthrough_args(rest)
+        check_passthrough_args(rest)
         _check_batch_size(rest)
         check_dtype_args(rest)
         check_local_paths({**rest, "pretrained": pretrained})
@@ -262,9 +279,11 @@ class HFTuckerLM(HFLM):
             if config is not None:
                 validate_against_config(spec, config)  # range errors before the weights load
             if not spec.is_noop:
-                from .calibration import check_calibration_args
+                from .calibration import check_calibration_args, check_calibration_windows
 
                 check_calibration_args(spec, config)  # calib names, data files, the no-leak rule, calib_len
+                if spec.reads_calibration:  # calib_n x calib_len against the sources: needs the tokenizer only
+                    check_calibration_windows(spec, _tokenizer_before_load(pretrained, rest))
         _choose_device(rest)
         self.decomposition_spec = spec
         self._lowrank_report: dict[str, Any] | None = None
