@@ -583,9 +583,9 @@ def test_cli_decompose_refuses_a_taken_out_folder_before_decomposing(tiny_dir, t
 
     monkeypatch.setattr(api, "compress_model", no_decomposition)
     r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4", "--out", str(taken), "--quiet"])
-    assert r.exit_code != 0 and "exists and is not empty" in r.output, r.output
+    assert r.exit_code == 2 and "exists and is not empty" in r.output, r.output
     r = CliRunner().invoke(decompose, ["--model_args", f"pretrained={tiny_dir},rank=4", "--out", str(taken), "--overwrite", "--quiet"])
-    assert r.exit_code != 0 and "is not a compressed checkpoint; refusing to overwrite it" in r.output, r.output
+    assert r.exit_code == 2 and "is not a compressed checkpoint; refusing to overwrite it" in r.output, r.output
     assert (taken / "notes.txt").read_text() == "mine"
 
 
@@ -741,8 +741,16 @@ def test_decompose_and_heal_refuse_a_bad_device_or_a_missing_subfolder_in_one_li
     r = decompose("subfolder=nope")
     assert isinstance(r.exception, SpecError) and str(r.exception).startswith(f"pretrained='{tiny_dir}', subfolder='nope': no model config there (")
     assert "\n" not in str(r.exception) and not (tmp_path / "x").exists()
+    r = decompose("rank=2")  # twice with the helper's rank=4; lm-eval's parser kept the last
+    assert isinstance(r.exception, SpecError) and str(r.exception) == "model_args: rank is given twice (4 and 2); give it once"
+    import transformers
+
+    with pytest.MonkeyPatch.context() as mp:  # the windows a calibration needs, from the tokenizer alone
+        mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+        r = decompose("method=whiten,calib_n=100000,calib_len=16")
+        assert isinstance(r.exception, SpecError) and str(r.exception).startswith("calib_n=100000 is invalid for calib='wikitext_local' at calib_len=16")
     r = CliRunner().invoke(cli, ["heal", str(tiny_dir), "--out", str(tmp_path / "h"), "--device", "foo"])
-    assert r.exit_code != 0 and r.output.strip().splitlines() == ["Error: --device='foo' is invalid: expected cpu, cuda or cuda:N"]
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["Error: --device='foo' is invalid: expected cpu, cuda or cuda:N"]
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft reading a renamed transformers attribute

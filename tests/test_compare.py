@@ -55,7 +55,20 @@ def test_compare_rejects_a_foreign_file(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
     r = CliRunner().invoke(cli, ["compare", str(bad)])
-    assert r.exit_code != 0 and "not an lm-eval results file" in r.output
+    assert r.exit_code == 2 and "not an lm-eval results file" in r.output
+
+
+def test_compare_says_which_tasks_a_run_lacks_and_refuses_an_empty_task_list(tmp_path):
+    """Runs of different tasks printed n/a cells and nothing else; --tasks '' showed every task."""
+    low = _low(["m"], 0.05, 1.0, {"available": False, "reason": "cpu"})
+    base = _write(tmp_path / "b.json", 0.5, low)
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps({"results": {"boolq_local": {"alias": "boolq_local", "acc,none": 0.6}}, "config": {"lowrank": low}}))
+    r = CliRunner().invoke(cli, ["compare", str(base), str(other)])
+    assert r.exit_code == 0 and "note: run 2 (" in r.output and "has no results for arc_easy_local: its cells read n/a" in r.output, r.output
+    for empty in ("", ","):
+        r = CliRunner().invoke(cli, ["compare", str(base), "--tasks", empty])
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [f"Error: Invalid value for '--tasks': {empty!r} names no task; give names separated by ',' (or leave --tasks out for all)"]
 
 
 def test_compare_keeps_the_energy_reason_short(tmp_path):

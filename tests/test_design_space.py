@@ -430,3 +430,18 @@ def test_a_hub_id_reads_config_json_from_the_hub_cache(tmp_path: Path, monkeypat
     with pytest.raises(SpecError, match=r"^model='someorg/absent' is invalid: .* could not be read from the Hugging Face Hub \(") as e:
         ds.load_config("someorg/absent")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", "x"), ("num_hidden_layers", 0), ("num_hidden_layers", -1), ("num_hidden_layers", 2.5), ("vocab_size", -5), ("hidden_size", True)])
+def test_space_refuses_a_config_whose_sizes_are_not_counts(tmp_path, field, value) -> None:
+    """A string layer count was int()'s traceback, 0 layers a garbled 'is in layers  only', and 2.5 layers or a
+    negative vocabulary were costed without a word."""
+    cfg = dict(json.loads(json.dumps(ds.load_config("smollm2-135m"))), **{field: value})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    res = _run("--model", str(path), "--rank", "1")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [f"Error: the config's {field}={value!r} is invalid: expected an int >= 1"]
+    cfg[field] = float(ds.load_config("smollm2-135m")[field])  # 30.0: an integral float is the count
+    path.write_text(json.dumps(cfg))
+    assert _run("--model", str(path), "--rank", "1").exit_code == 0

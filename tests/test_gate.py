@@ -197,6 +197,19 @@ def test_fail_beyond_tolerance(tmp_path: Path) -> None:
     assert "gate: FAIL" in r.output
 
 
+def test_a_malformed_value_or_an_empty_task_list_is_an_input_error(tmp_path: Path) -> None:
+    """A metric value that is no number read MISSING (exit 1, as a regression would); --tasks '' gated every task."""
+    for value in ("abc", None):
+        b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc={"acc,none": 0.61, "acc_norm,none": value}))
+        r = run_cli(c, "--baseline", b, "--max-drop", "0.03")
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [f"Error: {c}: arc_easy_local's acc_norm,none is {value!r}, not a number; the file is malformed"], r.output
+    b, c = pair(tmp_path, lm_eval_results(arc=ARC_BASE), lm_eval_results(arc=ARC_BASE))
+    for empty in ("", " , "):
+        r = run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", empty)
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [f"Error: --tasks {empty!r} names no task; give names separated by ',' (or leave --tasks out for all)"], r.output
+    assert run_cli(c, "--baseline", b, "--max-drop", "0.03", "--tasks", "arc_easy_local,").exit_code == 0  # a trailing comma names one
+
+
 def test_drop_exactly_at_tolerance_passes_despite_float_rounding(tmp_path: Path) -> None:
     assert 0.80 - 0.77 > 0.03  # the trap this guards against
     base, comp = lm_eval_results(arc={"acc,none": 0.80}, mmlu=None), lm_eval_results(arc={"acc,none": 0.77}, mmlu=None)

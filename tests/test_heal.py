@@ -85,9 +85,9 @@ def test_heal_errors_name_the_argument(ckpt, tmp_path):
     from lm_eval_lowrank.cli.checkpoint import heal
 
     r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(tmp_path / "missing.txt"), "--steps", "1"])
-    assert r.exit_code != 0 and "--data" in r.output and "does not exist" in r.output
+    assert r.exit_code == 2 and "--data" in r.output and "does not exist" in r.output
     r = CliRunner().invoke(heal, [str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1"])
-    assert r.exit_code != 0 and "not a compressed checkpoint" in r.output
+    assert r.exit_code == 2 and "not a compressed checkpoint" in r.output
 
 
 def test_heal_refuses_a_taken_out_folder_before_training(ckpt, tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_heal_refuses_a_taken_out_folder_before_training(ckpt, tmp_path, monkeyp
 
     monkeypatch.setattr(heal_module, "read_texts", no_training)  # the first step after the argument checks
     r = CliRunner().invoke(heal, [str(ckpt), "--out", str(taken), "--steps", "1"])
-    assert r.exit_code != 0 and "exists and is not empty" in r.output, r.output
+    assert r.exit_code == 2 and "exists and is not empty" in r.output, r.output
     assert (taken / "notes.txt").read_text() == "mine"
 
 
@@ -516,6 +516,30 @@ def test_eval_blocks_needs_eval_data(ckpt, tmp_path, monkeypatch):
     data.write_text(TEXT)
     r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--eval_blocks", "4"])
     _one_line_error(r, "--eval_blocks 4", "needs --eval_data")
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(WORDS[i % 11] for i in range(300)))
+    r = CliRunner().invoke(heal, [str(ckpt), "--out", str(tmp_path / "o"), "--data", str(data), "--eval_data", str(held), "--eval_blocks", "100000", "--seq_len", "32"])
+    _one_line_error(r, "--eval_blocks 100000 is invalid", "holds only", "blocks of --seq_len 32 tokens")  # scored fewer, without a word
+    assert r.exit_code == 2
+
+
+def test_heal_never_writes_over_the_checkpoint_it_reads(ckpt, tmp_path, monkeypatch):
+    """`heal CKPT --out CKPT --overwrite` replaced the checkpoint it was reading with the healed one."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from lm_eval_lowrank.cli.checkpoint import heal
+
+    _no_load(monkeypatch)
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in ckpt.iterdir() if f.is_file()}
+    for out in (str(ckpt), str(ckpt) + "/", str(ckpt / ".." / ckpt.name)):
+        r = CliRunner().invoke(heal, [str(ckpt), "--out", out, "--overwrite", "--steps", "1"])
+        _one_line_error(r, "is the checkpoint being healed; choose a new folder (nothing was changed)")
+        assert r.exit_code == 2
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in ckpt.iterdir() if f.is_file()} == before
+    r = CliRunner().invoke(heal, [str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--steps", "1"])
+    _one_line_error(r, "nowhere does not exist; give a compressed checkpoint")
 
 
 def test_a_failing_step_restores_the_model_state_and_closes_the_bar(ckpt, monkeypatch):

@@ -227,3 +227,30 @@ def test_a_dry_run_changes_nothing_on_disk(tmp_path: Path, no_evaluation: list[s
     before = torn.read_bytes()
     code, _ = _main(_sweep(torn, "--layer-sets", "3", "--dry-run"), capsys, monkeypatch)
     assert code == 0 and torn.read_bytes() == before
+
+
+def test_a_file_that_is_not_a_store_is_refused_and_left_as_it_is(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
+    """A results JSON or a text file given as --store ended in a StoreError traceback (exit 1)."""
+    for name, text in (("results.json", '{\n "results": {}\n}\n'), ("notes.txt", "not a store\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        for command in (_sweep(path), ["search", "--model", "meta-llama/Llama-2-7b-hf", "--tasks", "arc_easy_local", "--store", str(path)]):
+            code, err = _main(command, capsys, monkeypatch)
+            assert code == 2 and err.strip().splitlines() == [f"Error: Invalid value for '--store': store {str(path)!r} line 1 is not JSON; fix or remove that line"], err
+            assert path.read_text() == text and no_evaluation == []
+
+
+def test_a_dry_run_checks_the_tasks_the_device_and_the_model_args_as_a_run_does(tmp_path: Path, no_evaluation: list[str], capsys, monkeypatch) -> None:
+    """`sweep --dry-run` listed the rows of an unknown task, of --device cuda on a machine without CUDA, and of
+    a misspelt model argument: each then failed only when run."""
+    import torch
+
+    store = tmp_path / "s.jsonl"
+    code, err = _main(_sweep(store, "--layer-sets", "3", "--dry-run", "--tasks", "arc_easy_lcoal"), capsys, monkeypatch)
+    assert code == 2 and "'--tasks': 'arc_easy_lcoal': lm-eval" in err and err.count("\n") == 1, err
+    code, err = _main(_sweep(store, "--layer-sets", "3", "--dry-run", "--model-args", "calib_m=4"), capsys, monkeypatch)
+    assert code == 2 and "model-args='calib_m=4' is invalid: calib_m=4 is not an argument of hf-tucker" in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _main(_sweep(store, "--layer-sets", "3", "--dry-run", "--device", "cuda"), capsys, monkeypatch)
+    assert code == 2 and "'--device': 'cuda': this torch" in err and "has no usable CUDA; use --device cpu" in err, err
+    assert no_evaluation == [] and not store.exists()

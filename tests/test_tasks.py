@@ -140,7 +140,7 @@ def test_missing_default_data_folder_is_one_line(monkeypatch, tmp_path):
 def test_cli_missing_data_prints_one_error_line(tmp_path):
     missing = tmp_path / "nowhere"
     result = CliRunner().invoke(tasks_cmd, [], env={lt.DATA_ENV: str(missing)})
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an input error, as with --data
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:")
     assert str(missing) in lines[0] and "LM_EVAL_LOWRANK_DATA" in lines[0]

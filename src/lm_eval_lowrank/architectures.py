@@ -41,7 +41,13 @@ def config_int(config: Any, *names: str) -> int:
         others = f" (nor {', '.join(names[1:])})" if len(names) > 1 else ""
         model_type = config_value(config, "model_type", default="this model")
         raise SpecError(f"the config has no {names[0]}{others}, which {model_type}'s tensor shapes and parameter count need")
-    return int(v)
+    # every field read here is a size or a count: "x", 2.5 or 0 failed as int()'s ValueError or counted nonsense
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        name = next(n for n in names if config_value(config, n) is not None)
+        raise SpecError(f"the config's {name}={v!r} is invalid: expected an int >= 1")
+    return v
 
 
 # Model types whose positions are a learned (or fixed) table: a sequence past its end fails inside the model.

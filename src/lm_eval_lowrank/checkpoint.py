@@ -493,6 +493,8 @@ class CompressedCheckpoint:
     def open(cls, path: str | os.PathLike) -> CompressedCheckpoint:
         p = Path(path).expanduser().resolve()
         mpath = p / MANIFEST_NAME
+        if not p.exists():
+            raise CheckpointError(f"{p} does not exist; give a compressed checkpoint (create one with lm-eval-lowrank decompose)")
         if not mpath.is_file():
             raise CheckpointError(f"{p} is not a compressed checkpoint: {MANIFEST_NAME} is missing (create one with lm-eval-lowrank decompose)")
         try:

@@ -159,6 +159,11 @@ def comparison_rows(
     unknown = [t for t in names if t not in offered]
     if unknown:  # a typo would otherwise just drop the row
         raise UnknownTaskError(f"{', '.join(map(repr, unknown))}: not a task of the first run; it has {', '.join(offered) or 'none'}")
+    if notes is not None:  # a task a later run lacks shows n/a; say which, so a mismatched pair is not read as data
+        for i, r in enumerate(runs[1:], 2):
+            absent = [t for t in names if t not in r.data.get("results", {})]
+            if absent:
+                notes.append(f"run {i} ({_label(r)}) has no results for {', '.join(absent)}: its cells read n/a")
     rows: list[list[str]] = []
     subtasks = {child for children in runs[0].group_subtasks.values() for child in children}
     top_drops: list[list[tuple[float, DropNoise | None, bool]]] = [[] for _ in runs[1:]]  # per later run

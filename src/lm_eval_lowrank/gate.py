@@ -284,8 +284,10 @@ def parse_tasks(values: Iterable[str]) -> list[str]:
     """``--tasks a,b --tasks c`` -> ``[a, b, c]`` (order kept, duplicates dropped)."""
     out: list[str] = []
     for value in values:
-        for name in value.split(","):
-            name = name.strip()
+        names = [name.strip() for name in value.split(",")]
+        if not any(names):  # --tasks '' gated every task, as if it were not given
+            raise GateError(f"--tasks {value!r} names no task; give names separated by ',' (or leave --tasks out for all)")
+        for name in names:
             if name and name not in out:
                 out.append(name)
     return out
@@ -852,9 +854,9 @@ def _gate_one(
         row.baseline, row.higher_is_better = base, hib
         return row
     comp = metric_number(c_entry.get(metric_key))
-    if base is None or comp is None:
-        bad = "baseline" if base is None else "compressed"
-        return Row(task, metric_key, base, comp, None, tolerance, hib, "MISSING", alias, f"{bad} value is not a number")
+    if base is None or comp is None:  # lm-eval writes numbers: the file is malformed (an input error, not a drop)
+        bad, entry = (baseline, b_entry) if base is None else (compressed, c_entry)
+        raise GateError(f"{bad.path}: {task}'s {metric_key} is {entry.get(metric_key)!r}, not a number; the file is malformed")
     drop = metric_drop(base, comp, hib, relative)
     if not math.isfinite(drop):
         # NaN compares False with everything, so without this a NaN score would pass.

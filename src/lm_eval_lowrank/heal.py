@@ -635,6 +635,8 @@ def heal_checkpoint(
             raise HealError(f"--eval_blocks {eval_blocks} needs --eval_data (the held-out text it counts blocks of)")
         if not isinstance(eval_blocks, int) or isinstance(eval_blocks, bool) or eval_blocks < 1:
             raise HealError(f"--eval_blocks {eval_blocks} is invalid: expected an int >= 1")
+    if Path(out).expanduser().resolve() == Path(path).expanduser().resolve():  # the save would replace what it reads
+        raise HealError(f"--out {out} is the checkpoint being healed; choose a new folder (nothing was changed)")
     check_output_folder(out, overwrite)  # before the training it would otherwise throw away
     ckpt = CompressedCheckpoint.open(path)
     if data is None or (not isinstance(data, (str, os.PathLike)) and len(data) == 0):
@@ -659,6 +661,8 @@ def heal_checkpoint(
     if eval_texts is not None:
         n_eval = DEFAULT_EVAL_BLOCKS if eval_blocks is None else eval_blocks
         eval_blocks_t = token_blocks(tokenizer, eval_texts, seq_len, max_blocks=n_eval, what=f"--eval_data {eval_path}")
+        if eval_blocks is not None and len(eval_blocks_t) < eval_blocks:  # rather than scoring fewer without a word
+            raise HealError(f"--eval_blocks {eval_blocks} is invalid: --eval_data {eval_path} holds only {len(eval_blocks_t)} blocks of --seq_len {seq_len} tokens")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ckpt.load_model(dtype=None, device=device)  # the stored dtypes, remembered for the save
     stored = _float_dtypes(model)

@@ -330,7 +330,13 @@ class Runner:
         check_dtype_args(self._extra)  # before the first row, not in every row's lm_eval run
         check_local_paths(self._extra)
         check_batch_size(self.batch_size)
-        self.decomposition_args, _ = split_model_args(self._extra)  # method, calibration options: every row gets them
+        self.decomposition_args, passed_on = split_model_args(self._extra)  # method, calibration options: every row gets them
+        from .harness import check_passthrough_args
+
+        try:  # a typo (calib_m=4) otherwise failed every row after its load, in from_pretrained
+            check_passthrough_args(dict(passed_on))
+        except SpecError as exc:
+            raise SpecError(f"model-args={self.model_args!r} is invalid: {exc}") from None
         try:
             dense = _quiet_spec(self.decomposition_args)
         except SpecError as exc:

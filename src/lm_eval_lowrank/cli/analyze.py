@@ -174,9 +174,12 @@ def _check_selection(model: str, layers: str | None, tensors: str | None, calibr
     if (adapter := config_side_adapter(config)) is not None:  # None: remote code; checked as the analysis runs
         make_plan(spec, config, adapter=adapter)
     if calibration:
-        from ..calibration import check_calibration_args
+        from transformers import AutoTokenizer
+
+        from ..calibration import check_calibration_args, check_calibration_windows
 
         check_calibration_args(spec, config)  # source names, data files, calib_len
+        check_calibration_windows(spec, AutoTokenizer.from_pretrained(model))  # calib_n x calib_len against the sources
     return spec
 
 
@@ -236,7 +239,9 @@ def analyze(model: str, layers: str | None, tensors: str | None, ranks: tuple[in
         except AssetError as exc:
             raise click.ClickException(str(exc)) from None
     from ..spec import check_local_path
+    from .sweep import check_model_has_weights
 
+    check_model_has_weights(model, "MODEL")  # a built-in shape of `space` (llama-2-7b) has no weights to analyse
     check_local_path("MODEL", model)
     spec = _check_selection(model, layers, tensors, {"calib": calib, "calib_n": calib_n, "calib_len": calib_len} if activations else None)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()

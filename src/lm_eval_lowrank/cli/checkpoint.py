@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from .errors import InputError
+
 # model_args besides the decomposition spec that decompose understands (passed to from_pretrained).
 LOAD_KEYS = ("pretrained", "dtype", "revision", "device", "tokenizer", "subfolder")
 
@@ -55,7 +57,7 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
     try:
         check_output_folder(out, overwrite)  # before the decomposition it would otherwise throw away
     except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     check_device(rest.get("device"), "device")
     revision = rest.get("revision")
     kw: dict[str, Any] = {"dtype": rest.get("dtype") or "auto"}
@@ -71,19 +73,20 @@ def decompose(model_args: str, out: str, overwrite: bool, quiet: bool) -> None:
         where = f"pretrained={pretrained!r}" + (f", subfolder={kw['subfolder']!r}" if "subfolder" in kw else "")
         raise SpecError(f"{where}: no model config there ({str(exc).strip().splitlines()[0]})") from None
     validate_against_config(spec, config)  # range errors before the weights load
-    from ..calibration import check_calibration_args
+    from ..calibration import check_calibration_args, check_calibration_windows
 
     check_calibration_args(spec, config)  # calib names, data files, the no-leak rule, calib_len
     device = rest.get("device")
     shard = _join_processes(str(device) if device else None)
     if shard is not None and device and str(device).startswith("cuda"):
         device = f"cuda:{_local_gpu()}"  # one GPU per process
-    model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
-    if device:
-        model.to(str(device))
     # as HFLM builds it: the model's revision and subfolder, also for a tokenizer= given by name
     tok_kw = {k: kw[k] for k in ("revision", "subfolder") if k in kw}
     tokenizer = AutoTokenizer.from_pretrained(str(rest.get("tokenizer") or pretrained), **tok_kw)
+    check_calibration_windows(spec, tokenizer)  # calib_n x calib_len against the sources, before the weights load
+    model = AutoModelForCausalLM.from_pretrained(str(pretrained), **kw)
+    if device:
+        model.to(str(device))
     first = shard is None or shard.rank == 0
     model_id = f"{str(pretrained).rstrip('/')}/{kw['subfolder'].strip('/')}" if "subfolder" in kw else str(pretrained)  # the files read
     report = compress_model(model, spec, tokenizer=tokenizer, model_id=model_id, progress=not quiet and first, shard=shard)
@@ -110,7 +113,7 @@ def _save(
     try:
         path = save_compressed(model, out, report, tokenizer=tokenizer, source=source, overwrite=overwrite)
     except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     ckpt = CompressedCheckpoint.open(path)
     m = ckpt.manifest
     cache = report.cache or {}
@@ -222,7 +225,7 @@ def heal(
     try:
         check_device(device, "--device")
     except SpecError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     try:
         record = heal_checkpoint(
             ckpt, out, data=list(data) or None, steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size, seed=seed,
@@ -230,6 +233,6 @@ def heal(
             teacher=teacher, kd_weight=kd_weight, temperature=temperature,
         )
     except (CheckpointError, HealError, DataDirError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     keys = ("loss_before", "loss_after", "kl_before", "kl_after", "eval_ppl_before", "eval_ppl_after", "seconds")
     click.echo(f"saved {out}: " + json.dumps({k: round(record[k], 4) for k in keys if k in record}))

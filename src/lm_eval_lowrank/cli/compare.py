@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .errors import OneLineBadParameter
+from .errors import InputError, OneLineBadParameter
 
 
 @click.command("compare")
@@ -25,14 +25,16 @@ def compare(runs: tuple[str, ...], tasks: str | None, confidence: float) -> None
 
     if not 0 < confidence < 1:
         raise OneLineBadParameter(f"{confidence!r} is not a level in (0, 1), e.g. 0.95", param_hint="'--confidence'")
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if tasks is not None and not names:  # --tasks '' showed every task, as if it were not given
+        raise OneLineBadParameter(f"{tasks!r} names no task; give names separated by ',' (or leave --tasks out for all)", param_hint="'--tasks'")
     notes: list[str] = []
     try:
         header, rows = comparison_rows(runs, names or None, confidence, notes)
     except UnknownTaskError as exc:
         raise OneLineBadParameter(str(exc), param_hint="'--tasks'") from None
-    except GateError as exc:
-        raise click.ClickException(str(exc)) from None
+    except GateError as exc:  # a malformed or foreign file: an input error, as gate says
+        raise InputError(str(exc)) from None
     click.echo(format_table(header, rows))
     for note in notes:  # why a drop is not paired; on stderr, so stdout stays one Markdown table
         click.echo(f"note: {note}", err=True)

@@ -12,3 +12,10 @@ class OneLineBadParameter(click.BadParameter):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"Error: {self.format_message()}", err=True)
+
+
+class InputError(click.ClickException):
+    """A problem with an input file, folder or value found past option parsing: one ``Error: ...`` line and exit
+    code 2, as a usage error (1 stays for a failed run, and for gate's verdict)."""
+
+    exit_code = 2

@@ -17,9 +17,10 @@ import sys
 import click
 
 from .. import gate as g
+from .errors import InputError
 
 
-class GateInputError(click.ClickException):
+class GateInputError(InputError):
     """One-line ``Error: ...`` and exit code 2, for problems with the inputs."""
 
     exit_code = g.EXIT_USAGE

@@ -13,10 +13,10 @@ from typing import Any
 import click
 
 from ..spec import SpecError
-from .errors import OneLineBadParameter
+from .errors import InputError, OneLineBadParameter
 
 
-class SpaceError(click.ClickException):
+class SpaceError(InputError):
     """A bad value: printed as one ``Error: ...`` line, exit code 2 (like SpecError in cli.main)."""
 
     exit_code = 2

@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from ..spec import ALLOCATORS, SpecError
-from .errors import OneLineBadParameter
+from .errors import InputError, OneLineBadParameter
 
 
 def _fraction_list(value: str, option: str) -> list[float]:
@@ -79,7 +79,7 @@ def _include_path(include_path: str | None, tasks: tuple[str, ...]) -> str | Non
 _HUB_MODELS_NAMED_LIKE_SHAPES = ("gpt2",)
 
 
-def _check_model_has_weights(model: str) -> None:
+def check_model_has_weights(model: str, option: str = "--model") -> None:
     """A built-in shape name (``smollm2-135m``) passed the config checks, and then every evaluation failed."""
     from ..design_space import BUILTIN_CONFIGS
 
@@ -88,7 +88,7 @@ def _check_model_has_weights(model: str) -> None:
         raise OneLineBadParameter(
             f"{model!r} is a built-in shape without weights (for `space`); give a model folder or a Hub id "
             "(e.g. meta-llama/Llama-2-7b-hf), or $(lm-eval-lowrank fetch-model) for SmolLM2",
-            param_hint="'--model'",
+            param_hint=f"'{option}'",
         )
 
 
@@ -96,22 +96,28 @@ def _check_device(device: str) -> None:
     import torch
 
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except (RuntimeError, ValueError):
         raise OneLineBadParameter(f"{device!r} is not a torch device: give cpu, cuda or cuda:N", param_hint="'--device'") from None
+    if kind == "cuda" and not torch.cuda.is_available():  # else every row fails, after the first one's setup
+        raise OneLineBadParameter(f"{device!r}: this torch ({torch.__version__}) has no usable CUDA; use --device cpu", param_hint="'--device'")
 
 
 def _runner(model: str, tasks: str, store: str, include_path: str | None, device: str, batch_size: str, model_args: str, read_only: bool = False) -> Any:
-    from ..store import Store
+    from ..store import Store, StoreError
     from ..sweep import Runner
 
-    _check_model_has_weights(model)
+    check_model_has_weights(model)
     _check_device(device)
     task_names = _tasks(tasks)
+    try:
+        opened = Store.open(store, read_only=read_only)  # a dry run changes nothing on disk
+    except StoreError as exc:  # a file that is not a store (a results JSON, text): refused, left as it is
+        raise OneLineBadParameter(str(exc), param_hint="'--store'") from None
     return Runner(
         model=model,
         tasks=task_names,
-        store=Store.open(store, read_only=read_only),  # a dry run changes nothing on disk
+        store=opened,
         include_path=_include_path(include_path, task_names),
         device=device,
         batch_size=batch_size,
@@ -192,12 +198,12 @@ def sweep(model: str, tasks: str, include_path: str | None, device: str, batch_s
     runner = _runner(model, tasks, store, include_path, device, batch_size, model_args, read_only=dry_run)
     runner.keep_doc_scores = doc_scores
     runner.check_specs(cfg.spec_args() for cfg in grid)  # a rank too large fails here, not after earlier rows ran
+    _check_tasks(runner, limit)  # a dry run checks what the run would
     if dry_run:
         for cfg in grid:
             state = "to run" if runner.stored_row(runner.key(cfg.spec_args(), limit)) is None else "stored"
             click.echo(f"{state:7s} {cfg.label}  model_args='{runner.model_args_string(cfg.spec_args())}'")
         return
-    _check_tasks(runner, limit)
     if runner.store.repaired_bytes:
         click.echo(f"store: cut a torn last line ({runner.store.repaired_bytes} bytes) left by an interrupted run", err=True)
     rows = run_sweep(runner, grid, limit)
@@ -220,10 +226,8 @@ def report(store: str, out_dir: str, plots: bool | None) -> None:
 
     try:
         files = write_report(store, out_dir, plots=plots)
-    except (ReportError, StoreError) as exc:
-        error = click.ClickException(str(exc))
-        error.exit_code = 2  # a missing, empty or unreadable store is an input error, as elsewhere
-        raise error from None
+    except (ReportError, StoreError) as exc:  # a missing, empty or unreadable store
+        raise InputError(str(exc)) from None
     for f in files:
         click.echo(str(f))
     if plots is None and not any(f.suffix == ".png" for f in files):

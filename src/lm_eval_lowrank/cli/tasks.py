@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from .errors import OneLineBadParameter
+from .errors import InputError, OneLineBadParameter
 
 
 @click.command("tasks")
@@ -36,7 +36,7 @@ def tasks(data: str | None, list_: bool) -> None:
         # One line on stderr, nothing on stdout: "$(lm-eval-lowrank tasks)" then stays empty.
         if data is not None:  # the folder came from --data: name the option, not LM_EVAL_LOWRANK_DATA
             raise OneLineBadParameter(str(exc), param_hint="'--data'") from None
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     width = max(len(r[0]) for r in rows)
     click.echo(f"{'task':<{width}}  {'split':<10}  {'docs':>6}  metrics")
     for name, split, docs, metrics in rows:
