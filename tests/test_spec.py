@@ -149,6 +149,14 @@ def test_a_huge_layer_range_is_refused_before_it_is_expanded():
     assert DecompositionSpec.from_args({"rank": 1, "layers": "2-40:2|3"}).layers == (2, 3, *range(4, 41, 2))
 
 
+def test_a_negative_count_from_the_command_line_is_quoted_as_typed():
+    """lm_eval's command line reads rank=-1 as -1.0; the message said rank=-1.0."""
+    with pytest.raises(SpecError, match=r"^rank=-1 is invalid: must be >= 1"):
+        DecompositionSpec.from_args({"rank": -1.0})
+    with pytest.raises(SpecError, match=r"^seed=-1 is invalid: expected an int >= 0$"):
+        DecompositionSpec.from_args({"rank": 1, "seed": -1.0})
+
+
 def test_layer_ranges_in_messages():
     from lm_eval_lowrank.spec import format_layer_ranges
 

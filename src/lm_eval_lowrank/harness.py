@@ -241,7 +241,7 @@ class HFTuckerLM(HFLM):
         energy_idle_seconds = _as_float_in("energy_idle_seconds", energy_idle_seconds, lambda x: 0 <= x < math.inf, "expected seconds >= 0 (0: no idle baseline)")
         warmup = None if str(warmup_calls).strip().lower() == "auto" else _as_int("warmup_calls", warmup_calls, "expected auto or an int >= 0")
         if warmup is not None and warmup < 0:
-            raise SpecError(f"warmup_calls={warmup_calls!r} is invalid: expected auto or an int >= 0")
+            raise SpecError(f"warmup_calls={warmup!r} is invalid: expected auto or an int >= 0")
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         check_passthrough_args(rest)

@@ -270,7 +270,7 @@ def parse_rank(value: Any) -> tuple[int | None, dict[str, int]]:
     if isinstance(value, (int, float)):
         r = _as_int("rank", value, RANK_SYNTAX)
         if r < 1:
-            raise _fail("rank", value, "must be >= 1 (" + RANK_SYNTAX + ")")
+            raise _fail("rank", r, "must be >= 1 (" + RANK_SYNTAX + ")")  # r: lm_eval's command line reads -1 as -1.0
         return r, {}
     default: int | None = None
     overrides: dict[str, int] = {}
@@ -390,7 +390,7 @@ class DecompositionSpec:
             if args.get(key) is not None:
                 v = _as_int(key, args[key], f"expected an int >= {lo}")
                 if v < lo:
-                    raise _fail(key, args[key], f"expected an int >= {lo}")
+                    raise _fail(key, v, f"expected an int >= {lo}")  # v: lm_eval's command line reads -1 as -1.0
                 kw[key] = v
         if args.get("calib") is not None:
             kw["calib"] = str(args["calib"]).strip()
