@@ -724,6 +724,39 @@ def test_overwriting_a_checkpoint_ignores_a_leftover_folder_of_a_killed_run(save
     assert not any(p.name.startswith(".c.old-") and p != leftover for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("new_is_complete", [True, False])
+def test_ctrl_c_between_the_two_moves_of_an_overwrite_leaves_a_checkpoint(saved, tmp_path, monkeypatch, new_is_complete):
+    """Ctrl-C after the old checkpoint moved aside and before the new one moved in left no checkpoint at --out and
+    deleted the finished new one (the old one stayed in a hidden folder). The new one goes in; were it incomplete,
+    the old one would go back. Nothing is left beside --out."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    import lm_eval_lowrank.checkpoint as C
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    (ck / "old.txt").write_text("the checkpoint before the overwrite")  # tells the two apart
+    model = C.load_compressed(ck)
+    replace = os.replace
+
+    def interrupted(src, dst):
+        replace(src, dst)
+        if Path(src) == ck:  # the old one has just moved aside
+            if not new_is_complete:  # as if the manifest had not been written
+                next(p for p in tmp_path.iterdir() if p.name.endswith(".tmp")).joinpath(C.MANIFEST_NAME).unlink()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(C.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_compressed(model, ck, saved[2], tokenizer=AutoTokenizer.from_pretrained(str(ck)), overwrite=True)
+    monkeypatch.setattr(C.os, "replace", replace)
+    assert (ck / "old.txt").exists() is not new_is_complete
+    C.CompressedCheckpoint.open(ck).verify()
+    assert torch.equal(logits(C.load_compressed(ck)), saved[1])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["c"]  # cache: the private decomposition cache
+
+
 def test_decompose_and_heal_refuse_a_bad_device_or_a_missing_subfolder_in_one_line(tiny_dir, tmp_path):
     from click.testing import CliRunner
 

@@ -389,6 +389,7 @@ def save_compressed(
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     out.parent.mkdir(parents=True, exist_ok=True)
     work = _tmp_dir(out)
+    trash: Path | None = None  # where the old checkpoint waits while the new one moves in
     try:
         _save_tensors(tensors, work / WEIGHTS_NAME, metadata={"format": FORMAT})
         config = getattr(model, "config", None)
@@ -439,12 +440,17 @@ def save_compressed(
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, trash / out.name)
             os.replace(work, out)
-            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(work, out)
     finally:
+        # Ctrl-C between the two moves left no checkpoint at --out and deleted the new one: the new one is
+        # complete (its manifest is written), so it goes in; failing that, the old one goes back.
+        if trash is not None and not out.exists():
+            os.replace(work if (work / MANIFEST_NAME).is_file() else trash / out.name, out)
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
     return out
 
 
