@@ -567,6 +567,68 @@ def test_opening_a_store_waits_for_a_row_another_sweep_is_writing(tmp_path: Path
     assert Store.open(path).done("b")
 
 
+def test_an_open_store_takes_other_writers_rows_and_never_glues_onto_a_torn_line(tmp_path: Path) -> None:
+    """Two writers on one store: a row appended after another writer was killed mid-write was glued onto its
+    fragment, and every later open failed ("line 3 is not JSON"), losing the row."""
+    path = tmp_path / "s.jsonl"
+    mine, theirs = Store.open(path), Store.open(path)
+    mine.append({"key": "k1", "status": "ok"})
+    theirs.append({"key": "k2", "status": "ok"})
+    with open(path, "ab") as fh:  # a third writer killed in the middle of its write
+        fh.write(b'{"key": "k3", "status": "o')
+    mine.append({"key": "k4", "status": "ok"})
+    assert mine.done("k2") and not mine.done("k3")  # the other writer's row is taken on the way
+    assert [json.loads(x)["key"] for x in path.read_text().splitlines()] == ["k1", "k2", "k4"]
+    reopened = Store.open(path)
+    assert [r["key"] for r in reopened.rows()] == ["k1", "k2", "k4"] and reopened.repaired_bytes == 0
+    with open(path, "ab") as fh:  # a whole row whose newline never landed is kept
+        fh.write(b'{"key": "k5", "status": "ok"}')
+    theirs.append({"key": "k6", "status": "ok"})
+    assert [r["key"] for r in Store.open(path).rows()] == ["k1", "k2", "k4", "k5", "k6"]
+    mine.refresh()
+    assert mine.done("k5") and mine.done("k6")
+
+
+def test_two_sweeps_on_one_store_share_the_work(tmp_path: Path, monkeypatch) -> None:
+    """Two sweeps of one grid on one store evaluated every configuration twice and wrote each row twice. A
+    configuration another process holds is left to it and its row taken at the end."""
+    import threading
+    import time
+
+    from lm_eval_lowrank.sweep import Runner, SweepConfig, run_sweep
+
+    path = tmp_path / "s.jsonl"
+    ran: list[str] = []
+
+    def fake_run(self, key, spec_args, limit, label, phase, meta):
+        ran.append(label)
+        return {"key": key, "status": "ok", "label": label, "device": self.device, "batch_size": str(self.batch_size),
+                "accuracy": {"arc": 0.5}, "param_reduction": 0.01, "wall_seconds": 0.1}  # fmt: skip
+
+    monkeypatch.setattr(Runner, "_run", fake_run)
+    grid = [SweepConfig(rank=r, layers=(3,), layer_set="3") for r in (1, 2, 3)]
+    runner = Runner(model="m", tasks=("arc",), store=Store.open(path), log=lambda s: None)
+    other = Store.open(path)
+    busy_key = runner.key(grid[0].spec_args(), 4)
+    held, release = threading.Event(), threading.Event()
+
+    def other_sweep() -> None:  # holds r1 while "evaluating" it, then writes its row
+        with other.claim(busy_key):
+            held.set()
+            release.wait(10)
+            time.sleep(0.2)
+            other.append({"key": busy_key, "status": "ok", "label": "r1 (other)", "device": "cpu", "batch_size": "1", "accuracy": {"arc": 0.5}, "param_reduction": 0.01, "wall_seconds": 0.1})
+
+    t = threading.Thread(target=other_sweep)
+    t.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    rows = run_sweep(runner, grid, 4)
+    t.join(10)
+    assert ran == [grid[1].label, grid[2].label] and [r["label"] for r in rows] == ["r1 (other)", grid[1].label, grid[2].label]
+    assert sorted(json.loads(x)["key"] for x in path.read_text().splitlines()) == sorted({r["key"] for r in rows})  # no row twice
+
+
 def test_report_compares_each_model_with_its_own_dense_row() -> None:
     """Store keys include the model and its other model_args, so one store can hold two sweeps: each table must
     take its drops from its own model's dense row, not the first dense row of the same tasks."""

@@ -13,6 +13,7 @@ earlier finished row of its key: it stays in the file and in ``rows(ok_only=Fals
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -55,6 +56,8 @@ class Store:
         self._latest: dict[str, dict[str, Any]] = {}
         self._latest_ok: dict[str, dict[str, Any]] = {}  # a failed re-run must not hide a finished row
         self.repaired_bytes = 0  # size of a torn tail cut off on open
+        self._offset = 0  # bytes of the file read into the rows (whole lines): another writer's rows come after
+        self._lines = 0  # lines read, for the line numbers of errors
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], create: bool = True, read_only: bool = False) -> Store:
@@ -98,7 +101,13 @@ class Store:
                         os.fsync(fh.fileno())
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        for lineno, line in enumerate(data[:end].splitlines(), 1):
+        self._take(data[:end], first_line=1)
+        self._offset = end
+
+    def _take(self, data: bytes, first_line: int) -> None:
+        lines = data.splitlines()
+        self._lines += len(lines)
+        for lineno, line in enumerate(lines, first_line):
             if not line.strip():
                 continue
             try:
@@ -107,6 +116,43 @@ class Store:
                 raise StoreError(f"store {str(self.path)!r} line {lineno} is not JSON; fix or remove that line") from None
             if isinstance(row, dict) and "key" in row:
                 self._remember(row)
+
+    def _read_new(self, fh: Any) -> None:
+        """Take the whole lines other writers appended since this store last read (under a lock held on ``fh``)."""
+        fh.seek(self._offset)
+        data = fh.read()
+        end = data.rfind(b"\n") + 1
+        self._take(data[:end], first_line=self._lines + 1)
+        self._offset += end
+
+    def refresh(self) -> None:
+        """Read the rows another sweep or search appended to the file since this store was opened."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            try:
+                self._read_new(fh)
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def claim(self, key: str, wait: bool = True) -> Iterator[bool]:
+        """Hold ``key`` while this process evaluates it, so that another sweep or search on this store does not
+        evaluate it too (it waits, then finds the row). Yields False when ``wait`` is False and another process
+        holds it. A claim is a lock on a small file beside the store, released when its process ends, however."""
+        folder = self.path.parent / f".{self.path.name}.claims"
+        folder.mkdir(exist_ok=True)
+        with open(folder / key, "a") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _remember(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
@@ -147,12 +193,24 @@ class Store:
             raise StoreError("a store row needs a 'key'")
         row = {"store_version": STORE_VERSION, **row}
         line = (json.dumps(row, sort_keys=True, default=_json_default, allow_nan=True) + "\n").encode("utf-8")
-        with open(self.path, "ab") as fh:
+        with open(self.path, "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # two sweeps on one store never interleave bytes
             try:
+                self._read_new(fh)  # rows another writer appended meanwhile
+                fh.seek(self._offset)
+                tail = fh.read()  # after the last newline: this row would be glued onto it
+                if tail:
+                    try:  # a whole row whose newline never landed
+                        json.loads(tail)
+                        fh.write(b"\n")
+                        self._take(tail, first_line=self._lines + 1)
+                        self._offset += len(tail) + 1
+                    except ValueError:  # a torn line of a writer killed mid-write
+                        fh.truncate(self._offset)
                 fh.write(line)
                 fh.flush()
                 os.fsync(fh.fileno())
+                self._offset += len(line)
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         self._remember(row)

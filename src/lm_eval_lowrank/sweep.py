@@ -417,12 +417,18 @@ class Runner:
         stored = self.stored_row(key)
         if stored is not None:
             return stored
-        old = self.store.get(key) if self.store.done(key) else None
-        if old is not None:  # the new row supersedes it
-            self.log(f"  {label or spec_label(spec_args)}: {self.stale_reason(old)}; evaluating again")
-        row = self._run(key, dict(spec_args), limit, label, phase, dict(meta or {}))
-        self.evaluated += 1
-        return self.store.append(row)
+        # Another sweep or search on this store may be evaluating it: wait for it, then take its row.
+        with self.store.claim(key):
+            self.store.refresh()
+            stored = self.stored_row(key)
+            if stored is not None:
+                return stored
+            old = self.store.get(key) if self.store.done(key) else None
+            if old is not None:  # the new row supersedes it
+                self.log(f"  {label or spec_label(spec_args)}: {self.stale_reason(old)}; evaluating again")
+            row = self._run(key, dict(spec_args), limit, label, phase, dict(meta or {}))
+            self.evaluated += 1
+            return self.store.append(row)
 
     def _run(self, key: str, spec_args: dict[str, Any], limit: int | None, label: str, phase: str, meta: dict[str, Any]) -> dict[str, Any]:
         import lm_eval
@@ -565,18 +571,32 @@ def row_from_results(out: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, 
 
 def run_sweep(runner: Runner, grid: Sequence[SweepConfig], limit: int | None) -> list[dict[str, Any]]:
     """Evaluate every configuration not yet finished in the store; returns all rows of the grid."""
-    rows = []
+    rows: dict[int, dict[str, Any]] = {}
+    later: list[tuple[int, SweepConfig]] = []  # being evaluated by another sweep on this store: its row, at the end
     for i, cfg in enumerate(grid, 1):
         key = runner.key(cfg.spec_args(), limit)
+        runner.store.refresh()
         stored = runner.stored_row(key)
         if stored is not None:
             runner.log(f"[{i}/{len(grid)}] {cfg.label}: in store, skipped")
-            rows.append(stored)
+            rows[i] = stored
             continue
-        runner.log(f"[{i}/{len(grid)}] {cfg.label} ...")
-        row = runner.evaluate(cfg.spec_args(), limit, label=cfg.label, phase="sweep", meta={"axis": cfg.axis, "layer_set": cfg.layer_set, "tensor_group": cfg.tensor_group})
-        rows.append(row)
-        if row.get("status") == "ok":
-            accs = " ".join(f"{t}={a:.3f}" for t, a in row["accuracy"].items() if a is not None)
-            runner.log(f"    {accs} reduction={100 * row['param_reduction']:.2f}% wall={row['wall_seconds']:.1f}s")
-    return rows
+        with runner.store.claim(key, wait=False) as free:
+            pass
+        if not free:
+            runner.log(f"[{i}/{len(grid)}] {cfg.label}: being evaluated by another process on this store; its row is taken at the end")
+            later.append((i, cfg))
+            continue
+        rows[i] = _evaluate_config(runner, i, len(grid), cfg, limit)
+    for i, cfg in later:  # waits for the other process's row (or evaluates, if it failed)
+        rows[i] = _evaluate_config(runner, i, len(grid), cfg, limit)
+    return [rows[i] for i in sorted(rows)]
+
+
+def _evaluate_config(runner: Runner, i: int, n: int, cfg: SweepConfig, limit: int | None) -> dict[str, Any]:
+    runner.log(f"[{i}/{n}] {cfg.label} ...")
+    row = runner.evaluate(cfg.spec_args(), limit, label=cfg.label, phase="sweep", meta={"axis": cfg.axis, "layer_set": cfg.layer_set, "tensor_group": cfg.tensor_group})
+    if row.get("status") == "ok":
+        accs = " ".join(f"{t}={a:.3f}" for t, a in row["accuracy"].items() if a is not None)
+        runner.log(f"    {accs} reduction={100 * row['param_reduction']:.2f}% wall={row['wall_seconds']:.1f}s")
+    return row
