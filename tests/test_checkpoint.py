@@ -312,6 +312,28 @@ def test_corrupted_weights_are_refused(saved, tmp_path):
     assert "sha256" in _one_line(ei.value) and str(f) in str(ei.value)
 
 
+def test_verify_rehash_finds_a_change_that_kept_size_mtime_and_inode(saved, tmp_path):
+    """The memoised digest is keyed by (size, mtime, inode): an in-place write that restores the mtime passes a
+    load, and verify(rehash=True) is the way to find it."""
+    import os
+
+    from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, CompressedCheckpoint
+
+    ck = copy_ckpt(saved[0], tmp_path / "c")
+    f = ck / WEIGHTS_NAME
+    CompressedCheckpoint.open(ck).verify()  # remembers the digest of this version
+    st = os.stat(f)
+    with open(f, "r+b") as fh:  # in place: same inode, same size
+        fh.seek(st.st_size - 100)
+        byte = fh.read(1)
+        fh.seek(st.st_size - 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    CompressedCheckpoint.open(ck).verify()  # the remembered digest: not seen
+    with pytest.raises(CheckpointError, match="fails its sha256 check"):
+        CompressedCheckpoint.open(ck).verify(rehash=True)
+
+
 def test_weights_are_hashed_once_per_file_version_then_corruption_is_still_caught(saved, tmp_path, monkeypatch):
     from lm_eval_lowrank import checkpoint as ck_mod
     from lm_eval_lowrank.checkpoint import WEIGHTS_NAME, CheckpointError, load_compressed

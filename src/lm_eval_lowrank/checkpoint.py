@@ -521,8 +521,11 @@ class CompressedCheckpoint:
         return cls(p, manifest)
 
     # -- integrity -------------------------------------------------------------------------
-    def verify(self, checksums: bool = True) -> None:
-        """Raise :class:`CheckpointError` unless every weight file is whole and matches the manifest."""
+    def verify(self, checksums: bool = True, rehash: bool = False) -> None:
+        """Raise :class:`CheckpointError` unless every weight file is whole and matches the manifest.
+
+        A file's sha256 is remembered per (size, mtime, inode), so a load does not hash gigabytes again; a change
+        that keeps all three (an in-place write that restores the mtime) is found only with ``rehash=True``."""
         from safetensors import safe_open
 
         expected: dict[str, tuple[int, ...]] = {}
@@ -536,7 +539,7 @@ class CompressedCheckpoint:
             size = f.stat().st_size
             if size != info.get("bytes"):
                 raise CheckpointError(f"{f} has {size} bytes, the manifest says {info.get('bytes')}: the file is truncated or was replaced")
-            if checksums and _memoised_sha256(f) != info.get("sha256"):
+            if checksums and (sha256_file(f) if rehash else _memoised_sha256(f)) != info.get("sha256"):
                 raise CheckpointError(f"{f} fails its sha256 check against {MANIFEST_NAME}: the file is corrupted")
             try:
                 with safe_open(str(f), framework="pt") as sf:
