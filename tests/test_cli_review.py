@@ -346,3 +346,20 @@ def test_fetch_model_refuses_a_cache_dir_it_cannot_create_in_one_line(tmp_path):
     r = _invoke("fetch-model", "--cache-dir", str(tmp_path / "afile" / "models"))
     assert r.exit_code == 2
     assert _one_error_line(r).startswith(f"Error: Invalid value for '--cache-dir': '{tmp_path / 'afile' / 'models'}': cannot be created (Not a directory")
+
+
+def test_ctrl_c_ends_a_command_with_130_and_says_so(monkeypatch, capsys):
+    """Ctrl-C in decompose, heal or sweep ended with status 1 and nothing printed, as if the run had failed."""
+    import sys
+
+    from lm_eval_lowrank import design_space
+    from lm_eval_lowrank.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(design_space, "calculate", interrupted)
+    monkeypatch.setattr(sys, "argv", ["lm-eval-lowrank", "space", "--model", "llama-2-7b", "--rank", "1"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "Aborted."

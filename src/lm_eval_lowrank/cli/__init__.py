@@ -60,8 +60,11 @@ def main() -> None:
 
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(1)
+    except click.exceptions.Abort as exc:
+        # Ctrl-C ended in silence with status 1; the shell's convention for SIGINT is 128 + 2
+        interrupted = isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
+        click.echo("Aborted." if interrupted else "Aborted!", err=True)
+        sys.exit(130 if interrupted else 1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
