@@ -779,6 +779,37 @@ def test_ctrl_c_between_the_two_moves_of_an_overwrite_leaves_a_checkpoint(saved,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["c"]  # cache: the private decomposition cache
 
 
+def test_what_a_killed_save_left_is_cleared_and_an_old_checkpoint_moved_aside_comes_back(saved, tmp_path):
+    """SIGKILL leaves a save's work folder (hundreds of MB, never reused) beside --out, or, between the two moves of
+    an overwrite, the old checkpoint in a hidden folder with nothing at --out. The next save (or its early check)
+    deletes the first and puts the second back; a folder a live save holds is left alone."""
+    import os
+    import shutil
+
+    from lm_eval_lowrank import checkpoint as C
+
+    ck = tmp_path / "c"
+    stale_work = tmp_path / ".c.abc123.tmp"
+    stale_work.mkdir()
+    (stale_work / "lowrank_model.safetensors").write_bytes(b"x" * 1000)
+    busy_work = tmp_path / ".c.busy.tmp"
+    busy_work.mkdir()
+    moved_aside = tmp_path / ".c.old-xyz"
+    shutil.copytree(saved[0], moved_aside / "c")  # killed between the two moves: nothing at c
+    fd = C._hold(busy_work)  # another save, still running
+    try:
+        assert C.check_output_folder(ck, overwrite=True) == ck.resolve()
+        assert not stale_work.exists() and not moved_aside.exists() and busy_work.exists()
+        C.CompressedCheckpoint.open(ck).verify()  # the old checkpoint is back
+        assert torch.equal(logits(C.load_compressed(ck)), saved[1])
+    finally:
+        os.close(fd)
+    C.check_output_folder(tmp_path / "other")  # its save ended: only the folders of c are c's to clear
+    assert busy_work.exists()
+    C.check_output_folder(ck, overwrite=True)
+    assert not busy_work.exists()
+
+
 def test_decompose_and_heal_refuse_a_bad_device_or_a_missing_subfolder_in_one_line(tiny_dir, tmp_path):
     from click.testing import CliRunner
 

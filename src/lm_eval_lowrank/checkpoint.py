@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import math
@@ -85,6 +86,44 @@ def _tmp_path(target: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     return Path(name)
+
+
+def _hold(folder: Path) -> int:
+    """Lock ``folder`` for this process (an flock on the folder itself, freed when the process ends, however it
+    ends), so that a later save can tell a folder a killed run left from one another run is writing."""
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _abandoned(folder: Path) -> bool:
+    """True when no live process holds ``folder`` (see :func:`_hold`)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _clear_abandoned_saves(out: Path) -> None:
+    """What a save killed mid-way (SIGKILL) left beside ``out``: its work folder (``.NAME.*.tmp``, hundreds of MB
+    never reused) is deleted, and an old checkpoint moved aside (``.NAME.old-*``) goes back to ``out`` when ``out``
+    is missing (the kill fell between the two moves), else is deleted."""
+    if not out.parent.is_dir():
+        return
+    for folder in sorted(out.parent.glob(f".{out.name}.*")):
+        if not folder.is_dir() or not (folder.name.endswith(".tmp") or ".old-" in folder.name) or not _abandoned(folder):
+            continue
+        kept = folder / out.name
+        if ".old-" in folder.name and not out.exists() and (kept / MANIFEST_NAME).is_file():
+            os.replace(kept, out)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _tmp_dir(target: Path) -> Path:
@@ -339,8 +378,10 @@ def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """The resolved folder a checkpoint may be written to, or a one-line CheckpointError: the CLI asks before any
-    weights load, so that a taken folder costs no decomposition or healing."""
+    weights load, so that a taken folder costs no decomposition or healing. What a killed save left beside it is
+    cleared first (:func:`_clear_abandoned_saves`), so the checks see the folder as it stands."""
     out = Path(out_dir).expanduser().resolve()
+    _clear_abandoned_saves(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; give a folder path")
     parent = out.parent
@@ -389,6 +430,7 @@ def save_compressed(
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     out.parent.mkdir(parents=True, exist_ok=True)
     work = _tmp_dir(out)
+    held = [_hold(work)]
     trash: Path | None = None  # where the old checkpoint waits while the new one moves in
     try:
         _save_tensors(tensors, work / WEIGHTS_NAME, metadata={"format": FORMAT})
@@ -438,6 +480,7 @@ def save_compressed(
             # A fresh folder for the old one: a leftover ".name.old-PID" of a killed run (PIDs repeat in containers)
             # would make the move fail after all the work.
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            held.append(_hold(trash))
             os.replace(out, trash / out.name)
             os.replace(work, out)
         else:
@@ -451,6 +494,8 @@ def save_compressed(
             shutil.rmtree(work, ignore_errors=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+        for fd in held:
+            os.close(fd)
     return out
 
 
