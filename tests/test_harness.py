@@ -227,6 +227,20 @@ def test_bad_input_fails_before_weights_load(monkeypatch, tiny_model_dir, tmp_pa
         HFTuckerLM(pretrained=str(tiny_model_dir), subfolder="sub", device="cpu", rank=1)
 
 
+def test_a_key_nobody_takes_is_a_one_line_error_from_the_model_constructor(tiny_model_dir, monkeypatch):
+    """foo=bar passes HFLM and from_pretrained (which keys they and the config consume cannot be listed
+    beforehand) and fails in the model's constructor, before any weight is read: a one-line SpecError naming it,
+    and so one stop of a sweep rather than an error row per configuration."""
+    import safetensors.torch
+
+    from lm_eval_lowrank.harness import HFTuckerLM
+    from lm_eval_lowrank.spec import SpecError
+
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(SpecError, match=r"^foo='bar' is not an argument of hf-tucker, HFLM, from_pretrained or the model \(.*unexpected keyword argument 'foo'\); hf-tucker's own are method, rank"):
+        HFTuckerLM(pretrained=str(tiny_model_dir), device="cpu", rank=1, layers=2, foo="bar")
+
+
 def test_quantized_weights_are_refused_before_the_load_and_where_they_lie(monkeypatch, tiny_model_dir, tmp_path):
     """A quantized model cannot be factorised as stored: int8/4-bit codes and float8 values without their scales are
     not the weights. From the config, before the weights load (GGUF files load dequantized, so they pass); and on

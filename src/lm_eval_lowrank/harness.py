@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 import weakref
@@ -57,7 +58,6 @@ def check_passthrough_args(rest: dict[str, Any]) -> None:
       the model), and compares ``max_length=abc`` only when it evaluates."""
     import difflib
     import inspect
-    import re
 
     params = inspect.signature(HFLM.__init__).parameters
     ours = (*SPEC_KEYS, *_OWN_ARGS)
@@ -370,10 +370,22 @@ class HFTuckerLM(HFLM):
         **kwargs: Any,
     ) -> None:
         if self._checkpoint is None:
-            return super()._create_model(
-                pretrained, dtype=dtype, parallelize=parallelize, gpus=gpus, max_memory_per_gpu=max_memory_per_gpu,
-                max_cpu_memory=max_cpu_memory, offload_folder=offload_folder, **kwargs,
-            )  # fmt: skip
+            try:
+                return super()._create_model(
+                    pretrained, dtype=dtype, parallelize=parallelize, gpus=gpus, max_memory_per_gpu=max_memory_per_gpu,
+                    max_cpu_memory=max_cpu_memory, offload_folder=offload_folder, **kwargs,
+                )  # fmt: skip
+            except TypeError as exc:
+                # A key nobody takes (foo=bar) reaches the model's constructor, before any weight is read: which
+                # keys from_pretrained and the config consume cannot be listed beforehand, so it is caught here.
+                unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+                if unknown is None or unknown.group(1) not in kwargs:
+                    raise
+                key = unknown.group(1)
+                raise SpecError(
+                    f"{key}={kwargs[key]!r} is not an argument of hf-tucker, HFLM, from_pretrained or the model ({exc}); "
+                    f"hf-tucker's own are {', '.join((*SPEC_KEYS, *_OWN_ARGS))}"
+                ) from None
         # Where HFLM would put a from_pretrained model: one device, or a device map over the GPUs (parallelize).
         placement = self._get_accelerate_args(
             parallelize=parallelize, device_map=kwargs.get("device_map"), max_memory_per_gpu=max_memory_per_gpu,
