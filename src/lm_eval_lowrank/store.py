@@ -136,6 +136,11 @@ class Store:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
+    def held_elsewhere(self, key: str) -> bool:
+        """True while another process holds ``key`` (see :meth:`claim`)."""
+        with self.claim(key, wait=False) as free:
+            return not free
+
     @contextlib.contextmanager
     def claim(self, key: str, wait: bool = True) -> Iterator[bool]:
         """Hold ``key`` while this process evaluates it, so that another sweep or search on this store does not

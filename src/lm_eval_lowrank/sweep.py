@@ -581,9 +581,7 @@ def run_sweep(runner: Runner, grid: Sequence[SweepConfig], limit: int | None) ->
             runner.log(f"[{i}/{len(grid)}] {cfg.label}: in store, skipped")
             rows[i] = stored
             continue
-        with runner.store.claim(key, wait=False) as free:
-            pass
-        if not free:
+        if runner.store.held_elsewhere(key):
             runner.log(f"[{i}/{len(grid)}] {cfg.label}: being evaluated by another process on this store; its row is taken at the end")
             later.append((i, cfg))
             continue
