@@ -390,7 +390,8 @@ class DecompositionSpec:
             if args.get(key) is not None:
                 v = _as_int(key, args[key], f"expected an int >= {lo}")
                 if v < lo:
-                    raise _fail(key, v, f"expected an int >= {lo}")  # v: lm_eval's command line reads -1 as -1.0
+                    # lm_eval's command line reads -1 as -1.0: a float is quoted as the int it stands for
+                    raise _fail(key, v if isinstance(args[key], float) else args[key], f"expected an int >= {lo}")
                 kw[key] = v
         if args.get("calib") is not None:
             kw["calib"] = str(args["calib"]).strip()
