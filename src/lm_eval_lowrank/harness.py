@@ -26,7 +26,7 @@ from .api import compress_model, validate_against_config, versions
 from .decompose import ProcessShard, factors_digest
 from .measure import Meter, aggregate
 from .modules import experts_forward_path, hook_execution_devices
-from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, _as_int, check_dtype_args, check_local_paths, check_model_folder, split_model_args
+from .spec import SPEC_KEYS, DecompositionSpec, SpecError, _as_bool, _as_float_in, _as_int, check_batch_size, check_dtype_args, check_local_paths, check_model_folder, split_model_args
 
 RESULTS_KEY = "lowrank"
 SCHEMA_VERSION = 1
@@ -102,24 +102,6 @@ def _tokenizer_before_load(pretrained: Any, rest: dict[str, Any]) -> Any:
         return AutoTokenizer.from_pretrained(name, **kw)
     except Exception:
         return None
-
-
-def _check_batch_size(rest: dict[str, Any]) -> None:
-    """HFLM reads ``batch_size`` as an int or ``auto[:N]`` only after the weights load (``int('abc')``)."""
-    value = rest.get("batch_size")
-    if value is None:
-        return
-    text = str(value).strip()
-    head, colon, schedule = text.partition(":")
-    if head == "auto":
-        try:
-            ok = not colon or float(schedule) > 0
-        except ValueError:
-            ok = False
-    else:
-        ok = not isinstance(value, bool) and text.isdigit() and int(text) >= 1
-    if not ok:
-        raise SpecError(f"batch_size={value!r} is invalid: expected an int >= 1, auto, or auto:N (N > 0: recompute it N times)")
 
 
 # hf-tucker's own arguments besides the decomposition's (SPEC_KEYS).
@@ -245,7 +227,8 @@ class HFTuckerLM(HFLM):
         # rank collides with HFLM.rank (the data-parallel index): ours come out first.
         ours, rest = split_model_args(kwargs)
         check_passthrough_args(rest)
-        _check_batch_size(rest)
+        if rest.get("batch_size") is not None:
+            check_batch_size(rest["batch_size"])
         check_dtype_args(rest)
         check_local_paths({**rest, "pretrained": pretrained})
         spec = DecompositionSpec.from_args(ours)  # syntax errors before anything loads

@@ -620,6 +620,18 @@ def check_local_paths(args: Mapping[str, Any]) -> None:
         check_local_path(key, args.get(key))
 
 
+BATCH_SIZE_SYNTAX = "an int >= 1, auto, or auto:N (re-detect the batch size N times)"
+
+
+def check_batch_size(value: Any) -> None:
+    """A one-line SpecError unless ``value`` is a batch size lm-eval's HFLM takes, checked before any model loads
+    (HFLM reads it only after the weights load: ``int('abc')``)."""
+    match = re.fullmatch(r"(\d+)|auto(?::(\d+))?", str(value))  # as HFLM reads it: lower-case, no spaces
+    count = match and (match.group(1) or match.group(2))  # the size, or auto's N (None: plain auto)
+    if isinstance(value, bool) or match is None or (count is not None and int(count) < 1):
+        raise SpecError(f"batch_size={value!r} is invalid: expected {BATCH_SIZE_SYNTAX}")
+
+
 def check_model_folder(pretrained: Any, args: Mapping[str, Any]) -> None:
     """Refuse an empty ``pretrained``, or a local one that holds no model, before transformers does it in a long
     traceback ("Repo id must use alphanumeric chars", "Unrecognized model in ...", "not a valid JSON file")."""

@@ -22,7 +22,6 @@ import gc
 import io
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from typing import Any
 from .spec import (
     DecompositionSpec,
     SpecError,
+    check_batch_size,
     check_dtype_args,
     check_local_paths,
     expand_tensor_names,
@@ -272,17 +272,6 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-BATCH_SIZE_SYNTAX = "an int >= 1, auto, or auto:N (re-detect the batch size N times)"
-
-
-def check_batch_size(value: Any) -> None:
-    """A one-line SpecError unless ``value`` is a batch size lm-eval's HFLM takes, checked before any model loads."""
-    match = re.fullmatch(r"(\d+)|auto(?::(\d+))?", str(value))  # as HFLM reads it: lower-case, no spaces
-    count = match and (match.group(1) or match.group(2))  # the size, or auto's N (None: plain auto)
-    if isinstance(value, bool) or match is None or (count is not None and int(count) < 1):
-        raise SpecError(f"batch_size={value!r} is invalid: expected {BATCH_SIZE_SYNTAX}")
 
 
 # model_args keys the sweep and search set per configuration, so a value in --model-args would clash with them

@@ -126,7 +126,7 @@ def _runner(model: str, tasks: str, store: str, include_path: str | None, device
 
 
 def _batch_size(value: str) -> str:
-    from ..sweep import BATCH_SIZE_SYNTAX, check_batch_size
+    from ..spec import BATCH_SIZE_SYNTAX, check_batch_size
 
     try:
         check_batch_size(value)
